@@ -1,0 +1,631 @@
+//! The sync engine: local reads and writes, and both halves of an exchange round.
+//!
+//! # One exchange round
+//!
+//! The initiator sends its watermarks for the scopes in play, a page of versions the
+//! responder lacks according to what the initiator last learned of the responder's
+//! watermarks (nothing on first contact), and a page limit. The responder applies that page
+//! in one transaction (watermarks advanced only where a run continues from its own mark),
+//! then answers with its watermarks and a page of what the initiator lacks according to the
+//! request. The initiator applies that page, records the responder's watermarks as its
+//! knowledge of the peer in the same transaction, and reports `has_more` while either side
+//! still holds something the other lacks. Callers repeat while `has_more`.
+//!
+//! ```
+//! use highwater::{InProcess, Key, Scope, SyncEngine};
+//!
+//! # futures_executor::block_on(async {
+//! let a = SyncEngine::in_memory()?;
+//! let b = std::sync::Arc::new(SyncEngine::in_memory()?);
+//! let notes = Scope::app("notes", "items")?;
+//! a.put(&notes, &Key::try_from("n1")?, b"from a".to_vec())?;
+//! b.put(&notes, &Key::try_from("n2")?, b"from b".to_vec())?;
+//!
+//! let to_b = InProcess::new(b.clone());
+//! while a.exchange(&to_b).await?.has_more {}
+//!
+//! assert_eq!(a.digest()?, b.digest()?);
+//! assert_eq!(a.watermarks()?, b.watermarks()?);
+//! # Ok::<(), highwater::Error>(())
+//! # }).unwrap();
+//! ```
+
+pub mod apply;
+pub mod plan;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, ProtocolError, Result};
+use crate::hash::Hash;
+use crate::hlc::{Clock, Hlc, NodeId, TimeSource, WallClock};
+use crate::record::{BlobRef, Key, Op, Scope, Version};
+use crate::store::{Advance, Batch, Durability, KeyRange, MemStore, PeerKnowledge, RedbStore, Store};
+use crate::transport::{Refusal, Responder, Transport};
+use crate::watermark::{Halt, Page, ScopedWatermarks};
+use crate::wire::{ExchangeRequest, ExchangeResponse, ScopeFilter};
+
+use self::plan::PageLimits;
+
+/// The redb file's name inside a node's data directory.
+pub const DB_FILE: &str = "highwater.redb";
+
+/// When deferred (non-durable) page applies are made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Make durable once this many versions were applied since the last durable commit.
+    pub versions: usize,
+    /// Make durable once the oldest non-durable apply is this old.
+    pub interval: Duration,
+}
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Checkpoint { versions: 100_000, interval: Duration::from_secs(1) }
+    }
+}
+
+/// Engine settings.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Versions per page this node asks for and ships (default 1000).
+    pub page_limit: usize,
+    /// Approximate bytes of keys and values per page (default 4 MiB).
+    pub page_bytes: usize,
+    /// The largest page limit this node grants a requester (default 10 000).
+    pub max_page_limit: usize,
+    /// Versions further ahead of the local clock are refused (default 5 s).
+    pub max_drift: Duration,
+    /// The physical time source (default: the system clock).
+    pub time: Arc<dyn TimeSource>,
+    /// When applied pages are made durable.
+    pub checkpoint: Checkpoint,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            page_limit: 1000,
+            page_bytes: 4 << 20,
+            max_page_limit: 10_000,
+            max_drift: Duration::from_secs(5),
+            time: Arc::new(WallClock),
+            checkpoint: Checkpoint::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("page_limit", &self.page_limit)
+            .field("page_bytes", &self.page_bytes)
+            .field("max_page_limit", &self.max_page_limit)
+            .field("max_drift", &self.max_drift)
+            .field("checkpoint", &self.checkpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options of one exchange round.
+#[derive(Clone, Debug, Default)]
+pub struct ExchangeOptions {
+    /// The scopes in play (default: all).
+    pub scopes: ScopeFilter,
+    /// Overrides the configured page limit for this round.
+    pub page_limit: Option<usize>,
+}
+
+/// What one round did, seen from the initiator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeOutcome {
+    /// The responder.
+    pub peer: NodeId,
+    /// Versions this node sent.
+    pub shipped: usize,
+    /// Versions the peer sent.
+    pub received: usize,
+    /// Received versions that won last-write-wins and changed this node's state.
+    pub applied: usize,
+    /// Whether another round would move more (call again at once).
+    pub has_more: bool,
+    /// Origins whose streams this node halted (clock skew, own id).
+    pub halts: Vec<Halt>,
+    /// Origins whose streams the peer halted.
+    pub peer_halts: Vec<Halt>,
+}
+
+/// A live record as read by applications.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The key.
+    pub key: Key,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The attached file, if any.
+    pub blob: Option<BlobRef>,
+    /// The version's timestamp (its origin is the writer).
+    pub hlc: Hlc,
+}
+
+impl Record {
+    fn from_version(key: Key, v: Version) -> Option<Record> {
+        match v.op {
+            Op::Put { value, blob } => Some(Record { key, value, blob, hlc: v.hlc }),
+            Op::Delete => None,
+        }
+    }
+}
+
+struct Applied {
+    received: usize,
+    applied: usize,
+    halts: Vec<Halt>,
+}
+
+#[derive(Default)]
+struct Pending {
+    versions: usize,
+    since: Option<Instant>,
+}
+
+/// A replica: its store, clock and identity, and the exchange protocol.
+pub struct SyncEngine {
+    id: NodeId,
+    clock: Clock,
+    store: Box<dyn Store>,
+    config: EngineConfig,
+    /// IMPORTANT: held from issuing an Hlc until its write commits, so our own watermark
+    /// never passes an uncommitted write of ours.
+    local_writes: Mutex<()>,
+    pending: Mutex<Pending>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values are plain data, valid whatever a panicking holder did.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SyncEngine {
+    /// Opens (or creates) a node in directory `dir` with default settings.
+    ///
+    /// # Errors
+    /// The directory or its redb file cannot be created or opened.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(dir, EngineConfig::default())
+    }
+
+    /// Opens (or creates) a node in directory `dir`.
+    ///
+    /// # Errors
+    /// The directory or its redb file cannot be created or opened, or `config.max_drift`
+    /// is out of range.
+    pub fn open_with(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| crate::error::StoreError::Io { path: dir.to_owned(), source })?;
+        Self::with_store(Box::new(RedbStore::open(dir.join(DB_FILE))?), config)
+    }
+
+    /// Opens a node in `dir` that was restored from a backup, under a fresh node id.
+    ///
+    /// A restored node may have lost writes that peers still hold. Under its old id it would
+    /// refuse them (see [`crate::HaltReason::OwnOrigin`]) and could issue new timestamps
+    /// that collide with them; under a new id the old one is an ordinary origin, the lost
+    /// writes flow back, and nothing collides.
+    ///
+    /// # Errors
+    /// As for [`SyncEngine::open_with`].
+    pub fn open_restored(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
+        let dir = dir.as_ref();
+        let store = RedbStore::open(dir.join(DB_FILE))?;
+        Self::with_fresh_identity(Box::new(store), config)
+    }
+
+    /// A node on `store` under a fresh node id (see [`SyncEngine::open_restored`]).
+    ///
+    /// # Errors
+    /// A store failure, or `config.max_drift` out of range.
+    pub fn with_fresh_identity(store: Box<dyn Store>, config: EngineConfig) -> Result<Self> {
+        store.replace_identity(NodeId::random())?;
+        Self::with_store(store, config)
+    }
+
+    /// A node held in memory, with default settings.
+    ///
+    /// # Errors
+    /// Never in practice; the signature matches the other constructors.
+    pub fn in_memory() -> Result<Self> {
+        Self::in_memory_with(EngineConfig::default())
+    }
+
+    /// A node held in memory.
+    ///
+    /// # Errors
+    /// `config.max_drift` is out of range.
+    pub fn in_memory_with(config: EngineConfig) -> Result<Self> {
+        Self::with_store(Box::new(MemStore::new()), config)
+    }
+
+    /// A node on any store: reads (or assigns) its id and restores its clock.
+    ///
+    /// # Errors
+    /// A store failure, or `config.max_drift` out of range.
+    pub fn with_store(store: Box<dyn Store>, config: EngineConfig) -> Result<Self> {
+        let id = store.identity(NodeId::random())?;
+        let clock = Clock::new(id, config.time.clone(), config.max_drift)?;
+        clock.restore(store.read()?.clock()?);
+        Ok(SyncEngine { id, clock, store, config, local_writes: Mutex::new(()), pending: Mutex::new(Pending::default()) })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Writes `value` under `key`; durable when this returns.
+    ///
+    /// # Errors
+    /// A value over the size limit, a store failure, or an exhausted clock.
+    pub fn put(&self, scope: &Scope, key: &Key, value: impl Into<Vec<u8>>) -> Result<Hlc> {
+        self.write(scope, key, Op::Put { value: value.into(), blob: None })
+    }
+
+    /// Deletes `key` by writing a tombstone; durable when this returns.
+    ///
+    /// # Errors
+    /// A store failure, or an exhausted clock.
+    pub fn delete(&self, scope: &Scope, key: &Key) -> Result<Hlc> {
+        self.write(scope, key, Op::Delete)
+    }
+
+    /// Writes one op; durable when this returns.
+    ///
+    /// # Errors
+    /// A value over the size limit, a store failure, or an exhausted clock.
+    pub fn write(&self, scope: &Scope, key: &Key, op: Op) -> Result<Hlc> {
+        let hlcs = self.write_batch([(scope.clone(), key.clone(), op)])?;
+        Ok(hlcs[0])
+    }
+
+    /// Writes several ops in one durable transaction, each with its own fresh Hlc.
+    ///
+    /// # Errors
+    /// A value over the size limit (nothing is written), a store failure, or an exhausted
+    /// clock.
+    pub fn write_batch(&self, ops: impl IntoIterator<Item = (Scope, Key, Op)>) -> Result<Vec<Hlc>> {
+        let ops: Vec<_> = ops.into_iter().collect();
+        for (_, _, op) in &ops {
+            op.validate()?;
+        }
+        let _guard = lock(&self.local_writes);
+        let mut batch = Batch::new(0, Durability::Immediate);
+        let mut hlcs = Vec::with_capacity(ops.len());
+        for (scope, key, op) in ops {
+            let hlc = self.clock.issue()?;
+            batch.advances.push(Advance { scope: scope.clone(), base: None, top: hlc });
+            batch.upserts.push((scope, key, Version { hlc, op }));
+            hlcs.push(hlc);
+        }
+        batch.clock = self.clock.last();
+        self.store.commit(&batch)?;
+        // A durable commit also made every earlier deferred commit durable.
+        *lock(&self.pending) = Pending::default();
+        Ok(hlcs)
+    }
+
+    /// The live record under `key` (`None` if absent or deleted).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Record>> {
+        Ok(self.get_version(scope, key)?.and_then(|v| Record::from_version(key.clone(), v)))
+    }
+
+    /// The stored version under `key`, tombstones included.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn get_version(&self, scope: &Scope, key: &Key) -> Result<Option<Version>> {
+        Ok(self.store.read()?.get(scope, key)?)
+    }
+
+    /// Live records of `scope` in key order: keys starting with `prefix`, strictly after
+    /// `after`, at most `limit`.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn scan(&self, scope: &Scope, prefix: &[u8], after: Option<&Key>, limit: usize) -> Result<Vec<Record>> {
+        let read = self.store.read()?;
+        let mut out = Vec::new();
+        let mut range = KeyRange { prefix: prefix.to_vec(), after: after.cloned(), limit: limit.clamp(1, 1000) };
+        while out.len() < limit {
+            let rows = read.scan(scope, &range)?;
+            let Some((last, _)) = rows.last() else { break };
+            range.after = Some(last.clone());
+            let exhausted = rows.len() < range.limit;
+            out.extend(rows.into_iter().filter_map(|(k, v)| Record::from_version(k, v)));
+            if exhausted {
+                break;
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// Every stored version of `scope`, tombstones included, in key order.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn versions(&self, scope: &Scope) -> Result<Vec<(Key, Version)>> {
+        let read = self.store.read()?;
+        let mut out = Vec::new();
+        let mut range = KeyRange { limit: 1000, ..KeyRange::default() };
+        loop {
+            let rows = read.scan(scope, &range)?;
+            let done = rows.len() < range.limit;
+            range.after = rows.last().map(|(k, _)| k.clone());
+            out.extend(rows);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The scopes this node holds records or watermarks in.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn scopes(&self) -> Result<Vec<Scope>> {
+        Ok(self.store.read()?.scopes()?)
+    }
+
+    /// A blake3 digest of every stored version (scope, key, Hlc, op), tombstones included:
+    /// two nodes with equal digests hold the same state.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn digest(&self) -> Result<Hash> {
+        let mut h = blake3::Hasher::new();
+        for scope in self.scopes()? {
+            for (key, version) in self.versions(&scope)? {
+                let row = postcard::to_allocvec(&(&scope, &key, &version)).expect("postcard encoding into a Vec does not fail");
+                h.update(&(row.len() as u64).to_le_bytes());
+                h.update(&row);
+            }
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// This node's watermarks in every scope.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn watermarks(&self) -> Result<ScopedWatermarks> {
+        Ok(self.store.read()?.watermarks()?)
+    }
+
+    /// What this node last learned of `peer`'s watermarks (`None` if never met).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn peer_watermarks(&self, peer: NodeId) -> Result<Option<ScopedWatermarks>> {
+        Ok(self.store.read()?.peer_watermarks(peer)?)
+    }
+
+    /// The peers this node has exchanged with.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn peers(&self) -> Result<Vec<NodeId>> {
+        Ok(self.store.read()?.peers()?)
+    }
+
+    /// The clock's last issued or observed time (NTP64).
+    pub fn clock_time(&self) -> u64 {
+        self.clock.last()
+    }
+
+    /// Makes every applied page durable now.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn flush(&self) -> Result<()> {
+        self.store.flush()?;
+        *lock(&self.pending) = Pending::default();
+        Ok(())
+    }
+
+    /// Runs one exchange round as initiator over `transport`, for all scopes.
+    ///
+    /// # Errors
+    /// The transport failed, the peer's answer broke the protocol (nothing of it is
+    /// applied), or the store failed.
+    pub async fn exchange<T: Transport + ?Sized>(&self, transport: &T) -> Result<ExchangeOutcome> {
+        self.exchange_with(transport, &ExchangeOptions::default()).await
+    }
+
+    /// Runs one exchange round as initiator over `transport`.
+    ///
+    /// # Errors
+    /// As for [`SyncEngine::exchange`].
+    pub async fn exchange_with<T: Transport + ?Sized>(&self, transport: &T, options: &ExchangeOptions) -> Result<ExchangeOutcome> {
+        let expected = transport.peer_id();
+        if expected == Some(self.id) {
+            return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
+        }
+        let request = self.prepare_request(expected, options)?;
+        let shipped = request.page.version_count();
+        let shipped_more = request.page.more;
+        let response = transport.exchange(request).await?;
+        self.finish_round(expected, options, shipped, shipped_more, response)
+    }
+
+    fn page_limits(&self, versions: usize) -> PageLimits {
+        PageLimits { versions, bytes: self.config.page_bytes }
+    }
+
+    fn marks_in_play(&self, read: &dyn crate::store::StoreRead, scopes: &ScopeFilter) -> Result<ScopedWatermarks> {
+        let mut mine = read.watermarks()?;
+        mine.retain(|s| scopes.contains(s));
+        Ok(mine)
+    }
+
+    fn prepare_request(&self, peer: Option<NodeId>, options: &ExchangeOptions) -> Result<ExchangeRequest> {
+        let read = self.store.read()?;
+        let watermarks = self.marks_in_play(&*read, &options.scopes)?;
+        let limit = options.page_limit.unwrap_or(self.config.page_limit).max(1);
+        let known = match peer {
+            Some(p) => read.peer_watermarks(p)?,
+            None => None,
+        };
+        // First contact: we do not know what the peer holds, so we ship nothing yet.
+        let page = match known {
+            Some(theirs) => plan::plan_page(&*read, &watermarks, &theirs, self.page_limits(limit))?,
+            None => Page::default(),
+        };
+        Ok(ExchangeRequest {
+            from: self.id,
+            scopes: options.scopes.clone(),
+            watermarks,
+            page,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        })
+    }
+
+    fn finish_round(
+        &self,
+        expected: Option<NodeId>,
+        options: &ExchangeOptions,
+        shipped: usize,
+        shipped_more: bool,
+        mut response: ExchangeResponse,
+    ) -> Result<ExchangeOutcome> {
+        let peer = response.from;
+        if peer == self.id {
+            return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
+        }
+        if let Some(expected) = expected.filter(|e| *e != peer) {
+            return Err(ProtocolError::UnexpectedPeer { expected, found: peer }.into());
+        }
+        response.watermarks.retain(|s| options.scopes.contains(s));
+        let knowledge = PeerKnowledge { peer, scopes: options.scopes.clone(), marks: response.watermarks.clone() };
+        let applied = self.apply_page(&response.page, &options.scopes, knowledge)?;
+        let mine = self.marks_in_play(&*self.store.read()?, &options.scopes)?;
+        let halted = |scope: &Scope, origin: NodeId| response.halts.iter().any(|h| h.scope == *scope && h.origin == origin);
+        let peer_lacks = mine.iter().any(|(scope, marks)| {
+            marks.iter().any(|mark| response.watermarks.get(scope, mark.origin()) < Some(mark) && !halted(scope, mark.origin()))
+        });
+        Ok(ExchangeOutcome {
+            peer,
+            shipped,
+            received: applied.received,
+            applied: applied.applied,
+            has_more: response.page.more || shipped_more || peer_lacks,
+            halts: applied.halts,
+            peer_halts: response.halts,
+        })
+    }
+
+    /// Applies a received page in one transaction, with the sender's watermarks as knowledge.
+    fn apply_page(&self, page: &Page, scopes: &ScopeFilter, knowledge: PeerKnowledge) -> Result<Applied> {
+        apply::validate_page(page, scopes)?;
+        let read = self.store.read()?;
+        let own = read.watermarks()?;
+        let unchanged_knowledge = page.runs.is_empty() && read.peer_watermarks(knowledge.peer)?.is_some_and(|k| {
+            let mut k = k;
+            k.retain(|s| scopes.contains(s));
+            k == knowledge.marks
+        });
+        drop(read);
+        let mut batch = Batch::new(0, Durability::Deferred);
+        let mut halts = Vec::new();
+        for run in &page.runs {
+            let plan = apply::plan_run(run, self.id, own.get(&run.scope, self.id), |h| self.clock.check(h));
+            batch.upserts.extend(plan.upserts);
+            batch.advances.extend(plan.advance);
+            halts.extend(plan.halt);
+        }
+        let received = page.version_count();
+        if unchanged_knowledge {
+            return Ok(Applied { received, applied: 0, halts });
+        }
+        for (_, _, v) in &batch.upserts {
+            // Checked in plan_run; observing cannot fail for these timestamps.
+            self.clock.observe(v.hlc)?;
+        }
+        batch.clock = self.clock.last();
+        batch.peer = Some(knowledge);
+        batch.durability = self.durability_for(page.more, batch.upserts.len());
+        let report = self.store.commit(&batch)?;
+        self.note_commit(batch.durability, batch.upserts.len());
+        Ok(Applied { received, applied: report.applied.len(), halts })
+    }
+
+    /// Deferred while a bulk transfer is under way; durable when the sender's page was its
+    /// last, or when enough versions or time have accumulated (see docs/protocol.md).
+    fn durability_for(&self, sender_has_more: bool, versions: usize) -> Durability {
+        if versions == 0 {
+            return Durability::Deferred;
+        }
+        let pending = lock(&self.pending);
+        let due = pending.versions + versions >= self.config.checkpoint.versions
+            || pending.since.is_some_and(|t| t.elapsed() >= self.config.checkpoint.interval);
+        if !sender_has_more || due {
+            Durability::Immediate
+        } else {
+            Durability::Deferred
+        }
+    }
+
+    fn note_commit(&self, durability: Durability, versions: usize) {
+        let mut pending = lock(&self.pending);
+        match durability {
+            Durability::Immediate => *pending = Pending::default(),
+            Durability::Deferred if versions > 0 => {
+                pending.versions += versions;
+                pending.since.get_or_insert_with(Instant::now);
+            }
+            Durability::Deferred => {}
+        }
+    }
+
+    /// Answers one exchange request (the responder's half of a round).
+    ///
+    /// # Errors
+    /// The request breaks the protocol (nothing of it is applied), or the store failed.
+    pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
+        if request.from == self.id {
+            return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
+        }
+        let knowledge = PeerKnowledge { peer: request.from, scopes: request.scopes.clone(), marks: request.watermarks.clone() };
+        let applied = self.apply_page(&request.page, &request.scopes, knowledge)?;
+        let read = self.store.read()?;
+        let watermarks = self.marks_in_play(&*read, &request.scopes)?;
+        let limit = usize::try_from(request.limit).unwrap_or(usize::MAX).clamp(1, self.config.max_page_limit);
+        let page = plan::plan_page(&*read, &watermarks, &request.watermarks, self.page_limits(limit))?;
+        Ok(ExchangeResponse { from: self.id, watermarks, page, halts: applied.halts })
+    }
+}
+
+impl Drop for SyncEngine {
+    fn drop(&mut self) {
+        // Best effort: a failure here only means applied pages are re-fetched after restart.
+        let _ = self.store.flush();
+    }
+}
+
+impl Responder for SyncEngine {
+    fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    fn respond(&self, request: ExchangeRequest) -> std::result::Result<ExchangeResponse, Refusal> {
+        self.answer(request).map_err(|e: Error| Refusal::from(&e))
+    }
+}

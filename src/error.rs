@@ -1,0 +1,246 @@
+//! Errors, one enum per area, all converging on [`Error`].
+//!
+//! Context lives in fields (`origin`, `peer`, `scope`), not in formatted strings. What a peer
+//! is told when its request is refused is a separate, wire-level type
+//! ([`crate::transport::Refusal`]).
+
+use std::time::Duration;
+
+use crate::hlc::NodeId;
+use crate::record::Scope;
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Any error highwater returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A clock error: skew beyond the bound, or the timestamp space is exhausted.
+    #[error("clock error")]
+    Clock(#[from] ClockError),
+    /// A scope, key or value that does not satisfy the model's rules.
+    #[error("invalid input")]
+    Input(#[from] InputError),
+    /// Bytes that do not decode as a version-1 message.
+    #[error("wire format error")]
+    Wire(#[from] WireError),
+    /// The storage backend failed.
+    #[error("storage error")]
+    Store(#[from] StoreError),
+    /// A peer sent a message that decodes but breaks the protocol's rules.
+    #[error("protocol error")]
+    Protocol(#[from] ProtocolError),
+    /// The transport could not complete a round.
+    #[error("transport error")]
+    Transport(#[from] TransportError),
+}
+
+/// Errors of the hybrid logical clock.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClockError {
+    /// A timestamp from `origin` is ahead of the local clock by more than the allowed drift.
+    #[error("timestamp from origin {origin} is {ahead_by:?} ahead of the local clock (max drift {max_drift:?})")]
+    Skew {
+        /// The node whose timestamp is ahead.
+        origin: NodeId,
+        /// How far ahead of the local physical clock it is.
+        ahead_by: Duration,
+        /// The configured bound.
+        max_drift: Duration,
+    },
+    /// The clock cannot issue a timestamp greater than the last one (it sits at `u64::MAX`).
+    #[error("the clock's timestamp space is exhausted")]
+    Exhausted,
+    /// The configured maximum drift does not fit the NTP64 format.
+    #[error("max drift {max_drift:?} is out of range")]
+    DriftOutOfRange {
+        /// The configured value.
+        max_drift: Duration,
+    },
+}
+
+/// Input that breaks the model's rules (scope syntax, key and value sizes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InputError {
+    /// A scope that is neither `shared` nor `app/<app_id>/<table>`.
+    #[error("invalid scope {scope:?}: expected `shared` or `app/<app_id>/<table>` with segments of 1-64 characters [A-Za-z0-9_.-], not starting with '.'")]
+    InvalidScope {
+        /// The text that was refused (truncated to 80 characters).
+        scope: String,
+    },
+    /// An empty key, or one longer than the limit.
+    #[error("key length {len} is outside 1..={max}")]
+    KeyLength {
+        /// The key's length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A value longer than the limit.
+    #[error("value length {len} exceeds {max} bytes; store large content as a file")]
+    ValueTooLarge {
+        /// The value's length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Bytes that are not a valid version-1 envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The input ends before the message does.
+    #[error("message truncated")]
+    Truncated,
+    /// The message decoded, but bytes follow it.
+    #[error("{count} trailing bytes after the message")]
+    TrailingBytes {
+        /// How many bytes were left over.
+        count: usize,
+    },
+    /// The first four bytes are not highwater's magic.
+    #[error("bad magic {found:02x?}")]
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 4],
+    },
+    /// A protocol version this build does not speak.
+    #[error("unsupported protocol version {found}; supported: {supported:?}")]
+    UnsupportedVersion {
+        /// The version in the envelope.
+        found: u16,
+        /// The versions this build speaks.
+        supported: &'static [u16],
+    },
+    /// A message kind that is unknown or not the one expected here.
+    #[error("unexpected message kind {found} (expected {expected})")]
+    UnexpectedKind {
+        /// The kind byte found.
+        found: u8,
+        /// The kind expected.
+        expected: u8,
+    },
+    /// The message is larger than the limit.
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// The message size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The body does not decode (bad varint, bad enum tag, invalid field value...).
+    #[error("malformed message body: {reason}")]
+    Malformed {
+        /// What the decoder reported.
+        reason: String,
+    },
+}
+
+/// Errors of a storage backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The redb database failed.
+    #[error("redb: {0}")]
+    Redb(#[source] Box<redb::Error>),
+    /// Filesystem error around the store (creating its directory...).
+    #[error("i/o error on {path}")]
+    Io {
+        /// The path involved.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stored bytes that do not decode: the file is damaged or from an unknown format.
+    #[error("corrupt {what} in the store")]
+    Corrupt {
+        /// Which table or field.
+        what: &'static str,
+    },
+    /// The store was written by a newer, incompatible format.
+    #[error("store format {found} is not supported (this build reads {supported})")]
+    UnsupportedFormat {
+        /// The format found.
+        found: u32,
+        /// The format this build reads and writes.
+        supported: u32,
+    },
+}
+
+impl<E: Into<redb::Error>> From<E> for StoreError {
+    fn from(e: E) -> Self {
+        StoreError::Redb(Box::new(e.into()))
+    }
+}
+
+/// A peer's message decodes but breaks the protocol's rules. Nothing of it is applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The peer claims our own node id: a loop to ourselves, or a cloned data directory.
+    #[error("peer claims our own node id {node}")]
+    PeerIsSelf {
+        /// Our node id.
+        node: NodeId,
+    },
+    /// The response came from another node than the one this transport talked to before.
+    #[error("expected peer {expected}, but {found} answered")]
+    UnexpectedPeer {
+        /// The node we expected.
+        expected: NodeId,
+        /// The node that answered.
+        found: NodeId,
+    },
+    /// A run whose versions are not strictly ascending, or lie outside `(base, top]`.
+    #[error("malformed run for scope {scope}, origin {origin}: {reason}")]
+    MalformedRun {
+        /// The run's scope.
+        scope: Scope,
+        /// The run's origin.
+        origin: NodeId,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Two runs for the same scope and origin in one page.
+    #[error("duplicate run for scope {scope}, origin {origin}")]
+    DuplicateRun {
+        /// The scope.
+        scope: Scope,
+        /// The origin.
+        origin: NodeId,
+    },
+    /// A run for a scope the exchange did not put in play.
+    #[error("run for scope {scope} which is not in play in this exchange")]
+    ScopeNotInPlay {
+        /// The scope.
+        scope: Scope,
+    },
+}
+
+/// The transport could not complete a round. The scheduler decides whether to retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The peer could not be reached.
+    #[error("peer unreachable: {reason}")]
+    Unreachable {
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused the request.
+    #[error("peer refused the request ({code:?}): {reason}")]
+    Refused {
+        /// The refusal's class.
+        code: crate::transport::RefusalCode,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The peer's answer is not a valid message.
+    #[error("peer sent an invalid message")]
+    BadResponse(#[source] WireError),
+}

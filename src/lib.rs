@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod engine;
+pub mod error;
+pub mod hash;
+pub mod hlc;
+pub mod merge;
+pub mod record;
+pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod transport;
+pub mod watermark;
+pub mod wire;
+
+pub use crate::engine::{EngineConfig, ExchangeOptions, ExchangeOutcome, Record, SyncEngine};
+pub use crate::error::{Error, Result};
+pub use crate::hash::Hash;
+pub use crate::hlc::{Hlc, ManualTime, NodeId, TimeSource};
+pub use crate::record::{BlobRef, Key, Op, Residency, Scope, Version};
+pub use crate::transport::{InProcess, Refusal, Responder, Transport};
+pub use crate::watermark::{Halt, HaltReason, ScopedWatermarks, Watermarks};
+pub use crate::wire::ScopeFilter;

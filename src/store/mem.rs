@@ -1,0 +1,204 @@
+//! The in-memory store: the test double, and the model the redb store is checked against.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::{apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, Store, StoreRead, TxnOps};
+use crate::error::StoreError;
+use crate::hlc::{Hlc, NodeId};
+use crate::record::{Key, Scope, Version};
+use crate::watermark::ScopedWatermarks;
+use crate::wire::ScopeFilter;
+
+#[derive(Default, Clone)]
+struct State {
+    identity: Option<NodeId>,
+    clock: u64,
+    records: BTreeMap<(Scope, Key), Version>,
+    /// (scope, origin, time) -> key: the live-version index.
+    live: BTreeMap<(Scope, NodeId, u64), Key>,
+    marks: ScopedWatermarks,
+    peers: BTreeMap<NodeId, ScopedWatermarks>,
+}
+
+/// A store held in memory. Commits are atomic (applied under one write lock by infallible
+/// operations); durability levels are accepted and ignored.
+#[derive(Default)]
+pub struct MemStore {
+    state: RwLock<State>,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A deep copy of the store as it is now (a "backup" for restore tests).
+    pub fn duplicate(&self) -> MemStore {
+        MemStore { state: RwLock::new(self.read_lock().clone()) }
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, State> {
+        // The state's operations do not panic on any input, so a poisoned lock only means a
+        // caller panicked elsewhere while holding a guard; the state itself is consistent.
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_lock(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Reader<'a>(RwLockReadGuard<'a, State>);
+
+impl StoreRead for Reader<'_> {
+    fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
+        Ok(self.0.records.get(&(scope.clone(), key.clone())).cloned())
+    }
+
+    fn scan(&self, scope: &Scope, range: &KeyRange) -> Result<Vec<(Key, Version)>, StoreError> {
+        let lower = match &range.after {
+            Some(k) => Bound::Excluded((scope.clone(), k.clone())),
+            None => Bound::Included((scope.clone(), Key::new(vec![0u8]).expect("one byte is a valid key"))),
+        };
+        Ok(self
+            .0
+            .records
+            .range((lower, Bound::Unbounded))
+            .take_while(|((s, _), _)| s == scope)
+            .filter(|((_, k), _)| k.as_bytes().starts_with(&range.prefix))
+            .take(range.limit)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn watermarks(&self) -> Result<ScopedWatermarks, StoreError> {
+        Ok(self.0.marks.clone())
+    }
+
+    fn peer_watermarks(&self, peer: NodeId) -> Result<Option<ScopedWatermarks>, StoreError> {
+        Ok(self.0.peers.get(&peer).cloned())
+    }
+
+    fn peers(&self) -> Result<Vec<NodeId>, StoreError> {
+        Ok(self.0.peers.keys().copied().collect())
+    }
+
+    fn live_range(
+        &self,
+        scope: &Scope,
+        origin: NodeId,
+        after: Option<Hlc>,
+        upto: Hlc,
+        limit: usize,
+    ) -> Result<Vec<(Key, Version)>, StoreError> {
+        let lower = match after {
+            Some(a) => Bound::Excluded((scope.clone(), origin, a.time())),
+            None => Bound::Included((scope.clone(), origin, 0)),
+        };
+        let upper = Bound::Included((scope.clone(), origin, upto.time()));
+        let mut out = Vec::new();
+        for (_, key) in self.0.live.range((lower, upper)).take(limit) {
+            let v = self.0.records.get(&(scope.clone(), key.clone())).ok_or(StoreError::Corrupt { what: "live index" })?;
+            out.push((key.clone(), v.clone()));
+        }
+        Ok(out)
+    }
+
+    fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
+        let mut out: Vec<Scope> = self.0.marks.iter().map(|(s, _)| s.clone()).collect();
+        let mut next = self.0.records.keys().next().map(|(s, _)| s.clone());
+        while let Some(scope) = next {
+            next = self
+                .0
+                .records
+                .range((Bound::Excluded((scope.clone(), Key::new(vec![0xff; crate::record::MAX_KEY_LEN]).expect("max-length key is valid"))), Bound::Unbounded))
+                .next()
+                .map(|((s, _), _)| s.clone());
+            out.push(scope);
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn clock(&self) -> Result<u64, StoreError> {
+        Ok(self.0.clock)
+    }
+}
+
+impl TxnOps for State {
+    fn get_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
+        Ok(self.records.get(&(scope.clone(), key.clone())).cloned())
+    }
+
+    fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version) -> Result<(), StoreError> {
+        self.records.insert((scope.clone(), key.clone()), version.clone());
+        Ok(())
+    }
+
+    fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError> {
+        self.live.remove(&(scope.clone(), hlc.origin(), hlc.time()));
+        Ok(())
+    }
+
+    fn insert_live(&mut self, scope: &Scope, hlc: Hlc, key: &Key) -> Result<(), StoreError> {
+        self.live.insert((scope.clone(), hlc.origin(), hlc.time()), key.clone());
+        Ok(())
+    }
+
+    fn get_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<Option<Hlc>, StoreError> {
+        Ok(self.marks.get(scope, origin))
+    }
+
+    fn set_mark(&mut self, scope: &Scope, mark: Hlc) -> Result<(), StoreError> {
+        self.marks.observe(scope, mark);
+        Ok(())
+    }
+
+    fn replace_peer_marks(&mut self, k: &PeerKnowledge) -> Result<(), StoreError> {
+        let known = self.peers.entry(k.peer).or_default();
+        match &k.scopes {
+            ScopeFilter::All => *known = k.marks.clone(),
+            ScopeFilter::Only(scopes) => {
+                known.retain(|s| !scopes.contains(s));
+                let mut incoming = k.marks.clone();
+                incoming.retain(|s| scopes.contains(s));
+                known.merge(&incoming);
+            }
+        }
+        Ok(())
+    }
+
+    fn raise_clock(&mut self, time: u64) -> Result<(), StoreError> {
+        self.clock = self.clock.max(time);
+        Ok(())
+    }
+}
+
+impl Store for MemStore {
+    fn read(&self) -> Result<Box<dyn StoreRead + '_>, StoreError> {
+        Ok(Box::new(Reader(self.read_lock())))
+    }
+
+    fn identity(&self, fresh: NodeId) -> Result<NodeId, StoreError> {
+        Ok(*self.write_lock().identity.get_or_insert(fresh))
+    }
+
+    fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
+        self.write_lock().identity = Some(id);
+        Ok(())
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
+        // Atomic because every `TxnOps` method of `State` is infallible: `apply_batch` runs to
+        // completion under the write lock or not at all.
+        apply_batch(&mut *self.write_lock(), batch)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

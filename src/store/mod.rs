@@ -1,0 +1,270 @@
+//! Storage: one trait, two implementations ([`MemStore`], [`RedbStore`]).
+//!
+//! # Contract
+//!
+//! - [`Store::commit`] applies a whole [`Batch`] atomically: after it returns `Ok`, every
+//!   upsert, watermark advance, peer-knowledge update and clock raise of the batch is
+//!   visible; after it returns `Err` (or after a crash during it), none is. Data and
+//!   watermarks never come apart.
+//! - `Durability::Immediate` commits are on stable storage when `commit` returns, and so is
+//!   every commit made before them. `Durability::Deferred` commits are atomic and visible at
+//!   once but may be lost in a crash, always together with every later commit, never alone.
+//!   [`Store::flush`] makes every earlier commit durable.
+//! - [`Store::read`] returns a consistent snapshot: watermarks and versions read through the
+//!   same reader belong to one committed state.
+//! - Upserts merge by last-write-wins inside the transaction: the stored version changes iff
+//!   the incoming Hlc is greater. The live-version index always holds exactly one entry
+//!   `(scope, origin, hlc) -> key` per stored version.
+//! - An [`Advance`] moves `W[scope][origin]` to `top` only if `base <= W` at commit time (no
+//!   gap), and never lowers it.
+//!
+//! The in-memory store is both the test double and the model the redb store is checked
+//! against: the same contract suite (`tests/store_contract.rs`) runs on both.
+
+mod mem;
+mod redb;
+
+pub use self::mem::MemStore;
+pub use self::redb::RedbStore;
+
+use crate::error::StoreError;
+use crate::hlc::{Hlc, NodeId};
+use crate::merge;
+use crate::record::{Key, Scope, Version};
+use crate::watermark::ScopedWatermarks;
+use crate::wire::ScopeFilter;
+
+/// How durable a commit must be when it returns.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Durability {
+    /// On stable storage when `commit` returns (local writes).
+    Immediate,
+    /// Atomic and visible, but may be lost in a crash until the next durable commit or
+    /// [`Store::flush`] (applied pages during a bulk sync; lost pages are simply re-fetched,
+    /// because their watermark advances are lost with them).
+    Deferred,
+}
+
+/// A conditional watermark advance: `W[scope][top.origin()] := max(W, top)` if `base <= W`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Advance {
+    /// The scope.
+    pub scope: Scope,
+    /// The claim's lower bound; `None` makes the advance unconditional (own writes).
+    pub base: Option<Hlc>,
+    /// The new mark.
+    pub top: Hlc,
+}
+
+/// What the engine learned of a peer's watermarks, replacing the older knowledge for the
+/// scopes in play.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PeerKnowledge {
+    /// The peer.
+    pub peer: NodeId,
+    /// The scopes the knowledge covers.
+    pub scopes: ScopeFilter,
+    /// The peer's watermarks in those scopes.
+    pub marks: ScopedWatermarks,
+}
+
+/// Everything one transaction does.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Batch {
+    /// Versions to merge, in order.
+    pub upserts: Vec<(Scope, Key, Version)>,
+    /// Watermark advances, evaluated after the upserts.
+    pub advances: Vec<Advance>,
+    /// Peer knowledge to record.
+    pub peer: Option<PeerKnowledge>,
+    /// The clock's last time; the stored clock is raised to it, never lowered.
+    pub clock: u64,
+    /// How durable the commit must be.
+    pub durability: Durability,
+}
+
+impl Batch {
+    /// An empty batch that only raises the clock.
+    pub fn new(clock: u64, durability: Durability) -> Self {
+        Batch { upserts: Vec::new(), advances: Vec::new(), peer: None, clock, durability }
+    }
+}
+
+/// What a committed batch did.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct BatchReport {
+    /// The upserts that won LWW and replaced the stored state, as indexes into `upserts`.
+    pub applied: Vec<usize>,
+    /// For each advance, whether its condition held (`base <= W`).
+    pub advanced: Vec<bool>,
+}
+
+/// Which keys a scan returns.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct KeyRange {
+    /// Only keys starting with these bytes.
+    pub prefix: Vec<u8>,
+    /// Only keys strictly after this one (for paging).
+    pub after: Option<Key>,
+    /// At most this many rows.
+    pub limit: usize,
+}
+
+/// A consistent read-only view of a store.
+pub trait StoreRead {
+    /// The stored version of a key (tombstones included).
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError>;
+
+    /// Stored versions of `scope` in key order, restricted by `range` (tombstones included).
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn scan(&self, scope: &Scope, range: &KeyRange) -> Result<Vec<(Key, Version)>, StoreError>;
+
+    /// This node's watermarks in every scope.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn watermarks(&self) -> Result<ScopedWatermarks, StoreError>;
+
+    /// What this node last learned of `peer`'s watermarks; `None` if never met.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn peer_watermarks(&self, peer: NodeId) -> Result<Option<ScopedWatermarks>, StoreError>;
+
+    /// The peers this node has knowledge of.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn peers(&self) -> Result<Vec<NodeId>, StoreError>;
+
+    /// Live versions from `origin` in `scope` with `after < hlc <= upto`, ascending, at most
+    /// `limit`: a range scan of the live-version index.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn live_range(
+        &self,
+        scope: &Scope,
+        origin: NodeId,
+        after: Option<Hlc>,
+        upto: Hlc,
+        limit: usize,
+    ) -> Result<Vec<(Key, Version)>, StoreError>;
+
+    /// Every scope that holds records or watermarks, in order.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn scopes(&self) -> Result<Vec<Scope>, StoreError>;
+
+    /// The persisted clock time.
+    ///
+    /// # Errors
+    /// A backend failure.
+    fn clock(&self) -> Result<u64, StoreError>;
+}
+
+/// A node's storage. See the module docs for the contract.
+pub trait Store: Send + Sync {
+    /// A consistent snapshot to read from.
+    ///
+    /// # Errors
+    /// A backend failure.
+    fn read(&self) -> Result<Box<dyn StoreRead + '_>, StoreError>;
+
+    /// The node id stored at first start, storing `fresh` (durably) if there is none.
+    ///
+    /// # Errors
+    /// A backend failure, or a stored id that does not decode.
+    fn identity(&self, fresh: NodeId) -> Result<NodeId, StoreError>;
+
+    /// Replaces the stored node id (durably): used when a node restored from a backup must
+    /// write under a new identity. The old id becomes an ordinary origin.
+    ///
+    /// # Errors
+    /// A backend failure.
+    fn replace_identity(&self, id: NodeId) -> Result<(), StoreError>;
+
+    /// Applies `batch` atomically. See the module docs.
+    ///
+    /// # Errors
+    /// A backend failure; nothing of the batch is then applied.
+    fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError>;
+
+    /// Makes every earlier commit durable.
+    ///
+    /// # Errors
+    /// A backend failure.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn read(&self) -> Result<Box<dyn StoreRead + '_>, StoreError> {
+        (**self).read()
+    }
+
+    fn identity(&self, fresh: NodeId) -> Result<NodeId, StoreError> {
+        (**self).identity(fresh)
+    }
+
+    fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
+        (**self).replace_identity(id)
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
+        (**self).commit(batch)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        (**self).flush()
+    }
+}
+
+/// The row-level operations a write transaction offers; [`apply_batch`] is written once
+/// against them so both stores share the merge, index and watermark logic.
+trait TxnOps {
+    fn get_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError>;
+    fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version) -> Result<(), StoreError>;
+    fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError>;
+    fn insert_live(&mut self, scope: &Scope, hlc: Hlc, key: &Key) -> Result<(), StoreError>;
+    fn get_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<Option<Hlc>, StoreError>;
+    fn set_mark(&mut self, scope: &Scope, mark: Hlc) -> Result<(), StoreError>;
+    fn replace_peer_marks(&mut self, knowledge: &PeerKnowledge) -> Result<(), StoreError>;
+    fn raise_clock(&mut self, time: u64) -> Result<(), StoreError>;
+}
+
+/// IMPORTANT: callers run this inside one transaction; upserts and the watermark advances
+/// that cover them commit together or not at all.
+fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, StoreError> {
+    let mut report = BatchReport::default();
+    for (i, (scope, key, version)) in batch.upserts.iter().enumerate() {
+        let stored = ops.get_record(scope, key)?;
+        if !merge::supersedes(version, stored.as_ref()) {
+            continue;
+        }
+        if let Some(old) = stored {
+            ops.remove_live(scope, old.hlc)?;
+        }
+        ops.put_record(scope, key, version)?;
+        ops.insert_live(scope, version.hlc, key)?;
+        report.applied.push(i);
+    }
+    for adv in &batch.advances {
+        let mark = ops.get_mark(&adv.scope, adv.top.origin())?;
+        let continues = adv.base <= mark;
+        if continues && mark < Some(adv.top) {
+            ops.set_mark(&adv.scope, adv.top)?;
+        }
+        report.advanced.push(continues);
+    }
+    if let Some(knowledge) = &batch.peer {
+        ops.replace_peer_marks(knowledge)?;
+    }
+    ops.raise_clock(batch.clock)?;
+    Ok(report)
+}

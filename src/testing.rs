@@ -1,0 +1,398 @@
+//! Checks shared by the test suite and the fuzz targets (feature `testing`).
+//!
+//! A [`Simulation`] drives 2 to 5 engines through [`Action`]s (writes, deletes, exchanges
+//! between any pair with any page limit, restarts) while keeping an oracle: every version
+//! ever written, and their last-write-wins fold. After every round it checks the watermark
+//! invariant on every node; [`Simulation::converge`] then syncs all pairs and checks that
+//! every node equals the oracle and that all watermarks agree.
+//!
+//! Actions decode from arbitrary bytes ([`Action::decode_all`]), so proptest strategies and
+//! libFuzzer inputs drive the very same code.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
+use crate::hlc::ManualTime;
+use crate::merge::{self, State};
+use crate::record::{Key, Op, Scope, Version};
+use crate::transport::InProcess;
+
+/// Runs a future to completion on the current thread (in-process exchanges never wait).
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(out) = f.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// One step of a simulation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Node `node` writes `value` under `key` in scope number `scope`.
+    Put {
+        /// Writer.
+        node: usize,
+        /// Scope index (see [`scope`]).
+        scope: u8,
+        /// Key byte.
+        key: u8,
+        /// Value byte.
+        value: u8,
+    },
+    /// Node `node` deletes `key` in scope number `scope`.
+    Delete {
+        /// Writer.
+        node: usize,
+        /// Scope index.
+        scope: u8,
+        /// Key byte.
+        key: u8,
+    },
+    /// One exchange round, `from` initiating to `to`, asking for at most `limit` versions.
+    Exchange {
+        /// Initiator.
+        from: usize,
+        /// Responder.
+        to: usize,
+        /// Page limit for this round.
+        limit: usize,
+        /// Limit the round to one scope (index) instead of all.
+        only_scope: Option<u8>,
+    },
+    /// Physical time moves forward by `millis`.
+    Tick {
+        /// Milliseconds.
+        millis: u16,
+    },
+    /// Node `node` is closed and reopened (when the simulation knows how).
+    Restart {
+        /// The node.
+        node: usize,
+    },
+}
+
+/// Scope number `i` of the simulation's three scopes.
+pub fn scope(i: u8) -> Scope {
+    match i % 3 {
+        0 => Scope::shared(),
+        1 => Scope::app("notes", "items").expect("valid scope"),
+        _ => Scope::app("photos", "albums").expect("valid scope"),
+    }
+}
+
+impl Action {
+    /// Decodes a list of actions for `nodes` nodes from arbitrary bytes (4 bytes an action;
+    /// every input decodes).
+    pub fn decode_all(bytes: &[u8], nodes: usize) -> Vec<Action> {
+        let nodes = nodes.max(2);
+        bytes
+            .chunks_exact(4)
+            .map(|c| {
+                let node = usize::from(c[1]) % nodes;
+                match c[0] % 16 {
+                    0..=5 => Action::Put { node, scope: c[2] % 3, key: c[3] % 8, value: c[2] ^ c[3] },
+                    6..=7 => Action::Delete { node, scope: c[2] % 3, key: c[3] % 8 },
+                    8..=13 => {
+                        let to = (node + 1 + usize::from(c[2]) % (nodes - 1)) % nodes;
+                        let only_scope = (c[3] & 0x80 != 0).then_some(c[3] % 3);
+                        Action::Exchange { from: node, to, limit: 1 + usize::from(c[3] & 0x7f) % 6, only_scope }
+                    }
+                    14 => Action::Tick { millis: u16::from_le_bytes([c[2], c[3]]) },
+                    _ => Action::Restart { node },
+                }
+            })
+            .collect()
+    }
+}
+
+/// Opens node `i` again (after the previous engine of that node was dropped).
+pub type Reopen = Box<dyn Fn(usize) -> crate::Result<SyncEngine>>;
+
+/// Several engines, an oracle, and the invariant checks.
+pub struct Simulation {
+    nodes: Vec<Option<Arc<SyncEngine>>>,
+    history: Vec<(Scope, Key, Version)>,
+    oracle: State,
+    time: Arc<ManualTime>,
+    reopen: Option<Reopen>,
+    /// Rounds run so far.
+    pub rounds: usize,
+}
+
+/// The configuration simulations give their engines: a shared manual clock.
+pub fn sim_config(time: &Arc<ManualTime>) -> EngineConfig {
+    EngineConfig { time: time.clone(), ..EngineConfig::default() }
+}
+
+impl Simulation {
+    /// `n` in-memory nodes sharing one manual clock.
+    ///
+    /// # Errors
+    /// Engine creation failed.
+    pub fn in_memory(n: usize) -> crate::Result<Self> {
+        let time = ManualTime::at_secs(1_700_000_000);
+        let nodes = (0..n).map(|_| SyncEngine::in_memory_with(sim_config(&time))).collect::<crate::Result<Vec<_>>>()?;
+        Ok(Self::new(nodes, time, None))
+    }
+
+    /// A simulation over given engines (which should read `time`), with an optional way to
+    /// reopen a node for [`Action::Restart`].
+    pub fn new(nodes: Vec<SyncEngine>, time: Arc<ManualTime>, reopen: Option<Reopen>) -> Self {
+        Simulation {
+            nodes: nodes.into_iter().map(|e| Some(Arc::new(e))).collect(),
+            history: Vec::new(),
+            oracle: State::new(),
+            time,
+            reopen,
+            rounds: 0,
+        }
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &Arc<SyncEngine> {
+        self.nodes[i].as_ref().expect("nodes are always reopened after a restart")
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the simulation has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The LWW fold of every version written so far.
+    pub fn oracle(&self) -> &State {
+        &self.oracle
+    }
+
+    /// Applies one action, then checks the watermark invariant on every node.
+    ///
+    /// # Errors
+    /// An engine error, or a description of a broken invariant.
+    pub fn step(&mut self, action: &Action) -> Result<(), String> {
+        let n = self.len();
+        match *action {
+            Action::Put { node, scope: s, key, value } => self.write(node % n, s, key, Op::Put { value: vec![value], blob: None })?,
+            Action::Delete { node, scope: s, key } => self.write(node % n, s, key, Op::Delete)?,
+            Action::Exchange { from, to, limit, only_scope } => {
+                let options = ExchangeOptions {
+                    scopes: match only_scope {
+                        None => crate::ScopeFilter::All,
+                        Some(s) => crate::ScopeFilter::Only([scope(s)].into_iter().collect()),
+                    },
+                    page_limit: Some(limit),
+                };
+                self.round(from % n, to % n, &options)?;
+            }
+            Action::Tick { millis } => self.time.advance(std::time::Duration::from_millis(u64::from(millis))),
+            Action::Restart { node } => self.restart(node % n)?,
+        }
+        self.check_watermarks()
+    }
+
+    fn write(&mut self, node: usize, s: u8, key: u8, op: Op) -> Result<(), String> {
+        let (scope, key) = (scope(s), Key::new([key]).expect("one byte is a valid key"));
+        let hlc = self.node(node).write(&scope, &key, op.clone()).map_err(|e| format!("write on node {node}: {e:?}"))?;
+        let version = Version { hlc, op };
+        merge::merge_into(&mut self.oracle, &scope, &key, &version);
+        self.history.push((scope, key, version));
+        Ok(())
+    }
+
+    /// One round from `from` to `to`. Returns `has_more`.
+    ///
+    /// # Errors
+    /// An engine error, or a self-exchange.
+    pub fn round(&mut self, from: usize, to: usize, options: &ExchangeOptions) -> Result<bool, String> {
+        if from == to {
+            return Ok(false);
+        }
+        let transport = InProcess::new(self.node(to).clone());
+        let out = block_on(self.node(from).exchange_with(&transport, options)).map_err(|e| format!("exchange {from}->{to}: {e:?}"))?;
+        self.rounds += 1;
+        if !out.halts.is_empty() || !out.peer_halts.is_empty() {
+            return Err(format!("unexpected halts in {from}->{to}: {:?} {:?}", out.halts, out.peer_halts));
+        }
+        Ok(out.has_more)
+    }
+
+    fn restart(&mut self, node: usize) -> Result<(), String> {
+        let Some(reopen) = &self.reopen else { return Ok(()) };
+        // Drop every handle first: the redb file may be opened once per process.
+        self.nodes[node] = None;
+        let engine = reopen(node).map_err(|e| format!("reopen node {node}: {e:?}"))?;
+        self.nodes[node] = Some(Arc::new(engine));
+        Ok(())
+    }
+
+    /// Checks the watermark invariant on every node, in the form the protocol guarantees at
+    /// every step: for every version `v` ever written by origin `n` with Hlc <= the node's
+    /// `W[n]`, the node holds `v` or a newer version of the same key, *or* some newer
+    /// version `w` of that key exists whose origin's stream the node has not yet passed
+    /// (`W[w.origin] < w.hlc`), so `w` (or newer) is still on its way. See
+    /// docs/protocol.md, "What a watermark claims". At quiescence this is the strict claim.
+    ///
+    /// # Errors
+    /// A description of the first violation: a watermark that advanced over a gap.
+    pub fn check_watermarks(&self) -> Result<(), String> {
+        for i in 0..self.len() {
+            let node = self.node(i);
+            let marks = node.watermarks().map_err(|e| format!("{e:?}"))?;
+            let passed = |scope: &Scope, v: &Version| marks.get(scope, v.hlc.origin()).is_some_and(|w| v.hlc <= w);
+            for (scope, key, v) in &self.history {
+                if !passed(scope, v) {
+                    continue;
+                }
+                let held = node.get_version(scope, key).map_err(|e| format!("{e:?}"))?;
+                if held.as_ref().is_some_and(|h| h.hlc >= v.hlc) {
+                    continue;
+                }
+                let on_its_way = self.history.iter().any(|(s, k, w)| s == scope && k == key && w.hlc > v.hlc && !passed(s, w));
+                if !on_its_way {
+                    return Err(format!(
+                        "node {i}: watermark {:?} of {scope} covers {v:?} for {key:?}, but it holds {held:?} and nothing newer is on its way",
+                        marks.get(scope, v.hlc.origin())
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s full state, tombstones included.
+    ///
+    /// # Errors
+    /// An engine error.
+    pub fn state_of(&self, i: usize) -> Result<State, String> {
+        let node = self.node(i);
+        let mut out = BTreeMap::new();
+        for s in 0..3 {
+            let scope = scope(s);
+            for (key, version) in node.versions(&scope).map_err(|e| format!("{e:?}"))? {
+                out.insert((scope.clone(), key), version);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Syncs every ordered pair until nothing moves (bounded), then checks that every node
+    /// equals the oracle and that all watermarks agree.
+    ///
+    /// # Errors
+    /// A description of what did not converge.
+    pub fn converge(&mut self) -> Result<(), String> {
+        let n = self.len();
+        let options = ExchangeOptions::default();
+        for _pass in 0..3 {
+            for from in 0..n {
+                for to in 0..n {
+                    let mut guard = 0;
+                    while self.round(from, to, &options)? {
+                        guard += 1;
+                        if guard > 10_000 {
+                            return Err(format!("{from}->{to}: has_more never cleared"));
+                        }
+                    }
+                    self.check_watermarks()?;
+                }
+            }
+        }
+        let first = self.node(0).watermarks().map_err(|e| format!("{e:?}"))?;
+        for i in 0..n {
+            let state = self.state_of(i)?;
+            if state != self.oracle {
+                return Err(format!("node {i} differs from the oracle:\n node: {state:?}\n oracle: {:?}", self.oracle));
+            }
+            let marks = self.node(i).watermarks().map_err(|e| format!("{e:?}"))?;
+            if marks != first {
+                return Err(format!("watermarks differ: node 0 {first:?} vs node {i} {marks:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// After [`Simulation::converge`]: one more round between every pair ships nothing and
+    /// reports `has_more == false`.
+    ///
+    /// # Errors
+    /// A description of the first round that moved something.
+    pub fn check_quiet(&mut self) -> Result<(), String> {
+        let n = self.len();
+        for from in 0..n {
+            for to in (0..n).filter(|t| *t != from) {
+                let transport = InProcess::new(self.node(to).clone());
+                let out = block_on(self.node(from).exchange(&transport)).map_err(|e| format!("{e:?}"))?;
+                if out.shipped != 0 || out.received != 0 || out.has_more {
+                    return Err(format!("round {from}->{to} after convergence was not quiet: {out:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the merge laws over `versions` (keyed by a small key index): folding them in any
+/// of the given orders, with repetitions, gives the same state.
+///
+/// # Errors
+/// A description of the orders that disagree.
+pub fn check_merge_laws(versions: &[(u8, Version)], order_seed: u64) -> Result<(), String> {
+    let fold = |vs: &mut dyn Iterator<Item = &(u8, Version)>| {
+        let mut s = State::new();
+        for (k, v) in vs {
+            merge::merge_into(&mut s, &Scope::shared(), &Key::new([*k]).expect("one byte is a valid key"), v);
+        }
+        s
+    };
+    let forward = fold(&mut versions.iter());
+    let backward = fold(&mut versions.iter().rev());
+    let mut shuffled: Vec<_> = versions.iter().chain(versions.iter().take(3)).collect();
+    let mut rng = order_seed | 1;
+    for i in (1..shuffled.len()).rev() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        shuffled.swap(i, (rng % (i as u64 + 1)) as usize);
+    }
+    let mixed = fold(&mut shuffled.into_iter());
+    // Associativity: merging two halves' folds equals folding everything.
+    let mid = versions.len() / 2;
+    let mut left = fold(&mut versions[..mid].iter());
+    let right = fold(&mut versions[mid..].iter());
+    for ((scope, key), v) in &right {
+        merge::merge_into(&mut left, scope, key, v);
+    }
+    if forward != backward || forward != mixed || forward != left {
+        return Err(format!("merge is order-dependent over {versions:?}"));
+    }
+    Ok(())
+}
+
+/// Decodes versions for [`check_merge_laws`] from arbitrary bytes: one writer issues one
+/// version per timestamp, so the op is a function of the Hlc (as in a real system).
+pub fn decode_versions(bytes: &[u8]) -> Vec<(u8, Version)> {
+    bytes
+        .chunks_exact(3)
+        .map(|c| {
+            let origin = crate::NodeId::from_bytes([1 + c[1] % 4; 16]).expect("non-zero id");
+            let hlc = crate::Hlc::new(u64::from(c[2]), origin);
+            let op = if (c[2] ^ c[1]) % 4 == 0 {
+                Op::Delete
+            } else {
+                Op::Put { value: hlc.to_string().into_bytes(), blob: None }
+            };
+            (c[0] % 6, Version { hlc, op })
+        })
+        .collect()
+}

@@ -1,0 +1,7 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+/// Proptest case count: `default`, or `HIGHWATER_PROPTEST_CASES` when set (soak runs).
+pub fn cases(default: u32) -> u32 {
+    std::env::var("HIGHWATER_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
