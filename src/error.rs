@@ -162,7 +162,7 @@ pub enum StoreError {
         /// Which table or field.
         what: &'static str,
     },
-    /// The store was written by a newer, incompatible format.
+    /// The store is in another on-disk format than the one this build reads and writes.
     #[error("store format {found} is not supported (this build reads {supported})")]
     UnsupportedFormat {
         /// The format found.

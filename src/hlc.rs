@@ -1,6 +1,6 @@
 //! Node identity and the hybrid logical clock.
 //!
-//! [`Hlc`] is a uhlc [`Timestamp`](uhlc::Timestamp): NTP64 time (upper 32 bits seconds since
+//! [`Hlc`] is a uhlc [`uhlc::Timestamp`]: NTP64 time (upper 32 bits seconds since
 //! the Unix epoch, lower 32 bits fraction), then the 16-byte [`NodeId`]. The total order is
 //! time, then id, so two nodes never tie.
 //!
@@ -184,7 +184,9 @@ pub struct WallClock;
 
 impl TimeSource for WallClock {
     fn now(&self) -> u64 {
-        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         duration_to_ntp64(since).unwrap_or(u64::MAX)
     }
 }
@@ -244,9 +246,20 @@ impl Clock {
     ///
     /// # Errors
     /// [`ClockError::DriftOutOfRange`] if `max_drift` does not fit NTP64 (over ~136 years).
-    pub fn new(id: NodeId, time: Arc<dyn TimeSource>, max_drift: Duration) -> Result<Self, ClockError> {
-        let drift = duration_to_ntp64(max_drift).ok_or(ClockError::DriftOutOfRange { max_drift })?;
-        Ok(Clock { id, time, max_drift: drift, max_drift_duration: max_drift, last: Mutex::new(0) })
+    pub fn new(
+        id: NodeId,
+        time: Arc<dyn TimeSource>,
+        max_drift: Duration,
+    ) -> Result<Self, ClockError> {
+        let drift =
+            duration_to_ntp64(max_drift).ok_or(ClockError::DriftOutOfRange { max_drift })?;
+        Ok(Clock {
+            id,
+            time,
+            max_drift: drift,
+            max_drift_duration: max_drift,
+            last: Mutex::new(0),
+        })
     }
 
     /// This clock's node.
@@ -261,7 +274,11 @@ impl Clock {
     pub fn issue(&self) -> Result<Hlc, ClockError> {
         let now = self.time.now();
         let mut last = self.lock();
-        let next = if now > *last { now } else { last.checked_add(1).ok_or(ClockError::Exhausted)? };
+        let next = if now > *last {
+            now
+        } else {
+            last.checked_add(1).ok_or(ClockError::Exhausted)?
+        };
         *last = next;
         Ok(Hlc::new(next, self.id))
     }
@@ -294,6 +311,13 @@ impl Clock {
         Ok(())
     }
 
+    /// Moves the clock to `hlc` if it is ahead, without the drift check: for timestamps that
+    /// already passed [`Clock::check`] (a second reading of the time source could differ).
+    pub fn raise(&self, hlc: Hlc) {
+        let mut last = self.lock();
+        *last = (*last).max(hlc.time());
+    }
+
     /// The last time issued or observed (what must be persisted).
     pub fn last(&self) -> u64 {
         *self.lock()
@@ -318,7 +342,10 @@ impl Clock {
 
 impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Clock").field("id", &self.id).field("last", &self.last()).finish()
+        f.debug_struct("Clock")
+            .field("id", &self.id)
+            .field("last", &self.last())
+            .finish()
     }
 }
 
@@ -357,7 +384,11 @@ mod tests {
         let origin = NodeId::random();
         let err = c.observe(Hlc::new(1_010u64 << 32, origin)).unwrap_err();
         match err {
-            ClockError::Skew { origin: o, ahead_by, .. } => {
+            ClockError::Skew {
+                origin: o,
+                ahead_by,
+                ..
+            } => {
                 assert_eq!(o, origin);
                 assert_eq!(ahead_by, Duration::from_secs(10));
             }
@@ -374,7 +405,10 @@ mod tests {
         assert_eq!(c.issue(), Err(ClockError::Exhausted));
         let t2 = ManualTime::at_secs(1);
         let c2 = clock(&t2);
-        assert!(matches!(c2.observe(Hlc::new(u64::MAX, NodeId::random())), Err(ClockError::Skew { .. })));
+        assert!(matches!(
+            c2.observe(Hlc::new(u64::MAX, NodeId::random())),
+            Err(ClockError::Skew { .. })
+        ));
     }
 
     #[test]
@@ -388,7 +422,12 @@ mod tests {
     fn sort_key_order_matches_hlc_order() {
         let a = NodeId::from_bytes([1; 16]).unwrap();
         let b = NodeId::from_bytes([2; 16]).unwrap();
-        let hs = [Hlc::new(5, b), Hlc::new(5, a), Hlc::new(4, b), Hlc::new(6, a)];
+        let hs = [
+            Hlc::new(5, b),
+            Hlc::new(5, a),
+            Hlc::new(4, b),
+            Hlc::new(6, a),
+        ];
         for x in hs {
             for y in hs {
                 assert_eq!(x.cmp(&y), x.to_sort_key().cmp(&y.to_sort_key()));
@@ -398,7 +437,10 @@ mod tests {
 
     #[test]
     fn text_form_round_trips() {
-        let h = Hlc::new(7386690599959157260, NodeId::from_bytes([0x33, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap());
+        let h = Hlc::new(
+            7386690599959157260,
+            NodeId::from_bytes([0x33, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap(),
+        );
         assert_eq!(h.to_string(), "7386690599959157260/33");
         assert_eq!("7386690599959157260/33".parse::<Hlc>().unwrap(), h);
     }

@@ -49,7 +49,10 @@ mod tests {
             let op = if (t + u64::from(n)) % 3 == 0 {
                 Op::Delete
             } else {
-                Op::Put { value: hlc.to_string().into_bytes(), blob: None }
+                Op::Put {
+                    value: hlc.to_string().into_bytes(),
+                    blob: None,
+                }
             };
             (k, Version { hlc, op })
         })

@@ -42,7 +42,9 @@ impl Scope {
 
     /// The app id, for an app scope.
     pub fn app_id(&self) -> Option<&str> {
-        self.0.strip_prefix("app/").and_then(|rest| rest.split('/').next())
+        self.0
+            .strip_prefix("app/")
+            .and_then(|rest| rest.split('/').next())
     }
 }
 
@@ -50,7 +52,8 @@ fn valid_segment(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SEGMENT_LEN
         && !s.starts_with('.')
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 impl FromStr for Scope {
@@ -63,7 +66,9 @@ impl FromStr for Scope {
         if ok {
             Ok(Scope(s.to_owned()))
         } else {
-            Err(InputError::InvalidScope { scope: s.chars().take(80).collect() })
+            Err(InputError::InvalidScope {
+                scope: s.chars().take(80).collect(),
+            })
         }
     }
 }
@@ -105,7 +110,10 @@ impl Key {
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, InputError> {
         let bytes = bytes.into();
         if bytes.is_empty() || bytes.len() > MAX_KEY_LEN {
-            return Err(InputError::KeyLength { len: bytes.len(), max: MAX_KEY_LEN });
+            return Err(InputError::KeyLength {
+                len: bytes.len(),
+                max: MAX_KEY_LEN,
+            });
         }
         Ok(Key(bytes))
     }
@@ -184,7 +192,10 @@ impl Op {
     pub fn validate(&self) -> Result<(), InputError> {
         match self {
             Op::Put { value, .. } if value.len() > MAX_VALUE_LEN => {
-                Err(InputError::ValueTooLarge { len: value.len(), max: MAX_VALUE_LEN })
+                Err(InputError::ValueTooLarge {
+                    len: value.len(),
+                    max: MAX_VALUE_LEN,
+                })
             }
             _ => Ok(()),
         }
@@ -266,13 +277,33 @@ mod tests {
 
     #[test]
     fn scopes_parse_strictly() {
-        for ok in ["shared", "app/notes/items", "app/com.example.x/t_1", "app/a-b/c"] {
+        for ok in [
+            "shared",
+            "app/notes/items",
+            "app/com.example.x/t_1",
+            "app/a-b/c",
+        ] {
             assert_eq!(ok.parse::<Scope>().unwrap().as_str(), ok);
         }
-        for bad in ["", "Shared", "app", "app/x", "app//t", "app/x/t/u", "app/../t", "app/x/.h", "app/x y/t", "app/x/t\0", "/shared"] {
+        for bad in [
+            "",
+            "Shared",
+            "app",
+            "app/x",
+            "app//t",
+            "app/x/t/u",
+            "app/../t",
+            "app/x/.h",
+            "app/x y/t",
+            "app/x/t\0",
+            "/shared",
+        ] {
             assert!(bad.parse::<Scope>().is_err(), "{bad:?} should be refused");
         }
-        assert_eq!(Scope::app("notes", "items").unwrap().app_id(), Some("notes"));
+        assert_eq!(
+            Scope::app("notes", "items").unwrap().app_id(),
+            Some("notes")
+        );
     }
 
     #[test]
@@ -280,8 +311,14 @@ mod tests {
         assert!(Key::new(Vec::new()).is_err());
         assert!(Key::new(vec![0; MAX_KEY_LEN]).is_ok());
         assert!(Key::new(vec![0; MAX_KEY_LEN + 1]).is_err());
-        let big = Op::Put { value: vec![0; MAX_VALUE_LEN + 1], blob: None };
-        assert!(matches!(big.validate(), Err(InputError::ValueTooLarge { .. })));
+        let big = Op::Put {
+            value: vec![0; MAX_VALUE_LEN + 1],
+            blob: None,
+        };
+        assert!(matches!(
+            big.validate(),
+            Err(InputError::ValueTooLarge { .. })
+        ));
     }
 
     #[test]

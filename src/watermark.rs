@@ -7,7 +7,7 @@
 //! run whose `base` lies above the receiver's mark would skip a gap, so it is merged but
 //! moves nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -53,11 +53,17 @@ impl Watermarks {
 
     /// Whether this holds everything `other` claims: nothing to send from `other` to us.
     pub fn covers(&self, other: &Watermarks) -> bool {
-        other.0.values().all(|h| self.get(h.origin()).is_some_and(|mine| mine >= *h))
+        other
+            .0
+            .values()
+            .all(|h| self.get(h.origin()).is_some_and(|mine| mine >= *h))
     }
 
     /// Origins where this is ahead of `other`, with both marks.
-    pub fn ahead_of<'a>(&'a self, other: &'a Watermarks) -> impl Iterator<Item = (NodeId, Option<Hlc>, Hlc)> + 'a {
+    pub fn ahead_of<'a>(
+        &'a self,
+        other: &'a Watermarks,
+    ) -> impl Iterator<Item = (NodeId, Option<Hlc>, Hlc)> + 'a {
         self.0.iter().filter_map(move |(o, mine)| {
             let theirs = other.get(*o);
             (theirs < Some(*mine)).then_some((*o, theirs, *mine))
@@ -111,8 +117,25 @@ impl<'de> Deserialize<'de> for Watermarks {
 }
 
 /// Watermarks for several scopes: the node's whole version vector, or the part in play.
-#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+/// A scope without marks is the same as an absent one (decoding drops it).
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize)]
 pub struct ScopedWatermarks(BTreeMap<Scope, Watermarks>);
+
+// postcard encodes a map exactly as a sequence of pairs; decoding pairs lets a repeated scope
+// be refused, as a repeated origin is.
+impl<'de> Deserialize<'de> for ScopedWatermarks {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut map = BTreeMap::new();
+        for (scope, marks) in <Vec<(Scope, Watermarks)>>::deserialize(d)? {
+            if map.insert(scope, marks).is_some() {
+                return Err(serde::de::Error::custom("duplicate scope in watermarks"));
+            }
+        }
+        let mut marks = ScopedWatermarks(map);
+        marks.retain_nonempty();
+        Ok(marks)
+    }
+}
 
 impl ScopedWatermarks {
     /// Nothing seen in any scope.
@@ -149,7 +172,10 @@ impl ScopedWatermarks {
 
     /// Whether this holds everything `other` claims, in every scope.
     pub fn covers(&self, other: &ScopedWatermarks) -> bool {
-        other.0.iter().all(|(s, w)| self.0.get(s).map_or(w.is_empty(), |mine| mine.covers(w)))
+        other
+            .0
+            .iter()
+            .all(|(s, w)| self.0.get(s).map_or(w.is_empty(), |mine| mine.covers(w)))
     }
 
     /// The scopes and their marks, in scope order.
@@ -160,6 +186,11 @@ impl ScopedWatermarks {
     /// Keeps only the scopes `keep` accepts.
     pub fn retain(&mut self, mut keep: impl FnMut(&Scope) -> bool) {
         self.0.retain(|s, _| keep(s));
+    }
+
+    /// Drops scopes without marks.
+    pub fn retain_nonempty(&mut self) {
+        self.0.retain(|_, w| !w.is_empty());
     }
 
     /// Number of (scope, origin) marks.
@@ -194,7 +225,10 @@ impl Run {
         if self.top.origin() != self.origin {
             return Err("top is not from the run's origin");
         }
-        if self.base.is_some_and(|b| b.origin() != self.origin || b >= self.top) {
+        if self
+            .base
+            .is_some_and(|b| b.origin() != self.origin || b >= self.top)
+        {
             return Err("base is not below top");
         }
         let mut prev = self.base;
@@ -224,11 +258,32 @@ impl Run {
 pub struct Page {
     /// The runs, at most one per (scope, origin).
     pub runs: Vec<Run>,
-    /// True when the sender stopped at its limit with more to send.
+    /// True when the sender stopped at its limit with more to send. The stream it stopped
+    /// in is the last run's (or one after it).
     pub more: bool,
 }
 
 impl Page {
+    /// Whether the sender has more to send that the receiver can use: it stopped at its
+    /// limit, and not inside a stream the receiver halted again (in `halted`, and already
+    /// in `deferred`, the streams the sender planned last). A cut inside a stream that was
+    /// deferred means everything left is deferred too; a stream halted for the first time
+    /// may have had others planned after it.
+    pub fn more_beyond(&self, halted: &[Halt], deferred: &BTreeSet<(Scope, NodeId)>) -> bool {
+        let stuck = |r: &Run| {
+            deferred.contains(&(r.scope.clone(), r.origin))
+                && halted
+                    .iter()
+                    .any(|h| h.scope == r.scope && h.origin == r.origin)
+        };
+        self.more && !self.runs.last().is_some_and(stuck)
+    }
+
+    /// The (scope, origin) streams of the page's runs.
+    pub fn streams(&self) -> impl Iterator<Item = (&Scope, NodeId)> {
+        self.runs.iter().map(|r| (&r.scope, r.origin))
+    }
+
     /// Number of versions over all runs.
     pub fn version_count(&self) -> usize {
         self.runs.iter().map(|r| r.versions.len()).sum()
@@ -249,7 +304,9 @@ mod tests {
         a.observe(Hlc::new(5, id(1)));
         a.observe(Hlc::new(3, id(1)));
         assert_eq!(a.get(id(1)), Some(Hlc::new(5, id(1))));
-        let b: Watermarks = [Hlc::new(2, id(1)), Hlc::new(9, id(2))].into_iter().collect();
+        let b: Watermarks = [Hlc::new(2, id(1)), Hlc::new(9, id(2))]
+            .into_iter()
+            .collect();
         assert!(!a.covers(&b));
         a.merge(&b);
         assert!(a.covers(&b));
@@ -261,7 +318,10 @@ mod tests {
     fn run_shape() {
         let s = Scope::shared();
         let k = Key::new("k").unwrap();
-        let v = |t| Version { hlc: Hlc::new(t, id(1)), op: crate::record::Op::Delete };
+        let v = |t| Version {
+            hlc: Hlc::new(t, id(1)),
+            op: crate::record::Op::Delete,
+        };
         let run = |base: Option<u64>, top, ts: &[u64]| Run {
             scope: s.clone(),
             origin: id(1),
@@ -279,6 +339,31 @@ mod tests {
         assert!(!run(Some(2), 5, &[]).continues(Some(Hlc::new(1, id(1)))));
         assert!(!run(Some(2), 5, &[]).continues(None));
         assert!(run(None, 5, &[]).continues(None));
+    }
+
+    #[test]
+    fn scoped_watermarks_refuse_duplicate_scopes_and_drop_empty_ones() {
+        let w: Watermarks = [Hlc::new(3, id(1))].into_iter().collect();
+        let dup = postcard::to_allocvec(&vec![
+            (Scope::shared(), w.clone()),
+            (Scope::shared(), w.clone()),
+        ])
+        .unwrap();
+        assert!(postcard::from_bytes::<ScopedWatermarks>(&dup).is_err());
+        let with_empty = postcard::to_allocvec(&vec![
+            (Scope::shared(), w.clone()),
+            (Scope::app("a", "b").unwrap(), Watermarks::new()),
+        ])
+        .unwrap();
+        let decoded: ScopedWatermarks = postcard::from_bytes(&with_empty).unwrap();
+        let mut expected = ScopedWatermarks::new();
+        expected.observe(&Scope::shared(), Hlc::new(3, id(1)));
+        assert_eq!(decoded, expected);
+        // The map and the pair sequence are the same bytes.
+        assert_eq!(
+            postcard::to_allocvec(&expected).unwrap(),
+            postcard::to_allocvec(&vec![(Scope::shared(), w)]).unwrap()
+        );
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub struct ExchangeRequest {
     pub page: Page,
     /// The most versions the responder may send back.
     pub limit: u32,
+    /// (scope, origin) streams the initiator halted when the responder last sent them
+    /// (clock skew, own id): the responder plans them after every other stream, so one
+    /// halted origin cannot fill every page and starve the rest.
+    pub deferred: Vec<(Scope, NodeId)>,
 }
 
 impl Message for ExchangeRequest {
@@ -109,12 +113,17 @@ pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
 /// message kind, a message over [`MAX_MESSAGE_LEN`], or a body that does not decode.
 pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, WireError> {
     if bytes.len() > MAX_MESSAGE_LEN {
-        return Err(WireError::TooLarge { len: bytes.len(), max: MAX_MESSAGE_LEN });
+        return Err(WireError::TooLarge {
+            len: bytes.len(),
+            max: MAX_MESSAGE_LEN,
+        });
     }
     let body = check_header(bytes, M::KIND)?;
     let (msg, rest) = postcard::take_from_bytes::<M>(body).map_err(|e| match e {
         postcard::Error::DeserializeUnexpectedEnd => WireError::Truncated,
-        other => WireError::Malformed { reason: other.to_string() },
+        other => WireError::Malformed {
+            reason: other.to_string(),
+        },
     })?;
     if !rest.is_empty() {
         return Err(WireError::TrailingBytes { count: rest.len() });
@@ -135,10 +144,16 @@ fn check_header(bytes: &[u8], kind: u8) -> Result<&[u8], WireError> {
     }
     let version = u16::from_be_bytes([header[4], header[5]]);
     if !SUPPORTED_VERSIONS.contains(&version) {
-        return Err(WireError::UnsupportedVersion { found: version, supported: SUPPORTED_VERSIONS });
+        return Err(WireError::UnsupportedVersion {
+            found: version,
+            supported: SUPPORTED_VERSIONS,
+        });
     }
     if header[6] != kind {
-        return Err(WireError::UnexpectedKind { found: header[6], expected: kind });
+        return Err(WireError::UnexpectedKind {
+            found: header[6],
+            expected: kind,
+        });
     }
     Ok(body)
 }
@@ -184,7 +199,11 @@ impl Serialize for Deltas<'_> {
         s.collect_seq(self.0.versions.iter().map(|(key, v)| {
             let delta = v.hlc.time().wrapping_sub(prev);
             prev = v.hlc.time();
-            VersionOut { key, delta, op: &v.op }
+            VersionOut {
+                key,
+                delta,
+                op: &v.op,
+            }
         }))
     }
 }
@@ -208,8 +227,16 @@ impl<'de> Deserialize<'de> for Run {
         let mut prev = w.base.unwrap_or(0);
         let mut versions = Vec::with_capacity(w.versions.len());
         for v in w.versions {
-            prev = prev.checked_add(v.delta).ok_or_else(|| serde::de::Error::custom("version time overflows"))?;
-            versions.push((v.key, Version { hlc: Hlc::new(prev, w.origin), op: v.op }));
+            prev = prev
+                .checked_add(v.delta)
+                .ok_or_else(|| serde::de::Error::custom("version time overflows"))?;
+            versions.push((
+                v.key,
+                Version {
+                    hlc: Hlc::new(prev, w.origin),
+                    op: v.op,
+                },
+            ));
         }
         Ok(Run {
             scope: w.scope,
@@ -235,13 +262,20 @@ struct PageIn {
 
 impl Serialize for Page {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        PageOut { runs: &self.runs, more: self.more }.serialize(s)
+        PageOut {
+            runs: &self.runs,
+            more: self.more,
+        }
+        .serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for Page {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let p = PageIn::deserialize(d)?;
-        Ok(Page { runs: p.runs, more: p.more })
+        Ok(Page {
+            runs: p.runs,
+            more: p.more,
+        })
     }
 }

@@ -18,12 +18,21 @@ pub fn validate_page(page: &Page, scopes: &ScopeFilter) -> Result<(), ProtocolEr
     let mut seen = BTreeSet::new();
     for run in &page.runs {
         if !scopes.contains(&run.scope) {
-            return Err(ProtocolError::ScopeNotInPlay { scope: run.scope.clone() });
+            return Err(ProtocolError::ScopeNotInPlay {
+                scope: run.scope.clone(),
+            });
         }
         if !seen.insert((&run.scope, run.origin)) {
-            return Err(ProtocolError::DuplicateRun { scope: run.scope.clone(), origin: run.origin });
+            return Err(ProtocolError::DuplicateRun {
+                scope: run.scope.clone(),
+                origin: run.origin,
+            });
         }
-        let malformed = |reason| ProtocolError::MalformedRun { scope: run.scope.clone(), origin: run.origin, reason };
+        let malformed = |reason| ProtocolError::MalformedRun {
+            scope: run.scope.clone(),
+            origin: run.origin,
+            reason,
+        };
         run.check_shape().map_err(malformed)?;
         if run.versions.iter().any(|(_, v)| v.op.validate().is_err()) {
             return Err(malformed("value over the size limit"));
@@ -52,20 +61,38 @@ pub struct RunPlan {
 /// - The run is applied up to the first version too far ahead of our clock; the mark then
 ///   advances only to the last version applied (the claim `(base, t]` holds for every `t`
 ///   up to `top`), and the run halts with [`HaltReason::ClockSkew`].
-pub fn plan_run(run: &Run, me: NodeId, own_mark: Option<Hlc>, check: impl Fn(Hlc) -> Result<(), ClockError>) -> RunPlan {
+pub fn plan_run(
+    run: &Run,
+    me: NodeId,
+    own_mark: Option<Hlc>,
+    check: impl Fn(Hlc) -> Result<(), ClockError>,
+) -> RunPlan {
     if run.origin == me {
         if Some(run.top) <= own_mark {
             return RunPlan::default();
         }
-        let halt = Halt { scope: run.scope.clone(), origin: me, reason: HaltReason::OwnOrigin };
-        return RunPlan { halt: Some(halt), ..RunPlan::default() };
+        let halt = Halt {
+            scope: run.scope.clone(),
+            origin: me,
+            reason: HaltReason::OwnOrigin,
+        };
+        return RunPlan {
+            halt: Some(halt),
+            ..RunPlan::default()
+        };
     }
     let skew = |e: ClockError| {
         let ahead_by_ms = match e {
-            ClockError::Skew { ahead_by, .. } => u64::try_from(ahead_by.as_millis()).unwrap_or(u64::MAX),
+            ClockError::Skew { ahead_by, .. } => {
+                u64::try_from(ahead_by.as_millis()).unwrap_or(u64::MAX)
+            }
             _ => u64::MAX,
         };
-        Halt { scope: run.scope.clone(), origin: run.origin, reason: HaltReason::ClockSkew { ahead_by_ms } }
+        Halt {
+            scope: run.scope.clone(),
+            origin: run.origin,
+            reason: HaltReason::ClockSkew { ahead_by_ms },
+        }
     };
     let mut accepted = 0;
     let mut halt = None;
@@ -85,8 +112,15 @@ pub fn plan_run(run: &Run, me: NodeId, own_mark: Option<Hlc>, check: impl Fn(Hlc
         Some(_) => applied.last().map(|(_, v)| v.hlc),
     };
     RunPlan {
-        upserts: applied.iter().map(|(k, v)| (run.scope.clone(), k.clone(), v.clone())).collect(),
-        advance: top.map(|top| Advance { scope: run.scope.clone(), base: run.base, top }),
+        upserts: applied
+            .iter()
+            .map(|(k, v)| (run.scope.clone(), k.clone(), v.clone()))
+            .collect(),
+        advance: top.map(|top| Advance {
+            scope: run.scope.clone(),
+            base: run.base,
+            top,
+        }),
         halt,
     }
 }

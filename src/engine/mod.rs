@@ -33,6 +33,7 @@
 pub mod apply;
 pub mod plan;
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -41,7 +42,9 @@ use crate::error::{Error, ProtocolError, Result};
 use crate::hash::Hash;
 use crate::hlc::{Clock, Hlc, NodeId, TimeSource, WallClock};
 use crate::record::{BlobRef, Key, Op, Scope, Version};
-use crate::store::{Advance, Batch, Durability, KeyRange, MemStore, PeerKnowledge, RedbStore, Store};
+use crate::store::{
+    Advance, Batch, Durability, KeyRange, MemStore, PeerKnowledge, RedbStore, Store,
+};
 use crate::transport::{Refusal, Responder, Transport};
 use crate::watermark::{Halt, Page, ScopedWatermarks};
 use crate::wire::{ExchangeRequest, ExchangeResponse, ScopeFilter};
@@ -50,6 +53,10 @@ use self::plan::PageLimits;
 
 /// The redb file's name inside a node's data directory.
 pub const DB_FILE: &str = "highwater.redb";
+
+/// The largest page byte budget: a quarter of the message limit, leaving room for one
+/// maximal value past the budget and for the watermarks.
+pub const MAX_PAGE_BYTES: usize = crate::wire::MAX_MESSAGE_LEN / 4;
 
 /// When deferred (non-durable) page applies are made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +69,10 @@ pub struct Checkpoint {
 
 impl Default for Checkpoint {
     fn default() -> Self {
-        Checkpoint { versions: 100_000, interval: Duration::from_secs(1) }
+        Checkpoint {
+            versions: 100_000,
+            interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -71,7 +81,8 @@ impl Default for Checkpoint {
 pub struct EngineConfig {
     /// Versions per page this node asks for and ships (default 1000).
     pub page_limit: usize,
-    /// Approximate bytes of keys and values per page (default 4 MiB).
+    /// Approximate bytes of keys and values per page (default 4 MiB, at most
+    /// [`MAX_PAGE_BYTES`]).
     pub page_bytes: usize,
     /// The largest page limit this node grants a requester (default 10 000).
     pub max_page_limit: usize,
@@ -152,7 +163,12 @@ pub struct Record {
 impl Record {
     fn from_version(key: Key, v: Version) -> Option<Record> {
         match v.op {
-            Op::Put { value, blob } => Some(Record { key, value, blob, hlc: v.hlc }),
+            Op::Put { value, blob } => Some(Record {
+                key,
+                value,
+                blob,
+                hlc: v.hlc,
+            }),
             Op::Delete => None,
         }
     }
@@ -162,6 +178,8 @@ struct Applied {
     received: usize,
     applied: usize,
     halts: Vec<Halt>,
+    /// Whether any watermark may have moved.
+    changed_marks: bool,
 }
 
 #[derive(Default)]
@@ -180,6 +198,22 @@ pub struct SyncEngine {
     /// never passes an uncommitted write of ours.
     local_writes: Mutex<()>,
     pending: Mutex<Pending>,
+    /// Per peer, the streams each side halted in the last round between us (memory only:
+    /// after a restart the first round relearns them).
+    halts: Mutex<HashMap<NodeId, StreamHalts>>,
+}
+
+/// The (scope, origin) streams halted in the last round with one peer.
+#[derive(Default, Clone)]
+struct StreamHalts {
+    /// Streams we halted when the peer sent them.
+    ours: BTreeSet<(Scope, NodeId)>,
+    /// Streams the peer halted when we sent them.
+    theirs: BTreeSet<(Scope, NodeId)>,
+}
+
+fn streams(halts: &[Halt]) -> BTreeSet<(Scope, NodeId)> {
+    halts.iter().map(|h| (h.scope.clone(), h.origin)).collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,7 +237,10 @@ impl SyncEngine {
     /// is out of range.
     pub fn open_with(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|source| crate::error::StoreError::Io { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| crate::error::StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
         Self::with_store(Box::new(RedbStore::open(dir.join(DB_FILE))?), config)
     }
 
@@ -251,11 +288,21 @@ impl SyncEngine {
     ///
     /// # Errors
     /// A store failure, or `config.max_drift` out of range.
-    pub fn with_store(store: Box<dyn Store>, config: EngineConfig) -> Result<Self> {
+    pub fn with_store(store: Box<dyn Store>, mut config: EngineConfig) -> Result<Self> {
+        // A page must fit a message with room for one maximal value and the watermarks.
+        config.page_bytes = config.page_bytes.clamp(1, MAX_PAGE_BYTES);
         let id = store.identity(NodeId::random())?;
         let clock = Clock::new(id, config.time.clone(), config.max_drift)?;
         clock.restore(store.read()?.clock()?);
-        Ok(SyncEngine { id, clock, store, config, local_writes: Mutex::new(()), pending: Mutex::new(Pending::default()) })
+        Ok(SyncEngine {
+            id,
+            clock,
+            store,
+            config,
+            local_writes: Mutex::new(()),
+            pending: Mutex::new(Pending::default()),
+            halts: Mutex::new(HashMap::new()),
+        })
     }
 
     /// This node's id.
@@ -273,7 +320,14 @@ impl SyncEngine {
     /// # Errors
     /// A value over the size limit, a store failure, or an exhausted clock.
     pub fn put(&self, scope: &Scope, key: &Key, value: impl Into<Vec<u8>>) -> Result<Hlc> {
-        self.write(scope, key, Op::Put { value: value.into(), blob: None })
+        self.write(
+            scope,
+            key,
+            Op::Put {
+                value: value.into(),
+                blob: None,
+            },
+        )
     }
 
     /// Deletes `key` by writing a tombstone; durable when this returns.
@@ -308,7 +362,11 @@ impl SyncEngine {
         let mut hlcs = Vec::with_capacity(ops.len());
         for (scope, key, op) in ops {
             let hlc = self.clock.issue()?;
-            batch.advances.push(Advance { scope: scope.clone(), base: None, top: hlc });
+            batch.advances.push(Advance {
+                scope: scope.clone(),
+                base: None,
+                top: hlc,
+            });
             batch.upserts.push((scope, key, Version { hlc, op }));
             hlcs.push(hlc);
         }
@@ -324,7 +382,9 @@ impl SyncEngine {
     /// # Errors
     /// A store failure.
     pub fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Record>> {
-        Ok(self.get_version(scope, key)?.and_then(|v| Record::from_version(key.clone(), v)))
+        Ok(self
+            .get_version(scope, key)?
+            .and_then(|v| Record::from_version(key.clone(), v)))
     }
 
     /// The stored version under `key`, tombstones included.
@@ -340,16 +400,29 @@ impl SyncEngine {
     ///
     /// # Errors
     /// A store failure.
-    pub fn scan(&self, scope: &Scope, prefix: &[u8], after: Option<&Key>, limit: usize) -> Result<Vec<Record>> {
+    pub fn scan(
+        &self,
+        scope: &Scope,
+        prefix: &[u8],
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<Record>> {
         let read = self.store.read()?;
         let mut out = Vec::new();
-        let mut range = KeyRange { prefix: prefix.to_vec(), after: after.cloned(), limit: limit.clamp(1, 1000) };
+        let mut range = KeyRange {
+            prefix: prefix.to_vec(),
+            after: after.cloned(),
+            limit: limit.clamp(1, 1000),
+        };
         while out.len() < limit {
             let rows = read.scan(scope, &range)?;
             let Some((last, _)) = rows.last() else { break };
             range.after = Some(last.clone());
             let exhausted = rows.len() < range.limit;
-            out.extend(rows.into_iter().filter_map(|(k, v)| Record::from_version(k, v)));
+            out.extend(
+                rows.into_iter()
+                    .filter_map(|(k, v)| Record::from_version(k, v)),
+            );
             if exhausted {
                 break;
             }
@@ -365,7 +438,10 @@ impl SyncEngine {
     pub fn versions(&self, scope: &Scope) -> Result<Vec<(Key, Version)>> {
         let read = self.store.read()?;
         let mut out = Vec::new();
-        let mut range = KeyRange { limit: 1000, ..KeyRange::default() };
+        let mut range = KeyRange {
+            limit: 1000,
+            ..KeyRange::default()
+        };
         loop {
             let rows = read.scan(scope, &range)?;
             let done = rows.len() < range.limit;
@@ -394,7 +470,8 @@ impl SyncEngine {
         let mut h = blake3::Hasher::new();
         for scope in self.scopes()? {
             for (key, version) in self.versions(&scope)? {
-                let row = postcard::to_allocvec(&(&scope, &key, &version)).expect("postcard encoding into a Vec does not fail");
+                let row = postcard::to_allocvec(&(&scope, &key, &version))
+                    .expect("postcard encoding into a Vec does not fail");
                 h.update(&(row.len() as u64).to_le_bytes());
                 h.update(&row);
             }
@@ -447,36 +524,52 @@ impl SyncEngine {
     /// The transport failed, the peer's answer broke the protocol (nothing of it is
     /// applied), or the store failed.
     pub async fn exchange<T: Transport + ?Sized>(&self, transport: &T) -> Result<ExchangeOutcome> {
-        self.exchange_with(transport, &ExchangeOptions::default()).await
+        self.exchange_with(transport, &ExchangeOptions::default())
+            .await
     }
 
     /// Runs one exchange round as initiator over `transport`.
     ///
     /// # Errors
     /// As for [`SyncEngine::exchange`].
-    pub async fn exchange_with<T: Transport + ?Sized>(&self, transport: &T, options: &ExchangeOptions) -> Result<ExchangeOutcome> {
+    pub async fn exchange_with<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        options: &ExchangeOptions,
+    ) -> Result<ExchangeOutcome> {
         let expected = transport.peer_id();
         if expected == Some(self.id) {
             return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
         }
-        let request = self.prepare_request(expected, options)?;
-        let shipped = request.page.version_count();
-        let shipped_more = request.page.more;
+        let (request, halts_before) = self.prepare_request(expected, options)?;
+        let shipped = request.page.clone();
         let response = transport.exchange(request).await?;
-        self.finish_round(expected, options, shipped, shipped_more, response)
+        self.finish_round(expected, options, &shipped, &halts_before, response)
     }
 
     fn page_limits(&self, versions: usize) -> PageLimits {
-        PageLimits { versions, bytes: self.config.page_bytes }
+        PageLimits {
+            versions,
+            bytes: self.config.page_bytes,
+        }
     }
 
-    fn marks_in_play(&self, read: &dyn crate::store::StoreRead, scopes: &ScopeFilter) -> Result<ScopedWatermarks> {
+    fn marks_in_play(
+        &self,
+        read: &dyn crate::store::StoreRead,
+        scopes: &ScopeFilter,
+    ) -> Result<ScopedWatermarks> {
         let mut mine = read.watermarks()?;
         mine.retain(|s| scopes.contains(s));
         Ok(mine)
     }
 
-    fn prepare_request(&self, peer: Option<NodeId>, options: &ExchangeOptions) -> Result<ExchangeRequest> {
+    /// The request of a round, and the halts remembered for the peer when it was planned.
+    fn prepare_request(
+        &self,
+        peer: Option<NodeId>,
+        options: &ExchangeOptions,
+    ) -> Result<(ExchangeRequest, StreamHalts)> {
         let read = self.store.read()?;
         let watermarks = self.marks_in_play(&*read, &options.scopes)?;
         let limit = options.page_limit.unwrap_or(self.config.page_limit).max(1);
@@ -484,26 +577,37 @@ impl SyncEngine {
             Some(p) => read.peer_watermarks(p)?,
             None => None,
         };
+        let halts = peer
+            .and_then(|p| lock(&self.halts).get(&p).cloned())
+            .unwrap_or_default();
         // First contact: we do not know what the peer holds, so we ship nothing yet.
         let page = match known {
-            Some(theirs) => plan::plan_page(&*read, &watermarks, &theirs, self.page_limits(limit))?,
+            Some(theirs) => plan::plan_page(
+                &*read,
+                &watermarks,
+                &theirs,
+                self.page_limits(limit),
+                &halts.theirs,
+            )?,
             None => Page::default(),
         };
-        Ok(ExchangeRequest {
+        let request = ExchangeRequest {
             from: self.id,
             scopes: options.scopes.clone(),
             watermarks,
             page,
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
-        })
+            deferred: halts.ours.iter().cloned().collect(),
+        };
+        Ok((request, halts))
     }
 
     fn finish_round(
         &self,
         expected: Option<NodeId>,
         options: &ExchangeOptions,
-        shipped: usize,
-        shipped_more: bool,
+        shipped: &Page,
+        before: &StreamHalts,
         mut response: ExchangeResponse,
     ) -> Result<ExchangeOutcome> {
         let peer = response.from;
@@ -511,71 +615,132 @@ impl SyncEngine {
             return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
         }
         if let Some(expected) = expected.filter(|e| *e != peer) {
-            return Err(ProtocolError::UnexpectedPeer { expected, found: peer }.into());
+            return Err(ProtocolError::UnexpectedPeer {
+                expected,
+                found: peer,
+            }
+            .into());
         }
         response.watermarks.retain(|s| options.scopes.contains(s));
-        let knowledge = PeerKnowledge { peer, scopes: options.scopes.clone(), marks: response.watermarks.clone() };
+        let knowledge = PeerKnowledge {
+            peer,
+            scopes: options.scopes.clone(),
+            marks: response.watermarks.clone(),
+        };
         let applied = self.apply_page(&response.page, &options.scopes, knowledge)?;
+        self.remember_halts(peer, shipped, &response, &applied.halts);
         let mine = self.marks_in_play(&*self.store.read()?, &options.scopes)?;
-        let halted = |scope: &Scope, origin: NodeId| response.halts.iter().any(|h| h.scope == *scope && h.origin == origin);
+        let halted = |scope: &Scope, origin: NodeId| {
+            response
+                .halts
+                .iter()
+                .any(|h| h.scope == *scope && h.origin == origin)
+        };
         let peer_lacks = mine.iter().any(|(scope, marks)| {
-            marks.iter().any(|mark| response.watermarks.get(scope, mark.origin()) < Some(mark) && !halted(scope, mark.origin()))
+            marks.iter().any(|mark| {
+                response.watermarks.get(scope, mark.origin()) < Some(mark)
+                    && !halted(scope, mark.origin())
+            })
         });
         Ok(ExchangeOutcome {
             peer,
-            shipped,
+            shipped: shipped.version_count(),
             received: applied.received,
             applied: applied.applied,
-            has_more: response.page.more || shipped_more || peer_lacks,
+            has_more: response.page.more_beyond(&applied.halts, &before.ours)
+                || shipped.more_beyond(&response.halts, &before.theirs)
+                || peer_lacks,
             halts: applied.halts,
             peer_halts: response.halts,
         })
     }
 
+    /// A stream stays halted, in either direction, until it is sent again and applies.
+    fn remember_halts(
+        &self,
+        peer: NodeId,
+        shipped: &Page,
+        response: &ExchangeResponse,
+        ours: &[Halt],
+    ) {
+        let mut all = lock(&self.halts);
+        let known = all.entry(peer).or_default();
+        let update = |set: &mut BTreeSet<(Scope, NodeId)>, sent: &Page, halted: &[Halt]| {
+            for (scope, origin) in sent.streams() {
+                set.remove(&(scope.clone(), origin));
+            }
+            set.extend(streams(halted));
+        };
+        update(&mut known.ours, &response.page, ours);
+        update(&mut known.theirs, shipped, &response.halts);
+    }
+
     /// Applies a received page in one transaction, with the sender's watermarks as knowledge.
-    fn apply_page(&self, page: &Page, scopes: &ScopeFilter, knowledge: PeerKnowledge) -> Result<Applied> {
+    fn apply_page(
+        &self,
+        page: &Page,
+        scopes: &ScopeFilter,
+        knowledge: PeerKnowledge,
+    ) -> Result<Applied> {
         apply::validate_page(page, scopes)?;
         let read = self.store.read()?;
         let own = read.watermarks()?;
-        let unchanged_knowledge = page.runs.is_empty() && read.peer_watermarks(knowledge.peer)?.is_some_and(|k| {
-            let mut k = k;
-            k.retain(|s| scopes.contains(s));
-            k == knowledge.marks
-        });
+        let unchanged_knowledge = page.runs.is_empty()
+            && read.peer_watermarks(knowledge.peer)?.is_some_and(|k| {
+                let mut k = k;
+                k.retain(|s| scopes.contains(s));
+                k == knowledge.marks
+            });
         drop(read);
         let mut batch = Batch::new(0, Durability::Deferred);
         let mut halts = Vec::new();
         for run in &page.runs {
-            let plan = apply::plan_run(run, self.id, own.get(&run.scope, self.id), |h| self.clock.check(h));
+            let plan = apply::plan_run(run, self.id, own.get(&run.scope, self.id), |h| {
+                self.clock.check(h)
+            });
             batch.upserts.extend(plan.upserts);
             batch.advances.extend(plan.advance);
             halts.extend(plan.halt);
         }
         let received = page.version_count();
         if unchanged_knowledge {
-            return Ok(Applied { received, applied: 0, halts });
+            return Ok(Applied {
+                received,
+                applied: 0,
+                halts,
+                changed_marks: false,
+            });
         }
-        for (_, _, v) in &batch.upserts {
-            // Checked in plan_run; observing cannot fail for these timestamps.
-            self.clock.observe(v.hlc)?;
+        if let Some(max) = batch.upserts.iter().map(|(_, _, v)| v.hlc).max() {
+            // Every accepted version passed the drift check in plan_run.
+            self.clock.raise(max);
         }
         batch.clock = self.clock.last();
         batch.peer = Some(knowledge);
         batch.durability = self.durability_for(page.more, batch.upserts.len());
         let report = self.store.commit(&batch)?;
         self.note_commit(batch.durability, batch.upserts.len());
-        Ok(Applied { received, applied: report.applied.len(), halts })
+        Ok(Applied {
+            received,
+            applied: report.applied.len(),
+            halts,
+            changed_marks: !batch.advances.is_empty(),
+        })
     }
 
-    /// Deferred while a bulk transfer is under way; durable when the sender's page was its
-    /// last, or when enough versions or time have accumulated (see docs/protocol.md).
+    /// Deferred while a bulk transfer is under way; durable when a page carrying versions was
+    /// the sender's last, or when enough versions or time have accumulated (see
+    /// docs/protocol.md). A page without versions (advances and knowledge only) stays
+    /// deferred: losing it costs one round.
     fn durability_for(&self, sender_has_more: bool, versions: usize) -> Durability {
         if versions == 0 {
             return Durability::Deferred;
         }
         let pending = lock(&self.pending);
         let due = pending.versions + versions >= self.config.checkpoint.versions
-            || pending.since.is_some_and(|t| t.elapsed() >= self.config.checkpoint.interval);
+            || pending
+                .since
+                .is_some_and(|t| t.elapsed() >= self.config.checkpoint.interval);
         if !sender_has_more || due {
             Durability::Immediate
         } else {
@@ -603,13 +768,43 @@ impl SyncEngine {
         if request.from == self.id {
             return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
         }
-        let knowledge = PeerKnowledge { peer: request.from, scopes: request.scopes.clone(), marks: request.watermarks.clone() };
-        let applied = self.apply_page(&request.page, &request.scopes, knowledge)?;
+        // Plan from the state before the request's page is applied: the page's claims hold
+        // for that state, and the versions the request brings are ones the initiator has.
         let read = self.store.read()?;
-        let watermarks = self.marks_in_play(&*read, &request.scopes)?;
-        let limit = usize::try_from(request.limit).unwrap_or(usize::MAX).clamp(1, self.config.max_page_limit);
-        let page = plan::plan_page(&*read, &watermarks, &request.watermarks, self.page_limits(limit))?;
-        Ok(ExchangeResponse { from: self.id, watermarks, page, halts: applied.halts })
+        let mut watermarks = self.marks_in_play(&*read, &request.scopes)?;
+        let limit = usize::try_from(request.limit)
+            .unwrap_or(usize::MAX)
+            .clamp(1, self.config.max_page_limit);
+        let deferred = request.deferred.iter().cloned().collect();
+        let page = plan::plan_page(
+            &*read,
+            &watermarks,
+            &request.watermarks,
+            self.page_limits(limit),
+            &deferred,
+        )?;
+        drop(read);
+        // What the initiator will hold once it applies our page; if it does not (a halt, a
+        // lost response), this knowledge is stale-high, which costs one round, never a gap.
+        let mut known = request.watermarks.clone();
+        for run in &page.runs {
+            known.observe(&run.scope, run.top);
+        }
+        let knowledge = PeerKnowledge {
+            peer: request.from,
+            scopes: request.scopes.clone(),
+            marks: known,
+        };
+        let applied = self.apply_page(&request.page, &request.scopes, knowledge)?;
+        if applied.changed_marks {
+            watermarks = self.marks_in_play(&*self.store.read()?, &request.scopes)?;
+        }
+        Ok(ExchangeResponse {
+            from: self.id,
+            watermarks,
+            page,
+            halts: applied.halts,
+        })
     }
 }
 

@@ -1,8 +1,11 @@
 //! What to ship: a pure function of the sender's watermarks, what it knows of the
 //! receiver's, and range scans of the live-version index.
 
+use std::collections::BTreeSet;
+
 use crate::error::StoreError;
-use crate::record::Key;
+use crate::hlc::{Hlc, NodeId};
+use crate::record::{Key, Scope};
 use crate::store::StoreRead;
 use crate::watermark::{Page, Run, ScopedWatermarks};
 
@@ -26,6 +29,7 @@ fn version_size(key: &Key, op: &crate::record::Op) -> usize {
 /// Plans the page of versions the receiver lacks, given our marks `mine` and its marks
 /// `theirs`, scanning `read` (one snapshot, so marks and versions agree).
 ///
+/// Streams in `deferred` (ones the receiver halted last time) are planned after all others.
 /// For each (scope, origin) where we are ahead, the run covers `(theirs, mine]`: every live
 /// version in that range, ascending. Complete runs claim up to our own mark even when their
 /// last live version is older (later ones were superseded), and origins with nothing live
@@ -34,45 +38,63 @@ fn version_size(key: &Key, op: &crate::record::Op) -> usize {
 ///
 /// # Errors
 /// A store read failure.
-pub fn plan_page(read: &dyn StoreRead, mine: &ScopedWatermarks, theirs: &ScopedWatermarks, limits: PageLimits) -> Result<Page, StoreError> {
+pub fn plan_page(
+    read: &dyn StoreRead,
+    mine: &ScopedWatermarks,
+    theirs: &ScopedWatermarks,
+    limits: PageLimits,
+    deferred: &BTreeSet<(Scope, NodeId)>,
+) -> Result<Page, StoreError> {
     let mut page = Page::default();
     let (mut count, mut bytes) = (0usize, 0usize);
-    for (scope, marks) in mine.iter() {
-        for my_top in marks.iter() {
-            let origin = my_top.origin();
-            let base = theirs.get(scope, origin);
-            if base >= Some(my_top) {
-                continue;
-            }
-            let room = limits.versions.saturating_sub(count);
-            if room == 0 {
-                page.more = true;
-                return Ok(page);
-            }
-            let found = read.live_range(scope, origin, base, my_top, room.saturating_add(1))?;
-            let mut cut = found.len() > room;
-            let mut run = Run { scope: scope.clone(), origin, base, top: my_top, versions: Vec::new() };
-            for (key, version) in found.into_iter().take(room) {
-                let size = version_size(&key, &version.op);
-                if count > 0 && bytes + size > limits.bytes {
-                    cut = true;
-                    break;
-                }
-                bytes += size;
-                count += 1;
-                run.versions.push((key, version));
-            }
-            if cut {
-                if let Some(last) = run.versions.last().map(|(_, v)| v.hlc) {
-                    run.top = last;
-                    page.runs.push(run);
-                }
-                page.more = true;
-                return Ok(page);
-            }
-            bytes += RUN_OVERHEAD;
-            page.runs.push(run);
+    let streams = || {
+        mine.iter()
+            .flat_map(|(scope, marks)| marks.iter().map(move |top| (scope, top)))
+    };
+    let is_deferred = |scope: &Scope, top: Hlc| deferred.contains(&(scope.clone(), top.origin()));
+    let ordered = streams()
+        .filter(|(s, t)| !is_deferred(s, *t))
+        .chain(streams().filter(|(s, t)| is_deferred(s, *t)));
+    for (scope, my_top) in ordered {
+        let origin = my_top.origin();
+        let base = theirs.get(scope, origin);
+        if base >= Some(my_top) {
+            continue;
         }
+        let room = limits.versions.saturating_sub(count);
+        if room == 0 {
+            page.more = true;
+            return Ok(page);
+        }
+        let found = read.live_range(scope, origin, base, my_top, room.saturating_add(1))?;
+        let mut cut = found.len() > room;
+        let mut run = Run {
+            scope: scope.clone(),
+            origin,
+            base,
+            top: my_top,
+            versions: Vec::new(),
+        };
+        for (key, version) in found.into_iter().take(room) {
+            let size = version_size(&key, &version.op);
+            if count > 0 && bytes + size > limits.bytes {
+                cut = true;
+                break;
+            }
+            bytes += size;
+            count += 1;
+            run.versions.push((key, version));
+        }
+        if cut {
+            if let Some(last) = run.versions.last().map(|(_, v)| v.hlc) {
+                run.top = last;
+                page.runs.push(run);
+            }
+            page.more = true;
+            return Ok(page);
+        }
+        bytes += RUN_OVERHEAD;
+        page.runs.push(run);
     }
     Ok(page)
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, Store, StoreRead, TxnOps};
 use crate::error::StoreError;
@@ -26,7 +26,9 @@ struct State {
 /// operations); durability levels are accepted and ignored.
 #[derive(Default)]
 pub struct MemStore {
-    state: RwLock<State>,
+    /// Readers clone the `Arc` (a snapshot); a commit copies the state only if a snapshot
+    /// is still alive (`Arc::make_mut`), so snapshots never block commits.
+    state: RwLock<Arc<State>>,
 }
 
 impl MemStore {
@@ -37,23 +39,25 @@ impl MemStore {
 
     /// A deep copy of the store as it is now (a "backup" for restore tests).
     pub fn duplicate(&self) -> MemStore {
-        MemStore { state: RwLock::new(self.read_lock().clone()) }
+        MemStore {
+            state: RwLock::new(Arc::new(State::clone(&self.read_lock()))),
+        }
     }
 
-    fn read_lock(&self) -> RwLockReadGuard<'_, State> {
+    fn read_lock(&self) -> RwLockReadGuard<'_, Arc<State>> {
         // The state's operations do not panic on any input, so a poisoned lock only means a
         // caller panicked elsewhere while holding a guard; the state itself is consistent.
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_lock(&self) -> RwLockWriteGuard<'_, State> {
+    fn write_lock(&self) -> RwLockWriteGuard<'_, Arc<State>> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-struct Reader<'a>(RwLockReadGuard<'a, State>);
+struct Reader(Arc<State>);
 
-impl StoreRead for Reader<'_> {
+impl StoreRead for Reader {
     fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
         Ok(self.0.records.get(&(scope.clone(), key.clone())).cloned())
     }
@@ -61,7 +65,10 @@ impl StoreRead for Reader<'_> {
     fn scan(&self, scope: &Scope, range: &KeyRange) -> Result<Vec<(Key, Version)>, StoreError> {
         let lower = match &range.after {
             Some(k) => Bound::Excluded((scope.clone(), k.clone())),
-            None => Bound::Included((scope.clone(), Key::new(vec![0u8]).expect("one byte is a valid key"))),
+            None => Bound::Included((
+                scope.clone(),
+                Key::new(vec![0u8]).expect("one byte is a valid key"),
+            )),
         };
         Ok(self
             .0
@@ -94,6 +101,9 @@ impl StoreRead for Reader<'_> {
         upto: Hlc,
         limit: usize,
     ) -> Result<Vec<(Key, Version)>, StoreError> {
+        if after.is_some_and(|a| a >= upto) {
+            return Ok(Vec::new());
+        }
         let lower = match after {
             Some(a) => Bound::Excluded((scope.clone(), origin, a.time())),
             None => Bound::Included((scope.clone(), origin, 0)),
@@ -101,7 +111,11 @@ impl StoreRead for Reader<'_> {
         let upper = Bound::Included((scope.clone(), origin, upto.time()));
         let mut out = Vec::new();
         for (_, key) in self.0.live.range((lower, upper)).take(limit) {
-            let v = self.0.records.get(&(scope.clone(), key.clone())).ok_or(StoreError::Corrupt { what: "live index" })?;
+            let v = self
+                .0
+                .records
+                .get(&(scope.clone(), key.clone()))
+                .ok_or(StoreError::Corrupt { what: "live index" })?;
             out.push((key.clone(), v.clone()));
         }
         Ok(out)
@@ -114,7 +128,14 @@ impl StoreRead for Reader<'_> {
             next = self
                 .0
                 .records
-                .range((Bound::Excluded((scope.clone(), Key::new(vec![0xff; crate::record::MAX_KEY_LEN]).expect("max-length key is valid"))), Bound::Unbounded))
+                .range((
+                    Bound::Excluded((
+                        scope.clone(),
+                        Key::new(vec![0xff; crate::record::MAX_KEY_LEN])
+                            .expect("max-length key is valid"),
+                    )),
+                    Bound::Unbounded,
+                ))
                 .next()
                 .map(|((s, _), _)| s.clone());
             out.push(scope);
@@ -134,8 +155,14 @@ impl TxnOps for State {
         Ok(self.records.get(&(scope.clone(), key.clone())).cloned())
     }
 
-    fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version) -> Result<(), StoreError> {
-        self.records.insert((scope.clone(), key.clone()), version.clone());
+    fn put_record(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<(), StoreError> {
+        self.records
+            .insert((scope.clone(), key.clone()), version.clone());
         Ok(())
     }
 
@@ -145,7 +172,8 @@ impl TxnOps for State {
     }
 
     fn insert_live(&mut self, scope: &Scope, hlc: Hlc, key: &Key) -> Result<(), StoreError> {
-        self.live.insert((scope.clone(), hlc.origin(), hlc.time()), key.clone());
+        self.live
+            .insert((scope.clone(), hlc.origin(), hlc.time()), key.clone());
         Ok(())
     }
 
@@ -169,6 +197,8 @@ impl TxnOps for State {
                 known.merge(&incoming);
             }
         }
+        // As in redb, a scope without marks is not stored.
+        known.retain_nonempty();
         Ok(())
     }
 
@@ -180,22 +210,24 @@ impl TxnOps for State {
 
 impl Store for MemStore {
     fn read(&self) -> Result<Box<dyn StoreRead + '_>, StoreError> {
-        Ok(Box::new(Reader(self.read_lock())))
+        Ok(Box::new(Reader(Arc::clone(&self.read_lock()))))
     }
 
     fn identity(&self, fresh: NodeId) -> Result<NodeId, StoreError> {
-        Ok(*self.write_lock().identity.get_or_insert(fresh))
+        Ok(*Arc::make_mut(&mut self.write_lock())
+            .identity
+            .get_or_insert(fresh))
     }
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
-        self.write_lock().identity = Some(id);
+        Arc::make_mut(&mut self.write_lock()).identity = Some(id);
         Ok(())
     }
 
     fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
         // Atomic because every `TxnOps` method of `State` is infallible: `apply_batch` runs to
         // completion under the write lock or not at all.
-        apply_batch(&mut *self.write_lock(), batch)
+        apply_batch(Arc::make_mut(&mut self.write_lock()), batch)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -86,7 +86,13 @@ pub struct Batch {
 impl Batch {
     /// An empty batch that only raises the clock.
     pub fn new(clock: u64, durability: Durability) -> Self {
-        Batch { upserts: Vec::new(), advances: Vec::new(), peer: None, clock, durability }
+        Batch {
+            upserts: Vec::new(),
+            advances: Vec::new(),
+            peer: None,
+            clock,
+            durability,
+        }
     }
 }
 
@@ -229,7 +235,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 /// against them so both stores share the merge, index and watermark logic.
 trait TxnOps {
     fn get_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError>;
-    fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version) -> Result<(), StoreError>;
+    fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version)
+        -> Result<(), StoreError>;
     fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError>;
     fn insert_live(&mut self, scope: &Scope, hlc: Hlc, key: &Key) -> Result<(), StoreError>;
     fn get_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<Option<Hlc>, StoreError>;

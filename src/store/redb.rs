@@ -7,9 +7,14 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, Table,
+    TableDefinition, WriteTransaction,
+};
 
-use super::{apply_batch, Batch, BatchReport, Durability, KeyRange, PeerKnowledge, Store, StoreRead, TxnOps};
+use super::{
+    apply_batch, Batch, BatchReport, Durability, KeyRange, PeerKnowledge, Store, StoreRead, TxnOps,
+};
 use crate::error::StoreError;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope, Version};
@@ -67,14 +72,23 @@ fn live_key(scope: &Scope, origin: NodeId, time: u64) -> Vec<u8> {
 }
 
 fn decode_scope_origin(bytes: &[u8]) -> Result<(Scope, NodeId), StoreError> {
-    let corrupt = StoreError::Corrupt { what: "watermark key" };
-    let (&len, rest) = bytes.split_first().ok_or(StoreError::Corrupt { what: "watermark key" })?;
+    let corrupt = StoreError::Corrupt {
+        what: "watermark key",
+    };
+    let (&len, rest) = bytes.split_first().ok_or(StoreError::Corrupt {
+        what: "watermark key",
+    })?;
     let len = usize::from(len);
     if rest.len() != len + 16 {
         return Err(corrupt);
     }
-    let scope = std::str::from_utf8(&rest[..len]).ok().and_then(|s| s.parse().ok()).ok_or(StoreError::Corrupt { what: "scope" })?;
-    let id: [u8; 16] = rest[len..].try_into().map_err(|_| StoreError::Corrupt { what: "origin" })?;
+    let scope = std::str::from_utf8(&rest[..len])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(StoreError::Corrupt { what: "scope" })?;
+    let id: [u8; 16] = rest[len..]
+        .try_into()
+        .map_err(|_| StoreError::Corrupt { what: "origin" })?;
     let origin = NodeId::from_bytes(id).ok_or(StoreError::Corrupt { what: "origin" })?;
     Ok((scope, origin))
 }
@@ -94,7 +108,10 @@ impl RedbStore {
     /// The file cannot be opened or created, or holds an unsupported format.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let db = Database::builder().create(path.as_ref())?;
-        let store = RedbStore { db, dirty: Mutex::new(false) };
+        let store = RedbStore {
+            db,
+            dirty: Mutex::new(false),
+        };
         store.init_tables()?;
         Ok(store)
     }
@@ -114,10 +131,16 @@ impl RedbStore {
                     meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
                 }
                 Some(bytes) => {
-                    let arr: [u8; 4] = bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt { what: "format" })?;
+                    let arr: [u8; 4] = bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt { what: "format" })?;
                     let found = u32::from_be_bytes(arr);
                     if found != FORMAT {
-                        return Err(StoreError::UnsupportedFormat { found, supported: FORMAT });
+                        return Err(StoreError::UnsupportedFormat {
+                            found,
+                            supported: FORMAT,
+                        });
                     }
                 }
             }
@@ -141,7 +164,15 @@ struct Reader {
 }
 
 fn read_marks<'a>(
-    rows: impl Iterator<Item = Result<(redb::AccessGuard<'a, &'static [u8]>, redb::AccessGuard<'a, u64>), redb::StorageError>>,
+    rows: impl Iterator<
+        Item = Result<
+            (
+                redb::AccessGuard<'a, &'static [u8]>,
+                redb::AccessGuard<'a, u64>,
+            ),
+            redb::StorageError,
+        >,
+    >,
     skip: usize,
 ) -> Result<ScopedWatermarks, StoreError> {
     let mut out = ScopedWatermarks::new();
@@ -188,7 +219,8 @@ impl StoreRead for Reader {
             if skip_first.as_deref() == Some(kb) {
                 continue;
             }
-            let key = Key::new(&kb[sp.len()..]).map_err(|_| StoreError::Corrupt { what: "record key" })?;
+            let key = Key::new(&kb[sp.len()..])
+                .map_err(|_| StoreError::Corrupt { what: "record key" })?;
             out.push((key, decode_version(v.value())?));
         }
         Ok(out)
@@ -203,7 +235,11 @@ impl StoreRead for Reader {
         if self.peers.get(id.as_slice())?.is_none() {
             return Ok(None);
         }
-        let rows = self.peers.range(id.as_slice()..)?.skip(1).take_while(|r| r.as_ref().map_or(true, |(k, _)| k.value().starts_with(&id)));
+        let rows = self
+            .peers
+            .range(id.as_slice()..)?
+            .skip(1)
+            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.value().starts_with(&id)));
         read_marks(rows, 16).map(Some)
     }
 
@@ -237,8 +273,11 @@ impl StoreRead for Reader {
         let mut out = Vec::new();
         for row in self.live.range(lo.as_slice()..=hi.as_slice())?.take(limit) {
             let (_, key) = row?;
-            let key = Key::new(key.value()).map_err(|_| StoreError::Corrupt { what: "live index" })?;
-            let version = self.get(scope, &key)?.ok_or(StoreError::Corrupt { what: "live index" })?;
+            let key =
+                Key::new(key.value()).map_err(|_| StoreError::Corrupt { what: "live index" })?;
+            let version = self
+                .get(scope, &key)?
+                .ok_or(StoreError::Corrupt { what: "live index" })?;
             out.push((key, version));
         }
         Ok(out)
@@ -249,12 +288,23 @@ impl StoreRead for Reader {
         // Skip from one scope's key range to the next: O(scopes), not O(records).
         let mut from: Vec<u8> = Vec::new();
         loop {
-            let Some(row) = self.records.range(from.as_slice()..)?.next() else { break };
+            let Some(row) = self.records.range(from.as_slice()..)?.next() else {
+                break;
+            };
             let (k, _) = row?;
             let kb = k.value();
-            let len = usize::from(*kb.first().ok_or(StoreError::Corrupt { what: "record key" })?);
-            let text = kb.get(1..=len).and_then(|b| std::str::from_utf8(b).ok()).ok_or(StoreError::Corrupt { what: "scope" })?;
-            out.push(text.parse().map_err(|_| StoreError::Corrupt { what: "scope" })?);
+            let len = usize::from(
+                *kb.first()
+                    .ok_or(StoreError::Corrupt { what: "record key" })?,
+            );
+            let text = kb
+                .get(1..=len)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or(StoreError::Corrupt { what: "scope" })?;
+            out.push(
+                text.parse()
+                    .map_err(|_| StoreError::Corrupt { what: "scope" })?,
+            );
             from = kb[..=len].to_vec();
             from.push(0xff);
             from.extend_from_slice(&[0xff; crate::record::MAX_KEY_LEN]);
@@ -272,7 +322,11 @@ impl StoreRead for Reader {
 fn read_clock(bytes: Option<Vec<u8>>) -> Result<u64, StoreError> {
     match bytes {
         None => Ok(0),
-        Some(b) => Ok(u64::from_be_bytes(b.as_slice().try_into().map_err(|_| StoreError::Corrupt { what: "clock" })?)),
+        Some(b) => Ok(u64::from_be_bytes(
+            b.as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt { what: "clock" })?,
+        )),
     }
 }
 
@@ -304,27 +358,43 @@ impl TxnOps for Writer<'_> {
         }
     }
 
-    fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version) -> Result<(), StoreError> {
-        self.records.insert(record_key(scope, key).as_slice(), encode_version(version).as_slice())?;
+    fn put_record(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<(), StoreError> {
+        self.records.insert(
+            record_key(scope, key).as_slice(),
+            encode_version(version).as_slice(),
+        )?;
         Ok(())
     }
 
     fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError> {
-        self.live.remove(live_key(scope, hlc.origin(), hlc.time()).as_slice())?;
+        self.live
+            .remove(live_key(scope, hlc.origin(), hlc.time()).as_slice())?;
         Ok(())
     }
 
     fn insert_live(&mut self, scope: &Scope, hlc: Hlc, key: &Key) -> Result<(), StoreError> {
-        self.live.insert(live_key(scope, hlc.origin(), hlc.time()).as_slice(), key.as_bytes())?;
+        self.live.insert(
+            live_key(scope, hlc.origin(), hlc.time()).as_slice(),
+            key.as_bytes(),
+        )?;
         Ok(())
     }
 
     fn get_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<Option<Hlc>, StoreError> {
-        Ok(self.marks.get(origin_key(scope, origin).as_slice())?.map(|t| Hlc::new(t.value(), origin)))
+        Ok(self
+            .marks
+            .get(origin_key(scope, origin).as_slice())?
+            .map(|t| Hlc::new(t.value(), origin)))
     }
 
     fn set_mark(&mut self, scope: &Scope, mark: Hlc) -> Result<(), StoreError> {
-        self.marks.insert(origin_key(scope, mark.origin()).as_slice(), mark.time())?;
+        self.marks
+            .insert(origin_key(scope, mark.origin()).as_slice(), mark.time())?;
         Ok(())
     }
 
@@ -332,7 +402,9 @@ impl TxnOps for Writer<'_> {
         let id = k.peer.to_bytes();
         let in_play = |row: &[u8]| match &k.scopes {
             ScopeFilter::All => true,
-            ScopeFilter::Only(set) => decode_scope_origin(row).map(|(s, _)| set.contains(&s)).unwrap_or(true),
+            ScopeFilter::Only(set) => decode_scope_origin(row)
+                .map(|(s, _)| set.contains(&s))
+                .unwrap_or(true),
         };
         let stale: Vec<Vec<u8>> = {
             let mut out = Vec::new();
@@ -394,7 +466,10 @@ impl Store for RedbStore {
             let stored = meta.get("node_id")?.map(|g| g.value().to_vec());
             match stored {
                 Some(bytes) => {
-                    let arr: [u8; 16] = bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt { what: "node id" })?;
+                    let arr: [u8; 16] = bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt { what: "node id" })?;
                     NodeId::from_bytes(arr).ok_or(StoreError::Corrupt { what: "node id" })?
                 }
                 None => {
@@ -408,10 +483,13 @@ impl Store for RedbStore {
     }
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
-        let _dirty = self.lock_dirty();
+        let mut dirty = self.lock_dirty();
         let txn = self.db.begin_write()?;
-        txn.open_table(META)?.insert("node_id", id.to_bytes().as_slice())?;
+        txn.open_table(META)?
+            .insert("node_id", id.to_bytes().as_slice())?;
         txn.commit()?;
+        // A durable commit also made every earlier deferred one durable.
+        *dirty = false;
         Ok(())
     }
 
@@ -419,7 +497,11 @@ impl Store for RedbStore {
         let mut dirty = self.lock_dirty();
         let mut txn = self.db.begin_write()?;
         let deferred = batch.durability == Durability::Deferred;
-        txn.set_durability(if deferred { redb::Durability::None } else { redb::Durability::Immediate })?;
+        txn.set_durability(if deferred {
+            redb::Durability::None
+        } else {
+            redb::Durability::Immediate
+        })?;
         // IMPORTANT: the data and the watermark advances that cover it share this transaction.
         let report = {
             let mut w = Writer::open(&txn)?;

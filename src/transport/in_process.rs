@@ -66,10 +66,11 @@ impl<R: Responder> InProcess<R> {
         let bytes = wire::encode(request);
         self.count(&self.sent, &self.last_request, bytes.len());
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let decoded = wire::decode::<ExchangeRequest>(&bytes).map_err(|e| TransportError::Refused {
-            code: super::RefusalCode::BadRequest,
-            reason: e.to_string(),
-        })?;
+        let decoded =
+            wire::decode::<ExchangeRequest>(&bytes).map_err(|e| TransportError::Refused {
+                code: super::RefusalCode::BadRequest,
+                reason: e.to_string(),
+            })?;
         let response = self.peer.respond(decoded)?;
         let bytes = wire::encode(&response);
         self.count(&self.received, &self.last_response, bytes.len());

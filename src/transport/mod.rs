@@ -21,7 +21,10 @@ pub trait Transport: Send + Sync {
     fn peer_id(&self) -> Option<NodeId>;
 
     /// Sends one request and returns the response.
-    fn exchange(&self, request: ExchangeRequest) -> impl Future<Output = Result<ExchangeResponse, TransportError>> + Send;
+    fn exchange(
+        &self,
+        request: ExchangeRequest,
+    ) -> impl Future<Output = Result<ExchangeResponse, TransportError>> + Send;
 }
 
 /// The responder's side of a round.
@@ -85,6 +88,9 @@ impl From<&Error> for Refusal {
 
 impl From<Refusal> for TransportError {
     fn from(r: Refusal) -> Self {
-        TransportError::Refused { code: r.code, reason: r.reason }
+        TransportError::Refused {
+            code: r.code,
+            reason: r.reason,
+        }
     }
 }

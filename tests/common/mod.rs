@@ -1,7 +1,12 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod rounds;
+
 /// Proptest case count: `default`, or `HIGHWATER_PROPTEST_CASES` when set (soak runs).
 pub fn cases(default: u32) -> u32 {
-    std::env::var("HIGHWATER_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var("HIGHWATER_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -1,0 +1,451 @@
+//! A peer restored from a backup: what its partner remembers of it is stale-high.
+//!
+//! Nodes A and B on real redb files. B's file is copied aside, B then learns more from A,
+//! and the old file is put back, so A believes B holds versions it lost. The pages A plans
+//! from that belief start above B's watermarks: B must merge them without moving any
+//! watermark over the gap, and the next round (planned from B's real marks) must fill it.
+//! After every round: no watermark covers a write its node lacks, and B's marks never pass
+//! A's. A second scenario has B write after the copy, so its lost writes live only on A:
+//! under its old id B refuses them ([`HaltReason::OwnOrigin`]); reopened with
+//! [`SyncEngine::open_restored`] it takes them back and converges.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::rounds::{config, link, sync, Node, TestResult};
+use futures_executor::block_on;
+use highwater::engine::DB_FILE;
+use highwater::{
+    ExchangeOutcome, Halt, HaltReason, Hlc, Key, ManualTime, NodeId, Op, Scope, ScopedWatermarks,
+    SyncEngine,
+};
+
+/// Rounds after which a resync from the stale state is taken to be stuck.
+const ROUND_BOUND: usize = 20;
+
+/// One write, as its node issued it.
+struct Write {
+    scope: Scope,
+    key: Key,
+    hlc: Hlc,
+}
+
+/// Nodes A and B in their own directories, every write either made, and the clock.
+struct Pair {
+    time: Arc<ManualTime>,
+    a: Node,
+    b: Node,
+    writes: Vec<Write>,
+    /// Last, so the engines close before their directories go.
+    root: tempfile::TempDir,
+}
+
+fn notes() -> Scope {
+    Scope::app("notes", "items").expect("a valid app scope")
+}
+
+fn key(k: &str) -> Key {
+    Key::try_from(k).expect("a short key")
+}
+
+impl Pair {
+    /// A and B on fresh files, each with a few writes, synced.
+    fn synced() -> TestResult<Pair> {
+        let time = ManualTime::at_secs(1_700_000_000);
+        let root = tempfile::tempdir()?;
+        let a = Arc::new(SyncEngine::open_with(root.path().join("a"), config(&time))?);
+        let b = Arc::new(SyncEngine::open_with(root.path().join("b"), config(&time))?);
+        let mut pair = Pair {
+            time,
+            root,
+            a,
+            b,
+            writes: Vec::new(),
+        };
+        for i in 0..10 {
+            pair.put_a(&notes(), &format!("a{i}"))?;
+        }
+        for i in 0..4 {
+            pair.put_a(&Scope::shared(), &format!("s{i}"))?;
+        }
+        for i in 0..3 {
+            let b = pair.b.clone();
+            pair.write(&b, &notes(), &format!("b{i}"), Some("from b"))?;
+        }
+        sync(&pair.a, &link(&pair.b))?;
+        pair.assert_converged()?;
+        Ok(pair)
+    }
+
+    fn b_dir(&self) -> PathBuf {
+        self.root.path().join("b")
+    }
+
+    fn backup(&self) -> PathBuf {
+        self.root.path().join("b-backup.redb")
+    }
+
+    /// Writes `key` on `node` (a put of `value`, or a delete) and remembers the write.
+    fn write(
+        &mut self,
+        node: &SyncEngine,
+        scope: &Scope,
+        k: &str,
+        value: Option<&str>,
+    ) -> TestResult {
+        let op = match value {
+            Some(v) => Op::Put {
+                value: v.as_bytes().to_vec(),
+                blob: None,
+            },
+            None => Op::Delete,
+        };
+        let hlc = node.write(scope, &key(k), op)?;
+        self.writes.push(Write {
+            scope: scope.clone(),
+            key: key(k),
+            hlc,
+        });
+        Ok(())
+    }
+
+    fn put_a(&mut self, scope: &Scope, k: &str) -> TestResult {
+        let a = self.a.clone();
+        let value = format!("{k}, write {}", self.writes.len());
+        self.write(&a, scope, k, Some(&value))
+    }
+
+    /// Closes B, releasing its file (an in-memory stand-in holds its place until reopened).
+    fn close_b(&mut self) -> TestResult {
+        let stand_in = Arc::new(SyncEngine::in_memory()?);
+        close(std::mem::replace(&mut self.b, stand_in))
+    }
+
+    /// Opens B (closed) on its directory with `open`.
+    fn open_b(&mut self, open: impl FnOnce(&Path) -> highwater::Result<SyncEngine>) -> TestResult {
+        self.b = Arc::new(open(&self.b_dir())?);
+        Ok(())
+    }
+
+    fn open_b_plain(&mut self) -> TestResult {
+        let cfg = config(&self.time);
+        self.open_b(|dir| SyncEngine::open_with(dir, cfg))
+    }
+
+    /// Closes B and copies its redb file aside.
+    fn back_up_b(&mut self) -> TestResult {
+        self.close_b()?;
+        std::fs::copy(self.b_dir().join(DB_FILE), self.backup())?;
+        self.open_b_plain()
+    }
+
+    /// Closes B, puts the backed-up file back in place and reopens B on it under its old id.
+    fn restore_b(&mut self) -> TestResult {
+        let id = self.b.node_id();
+        self.close_b()?;
+        std::fs::copy(self.backup(), self.b_dir().join(DB_FILE))?;
+        self.open_b_plain()?;
+        assert_eq!(self.b.node_id(), id, "a plain reopen keeps the id");
+        Ok(())
+    }
+
+    /// The watermark invariant on both nodes, and B's marks within A's.
+    fn check_invariants(&self) -> TestResult {
+        assert_no_gap("A", &self.a, &self.writes)?;
+        assert_no_gap("B", &self.b, &self.writes)?;
+        assert_marks_within(&self.b.watermarks()?, &self.a.watermarks()?);
+        Ok(())
+    }
+
+    fn assert_converged(&self) -> TestResult {
+        assert_eq!(self.b.digest()?, self.a.digest()?, "B's state equals A's");
+        assert_eq!(
+            self.b.watermarks()?,
+            self.a.watermarks()?,
+            "B's watermarks equal A's"
+        );
+        Ok(())
+    }
+}
+
+/// Drops the last handle on `node`, so its redb file is closed.
+fn close(node: Node) -> TestResult {
+    let engine = Arc::try_unwrap(node).map_err(|_| "the engine is still shared")?;
+    drop(engine);
+    Ok(())
+}
+
+/// For every write from origin `o` with Hlc <= `node`'s W[o] in its scope, `node` holds that
+/// version or a newer one of the same key: no watermark on `node` was advanced over a gap.
+fn assert_no_gap(name: &str, node: &SyncEngine, writes: &[Write]) -> TestResult {
+    let marks = node.watermarks()?;
+    for w in writes {
+        if marks
+            .get(&w.scope, w.hlc.origin())
+            .is_some_and(|mark| w.hlc <= mark)
+        {
+            let held = node.get_version(&w.scope, &w.key)?.map(|v| v.hlc);
+            assert!(
+                held >= Some(w.hlc),
+                "{name}'s W[{}] in {} covers {:?}@{} but {name} holds {held:?}",
+                w.hlc.origin().short(),
+                w.scope,
+                w.key,
+                w.hlc,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every mark of `lower` is at or below the same mark of `upper`.
+fn assert_marks_within(lower: &ScopedWatermarks, upper: &ScopedWatermarks) {
+    for (scope, marks) in lower.iter() {
+        for mark in marks.iter() {
+            let theirs = upper.get(scope, mark.origin());
+            assert!(
+                theirs >= Some(mark),
+                "B's W[{}] in {scope} is {mark}, above A's {theirs:?}",
+                mark.origin().short()
+            );
+        }
+    }
+}
+
+/// Runs rounds from `from` to `to` one at a time while `has_more`, checking the invariants
+/// after each. Returns every round's outcome.
+fn rounds_checked(pair: &Pair, from: &Node, to: &Node) -> TestResult<Vec<ExchangeOutcome>> {
+    let wire = link(to);
+    let mut outcomes = Vec::new();
+    loop {
+        let out = block_on(from.exchange(&wire))?;
+        pair.check_invariants()?;
+        let more = out.has_more;
+        outcomes.push(out);
+        if !more {
+            return Ok(outcomes);
+        }
+        if outcomes.len() >= ROUND_BOUND {
+            return Err(format!(
+                "has_more still set after {ROUND_BOUND} rounds; the last: {:?}",
+                outcomes.last()
+            )
+            .into());
+        }
+    }
+}
+
+/// A and B synced; B backed up; A writes more (new keys, overwrites of A's and B's keys, a
+/// delete) and B learns it; B's old file is restored. Then A writes two more versions, so
+/// that what A plans from its stale knowledge of B is a non-empty page above B's marks.
+fn restored_with_stale_knowledge() -> TestResult<Pair> {
+    let mut pair = Pair::synced()?;
+    pair.back_up_b()?;
+
+    pair.time.advance(std::time::Duration::from_secs(1));
+    for i in 0..5 {
+        pair.put_a(&notes(), &format!("n{i}"))?;
+    }
+    pair.put_a(&notes(), "a3")?;
+    pair.put_a(&notes(), "b1")?;
+    pair.put_a(&Scope::shared(), "s1")?;
+    let a = pair.a.clone();
+    pair.write(&a, &notes(), "a5", None)?;
+    sync(&pair.a, &link(&pair.b))?;
+    pair.assert_converged()?;
+    assert_eq!(
+        pair.a.peer_watermarks(pair.b.node_id())?,
+        Some(pair.b.watermarks()?)
+    );
+
+    pair.restore_b()?;
+    let known = pair
+        .a
+        .peer_watermarks(pair.b.node_id())?
+        .ok_or("A knows B")?;
+    assert!(
+        !pair.b.watermarks()?.covers(&known),
+        "A's knowledge of B is stale-high"
+    );
+    assert_ne!(pair.b.digest()?, pair.a.digest()?);
+
+    pair.time.advance(std::time::Duration::from_secs(1));
+    pair.put_a(&notes(), "z0")?;
+    pair.put_a(&notes(), "a1")?;
+    pair.check_invariants()?;
+    Ok(pair)
+}
+
+#[test]
+fn a_initiating_from_stale_knowledge_fills_the_gap_in_two_rounds() -> TestResult {
+    let pair = restored_with_stale_knowledge()?;
+    let outcomes = rounds_checked(&pair, &pair.a, &pair.b)?;
+    println!("stale knowledge, A initiating: {} rounds", outcomes.len());
+
+    // Round 1 is planned from the stale marks: the two newest versions, above B's real mark.
+    // B merges them, but its watermarks do not move over the gap below them.
+    assert_eq!(outcomes[0].shipped, 2);
+    assert!(
+        outcomes[0].has_more,
+        "A learned B's real marks and sees it lacks more"
+    );
+    // Round 2 is planned from B's real marks and fills the gap.
+    assert_eq!(outcomes.len(), 2);
+    assert!(outcomes[1].shipped > 2);
+    assert!(outcomes
+        .iter()
+        .all(|o| o.halts.is_empty() && o.peer_halts.is_empty()));
+
+    pair.assert_converged()?;
+    assert_eq!(
+        pair.a.peer_watermarks(pair.b.node_id())?,
+        Some(pair.b.watermarks()?)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_round_one_leaves_b_marks_where_they_were() -> TestResult {
+    let pair = restored_with_stale_knowledge()?;
+    let before = pair.b.watermarks()?;
+    let out = block_on(pair.a.exchange(&link(&pair.b)))?;
+    pair.check_invariants()?;
+    assert_eq!(out.shipped, 2);
+    assert_eq!(
+        pair.b.watermarks()?,
+        before,
+        "a run above B's mark moved a watermark"
+    );
+    for k in ["z0", "a1"] {
+        assert_eq!(
+            pair.b.get_version(&notes(), &key(k))?,
+            pair.a.get_version(&notes(), &key(k))?,
+            "B merged {k}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn b_initiating_after_restore_converges_in_one_round() -> TestResult {
+    let pair = restored_with_stale_knowledge()?;
+    let outcomes = rounds_checked(&pair, &pair.b, &pair.a)?;
+    println!("stale knowledge, B initiating: {} rounds", outcomes.len());
+
+    // B's request carries its real marks: A answers with exactly what B lacks.
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(outcomes[0].shipped, 0);
+    assert!(outcomes[0].received > 2);
+    assert!(outcomes[0].halts.is_empty() && outcomes[0].peer_halts.is_empty());
+    pair.assert_converged()?;
+    // A learned B's real marks from the request: its knowledge is no longer above them, and
+    // a round A initiates now keeps every invariant and ends converged.
+    let known = pair
+        .a
+        .peer_watermarks(pair.b.node_id())?
+        .ok_or("A knows B")?;
+    assert!(
+        pair.b.watermarks()?.covers(&known),
+        "A's knowledge of B is still above B's marks"
+    );
+    let again = rounds_checked(&pair, &pair.a, &pair.b)?;
+    assert_eq!((again.len(), again[0].received), (1, 0));
+    pair.assert_converged()?;
+    Ok(())
+}
+
+/// Whether `halts` holds an [`HaltReason::OwnOrigin`] halt for `origin` in `scope`.
+fn own_origin_halt(halts: &[Halt], scope: &Scope, origin: NodeId) -> bool {
+    halts
+        .iter()
+        .any(|h| h.scope == *scope && h.origin == origin && h.reason == HaltReason::OwnOrigin)
+}
+
+#[test]
+fn restored_node_that_wrote_after_the_backup_refuses_its_lost_writes_until_reopened_restored(
+) -> TestResult {
+    let mut pair = Pair::synced()?;
+    pair.back_up_b()?;
+
+    // B writes after the copy; A takes those writes. They will live only on A.
+    pair.time.advance(std::time::Duration::from_secs(1));
+    let b = pair.b.clone();
+    for k in ["lost0", "lost1", "a2"] {
+        pair.write(&b, &notes(), k, Some("written by b after the backup"))?;
+    }
+    drop(b);
+    sync(&pair.b, &link(&pair.a))?;
+    pair.assert_converged()?;
+
+    pair.restore_b()?;
+    let b_id = pair.b.node_id();
+    let b_marks_restored = pair.b.watermarks()?;
+    pair.put_a(&notes(), "after0")?;
+
+    // A initiating: B refuses the run of its own id and reports it; A does not loop.
+    let outcomes = rounds_checked(&pair, &pair.a, &pair.b)?;
+    let refused: Vec<_> = outcomes
+        .iter()
+        .filter(|o| own_origin_halt(&o.peer_halts, &notes(), b_id))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "one round reports B's refusal: {outcomes:?}"
+    );
+    assert!(outcomes.iter().all(|o| o.halts.is_empty()));
+
+    // B initiating: the refusal is B's own halt.
+    let out = block_on(pair.b.exchange(&link(&pair.a)))?;
+    pair.check_invariants()?;
+    assert!(
+        own_origin_halt(&out.halts, &notes(), b_id),
+        "B reports OwnOrigin: {out:?}"
+    );
+    assert!(
+        !out.has_more,
+        "the halted stream does not keep the caller looping"
+    );
+
+    // Nothing of B's run was applied; A's write after the restore was.
+    assert_ne!(pair.b.digest()?, pair.a.digest()?);
+    for k in ["lost0", "lost1"] {
+        assert_eq!(
+            pair.b.get_version(&notes(), &key(k))?,
+            None,
+            "B took its lost {k}"
+        );
+    }
+    let a2 = pair
+        .b
+        .get_version(&notes(), &key("a2"))?
+        .ok_or("B holds a2")?;
+    assert_eq!(a2.hlc.origin(), pair.a.node_id(), "B kept A's a2");
+    assert_eq!(
+        pair.b.watermarks()?.get(&notes(), b_id),
+        b_marks_restored.get(&notes(), b_id)
+    );
+    assert_eq!(
+        pair.b.get_version(&notes(), &key("after0"))?,
+        pair.a.get_version(&notes(), &key("after0"))?
+    );
+
+    // Reopened as restored (a fresh id), B takes its lost writes back as another origin's.
+    let cfg = config(&pair.time);
+    pair.close_b()?;
+    pair.open_b(|dir| SyncEngine::open_restored(dir, cfg))?;
+    assert_ne!(pair.b.node_id(), b_id);
+    let outcomes = rounds_checked(&pair, &pair.b, &pair.a)?;
+    assert!(outcomes
+        .iter()
+        .all(|o| o.halts.is_empty() && o.peer_halts.is_empty()));
+    pair.assert_converged()?;
+    let lost0 = pair
+        .b
+        .get_version(&notes(), &key("lost0"))?
+        .ok_or("B holds lost0")?;
+    assert_eq!(lost0.hlc.origin(), b_id);
+    Ok(())
+}

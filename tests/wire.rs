@@ -1,0 +1,795 @@
+//! Protocol version 1 on the wire: golden bytes pin the encoding, every message round-trips,
+//! bad bytes are refused with a typed error, and a request that is refused (by the codec or
+//! by the protocol rules) changes nothing on the responder.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::error::Error;
+
+use highwater::error::{ProtocolError, WireError};
+use highwater::watermark::{Page, Run};
+use highwater::wire::{
+    self, ExchangeRequest, ExchangeResponse, MAGIC, MAX_MESSAGE_LEN, PROTOCOL_VERSION,
+};
+use highwater::{
+    BlobRef, EngineConfig, Error as HwError, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId,
+    Op, Scope, ScopeFilter, ScopedWatermarks, SyncEngine, Version,
+};
+use proptest::prelude::*;
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+/// 2023-11-14T22:13:20Z in NTP64 (seconds in the upper 32 bits).
+const T: u64 = 1_700_000_000 << 32;
+
+fn id(b: u8) -> NodeId {
+    NodeId::from_bytes([b; 16]).expect("a non-zero id")
+}
+
+fn key(k: &str) -> Key {
+    Key::try_from(k).expect("a valid key")
+}
+
+fn scope(s: &str) -> Scope {
+    s.parse().expect("a valid scope")
+}
+
+fn put(value: &[u8]) -> Op {
+    Op::Put {
+        value: value.to_vec(),
+        blob: None,
+    }
+}
+
+fn marks(list: &[(&Scope, Hlc)]) -> ScopedWatermarks {
+    let mut w = ScopedWatermarks::new();
+    for (s, h) in list {
+        w.observe(s, *h);
+    }
+    w
+}
+
+/// A run from origin 0x0a in `shared` over (T, T+2]: a put at T+1, a delete at T+2.
+fn run_a() -> Run {
+    let a = id(0x0a);
+    Run {
+        scope: Scope::shared(),
+        origin: a,
+        base: Some(Hlc::new(T, a)),
+        top: Hlc::new(T + 2, a),
+        versions: vec![
+            (
+                key("k1"),
+                Version {
+                    hlc: Hlc::new(T + 1, a),
+                    op: put(b"v1"),
+                },
+            ),
+            (
+                key("k2"),
+                Version {
+                    hlc: Hlc::new(T + 2, a),
+                    op: Op::Delete,
+                },
+            ),
+        ],
+    }
+}
+
+/// The request of a second round, limited to two scopes, deferring one halted stream.
+fn golden_request() -> ExchangeRequest {
+    let (a, b) = (id(0x0a), id(0x0b));
+    let notes = scope("app/notes/items");
+    ExchangeRequest {
+        from: a,
+        scopes: ScopeFilter::Only(BTreeSet::from([Scope::shared(), notes])),
+        watermarks: marks(&[
+            (&Scope::shared(), Hlc::new(T + 2, a)),
+            (&Scope::shared(), Hlc::new(T + 1, b)),
+        ]),
+        page: Page {
+            runs: vec![run_a()],
+            more: false,
+        },
+        limit: 1000,
+        deferred: vec![(scope("app/notes/items"), id(0x0c))],
+    }
+}
+
+/// A first-contact request over all scopes: watermarks only.
+fn golden_request_all() -> ExchangeRequest {
+    ExchangeRequest {
+        from: id(0x0a),
+        scopes: ScopeFilter::All,
+        watermarks: marks(&[(&Scope::shared(), Hlc::new(T, id(0x0a)))]),
+        page: Page::default(),
+        limit: 1,
+        deferred: vec![],
+    }
+}
+
+/// An answer with a full run (one put with a blob), an empty run, and a halt.
+fn golden_response() -> ExchangeResponse {
+    let (a, b) = (id(0x0a), id(0x0b));
+    let notes = scope("app/notes/items");
+    let blob = BlobRef {
+        hash: Hash::from_bytes([0x11; 32]),
+        size: 300,
+    };
+    ExchangeResponse {
+        from: b,
+        watermarks: marks(&[
+            (&Scope::shared(), Hlc::new(T + 2, a)),
+            (&Scope::shared(), Hlc::new(T + 5, b)),
+            (&notes, Hlc::new(T + 9, b)),
+        ]),
+        page: Page {
+            runs: vec![
+                Run {
+                    scope: Scope::shared(),
+                    origin: b,
+                    base: Some(Hlc::new(T + 1, b)),
+                    top: Hlc::new(T + 5, b),
+                    versions: vec![(
+                        key("f"),
+                        Version {
+                            hlc: Hlc::new(T + 4, b),
+                            op: Op::Put {
+                                value: b"x".to_vec(),
+                                blob: Some(blob),
+                            },
+                        },
+                    )],
+                },
+                Run {
+                    scope: notes,
+                    origin: b,
+                    base: None,
+                    top: Hlc::new(T + 9, b),
+                    versions: vec![],
+                },
+            ],
+            more: true,
+        },
+        halts: vec![Halt {
+            scope: Scope::shared(),
+            origin: id(0x0c),
+            reason: HaltReason::ClockSkew { ahead_by_ms: 7000 },
+        }],
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digits"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Golden bytes: protocol version 1
+//
+// Every message starts with the 7-byte envelope header
+//   48 57 53 59   magic b"HWSY"
+//   00 01         version 1, u16 big-endian
+//   01 | 02       kind: 1 = ExchangeRequest, 2 = ExchangeResponse
+// followed by the postcard body, fields in declaration order: a NodeId is its 16 raw bytes
+// (no length prefix), an enum starts with its variant index as a varint (ScopeFilter::All = 0,
+// Only = 1; Option None = 0, Some = 1; Op::Put = 0, Delete = 1), sequences, maps, strings and
+// byte strings start with their length as a varint, and integers are LEB128 varints, so
+// T = 1_700_000_000 << 32 = 0x6553f100_00000000 is the 9 bytes 80 80 80 80 80 a0 fc a9 65 and
+// T+2 is 82 80 80 80 80 a0 fc a9 65. Inside a run, each version carries its time as the delta
+// from the previous one (or from base): 01, 01 below.
+
+#[rustfmt::skip]
+const GOLDEN_REQUEST: &str = concat!(
+    "48575359", "0001", "01",                           // header: magic, version 1, request
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",                 // from: node 0x0a
+    "01", "02",                                         // scopes: Only, 2 scopes
+    "0f", "6170702f6e6f7465732f6974656d73",             //   "app/notes/items"
+    "06", "736861726564",                               //   "shared"
+    "01", "06", "736861726564", "02",                   // watermarks: 1 scope, "shared", 2 origins
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", "8280808080a0fca965", // 0x0a at T+2
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", "8180808080a0fca965", // 0x0b at T+1
+    "01",                                               // page: 1 run
+    "06", "736861726564",                               //   scope "shared"
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",                 //   origin 0x0a
+    "01", "8080808080a0fca965",                         //   base Some(T)
+    "8280808080a0fca965",                               //   top T+2
+    "02",                                               //   2 versions
+    "02", "6b31", "01", "00", "02", "7631", "00",       //     "k1", +1, Put "v1", no blob
+    "02", "6b32", "01", "01",                           //     "k2", +1, Delete
+    "00",                                               //   more: false
+    "e807",                                             // limit: 1000
+    "01",                                               // deferred: 1 stream
+    "0f", "6170702f6e6f7465732f6974656d73",             //   scope "app/notes/items"
+    "0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c",                 //   origin 0x0c
+);
+
+#[rustfmt::skip]
+const GOLDEN_REQUEST_ALL: &str = concat!(
+    "48575359", "0001", "01",
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",                 // from: node 0x0a
+    "00",                                               // scopes: All
+    "01", "06", "736861726564", "01",                   // watermarks: "shared", 1 origin
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", "8080808080a0fca965", // 0x0a at T
+    "00", "00",                                         // page: no runs, more: false
+    "01",                                               // limit: 1
+    "00",                                               // deferred: none
+);
+
+#[rustfmt::skip]
+const GOLDEN_RESPONSE: &str = concat!(
+    "48575359", "0001", "02",                           // header: magic, version 1, response
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b",                 // from: node 0x0b
+    "02",                                               // watermarks: 2 scopes, in scope order
+    "0f", "6170702f6e6f7465732f6974656d73", "01",       //   "app/notes/items", 1 origin
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", "8980808080a0fca965", // 0x0b at T+9
+    "06", "736861726564", "02",                         //   "shared", 2 origins
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", "8280808080a0fca965", // 0x0a at T+2
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", "8580808080a0fca965", // 0x0b at T+5
+    "02",                                               // page: 2 runs
+    "06", "736861726564",                               //   scope "shared"
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b",                 //   origin 0x0b
+    "01", "8180808080a0fca965",                         //   base Some(T+1)
+    "8580808080a0fca965",                               //   top T+5
+    "01", "01", "66", "03", "00", "01", "78",           //   1 version: "f", +3, Put "x",
+    "01", "1111111111111111111111111111111111111111111111111111111111111111", "ac02", // blob Some(hash, 300)
+    "0f", "6170702f6e6f7465732f6974656d73",             //   scope "app/notes/items"
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b",                 //   origin 0x0b
+    "00", "8980808080a0fca965", "00",                   //   base None, top T+9, no versions
+    "01",                                               //   more: true
+    "01",                                               // halts: 1
+    "06", "736861726564",                               //   scope "shared"
+    "0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c",                 //   origin 0x0c
+    "00", "d836",                                       //   ClockSkew { ahead_by_ms: 7000 }
+);
+
+#[test]
+fn golden_request_is_pinned() -> TestResult {
+    let bytes = wire::encode(&golden_request());
+    assert_eq!(hex(&bytes), GOLDEN_REQUEST);
+    assert_eq!(bytes[..4], MAGIC);
+    assert_eq!(bytes[4..6], PROTOCOL_VERSION.to_be_bytes());
+    assert_eq!(
+        wire::decode::<ExchangeRequest>(&unhex(GOLDEN_REQUEST))?,
+        golden_request()
+    );
+    Ok(())
+}
+
+#[test]
+fn golden_request_over_all_scopes_is_pinned() -> TestResult {
+    assert_eq!(
+        hex(&wire::encode(&golden_request_all())),
+        GOLDEN_REQUEST_ALL
+    );
+    assert_eq!(
+        wire::decode::<ExchangeRequest>(&unhex(GOLDEN_REQUEST_ALL))?,
+        golden_request_all()
+    );
+    Ok(())
+}
+
+#[test]
+fn golden_response_is_pinned() -> TestResult {
+    assert_eq!(hex(&wire::encode(&golden_response())), GOLDEN_RESPONSE);
+    assert_eq!(
+        wire::decode::<ExchangeResponse>(&unhex(GOLDEN_RESPONSE))?,
+        golden_response()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Round trip
+
+fn node_id() -> impl Strategy<Value = NodeId> {
+    any::<[u8; 16]>().prop_filter_map("the zero id is reserved", NodeId::from_bytes)
+}
+
+fn any_scope() -> impl Strategy<Value = Scope> {
+    prop_oneof![
+        Just(Scope::shared()),
+        "app/[a-z0-9][a-z0-9_.-]{0,6}/[A-Za-z0-9_][a-z0-9_.-]{0,6}".prop_map(|s| scope(&s))
+    ]
+}
+
+fn any_op() -> impl Strategy<Value = Op> {
+    let blob = (any::<[u8; 32]>(), any::<u64>()).prop_map(|(h, size)| BlobRef {
+        hash: Hash::from_bytes(h),
+        size,
+    });
+    prop_oneof![
+        (
+            prop::collection::vec(any::<u8>(), 0..24),
+            prop::option::of(blob)
+        )
+            .prop_map(|(value, blob)| Op::Put { value, blob }),
+        Just(Op::Delete),
+    ]
+}
+
+/// A well-formed run: versions ascending from `base`, `top` at or above the last one.
+fn any_run() -> impl Strategy<Value = Run> {
+    let version = (
+        prop::collection::vec(any::<u8>(), 1..12),
+        1..1u64 << 40,
+        any_op(),
+    );
+    (
+        any_scope(),
+        node_id(),
+        prop::option::of(0..1u64 << 62),
+        prop::collection::vec(version, 0..5),
+        0..1u64 << 40,
+    )
+        .prop_map(|(scope, origin, base, versions, extra)| {
+            let mut time = base.unwrap_or(0);
+            let versions: Vec<_> = versions
+                .into_iter()
+                .map(|(k, delta, op)| {
+                    time += delta;
+                    (
+                        Key::new(k).expect("1-11 bytes"),
+                        Version {
+                            hlc: Hlc::new(time, origin),
+                            op,
+                        },
+                    )
+                })
+                .collect();
+            Run {
+                scope,
+                origin,
+                base: base.map(|b| Hlc::new(b, origin)),
+                top: Hlc::new(time + 1 + extra, origin),
+                versions,
+            }
+        })
+}
+
+fn any_marks() -> impl Strategy<Value = ScopedWatermarks> {
+    prop::collection::vec((any_scope(), node_id(), any::<u64>()), 0..6).prop_map(|list| {
+        let mut w = ScopedWatermarks::new();
+        for (s, origin, t) in list {
+            w.observe(&s, Hlc::new(t, origin));
+        }
+        w
+    })
+}
+
+fn any_page() -> impl Strategy<Value = Page> {
+    (prop::collection::vec(any_run(), 0..4), any::<bool>())
+        .prop_map(|(runs, more)| Page { runs, more })
+}
+
+fn any_request() -> impl Strategy<Value = ExchangeRequest> {
+    let scopes = prop_oneof![
+        Just(ScopeFilter::All),
+        prop::collection::btree_set(any_scope(), 0..4).prop_map(ScopeFilter::Only)
+    ];
+    let deferred = prop::collection::vec((any_scope(), node_id()), 0..3);
+    (
+        node_id(),
+        scopes,
+        any_marks(),
+        any_page(),
+        any::<u32>(),
+        deferred,
+    )
+        .prop_map(
+            |(from, scopes, watermarks, page, limit, deferred)| ExchangeRequest {
+                from,
+                scopes,
+                watermarks,
+                page,
+                limit,
+                deferred,
+            },
+        )
+}
+
+fn any_response() -> impl Strategy<Value = ExchangeResponse> {
+    let reason = prop_oneof![
+        any::<u64>().prop_map(|ahead_by_ms| HaltReason::ClockSkew { ahead_by_ms }),
+        Just(HaltReason::OwnOrigin)
+    ];
+    let halt = (any_scope(), node_id(), reason).prop_map(|(scope, origin, reason)| Halt {
+        scope,
+        origin,
+        reason,
+    });
+    (
+        node_id(),
+        any_marks(),
+        any_page(),
+        prop::collection::vec(halt, 0..3),
+    )
+        .prop_map(|(from, watermarks, page, halts)| ExchangeResponse {
+            from,
+            watermarks,
+            page,
+            halts,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::cases(256), ..ProptestConfig::default() })]
+
+    #[test]
+    fn requests_round_trip(request in any_request()) {
+        let bytes = wire::encode(&request);
+        prop_assert_eq!(&bytes[..7], &[0x48, 0x57, 0x53, 0x59, 0x00, 0x01, 0x01][..]);
+        prop_assert_eq!(wire::decode::<ExchangeRequest>(&bytes), Ok(request));
+    }
+
+    #[test]
+    fn responses_round_trip(response in any_response()) {
+        let bytes = wire::encode(&response);
+        prop_assert_eq!(&bytes[..7], &[0x48, 0x57, 0x53, 0x59, 0x00, 0x01, 0x02][..]);
+        prop_assert_eq!(wire::decode::<ExchangeResponse>(&bytes), Ok(response));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad bytes: a typed error each, and the responder left as it was
+
+/// A responder with records, watermarks and knowledge of one peer.
+fn responder() -> Result<SyncEngine, Box<dyn Error>> {
+    let config = EngineConfig {
+        time: ManualTime::at_secs(1_700_000_100),
+        ..EngineConfig::default()
+    };
+    let engine = SyncEngine::in_memory_with(config)?;
+    engine.put(&Scope::shared(), &key("mine"), b"x".to_vec())?;
+    engine.delete(&scope("app/notes/items"), &key("gone"))?;
+    engine.answer(golden_request_all())?;
+    Ok(engine)
+}
+
+/// What a refused request must leave unchanged.
+fn state(engine: &SyncEngine) -> Result<impl PartialEq + std::fmt::Debug, Box<dyn Error>> {
+    Ok((
+        engine.digest()?,
+        engine.watermarks()?,
+        engine.peers()?,
+        engine.peer_watermarks(id(0x0a))?,
+    ))
+}
+
+/// The server's path: decode, and answer only what decodes.
+fn serve(engine: &SyncEngine, bytes: &[u8]) -> Result<ExchangeResponse, Box<dyn Error>> {
+    let request = wire::decode::<ExchangeRequest>(bytes)?;
+    Ok(engine.answer(request)?)
+}
+
+/// Feeds `bytes` to a responder and checks that it is refused with `expected` and that the
+/// responder is unchanged.
+fn refused(bytes: &[u8], expected: impl Fn(&WireError) -> bool) -> TestResult {
+    let engine = responder()?;
+    let before = state(&engine)?;
+    let err = wire::decode::<ExchangeRequest>(bytes).expect_err("bad bytes must not decode");
+    assert!(expected(&err), "unexpected error {err:?}");
+    assert!(serve(&engine, bytes).is_err());
+    assert_eq!(state(&engine)?, before);
+    Ok(())
+}
+
+#[test]
+fn a_good_request_does_change_the_responder() -> TestResult {
+    // The control for the tests below: the same path applies a valid request's run.
+    let engine = responder()?;
+    let before = state(&engine)?;
+    serve(&engine, &unhex(GOLDEN_REQUEST))?;
+    assert_ne!(state(&engine)?, before);
+    assert!(engine
+        .get_version(&Scope::shared(), &key("k2"))?
+        .is_some_and(|v| v.is_tombstone()));
+    Ok(())
+}
+
+#[test]
+fn every_prefix_is_truncated_never_ok_never_a_panic() -> TestResult {
+    let engine = responder()?;
+    let before = state(&engine)?;
+    let request = unhex(GOLDEN_REQUEST);
+    for len in 0..request.len() {
+        let prefix = &request[..len];
+        match wire::decode::<ExchangeRequest>(prefix) {
+            Err(WireError::Truncated) => {}
+            Err(WireError::Malformed { .. }) if len > 7 => {}
+            other => panic!("prefix of {len} bytes gave {other:?}"),
+        }
+        assert!(serve(&engine, prefix).is_err());
+    }
+    assert_eq!(state(&engine)?, before);
+    let response = unhex(GOLDEN_RESPONSE);
+    for len in 0..response.len() {
+        match wire::decode::<ExchangeResponse>(&response[..len]) {
+            Err(WireError::Truncated) => {}
+            Err(WireError::Malformed { .. }) if len > 7 => {}
+            other => panic!("response prefix of {len} bytes gave {other:?}"),
+        }
+    }
+    assert_eq!(
+        wire::decode::<ExchangeRequest>(&[]),
+        Err(WireError::Truncated)
+    );
+    assert_eq!(
+        wire::decode::<ExchangeRequest>(&request[..7]),
+        Err(WireError::Truncated),
+        "a header alone"
+    );
+    assert_eq!(
+        wire::decode::<ExchangeRequest>(&request[..request.len() - 1]),
+        Err(WireError::Truncated),
+        "one byte short"
+    );
+    Ok(())
+}
+
+#[test]
+fn trailing_bytes_are_refused() -> TestResult {
+    let mut bytes = unhex(GOLDEN_REQUEST);
+    bytes.extend_from_slice(&[0x00, 0xff, 0x01]);
+    refused(&bytes, |e| *e == WireError::TrailingBytes { count: 3 })?;
+    let mut bytes = unhex(GOLDEN_REQUEST_ALL);
+    bytes.push(0);
+    refused(&bytes, |e| *e == WireError::TrailingBytes { count: 1 })
+}
+
+#[test]
+fn wrong_magic_is_refused() -> TestResult {
+    let mut bytes = unhex(GOLDEN_REQUEST);
+    bytes[..4].copy_from_slice(b"HWSX");
+    refused(&bytes, |e| *e == WireError::BadMagic { found: *b"HWSX" })?;
+    refused(b"GET / HTTP/1.1\r\n\r\n", |e| {
+        *e == WireError::BadMagic { found: *b"GET " }
+    })?;
+    refused(b"HWS!", |e| *e == WireError::BadMagic { found: *b"HWS!" })
+}
+
+#[test]
+fn unknown_versions_are_refused_naming_the_supported_ones() -> TestResult {
+    for version in [0u16, 2, 0x0100, 0xffff] {
+        let mut bytes = unhex(GOLDEN_REQUEST);
+        bytes[4..6].copy_from_slice(&version.to_be_bytes());
+        refused(
+            &bytes,
+            |e| matches!(e, WireError::UnsupportedVersion { found, supported } if *found == version && *supported == [1]),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn another_message_kind_is_refused() -> TestResult {
+    refused(&unhex(GOLDEN_RESPONSE), |e| {
+        *e == WireError::UnexpectedKind {
+            found: 2,
+            expected: 1,
+        }
+    })?;
+    let mut bytes = unhex(GOLDEN_REQUEST);
+    bytes[6] = 0x03;
+    refused(&bytes, |e| {
+        *e == WireError::UnexpectedKind {
+            found: 3,
+            expected: 1,
+        }
+    })?;
+    assert_eq!(
+        wire::decode::<ExchangeResponse>(&unhex(GOLDEN_REQUEST)),
+        Err(WireError::UnexpectedKind {
+            found: 1,
+            expected: 2
+        })
+    );
+    Ok(())
+}
+
+#[test]
+fn oversized_messages_are_refused_before_decoding() -> TestResult {
+    let mut bytes = unhex(GOLDEN_REQUEST);
+    bytes.resize(MAX_MESSAGE_LEN + 1, 0);
+    refused(&bytes, |e| {
+        *e == WireError::TooLarge {
+            len: MAX_MESSAGE_LEN + 1,
+            max: MAX_MESSAGE_LEN,
+        }
+    })
+}
+
+#[test]
+fn a_zero_node_id_in_the_body_is_malformed() -> TestResult {
+    let mut bytes = unhex(GOLDEN_REQUEST);
+    bytes[7..23].fill(0);
+    refused(&bytes, |e| matches!(e, WireError::Malformed { .. }))?;
+    // The run's origin (after header, from, scopes and watermarks).
+    let mut bytes = unhex(GOLDEN_REQUEST);
+    let at = hex(&bytes)
+        .find("01067368617265640a0a")
+        .map(|i| i / 2 + 8)
+        .ok_or("run origin not found")?;
+    assert_eq!(bytes[at..at + 16], [0x0a; 16]);
+    bytes[at..at + 16].fill(0);
+    refused(&bytes, |e| matches!(e, WireError::Malformed { .. }))
+}
+
+#[test]
+fn an_invalid_scope_in_the_body_is_malformed() -> TestResult {
+    let mut request = golden_request();
+    request.page.runs[0].scope = scope("app/aa/x");
+    request.scopes = ScopeFilter::All;
+    let mut bytes = wire::encode(&request);
+    let at = bytes
+        .windows(8)
+        .position(|w| w == b"app/aa/x")
+        .ok_or("scope not found")?;
+    bytes[at..at + 8].copy_from_slice(b"app/../x");
+    refused(&bytes, |e| matches!(e, WireError::Malformed { .. }))?;
+    // An unknown enum tag (ScopeFilter has two variants).
+    let mut bytes = unhex(GOLDEN_REQUEST);
+    bytes[23] = 0x07;
+    refused(&bytes, |e| matches!(e, WireError::Malformed { .. }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Requests that decode but break the protocol
+
+/// A request from node 0x0b whose page starts with a valid run (a new key) and then holds
+/// `bad`: the valid run must not be applied either.
+fn request_with(bad: Vec<Run>) -> ExchangeRequest {
+    let b = id(0x0b);
+    let good = Run {
+        scope: Scope::shared(),
+        origin: b,
+        base: None,
+        top: Hlc::new(T + 1, b),
+        versions: vec![(
+            key("fresh"),
+            Version {
+                hlc: Hlc::new(T + 1, b),
+                op: put(b"good"),
+            },
+        )],
+    };
+    let mut runs = vec![good];
+    runs.extend(bad);
+    ExchangeRequest {
+        from: b,
+        scopes: ScopeFilter::All,
+        watermarks: marks(&[(&Scope::shared(), Hlc::new(T + 1, b))]),
+        page: Page { runs, more: false },
+        limit: 100,
+        deferred: vec![],
+    }
+}
+
+fn protocol_refused(
+    request: ExchangeRequest,
+    expected: impl Fn(&ProtocolError) -> bool,
+) -> TestResult {
+    let engine = responder()?;
+    let before = state(&engine)?;
+    match engine.answer(request) {
+        Err(HwError::Protocol(p)) => assert!(expected(&p), "unexpected protocol error {p:?}"),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert_eq!(state(&engine)?, before);
+    assert!(engine.get(&Scope::shared(), &key("fresh"))?.is_none());
+    Ok(())
+}
+
+fn run_c(base: Option<u64>, top: u64, times: &[u64]) -> Run {
+    let c = id(0x0c);
+    Run {
+        scope: scope("app/notes/items"),
+        origin: c,
+        base: base.map(|t| Hlc::new(T + t, c)),
+        top: Hlc::new(T + top, c),
+        versions: times
+            .iter()
+            .map(|t| {
+                (
+                    key(&format!("c{t}")),
+                    Version {
+                        hlc: Hlc::new(T + t, c),
+                        op: put(b"c"),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn runs_out_of_order_are_refused() -> TestResult {
+    protocol_refused(request_with(vec![run_c(None, 5, &[2, 1])]), |p| {
+        matches!(p, ProtocolError::MalformedRun { .. })
+    })?;
+    protocol_refused(request_with(vec![run_c(None, 5, &[2, 2])]), |p| {
+        matches!(p, ProtocolError::MalformedRun { .. })
+    })?;
+    protocol_refused(request_with(vec![run_c(Some(2), 5, &[2])]), |p| {
+        matches!(p, ProtocolError::MalformedRun { .. })
+    })?;
+    protocol_refused(request_with(vec![run_c(None, 5, &[6])]), |p| {
+        matches!(p, ProtocolError::MalformedRun { .. })
+    })
+}
+
+#[test]
+fn a_run_whose_base_is_not_below_its_top_is_refused() -> TestResult {
+    protocol_refused(request_with(vec![run_c(Some(5), 5, &[])]), |p| {
+        matches!(p, ProtocolError::MalformedRun { .. })
+    })?;
+    protocol_refused(request_with(vec![run_c(Some(6), 5, &[])]), |p| {
+        matches!(p, ProtocolError::MalformedRun { .. })
+    })
+}
+
+#[test]
+fn a_version_from_another_origin_inside_a_run_is_refused() -> TestResult {
+    let mut run = run_c(None, 5, &[1, 2]);
+    run.versions[1].1.hlc = Hlc::new(T + 2, id(0x0d));
+    protocol_refused(request_with(vec![run]), |p| {
+        matches!(p, ProtocolError::MalformedRun { .. })
+    })
+}
+
+#[test]
+fn two_runs_for_the_same_scope_and_origin_are_refused() -> TestResult {
+    let (c, s) = (id(0x0c), scope("app/notes/items"));
+    protocol_refused(
+        request_with(vec![run_c(None, 2, &[1]), run_c(Some(2), 4, &[3])]),
+        |p| {
+            *p == ProtocolError::DuplicateRun {
+                scope: s.clone(),
+                origin: c,
+            }
+        },
+    )
+}
+
+#[test]
+fn a_value_over_the_size_limit_is_refused() -> TestResult {
+    let mut run = run_c(None, 5, &[1]);
+    run.versions[0].1.op = put(&vec![0u8; highwater::record::MAX_VALUE_LEN + 1]);
+    protocol_refused(request_with(vec![run]), |p| {
+        matches!(p, ProtocolError::MalformedRun { .. })
+    })
+}
+
+#[test]
+fn a_run_for_a_scope_not_in_play_is_refused() -> TestResult {
+    let mut request = request_with(vec![run_c(None, 5, &[1])]);
+    request.scopes = ScopeFilter::Only(BTreeSet::from([Scope::shared()]));
+    protocol_refused(request, |p| {
+        *p == ProtocolError::ScopeNotInPlay {
+            scope: scope("app/notes/items"),
+        }
+    })
+}
+
+#[test]
+fn a_request_from_our_own_id_is_refused() -> TestResult {
+    let engine = responder()?;
+    let before = state(&engine)?;
+    let mut request = request_with(vec![]);
+    request.from = engine.node_id();
+    match engine.answer(request) {
+        Err(HwError::Protocol(ProtocolError::PeerIsSelf { node })) => {
+            assert_eq!(node, engine.node_id())
+        }
+        other => panic!("expected PeerIsSelf, got {other:?}"),
+    }
+    assert_eq!(state(&engine)?, before);
+    Ok(())
+}
