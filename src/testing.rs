@@ -15,10 +15,14 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
+use std::path::PathBuf;
+
+use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine, DB_FILE};
 use crate::hlc::ManualTime;
+use crate::hlc::NodeId;
 use crate::merge::{self, State};
 use crate::record::{Key, Op, Scope, Version};
+use crate::store::{MemStore, RedbStore, Store};
 use crate::transport::InProcess;
 
 /// Runs a future to completion on the current thread (in-process exchanges never wait).
@@ -72,8 +76,22 @@ pub enum Action {
         /// Milliseconds.
         millis: u16,
     },
-    /// Node `node` is closed and reopened (when the simulation knows how).
+    /// Node `node` is closed and reopened.
     Restart {
+        /// The node.
+        node: usize,
+    },
+    /// Node `node` is closed, backed up, and reopened.
+    Snapshot {
+        /// The node.
+        node: usize,
+    },
+    /// Node `node` is closed and its last backup put back (if it has one). Peers' knowledge
+    /// of it is now stale-high. If it wrote since the backup, the restore loses writes: it
+    /// happens only when the simulation allows lossy restores
+    /// ([`Simulation::allow_lossy_restores`]), and the node then reopens under a fresh node
+    /// id ([`SyncEngine::open_restored`]); otherwise the action is a plain restart.
+    Restore {
         /// The node.
         node: usize,
     },
@@ -98,38 +116,219 @@ impl Action {
             .map(|c| {
                 let node = usize::from(c[1]) % nodes;
                 match c[0] % 16 {
-                    0..=5 => Action::Put { node, scope: c[2] % 3, key: c[3] % 8, value: c[2] ^ c[3] },
-                    6..=7 => Action::Delete { node, scope: c[2] % 3, key: c[3] % 8 },
+                    0..=5 => Action::Put {
+                        node,
+                        scope: c[2] % 3,
+                        key: c[3] % 8,
+                        value: c[2] ^ c[3],
+                    },
+                    6..=7 => Action::Delete {
+                        node,
+                        scope: c[2] % 3,
+                        key: c[3] % 8,
+                    },
                     8..=13 => {
                         let to = (node + 1 + usize::from(c[2]) % (nodes - 1)) % nodes;
                         let only_scope = (c[3] & 0x80 != 0).then_some(c[3] % 3);
-                        Action::Exchange { from: node, to, limit: 1 + usize::from(c[3] & 0x7f) % 6, only_scope }
+                        Action::Exchange {
+                            from: node,
+                            to,
+                            limit: 1 + usize::from(c[3] & 0x7f) % 6,
+                            only_scope,
+                        }
                     }
-                    14 => Action::Tick { millis: u16::from_le_bytes([c[2], c[3]]) },
-                    _ => Action::Restart { node },
+                    14 => Action::Tick {
+                        millis: u16::from_le_bytes([c[2], c[3]]),
+                    },
+                    _ => match c[2] % 4 {
+                        0 => Action::Restart { node },
+                        1 => Action::Snapshot { node },
+                        _ => Action::Restore { node },
+                    },
                 }
             })
             .collect()
     }
 }
 
-/// Opens node `i` again (after the previous engine of that node was dropped).
-pub type Reopen = Box<dyn Fn(usize) -> crate::Result<SyncEngine>>;
+/// How a simulation opens, backs up and restores its nodes.
+pub trait Backend {
+    /// Opens node `i` (any previous engine of it has been dropped), under a fresh node id
+    /// if `fresh_identity`.
+    ///
+    /// # Errors
+    /// The engine could not be opened.
+    fn open(&mut self, i: usize, fresh_identity: bool) -> crate::Result<SyncEngine>;
+
+    /// Backs up node `i` (closed).
+    ///
+    /// # Errors
+    /// A description of the failure.
+    fn snapshot(&mut self, i: usize) -> Result<(), String>;
+
+    /// Puts node `i`'s last backup back (closed) and discards it; `false` if it has none.
+    ///
+    /// # Errors
+    /// A description of the failure.
+    fn restore(&mut self, i: usize) -> Result<bool, String>;
+}
+
+/// Nodes on in-memory stores.
+pub struct MemBackend {
+    time: Arc<ManualTime>,
+    stores: Vec<Arc<MemStore>>,
+    backups: Vec<Option<MemStore>>,
+    ids: SimIds,
+}
+
+/// Deterministic node ids, so that a failing seed replays the same run: node `i` starts as
+/// `[i + 1; 16]`, and restored nodes take `[0x80 + k; 16]` for the k-th restore.
+#[derive(Default)]
+struct SimIds {
+    restores: u8,
+}
+
+impl SimIds {
+    fn initial(i: usize) -> NodeId {
+        let b = u8::try_from(i + 1).expect("simulations have few nodes");
+        NodeId::from_bytes([b; 16]).expect("non-zero id")
+    }
+
+    fn fresh(&mut self) -> NodeId {
+        self.restores = self.restores.wrapping_add(1);
+        NodeId::from_bytes([0x80 | (self.restores & 0x7f); 16]).expect("non-zero id")
+    }
+
+    /// Gives `store` its deterministic id, then opens an engine on it.
+    fn open(
+        &mut self,
+        store: Box<dyn Store>,
+        i: usize,
+        fresh: bool,
+        time: &Arc<ManualTime>,
+    ) -> crate::Result<SyncEngine> {
+        if fresh {
+            store.replace_identity(self.fresh())?;
+        } else {
+            store.identity(Self::initial(i))?;
+        }
+        SyncEngine::with_store(store, sim_config(time))
+    }
+}
+
+impl MemBackend {
+    /// `n` empty in-memory nodes reading `time`.
+    pub fn new(n: usize, time: Arc<ManualTime>) -> Self {
+        MemBackend {
+            time,
+            stores: (0..n).map(|_| Arc::new(MemStore::new())).collect(),
+            backups: (0..n).map(|_| None).collect(),
+            ids: SimIds::default(),
+        }
+    }
+}
+
+impl Backend for MemBackend {
+    fn open(&mut self, i: usize, fresh_identity: bool) -> crate::Result<SyncEngine> {
+        self.ids.open(
+            Box::new(self.stores[i].clone()),
+            i,
+            fresh_identity,
+            &self.time,
+        )
+    }
+
+    fn snapshot(&mut self, i: usize) -> Result<(), String> {
+        self.backups[i] = Some(self.stores[i].duplicate());
+        Ok(())
+    }
+
+    fn restore(&mut self, i: usize) -> Result<bool, String> {
+        let Some(backup) = self.backups[i].take() else {
+            return Ok(false);
+        };
+        self.stores[i] = Arc::new(backup);
+        Ok(true)
+    }
+}
+
+/// Nodes on redb files under one directory: `n<i>/highwater.redb`, backups `n<i>.backup`.
+pub struct RedbBackend {
+    time: Arc<ManualTime>,
+    root: PathBuf,
+    ids: SimIds,
+}
+
+impl RedbBackend {
+    /// Nodes under `root` reading `time`.
+    pub fn new(root: impl Into<PathBuf>, time: Arc<ManualTime>) -> Self {
+        RedbBackend {
+            time,
+            root: root.into(),
+            ids: SimIds::default(),
+        }
+    }
+
+    fn dir(&self, i: usize) -> PathBuf {
+        self.root.join(format!("n{i}"))
+    }
+
+    fn backup(&self, i: usize) -> PathBuf {
+        self.root.join(format!("n{i}.backup"))
+    }
+}
+
+impl Backend for RedbBackend {
+    fn open(&mut self, i: usize, fresh_identity: bool) -> crate::Result<SyncEngine> {
+        let dir = self.dir(i);
+        std::fs::create_dir_all(&dir).map_err(|source| crate::error::StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let store = Box::new(RedbStore::open(dir.join(DB_FILE))?);
+        self.ids.open(store, i, fresh_identity, &self.time)
+    }
+
+    fn snapshot(&mut self, i: usize) -> Result<(), String> {
+        std::fs::copy(self.dir(i).join(DB_FILE), self.backup(i))
+            .map(drop)
+            .map_err(|e| format!("backup node {i}: {e}"))
+    }
+
+    fn restore(&mut self, i: usize) -> Result<bool, String> {
+        if !self.backup(i).exists() {
+            return Ok(false);
+        }
+        std::fs::rename(self.backup(i), self.dir(i).join(DB_FILE))
+            .map_err(|e| format!("restore node {i}: {e}"))?;
+        Ok(true)
+    }
+}
 
 /// Several engines, an oracle, and the invariant checks.
 pub struct Simulation {
     nodes: Vec<Option<Arc<SyncEngine>>>,
+    backend: Box<dyn Backend>,
+    wrote_since_backup: Vec<bool>,
     history: Vec<(Scope, Key, Version)>,
     oracle: State,
     time: Arc<ManualTime>,
-    reopen: Option<Reopen>,
+    lossy_restores: bool,
     /// Rounds run so far.
     pub rounds: usize,
 }
 
 /// The configuration simulations give their engines: a shared manual clock.
 pub fn sim_config(time: &Arc<ManualTime>) -> EngineConfig {
-    EngineConfig { time: time.clone(), ..EngineConfig::default() }
+    EngineConfig {
+        time: time.clone(),
+        ..EngineConfig::default()
+    }
+}
+
+/// The manual clock simulations start from.
+pub fn sim_time() -> Arc<ManualTime> {
+    ManualTime::at_secs(1_700_000_000)
 }
 
 impl Simulation {
@@ -138,27 +337,56 @@ impl Simulation {
     /// # Errors
     /// Engine creation failed.
     pub fn in_memory(n: usize) -> crate::Result<Self> {
-        let time = ManualTime::at_secs(1_700_000_000);
-        let nodes = (0..n).map(|_| SyncEngine::in_memory_with(sim_config(&time))).collect::<crate::Result<Vec<_>>>()?;
-        Ok(Self::new(nodes, time, None))
+        let time = sim_time();
+        Self::with_backend(n, Box::new(MemBackend::new(n, time.clone())), time)
     }
 
-    /// A simulation over given engines (which should read `time`), with an optional way to
-    /// reopen a node for [`Action::Restart`].
-    pub fn new(nodes: Vec<SyncEngine>, time: Arc<ManualTime>, reopen: Option<Reopen>) -> Self {
-        Simulation {
-            nodes: nodes.into_iter().map(|e| Some(Arc::new(e))).collect(),
+    /// `n` redb nodes under `root`, sharing one manual clock.
+    ///
+    /// # Errors
+    /// Engine creation failed.
+    pub fn redb(n: usize, root: impl Into<PathBuf>) -> crate::Result<Self> {
+        let time = sim_time();
+        Self::with_backend(n, Box::new(RedbBackend::new(root, time.clone())), time)
+    }
+
+    /// `n` nodes opened through `backend`, whose engines read `time`.
+    ///
+    /// # Errors
+    /// Engine creation failed.
+    pub fn with_backend(
+        n: usize,
+        mut backend: Box<dyn Backend>,
+        time: Arc<ManualTime>,
+    ) -> crate::Result<Self> {
+        let nodes = (0..n)
+            .map(|i| backend.open(i, false).map(|e| Some(Arc::new(e))))
+            .collect::<crate::Result<Vec<_>>>()?;
+        Ok(Simulation {
+            nodes,
+            backend,
+            wrote_since_backup: vec![false; n],
             history: Vec::new(),
             oracle: State::new(),
             time,
-            reopen,
+            lossy_restores: false,
             rounds: 0,
-        }
+        })
+    }
+
+    /// Lets [`Action::Restore`] restore nodes that wrote since their backup (losing those
+    /// writes where no peer has them). See docs/protocol.md, "Known limitation: restoring
+    /// lost writes", for why convergence can then fail.
+    pub fn allow_lossy_restores(mut self) -> Self {
+        self.lossy_restores = true;
+        self
     }
 
     /// Node `i`.
     pub fn node(&self, i: usize) -> &Arc<SyncEngine> {
-        self.nodes[i].as_ref().expect("nodes are always reopened after a restart")
+        self.nodes[i]
+            .as_ref()
+            .expect("nodes are always reopened after a restart")
     }
 
     /// Number of nodes.
@@ -183,9 +411,31 @@ impl Simulation {
     pub fn step(&mut self, action: &Action) -> Result<(), String> {
         let n = self.len();
         match *action {
-            Action::Put { node, scope: s, key, value } => self.write(node % n, s, key, Op::Put { value: vec![value], blob: None })?,
-            Action::Delete { node, scope: s, key } => self.write(node % n, s, key, Op::Delete)?,
-            Action::Exchange { from, to, limit, only_scope } => {
+            Action::Put {
+                node,
+                scope: s,
+                key,
+                value,
+            } => self.write(
+                node % n,
+                s,
+                key,
+                Op::Put {
+                    value: vec![value],
+                    blob: None,
+                },
+            )?,
+            Action::Delete {
+                node,
+                scope: s,
+                key,
+            } => self.write(node % n, s, key, Op::Delete)?,
+            Action::Exchange {
+                from,
+                to,
+                limit,
+                only_scope,
+            } => {
                 let options = ExchangeOptions {
                     scopes: match only_scope {
                         None => crate::ScopeFilter::All,
@@ -195,16 +445,41 @@ impl Simulation {
                 };
                 self.round(from % n, to % n, &options)?;
             }
-            Action::Tick { millis } => self.time.advance(std::time::Duration::from_millis(u64::from(millis))),
-            Action::Restart { node } => self.restart(node % n)?,
+            Action::Tick { millis } => self
+                .time
+                .advance(std::time::Duration::from_millis(u64::from(millis))),
+            Action::Restart { node } => {
+                self.reopen(node % n, |_| Ok(false))?;
+            }
+            Action::Snapshot { node } => {
+                self.reopen(node % n, |b| b.snapshot(node % n).map(|()| false))?;
+                self.wrote_since_backup[node % n] = false;
+            }
+            Action::Restore { node }
+                if self.wrote_since_backup[node % n] && !self.lossy_restores =>
+            {
+                self.reopen(node % n, |_| Ok(false))?;
+            }
+            Action::Restore { node } => {
+                let fresh = self.wrote_since_backup[node % n];
+                let restored = self.reopen(node % n, |b| Ok(b.restore(node % n)? && fresh))?;
+                if restored {
+                    self.wrote_since_backup[node % n] = false;
+                }
+                self.forget_lost_versions()?;
+            }
         }
         self.check_watermarks()
     }
 
     fn write(&mut self, node: usize, s: u8, key: u8, op: Op) -> Result<(), String> {
         let (scope, key) = (scope(s), Key::new([key]).expect("one byte is a valid key"));
-        let hlc = self.node(node).write(&scope, &key, op.clone()).map_err(|e| format!("write on node {node}: {e:?}"))?;
+        let hlc = self
+            .node(node)
+            .write(&scope, &key, op.clone())
+            .map_err(|e| format!("write on node {node}: {e:?}"))?;
         let version = Version { hlc, op };
+        self.wrote_since_backup[node] = true;
         merge::merge_into(&mut self.oracle, &scope, &key, &version);
         self.history.push((scope, key, version));
         Ok(())
@@ -214,25 +489,62 @@ impl Simulation {
     ///
     /// # Errors
     /// An engine error, or a self-exchange.
-    pub fn round(&mut self, from: usize, to: usize, options: &ExchangeOptions) -> Result<bool, String> {
+    pub fn round(
+        &mut self,
+        from: usize,
+        to: usize,
+        options: &ExchangeOptions,
+    ) -> Result<bool, String> {
         if from == to {
             return Ok(false);
         }
         let transport = InProcess::new(self.node(to).clone());
-        let out = block_on(self.node(from).exchange_with(&transport, options)).map_err(|e| format!("exchange {from}->{to}: {e:?}"))?;
+        let out = block_on(self.node(from).exchange_with(&transport, options))
+            .map_err(|e| format!("exchange {from}->{to}: {e:?}"))?;
         self.rounds += 1;
         if !out.halts.is_empty() || !out.peer_halts.is_empty() {
-            return Err(format!("unexpected halts in {from}->{to}: {:?} {:?}", out.halts, out.peer_halts));
+            return Err(format!(
+                "unexpected halts in {from}->{to}: {:?} {:?}",
+                out.halts, out.peer_halts
+            ));
         }
         Ok(out.has_more)
     }
 
-    fn restart(&mut self, node: usize) -> Result<(), String> {
-        let Some(reopen) = &self.reopen else { return Ok(()) };
-        // Drop every handle first: the redb file may be opened once per process.
-        self.nodes[node] = None;
-        let engine = reopen(node).map_err(|e| format!("reopen node {node}: {e:?}"))?;
-        self.nodes[node] = Some(Arc::new(engine));
+    /// Closes node `i`, runs `between` on the backend (which says whether to reopen under a
+    /// fresh id), and opens it again. Returns what `between` said.
+    fn reopen(
+        &mut self,
+        i: usize,
+        between: impl FnOnce(&mut dyn Backend) -> Result<bool, String>,
+    ) -> Result<bool, String> {
+        // Drop the engine first: a redb file may be opened once per process.
+        self.nodes[i] = None;
+        let fresh = between(&mut *self.backend)?;
+        let engine = self
+            .backend
+            .open(i, fresh)
+            .map_err(|e| format!("reopen node {i}: {e:?}"))?;
+        self.nodes[i] = Some(Arc::new(engine));
+        Ok(fresh)
+    }
+
+    /// After a restore, versions that no node holds (nor anything newer of their key) are
+    /// gone for good, as they would be: drop them from the history and rebuild the oracle
+    /// from what survives.
+    fn forget_lost_versions(&mut self) -> Result<(), String> {
+        let mut survivors = State::new();
+        for i in 0..self.len() {
+            for ((scope, key), v) in self.state_of(i)? {
+                merge::merge_into(&mut survivors, &scope, &key, &v);
+            }
+        }
+        self.history.retain(|(s, k, v)| {
+            survivors
+                .get(&(s.clone(), k.clone()))
+                .is_some_and(|held| held.hlc >= v.hlc)
+        });
+        self.oracle = survivors;
         Ok(())
     }
 
@@ -249,7 +561,9 @@ impl Simulation {
         for i in 0..self.len() {
             let node = self.node(i);
             let marks = node.watermarks().map_err(|e| format!("{e:?}"))?;
-            let passed = |scope: &Scope, v: &Version| marks.get(scope, v.hlc.origin()).is_some_and(|w| v.hlc <= w);
+            let passed = |scope: &Scope, v: &Version| {
+                marks.get(scope, v.hlc.origin()).is_some_and(|w| v.hlc <= w)
+            };
             for (scope, key, v) in &self.history {
                 if !passed(scope, v) {
                     continue;
@@ -258,7 +572,10 @@ impl Simulation {
                 if held.as_ref().is_some_and(|h| h.hlc >= v.hlc) {
                     continue;
                 }
-                let on_its_way = self.history.iter().any(|(s, k, w)| s == scope && k == key && w.hlc > v.hlc && !passed(s, w));
+                let on_its_way = self
+                    .history
+                    .iter()
+                    .any(|(s, k, w)| s == scope && k == key && w.hlc > v.hlc && !passed(s, w));
                 if !on_its_way {
                     return Err(format!(
                         "node {i}: watermark {:?} of {scope} covers {v:?} for {key:?}, but it holds {held:?} and nothing newer is on its way",
@@ -312,11 +629,16 @@ impl Simulation {
         for i in 0..n {
             let state = self.state_of(i)?;
             if state != self.oracle {
-                return Err(format!("node {i} differs from the oracle:\n node: {state:?}\n oracle: {:?}", self.oracle));
+                return Err(format!(
+                    "node {i} differs from the oracle:\n node: {state:?}\n oracle: {:?}",
+                    self.oracle
+                ));
             }
             let marks = self.node(i).watermarks().map_err(|e| format!("{e:?}"))?;
             if marks != first {
-                return Err(format!("watermarks differ: node 0 {first:?} vs node {i} {marks:?}"));
+                return Err(format!(
+                    "watermarks differ: node 0 {first:?} vs node {i} {marks:?}"
+                ));
             }
         }
         Ok(())
@@ -332,9 +654,12 @@ impl Simulation {
         for from in 0..n {
             for to in (0..n).filter(|t| *t != from) {
                 let transport = InProcess::new(self.node(to).clone());
-                let out = block_on(self.node(from).exchange(&transport)).map_err(|e| format!("{e:?}"))?;
+                let out =
+                    block_on(self.node(from).exchange(&transport)).map_err(|e| format!("{e:?}"))?;
                 if out.shipped != 0 || out.received != 0 || out.has_more {
-                    return Err(format!("round {from}->{to} after convergence was not quiet: {out:?}"));
+                    return Err(format!(
+                        "round {from}->{to} after convergence was not quiet: {out:?}"
+                    ));
                 }
             }
         }
@@ -351,7 +676,12 @@ pub fn check_merge_laws(versions: &[(u8, Version)], order_seed: u64) -> Result<(
     let fold = |vs: &mut dyn Iterator<Item = &(u8, Version)>| {
         let mut s = State::new();
         for (k, v) in vs {
-            merge::merge_into(&mut s, &Scope::shared(), &Key::new([*k]).expect("one byte is a valid key"), v);
+            merge::merge_into(
+                &mut s,
+                &Scope::shared(),
+                &Key::new([*k]).expect("one byte is a valid key"),
+                v,
+            );
         }
         s
     };
@@ -390,9 +720,89 @@ pub fn decode_versions(bytes: &[u8]) -> Vec<(u8, Version)> {
             let op = if (c[2] ^ c[1]) % 4 == 0 {
                 Op::Delete
             } else {
-                Op::Put { value: hlc.to_string().into_bytes(), blob: None }
+                Op::Put {
+                    value: hlc.to_string().into_bytes(),
+                    blob: None,
+                }
             };
             (c[0] % 6, Version { hlc, op })
         })
         .collect()
+}
+
+/// Fuzz target `merge_laws` (also replayed by `tests/fuzz_regressions.rs`): the first 8
+/// bytes (zero-padded) are the order seed, the rest [`decode_versions`]; checks
+/// [`check_merge_laws`].
+///
+/// # Errors
+/// A description of the broken law.
+pub fn fuzz_merge_laws(data: &[u8]) -> Result<(), String> {
+    let (seed, rest) = data.split_at(data.len().min(8));
+    let mut seed_bytes = [0u8; 8];
+    seed_bytes[..seed.len()].copy_from_slice(seed);
+    check_merge_laws(&decode_versions(rest), u64::from_le_bytes(seed_bytes))
+}
+
+/// Fuzz target `decode_envelope`: decodes `data` as both message kinds and checks that
+/// whatever decodes survives a re-encode and decode unchanged. An odd first byte puts the
+/// rest behind a valid version-1 header (kind 1 or 2 by the next bit), so the fuzzer
+/// reaches the postcard body at once; an even one leaves the bytes as they are. Panics
+/// and unbounded allocations are the fuzzer's to catch.
+///
+/// # Errors
+/// A description of the message that did not round-trip.
+pub fn fuzz_decode_envelope(data: &[u8]) -> Result<(), String> {
+    use crate::wire::{ExchangeRequest, ExchangeResponse, Message, MAGIC, PROTOCOL_VERSION};
+    let framed;
+    let input = match data.split_first() {
+        Some((&first, rest)) if first & 1 == 1 => {
+            let kind = if first & 2 == 0 {
+                ExchangeRequest::KIND
+            } else {
+                ExchangeResponse::KIND
+            };
+            framed = [&MAGIC[..], &PROTOCOL_VERSION.to_be_bytes(), &[kind], rest].concat();
+            &framed[..]
+        }
+        _ => data,
+    };
+    round_trips::<ExchangeRequest>(input)?;
+    round_trips::<ExchangeResponse>(input)
+}
+
+fn round_trips<M: crate::wire::Message + PartialEq + std::fmt::Debug>(
+    bytes: &[u8],
+) -> Result<(), String> {
+    use crate::wire::{decode, encode};
+    let Ok(msg) = decode::<M>(bytes) else {
+        return Ok(());
+    };
+    let again = decode::<M>(&encode(&msg))
+        .map_err(|e| format!("{msg:?} re-encoded does not decode: {e}"))?;
+    if again != msg {
+        return Err(format!(
+            "round trip changed the message:\n before: {msg:?}\n after: {again:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Fuzz target `exchange_model`: the first byte picks 2 to 4 nodes, the rest are
+/// [`Action::decode_all`]; runs them on an in-memory [`Simulation`] (checking the watermark
+/// invariant after every step), then [`Simulation::converge`] and [`Simulation::check_quiet`].
+///
+/// # Errors
+/// An engine error or a description of the broken invariant.
+pub fn fuzz_exchange_model(data: &[u8]) -> Result<(), String> {
+    let Some((&first, rest)) = data.split_first() else {
+        return Ok(());
+    };
+    let n = 2 + usize::from(first) % 3;
+    let mut sim = Simulation::in_memory(n).map_err(|e| format!("in-memory engines: {e:?}"))?;
+    for action in Action::decode_all(rest, n) {
+        sim.step(&action)
+            .map_err(|e| format!("step {action:?}: {e}"))?;
+    }
+    sim.converge()?;
+    sim.check_quiet()
 }

@@ -4,13 +4,13 @@
 
 mod common;
 
-use highwater::testing::{sim_config, Action, Simulation};
-use highwater::{ManualTime, SyncEngine};
+use highwater::testing::{Action, Simulation};
 use proptest::prelude::*;
 
 fn run(mut sim: Simulation, actions: &[Action]) -> Result<(), TestCaseError> {
     for a in actions {
-        sim.step(a).map_err(|e| TestCaseError::fail(format!("step {a:?}: {e}")))?;
+        sim.step(a)
+            .map_err(|e| TestCaseError::fail(format!("step {a:?}: {e}")))?;
     }
     sim.converge().map_err(TestCaseError::fail)?;
     sim.check_quiet().map_err(TestCaseError::fail)?;
@@ -31,17 +31,37 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: common::cases(48), ..ProptestConfig::default() })]
 
     #[test]
-    fn redb_nodes_converge_across_restarts(nodes in 2usize..=4, bytes in prop::collection::vec(any::<u8>(), 0..240)) {
+    fn redb_nodes_converge_across_restarts_and_restores(nodes in 2usize..=4, bytes in prop::collection::vec(any::<u8>(), 0..240)) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path().to_owned();
-        let time = ManualTime::at_secs(1_700_000_000);
-        let engines = (0..nodes)
-            .map(|i| SyncEngine::open_with(root.join(format!("n{i}")), sim_config(&time)))
-            .collect::<Result<Vec<_>, _>>()
-            .expect("redb engines");
-        let t = time.clone();
-        let reopen = Box::new(move |i: usize| SyncEngine::open_with(root.join(format!("n{i}")), sim_config(&t)));
         let actions = Action::decode_all(&bytes, nodes);
-        run(Simulation::new(engines, time, Some(reopen)), &actions)?;
+        run(Simulation::redb(nodes, dir.path()).expect("redb engines"), &actions)?;
     }
+}
+
+/// Known limitation (docs/protocol.md, "Known limitation: restoring lost writes"): when a
+/// node is restored from a backup older than some of its own writes, a peer may already have
+/// moved a watermark past a version that the lost write superseded, and then never receives
+/// it. Found by this property (about 1 case in 3000, redb and memory alike); the planned
+/// fix keeps superseded versions in the live index until they are causally stable.
+#[test]
+#[ignore = "known limitation: lossy restores can leave a peer diverged (docs/protocol.md)"]
+fn lossy_restores_converge() {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: common::cases(3000),
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(
+            &(2usize..=4, prop::collection::vec(any::<u8>(), 0..240)),
+            |(nodes, bytes)| {
+                let actions = Action::decode_all(&bytes, nodes);
+                run(
+                    Simulation::in_memory(nodes)
+                        .expect("in-memory engines")
+                        .allow_lossy_restores(),
+                    &actions,
+                )
+            },
+        )
+        .expect("lossy restores converge");
 }
