@@ -34,6 +34,9 @@ pub enum Error {
     /// The transport could not complete a round.
     #[error("transport error")]
     Transport(#[from] TransportError),
+    /// The blob store failed, or content did not match its hash.
+    #[error("blob error")]
+    Blob(#[from] crate::blob::BlobError),
 }
 
 /// Errors of the hybrid logical clock.
@@ -78,6 +81,13 @@ pub enum InputError {
         len: usize,
         /// The limit.
         max: usize,
+    },
+    /// A local write points at a blob this node does not hold (write it with
+    /// `SyncEngine::put_file`, which stores the blob first).
+    #[error("blob {hash} is not in the local blob store")]
+    BlobNotLocal {
+        /// The blob.
+        hash: crate::hash::Hash,
     },
     /// A value longer than the limit.
     #[error("value length {len} exceeds {max} bytes; store large content as a file")]
@@ -243,4 +253,18 @@ pub enum TransportError {
     /// The peer's answer is not a valid message.
     #[error("peer sent an invalid message")]
     BadResponse(#[source] WireError),
+    /// The peer does not hold the blob asked for.
+    #[error("peer does not have blob {hash}")]
+    BlobNotFound {
+        /// The blob.
+        hash: crate::hash::Hash,
+    },
+    /// A blob transfer broke off (reading or writing the stream failed).
+    #[error("blob {hash} transfer failed: {reason}")]
+    BlobTransfer {
+        /// The blob.
+        hash: crate::hash::Hash,
+        /// What failed.
+        reason: String,
+    },
 }

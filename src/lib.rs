@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod blob;
 pub mod engine;
 pub mod error;
 pub mod hash;
@@ -15,7 +16,9 @@ pub mod transport;
 pub mod watermark;
 pub mod wire;
 
-pub use crate::engine::{EngineConfig, ExchangeOptions, ExchangeOutcome, Record, SyncEngine};
+pub use crate::engine::{
+    EngineConfig, ExchangeOptions, ExchangeOutcome, Record, ResidencyCounts, SyncEngine,
+};
 pub use crate::error::{Error, Result};
 pub use crate::hash::Hash;
 pub use crate::hlc::{Hlc, ManualTime, NodeId, TimeSource};

@@ -9,7 +9,7 @@
 //! Actions decode from arbitrary bytes ([`Action::decode_all`]), so proptest strategies and
 //! libFuzzer inputs drive the very same code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -17,13 +17,20 @@ use std::task::{Context, Poll, Waker};
 
 use std::path::PathBuf;
 
-use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine, DB_FILE};
+use crate::blob::{write_blob, BlobStore, FsBlobStore, MemBlobStore};
+use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine, BLOB_DIR, DB_FILE};
+use crate::error::TransportError;
+use crate::hash::Hash;
 use crate::hlc::ManualTime;
 use crate::hlc::NodeId;
 use crate::merge::{self, State};
+use crate::record::BlobRef;
 use crate::record::{Key, Op, Scope, Version};
 use crate::store::{MemStore, RedbStore, Store};
 use crate::transport::InProcess;
+use crate::transport::Transport;
+use crate::watermark::HaltReason;
+use crate::wire::{ExchangeRequest, ExchangeResponse};
 
 /// Runs a future to completion on the current thread (in-process exchanges never wait).
 pub fn block_on<F: Future>(f: F) -> F::Output {
@@ -71,6 +78,28 @@ pub enum Action {
         /// Limit the round to one scope (index) instead of all.
         only_scope: Option<u8>,
     },
+    /// Node `node` writes a record with a file under `key` (content chosen among a few, so
+    /// equal files on different keys and nodes occur).
+    PutFile {
+        /// Writer.
+        node: usize,
+        /// Scope index.
+        scope: u8,
+        /// Key byte.
+        key: u8,
+        /// Which content.
+        content: u8,
+    },
+    /// Transfers of the `blob`-th file written so far fail (or arrive corrupted) for the
+    /// next `rounds` rounds, in both directions.
+    BlobFault {
+        /// Index into the files written so far.
+        blob: u8,
+        /// How many rounds the fault lasts.
+        rounds: u8,
+        /// Corrupt the bytes instead of failing the transfer.
+        corrupt: bool,
+    },
     /// Physical time moves forward by `millis`.
     Tick {
         /// Milliseconds.
@@ -116,7 +145,18 @@ impl Action {
             .map(|c| {
                 let node = usize::from(c[1]) % nodes;
                 match c[0] % 16 {
-                    0..=5 => Action::Put {
+                    5 => Action::PutFile {
+                        node,
+                        scope: c[2] % 3,
+                        key: c[3] % 8,
+                        content: c[2] ^ c[3],
+                    },
+                    13 => Action::BlobFault {
+                        blob: c[2],
+                        rounds: 1 + c[3] % 4,
+                        corrupt: c[3] & 0x80 != 0,
+                    },
+                    0..=4 => Action::Put {
                         node,
                         scope: c[2] % 3,
                         key: c[3] % 8,
@@ -127,7 +167,7 @@ impl Action {
                         scope: c[2] % 3,
                         key: c[3] % 8,
                     },
-                    8..=13 => {
+                    8..=12 => {
                         let to = (node + 1 + usize::from(c[2]) % (nodes - 1)) % nodes;
                         let only_scope = (c[3] & 0x80 != 0).then_some(c[3] % 3);
                         Action::Exchange {
@@ -148,6 +188,137 @@ impl Action {
                 }
             })
             .collect()
+    }
+}
+
+/// The bytes of file content number `n`: four patterns in four sizes (1 B to ~2 KiB).
+pub fn file_content(n: u8) -> Vec<u8> {
+    let len = 1 + usize::from(n >> 2 & 3) * 700;
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(n & 3))
+        .collect()
+}
+
+/// Copies every blob of `from` into `to`.
+///
+/// # Errors
+/// A blob store failure.
+pub fn copy_blobs(from: &dyn BlobStore, to: &dyn BlobStore) -> Result<(), String> {
+    for (hash, _) in from.list().map_err(|e| format!("{e:?}"))? {
+        if let Some((size, mut reader)) = from.open(&hash).map_err(|e| format!("{e:?}"))? {
+            write_blob(to, &mut reader, Some(&BlobRef { hash, size }))
+                .map_err(|e| format!("{e:?}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A fault on one blob's transfers.
+#[derive(Clone, Copy, Debug)]
+struct Fault {
+    rounds_left: u8,
+    corrupt: bool,
+}
+
+/// Wraps a transport and fails or corrupts the transfers of chosen blobs.
+pub struct FaultyTransport<T> {
+    inner: T,
+    fail: BTreeSet<Hash>,
+    corrupt: BTreeSet<Hash>,
+}
+
+impl<T> FaultyTransport<T> {
+    /// Wraps `inner`; transfers of `fail` fail, transfers of `corrupt` arrive with one byte
+    /// flipped.
+    pub fn new(inner: T, fail: BTreeSet<Hash>, corrupt: BTreeSet<Hash>) -> Self {
+        FaultyTransport {
+            inner,
+            fail,
+            corrupt,
+        }
+    }
+}
+
+/// Flips the first byte read through it.
+struct Flip<R> {
+    inner: R,
+    flipped: bool,
+}
+
+impl<R: std::io::Read> std::io::Read for Flip<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 && !self.flipped {
+            buf[0] ^= 0xff;
+            self.flipped = true;
+        }
+        Ok(n)
+    }
+}
+
+impl<T: Transport> Transport for FaultyTransport<T> {
+    fn peer_id(&self) -> Option<NodeId> {
+        self.inner.peer_id()
+    }
+
+    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
+        self.inner.exchange(request).await
+    }
+
+    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
+        self.inner.blobs_present(hashes).await
+    }
+
+    async fn fetch_blob(
+        &self,
+        blob: BlobRef,
+        into: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), TransportError> {
+        if self.fail.contains(&blob.hash) {
+            return Err(TransportError::BlobTransfer {
+                hash: blob.hash,
+                reason: "injected failure".into(),
+            });
+        }
+        if !self.corrupt.contains(&blob.hash) {
+            return self.inner.fetch_blob(blob, into).await;
+        }
+        let mut buf = Vec::new();
+        self.inner.fetch_blob(blob, &mut buf).await?;
+        if let Some(b) = buf.first_mut() {
+            *b ^= 0xff;
+        }
+        into.write_all(&buf)
+            .map_err(|e| TransportError::BlobTransfer {
+                hash: blob.hash,
+                reason: e.to_string(),
+            })
+    }
+
+    async fn push_blob(
+        &self,
+        blob: BlobRef,
+        content: Box<dyn std::io::Read + Send>,
+    ) -> Result<(), TransportError> {
+        if self.fail.contains(&blob.hash) {
+            return Err(TransportError::BlobTransfer {
+                hash: blob.hash,
+                reason: "injected failure".into(),
+            });
+        }
+        if self.corrupt.contains(&blob.hash) {
+            return self
+                .inner
+                .push_blob(
+                    blob,
+                    Box::new(Flip {
+                        inner: content,
+                        flipped: false,
+                    }),
+                )
+                .await;
+        }
+        self.inner.push_blob(blob, content).await
     }
 }
 
@@ -177,7 +348,8 @@ pub trait Backend {
 pub struct MemBackend {
     time: Arc<ManualTime>,
     stores: Vec<Arc<MemStore>>,
-    backups: Vec<Option<MemStore>>,
+    blobs: Vec<Arc<MemBlobStore>>,
+    backups: Vec<Option<(MemStore, MemBlobStore)>>,
     ids: SimIds,
 }
 
@@ -203,6 +375,7 @@ impl SimIds {
     fn open(
         &mut self,
         store: Box<dyn Store>,
+        blobs: Arc<dyn BlobStore>,
         i: usize,
         fresh: bool,
         time: &Arc<ManualTime>,
@@ -212,7 +385,7 @@ impl SimIds {
         } else {
             store.identity(Self::initial(i))?;
         }
-        SyncEngine::with_store(store, sim_config(time))
+        SyncEngine::with_stores(store, blobs, sim_config(time))
     }
 }
 
@@ -222,6 +395,7 @@ impl MemBackend {
         MemBackend {
             time,
             stores: (0..n).map(|_| Arc::new(MemStore::new())).collect(),
+            blobs: (0..n).map(|_| Arc::new(MemBlobStore::new())).collect(),
             backups: (0..n).map(|_| None).collect(),
             ids: SimIds::default(),
         }
@@ -232,6 +406,7 @@ impl Backend for MemBackend {
     fn open(&mut self, i: usize, fresh_identity: bool) -> crate::Result<SyncEngine> {
         self.ids.open(
             Box::new(self.stores[i].clone()),
+            self.blobs[i].clone(),
             i,
             fresh_identity,
             &self.time,
@@ -239,20 +414,24 @@ impl Backend for MemBackend {
     }
 
     fn snapshot(&mut self, i: usize) -> Result<(), String> {
-        self.backups[i] = Some(self.stores[i].duplicate());
+        let blobs = MemBlobStore::new();
+        copy_blobs(&*self.blobs[i], &blobs)?;
+        self.backups[i] = Some((self.stores[i].duplicate(), blobs));
         Ok(())
     }
 
     fn restore(&mut self, i: usize) -> Result<bool, String> {
-        let Some(backup) = self.backups[i].take() else {
+        let Some((store, blobs)) = self.backups[i].take() else {
             return Ok(false);
         };
-        self.stores[i] = Arc::new(backup);
+        self.stores[i] = Arc::new(store);
+        self.blobs[i] = Arc::new(blobs);
         Ok(true)
     }
 }
 
-/// Nodes on redb files under one directory: `n<i>/highwater.redb`, backups `n<i>.backup`.
+/// Nodes on redb files under one directory: `n<i>/highwater.redb` and `n<i>/blobs/`;
+/// backups `n<i>.backup` and `n<i>.blobs-backup/`.
 pub struct RedbBackend {
     time: Arc<ManualTime>,
     root: PathBuf,
@@ -276,6 +455,10 @@ impl RedbBackend {
     fn backup(&self, i: usize) -> PathBuf {
         self.root.join(format!("n{i}.backup"))
     }
+
+    fn blob_backup(&self, i: usize) -> PathBuf {
+        self.root.join(format!("n{i}.blobs-backup"))
+    }
 }
 
 impl Backend for RedbBackend {
@@ -286,13 +469,18 @@ impl Backend for RedbBackend {
             source,
         })?;
         let store = Box::new(RedbStore::open(dir.join(DB_FILE))?);
-        self.ids.open(store, i, fresh_identity, &self.time)
+        let blobs = Arc::new(FsBlobStore::open(dir.join(BLOB_DIR))?);
+        self.ids.open(store, blobs, i, fresh_identity, &self.time)
     }
 
     fn snapshot(&mut self, i: usize) -> Result<(), String> {
         std::fs::copy(self.dir(i).join(DB_FILE), self.backup(i))
-            .map(drop)
-            .map_err(|e| format!("backup node {i}: {e}"))
+            .map_err(|e| format!("backup node {i}: {e}"))?;
+        let err = |e| format!("backup blobs of node {i}: {e:?}");
+        let _ = std::fs::remove_dir_all(self.blob_backup(i));
+        let live = FsBlobStore::open(self.dir(i).join(BLOB_DIR)).map_err(err)?;
+        let backup = FsBlobStore::open(self.blob_backup(i)).map_err(err)?;
+        copy_blobs(&live, &backup)
     }
 
     fn restore(&mut self, i: usize) -> Result<bool, String> {
@@ -300,6 +488,10 @@ impl Backend for RedbBackend {
             return Ok(false);
         }
         std::fs::rename(self.backup(i), self.dir(i).join(DB_FILE))
+            .map_err(|e| format!("restore node {i}: {e}"))?;
+        let blobs = self.dir(i).join(BLOB_DIR);
+        std::fs::remove_dir_all(&blobs).map_err(|e| format!("restore node {i}: {e}"))?;
+        std::fs::rename(self.blob_backup(i), blobs)
             .map_err(|e| format!("restore node {i}: {e}"))?;
         Ok(true)
     }
@@ -312,6 +504,8 @@ pub struct Simulation {
     wrote_since_backup: Vec<bool>,
     history: Vec<(Scope, Key, Version)>,
     oracle: State,
+    files: Vec<Hash>,
+    faults: BTreeMap<Hash, Fault>,
     time: Arc<ManualTime>,
     lossy_restores: bool,
     /// Rounds run so far.
@@ -368,6 +562,8 @@ impl Simulation {
             wrote_since_backup: vec![false; n],
             history: Vec::new(),
             oracle: State::new(),
+            files: Vec::new(),
+            faults: BTreeMap::new(),
             time,
             lossy_restores: false,
             rounds: 0,
@@ -445,6 +641,28 @@ impl Simulation {
                 };
                 self.round(from % n, to % n, &options)?;
             }
+            Action::PutFile {
+                node,
+                scope: sc,
+                key,
+                content,
+            } => self.write_file(node % n, sc, key, content)?,
+            Action::BlobFault {
+                blob,
+                rounds,
+                corrupt,
+            } => {
+                if !self.files.is_empty() {
+                    let hash = self.files[usize::from(blob) % self.files.len()];
+                    self.faults.insert(
+                        hash,
+                        Fault {
+                            rounds_left: rounds,
+                            corrupt,
+                        },
+                    );
+                }
+            }
             Action::Tick { millis } => self
                 .time
                 .advance(std::time::Duration::from_millis(u64::from(millis))),
@@ -485,6 +703,32 @@ impl Simulation {
         Ok(())
     }
 
+    fn write_file(&mut self, node: usize, s: u8, key: u8, content: u8) -> Result<(), String> {
+        let (scope, key) = (scope(s), Key::new([key]).expect("one byte is a valid key"));
+        let bytes = file_content(content);
+        let value = vec![content];
+        let hlc = self
+            .node(node)
+            .put_file_bytes(&scope, &key, value.clone(), &bytes)
+            .map_err(|e| format!("put_file on node {node}: {e:?}"))?;
+        let blob = BlobRef {
+            hash: Hash::of(&bytes),
+            size: bytes.len() as u64,
+        };
+        let version = Version {
+            hlc,
+            op: Op::Put {
+                value,
+                blob: Some(blob),
+            },
+        };
+        self.wrote_since_backup[node] = true;
+        self.files.push(blob.hash);
+        merge::merge_into(&mut self.oracle, &scope, &key, &version);
+        self.history.push((scope, key, version));
+        Ok(())
+    }
+
     /// One round from `from` to `to`. Returns `has_more`.
     ///
     /// # Errors
@@ -498,16 +742,33 @@ impl Simulation {
         if from == to {
             return Ok(false);
         }
-        let transport = InProcess::new(self.node(to).clone());
+        let (fail, corrupt): (BTreeSet<Hash>, BTreeSet<Hash>) = (
+            self.faults
+                .iter()
+                .filter(|(_, f)| !f.corrupt)
+                .map(|(h, _)| *h)
+                .collect(),
+            self.faults
+                .iter()
+                .filter(|(_, f)| f.corrupt)
+                .map(|(h, _)| *h)
+                .collect(),
+        );
+        let transport = FaultyTransport::new(InProcess::new(self.node(to).clone()), fail, corrupt);
         let out = block_on(self.node(from).exchange_with(&transport, options))
             .map_err(|e| format!("exchange {from}->{to}: {e:?}"))?;
         self.rounds += 1;
-        if !out.halts.is_empty() || !out.peer_halts.is_empty() {
+        let faulty = |h: &crate::Halt| matches!(h.reason, HaltReason::BlobUnavailable { hash } if self.faults.contains_key(&hash));
+        if !out.halts.iter().chain(&out.peer_halts).all(faulty) {
             return Err(format!(
-                "unexpected halts in {from}->{to}: {:?} {:?}",
-                out.halts, out.peer_halts
+                "unexpected halts in {from}->{to}: {:?} {:?} (faults {:?})",
+                out.halts, out.peer_halts, self.faults
             ));
         }
+        self.faults.retain(|_, f| {
+            f.rounds_left = f.rounds_left.saturating_sub(1);
+            f.rounds_left > 0
+        });
         Ok(out.has_more)
     }
 
@@ -611,6 +872,8 @@ impl Simulation {
     pub fn converge(&mut self) -> Result<(), String> {
         let n = self.len();
         let options = ExchangeOptions::default();
+        // Failures "stop after a while": heal every transfer before the final sync.
+        self.faults.clear();
         for _pass in 0..3 {
             for from in 0..n {
                 for to in 0..n {
@@ -633,6 +896,19 @@ impl Simulation {
                     "node {i} differs from the oracle:\n node: {state:?}\n oracle: {:?}",
                     self.oracle
                 ));
+            }
+            for sc in 0..3 {
+                let counts = self
+                    .node(i)
+                    .residency_counts(&scope(sc))
+                    .map_err(|e| format!("{e:?}"))?;
+                if counts.staged != 0 {
+                    return Err(format!(
+                        "node {i} still has {} Staged records in {}",
+                        counts.staged,
+                        scope(sc)
+                    ));
+                }
             }
             let marks = self.node(i).watermarks().map_err(|e| format!("{e:?}"))?;
             if marks != first {

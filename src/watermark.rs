@@ -397,4 +397,11 @@ pub enum HaltReason {
     /// The run carries versions of the receiver's own id that the receiver never wrote (or
     /// no longer has): a restored backup or a cloned data directory. See docs/protocol.md.
     OwnOrigin,
+    // Appended: variant indexes are part of wire format 1.
+    /// A version's blob could not be had (transfer failure, hash mismatch, missing at the
+    /// sender): the version is applied as Staged and the watermark stops just below it.
+    BlobUnavailable {
+        /// The blob.
+        hash: crate::hash::Hash,
+    },
 }

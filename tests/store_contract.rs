@@ -162,6 +162,7 @@ fn report(applied: &[usize], advanced: &[bool]) -> BatchReport {
     BatchReport {
         applied: applied.to_vec(),
         advanced: advanced.to_vec(),
+        unreferenced: Vec::new(),
     }
 }
 

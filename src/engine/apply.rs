@@ -53,19 +53,25 @@ pub struct RunPlan {
 }
 
 /// Decides what to apply of `run` on node `me`, whose own mark in the run's scope is
-/// `own_mark`, with `check` telling whether a timestamp is within the clock's drift bound.
+/// `own_mark`. `check` tells whether a timestamp is within the clock's drift bound;
+/// `blob_ready` whether a version's blob (if it needs one) is local.
 ///
 /// - Versions of our own id at or below our own mark are ones we wrote and still cover:
 ///   skipped. Any above it come from a restored backup or a cloned identity: the run halts
 ///   with [`HaltReason::OwnOrigin`] and nothing of it is applied.
-/// - The run is applied up to the first version too far ahead of our clock; the mark then
-///   advances only to the last version applied (the claim `(base, t]` holds for every `t`
-///   up to `top`), and the run halts with [`HaltReason::ClockSkew`].
+/// - The run is applied up to the first version too far ahead of our clock
+///   ([`HaltReason::ClockSkew`]).
+/// - A version whose blob is not local is applied (it will read as Staged), and so are the
+///   versions after it, but the mark stops just below it ([`HaltReason::BlobUnavailable`]):
+///   the next round re-ships from there and retries the transfer.
+/// - The mark advances to `top` when nothing halted, else to the last version before the
+///   first halt (the claim `(base, t]` holds for every `t` up to `top`), or not at all.
 pub fn plan_run(
     run: &Run,
     me: NodeId,
     own_mark: Option<Hlc>,
     check: impl Fn(Hlc) -> Result<(), ClockError>,
+    blob_ready: impl Fn(&Key, &Version) -> bool,
 ) -> RunPlan {
     if run.origin == me {
         if Some(run.top) <= own_mark {
@@ -81,6 +87,11 @@ pub fn plan_run(
             ..RunPlan::default()
         };
     }
+    let halt_for = |reason| Halt {
+        scope: run.scope.clone(),
+        origin: run.origin,
+        reason,
+    };
     let skew = |e: ClockError| {
         let ahead_by_ms = match e {
             ClockError::Skew { ahead_by, .. } => {
@@ -88,31 +99,37 @@ pub fn plan_run(
             }
             _ => u64::MAX,
         };
-        Halt {
-            scope: run.scope.clone(),
-            origin: run.origin,
-            reason: HaltReason::ClockSkew { ahead_by_ms },
-        }
+        halt_for(HaltReason::ClockSkew { ahead_by_ms })
     };
     let mut accepted = 0;
-    let mut halt = None;
-    for (_, v) in &run.versions {
+    // (index of the first version the mark must stop below, why)
+    let mut first_halt: Option<(usize, Halt)> = None;
+    for (i, (key, v)) in run.versions.iter().enumerate() {
         if let Err(e) = check(v.hlc) {
-            halt = Some(skew(e));
+            first_halt.get_or_insert((i, skew(e)));
             break;
         }
         accepted += 1;
+        if first_halt.is_none() && !blob_ready(key, v) {
+            let hash = v
+                .blob()
+                .map(|b| b.hash)
+                .expect("only versions with a blob can lack one");
+            first_halt = Some((i, halt_for(HaltReason::BlobUnavailable { hash })));
+        }
     }
-    if halt.is_none() {
-        halt = check(run.top).err().map(skew);
+    if first_halt.is_none() {
+        if let Err(e) = check(run.top) {
+            first_halt = Some((run.versions.len(), skew(e)));
+        }
     }
-    let applied = &run.versions[..accepted];
-    let top = match halt {
+    let top = match &first_halt {
         None => Some(run.top),
-        Some(_) => applied.last().map(|(_, v)| v.hlc),
+        Some((0, _)) => None,
+        Some((i, _)) => Some(run.versions[i - 1].1.hlc),
     };
     RunPlan {
-        upserts: applied
+        upserts: run.versions[..accepted]
             .iter()
             .map(|(k, v)| (run.scope.clone(), k.clone(), v.clone()))
             .collect(),
@@ -121,6 +138,6 @@ pub fn plan_run(
             base: run.base,
             top,
         }),
-        halt,
+        halt: first_halt.map(|(_, h)| h),
     }
 }

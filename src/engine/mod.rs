@@ -31,17 +31,20 @@
 //! ```
 
 pub mod apply;
+mod blobs;
 pub mod plan;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, ProtocolError, Result};
+use crate::blob::{write_blob, BlobStore, FsBlobStore, MemBlobStore};
+use crate::error::{Error, InputError, ProtocolError, Result};
 use crate::hash::Hash;
 use crate::hlc::{Clock, Hlc, NodeId, TimeSource, WallClock};
-use crate::record::{BlobRef, Key, Op, Scope, Version};
+use crate::record::{BlobRef, Key, Op, Residency, Scope, Version};
 use crate::store::{
     Advance, Batch, Durability, KeyRange, MemStore, PeerKnowledge, RedbStore, Store,
 };
@@ -49,7 +52,11 @@ use crate::transport::{Refusal, Responder, Transport};
 use crate::watermark::{Halt, Page, ScopedWatermarks};
 use crate::wire::{ExchangeRequest, ExchangeResponse, ScopeFilter};
 
+pub use self::blobs::TRANSFER_CONCURRENCY;
 use self::plan::PageLimits;
+
+/// The blob directory's name inside a node's data directory.
+pub const BLOB_DIR: &str = "blobs";
 
 /// The redb file's name inside a node's data directory.
 pub const DB_FILE: &str = "highwater.redb";
@@ -145,6 +152,21 @@ pub struct ExchangeOutcome {
     pub halts: Vec<Halt>,
     /// Origins whose streams the peer halted.
     pub peer_halts: Vec<Halt>,
+    /// Blobs uploaded to the peer.
+    pub blobs_pushed: usize,
+    /// Blobs fetched from the peer.
+    pub blobs_fetched: usize,
+}
+
+/// Records of a scope by residency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResidencyCounts {
+    /// Rows whose blob is not local yet.
+    pub staged: usize,
+    /// Rows with their blob, or without one.
+    pub resident: usize,
+    /// Deleted keys (tombstones).
+    pub tombstoned: usize,
 }
 
 /// A live record as read by applications.
@@ -201,15 +223,24 @@ pub struct SyncEngine {
     /// Per peer, the streams each side halted in the last round between us (memory only:
     /// after a restart the first round relearns them).
     halts: Mutex<HashMap<NodeId, StreamHalts>>,
+    blobs: Arc<dyn BlobStore>,
+    /// Blobs that must not be removed even if unreferenced: being written or fetched, and
+    /// not yet referenced by a committed version. Counts per hash.
+    pins: Mutex<HashMap<Hash, usize>>,
+    /// Hashes being fetched by some round right now.
+    in_flight: Mutex<HashSet<Hash>>,
 }
+
+/// A set of (scope, origin) streams.
+type Streams = BTreeSet<(Scope, NodeId)>;
 
 /// The (scope, origin) streams halted in the last round with one peer.
 #[derive(Default, Clone)]
 struct StreamHalts {
     /// Streams we halted when the peer sent them.
-    ours: BTreeSet<(Scope, NodeId)>,
+    ours: Streams,
     /// Streams the peer halted when we sent them.
-    theirs: BTreeSet<(Scope, NodeId)>,
+    theirs: Streams,
 }
 
 fn streams(halts: &[Halt]) -> BTreeSet<(Scope, NodeId)> {
@@ -241,7 +272,8 @@ impl SyncEngine {
             path: dir.to_owned(),
             source,
         })?;
-        Self::with_store(Box::new(RedbStore::open(dir.join(DB_FILE))?), config)
+        let blobs = Arc::new(FsBlobStore::open(dir.join(BLOB_DIR))?);
+        Self::with_stores(Box::new(RedbStore::open(dir.join(DB_FILE))?), blobs, config)
     }
 
     /// Opens a node in `dir` that was restored from a backup, under a fresh node id.
@@ -256,7 +288,9 @@ impl SyncEngine {
     pub fn open_restored(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
         let dir = dir.as_ref();
         let store = RedbStore::open(dir.join(DB_FILE))?;
-        Self::with_fresh_identity(Box::new(store), config)
+        store.replace_identity(NodeId::random())?;
+        let blobs = Arc::new(FsBlobStore::open(dir.join(BLOB_DIR))?);
+        Self::with_stores(Box::new(store), blobs, config)
     }
 
     /// A node on `store` under a fresh node id (see [`SyncEngine::open_restored`]).
@@ -284,11 +318,24 @@ impl SyncEngine {
         Self::with_store(Box::new(MemStore::new()), config)
     }
 
-    /// A node on any store: reads (or assigns) its id and restores its clock.
+    /// A node on any store, with its blobs in memory: reads (or assigns) its id and
+    /// restores its clock.
     ///
     /// # Errors
     /// A store failure, or `config.max_drift` out of range.
-    pub fn with_store(store: Box<dyn Store>, mut config: EngineConfig) -> Result<Self> {
+    pub fn with_store(store: Box<dyn Store>, config: EngineConfig) -> Result<Self> {
+        Self::with_stores(store, Arc::new(MemBlobStore::new()), config)
+    }
+
+    /// A node on any record store and blob store.
+    ///
+    /// # Errors
+    /// A store failure, or `config.max_drift` out of range.
+    pub fn with_stores(
+        store: Box<dyn Store>,
+        blobs: Arc<dyn BlobStore>,
+        mut config: EngineConfig,
+    ) -> Result<Self> {
         // A page must fit a message with room for one maximal value and the watermarks.
         config.page_bytes = config.page_bytes.clamp(1, MAX_PAGE_BYTES);
         let id = store.identity(NodeId::random())?;
@@ -302,7 +349,135 @@ impl SyncEngine {
             local_writes: Mutex::new(()),
             pending: Mutex::new(Pending::default()),
             halts: Mutex::new(HashMap::new()),
+            blobs,
+            pins: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Writes a record with a file: streams `content` into the blob store in chunks (never
+    /// whole in memory), verifies and fsyncs it, then writes the record pointing at it.
+    /// Durable when this returns.
+    ///
+    /// # Errors
+    /// Reading `content` or the blob store failed (no record is written), or as for
+    /// [`SyncEngine::put`].
+    pub fn put_file(
+        &self,
+        scope: &Scope,
+        key: &Key,
+        value: impl Into<Vec<u8>>,
+        content: &mut dyn Read,
+    ) -> Result<Hlc> {
+        let mut writer = self.blobs.writer()?;
+        crate::blob::copy_chunks(content, &mut writer).map_err(|e| match e {
+            crate::blob::CopyError::Read(e) => crate::blob::BlobError::Source(e),
+            crate::blob::CopyError::Write(e) => crate::blob::BlobError::Io {
+                path: BLOB_DIR.into(),
+                source: e,
+            },
+        })?;
+        let blob = writer.finish(None)?;
+        // Keep the blob until the record that references it is committed. (Should a sweep
+        // remove identical unreferenced content between `finish` and here, the write below
+        // fails cleanly with `BlobNotLocal`.)
+        let _pin = self.pin(blob.hash);
+        self.write(
+            scope,
+            key,
+            Op::Put {
+                value: value.into(),
+                blob: Some(blob),
+            },
+        )
+    }
+
+    /// Writes a record with a file given as bytes (see [`SyncEngine::put_file`]).
+    ///
+    /// # Errors
+    /// As for [`SyncEngine::put_file`].
+    pub fn put_file_bytes(
+        &self,
+        scope: &Scope,
+        key: &Key,
+        value: impl Into<Vec<u8>>,
+        content: &[u8],
+    ) -> Result<Hlc> {
+        self.put_file(scope, key, value, &mut std::io::Cursor::new(content))
+    }
+
+    /// The file of the live record under `key`: its reference and a chunked reader, or
+    /// `None` if the record is absent, deleted, has no file, or its file is not local yet
+    /// (Staged).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn open_file(
+        &self,
+        scope: &Scope,
+        key: &Key,
+    ) -> Result<Option<(BlobRef, Box<dyn Read + Send>)>> {
+        let Some(blob) = self.get(scope, key)?.and_then(|r| r.blob) else {
+            return Ok(None);
+        };
+        Ok(self
+            .blobs
+            .open(&blob.hash)?
+            .map(|(_, reader)| (blob, reader)))
+    }
+
+    /// Where the record under `key` stands on this node (derived, never stored).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn residency(&self, scope: &Scope, key: &Key) -> Result<Residency> {
+        let version = self.get_version(scope, key)?;
+        self.residency_of(version.as_ref())
+    }
+
+    fn residency_of(&self, version: Option<&Version>) -> Result<Residency> {
+        let local = match version.and_then(Version::blob) {
+            Some(b) => self.blobs.contains(&b.hash)?,
+            None => true,
+        };
+        Ok(Residency::of(version, |_| local))
+    }
+
+    /// How many records of `scope` are Staged, Resident and Tombstoned (a full scan).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn residency_counts(&self, scope: &Scope) -> Result<ResidencyCounts> {
+        let mut counts = ResidencyCounts::default();
+        for (_, v) in self.versions(scope)? {
+            match self.residency_of(Some(&v))? {
+                Residency::Staged => counts.staged += 1,
+                Residency::Resident => counts.resident += 1,
+                Residency::Tombstoned => counts.tombstoned += 1,
+                Residency::Absent => {}
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The blob store.
+    pub fn blob_store(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    /// Removes every stored blob that no version references and nothing pins (blobs left
+    /// by a crash or an interrupted sync). Returns how many were removed.
+    ///
+    /// # Errors
+    /// A store or blob store failure.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        let mut removed = 0;
+        for (hash, _) in self.blobs.list()? {
+            if self.remove_if_unused(&hash)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// This node's id.
@@ -350,12 +525,20 @@ impl SyncEngine {
     /// Writes several ops in one durable transaction, each with its own fresh Hlc.
     ///
     /// # Errors
-    /// A value over the size limit (nothing is written), a store failure, or an exhausted
-    /// clock.
+    /// A value over the size limit or a blob that is not local (nothing is written), a store
+    /// failure, or an exhausted clock.
     pub fn write_batch(&self, ops: impl IntoIterator<Item = (Scope, Key, Op)>) -> Result<Vec<Hlc>> {
         let ops: Vec<_> = ops.into_iter().collect();
+        let mut pins = Vec::new();
         for (_, _, op) in &ops {
             op.validate()?;
+            if let Op::Put { blob: Some(b), .. } = op {
+                // Pinned until the commit, so it cannot be removed in between.
+                pins.push(self.pin(b.hash));
+                if !self.blobs.contains(&b.hash)? {
+                    return Err(InputError::BlobNotLocal { hash: b.hash }.into());
+                }
+            }
         }
         let _guard = lock(&self.local_writes);
         let mut batch = Batch::new(0, Durability::Immediate);
@@ -371,7 +554,8 @@ impl SyncEngine {
             hlcs.push(hlc);
         }
         batch.clock = self.clock.last();
-        self.store.commit(&batch)?;
+        let report = self.store.commit(&batch)?;
+        self.remove_unreferenced(&report.unreferenced);
         // A durable commit also made every earlier deferred commit durable.
         *lock(&self.pending) = Pending::default();
         Ok(hlcs)
@@ -541,10 +725,24 @@ impl SyncEngine {
         if expected == Some(self.id) {
             return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
         }
-        let (request, halts_before) = self.prepare_request(expected, options)?;
+        let (request, halts_before, blocked) = self.prepare_request(expected, options)?;
         let shipped = request.page.clone();
+        let blobs_pushed = self.push_blobs(transport, &shipped).await?;
         let response = transport.exchange(request).await?;
-        self.finish_round(expected, options, &shipped, &halts_before, response)
+        let needed = self.needed_blobs(&response.page)?;
+        // Pins keep fetched blobs alive until the page that references them is committed.
+        let fetched = self.fetch_blobs(transport, needed).await;
+        let mut outcome = self.finish_round(
+            expected,
+            options,
+            &shipped,
+            &halts_before,
+            &blocked,
+            response,
+        )?;
+        outcome.blobs_pushed = blobs_pushed;
+        outcome.blobs_fetched = fetched.len();
+        Ok(outcome)
     }
 
     fn page_limits(&self, versions: usize) -> PageLimits {
@@ -569,7 +767,7 @@ impl SyncEngine {
         &self,
         peer: Option<NodeId>,
         options: &ExchangeOptions,
-    ) -> Result<(ExchangeRequest, StreamHalts)> {
+    ) -> Result<(ExchangeRequest, StreamHalts, Streams)> {
         let read = self.store.read()?;
         let watermarks = self.marks_in_play(&*read, &options.scopes)?;
         let limit = options.page_limit.unwrap_or(self.config.page_limit).max(1);
@@ -580,6 +778,7 @@ impl SyncEngine {
         let halts = peer
             .and_then(|p| lock(&self.halts).get(&p).cloned())
             .unwrap_or_default();
+        let mut blocked = BTreeSet::new();
         // First contact: we do not know what the peer holds, so we ship nothing yet.
         let page = match known {
             Some(theirs) => plan::plan_page(
@@ -588,6 +787,8 @@ impl SyncEngine {
                 &theirs,
                 self.page_limits(limit),
                 &halts.theirs,
+                &|b: &BlobRef| self.blobs.contains(&b.hash).unwrap_or(false),
+                &mut blocked,
             )?,
             None => Page::default(),
         };
@@ -599,7 +800,7 @@ impl SyncEngine {
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
             deferred: halts.ours.iter().cloned().collect(),
         };
-        Ok((request, halts))
+        Ok((request, halts, blocked))
     }
 
     fn finish_round(
@@ -608,6 +809,7 @@ impl SyncEngine {
         options: &ExchangeOptions,
         shipped: &Page,
         before: &StreamHalts,
+        blocked: &Streams,
         mut response: ExchangeResponse,
     ) -> Result<ExchangeOutcome> {
         let peer = response.from;
@@ -640,6 +842,7 @@ impl SyncEngine {
             marks.iter().any(|mark| {
                 response.watermarks.get(scope, mark.origin()) < Some(mark)
                     && !halted(scope, mark.origin())
+                    && !blocked.contains(&(scope.clone(), mark.origin()))
             })
         });
         Ok(ExchangeOutcome {
@@ -652,6 +855,8 @@ impl SyncEngine {
                 || peer_lacks,
             halts: applied.halts,
             peer_halts: response.halts,
+            blobs_pushed: 0,
+            blobs_fetched: 0,
         })
     }
 
@@ -692,12 +897,25 @@ impl SyncEngine {
                 k == knowledge.marks
             });
         drop(read);
+        // IMPORTANT: pinned from the presence check to the commit, so a blob found present
+        // here cannot be removed before the version that references it is stored.
+        let _pins: Vec<_> = page
+            .runs
+            .iter()
+            .flat_map(|r| r.versions.iter().filter_map(|(_, v)| v.blob()))
+            .map(|b| self.pin(b.hash))
+            .collect();
+        let staged = self.staged_keys(page)?;
         let mut batch = Batch::new(0, Durability::Deferred);
         let mut halts = Vec::new();
         for run in &page.runs {
-            let plan = apply::plan_run(run, self.id, own.get(&run.scope, self.id), |h| {
-                self.clock.check(h)
-            });
+            let plan = apply::plan_run(
+                run,
+                self.id,
+                own.get(&run.scope, self.id),
+                |h| self.clock.check(h),
+                |key, _| !staged.contains(&(run.scope.clone(), key.clone())),
+            );
             batch.upserts.extend(plan.upserts);
             batch.advances.extend(plan.advance);
             halts.extend(plan.halt);
@@ -720,6 +938,7 @@ impl SyncEngine {
         batch.durability = self.durability_for(page.more, batch.upserts.len());
         let report = self.store.commit(&batch)?;
         self.note_commit(batch.durability, batch.upserts.len());
+        self.remove_unreferenced(&report.unreferenced);
         Ok(Applied {
             received,
             applied: report.applied.len(),
@@ -782,6 +1001,8 @@ impl SyncEngine {
             &request.watermarks,
             self.page_limits(limit),
             &deferred,
+            &|b: &BlobRef| self.blobs.contains(&b.hash).unwrap_or(false),
+            &mut BTreeSet::new(),
         )?;
         drop(read);
         // What the initiator will hold once it applies our page; if it does not (a halt, a
@@ -822,5 +1043,29 @@ impl Responder for SyncEngine {
 
     fn respond(&self, request: ExchangeRequest) -> std::result::Result<ExchangeResponse, Refusal> {
         self.answer(request).map_err(|e: Error| Refusal::from(&e))
+    }
+
+    fn blobs_present(&self, hashes: &[Hash]) -> std::result::Result<Vec<bool>, Refusal> {
+        hashes
+            .iter()
+            .map(|h| self.blobs.contains(h).map_err(Refusal::from))
+            .collect()
+    }
+
+    fn open_blob(
+        &self,
+        hash: &Hash,
+    ) -> std::result::Result<Option<crate::blob::BlobReader>, Refusal> {
+        self.blobs.open(hash).map_err(Refusal::from)
+    }
+
+    fn accept_blob(
+        &self,
+        blob: &BlobRef,
+        content: &mut dyn Read,
+    ) -> std::result::Result<(), Refusal> {
+        write_blob(&*self.blobs, content, Some(blob))
+            .map(drop)
+            .map_err(Refusal::from)
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use crate::error::StoreError;
 use crate::hlc::{Hlc, NodeId};
-use crate::record::{Key, Scope};
+use crate::record::{BlobRef, Key, Scope};
 use crate::store::StoreRead;
 use crate::watermark::{Page, Run, ScopedWatermarks};
 
@@ -30,6 +30,8 @@ fn version_size(key: &Key, op: &crate::record::Op) -> usize {
 /// `theirs`, scanning `read` (one snapshot, so marks and versions agree).
 ///
 /// Streams in `deferred` (ones the receiver halted last time) are planned after all others.
+/// A run ends just below any version whose blob is not local (`has_blob`); such streams are
+/// added to `blocked_streams` (the receiver will not catch up on them this round).
 /// For each (scope, origin) where we are ahead, the run covers `(theirs, mine]`: every live
 /// version in that range, ascending. Complete runs claim up to our own mark even when their
 /// last live version is older (later ones were superseded), and origins with nothing live
@@ -44,6 +46,8 @@ pub fn plan_page(
     theirs: &ScopedWatermarks,
     limits: PageLimits,
     deferred: &BTreeSet<(Scope, NodeId)>,
+    has_blob: &dyn Fn(&BlobRef) -> bool,
+    blocked_streams: &mut BTreeSet<(Scope, NodeId)>,
 ) -> Result<Page, StoreError> {
     let mut page = Page::default();
     let (mut count, mut bytes) = (0usize, 0usize);
@@ -75,7 +79,16 @@ pub fn plan_page(
             top: my_top,
             versions: Vec::new(),
         };
+        let mut blocked = false;
         for (key, version) in found.into_iter().take(room) {
+            // IMPORTANT: never ship a version whose blob we lack (it can be under our mark
+            // when a peer's claim passed it while it was superseded there): the run ends
+            // just below it, and the stream resumes once the blob lands or the version is
+            // superseded here too.
+            if version.blob().is_some_and(|b| !has_blob(b)) {
+                blocked = true;
+                break;
+            }
             let size = version_size(&key, &version.op);
             if count > 0 && bytes + size > limits.bytes {
                 cut = true;
@@ -84,6 +97,17 @@ pub fn plan_page(
             bytes += size;
             count += 1;
             run.versions.push((key, version));
+        }
+        if blocked {
+            blocked_streams.insert((scope.clone(), origin));
+        }
+        if blocked && !cut {
+            if let Some(last) = run.versions.last().map(|(_, v)| v.hlc) {
+                bytes += RUN_OVERHEAD;
+                run.top = last;
+                page.runs.push(run);
+            }
+            continue;
         }
         if cut {
             if let Some(last) = run.versions.last().map(|(_, v)| v.hlc) {

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, Store, StoreRead, TxnOps};
 use crate::error::StoreError;
+use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope, Version};
 use crate::watermark::ScopedWatermarks;
@@ -20,6 +21,7 @@ struct State {
     live: BTreeMap<(Scope, NodeId, u64), Key>,
     marks: ScopedWatermarks,
     peers: BTreeMap<NodeId, ScopedWatermarks>,
+    blob_refs: BTreeMap<Hash, u64>,
 }
 
 /// A store held in memory. Commits are atomic (applied under one write lock by infallible
@@ -121,6 +123,10 @@ impl StoreRead for Reader {
         Ok(out)
     }
 
+    fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
+        Ok(self.0.blob_refs.get(hash).copied().unwrap_or(0))
+    }
+
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
         let mut out: Vec<Scope> = self.0.marks.iter().map(|(s, _)| s.clone()).collect();
         let mut next = self.0.records.keys().next().map(|(s, _)| s.clone());
@@ -205,6 +211,17 @@ impl TxnOps for State {
     fn raise_clock(&mut self, time: u64) -> Result<(), StoreError> {
         self.clock = self.clock.max(time);
         Ok(())
+    }
+
+    fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError> {
+        let count = self.blob_refs.get(hash).copied().unwrap_or(0);
+        let next = count.saturating_add_signed(delta);
+        if next == 0 {
+            self.blob_refs.remove(hash);
+        } else {
+            self.blob_refs.insert(*hash, next);
+        }
+        Ok(next)
     }
 }
 

@@ -15,6 +15,9 @@
 //! - Upserts merge by last-write-wins inside the transaction: the stored version changes iff
 //!   the incoming Hlc is greater. The live-version index always holds exactly one entry
 //!   `(scope, origin, hlc) -> key` per stored version.
+//! - The blob reference count of a hash equals the number of stored versions pointing at
+//!   it; a commit reports the hashes whose count fell to zero
+//!   ([`BatchReport::unreferenced`]).
 //! - An [`Advance`] moves `W[scope][origin]` to `top` only if `base <= W` at commit time (no
 //!   gap), and never lowers it.
 //!
@@ -28,6 +31,7 @@ pub use self::mem::MemStore;
 pub use self::redb::RedbStore;
 
 use crate::error::StoreError;
+use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::merge;
 use crate::record::{Key, Scope, Version};
@@ -103,6 +107,8 @@ pub struct BatchReport {
     pub applied: Vec<usize>,
     /// For each advance, whether its condition held (`base <= W`).
     pub advanced: Vec<bool>,
+    /// Blobs that no stored version references any more after this batch.
+    pub unreferenced: Vec<Hash>,
 }
 
 /// Which keys a scan returns.
@@ -161,6 +167,12 @@ pub trait StoreRead {
         upto: Hlc,
         limit: usize,
     ) -> Result<Vec<(Key, Version)>, StoreError>;
+
+    /// How many stored versions reference the blob `hash`.
+    ///
+    /// # Errors
+    /// A backend failure.
+    fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError>;
 
     /// Every scope that holds records or watermarks, in order.
     ///
@@ -243,6 +255,8 @@ trait TxnOps {
     fn set_mark(&mut self, scope: &Scope, mark: Hlc) -> Result<(), StoreError>;
     fn replace_peer_marks(&mut self, knowledge: &PeerKnowledge) -> Result<(), StoreError>;
     fn raise_clock(&mut self, time: u64) -> Result<(), StoreError>;
+    /// Adds `delta` to the blob's reference count and returns the new count.
+    fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError>;
 }
 
 /// IMPORTANT: callers run this inside one transaction; upserts and the watermark advances
@@ -254,8 +268,16 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
         if !merge::supersedes(version, stored.as_ref()) {
             continue;
         }
+        if let Some(b) = version.blob() {
+            ops.adjust_blob_refs(&b.hash, 1)?;
+        }
         if let Some(old) = stored {
             ops.remove_live(scope, old.hlc)?;
+            if let Some(b) = old.blob() {
+                if ops.adjust_blob_refs(&b.hash, -1)? == 0 {
+                    report.unreferenced.push(b.hash);
+                }
+            }
         }
         ops.put_record(scope, key, version)?;
         ops.insert_live(scope, version.hlc, key)?;

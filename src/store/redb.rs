@@ -16,6 +16,7 @@ use super::{
     apply_batch, Batch, BatchReport, Durability, KeyRange, PeerKnowledge, Store, StoreRead, TxnOps,
 };
 use crate::error::StoreError;
+use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope, Version};
 use crate::watermark::ScopedWatermarks;
@@ -35,6 +36,9 @@ const MARKS: TableDefinition<&[u8], u64> = TableDefinition::new("watermarks-v1")
 /// peer -> 0 (the peer was met), and peer | scope | origin -> time: what we learned of each
 /// peer's watermarks.
 const PEER_MARKS: TableDefinition<&[u8], u64> = TableDefinition::new("peer-watermarks-v1");
+
+/// blake3 hash (32 bytes) -> number of stored versions referencing the blob (absent = 0).
+const BLOB_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("blob-refs-v1");
 
 /// A store in one redb file.
 pub struct RedbStore {
@@ -148,6 +152,7 @@ impl RedbStore {
             txn.open_table(LIVE)?;
             txn.open_table(MARKS)?;
             txn.open_table(PEER_MARKS)?;
+            txn.open_table(BLOB_REFS)?;
         }
         txn.commit()?;
         Ok(())
@@ -161,6 +166,7 @@ struct Reader {
     live: ReadOnlyTable<&'static [u8], &'static [u8]>,
     marks: ReadOnlyTable<&'static [u8], u64>,
     peers: ReadOnlyTable<&'static [u8], u64>,
+    blob_refs: ReadOnlyTable<&'static [u8], u64>,
 }
 
 fn read_marks<'a>(
@@ -283,6 +289,13 @@ impl StoreRead for Reader {
         Ok(out)
     }
 
+    fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
+        Ok(self
+            .blob_refs
+            .get(hash.as_bytes().as_slice())?
+            .map_or(0, |g| g.value()))
+    }
+
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
         let mut out: Vec<Scope> = self.watermarks()?.iter().map(|(s, _)| s.clone()).collect();
         // Skip from one scope's key range to the next: O(scopes), not O(records).
@@ -336,6 +349,7 @@ struct Writer<'t> {
     live: Table<'t, &'static [u8], &'static [u8]>,
     marks: Table<'t, &'static [u8], u64>,
     peers: Table<'t, &'static [u8], u64>,
+    blob_refs: Table<'t, &'static [u8], u64>,
 }
 
 impl<'t> Writer<'t> {
@@ -346,6 +360,7 @@ impl<'t> Writer<'t> {
             live: txn.open_table(LIVE)?,
             marks: txn.open_table(MARKS)?,
             peers: txn.open_table(PEER_MARKS)?,
+            blob_refs: txn.open_table(BLOB_REFS)?,
         })
     }
 }
@@ -444,6 +459,17 @@ impl TxnOps for Writer<'_> {
         }
         Ok(())
     }
+    fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError> {
+        let key = hash.as_bytes().as_slice();
+        let count = self.blob_refs.get(key)?.map_or(0, |g| g.value());
+        let next = count.saturating_add_signed(delta);
+        if next == 0 {
+            self.blob_refs.remove(key)?;
+        } else {
+            self.blob_refs.insert(key, next)?;
+        }
+        Ok(next)
+    }
 }
 
 impl Store for RedbStore {
@@ -455,6 +481,7 @@ impl Store for RedbStore {
             live: txn.open_table(LIVE)?,
             marks: txn.open_table(MARKS)?,
             peers: txn.open_table(PEER_MARKS)?,
+            blob_refs: txn.open_table(BLOB_REFS)?,
             _txn: txn,
         }))
     }

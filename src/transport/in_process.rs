@@ -1,10 +1,14 @@
 //! The in-process transport: calls a responder directly, through the real wire codec.
 
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Responder, Transport};
+use crate::blob::{copy_chunks, CopyError};
 use crate::error::TransportError;
+use crate::hash::Hash;
 use crate::hlc::NodeId;
+use crate::record::BlobRef;
 use crate::wire::{self, ExchangeRequest, ExchangeResponse};
 
 /// Bytes and requests that went over a transport.
@@ -20,6 +24,14 @@ pub struct WireStats {
     pub last_request: u64,
     /// Encoded size of the last response.
     pub last_response: u64,
+    /// `blobs_present` questions asked.
+    pub blob_queries: u64,
+    /// Blobs fetched from the responder.
+    pub blob_fetches: u64,
+    /// Blobs pushed to the responder.
+    pub blob_pushes: u64,
+    /// Blob bytes moved either way.
+    pub blob_bytes: u64,
 }
 
 /// Reaches a responder in the same process. Requests and responses are encoded and decoded
@@ -31,6 +43,10 @@ pub struct InProcess<R> {
     received: AtomicU64,
     last_request: AtomicU64,
     last_response: AtomicU64,
+    blob_queries: AtomicU64,
+    blob_fetches: AtomicU64,
+    blob_pushes: AtomicU64,
+    blob_bytes: AtomicU64,
 }
 
 impl<R: Responder> InProcess<R> {
@@ -43,6 +59,10 @@ impl<R: Responder> InProcess<R> {
             received: AtomicU64::new(0),
             last_request: AtomicU64::new(0),
             last_response: AtomicU64::new(0),
+            blob_queries: AtomicU64::new(0),
+            blob_fetches: AtomicU64::new(0),
+            blob_pushes: AtomicU64::new(0),
+            blob_bytes: AtomicU64::new(0),
         }
     }
 
@@ -59,6 +79,10 @@ impl<R: Responder> InProcess<R> {
             bytes_received: self.received.load(Ordering::Relaxed),
             last_request: self.last_request.load(Ordering::Relaxed),
             last_response: self.last_response.load(Ordering::Relaxed),
+            blob_queries: self.blob_queries.load(Ordering::Relaxed),
+            blob_fetches: self.blob_fetches.load(Ordering::Relaxed),
+            blob_pushes: self.blob_pushes.load(Ordering::Relaxed),
+            blob_bytes: self.blob_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -91,5 +115,60 @@ impl<R: Responder> Transport for InProcess<R> {
 
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
         self.round_trip(&request)
+    }
+
+    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
+        self.blob_queries.fetch_add(1, Ordering::Relaxed);
+        Ok(self.peer.blobs_present(&hashes)?)
+    }
+
+    async fn fetch_blob(
+        &self,
+        blob: BlobRef,
+        into: &mut (dyn Write + Send),
+    ) -> Result<(), TransportError> {
+        self.blob_fetches.fetch_add(1, Ordering::Relaxed);
+        let (_, mut reader) = self
+            .peer
+            .open_blob(&blob.hash)?
+            .ok_or(TransportError::BlobNotFound { hash: blob.hash })?;
+        let n = copy_chunks(&mut reader, into).map_err(|e| TransportError::BlobTransfer {
+            hash: blob.hash,
+            reason: match e {
+                CopyError::Read(e) => format!("reading at the peer: {e}"),
+                CopyError::Write(e) => format!("writing locally: {e}"),
+            },
+        })?;
+        self.blob_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn push_blob(
+        &self,
+        blob: BlobRef,
+        content: Box<dyn Read + Send>,
+    ) -> Result<(), TransportError> {
+        self.blob_pushes.fetch_add(1, Ordering::Relaxed);
+        let mut counted = Counted {
+            inner: content,
+            n: 0,
+        };
+        let result = self.peer.accept_blob(&blob, &mut counted);
+        self.blob_bytes.fetch_add(counted.n, Ordering::Relaxed);
+        Ok(result?)
+    }
+}
+
+/// Counts the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
     }
 }

@@ -9,13 +9,16 @@ mod in_process;
 pub use self::in_process::{InProcess, WireStats};
 
 use std::future::Future;
+use std::io::{Read, Write};
 
 use crate::error::{Error, TransportError};
+use crate::hash::Hash;
 use crate::hlc::NodeId;
+use crate::record::BlobRef;
 use crate::wire::{ExchangeRequest, ExchangeResponse};
 
 /// The initiator's side of a round. Implementations retry nothing: the scheduler owns
-/// retries.
+/// retries. All blob traffic is started by the initiator, so a node behind NAT can sync.
 pub trait Transport: Send + Sync {
     /// The responder's id, once known (the engine ships nothing before it is).
     fn peer_id(&self) -> Option<NodeId>;
@@ -25,6 +28,27 @@ pub trait Transport: Send + Sync {
         &self,
         request: ExchangeRequest,
     ) -> impl Future<Output = Result<ExchangeResponse, TransportError>> + Send;
+
+    /// Which of `hashes` the responder holds, in order.
+    fn blobs_present(
+        &self,
+        hashes: Vec<Hash>,
+    ) -> impl Future<Output = Result<Vec<bool>, TransportError>> + Send;
+
+    /// Streams the responder's blob into `into`, in chunks. The caller verifies the bytes.
+    fn fetch_blob(
+        &self,
+        blob: BlobRef,
+        into: &mut (dyn Write + Send),
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Streams `content` to the responder as blob `blob`; the responder verifies it and
+    /// stores it only if it matches.
+    fn push_blob(
+        &self,
+        blob: BlobRef,
+        content: Box<dyn Read + Send>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
 }
 
 /// The responder's side of a round.
@@ -37,6 +61,24 @@ pub trait Responder: Send + Sync {
     /// # Errors
     /// A [`Refusal`] to send back instead of a response.
     fn respond(&self, request: ExchangeRequest) -> Result<ExchangeResponse, Refusal>;
+
+    /// Which of `hashes` are stored here, in order.
+    ///
+    /// # Errors
+    /// A [`Refusal`].
+    fn blobs_present(&self, hashes: &[Hash]) -> Result<Vec<bool>, Refusal>;
+
+    /// The blob's size and a chunked reader over it, or `None` if it is not stored.
+    ///
+    /// # Errors
+    /// A [`Refusal`].
+    fn open_blob(&self, hash: &Hash) -> Result<Option<crate::blob::BlobReader>, Refusal>;
+
+    /// Stores `content` as blob `blob` if its bytes hash to it (and have its size).
+    ///
+    /// # Errors
+    /// A [`Refusal`]: `BadRequest` for content that does not match (nothing is stored).
+    fn accept_blob(&self, blob: &BlobRef, content: &mut dyn Read) -> Result<(), Refusal>;
 }
 
 impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
@@ -46,6 +88,18 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
 
     fn respond(&self, request: ExchangeRequest) -> Result<ExchangeResponse, Refusal> {
         (**self).respond(request)
+    }
+
+    fn blobs_present(&self, hashes: &[Hash]) -> Result<Vec<bool>, Refusal> {
+        (**self).blobs_present(hashes)
+    }
+
+    fn open_blob(&self, hash: &Hash) -> Result<Option<crate::blob::BlobReader>, Refusal> {
+        (**self).open_blob(hash)
+    }
+
+    fn accept_blob(&self, blob: &BlobRef, content: &mut dyn Read) -> Result<(), Refusal> {
+        (**self).accept_blob(blob, content)
     }
 }
 
@@ -80,6 +134,10 @@ impl From<&Error> for Refusal {
             Error::Protocol(p) => (RefusalCode::BadRequest, p.to_string()),
             Error::Input(i) => (RefusalCode::BadRequest, i.to_string()),
             Error::Clock(c) => (RefusalCode::Unavailable, c.to_string()),
+            Error::Blob(
+                b @ (crate::blob::BlobError::HashMismatch { .. }
+                | crate::blob::BlobError::SizeMismatch { .. }),
+            ) => (RefusalCode::BadRequest, b.to_string()),
             _ => (RefusalCode::Internal, "internal error".to_owned()),
         };
         Refusal { code, reason }

@@ -1,0 +1,352 @@
+//! The filesystem blob store: one file per blob under a two-level fan-out.
+//!
+//! Layout under the store's directory:
+//!
+//! ```text
+//! <dir>/<hex[0..2]>/<hex[2..4]>/<hex>   a blob, named by the 64 hex digits of its hash
+//! <dir>/tmp/<random>                    a blob being written
+//! ```
+//!
+//! A writer hashes the bytes as they go into a file under `tmp/`; `finish` verifies them,
+//! fsyncs the file, renames it into place and fsyncs the directory that received it, so a
+//! blob is visible only complete and verified, and stays so after a crash. A crash mid-write
+//! leaves a file under `tmp/`, which [`FsBlobStore::open`] deletes: one store per directory
+//! at a time.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use super::{verify, BlobError, BlobStore, BlobWriter, CHUNK};
+use crate::hash::Hash;
+use crate::record::BlobRef;
+
+/// The directory of blobs being written.
+const TMP_DIR: &str = "tmp";
+
+/// Blobs as files in a directory (see the module docs for the layout).
+#[derive(Debug)]
+pub struct FsBlobStore {
+    root: PathBuf,
+}
+
+impl FsBlobStore {
+    /// Opens the store in `dir`, creating the directory if needed, and deletes the
+    /// temporary files an interrupted write left behind.
+    ///
+    /// Only one store may use a directory at a time: opening a second one would delete the
+    /// first one's writes in progress.
+    ///
+    /// # Errors
+    /// The directory cannot be created or its `tmp/` cannot be cleaned.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, BlobError> {
+        let root = dir.as_ref().to_path_buf();
+        let tmp = root.join(TMP_DIR);
+        fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+        remove_leftovers(&tmp)?;
+        Ok(FsBlobStore { root })
+    }
+
+    fn path_of(&self, hash: &Hash) -> PathBuf {
+        blob_path(&self.root, hash)
+    }
+}
+
+impl BlobStore for FsBlobStore {
+    fn contains(&self, hash: &Hash) -> Result<bool, BlobError> {
+        let path = self.path_of(hash);
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(BlobError::Io { path, source: e }),
+        }
+    }
+
+    fn open(&self, hash: &Hash) -> Result<Option<crate::blob::BlobReader>, BlobError> {
+        let path = self.path_of(hash);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BlobError::Io { path, source: e }),
+        };
+        let size = file.metadata().map_err(io_at(&path))?.len();
+        Ok(Some((size, Box::new(BufReader::new(file)))))
+    }
+
+    fn writer(&self) -> Result<Box<dyn BlobWriter>, BlobError> {
+        let tmp = self.root.join(TMP_DIR).join(temp_name());
+        // `create_new`: a name collision fails instead of sharing another writer's file.
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        Ok(Box::new(FsBlobWriter {
+            file: Some(BufWriter::with_capacity(CHUNK, file)),
+            hasher: blake3::Hasher::new(),
+            size: 0,
+            tmp,
+            root: self.root.clone(),
+            published: false,
+        }))
+    }
+
+    fn remove(&self, hash: &Hash) -> Result<bool, BlobError> {
+        let path = self.path_of(hash);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(BlobError::Io { path, source: e }),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<(Hash, u64)>, BlobError> {
+        let mut blobs = Vec::new();
+        for (first, first_path) in fanout_dirs(&self.root)? {
+            for (second, second_path) in fanout_dirs(&first_path)? {
+                list_leaf(&second_path, &format!("{first}{second}"), &mut blobs)?;
+            }
+        }
+        blobs.sort_unstable();
+        Ok(blobs)
+    }
+}
+
+/// A blob being written to a temporary file; see [`BlobWriter`].
+struct FsBlobWriter {
+    /// `None` once `finish` took it (or while dropping).
+    file: Option<BufWriter<File>>,
+    /// Updated with exactly the bytes the file accepted.
+    hasher: blake3::Hasher,
+    size: u64,
+    tmp: PathBuf,
+    root: PathBuf,
+    /// The temporary file was renamed into place (or deleted): nothing to clean up.
+    published: bool,
+}
+
+impl FsBlobWriter {
+    fn file(&mut self) -> io::Result<&mut BufWriter<File>> {
+        self.file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer already finished"))
+    }
+
+    /// Flushes and fsyncs the temporary file and returns what it holds.
+    fn seal(&mut self) -> Result<BlobRef, BlobError> {
+        let writer = self.file.take().ok_or_else(|| BlobError::Io {
+            path: self.tmp.clone(),
+            source: io::Error::other("blob writer already finished"),
+        })?;
+        let file = writer.into_inner().map_err(|e| BlobError::Io {
+            path: self.tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_at(&self.tmp))?;
+        Ok(BlobRef {
+            hash: self.hasher.finalize().into(),
+            size: self.size,
+        })
+    }
+
+    /// Moves the sealed temporary file to `final_path`, or drops it if the blob is there.
+    fn publish(&mut self, final_path: &Path) -> Result<(), BlobError> {
+        if final_path.is_file() {
+            // Content-addressed: the stored file holds these very bytes.
+            fs::remove_file(&self.tmp).map_err(io_at(&self.tmp))?;
+            self.published = true;
+            return Ok(());
+        }
+        let parent = final_path
+            .parent()
+            .expect("a blob path has fan-out parents");
+        create_fanout(&self.root, parent)?;
+        fs::rename(&self.tmp, final_path).map_err(io_at(final_path))?;
+        self.published = true;
+        // IMPORTANT: the rename is durable only once the directory holding it is synced.
+        sync_dir(parent)
+    }
+}
+
+impl Write for FsBlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file()?.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file()?.flush()
+    }
+}
+
+impl BlobWriter for FsBlobWriter {
+    fn finish(mut self: Box<Self>, expected: Option<&BlobRef>) -> Result<BlobRef, BlobError> {
+        // On any error below, `Drop` deletes the temporary file.
+        let blob = self.seal()?;
+        verify(&blob, expected)?;
+        let final_path = blob_path(&self.root, &blob.hash);
+        self.publish(&final_path)?;
+        Ok(blob)
+    }
+}
+
+impl Drop for FsBlobWriter {
+    fn drop(&mut self) {
+        if let Some(writer) = self.file.take() {
+            // Discard the buffer rather than flush bytes that are about to be deleted.
+            let (file, _unwritten) = writer.into_parts();
+            drop(file);
+        }
+        if !self.published {
+            // Best effort: a file that survives is deleted by the next `open`.
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Where the blob `hash` lives: `<root>/<hex[0..2]>/<hex[2..4]>/<hex>`. Derived only from
+/// a [`Hash`](struct@Hash), whose `Display` is 64 lowercase hex digits, so it never leaves
+/// `root`.
+fn blob_path(root: &Path, hash: &Hash) -> PathBuf {
+    let hex = hash.to_string();
+    root.join(&hex[..2]).join(&hex[2..4]).join(&hex)
+}
+
+/// A fresh name for a temporary file.
+fn temp_name() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Deletes every file in `tmp` (writes a crash interrupted).
+fn remove_leftovers(tmp: &Path) -> Result<(), BlobError> {
+    for entry in fs::read_dir(tmp).map_err(io_at(tmp))? {
+        let entry = entry.map_err(io_at(tmp))?;
+        let path = entry.path();
+        if entry.file_type().map_err(io_at(&path))?.is_dir() {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BlobError::Io { path, source: e }),
+        }
+    }
+    Ok(())
+}
+
+/// The subdirectories of `dir` named like a fan-out level (two lowercase hex digits).
+fn fanout_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>, BlobError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_at(dir))? {
+        let entry = entry.map_err(io_at(dir))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let is_hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+        if name.len() != 2 || !name.chars().all(is_hex) {
+            continue;
+        }
+        if entry.file_type().map_err(io_at(&entry.path()))?.is_dir() {
+            out.push((name, entry.path()));
+        }
+    }
+    Ok(out)
+}
+
+/// Adds to `out` the blobs of one leaf directory whose hashes start with `prefix`. Names
+/// are never trusted: anything that is not a regular file named by a hash with that prefix
+/// (so that `contains` would find it) is skipped.
+fn list_leaf(dir: &Path, prefix: &str, out: &mut Vec<(Hash, u64)>) -> Result<(), BlobError> {
+    for entry in fs::read_dir(dir).map_err(io_at(dir))? {
+        let entry = entry.map_err(io_at(dir))?;
+        let Some(hash) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<Hash>().ok())
+        else {
+            continue;
+        };
+        if !hash.to_string().starts_with(prefix) {
+            continue;
+        }
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            // Removed while we were listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(BlobError::Io {
+                    path: entry.path(),
+                    source: e,
+                })
+            }
+        };
+        if meta.is_file() {
+            out.push((hash, meta.len()));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the fan-out directories from `root` down to `leaf`, syncing the parent of each
+/// directory this call creates so the new entries survive a crash.
+fn create_fanout(root: &Path, leaf: &Path) -> Result<(), BlobError> {
+    let first = leaf
+        .parent()
+        .expect("a leaf fan-out directory has a parent");
+    for (dir, parent) in [(first, root), (leaf, first)] {
+        match fs::create_dir(dir) {
+            Ok(()) => sync_dir(parent)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(BlobError::Io {
+                    path: dir.to_path_buf(),
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the entries of `dir` durable.
+///
+/// # Errors
+/// The directory cannot be opened or synced. A filesystem that does not support syncing a
+/// directory is not an error.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> Result<(), BlobError> {
+    let handle = File::open(dir).map_err(io_at(dir))?;
+    match handle.sync_all() {
+        Ok(()) => Ok(()),
+        // EINVAL: this filesystem cannot sync a directory.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(BlobError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Makes the entries of `dir` durable: a no-op where a directory cannot be opened as a file
+/// to sync it (Windows).
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> Result<(), BlobError> {
+    Ok(())
+}
+
+/// Wraps an I/O error with the path it concerns.
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
+    move |source| BlobError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

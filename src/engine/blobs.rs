@@ -1,0 +1,214 @@
+//! Blob transfers within a round, and keeping blobs alive while they are in use.
+//!
+//! Before the initiator sends a page, it asks the responder which of the page's blobs it
+//! lacks and uploads only those (destination short-circuit). After it receives the
+//! responder's page, and before applying it, it fetches the blobs of the versions it will
+//! keep and does not hold. Each hash moves at most once per round, a hash already being
+//! fetched by another round is not fetched again (in-flight dedupe: that round's version
+//! stays Staged and the next round finds the blob), and at most [`TRANSFER_CONCURRENCY`]
+//! transfers run at once. A blob that could not be had leaves its version Staged, and the
+//! run's watermark stops just below it (see `apply::plan_run`).
+//!
+//! Pins protect blobs from removal between their arrival and the commit that references
+//! them: a blob whose reference count falls to zero is removed only if nothing pins it.
+
+use std::collections::{BTreeSet, HashSet};
+
+use futures_util::stream::{self, StreamExt};
+
+use super::SyncEngine;
+use crate::blob::BlobError;
+use crate::error::TransportError;
+use crate::hash::Hash;
+use crate::record::{BlobRef, Key, Scope};
+use crate::transport::Transport;
+use crate::watermark::Page;
+
+/// Transfers running at once in one round.
+pub const TRANSFER_CONCURRENCY: usize = 4;
+
+/// Keeps a blob from being removed while it lives.
+pub(crate) struct Pin<'a> {
+    engine: &'a SyncEngine,
+    hash: Hash,
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        let mut pins = super::lock(&self.engine.pins);
+        if let Some(n) = pins.get_mut(&self.hash) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// Marks a fetch of a hash in flight; released when the fetch ends.
+struct InFlight<'a> {
+    engine: &'a SyncEngine,
+    hash: Hash,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        super::lock(&self.engine.in_flight).remove(&self.hash);
+    }
+}
+
+/// The distinct blobs referenced by a page's versions.
+fn page_blobs(page: &Page) -> Vec<BlobRef> {
+    let mut seen = HashSet::new();
+    page.runs
+        .iter()
+        .flat_map(|r| r.versions.iter())
+        .filter_map(|(_, v)| v.blob().copied())
+        .filter(|b| seen.insert(b.hash))
+        .collect()
+}
+
+impl SyncEngine {
+    /// Pins `hash` against removal until the returned guard drops.
+    pub(crate) fn pin(&self, hash: Hash) -> Pin<'_> {
+        *super::lock(&self.pins).entry(hash).or_insert(0) += 1;
+        Pin { engine: self, hash }
+    }
+
+    fn claim_fetch(&self, hash: Hash) -> Option<InFlight<'_>> {
+        super::lock(&self.in_flight)
+            .insert(hash)
+            .then_some(InFlight { engine: self, hash })
+    }
+
+    /// Removes blobs that lost their last reference, unless a transfer or write pins them.
+    pub(crate) fn remove_unreferenced(&self, hashes: &[Hash]) {
+        for hash in hashes {
+            // Best effort: a blob left behind is found again by `collect_garbage`.
+            let _ = self.remove_if_unused(hash);
+        }
+    }
+
+    /// Removes `hash` if nothing pins it and no stored version references it. Returns
+    /// whether it was removed.
+    ///
+    /// IMPORTANT: the pin table stays locked from the check to the removal, so a transfer
+    /// or write that pins the hash either comes first (and the blob stays) or after (and
+    /// finds it gone, and fetches or writes it again).
+    pub(crate) fn remove_if_unused(&self, hash: &Hash) -> crate::Result<bool> {
+        let pins = super::lock(&self.pins);
+        if pins.contains_key(hash) || self.store.read()?.blob_refs(hash)? > 0 {
+            return Ok(false);
+        }
+        let removed = self.blobs.remove(hash)?;
+        drop(pins);
+        Ok(removed)
+    }
+
+    /// Uploads the blobs of `page` that the responder lacks. Returns how many were pushed.
+    /// Failures are not errors here: the responder applies those versions as Staged and
+    /// reports the halt, and the next round retries.
+    pub(crate) async fn push_blobs<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        page: &Page,
+    ) -> Result<usize, TransportError> {
+        let blobs = page_blobs(page);
+        if blobs.is_empty() {
+            return Ok(0);
+        }
+        let present = transport
+            .blobs_present(blobs.iter().map(|b| b.hash).collect())
+            .await?;
+        let missing: Vec<BlobRef> = blobs
+            .into_iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(b, _)| b)
+            .collect();
+        let pushed = stream::iter(missing)
+            .map(|blob| async move {
+                let Ok(Some((_, reader))) = self.blobs.open(&blob.hash) else {
+                    return false;
+                };
+                transport.push_blob(blob, reader).await.is_ok()
+            })
+            .buffer_unordered(TRANSFER_CONCURRENCY)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await;
+        Ok(pushed)
+    }
+
+    /// The blobs of `page` this node will keep (versions at least as new as what it
+    /// stores) and does not hold.
+    pub(crate) fn needed_blobs(&self, page: &Page) -> crate::Result<Vec<BlobRef>> {
+        let read = self.store.read()?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for run in &page.runs {
+            for (key, v) in &run.versions {
+                let Some(blob) = v.blob() else { continue };
+                let keeps = read.get(&run.scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
+                if keeps && seen.insert(blob.hash) && !self.blobs.contains(&blob.hash)? {
+                    out.push(*blob);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fetches `blobs` from the responder, verifying each; returns pins on the blobs that
+    /// arrived (hold them until the page that references them is committed).
+    pub(crate) async fn fetch_blobs<'a, T: Transport + ?Sized>(
+        &'a self,
+        transport: &T,
+        blobs: Vec<BlobRef>,
+    ) -> Vec<Pin<'a>> {
+        stream::iter(blobs)
+            .map(|blob| async move {
+                let _claim = self.claim_fetch(blob.hash)?;
+                let pin = self.pin(blob.hash);
+                self.fetch_one(transport, blob).await.ok().map(|()| pin)
+            })
+            .buffer_unordered(TRANSFER_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
+    }
+
+    async fn fetch_one<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        blob: BlobRef,
+    ) -> crate::Result<()> {
+        let mut writer = self.blobs.writer()?;
+        transport.fetch_blob(blob, &mut writer).await?;
+        // IMPORTANT: verified before it becomes visible; a mismatch stores nothing.
+        writer.finish(Some(&blob))?;
+        Ok(())
+    }
+
+    /// The (scope, key) of versions in `page` whose needed blob is not local: they will be
+    /// applied as Staged, and their runs' marks stop below them.
+    pub(crate) fn staged_keys(&self, page: &Page) -> crate::Result<BTreeSet<(Scope, Key)>> {
+        let read = self.store.read()?;
+        let mut out = BTreeSet::new();
+        for run in &page.runs {
+            for (key, v) in &run.versions {
+                let Some(blob) = v.blob() else { continue };
+                let keeps = read.get(&run.scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
+                if keeps && !self.blobs.contains(&blob.hash)? {
+                    out.insert((run.scope.clone(), key.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl From<BlobError> for crate::transport::Refusal {
+    fn from(e: BlobError) -> Self {
+        crate::transport::Refusal::from(&crate::Error::Blob(e))
+    }
+}
