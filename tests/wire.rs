@@ -286,6 +286,34 @@ fn golden_response_is_pinned() -> TestResult {
     Ok(())
 }
 
+/// The blob halt is `HaltReason` tag 2 followed by the 32 hash bytes; pinned on its own
+/// because the round-trip generators do not produce it.
+#[test]
+fn blob_unavailable_halt_is_pinned() -> TestResult {
+    let hash = Hash::from_bytes([0xab; 32]);
+    let halt = Halt {
+        scope: Scope::shared(),
+        origin: id(1),
+        reason: HaltReason::BlobUnavailable { hash },
+    };
+    let response = ExchangeResponse {
+        from: id(2),
+        watermarks: ScopedWatermarks::new(),
+        page: Page::default(),
+        halts: vec![halt],
+    };
+    let bytes = wire::encode(&response);
+    // ... halts: len 1 | scope "shared" (len 6) | origin 16 x 01 | tag 2 | 32 x ab
+    let mut tail = vec![1u8, 6];
+    tail.extend_from_slice(b"shared");
+    tail.extend_from_slice(&[1; 16]);
+    tail.push(2);
+    tail.extend_from_slice(&[0xab; 32]);
+    assert!(bytes.ends_with(&tail), "{}", hex(&bytes));
+    assert_eq!(wire::decode::<ExchangeResponse>(&bytes)?, response);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Round trip
 

@@ -111,11 +111,10 @@ pub fn plan_run(
         }
         accepted += 1;
         if first_halt.is_none() && !blob_ready(key, v) {
-            let hash = v
-                .blob()
-                .map(|b| b.hash)
-                .expect("only versions with a blob can lack one");
-            first_halt = Some((i, halt_for(HaltReason::BlobUnavailable { hash })));
+            if let Some(blob) = v.blob() {
+                let reason = HaltReason::BlobUnavailable { hash: blob.hash };
+                first_halt = Some((i, halt_for(reason)));
+            }
         }
     }
     if first_halt.is_none() {

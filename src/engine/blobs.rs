@@ -20,6 +20,7 @@ use super::SyncEngine;
 use crate::blob::BlobError;
 use crate::error::TransportError;
 use crate::hash::Hash;
+use crate::hlc::Hlc;
 use crate::record::{BlobRef, Key, Scope};
 use crate::transport::Transport;
 use crate::watermark::Page;
@@ -189,9 +190,9 @@ impl SyncEngine {
         Ok(())
     }
 
-    /// The (scope, key) of versions in `page` whose needed blob is not local: they will be
+    /// The (scope, key, Hlc) of versions in `page` whose needed blob is not local: they will be
     /// applied as Staged, and their runs' marks stop below them.
-    pub(crate) fn staged_keys(&self, page: &Page) -> crate::Result<BTreeSet<(Scope, Key)>> {
+    pub(crate) fn staged_keys(&self, page: &Page) -> crate::Result<BTreeSet<(Scope, Key, Hlc)>> {
         let read = self.store.read()?;
         let mut out = BTreeSet::new();
         for run in &page.runs {
@@ -199,7 +200,7 @@ impl SyncEngine {
                 let Some(blob) = v.blob() else { continue };
                 let keeps = read.get(&run.scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
                 if keeps && !self.blobs.contains(&blob.hash)? {
-                    out.insert((run.scope.clone(), key.clone()));
+                    out.insert((run.scope.clone(), key.clone(), v.hlc));
                 }
             }
         }

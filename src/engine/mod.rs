@@ -148,7 +148,7 @@ pub struct ExchangeOutcome {
     pub applied: usize,
     /// Whether another round would move more (call again at once).
     pub has_more: bool,
-    /// Origins whose streams this node halted (clock skew, own id).
+    /// Origins whose streams this node halted (clock skew, own id, blob unavailable).
     pub halts: Vec<Halt>,
     /// Origins whose streams the peer halted.
     pub peer_halts: Vec<Halt>,
@@ -914,7 +914,7 @@ impl SyncEngine {
                 self.id,
                 own.get(&run.scope, self.id),
                 |h| self.clock.check(h),
-                |key, _| !staged.contains(&(run.scope.clone(), key.clone())),
+                |key, v| !staged.contains(&(run.scope.clone(), key.clone(), v.hlc)),
             );
             batch.upserts.extend(plan.upserts);
             batch.advances.extend(plan.advance);

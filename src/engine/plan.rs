@@ -98,10 +98,10 @@ pub fn plan_page(
             count += 1;
             run.versions.push((key, version));
         }
+        // A blocked run stopped before the end of its scan, so a cut found by the scan
+        // does not apply: later streams are still planned.
         if blocked {
             blocked_streams.insert((scope.clone(), origin));
-        }
-        if blocked && !cut {
             if let Some(last) = run.versions.last().map(|(_, v)| v.hlc) {
                 bytes += RUN_OVERHEAD;
                 run.top = last;
