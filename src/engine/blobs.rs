@@ -98,7 +98,10 @@ impl SyncEngine {
     /// finds it gone, and fetches or writes it again).
     pub(crate) fn remove_if_unused(&self, hash: &Hash) -> crate::Result<bool> {
         let pins = super::lock(&self.pins);
-        if pins.contains_key(hash) || self.store.read()?.blob_refs(hash)? > 0 {
+        let uploaded = super::lock(&self.uploads)
+            .get(hash)
+            .is_some_and(|t| t.elapsed() < super::UPLOAD_GRACE);
+        if uploaded || pins.contains_key(hash) || self.store.read()?.blob_refs(hash)? > 0 {
             return Ok(false);
         }
         let removed = self.blobs.remove(hash)?;

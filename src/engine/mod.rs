@@ -55,6 +55,10 @@ use crate::wire::{ExchangeRequest, ExchangeResponse, ScopeFilter};
 pub use self::blobs::TRANSFER_CONCURRENCY;
 use self::plan::PageLimits;
 
+/// How long a blob a peer uploaded is kept, unreferenced, for the request that will
+/// reference it.
+pub const UPLOAD_GRACE: Duration = Duration::from_secs(600);
+
 /// The blob directory's name inside a node's data directory.
 pub const BLOB_DIR: &str = "blobs";
 
@@ -208,6 +212,8 @@ struct Applied {
 struct Pending {
     versions: usize,
     since: Option<Instant>,
+    /// Blobs unreferenced by deferred commits: removed once those commits are durable.
+    unreferenced: Vec<Hash>,
 }
 
 /// A replica: its store, clock and identity, and the exchange protocol.
@@ -229,6 +235,9 @@ pub struct SyncEngine {
     pins: Mutex<HashMap<Hash, usize>>,
     /// Hashes being fetched by some round right now.
     in_flight: Mutex<HashSet<Hash>>,
+    /// Blobs peers uploaded for a request not yet applied, with when they arrived: kept
+    /// from removal until that request's page commits or [`UPLOAD_GRACE`] ends.
+    uploads: Mutex<HashMap<Hash, Instant>>,
 }
 
 /// A set of (scope, origin) streams.
@@ -352,6 +361,7 @@ impl SyncEngine {
             blobs,
             pins: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
+            uploads: Mutex::new(HashMap::new()),
         })
     }
 
@@ -381,15 +391,22 @@ impl SyncEngine {
         // Keep the blob until the record that references it is committed. (Should a sweep
         // remove identical unreferenced content between `finish` and here, the write below
         // fails cleanly with `BlobNotLocal`.)
-        let _pin = self.pin(blob.hash);
-        self.write(
-            scope,
-            key,
-            Op::Put {
-                value: value.into(),
-                blob: Some(blob),
-            },
-        )
+        let written = {
+            let _pin = self.pin(blob.hash);
+            self.write(
+                scope,
+                key,
+                Op::Put {
+                    value: value.into(),
+                    blob: Some(blob),
+                },
+            )
+        };
+        if written.is_err() {
+            // No record references the new blob (unless another one already did).
+            self.remove_unreferenced(&[blob.hash]);
+        }
+        written
     }
 
     /// Writes a record with a file given as bytes (see [`SyncEngine::put_file`]).
@@ -557,7 +574,8 @@ impl SyncEngine {
         let report = self.store.commit(&batch)?;
         self.remove_unreferenced(&report.unreferenced);
         // A durable commit also made every earlier deferred commit durable.
-        *lock(&self.pending) = Pending::default();
+        let done = std::mem::take(&mut *lock(&self.pending));
+        self.remove_unreferenced(&done.unreferenced);
         Ok(hlcs)
     }
 
@@ -698,7 +716,8 @@ impl SyncEngine {
     /// A store failure.
     pub fn flush(&self) -> Result<()> {
         self.store.flush()?;
-        *lock(&self.pending) = Pending::default();
+        let done = std::mem::take(&mut *lock(&self.pending));
+        self.remove_unreferenced(&done.unreferenced);
         Ok(())
     }
 
@@ -937,8 +956,18 @@ impl SyncEngine {
         batch.peer = Some(knowledge);
         batch.durability = self.durability_for(page.more, batch.upserts.len());
         let report = self.store.commit(&batch)?;
-        self.note_commit(batch.durability, batch.upserts.len());
-        self.remove_unreferenced(&report.unreferenced);
+        {
+            let mut uploads = lock(&self.uploads);
+            for (_, _, v) in &batch.upserts {
+                if let Some(b) = v.blob() {
+                    uploads.remove(&b.hash);
+                }
+            }
+        }
+        // IMPORTANT: a blob unreferenced by a commit a crash may take back is removed only
+        // once that commit is durable.
+        let durable = self.note_commit(batch.durability, batch.upserts.len(), report.unreferenced);
+        self.remove_unreferenced(&durable);
         Ok(Applied {
             received,
             applied: report.applied.len(),
@@ -967,15 +996,28 @@ impl SyncEngine {
         }
     }
 
-    fn note_commit(&self, durability: Durability, versions: usize) {
+    /// Returns the unreferenced blobs that are now safe to remove.
+    fn note_commit(
+        &self,
+        durability: Durability,
+        versions: usize,
+        unreferenced: Vec<Hash>,
+    ) -> Vec<Hash> {
         let mut pending = lock(&self.pending);
         match durability {
-            Durability::Immediate => *pending = Pending::default(),
-            Durability::Deferred if versions > 0 => {
-                pending.versions += versions;
-                pending.since.get_or_insert_with(Instant::now);
+            Durability::Immediate => {
+                let mut done = std::mem::take(&mut *pending).unreferenced;
+                done.extend(unreferenced);
+                done
             }
-            Durability::Deferred => {}
+            Durability::Deferred => {
+                if versions > 0 {
+                    pending.versions += versions;
+                    pending.since.get_or_insert_with(Instant::now);
+                }
+                pending.unreferenced.extend(unreferenced);
+                Vec::new()
+            }
         }
     }
 
@@ -1031,8 +1073,9 @@ impl SyncEngine {
 
 impl Drop for SyncEngine {
     fn drop(&mut self) {
-        // Best effort: a failure here only means applied pages are re-fetched after restart.
-        let _ = self.store.flush();
+        // Best effort: a failure here only means applied pages are re-fetched after restart
+        // (and blobs they unreferenced are left for `collect_garbage`).
+        let _ = self.flush();
     }
 }
 
@@ -1064,8 +1107,10 @@ impl Responder for SyncEngine {
         blob: &BlobRef,
         content: &mut dyn Read,
     ) -> std::result::Result<(), Refusal> {
-        write_blob(&*self.blobs, content, Some(blob))
-            .map(drop)
-            .map_err(Refusal::from)
+        write_blob(&*self.blobs, content, Some(blob)).map_err(Refusal::from)?;
+        let mut uploads = lock(&self.uploads);
+        uploads.retain(|_, arrived| arrived.elapsed() < UPLOAD_GRACE);
+        uploads.insert(blob.hash, Instant::now());
+        Ok(())
     }
 }
