@@ -11,8 +11,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::io::Read as _;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use std::path::PathBuf;
@@ -213,46 +215,109 @@ pub fn copy_blobs(from: &dyn BlobStore, to: &dyn BlobStore) -> Result<(), String
     Ok(())
 }
 
-/// A fault on one blob's transfers.
+/// A fault on one blob's transfers in a simulation.
 #[derive(Clone, Copy, Debug)]
 struct Fault {
     rounds_left: u8,
     corrupt: bool,
 }
 
-/// Wraps a transport and fails or corrupts the transfers of chosen blobs.
+/// Something to run at a chosen point of a round (e.g. a garbage collection).
+pub type Hook = Box<dyn Fn() + Send + Sync>;
+
+/// Wraps a transport: blobs marked with [`FaultyTransport::fail`] are refused
+/// ([`TransportError::BlobTransfer`]) both ways; blobs marked with
+/// [`FaultyTransport::corrupt`] move with one byte flipped both ways. Everything else is
+/// delegated unchanged. Optional hooks run before each blob transfer and before the
+/// exchange request.
 pub struct FaultyTransport<T> {
     inner: T,
-    fail: BTreeSet<Hash>,
-    corrupt: BTreeSet<Hash>,
+    fail: Mutex<BTreeSet<Hash>>,
+    corrupt: Mutex<BTreeSet<Hash>>,
+    injected: AtomicUsize,
+    before_transfer: Mutex<Option<Hook>>,
+    before_exchange: Mutex<Option<Hook>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<T> FaultyTransport<T> {
-    /// Wraps `inner`; transfers of `fail` fail, transfers of `corrupt` arrive with one byte
-    /// flipped.
-    pub fn new(inner: T, fail: BTreeSet<Hash>, corrupt: BTreeSet<Hash>) -> Self {
+    /// Wraps `inner`, with no faults yet.
+    pub fn new(inner: T) -> Self {
         FaultyTransport {
             inner,
-            fail,
-            corrupt,
+            fail: Mutex::default(),
+            corrupt: Mutex::default(),
+            injected: AtomicUsize::new(0),
+            before_transfer: Mutex::default(),
+            before_exchange: Mutex::default(),
         }
+    }
+
+    /// The wrapped transport.
+    pub fn inner(&self) -> &T {
+        &self.inner
+    }
+
+    /// Transfers of `hash` fail from now on.
+    pub fn fail(&self, hash: Hash) {
+        locked(&self.fail).insert(hash);
+    }
+
+    /// Transfers of `hash` arrive with one byte flipped from now on.
+    pub fn corrupt(&self, hash: Hash) {
+        locked(&self.corrupt).insert(hash);
+    }
+
+    /// Every transfer works again.
+    pub fn heal(&self) {
+        locked(&self.fail).clear();
+        locked(&self.corrupt).clear();
+    }
+
+    /// Transfers refused or corrupted so far.
+    pub fn injected(&self) -> usize {
+        self.injected.load(Ordering::Relaxed)
+    }
+
+    /// Runs `hook` before every blob transfer.
+    pub fn before_transfer(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *locked(&self.before_transfer) = Some(Box::new(hook));
+    }
+
+    /// Runs `hook` before every exchange request.
+    pub fn before_exchange(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *locked(&self.before_exchange) = Some(Box::new(hook));
+    }
+
+    fn run(hook: &Mutex<Option<Hook>>) {
+        if let Some(hook) = &*locked(hook) {
+            hook();
+        }
+    }
+
+    fn hit(&self, set: &Mutex<BTreeSet<Hash>>, hash: &Hash) -> bool {
+        let hit = locked(set).contains(hash);
+        if hit {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
     }
 }
 
-/// Flips the first byte read through it.
-struct Flip<R> {
-    inner: R,
-    flipped: bool,
+fn flip_one(bytes: &mut [u8]) {
+    let middle = bytes.len() / 2;
+    if let Some(b) = bytes.get_mut(middle) {
+        *b ^= 0x01;
+    }
 }
 
-impl<R: std::io::Read> std::io::Read for Flip<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n > 0 && !self.flipped {
-            buf[0] ^= 0xff;
-            self.flipped = true;
-        }
-        Ok(n)
+fn injected_failure(hash: Hash) -> TransportError {
+    TransportError::BlobTransfer {
+        hash,
+        reason: "injected failure".to_owned(),
     }
 }
 
@@ -262,6 +327,7 @@ impl<T: Transport> Transport for FaultyTransport<T> {
     }
 
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
+        Self::run(&self.before_exchange);
         self.inner.exchange(request).await
     }
 
@@ -274,21 +340,17 @@ impl<T: Transport> Transport for FaultyTransport<T> {
         blob: BlobRef,
         into: &mut (dyn std::io::Write + Send),
     ) -> Result<(), TransportError> {
-        if self.fail.contains(&blob.hash) {
-            return Err(TransportError::BlobTransfer {
-                hash: blob.hash,
-                reason: "injected failure".into(),
-            });
+        Self::run(&self.before_transfer);
+        if self.hit(&self.fail, &blob.hash) {
+            return Err(injected_failure(blob.hash));
         }
-        if !self.corrupt.contains(&blob.hash) {
+        if !self.hit(&self.corrupt, &blob.hash) {
             return self.inner.fetch_blob(blob, into).await;
         }
-        let mut buf = Vec::new();
-        self.inner.fetch_blob(blob, &mut buf).await?;
-        if let Some(b) = buf.first_mut() {
-            *b ^= 0xff;
-        }
-        into.write_all(&buf)
+        let mut bytes = Vec::new();
+        self.inner.fetch_blob(blob, &mut bytes).await?;
+        flip_one(&mut bytes);
+        into.write_all(&bytes)
             .map_err(|e| TransportError::BlobTransfer {
                 hash: blob.hash,
                 reason: e.to_string(),
@@ -298,27 +360,26 @@ impl<T: Transport> Transport for FaultyTransport<T> {
     async fn push_blob(
         &self,
         blob: BlobRef,
-        content: Box<dyn std::io::Read + Send>,
+        mut content: Box<dyn std::io::Read + Send>,
     ) -> Result<(), TransportError> {
-        if self.fail.contains(&blob.hash) {
-            return Err(TransportError::BlobTransfer {
+        Self::run(&self.before_transfer);
+        if self.hit(&self.fail, &blob.hash) {
+            return Err(injected_failure(blob.hash));
+        }
+        if !self.hit(&self.corrupt, &blob.hash) {
+            return self.inner.push_blob(blob, content).await;
+        }
+        let mut bytes = Vec::new();
+        content
+            .read_to_end(&mut bytes)
+            .map_err(|e| TransportError::BlobTransfer {
                 hash: blob.hash,
-                reason: "injected failure".into(),
-            });
-        }
-        if self.corrupt.contains(&blob.hash) {
-            return self
-                .inner
-                .push_blob(
-                    blob,
-                    Box::new(Flip {
-                        inner: content,
-                        flipped: false,
-                    }),
-                )
-                .await;
-        }
-        self.inner.push_blob(blob, content).await
+                reason: e.to_string(),
+            })?;
+        flip_one(&mut bytes);
+        self.inner
+            .push_blob(blob, Box::new(std::io::Cursor::new(bytes)))
+            .await
     }
 }
 
@@ -742,19 +803,14 @@ impl Simulation {
         if from == to {
             return Ok(false);
         }
-        let (fail, corrupt): (BTreeSet<Hash>, BTreeSet<Hash>) = (
-            self.faults
-                .iter()
-                .filter(|(_, f)| !f.corrupt)
-                .map(|(h, _)| *h)
-                .collect(),
-            self.faults
-                .iter()
-                .filter(|(_, f)| f.corrupt)
-                .map(|(h, _)| *h)
-                .collect(),
-        );
-        let transport = FaultyTransport::new(InProcess::new(self.node(to).clone()), fail, corrupt);
+        let transport = FaultyTransport::new(InProcess::new(self.node(to).clone()));
+        for (hash, fault) in &self.faults {
+            if fault.corrupt {
+                transport.corrupt(*hash);
+            } else {
+                transport.fail(*hash);
+            }
+        }
         let out = block_on(self.node(from).exchange_with(&transport, options))
             .map_err(|e| format!("exchange {from}->{to}: {e:?}"))?;
         self.rounds += 1;

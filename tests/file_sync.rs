@@ -17,18 +17,16 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashSet};
-use std::io::{self, Cursor, Read, Write};
+use std::collections::BTreeSet;
+use std::io::{self, Cursor, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_executor::block_on;
 use highwater::blob::write_blob;
 use highwater::engine::BLOB_DIR;
-use highwater::error::TransportError;
-use highwater::transport::WireStats;
-use highwater::wire::{ExchangeRequest, ExchangeResponse};
+use highwater::testing::FaultyTransport;
 use highwater::{
     BlobRef, ExchangeOptions, ExchangeOutcome, Halt, HaltReason, Hash, Hlc, Key, ManualTime,
     NodeId, Residency, ResidencyCounts, Scope, SyncEngine, Transport,
@@ -212,161 +210,12 @@ fn blob_halt(scope: &Scope, origin: NodeId, hash: Hash) -> Halt {
 // A transport that fails or corrupts chosen blobs
 // ---------------------------------------------------------------------------------------
 
-/// Something to run at a chosen point of a round (e.g. a garbage collection).
-type Hook = Box<dyn Fn() + Send + Sync>;
+/// The in-process link to `peer`, wrapped to fail or corrupt chosen blobs
+/// ([`FaultyTransport`]).
+type Faulty = FaultyTransport<Link>;
 
-/// Wraps the in-process transport: blobs whose hash is in `fail` are refused
-/// ([`TransportError::BlobTransfer`]) both ways; blobs in `corrupt` move with one byte
-/// flipped both ways. Everything else is delegated unchanged. Optional hooks run before
-/// each blob transfer and before the exchange request.
-struct Faulty {
-    inner: Link,
-    fail: Mutex<HashSet<Hash>>,
-    corrupt: Mutex<HashSet<Hash>>,
-    /// Transfers refused or corrupted so far.
-    injected: AtomicUsize,
-    before_transfer: Mutex<Option<Hook>>,
-    before_exchange: Mutex<Option<Hook>>,
-}
-
-impl Faulty {
-    fn new(peer: &Node) -> Self {
-        Faulty {
-            inner: link(peer),
-            fail: Mutex::default(),
-            corrupt: Mutex::default(),
-            injected: AtomicUsize::new(0),
-            before_transfer: Mutex::default(),
-            before_exchange: Mutex::default(),
-        }
-    }
-
-    fn before_transfer(&self, hook: impl Fn() + Send + Sync + 'static) {
-        *self.before_transfer.lock().expect("not poisoned") = Some(Box::new(hook));
-    }
-
-    fn before_exchange(&self, hook: impl Fn() + Send + Sync + 'static) {
-        *self.before_exchange.lock().expect("not poisoned") = Some(Box::new(hook));
-    }
-
-    fn run(hook: &Mutex<Option<Hook>>) {
-        if let Some(hook) = &*hook.lock().expect("not poisoned") {
-            hook();
-        }
-    }
-
-    fn fail(&self, hash: Hash) {
-        self.fail.lock().expect("not poisoned").insert(hash);
-    }
-
-    fn corrupt(&self, hash: Hash) {
-        self.corrupt.lock().expect("not poisoned").insert(hash);
-    }
-
-    fn heal(&self) {
-        self.fail.lock().expect("not poisoned").clear();
-        self.corrupt.lock().expect("not poisoned").clear();
-    }
-
-    fn fails(&self, hash: &Hash) -> bool {
-        let hit = self.fail.lock().expect("not poisoned").contains(hash);
-        if hit {
-            self.injected.fetch_add(1, Ordering::Relaxed);
-        }
-        hit
-    }
-
-    fn corrupts(&self, hash: &Hash) -> bool {
-        let hit = self.corrupt.lock().expect("not poisoned").contains(hash);
-        if hit {
-            self.injected.fetch_add(1, Ordering::Relaxed);
-        }
-        hit
-    }
-
-    fn injected(&self) -> usize {
-        self.injected.load(Ordering::Relaxed)
-    }
-
-    fn stats(&self) -> WireStats {
-        self.inner.stats()
-    }
-}
-
-fn flip_one(bytes: &mut [u8]) {
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x01;
-}
-
-fn injected_failure(hash: Hash) -> TransportError {
-    TransportError::BlobTransfer {
-        hash,
-        reason: "injected failure".to_owned(),
-    }
-}
-
-impl Transport for Faulty {
-    fn peer_id(&self) -> Option<NodeId> {
-        self.inner.peer_id()
-    }
-
-    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
-        Self::run(&self.before_exchange);
-        self.inner.exchange(request).await
-    }
-
-    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
-        self.inner.blobs_present(hashes).await
-    }
-
-    async fn fetch_blob(
-        &self,
-        blob: BlobRef,
-        into: &mut (dyn Write + Send),
-    ) -> Result<(), TransportError> {
-        Self::run(&self.before_transfer);
-        if self.fails(&blob.hash) {
-            return Err(injected_failure(blob.hash));
-        }
-        if self.corrupts(&blob.hash) {
-            let mut bytes = Vec::new();
-            self.inner.fetch_blob(blob, &mut bytes).await?;
-            flip_one(&mut bytes);
-            return into
-                .write_all(&bytes)
-                .map_err(|e| TransportError::BlobTransfer {
-                    hash: blob.hash,
-                    reason: e.to_string(),
-                });
-        }
-        self.inner.fetch_blob(blob, into).await
-    }
-
-    async fn push_blob(
-        &self,
-        blob: BlobRef,
-        mut content: Box<dyn Read + Send>,
-    ) -> Result<(), TransportError> {
-        Self::run(&self.before_transfer);
-        if self.fails(&blob.hash) {
-            return Err(injected_failure(blob.hash));
-        }
-        if self.corrupts(&blob.hash) {
-            let mut bytes = Vec::new();
-            content
-                .read_to_end(&mut bytes)
-                .map_err(|e| TransportError::BlobTransfer {
-                    hash: blob.hash,
-                    reason: e.to_string(),
-                })?;
-            flip_one(&mut bytes);
-            return self
-                .inner
-                .push_blob(blob, Box::new(Cursor::new(bytes)))
-                .await;
-        }
-        self.inner.push_blob(blob, content).await
-    }
+fn faulty(peer: &Node) -> Faulty {
+    FaultyTransport::new(link(peer))
 }
 
 /// Runs rounds from `from` over `to` while `has_more` (at most 16).
@@ -729,7 +578,7 @@ fn content_the_destination_holds_is_not_moved() -> TestResult {
 fn failed_fetch_stages_the_record_and_holds_back_only_its_origin() -> TestResult {
     let hub = Hub::new()?;
     let c = mem_node(&hub.time)?;
-    let to_h = Faulty::new(&hub.h);
+    let to_h = faulty(&hub.h);
     to_h.fail(hub.x());
 
     let out = block_on(c.exchange(&to_h))?;
@@ -752,7 +601,11 @@ fn failed_fetch_stages_the_record_and_holds_back_only_its_origin() -> TestResult
     assert_eq!(outcomes.iter().map(|o| o.blobs_fetched).sum::<usize>(), 1);
     assert!(outcomes.iter().all(|o| o.halts.is_empty()), "{outcomes:?}");
     hub.assert_converged(&c)?;
-    assert_eq!(to_h.stats().blob_fetches, 5, "each blob fetched once");
+    assert_eq!(
+        to_h.inner().stats().blob_fetches,
+        5,
+        "each blob fetched once"
+    );
 
     // Later writes by A: the first one's blob fails. W[A] stays where it was (X is the
     // run's first version), the later file lands, and healing completes it.
@@ -793,7 +646,7 @@ fn failed_fetch_stages_the_record_and_holds_back_only_its_origin() -> TestResult
 fn failing_blob_in_small_pages_neither_loops_nor_starves_other_origins() -> TestResult {
     let hub = Hub::new()?;
     let c = mem_node(&hub.time)?;
-    let to_h = Faulty::new(&hub.h);
+    let to_h = faulty(&hub.h);
     to_h.fail(hub.x());
     let small = ExchangeOptions {
         page_limit: Some(2),
@@ -845,7 +698,7 @@ fn corrupted_fetch_is_rejected_and_never_stored() -> TestResult {
     let hub = Hub::new()?;
     let dir = tempfile::tempdir()?;
     let c = redb_node(dir.path(), &hub.time)?;
-    let to_h = Faulty::new(&hub.h);
+    let to_h = faulty(&hub.h);
     to_h.corrupt(hub.x());
 
     for round in 0..2 {
@@ -895,7 +748,7 @@ fn corrupted_push_is_rejected_by_the_responder() -> TestResult {
     c.put(&scope, &key("c0"), b"plain".to_vec())?;
     c.put_file_bytes(&scope, &key("c1"), "c1", &bytes)?;
     let hash = Hash::of(&bytes);
-    let to_h = Faulty::new(&h);
+    let to_h = faulty(&h);
     to_h.corrupt(hash);
 
     // First contact: C ships nothing until it knows H's marks.
@@ -906,7 +759,7 @@ fn corrupted_push_is_rejected_by_the_responder() -> TestResult {
     let out = block_on(c.exchange(&to_h))?;
     assert_eq!(out.shipped, 2);
     assert_eq!(out.blobs_pushed, 0, "the corrupted upload was refused");
-    assert_eq!(to_h.stats().blob_pushes, 1);
+    assert_eq!(to_h.inner().stats().blob_pushes, 1);
     assert_eq!(to_h.injected(), 1);
     assert!(!h.blob_store().contains(&hash)?);
     assert_eq!(
@@ -955,7 +808,7 @@ fn failed_push_stages_the_record_on_the_responder() -> TestResult {
     let scope = files_scope();
     let bytes = content(41, 4000);
     let c1 = c.put_file_bytes(&scope, &key("c1"), "c1", &bytes)?;
-    let to_h = Faulty::new(&h);
+    let to_h = faulty(&h);
     to_h.fail(Hash::of(&bytes));
 
     block_on(c.exchange(&to_h))?;
@@ -990,7 +843,7 @@ fn staged_record_survives_a_crash_and_completes_after_reopen() -> TestResult {
     let hub = Hub::new()?;
     let dir = tempfile::tempdir()?;
     let c = redb_node(dir.path(), &hub.time)?;
-    let to_h = Faulty::new(&hub.h);
+    let to_h = faulty(&hub.h);
     to_h.fail(hub.x());
     let out = block_on(c.exchange(&to_h))?;
     hub.assert_halted_on_x(&c, &out)?;
@@ -1281,7 +1134,7 @@ fn put_file_that_fails_leaves_no_blob() -> TestResult {
 fn garbage_collection_during_a_round_keeps_fetched_blobs() -> TestResult {
     let hub = Hub::new()?;
     let c = mem_node(&hub.time)?;
-    let to_h = Faulty::new(&hub.h);
+    let to_h = faulty(&hub.h);
     let removed = Arc::new(AtomicUsize::new(0));
     let (gc_node, gc_removed) = (c.clone(), removed.clone());
     to_h.before_transfer(move || {
@@ -1308,7 +1161,7 @@ fn garbage_collection_on_the_responder_keeps_an_upload_until_its_record_lands() 
     let scope = files_scope();
     let bytes = content(96, 3000);
     c.put_file_bytes(&scope, &key("c1"), "c1", &bytes)?;
-    let to_h = Faulty::new(&h);
+    let to_h = faulty(&h);
     block_on(c.exchange(&to_h))?;
     let gc_node = h.clone();
     to_h.before_exchange(move || {
@@ -1342,7 +1195,7 @@ fn residency_counts_per_scope() -> TestResult {
     sync(&hub.a, &link(&hub.h))?;
 
     let c = mem_node(&hub.time)?;
-    let to_h = Faulty::new(&hub.h);
+    let to_h = faulty(&hub.h);
     to_h.fail(hub.x());
     to_h.fail(Hash::of(&y));
     sync_over(&c, &to_h)?;

@@ -54,3 +54,31 @@ fn a_write_pointing_at_a_stored_blob_is_resident() -> TestResult {
     assert_eq!(node.residency(&scope, &key)?, Residency::Resident);
     Ok(())
 }
+
+#[test]
+fn a_file_written_from_a_path_reads_back_and_a_missing_path_writes_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let node = SyncEngine::open(dir.path().join("node"))?;
+    let (scope, key) = (Scope::shared(), Key::try_from("doc")?);
+    let source = dir.path().join("report.pdf");
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&source, &content)?;
+    node.put_file_path(&scope, &key, "report", &source)?;
+    let (blob, mut reader) = node.open_file(&scope, &key)?.ok_or("no file")?;
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut back)?;
+    assert_eq!((back, blob.hash), (content.clone(), Hash::of(&content)));
+
+    let before = node.digest()?;
+    let err = node
+        .put_file_path(
+            &scope,
+            &Key::try_from("gone")?,
+            "x",
+            dir.path().join("missing.pdf"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Blob(_)), "{err:?}");
+    assert_eq!(node.digest()?, before);
+    Ok(())
+}

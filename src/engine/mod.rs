@@ -409,6 +409,27 @@ impl SyncEngine {
         written
     }
 
+    /// Writes a record with the file at `path`, streamed in chunks (see
+    /// [`SyncEngine::put_file`]).
+    ///
+    /// # Errors
+    /// The file cannot be opened or read (no record is written), or as for
+    /// [`SyncEngine::put_file`].
+    pub fn put_file_path(
+        &self,
+        scope: &Scope,
+        key: &Key,
+        value: impl Into<Vec<u8>>,
+        path: impl AsRef<Path>,
+    ) -> Result<Hlc> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|source| crate::blob::BlobError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.put_file(scope, key, value, &mut std::io::BufReader::new(file))
+    }
+
     /// Writes a record with a file given as bytes (see [`SyncEngine::put_file`]).
     ///
     /// # Errors
