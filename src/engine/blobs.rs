@@ -144,22 +144,32 @@ impl SyncEngine {
         Ok(pushed)
     }
 
-    /// The blobs of `page` this node will keep (versions at least as new as what it
-    /// stores) and does not hold.
-    pub(crate) fn needed_blobs(&self, page: &Page) -> crate::Result<Vec<BlobRef>> {
+    /// The versions of `page` this node will keep (at least as new as what it stores) whose
+    /// blob it does not hold, as (scope, key, Hlc, blob).
+    fn missing_blobs(&self, page: &Page) -> crate::Result<Vec<(Scope, Key, Hlc, BlobRef)>> {
         let read = self.store.read()?;
-        let mut seen = HashSet::new();
         let mut out = Vec::new();
         for run in &page.runs {
             for (key, v) in &run.versions {
                 let Some(blob) = v.blob() else { continue };
                 let keeps = read.get(&run.scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
-                if keeps && seen.insert(blob.hash) && !self.blobs.contains(&blob.hash)? {
-                    out.push(*blob);
+                if keeps && !self.blobs.contains(&blob.hash)? {
+                    out.push((run.scope.clone(), key.clone(), v.hlc, *blob));
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The distinct blobs to fetch before applying `page`.
+    pub(crate) fn needed_blobs(&self, page: &Page) -> crate::Result<Vec<BlobRef>> {
+        let mut seen = HashSet::new();
+        Ok(self
+            .missing_blobs(page)?
+            .into_iter()
+            .map(|(.., b)| b)
+            .filter(|b| seen.insert(b.hash))
+            .collect())
     }
 
     /// Fetches `blobs` from the responder, verifying each; returns pins on the blobs that
@@ -193,21 +203,14 @@ impl SyncEngine {
         Ok(())
     }
 
-    /// The (scope, key, Hlc) of versions in `page` whose needed blob is not local: they will be
-    /// applied as Staged, and their runs' marks stop below them.
+    /// The (scope, key, Hlc) of versions in `page` whose needed blob is not local: they will
+    /// be applied as Staged, and their runs' marks stop below them.
     pub(crate) fn staged_keys(&self, page: &Page) -> crate::Result<BTreeSet<(Scope, Key, Hlc)>> {
-        let read = self.store.read()?;
-        let mut out = BTreeSet::new();
-        for run in &page.runs {
-            for (key, v) in &run.versions {
-                let Some(blob) = v.blob() else { continue };
-                let keeps = read.get(&run.scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
-                if keeps && !self.blobs.contains(&blob.hash)? {
-                    out.insert((run.scope.clone(), key.clone(), v.hlc));
-                }
-            }
-        }
-        Ok(out)
+        Ok(self
+            .missing_blobs(page)?
+            .into_iter()
+            .map(|(s, k, h, _)| (s, k, h))
+            .collect())
     }
 }
 

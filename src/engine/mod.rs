@@ -379,15 +379,7 @@ impl SyncEngine {
         value: impl Into<Vec<u8>>,
         content: &mut dyn Read,
     ) -> Result<Hlc> {
-        let mut writer = self.blobs.writer()?;
-        crate::blob::copy_chunks(content, &mut writer).map_err(|e| match e {
-            crate::blob::CopyError::Read(e) => crate::blob::BlobError::Source(e),
-            crate::blob::CopyError::Write(e) => crate::blob::BlobError::Io {
-                path: BLOB_DIR.into(),
-                source: e,
-            },
-        })?;
-        let blob = writer.finish(None)?;
+        let blob = write_blob(&*self.blobs, content, None)?;
         // Keep the blob until the record that references it is committed. (Should a sweep
         // remove identical unreferenced content between `finish` and here, the write below
         // fails cleanly with `BlobNotLocal`.)
@@ -593,10 +585,8 @@ impl SyncEngine {
         }
         batch.clock = self.clock.last();
         let report = self.store.commit(&batch)?;
-        self.remove_unreferenced(&report.unreferenced);
-        // A durable commit also made every earlier deferred commit durable.
-        let done = std::mem::take(&mut *lock(&self.pending));
-        self.remove_unreferenced(&done.unreferenced);
+        let removable = self.note_commit(Durability::Immediate, 0, report.unreferenced);
+        self.remove_unreferenced(&removable);
         Ok(hlcs)
     }
 
@@ -737,8 +727,8 @@ impl SyncEngine {
     /// A store failure.
     pub fn flush(&self) -> Result<()> {
         self.store.flush()?;
-        let done = std::mem::take(&mut *lock(&self.pending));
-        self.remove_unreferenced(&done.unreferenced);
+        let removable = self.note_commit(Durability::Immediate, 0, Vec::new());
+        self.remove_unreferenced(&removable);
         Ok(())
     }
 
@@ -1017,7 +1007,8 @@ impl SyncEngine {
         }
     }
 
-    /// Returns the unreferenced blobs that are now safe to remove.
+    /// Records a commit's effect on what is pending durability; returns the blobs that are
+    /// now safe to remove (unreferenced by commits that are durable).
     fn note_commit(
         &self,
         durability: Durability,
