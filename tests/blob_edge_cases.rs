@@ -135,3 +135,81 @@ fn one_key_in_two_runs_with_and_without_a_missing_blob_halts_only_its_stream() -
     assert_eq!(node.get(&scope, &k)?.map(|r| r.value), Some(b"x".to_vec()));
     Ok(())
 }
+
+/// A peer that streams more bytes than the blob it promised.
+struct Oversized {
+    inner: InProcess<Arc<SyncEngine>>,
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl highwater::Transport for Oversized {
+    fn peer_id(&self) -> Option<NodeId> {
+        self.inner.peer_id()
+    }
+
+    async fn exchange(
+        &self,
+        request: ExchangeRequest,
+    ) -> Result<highwater::wire::ExchangeResponse, highwater::error::TransportError> {
+        self.inner.exchange(request).await
+    }
+
+    async fn blobs_present(
+        &self,
+        hashes: Vec<Hash>,
+    ) -> Result<Vec<bool>, highwater::error::TransportError> {
+        self.inner.blobs_present(hashes).await
+    }
+
+    async fn fetch_blob(
+        &self,
+        blob: BlobRef,
+        into: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), highwater::error::TransportError> {
+        self.inner.fetch_blob(blob, into).await?;
+        // A real transport passes the write error on, as the end of the transfer.
+        let result = into.write_all(&[0u8; 4096]);
+        self.refused
+            .store(result.is_err(), std::sync::atomic::Ordering::SeqCst);
+        result.map_err(|e| highwater::error::TransportError::BlobTransfer {
+            hash: blob.hash,
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    async fn push_blob(
+        &self,
+        blob: BlobRef,
+        content: Box<dyn std::io::Read + Send>,
+    ) -> Result<(), highwater::error::TransportError> {
+        self.inner.push_blob(blob, content).await
+    }
+}
+
+#[test]
+fn a_fetch_that_streams_past_the_promised_size_is_cut_off_and_stores_nothing() -> TestResult {
+    let time = ManualTime::at_secs(1_700_000_000);
+    let a = Arc::new(SyncEngine::in_memory_with(config(&time))?);
+    let b = SyncEngine::in_memory_with(config(&time))?;
+    let (scope, key) = (Scope::shared(), Key::try_from("f")?);
+    a.put_file_bytes(&scope, &key, "v", &[7u8; 1000])?;
+    let blob = a.get(&scope, &key)?.and_then(|r| r.blob).ok_or("no blob")?;
+
+    let to_a = Oversized {
+        inner: InProcess::new(a.clone()),
+        refused: Default::default(),
+    };
+    let outcome = block_on(b.exchange(&to_a))?;
+    assert!(
+        to_a.refused.load(std::sync::atomic::Ordering::SeqCst),
+        "the extra bytes were accepted"
+    );
+    assert!(!b.blob_store().contains(&blob.hash)?);
+    assert_eq!(b.residency(&scope, &key)?, highwater::Residency::Staged);
+    assert!(outcome
+        .halts
+        .iter()
+        .any(|h| matches!(h.reason, HaltReason::BlobUnavailable { hash } if hash == blob.hash)));
+    Ok(())
+}

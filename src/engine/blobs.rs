@@ -196,8 +196,12 @@ impl SyncEngine {
         transport: &T,
         blob: BlobRef,
     ) -> crate::Result<()> {
-        let mut writer = self.blobs.writer()?;
+        let mut writer = Bounded {
+            inner: self.blobs.writer()?,
+            room: blob.size,
+        };
         transport.fetch_blob(blob, &mut writer).await?;
+        let writer = writer.inner;
         // IMPORTANT: verified before it becomes visible; a mismatch stores nothing.
         writer.finish(Some(&blob))?;
         Ok(())
@@ -217,5 +221,30 @@ impl SyncEngine {
 impl From<BlobError> for crate::transport::Refusal {
     fn from(e: BlobError) -> Self {
         crate::transport::Refusal::from(&crate::Error::Blob(e))
+    }
+}
+
+/// Refuses bytes beyond the expected size, so a peer cannot make us write more than the
+/// blob it promised before the hash check in `finish` catches it.
+struct Bounded<W> {
+    inner: W,
+    room: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Bounded<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.room {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "more bytes than the blob's size",
+            ));
+        }
+        let n = self.inner.write(buf)?;
+        self.room -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
