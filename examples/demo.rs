@@ -1,6 +1,7 @@
 //! Three replicas on redb in a temporary directory: a hub and two devices. They write
-//! concurrently, one device goes offline and both sides keep writing (a conflicting write
-//! to the same key and a delete), then everything heals and converges.
+//! concurrently (records and a 3 MB file), one device goes offline and both sides keep
+//! writing (a conflicting write to the same key and a delete), then everything heals and
+//! converges, the file Resident and byte-identical everywhere.
 //!
 //! Run with `cargo run --release --example demo`. Exits non-zero unless all three replicas
 //! end with equal digests and equal watermarks.
@@ -86,6 +87,9 @@ fn main() -> highwater::Result<ExitCode> {
     // 2. Everyone writes, everyone syncs through the hub.
     let title = Key::try_from("title")?;
     let draft = Key::try_from("draft")?;
+    let photo = Key::try_from("photo")?;
+    let photo_bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    phone.put_file_bytes(&notes, &photo, "holiday.jpg", &photo_bytes)?;
     phone.put(&notes, &title, "Groceries")?;
     laptop.put(&notes, &draft, "call the plumber")?;
     sync(&laptop, &hub)?;
@@ -115,6 +119,28 @@ fn main() -> highwater::Result<ExitCode> {
         show(name, node, &notes, &draft)?;
     }
 
+    let mut files_ok = true;
+    for (name, node) in [("hub", &*hub), ("phone", &phone), ("laptop", &laptop)] {
+        let residency = node.residency(&notes, &photo)?;
+        let mut bytes = Vec::new();
+        if let Some((_, mut file)) = node.open_file(&notes, &photo)? {
+            std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| {
+                highwater::error::StoreError::Io {
+                    path: "photo".into(),
+                    source: e,
+                }
+            })?;
+        }
+        let same = bytes == photo_bytes;
+        files_ok &= same;
+        println!(
+            "  {name:<7} photo: {} ({} bytes, {})",
+            residency.as_str(),
+            bytes.len(),
+            if same { "identical" } else { "DIFFERENT" }
+        );
+    }
+
     let digests = [hub.digest()?, phone.digest()?, laptop.digest()?];
     let marks = [hub.watermarks()?, phone.watermarks()?, laptop.watermarks()?];
     println!(
@@ -123,8 +149,9 @@ fn main() -> highwater::Result<ExitCode> {
         digests[1].short(),
         digests[2].short()
     );
-    let converged =
-        digests.iter().all(|d| *d == digests[0]) && marks.iter().all(|m| *m == marks[0]);
+    let converged = files_ok
+        && digests.iter().all(|d| *d == digests[0])
+        && marks.iter().all(|m| *m == marks[0]);
     println!(
         "{}",
         if converged {
