@@ -488,6 +488,15 @@ fn empty_file_round_trip() -> TestResult {
 // 2. Dedupe and short-circuit
 // ---------------------------------------------------------------------------------------
 
+/// Syncs A and B with A initiating (A pushes to B) if `push`, else B initiating (B fetches
+/// from A); returns the stats of the link used.
+fn sync_one_way(a: &Node, b: &Node, push: bool) -> TestResult<highwater::transport::WireStats> {
+    let (initiator, responder) = if push { (a, b) } else { (b, a) };
+    let to_responder = link(responder);
+    sync(initiator, &to_responder)?;
+    Ok(to_responder.stats())
+}
+
 #[test]
 fn shared_content_moves_once_each_way() -> TestResult {
     let time = clock();
@@ -497,15 +506,7 @@ fn shared_content_moves_once_each_way() -> TestResult {
         let (a, b) = (mem_node(&time)?, mem_node(&time)?);
         a.put_file_bytes(&scope, &key("one"), "1", &bytes)?;
         a.put_file_bytes(&scope, &key("two"), "2", &bytes)?;
-        let stats = if push {
-            let to_b = link(&b);
-            sync(&a, &to_b)?;
-            to_b.stats()
-        } else {
-            let to_a = link(&a);
-            sync(&b, &to_a)?;
-            to_a.stats()
-        };
+        let stats = sync_one_way(&a, &b, push)?;
         let moved = if push {
             stats.blob_pushes
         } else {
@@ -538,15 +539,7 @@ fn content_the_destination_holds_is_not_moved() -> TestResult {
         a.put_file_bytes(&scope, &key("from-a"), "a", &bytes)?;
         // B wrote the same content itself, under another key.
         b.put_file_bytes(&scope, &key("from-b"), "b", &bytes)?;
-        let stats = if push {
-            let to_b = link(&b);
-            sync(&a, &to_b)?;
-            to_b.stats()
-        } else {
-            let to_a = link(&a);
-            sync(&b, &to_a)?;
-            to_a.stats()
-        };
+        let stats = sync_one_way(&a, &b, push)?;
         assert_eq!(
             (stats.blob_pushes, stats.blob_fetches, stats.blob_bytes),
             (0, 0, 0),
