@@ -112,6 +112,12 @@ pub enum Action {
         /// The node.
         node: usize,
     },
+    /// Node `node` loses power: everything not synced to its storage is gone, and it is
+    /// reopened from what was (on backends that model it; otherwise a restart).
+    Crash {
+        /// The node.
+        node: usize,
+    },
     /// Node `node` is closed, backed up, and reopened.
     Snapshot {
         /// The node.
@@ -185,7 +191,8 @@ impl Action {
                     _ => match c[2] % 4 {
                         0 => Action::Restart { node },
                         1 => Action::Snapshot { node },
-                        _ => Action::Restore { node },
+                        2 => Action::Restore { node },
+                        _ => Action::Crash { node },
                     },
                 }
             })
@@ -398,6 +405,18 @@ pub trait Backend {
     /// A description of the failure.
     fn snapshot(&mut self, i: usize) -> Result<(), String>;
 
+    /// Captures what node `i`'s storage would hold after a power loss *now* (only what was
+    /// synced), so that the next `open(i)` sees exactly that. Called while the engine is
+    /// still alive (dropping it flushes). `false` if this backend cannot crash a node: the
+    /// action is then a plain restart.
+    ///
+    /// # Errors
+    /// A description of the failure.
+    fn crash(&mut self, i: usize) -> Result<bool, String> {
+        let _ = i;
+        Ok(false)
+    }
+
     /// Puts node `i`'s last backup back (closed) and discards it; `false` if it has none.
     ///
     /// # Errors
@@ -558,6 +577,129 @@ impl Backend for RedbBackend {
     }
 }
 
+/// A redb storage backend that models power loss: writes land in a volatile image,
+/// `sync_data` makes them durable, and [`PowerLossDisk::after_power_loss`] gives a disk
+/// holding only what was synced.
+#[derive(Debug, Default)]
+pub struct PowerLossDisk {
+    images: Mutex<DiskImages>,
+}
+
+#[derive(Debug, Default)]
+struct DiskImages {
+    volatile: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+impl PowerLossDisk {
+    /// A new, empty disk.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A disk holding what this one had synced: everything written since the last
+    /// `sync_data` is lost, as in a power cut.
+    pub fn after_power_loss(&self) -> Arc<Self> {
+        let durable = locked(&self.images).durable.clone();
+        Arc::new(PowerLossDisk {
+            images: Mutex::new(DiskImages {
+                volatile: durable.clone(),
+                durable,
+            }),
+        })
+    }
+}
+
+/// A handle redb can own, sharing the disk with the test.
+#[derive(Debug)]
+pub struct DiskHandle(pub Arc<PowerLossDisk>);
+
+fn out_of_range() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "read past the end of the disk",
+    )
+}
+
+impl redb::StorageBackend for DiskHandle {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(locked(&self.0.images).volatile.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let images = locked(&self.0.images);
+        let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+        let end = start.checked_add(out.len()).ok_or_else(out_of_range)?;
+        out.copy_from_slice(images.volatile.get(start..end).ok_or_else(out_of_range)?);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let len = usize::try_from(len).map_err(|_| out_of_range())?;
+        locked(&self.0.images).volatile.resize(len, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let mut images = locked(&self.0.images);
+        images.durable = images.volatile.clone();
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut images = locked(&self.0.images);
+        let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+        let end = start.checked_add(data.len()).ok_or_else(out_of_range)?;
+        if images.volatile.len() < end {
+            images.volatile.resize(end, 0);
+        }
+        images.volatile[start..end].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// redb nodes on [`PowerLossDisk`]s, whose blobs (in memory) are durable once written,
+/// as an fsynced blob file is; [`Action::Crash`] cuts a node's power.
+pub struct PowerLossBackend {
+    time: Arc<ManualTime>,
+    disks: Vec<Arc<PowerLossDisk>>,
+    blobs: Vec<Arc<MemBlobStore>>,
+    ids: SimIds,
+}
+
+impl PowerLossBackend {
+    /// `n` empty nodes reading `time`.
+    pub fn new(n: usize, time: Arc<ManualTime>) -> Self {
+        PowerLossBackend {
+            time,
+            disks: (0..n).map(|_| PowerLossDisk::new()).collect(),
+            blobs: (0..n).map(|_| Arc::new(MemBlobStore::new())).collect(),
+            ids: SimIds::default(),
+        }
+    }
+}
+
+impl Backend for PowerLossBackend {
+    fn open(&mut self, i: usize, fresh_identity: bool) -> crate::Result<SyncEngine> {
+        let store = Box::new(RedbStore::with_backend(DiskHandle(self.disks[i].clone()))?);
+        self.ids
+            .open(store, self.blobs[i].clone(), i, fresh_identity, &self.time)
+    }
+
+    fn crash(&mut self, i: usize) -> Result<bool, String> {
+        self.disks[i] = self.disks[i].after_power_loss();
+        Ok(true)
+    }
+
+    fn snapshot(&mut self, _i: usize) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn restore(&mut self, _i: usize) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
 /// Several engines, an oracle, and the invariant checks.
 pub struct Simulation {
     nodes: Vec<Option<Arc<SyncEngine>>>,
@@ -603,6 +745,16 @@ impl Simulation {
     pub fn redb(n: usize, root: impl Into<PathBuf>) -> crate::Result<Self> {
         let time = sim_time();
         Self::with_backend(n, Box::new(RedbBackend::new(root, time.clone())), time)
+    }
+
+    /// `n` redb nodes on power-loss disks (see [`PowerLossBackend`]), sharing one manual
+    /// clock.
+    ///
+    /// # Errors
+    /// Engine creation failed.
+    pub fn power_loss(n: usize) -> crate::Result<Self> {
+        let time = sim_time();
+        Self::with_backend(n, Box::new(PowerLossBackend::new(n, time.clone())), time)
     }
 
     /// `n` nodes opened through `backend`, whose engines read `time`.
@@ -728,6 +880,10 @@ impl Simulation {
                 .time
                 .advance(std::time::Duration::from_millis(u64::from(millis))),
             Action::Restart { node } => {
+                self.reopen(node % n, |_| Ok(false))?;
+            }
+            Action::Crash { node } => {
+                self.backend.crash(node % n)?;
                 self.reopen(node % n, |_| Ok(false))?;
             }
             Action::Snapshot { node } => {

@@ -111,7 +111,19 @@ impl RedbStore {
     /// # Errors
     /// The file cannot be opened or created, or holds an unsupported format.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let db = Database::builder().create(path.as_ref())?;
+        Self::from_db(Database::builder().create(path.as_ref())?)
+    }
+
+    /// Opens (or creates) the store on a custom redb storage backend (fault injection in
+    /// tests, or storage that is not a file).
+    ///
+    /// # Errors
+    /// The backend cannot be opened, or holds an unsupported format.
+    pub fn with_backend(backend: impl redb::StorageBackend) -> Result<Self, StoreError> {
+        Self::from_db(Database::builder().create_with_backend(backend)?)
+    }
+
+    fn from_db(db: Database) -> Result<Self, StoreError> {
         let store = RedbStore {
             db,
             dirty: Mutex::new(false),
