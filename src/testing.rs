@@ -305,6 +305,16 @@ impl<T> FaultyTransport<T> {
         }
     }
 
+    /// Before a transfer of `hash`: runs the hook, fails if asked to, and says whether to
+    /// corrupt it.
+    fn gate(&self, hash: &Hash) -> Result<bool, TransportError> {
+        Self::run(&self.before_transfer);
+        if self.hit(&self.fail, hash) {
+            return Err(injected_failure(*hash));
+        }
+        Ok(self.hit(&self.corrupt, hash))
+    }
+
     fn hit(&self, set: &Mutex<BTreeSet<Hash>>, hash: &Hash) -> bool {
         let hit = locked(set).contains(hash);
         if hit {
@@ -347,11 +357,7 @@ impl<T: Transport> Transport for FaultyTransport<T> {
         blob: BlobRef,
         into: &mut (dyn std::io::Write + Send),
     ) -> Result<(), TransportError> {
-        Self::run(&self.before_transfer);
-        if self.hit(&self.fail, &blob.hash) {
-            return Err(injected_failure(blob.hash));
-        }
-        if !self.hit(&self.corrupt, &blob.hash) {
+        if !self.gate(&blob.hash)? {
             return self.inner.fetch_blob(blob, into).await;
         }
         let mut bytes = Vec::new();
@@ -369,11 +375,7 @@ impl<T: Transport> Transport for FaultyTransport<T> {
         blob: BlobRef,
         mut content: Box<dyn std::io::Read + Send>,
     ) -> Result<(), TransportError> {
-        Self::run(&self.before_transfer);
-        if self.hit(&self.fail, &blob.hash) {
-            return Err(injected_failure(blob.hash));
-        }
-        if !self.hit(&self.corrupt, &blob.hash) {
+        if !self.gate(&blob.hash)? {
             return self.inner.push_blob(blob, content).await;
         }
         let mut bytes = Vec::new();
