@@ -116,6 +116,9 @@ impl<'de> Deserialize<'de> for Watermarks {
     }
 }
 
+/// A set of (scope, origin) streams: the unit that halts, defers and blocks.
+pub type Streams = BTreeSet<(Scope, NodeId)>;
+
 /// Watermarks for several scopes: the node's whole version vector, or the part in play.
 /// A scope without marks is the same as an absent one (decoding drops it).
 #[derive(Clone, Default, PartialEq, Eq, Debug, Serialize)]
@@ -269,7 +272,7 @@ impl Page {
     /// in `deferred`, the streams the sender planned last). A cut inside a stream that was
     /// deferred means everything left is deferred too; a stream halted for the first time
     /// may have had others planned after it.
-    pub fn more_beyond(&self, halted: &[Halt], deferred: &BTreeSet<(Scope, NodeId)>) -> bool {
+    pub fn more_beyond(&self, halted: &[Halt], deferred: &Streams) -> bool {
         let stuck = |r: &Run| {
             deferred.contains(&(r.scope.clone(), r.origin))
                 && halted

@@ -76,6 +76,12 @@ impl SyncEngine {
         Pin { engine: self, hash }
     }
 
+    /// Whether the blob is in the local store (a store failure counts as absent: the version
+    /// is then held back, never shipped without its blob).
+    pub(crate) fn has_blob(&self, blob: &BlobRef) -> bool {
+        self.blobs.contains(&blob.hash).unwrap_or(false)
+    }
+
     fn claim_fetch(&self, hash: Hash) -> Option<InFlight<'_>> {
         super::lock(&self.in_flight)
             .insert(hash)

@@ -49,7 +49,7 @@ use crate::store::{
     Advance, Batch, Durability, KeyRange, MemStore, PeerKnowledge, RedbStore, Store,
 };
 use crate::transport::{Refusal, Responder, Transport};
-use crate::watermark::{Halt, Page, ScopedWatermarks};
+use crate::watermark::{Halt, Page, ScopedWatermarks, Streams};
 use crate::wire::{ExchangeRequest, ExchangeResponse, ScopeFilter};
 
 pub use self::blobs::TRANSFER_CONCURRENCY;
@@ -240,9 +240,6 @@ pub struct SyncEngine {
     uploads: Mutex<HashMap<Hash, Instant>>,
 }
 
-/// A set of (scope, origin) streams.
-type Streams = BTreeSet<(Scope, NodeId)>;
-
 /// The (scope, origin) streams halted in the last round with one peer.
 #[derive(Default, Clone)]
 struct StreamHalts {
@@ -252,7 +249,7 @@ struct StreamHalts {
     theirs: Streams,
 }
 
-fn streams(halts: &[Halt]) -> BTreeSet<(Scope, NodeId)> {
+fn streams(halts: &[Halt]) -> Streams {
     halts.iter().map(|h| (h.scope.clone(), h.origin)).collect()
 }
 
@@ -281,8 +278,7 @@ impl SyncEngine {
             path: dir.to_owned(),
             source,
         })?;
-        let blobs = Arc::new(FsBlobStore::open(dir.join(BLOB_DIR))?);
-        Self::with_stores(Box::new(RedbStore::open(dir.join(DB_FILE))?), blobs, config)
+        Self::open_dir(dir, config, false)
     }
 
     /// Opens a node in `dir` that was restored from a backup, under a fresh node id.
@@ -295,9 +291,15 @@ impl SyncEngine {
     /// # Errors
     /// As for [`SyncEngine::open_with`].
     pub fn open_restored(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
-        let dir = dir.as_ref();
+        Self::open_dir(dir.as_ref(), config, true)
+    }
+
+    /// Opens the redb file and blob directory of the existing directory `dir`.
+    fn open_dir(dir: &Path, config: EngineConfig, fresh_identity: bool) -> Result<Self> {
         let store = RedbStore::open(dir.join(DB_FILE))?;
-        store.replace_identity(NodeId::random())?;
+        if fresh_identity {
+            store.replace_identity(NodeId::random())?;
+        }
         let blobs = Arc::new(FsBlobStore::open(dir.join(BLOB_DIR))?);
         Self::with_stores(Box::new(store), blobs, config)
     }
@@ -817,7 +819,7 @@ impl SyncEngine {
                 &theirs,
                 self.page_limits(limit),
                 &halts.theirs,
-                &|b: &BlobRef| self.blobs.contains(&b.hash).unwrap_or(false),
+                &|b: &BlobRef| self.has_blob(b),
                 &mut blocked,
             )?,
             None => Page::default(),
@@ -900,7 +902,7 @@ impl SyncEngine {
     ) {
         let mut all = lock(&self.halts);
         let known = all.entry(peer).or_default();
-        let update = |set: &mut BTreeSet<(Scope, NodeId)>, sent: &Page, halted: &[Halt]| {
+        let update = |set: &mut Streams, sent: &Page, halted: &[Halt]| {
             for (scope, origin) in sent.streams() {
                 set.remove(&(scope.clone(), origin));
             }
@@ -1055,7 +1057,7 @@ impl SyncEngine {
             &request.watermarks,
             self.page_limits(limit),
             &deferred,
-            &|b: &BlobRef| self.blobs.contains(&b.hash).unwrap_or(false),
+            &|b: &BlobRef| self.has_blob(b),
             &mut BTreeSet::new(),
         )?;
         drop(read);

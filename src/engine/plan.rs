@@ -1,13 +1,11 @@
 //! What to ship: a pure function of the sender's watermarks, what it knows of the
 //! receiver's, and range scans of the live-version index.
 
-use std::collections::BTreeSet;
-
 use crate::error::StoreError;
-use crate::hlc::{Hlc, NodeId};
+use crate::hlc::Hlc;
 use crate::record::{BlobRef, Key, Scope};
 use crate::store::StoreRead;
-use crate::watermark::{Page, Run, ScopedWatermarks};
+use crate::watermark::{Page, Run, ScopedWatermarks, Streams};
 
 /// Bounds on one page.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -45,9 +43,9 @@ pub fn plan_page(
     mine: &ScopedWatermarks,
     theirs: &ScopedWatermarks,
     limits: PageLimits,
-    deferred: &BTreeSet<(Scope, NodeId)>,
+    deferred: &Streams,
     has_blob: &dyn Fn(&BlobRef) -> bool,
-    blocked_streams: &mut BTreeSet<(Scope, NodeId)>,
+    blocked_streams: &mut Streams,
 ) -> Result<Page, StoreError> {
     let mut page = Page::default();
     let (mut count, mut bytes) = (0usize, 0usize);
