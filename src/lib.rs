@@ -8,6 +8,7 @@ pub mod error;
 pub mod hash;
 pub mod hlc;
 pub mod merge;
+pub mod notify;
 pub mod record;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]

@@ -44,12 +44,13 @@ use crate::blob::{write_blob, BlobStore, FsBlobStore, MemBlobStore};
 use crate::error::{Error, InputError, ProtocolError, Result};
 use crate::hash::Hash;
 use crate::hlc::{Clock, Hlc, NodeId, TimeSource, WallClock};
+use crate::notify::{Change, ChangeKind, Event, Notifier, SyncEvent};
 use crate::record::{BlobRef, Key, Op, Residency, Scope, Version};
 use crate::store::{
     Advance, Batch, Durability, KeyRange, MemStore, PeerKnowledge, RedbStore, Store,
 };
 use crate::transport::{Refusal, Responder, Transport};
-use crate::watermark::{Halt, Page, ScopedWatermarks, Streams};
+use crate::watermark::{Halt, HaltReason, Page, ScopedWatermarks, Streams};
 use crate::wire::{ExchangeRequest, ExchangeResponse, ScopeFilter};
 
 pub use self::blobs::TRANSFER_CONCURRENCY;
@@ -238,6 +239,7 @@ pub struct SyncEngine {
     /// Blobs peers uploaded for a request not yet applied, with when they arrived: kept
     /// from removal until that request's page commits or [`UPLOAD_GRACE`] ends.
     uploads: Mutex<HashMap<Hash, Instant>>,
+    notifier: Notifier,
 }
 
 /// The (scope, origin) streams halted in the last round with one peer.
@@ -364,6 +366,7 @@ impl SyncEngine {
             pins: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
             uploads: Mutex::new(HashMap::new()),
+            notifier: Notifier::new(),
         })
     }
 
@@ -587,8 +590,16 @@ impl SyncEngine {
         }
         batch.clock = self.clock.last();
         let report = self.store.commit(&batch)?;
+        drop(_guard);
         let removable = self.note_commit(Durability::Immediate, 0, report.unreferenced);
         self.remove_unreferenced(&removable);
+        self.announce(
+            ChangeKind::LocalChangeRecorded,
+            None,
+            batch.upserts.iter().map(|(s, k, _)| (s, k)),
+        );
+        self.notifier
+            .scopes_changed(batch.advances.iter().map(|a| &a.scope));
         Ok(hlcs)
     }
 
@@ -870,6 +881,15 @@ impl SyncEngine {
                 .iter()
                 .any(|h| h.scope == *scope && h.origin == origin)
         };
+        self.announce(
+            ChangeKind::LocalDataSynced,
+            Some(peer),
+            shipped
+                .runs
+                .iter()
+                .filter(|r| !halted(&r.scope, r.origin))
+                .flat_map(|r| r.versions.iter().map(move |(k, _)| (&r.scope, k))),
+        );
         let peer_lacks = mine.iter().any(|(scope, marks)| {
             marks.iter().any(|mark| {
                 response.watermarks.get(scope, mark.origin()) < Some(mark)
@@ -953,7 +973,9 @@ impl SyncEngine {
             halts.extend(plan.halt);
         }
         let received = page.version_count();
+        let knowledge_peer = knowledge.peer;
         if unchanged_knowledge {
+            self.announce_halts(knowledge_peer, &halts);
             return Ok(Applied {
                 received,
                 applied: 0,
@@ -981,6 +1003,17 @@ impl SyncEngine {
         // once that commit is durable.
         let durable = self.note_commit(batch.durability, batch.upserts.len(), report.unreferenced);
         self.remove_unreferenced(&durable);
+        self.announce(
+            ChangeKind::RemoteUpdateAvailable,
+            Some(knowledge_peer),
+            report.applied.iter().map(|&i| {
+                let (s, k, _) = &batch.upserts[i];
+                (s, k)
+            }),
+        );
+        self.notifier
+            .scopes_changed(batch.advances.iter().map(|a| &a.scope));
+        self.announce_halts(knowledge_peer, &halts);
         Ok(Applied {
             received,
             applied: report.applied.len(),
@@ -1032,6 +1065,59 @@ impl SyncEngine {
                 pending.unreferenced.extend(unreferenced);
                 Vec::new()
             }
+        }
+    }
+
+    /// The node's event notifier: subscribe to changes and sync events.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// Publishes one change event per scope for `keys` (grouped in order), if anyone listens.
+    fn announce<'a>(
+        &self,
+        kind: ChangeKind,
+        peer: Option<NodeId>,
+        keys: impl IntoIterator<Item = (&'a Scope, &'a Key)>,
+    ) {
+        if !self.notifier.has_subscribers() {
+            return;
+        }
+        let mut by_scope: Vec<Change> = Vec::new();
+        for (scope, key) in keys {
+            match by_scope.iter_mut().find(|c| c.scope == *scope) {
+                Some(c) => c.keys.push(key.clone()),
+                None => by_scope.push(Change {
+                    kind,
+                    scope: scope.clone(),
+                    keys: vec![key.clone()],
+                    peer,
+                }),
+            }
+        }
+        for change in by_scope {
+            self.notifier.publish(Event::Change(change));
+        }
+    }
+
+    fn announce_halts(&self, peer: NodeId, halts: &[Halt]) {
+        for h in halts {
+            let event = match &h.reason {
+                HaltReason::ClockSkew { ahead_by_ms } => SyncEvent::ClockSkew {
+                    peer,
+                    scope: h.scope.clone(),
+                    origin: h.origin,
+                    ahead_by_ms: *ahead_by_ms,
+                },
+                HaltReason::BlobUnavailable { hash } => SyncEvent::BlobStaged {
+                    peer,
+                    scope: h.scope.clone(),
+                    origin: h.origin,
+                    hash: *hash,
+                },
+                _ => continue,
+            };
+            self.notifier.publish(Event::Sync(event));
         }
     }
 

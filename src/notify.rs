@@ -1,0 +1,426 @@
+//! The change notifier: what happened to a node's data and to its sync, as events.
+//!
+//! Every engine owns a [`Notifier`]. The engine publishes the three change events
+//! (`local-change-recorded`, `remote-update-available`, `local-data-synced`) and the halts
+//! it decides (`clock_skew`, `blob_staged`); the scheduler publishes `sync_applied`,
+//! `sync_failed` and `sync_retry`.
+//!
+//! Subscribers read from a bounded buffer ([`EVENT_BUFFER`] events). A subscriber that falls
+//! further behind is never waited for: it is told how many events it missed
+//! ([`Notice::Missed`]) and goes on from the oldest one still buffered. Syncing never blocks
+//! on a subscriber.
+//!
+//! Separately, the notifier keeps a per-scope change counter, which moves whenever this
+//! node's watermarks move (a local write, or a page applied from a peer). The HTTP watch
+//! endpoint waits on it: [`Notifier::wait_for_news`] returns as soon as a scope the caller
+//! may read changed after its [`WatchToken`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+
+use crate::hash::Hash;
+use crate::hlc::NodeId;
+use crate::record::{Key, Scope};
+
+/// How many events a subscriber may fall behind before it misses some.
+pub const EVENT_BUFFER: usize = 1024;
+
+/// What changed in a node's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// A local write committed (`local-change-recorded`).
+    LocalChangeRecorded,
+    /// Versions from a peer were applied and changed this node's state
+    /// (`remote-update-available`).
+    RemoteUpdateAvailable,
+    /// A peer acknowledged versions this node sent it in a round this node started
+    /// (`local-data-synced`). Relayed versions count too: they are ours to deliver.
+    LocalDataSynced,
+}
+
+impl ChangeKind {
+    /// The event's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::LocalChangeRecorded => "local-change-recorded",
+            ChangeKind::RemoteUpdateAvailable => "remote-update-available",
+            ChangeKind::LocalDataSynced => "local-data-synced",
+        }
+    }
+}
+
+/// A change to the records of one scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The scope.
+    pub scope: Scope,
+    /// The affected keys, in the order they were written or sent.
+    pub keys: Vec<Key>,
+    /// The peer involved (none for a local write).
+    pub peer: Option<NodeId>,
+}
+
+/// Something that happened to a node's sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyncEvent {
+    /// A round with `peer` completed (`sync_applied`).
+    Applied {
+        /// The peer.
+        peer: String,
+        /// Versions sent.
+        shipped: usize,
+        /// Versions received.
+        received: usize,
+        /// Received versions that changed this node's state.
+        applied: usize,
+        /// Whether another round will follow at once.
+        has_more: bool,
+    },
+    /// A round with `peer` failed (`sync_failed`).
+    Failed {
+        /// The peer.
+        peer: String,
+        /// Why, as text.
+        error: String,
+    },
+    /// The next round with `peer` is scheduled after a failure (`sync_retry`).
+    Retry {
+        /// The peer.
+        peer: String,
+        /// Consecutive failures so far (1 after the first).
+        attempt: u32,
+        /// How long until the retry.
+        delay: Duration,
+    },
+    /// A received version is stored without its file, which could not be had; its
+    /// origin's watermark waits for it (`blob_staged`).
+    BlobStaged {
+        /// The peer that sent the version.
+        peer: NodeId,
+        /// The version's scope.
+        scope: Scope,
+        /// The version's origin.
+        origin: NodeId,
+        /// The missing blob.
+        hash: Hash,
+    },
+    /// Versions of `origin` were refused because their clock is too far ahead of ours
+    /// (`clock_skew`); that origin's stream halts until the clocks agree.
+    ClockSkew {
+        /// The peer that sent the versions.
+        peer: NodeId,
+        /// The scope.
+        scope: Scope,
+        /// The origin whose clock is ahead.
+        origin: NodeId,
+        /// How far ahead, in milliseconds.
+        ahead_by_ms: u64,
+    },
+}
+
+impl SyncEvent {
+    /// The event's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SyncEvent::Applied { .. } => "sync_applied",
+            SyncEvent::Failed { .. } => "sync_failed",
+            SyncEvent::Retry { .. } => "sync_retry",
+            SyncEvent::BlobStaged { .. } => "blob_staged",
+            SyncEvent::ClockSkew { .. } => "clock_skew",
+        }
+    }
+}
+
+/// One event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A change to records.
+    Change(Change),
+    /// A sync event.
+    Sync(SyncEvent),
+}
+
+impl Event {
+    /// The event's name (`local-change-recorded`, `sync_applied`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Change(c) => c.kind.name(),
+            Event::Sync(s) => s.name(),
+        }
+    }
+}
+
+/// What a subscriber receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The next event.
+    Event(Event),
+    /// The subscriber fell behind and this many events were dropped for it; it goes on
+    /// with the oldest event still buffered.
+    Missed(u64),
+}
+
+/// A subscription to a node's events.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<Event>,
+}
+
+impl Subscription {
+    /// Waits for the next notice; `None` once the notifier is gone.
+    pub async fn recv(&mut self) -> Option<Notice> {
+        match self.rx.recv().await {
+            Ok(e) => Some(Notice::Event(e)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Notice::Missed(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// The next notice if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Option<Notice> {
+        match self.rx.try_recv() {
+            Ok(e) => Some(Notice::Event(e)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Notice::Missed(n)),
+            Err(_) => None,
+        }
+    }
+}
+
+/// Where a watcher stands: the notifier's incarnation and change count it last saw.
+///
+/// Its text form (`<incarnation hex>.<count>`) is opaque to clients. A token from another
+/// incarnation (the node restarted) always counts as behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchToken {
+    incarnation: u64,
+    seq: u64,
+}
+
+impl fmt::Display for WatchToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}.{}", self.incarnation, self.seq)
+    }
+}
+
+/// A watch token that is not in the notifier's text form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed watch token")]
+pub struct BadWatchToken;
+
+impl FromStr for WatchToken {
+    type Err = BadWatchToken;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (inc, seq) = s.split_once('.').ok_or(BadWatchToken)?;
+        if inc.len() != 16 || seq.is_empty() || seq.len() > 20 {
+            return Err(BadWatchToken);
+        }
+        let incarnation = u64::from_str_radix(inc, 16).map_err(|_| BadWatchToken)?;
+        if !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(BadWatchToken);
+        }
+        let seq = seq.parse().map_err(|_| BadWatchToken)?;
+        Ok(WatchToken { incarnation, seq })
+    }
+}
+
+/// Change counts: the total, and per scope the total when the scope last changed.
+#[derive(Default)]
+struct Counts {
+    seq: u64,
+    by_scope: BTreeMap<Scope, u64>,
+}
+
+/// Publishes a node's events and change counts.
+pub struct Notifier {
+    events: broadcast::Sender<Event>,
+    counts: watch::Sender<Counts>,
+    incarnation: u64,
+}
+
+impl fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Notifier")
+            .field("subscribers", &self.events.receiver_count())
+            .field("incarnation", &format_args!("{:016x}", self.incarnation))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Notifier::new()
+    }
+}
+
+impl Notifier {
+    /// A notifier with no subscribers and a fresh incarnation.
+    pub fn new() -> Self {
+        Notifier {
+            events: broadcast::channel(EVENT_BUFFER).0,
+            counts: watch::channel(Counts::default()).0,
+            incarnation: rand::random(),
+        }
+    }
+
+    /// Subscribes to every event published from now on.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription {
+            rx: self.events.subscribe(),
+        }
+    }
+
+    /// Whether anyone is subscribed (publishers skip building events otherwise).
+    pub fn has_subscribers(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
+    /// Publishes `event` to every subscriber; never waits.
+    pub fn publish(&self, event: Event) {
+        // An error only means nobody is subscribed.
+        let _ = self.events.send(event);
+    }
+
+    /// Notes that the watermarks of `scopes` moved, waking watchers of those scopes.
+    pub fn scopes_changed<'a>(&self, scopes: impl IntoIterator<Item = &'a Scope>) {
+        let mut scopes = scopes.into_iter().peekable();
+        if scopes.peek().is_none() {
+            return;
+        }
+        self.counts.send_modify(|c| {
+            c.seq += 1;
+            let seq = c.seq;
+            for s in scopes {
+                match c.by_scope.get_mut(s) {
+                    Some(at) => *at = seq,
+                    None => {
+                        c.by_scope.insert(s.clone(), seq);
+                    }
+                }
+            }
+        });
+    }
+
+    /// The token for the current state, as seen by a watcher that may read `readable`.
+    pub fn token(&self) -> WatchToken {
+        WatchToken {
+            incarnation: self.incarnation,
+            seq: self.counts.borrow().seq,
+        }
+    }
+
+    /// Waits until a scope accepted by `readable` changes after `since` (at once if it
+    /// already did, or if `since` is `None` or from another incarnation), or until
+    /// `timeout`. Returns whether there is news, and the token to wait from next.
+    pub async fn wait_for_news(
+        &self,
+        since: Option<WatchToken>,
+        readable: impl Fn(&Scope) -> bool,
+        timeout: Duration,
+    ) -> (bool, WatchToken) {
+        let mut rx = self.counts.subscribe();
+        let news_after = |counts: &Counts, since: u64| {
+            counts
+                .by_scope
+                .iter()
+                .any(|(scope, at)| *at > since && readable(scope))
+        };
+        let since = match since {
+            Some(t) if t.incarnation == self.incarnation => t.seq,
+            _ => return (true, self.token()),
+        };
+        let wait = async {
+            loop {
+                {
+                    let counts = rx.borrow_and_update();
+                    if news_after(&counts, since) {
+                        return;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    // The sender lives as long as `self`; this cannot happen while borrowed.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let news = tokio::time::timeout(timeout, wait).await.is_ok();
+        (news, self.token())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_refuse_junk() {
+        let t = WatchToken {
+            incarnation: 0xabc,
+            seq: 42,
+        };
+        assert_eq!(t.to_string().parse::<WatchToken>(), Ok(t));
+        for bad in [
+            "",
+            "42",
+            "0000000000000abc",
+            "0000000000000abc.",
+            "0000000000000abc.-1",
+            "0000000000000abc.+1",
+            "abc.1",
+            "000000000000zabc.1",
+            "0000000000000abc.99999999999999999999999",
+        ] {
+            assert!(bad.parse::<WatchToken>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchers_wake_only_for_readable_scopes() {
+        let n = Notifier::new();
+        let a = Scope::app("a", "t").unwrap();
+        let b = Scope::app("b", "t").unwrap();
+        let start = n.token();
+        n.scopes_changed([&b]);
+        let (news, _) = n
+            .wait_for_news(Some(start), |s| s == &a, Duration::from_millis(50))
+            .await;
+        assert!(!news, "a change to b is not news to a reader of a");
+        let (news, next) = n
+            .wait_for_news(Some(start), |s| s == &b, Duration::from_millis(50))
+            .await;
+        assert!(news);
+        let (news, _) = n
+            .wait_for_news(Some(next), |s| s == &b, Duration::from_millis(50))
+            .await;
+        assert!(!news, "nothing changed since the last token");
+    }
+
+    #[tokio::test]
+    async fn a_foreign_token_is_behind() {
+        let n = Notifier::new();
+        let other = Notifier::new().token();
+        let (news, _) = n.wait_for_news(Some(other), |_| true, Duration::ZERO).await;
+        assert!(news);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_is_told_what_it_missed() {
+        let n = Notifier::new();
+        let mut sub = n.subscribe();
+        for _ in 0..EVENT_BUFFER + 5 {
+            n.publish(Event::Sync(SyncEvent::Failed {
+                peer: "p".into(),
+                error: "e".into(),
+            }));
+        }
+        assert_eq!(sub.recv().await, Some(Notice::Missed(5)));
+        assert!(matches!(sub.recv().await, Some(Notice::Event(_))));
+    }
+}
