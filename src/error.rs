@@ -267,4 +267,10 @@ pub enum TransportError {
         /// What failed.
         reason: String,
     },
+    /// The transport cannot do what was asked (say, watch over a transport without it).
+    #[error("the transport does not support {what}")]
+    Unsupported {
+        /// The operation.
+        what: &'static str,
+    },
 }

@@ -24,6 +24,6 @@ pub use crate::error::{Error, Result};
 pub use crate::hash::Hash;
 pub use crate::hlc::{Hlc, ManualTime, NodeId, TimeSource};
 pub use crate::record::{BlobRef, Key, Op, Residency, Scope, Version};
-pub use crate::transport::{InProcess, Refusal, Responder, Transport};
+pub use crate::transport::{InProcess, Refusal, Responder, Transport, WatchReply};
 pub use crate::watermark::{Halt, HaltReason, ScopedWatermarks, Watermarks};
 pub use crate::wire::ScopeFilter;

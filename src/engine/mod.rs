@@ -1213,4 +1213,8 @@ impl Responder for SyncEngine {
         uploads.insert(blob.hash, Instant::now());
         Ok(())
     }
+
+    fn notifier(&self) -> Option<&Notifier> {
+        Some(&self.notifier)
+    }
 }

@@ -3,11 +3,14 @@
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Responder, Transport};
+use std::time::Duration;
+
+use super::{RefusalCode, Responder, Transport, WatchReply};
 use crate::blob::{copy_chunks, CopyError};
 use crate::error::TransportError;
 use crate::hash::Hash;
 use crate::hlc::NodeId;
+use crate::notify::WatchToken;
 use crate::record::BlobRef;
 use crate::wire::{self, ExchangeRequest, ExchangeResponse};
 
@@ -156,6 +159,32 @@ impl<R: Responder> Transport for InProcess<R> {
         let result = self.peer.accept_blob(&blob, &mut counted);
         self.blob_bytes.fetch_add(counted.n, Ordering::Relaxed);
         Ok(result?)
+    }
+
+    async fn watch(
+        &self,
+        since: Option<String>,
+        timeout: Duration,
+    ) -> Result<WatchReply, TransportError> {
+        let notifier = self
+            .peer
+            .notifier()
+            .ok_or(TransportError::Unsupported { what: "watch" })?;
+        let since = match since {
+            Some(s) => Some(
+                s.parse::<WatchToken>()
+                    .map_err(|e| TransportError::Refused {
+                        code: RefusalCode::BadRequest,
+                        reason: e.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
+        let (news, token) = notifier.wait_for_news(since, |_| true, timeout).await;
+        Ok(WatchReply {
+            news,
+            token: token.to_string(),
+        })
     }
 }
 

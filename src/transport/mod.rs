@@ -10,6 +10,7 @@ pub use self::in_process::{InProcess, WireStats};
 
 use std::future::Future;
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use crate::error::{Error, TransportError};
 use crate::hash::Hash;
@@ -49,6 +50,28 @@ pub trait Transport: Send + Sync {
         blob: BlobRef,
         content: Box<dyn Read + Send>,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Waits until the responder's data changed after `since` (a token from an earlier
+    /// reply; `None` asks for the current token at once) or `timeout` passed, so the caller
+    /// can exchange at once instead of on its interval. Transports without it answer
+    /// [`TransportError::Unsupported`].
+    fn watch(
+        &self,
+        since: Option<String>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<WatchReply, TransportError>> + Send {
+        let _ = (since, timeout);
+        async { Err(TransportError::Unsupported { what: "watch" }) }
+    }
+}
+
+/// The answer to [`Transport::watch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchReply {
+    /// Whether the responder's data changed after the token sent (always true for none).
+    pub news: bool,
+    /// The token to wait from next (opaque).
+    pub token: String,
 }
 
 /// The responder's side of a round.
@@ -79,6 +102,11 @@ pub trait Responder: Send + Sync {
     /// # Errors
     /// A [`Refusal`]: `BadRequest` for content that does not match (nothing is stored).
     fn accept_blob(&self, blob: &BlobRef, content: &mut dyn Read) -> Result<(), Refusal>;
+
+    /// The responder's change notifier, if it has one (watch needs it).
+    fn notifier(&self) -> Option<&crate::notify::Notifier> {
+        None
+    }
 }
 
 impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
@@ -100,6 +128,10 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
 
     fn accept_blob(&self, blob: &BlobRef, content: &mut dyn Read) -> Result<(), Refusal> {
         (**self).accept_blob(blob, content)
+    }
+
+    fn notifier(&self) -> Option<&crate::notify::Notifier> {
+        (**self).notifier()
     }
 }
 
