@@ -38,7 +38,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::blob::{write_blob, BlobStore, FsBlobStore, MemBlobStore};
 use crate::error::{Error, InputError, ProtocolError, Result};
@@ -240,6 +240,7 @@ pub struct SyncEngine {
     /// from removal until that request's page commits or [`UPLOAD_GRACE`] ends.
     uploads: Mutex<HashMap<Hash, Instant>>,
     notifier: Notifier,
+    last_exchange: Mutex<HashMap<NodeId, SystemTime>>,
 }
 
 /// The (scope, origin) streams halted in the last round with one peer.
@@ -367,6 +368,7 @@ impl SyncEngine {
             in_flight: Mutex::new(HashSet::new()),
             uploads: Mutex::new(HashMap::new()),
             notifier: Notifier::new(),
+            last_exchange: Mutex::new(HashMap::new()),
         })
     }
 
@@ -729,6 +731,16 @@ impl SyncEngine {
         Ok(self.store.read()?.peers()?)
     }
 
+    /// When each peer last completed a round with this node, in either role, since this
+    /// engine was opened (memory only).
+    pub fn last_exchanges(&self) -> HashMap<NodeId, SystemTime> {
+        lock(&self.last_exchange).clone()
+    }
+
+    fn note_exchange(&self, peer: NodeId) {
+        lock(&self.last_exchange).insert(peer, SystemTime::now());
+    }
+
     /// The clock's last issued or observed time (NTP64).
     pub fn clock_time(&self) -> u64 {
         self.clock.last()
@@ -785,6 +797,7 @@ impl SyncEngine {
         )?;
         outcome.blobs_pushed = blobs_pushed;
         outcome.blobs_fetched = fetched.len();
+        self.note_exchange(outcome.peer);
         Ok(outcome)
     }
 
@@ -1162,6 +1175,7 @@ impl SyncEngine {
         if applied.changed_marks {
             watermarks = self.marks_in_play(&*self.store.read()?, &request.scopes)?;
         }
+        self.note_exchange(request.from);
         Ok(ExchangeResponse {
             from: self.id,
             watermarks,
