@@ -7,6 +7,7 @@ pub mod engine;
 pub mod error;
 pub mod hash;
 pub mod hlc;
+pub mod http;
 pub mod merge;
 pub mod notify;
 pub mod record;

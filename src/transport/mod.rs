@@ -147,6 +147,12 @@ pub enum RefusalCode {
     Unavailable,
     /// The responder failed (500).
     Internal,
+    /// The request carried no valid credentials (HTTP 401).
+    Unauthorized,
+    /// The request was larger than the responder accepts (HTTP 413).
+    TooLarge,
+    /// The responder is busy with this requester's other requests; try later (HTTP 429).
+    Busy,
 }
 
 /// What a responder tells a peer when it refuses a request: separate from the local error

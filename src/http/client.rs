@@ -1,0 +1,409 @@
+//! The HTTP client transport.
+
+use std::io::{Read, Write};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::body::{empty, full, stream_reader, HttpBody};
+use super::encode_query_value;
+use crate::blob::CHUNK;
+use crate::error::TransportError;
+use crate::hash::Hash;
+use crate::hlc::NodeId;
+use crate::record::BlobRef;
+use crate::transport::{RefusalCode, Transport, WatchReply};
+use crate::wire::{self, ExchangeRequest, ExchangeResponse};
+
+/// Blob presence questions (HEAD requests) in flight at once.
+const PRESENCE_CONCURRENCY: usize = 8;
+/// The most of an error body read for its message.
+const ERROR_BODY_LIMIT: usize = 64 << 10;
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The bearer token, if the node wants one.
+    pub token: Option<String>,
+    /// Time allowed for a whole exchange request and response, and for the headers of any
+    /// other request (default 60 s).
+    pub timeout: Duration,
+    /// Time allowed between two chunks of a blob download (default 30 s).
+    pub idle_timeout: Duration,
+    /// Time allowed to connect (default 10 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            token: None,
+            timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Reaches a node over HTTP. It retries nothing (the scheduler owns retries) and maps every
+/// failure to a [`TransportError`]: `Unreachable` for connection failures and timeouts,
+/// `Refused` with the status's [`RefusalCode`] and the server's message for HTTP errors,
+/// `BadResponse` for a body that does not decode.
+///
+/// The peer's node id is learned from its first response and then expected: a different
+/// node answering at the same address is refused ([`crate::error::ProtocolError`]).
+/// Must be used inside a tokio runtime.
+pub struct HttpTransport {
+    base: String,
+    client: Client<HttpConnector, HttpBody>,
+    auth: Option<HeaderValue>,
+    config: ClientConfig,
+    peer: Mutex<Option<NodeId>>,
+}
+
+impl std::fmt::Debug for HttpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTransport")
+            .field("base", &self.base)
+            .field("peer", &self.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unreachable(reason: impl Into<String>) -> TransportError {
+    TransportError::Unreachable {
+        reason: reason.into(),
+    }
+}
+
+impl HttpTransport {
+    /// A transport to the node at `base_url` (`http://host:port`), with default settings.
+    ///
+    /// # Errors
+    /// `base_url` is not an `http://` URL with a host, or the token is not a valid header.
+    pub fn new(base_url: &str, token: Option<String>) -> Result<HttpTransport, TransportError> {
+        HttpTransport::with_config(
+            base_url,
+            ClientConfig {
+                token,
+                ..ClientConfig::default()
+            },
+        )
+    }
+
+    /// A transport with explicit settings.
+    ///
+    /// # Errors
+    /// As for [`HttpTransport::new`].
+    pub fn with_config(
+        base_url: &str,
+        config: ClientConfig,
+    ) -> Result<HttpTransport, TransportError> {
+        let bad = |why: &str| TransportError::Refused {
+            code: RefusalCode::BadRequest,
+            reason: format!("bad node URL {base_url:?}: {why}"),
+        };
+        let uri: Uri = base_url.parse().map_err(|_| bad("not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad("only http:// is supported (put TLS in front)"));
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(bad("give the node's root URL, without a path"));
+        }
+        let base = format!("http://{authority}");
+        let auth = match &config.token {
+            None => None,
+            Some(t) => Some(
+                HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| bad("the token is not a valid header value"))?,
+            ),
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(HttpTransport {
+            base,
+            client,
+            auth,
+            config,
+            peer: Mutex::new(None),
+        })
+    }
+
+    /// Expects `peer` to answer (refusing any other node from the first round on).
+    pub fn expecting(self, peer: NodeId) -> HttpTransport {
+        *self.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
+        self
+    }
+
+    /// The node's root URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends one request to `path_and_query` (starting with `/v1/`) with the token, and
+    /// returns the response once its headers arrive (within the configured timeout). Any
+    /// status is returned as it is; [`HttpTransport::error_for`] turns a failure status into
+    /// an error.
+    ///
+    /// # Errors
+    /// [`TransportError::Unreachable`] when the node cannot be reached in time.
+    pub async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: HttpBody,
+        content_length: Option<u64>,
+    ) -> Result<Response<Incoming>, TransportError> {
+        self.call_within(
+            method,
+            path_and_query,
+            body,
+            content_length,
+            self.config.timeout,
+        )
+        .await
+    }
+
+    async fn call_within(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: HttpBody,
+        content_length: Option<u64>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, TransportError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path_and_query}", self.base))
+            .body(body)
+            .map_err(|e| TransportError::Refused {
+                code: RefusalCode::BadRequest,
+                reason: format!("cannot build request: {e}"),
+            })?;
+        let headers = req.headers_mut();
+        if let Some(a) = &self.auth {
+            headers.insert(header::AUTHORIZATION, a.clone());
+        }
+        if let Some(n) = content_length {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => Err(unreachable(format!(
+                "no response from {} within {timeout:?}",
+                self.base
+            ))),
+            Ok(Err(e)) => Err(unreachable(format!("{}: {}", self.base, error_chain(&e)))),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// The error for a failure response: its status as a [`RefusalCode`] and the server's
+    /// message (read from its JSON body).
+    pub async fn error_for(resp: Response<Incoming>) -> TransportError {
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), ERROR_BODY_LIMIT)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        let code = match status {
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
+                RefusalCode::BadRequest
+            }
+            StatusCode::UNAUTHORIZED => RefusalCode::Unauthorized,
+            StatusCode::FORBIDDEN => RefusalCode::Forbidden,
+            StatusCode::PAYLOAD_TOO_LARGE => RefusalCode::TooLarge,
+            StatusCode::TOO_MANY_REQUESTS => RefusalCode::Busy,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
+                RefusalCode::Unavailable
+            }
+            _ => RefusalCode::Internal,
+        };
+        TransportError::Refused {
+            code,
+            reason: format!("HTTP {}: {message}", status.as_u16()),
+        }
+    }
+
+    async fn head_blob(&self, hash: Hash) -> Result<bool, TransportError> {
+        let resp = self
+            .call(Method::HEAD, &format!("/v1/blobs/{hash}"), empty(), None)
+            .await?;
+        match resp.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(HttpTransport::error_for(resp).await),
+        }
+    }
+
+    fn learn_peer(&self, from: NodeId) {
+        let mut peer = self.peer.lock().unwrap_or_else(|p| p.into_inner());
+        // The engine checks a mismatch against what was expected; only learn the first.
+        peer.get_or_insert(from);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+impl Transport for HttpTransport {
+    fn peer_id(&self) -> Option<NodeId> {
+        *self.peer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
+        let body = wire::encode(&request);
+        let len = body.len() as u64;
+        let round = async {
+            let resp = self
+                .call(Method::POST, "/v1/sync/exchange", full(body), Some(len))
+                .await?;
+            if resp.status() != StatusCode::OK {
+                return Err(HttpTransport::error_for(resp).await);
+            }
+            let bytes = http_body_util::Limited::new(resp.into_body(), wire::MAX_MESSAGE_LEN + 16)
+                .collect()
+                .await
+                .map_err(|e| unreachable(format!("response body broke off: {e}")))?
+                .to_bytes();
+            wire::decode::<ExchangeResponse>(&bytes).map_err(TransportError::BadResponse)
+        };
+        let response = tokio::time::timeout(self.config.timeout, round)
+            .await
+            .map_err(|_| unreachable(format!("exchange with {} timed out", self.base)))??;
+        self.learn_peer(response.from);
+        Ok(response)
+    }
+
+    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
+        futures_util::stream::iter(hashes)
+            .map(|h| self.head_blob(h))
+            .buffered(PRESENCE_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn fetch_blob(
+        &self,
+        blob: BlobRef,
+        into: &mut (dyn Write + Send),
+    ) -> Result<(), TransportError> {
+        let hash = blob.hash;
+        let resp = self
+            .call(Method::GET, &format!("/v1/blobs/{hash}"), empty(), None)
+            .await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Err(TransportError::BlobNotFound { hash }),
+            _ => return Err(HttpTransport::error_for(resp).await),
+        }
+        let broke = |reason: String| TransportError::BlobTransfer { hash, reason };
+        let mut body = resp.into_body();
+        loop {
+            let frame = match tokio::time::timeout(self.config.idle_timeout, body.frame()).await {
+                Err(_) => return Err(broke("download stalled".into())),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => return Err(broke(format!("download broke off: {e}"))),
+                Ok(Some(Ok(f))) => f,
+            };
+            if let Ok(data) = frame.into_data() {
+                into.write_all(&data)
+                    .map_err(|e| broke(format!("writing locally: {e}")))?;
+            }
+        }
+    }
+
+    async fn push_blob(
+        &self,
+        blob: BlobRef,
+        content: Box<dyn Read + Send>,
+    ) -> Result<(), TransportError> {
+        let body = stream_reader(content, Some(blob.size), CHUNK);
+        let resp = self
+            .call(
+                Method::PUT,
+                &format!("/v1/blobs/{}", blob.hash),
+                body,
+                Some(blob.size),
+            )
+            .await?;
+        if resp.status().is_success() {
+            // Drain the small JSON acknowledgement so the connection can be reused.
+            let _ = resp.into_body().collect().await;
+            Ok(())
+        } else {
+            Err(HttpTransport::error_for(resp).await)
+        }
+    }
+
+    async fn watch(
+        &self,
+        since: Option<String>,
+        timeout: Duration,
+    ) -> Result<WatchReply, TransportError> {
+        let mut path = format!("/v1/sync/watch?timeout_ms={}", timeout.as_millis());
+        if let Some(s) = &since {
+            path.push_str("&since=");
+            path.push_str(&encode_query_value(s));
+        }
+        // The server holds the request up to `timeout`: allow for that on top.
+        let wait = timeout + self.config.timeout;
+        let call = async {
+            let resp = self
+                .call_within(Method::GET, &path, empty(), None, wait)
+                .await?;
+            if resp.status() != StatusCode::OK {
+                return Err(HttpTransport::error_for(resp).await);
+            }
+            let bytes: Bytes = http_body_util::Limited::new(resp.into_body(), ERROR_BODY_LIMIT)
+                .collect()
+                .await
+                .map_err(|e| unreachable(format!("watch response broke off: {e}")))?
+                .to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|_| unreachable("watch response is not JSON"))?;
+            match (
+                v.get("news").and_then(|n| n.as_bool()),
+                v.get("token").and_then(|t| t.as_str()),
+            ) {
+                (Some(news), Some(token)) => Ok(WatchReply {
+                    news,
+                    token: token.to_owned(),
+                }),
+                _ => Err(unreachable("watch response lacks news or token")),
+            }
+        };
+        tokio::time::timeout(wait, call)
+            .await
+            .map_err(|_| unreachable(format!("watch on {} timed out", self.base)))?
+    }
+}

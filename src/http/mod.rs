@@ -1,0 +1,84 @@
+//! Sync over HTTP: the server ([`serve`], [`HighwaterService`]) and the client transport
+//! ([`HttpTransport`]), on hyper 1.
+//!
+//! Every endpoint lives under `/v1`; docs/http.md is the reference (paths, bodies, status
+//! codes, tokens and limits):
+//!
+//! - `POST /v1/sync/exchange`: one round; the body is the wire envelope ([`crate::wire`]).
+//! - `HEAD|GET|PUT /v1/blobs/<64 lowercase hex>`: blob presence, download, upload (streamed,
+//!   verified while received, stored only if the bytes hash to the path).
+//! - `GET /v1/sync/watch?since=<token>&timeout_ms=N`: long-poll for news.
+//! - `PUT|GET|DELETE /v1/records/<scope>/<key>`, `GET /v1/records/<scope>?prefix=&after=&limit=`,
+//!   `PUT|GET /v1/files/<scope>/<key>`: the records API for applications and the CLI.
+//! - `GET /v1/status`: node id, watermarks, residency, peers and what they lack.
+
+pub mod access;
+mod body;
+mod client;
+mod server;
+
+use std::time::Duration;
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+pub use self::access::{Access, AccessError, Grant, ScopePattern};
+pub use self::body::HttpBody;
+pub use self::client::{ClientConfig, HttpTransport};
+pub use self::server::{refusal_status, serve, HighwaterService, ServeError, ServerConfig};
+
+use crate::record::Key;
+
+/// Response header: the record version's Hlc (`<NTP64 decimal>/<origin hex>`).
+pub const HEADER_HLC: &str = "x-highwater-hlc";
+/// Response header: the record version's origin node id (hex).
+pub const HEADER_ORIGIN: &str = "x-highwater-origin";
+/// Response header: the record's residency (`resident`, `staged`, ...).
+pub const HEADER_RESIDENCY: &str = "x-highwater-residency";
+/// The longest a watch request waits.
+pub const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Characters left as they are in keys in paths and queries: RFC 3986 unreserved.
+const KEY_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A key as it appears in a path segment or query value.
+pub fn encode_key(key: &Key) -> String {
+    percent_encoding::percent_encode(key.as_bytes(), KEY_SET).to_string()
+}
+
+/// A string value as it appears in a query.
+fn encode_query_value(value: &str) -> String {
+    utf8_percent_encode(value, KEY_SET).to_string()
+}
+
+/// A key from a percent-encoded path segment.
+fn parse_key(segment: &str) -> Result<Key, server_failure::Failure> {
+    let bytes: Vec<u8> = percent_decode_str(segment).collect();
+    Key::new(bytes).map_err(Into::into)
+}
+
+/// Decodes `a=b&c=d` (percent-encoded, `+` not special), refusing repeated names.
+fn decode_query(query: &str) -> Result<Vec<(String, Vec<u8>)>, server_failure::Failure> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode_str(name)
+            .decode_utf8()
+            .map_err(|_| server_failure::Failure::bad("malformed query"))?
+            .into_owned();
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(server_failure::Failure::bad(format!(
+                "parameter {name:?} given twice"
+            )));
+        }
+        out.push((name, percent_decode_str(value).collect()));
+    }
+    Ok(out)
+}
+
+mod server_failure {
+    pub(super) use super::server::Failure;
+}
