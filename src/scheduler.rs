@@ -33,6 +33,33 @@
 //! Rounds do their storage IO (redb) inside the round's future, on the runtime's thread. On a
 //! multi-thread runtime that only holds up the thread running that peer's task; see
 //! `docs/scheduling.md`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use highwater::notify::{Event, Notice, SyncEvent};
+//! use highwater::{InProcess, Key, Scheduler, SchedulerConfig, Scope, SyncEngine};
+//!
+//! # let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+//! # runtime.block_on(async {
+//! let a = Arc::new(SyncEngine::in_memory()?);
+//! let b = Arc::new(SyncEngine::in_memory()?);
+//! b.put(&Scope::shared(), &Key::try_from("k")?, b"from b".to_vec())?;
+//!
+//! let mut events = a.notifier().subscribe();
+//! let scheduler = Scheduler::start(a.clone(), SchedulerConfig::default());
+//! scheduler.add_peer("b", Arc::new(InProcess::new(b.clone())))?;
+//! // The first round runs at once.
+//! while let Some(notice) = events.recv().await {
+//!     if let Notice::Event(Event::Sync(SyncEvent::Applied { peer, received, .. })) = notice {
+//!         assert_eq!((peer.as_str(), received), ("b", 1));
+//!         break;
+//!     }
+//! }
+//! scheduler.shutdown().await?;
+//! assert_eq!(a.digest()?, b.digest()?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
 
 use std::collections::BTreeSet;
 use std::fmt;
