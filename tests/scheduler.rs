@@ -13,6 +13,7 @@
 //!   after-round hook changes nothing.
 //! - Shutdown leaves no task behind (every transport and engine handle is released), and a
 //!   round in flight is abandoned without applying half of it.
+//! - On a multi-thread runtime with the real clock, writes on either side reach the other.
 
 mod common;
 
@@ -757,6 +758,42 @@ async fn shutdown_abandons_a_round_in_flight_without_half_applying_it() -> TestR
     // The next rounds pick up where the abandoned one left off.
     while a.exchange(&link).await?.has_more {}
     assert_eq!(a.digest()?, b.digest()?);
+    assert_eq!(a.watermarks()?, b.watermarks()?);
+    Ok(())
+}
+
+/// The same triggers on real threads and the real clock (the other tests use one thread and
+/// a paused clock): a write on either side reaches the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_converge_on_a_multi_thread_runtime() -> TestResult {
+    let (a, b) = (node()?, node()?);
+    let mut events = Events::on(&a);
+    let sched = Scheduler::start(
+        a.clone(),
+        SchedulerConfig {
+            watch: true,
+            ..SchedulerConfig::default()
+        },
+    );
+    sched.add_peer("b", Switch::new(&b, true))?;
+    let run = async {
+        while events.applied().await?.1.has_more {}
+        // Through the debounced local-change trigger.
+        write(&a, "a", 3)?;
+        while b.scan(&notes(), b"a", None, 10)?.len() < 3 {
+            events.next().await?;
+        }
+        // Through b's watch.
+        write(&b, "b", 3)?;
+        while a.scan(&notes(), b"b", None, 10)?.len() < 3 {
+            events.next().await?;
+        }
+        TestResult::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .map_err(|_| "no convergence within 20 s")??;
+    sched.shutdown().await?;
     assert_eq!(a.watermarks()?, b.watermarks()?);
     Ok(())
 }
