@@ -11,6 +11,7 @@ pub mod http;
 pub mod merge;
 pub mod notify;
 pub mod record;
+pub mod scheduler;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -25,6 +26,7 @@ pub use crate::error::{Error, Result};
 pub use crate::hash::Hash;
 pub use crate::hlc::{Hlc, ManualTime, NodeId, TimeSource};
 pub use crate::record::{BlobRef, Key, Op, Residency, Scope, Version};
+pub use crate::scheduler::{Backoff, PeerStatus, Scheduler, SchedulerConfig, SchedulerError};
 pub use crate::transport::{InProcess, Refusal, Responder, Transport, WatchReply};
 pub use crate::watermark::{Halt, HaltReason, ScopedWatermarks, Watermarks};
 pub use crate::wire::ScopeFilter;
