@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::body::{empty, full, stream_reader, HttpBody};
 use super::encode_query_value;
 use crate::blob::CHUNK;
-use crate::error::TransportError;
+use crate::error::{TransportError, WireError};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::record::BlobRef;
@@ -57,7 +57,7 @@ impl Default for ClientConfig {
 /// Reaches a node over HTTP. It retries nothing (the scheduler owns retries) and maps every
 /// failure to a [`TransportError`]: `Unreachable` for connection failures and timeouts,
 /// `Refused` with the status's [`RefusalCode`] and the server's message for HTTP errors,
-/// `BadResponse` for a body that does not decode.
+/// `BadResponse` for a body that does not decode (an exchange envelope, or watch JSON).
 ///
 /// The peer's node id is learned from its first response and then expected: a different
 /// node answering at the same address is refused ([`crate::error::ProtocolError`]).
@@ -83,6 +83,13 @@ fn unreachable(reason: impl Into<String>) -> TransportError {
     TransportError::Unreachable {
         reason: reason.into(),
     }
+}
+
+/// A watch answer that is not the JSON expected.
+fn bad_response(why: &str) -> TransportError {
+    TransportError::BadResponse(WireError::Malformed {
+        reason: format!("watch response {why}"),
+    })
 }
 
 impl HttpTransport {
@@ -389,8 +396,8 @@ impl Transport for HttpTransport {
                 .await
                 .map_err(|e| unreachable(format!("watch response broke off: {e}")))?
                 .to_bytes();
-            let v: serde_json::Value = serde_json::from_slice(&bytes)
-                .map_err(|_| unreachable("watch response is not JSON"))?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|_| bad_response("not JSON"))?;
             match (
                 v.get("news").and_then(|n| n.as_bool()),
                 v.get("token").and_then(|t| t.as_str()),
@@ -399,7 +406,7 @@ impl Transport for HttpTransport {
                     news,
                     token: token.to_owned(),
                 }),
-                _ => Err(unreachable("watch response lacks news or token")),
+                _ => Err(bad_response("lacks news or token")),
             }
         };
         tokio::time::timeout(wait, call)
