@@ -311,7 +311,7 @@ async fn files_stream_in_and_out_byte_for_byte() -> TestResult {
         .await?;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(header(&headers, "content-length")?, bytes.len().to_string());
-        assert_eq!(header(&headers, "etag")?, hash.to_string());
+        assert_eq!(header(&headers, "etag")?, format!("\"{hash}\""));
         assert_eq!(header(&headers, HEADER_RESIDENCY)?, "resident");
         assert!(body.as_ref() == bytes.as_slice(), "the file's bytes differ");
         // The record itself: an empty value, Resident.

@@ -797,7 +797,9 @@ impl HighwaterService {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
-        if let Ok(v) = HeaderValue::from_str(&blob.hash.to_string()) {
+        // An entity tag is a quoted string (RFC 9110 section 8.8.3); the content's hash is
+        // a strong one.
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", blob.hash)) {
             headers.insert(header::ETAG, v);
         }
         put_version_headers(headers, &record.hlc, Residency::Resident);
