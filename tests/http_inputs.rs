@@ -16,7 +16,7 @@ use bytes::Bytes;
 use common::http::{call, error_of, head, raw, tmp_is_empty, tokens, Raw, Server, APP_A, HUB};
 use common::rounds::TestResult;
 use highwater::error::{ProtocolError, TransportError};
-use highwater::http::{serve, HttpTransport, ServeError, ServerConfig};
+use highwater::http::{serve, ClientConfig, HttpTransport, ServeError, ServerConfig};
 use highwater::transport::RefusalCode;
 use highwater::watermark::{Page, Run};
 use highwater::wire::{self, ExchangeRequest, ExchangeResponse, MAGIC, SUPPORTED_VERSIONS};
@@ -984,6 +984,15 @@ struct Fake {
 
 impl Fake {
     async fn start(status: StatusCode, body: Vec<Bytes>) -> TestResult<Fake> {
+        Fake::start_reading(status, body, Duration::ZERO).await
+    }
+
+    /// A fake that reads request bodies one frame per `pause`, like a slow link.
+    async fn start_reading(
+        status: StatusCode,
+        body: Vec<Bytes>,
+        pause: Duration,
+    ) -> TestResult<Fake> {
         use hyper::body::Incoming;
         use hyper_util::rt::TokioIo;
 
@@ -1000,7 +1009,12 @@ impl Fake {
                     let n = count.fetch_add(1, Ordering::SeqCst);
                     let answer = body[n.min(body.len() - 1)].clone();
                     async move {
-                        let _ = req.into_body().collect().await;
+                        let mut incoming = req.into_body();
+                        while let Some(Ok(_)) = incoming.frame().await {
+                            if !pause.is_zero() {
+                                tokio::time::sleep(pause).await;
+                            }
+                        }
                         let mut resp = hyper::Response::new(Full::new(answer));
                         *resp.status_mut() = status;
                         Ok::<_, Infallible>(resp)
@@ -1145,5 +1159,66 @@ async fn the_client_learns_its_peer_and_then_expects_it() -> TestResult {
     }
     assert_eq!(client.peer_id(), Some(x));
     assert_eq!(fake.requests(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_blob_upload_may_outlast_the_request_timeout_while_it_moves() -> TestResult {
+    // 2 MiB read by the peer at one 256 KiB chunk per 100 ms: about 0.8 s in all, longer
+    // than the request timeout, but never idle for long.
+    let fake = Fake::start_reading(
+        StatusCode::OK,
+        vec![Bytes::from_static(b"{}")],
+        Duration::from_millis(100),
+    )
+    .await?;
+    let config = ClientConfig {
+        timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(5),
+        ..ClientConfig::default()
+    };
+    let client = HttpTransport::with_config(&fake.url, config)?;
+    let size = 2u64 << 20;
+    let blob = BlobRef {
+        hash: Hash::of(b"not checked by the fake"),
+        size,
+    };
+    let content = Box::new(std::io::Read::take(std::io::repeat(7), size));
+    client.push_blob(blob, content).await?;
+    assert_eq!(fake.requests(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_blob_upload_that_stops_moving_is_unreachable() -> TestResult {
+    // The peer takes one frame, then nothing for an hour: the upload stalls once the
+    // socket buffers are full, and the client gives up after its idle timeout.
+    let fake = Fake::start_reading(
+        StatusCode::OK,
+        vec![Bytes::from_static(b"{}")],
+        Duration::from_secs(3600),
+    )
+    .await?;
+    let config = ClientConfig {
+        timeout: Duration::from_secs(3600),
+        idle_timeout: Duration::from_millis(300),
+        ..ClientConfig::default()
+    };
+    let client = HttpTransport::with_config(&fake.url, config)?;
+    let size = 64u64 << 20;
+    let blob = BlobRef {
+        hash: Hash::of(b"not checked by the fake"),
+        size,
+    };
+    let content = Box::new(std::io::Read::take(std::io::repeat(7), size));
+    let pushed = tokio::time::timeout(common::http::PROMPTLY, client.push_blob(blob, content))
+        .await
+        .map_err(|_| "the stalled upload was not given up")?;
+    match pushed {
+        Err(TransportError::Unreachable { reason }) => {
+            assert!(reason.contains("stalled"), "{reason}")
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
     Ok(())
 }
