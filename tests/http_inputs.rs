@@ -1222,3 +1222,93 @@ async fn a_blob_upload_that_stops_moving_is_unreachable() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_page_over_max_page_versions_gets_413() -> TestResult {
+    let server = protected(ServerConfig {
+        max_page_versions: 3,
+        ..ServerConfig::default()
+    })
+    .await?;
+    let before = server.snapshot()?;
+    let peer = NodeId::random();
+    let times: Vec<u64> = (0..4).map(|i| at(-10 + i)).collect();
+    let req = request(
+        peer,
+        ScopeFilter::All,
+        vec![run(&Scope::shared(), peer, &times)],
+    );
+    let (status, body) = post_exchange(&server, Some(HUB), wire::encode(&req)).await?;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        error_of(&body)?.1.contains("4 versions"),
+        "{:?}",
+        error_of(&body)
+    );
+    assert_eq!(server.snapshot()?, before);
+    // Three are fine.
+    let req = request(
+        peer,
+        ScopeFilter::All,
+        vec![run(&Scope::shared(), peer, &times[..3])],
+    );
+    let (status, _) = post_exchange(&server, Some(HUB), wire::encode(&req)).await?;
+    assert_eq!(status, StatusCode::OK);
+    server.stop().await
+}
+
+/// Watches with `token` from `since` (none if empty), waiting at most `ms`; returns (news,
+/// next token).
+async fn watch(server: &Server, token: &str, since: &str, ms: u64) -> TestResult<(bool, String)> {
+    let client = server.client(Some(token))?;
+    let mut path = format!("/v1/sync/watch?timeout_ms={ms}");
+    if !since.is_empty() {
+        path.push_str(&format!("&since={since}"));
+    }
+    let (status, _, body) = call(&client, Method::GET, &path, Bytes::new()).await?;
+    assert_eq!(status, StatusCode::OK, "{:?}", error_of(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    let news = v["news"].as_bool().ok_or("no news")?;
+    let next = v["token"].as_str().ok_or("no token")?.to_owned();
+    Ok((news, next))
+}
+
+#[tokio::test]
+async fn a_watch_has_news_only_for_scopes_its_token_reads() -> TestResult {
+    let server = protected(ServerConfig::default()).await?;
+    // No token yet: news at once, and the token to wait from.
+    let (news, start) = watch(&server, APP_A, "", 60_000).await?;
+    assert!(news);
+    // A write to app B is no news to a token for app A: its watch runs to its timeout.
+    server.engine.put(&app("b"), &key("b"), b"b".to_vec())?;
+    let (news, _) = watch(&server, APP_A, &start, 200).await?;
+    assert!(!news, "app B's write woke a watcher of app A");
+    let (news, _) = watch(&server, HUB, &start, 60_000).await?;
+    assert!(news, "the hub reads app B");
+    // A write to app A is.
+    server.engine.put(&app("a"), &key("a"), b"a".to_vec())?;
+    let (news, next) = watch(&server, APP_A, &start, 60_000).await?;
+    assert!(news);
+    let (news, _) = watch(&server, APP_A, &next, 200).await?;
+    assert!(!news, "nothing since the last token");
+
+    // A token from another incarnation (the node restarted) is news at once.
+    let other = SyncEngine::in_memory()?.notifier().token().to_string();
+    let (news, _) = watch(&server, APP_A, &other, 60_000).await?;
+    assert!(news);
+
+    let client = server.client(Some(APP_A))?;
+    for bad in [
+        "since=",
+        "since=nope",
+        "timeout_ms=soon",
+        "timeout_ms=-1",
+        "other=1",
+        "timeout_ms=1&timeout_ms=2",
+    ] {
+        let path = format!("/v1/sync/watch?{bad}");
+        let (status, _, _) = call(&client, Method::GET, &path, Bytes::new()).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    server.stop().await
+}
