@@ -63,11 +63,20 @@ where
     }
 }
 
+/// What a [`ChannelReader`] receives: a chunk of the body (`Some`), the body's end
+/// (`None`), or why it failed.
+///
+/// IMPORTANT: the end is explicit. A channel closed without it (the pump was dropped with
+/// its request, or stopped on an error it could not deliver) reads as an error, never as the
+/// end of the body, so a body cut off midway cannot be stored as if it were whole.
+pub type Piece = io::Result<Option<Bytes>>;
+
 /// Pumps an async body into a channel read by a [`ChannelReader`] on a blocking thread.
-/// Returns how the body ended: `Ok` once fully sent, or why it stopped.
+/// Returns how the body ended: `Ok` once fully sent (or the reader stopped wanting it), or
+/// why it stopped.
 pub async fn pump_body<B>(
     mut body: B,
-    tx: mpsc::Sender<io::Result<Bytes>>,
+    tx: mpsc::Sender<Piece>,
     limit: u64,
     idle: Duration,
 ) -> Result<(), BodyError>
@@ -76,29 +85,35 @@ where
     B::Error: std::fmt::Display,
 {
     let mut total = 0u64;
-    let fail = |tx: &mpsc::Sender<io::Result<Bytes>>, e: BodyError| {
+    let fail = |tx: &mpsc::Sender<Piece>, e: BodyError| {
         let kind = match e {
             BodyError::TooLarge => io::ErrorKind::FileTooLarge,
             BodyError::Timeout => io::ErrorKind::TimedOut,
             BodyError::Broken(_) => io::ErrorKind::ConnectionAborted,
         };
-        // The reader may be gone already; then nobody needs telling.
+        // If the channel is full or the reader gone, the reader still fails: the channel
+        // closes without an end.
         let _ = tx.try_send(Err(io::Error::new(kind, "request body failed")));
         Err(e)
     };
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return fail(&tx, BodyError::Timeout),
-            Ok(None) => return Ok(()),
+            Ok(None) => None,
             Ok(Some(Err(e))) => return fail(&tx, BodyError::Broken(e.to_string())),
-            Ok(Some(Ok(f))) => f,
+            Ok(Some(Ok(f))) => Some(f),
+        };
+        let Some(frame) = frame else {
+            // The reader may have stopped already; then it needs no end.
+            let _ = tx.send(Ok(None)).await;
+            return Ok(());
         };
         if let Ok(data) = frame.into_data() {
             total += data.len() as u64;
             if total > limit {
                 return fail(&tx, BodyError::TooLarge);
             }
-            if tx.send(Ok(data)).await.is_err() {
+            if tx.send(Ok(Some(data))).await.is_err() {
                 // The reader stopped (it failed or has all it wanted).
                 return Ok(());
             }
@@ -106,22 +121,24 @@ where
     }
 }
 
-/// A blocking `Read` over chunks sent from an async task. Must not be read on a runtime
-/// thread (it blocks): use it inside `spawn_blocking`.
+/// A blocking `Read` over chunks sent from an async task ([`pump_body`]). Must not be read
+/// on a runtime thread (it blocks): use it inside `spawn_blocking`.
 pub struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
+    rx: mpsc::Receiver<Piece>,
     current: Bytes,
+    ended: bool,
 }
 
 impl ChannelReader {
     /// A reader and the sender feeding it.
-    pub fn new() -> (mpsc::Sender<io::Result<Bytes>>, ChannelReader) {
+    pub fn new() -> (mpsc::Sender<Piece>, ChannelReader) {
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         (
             tx,
             ChannelReader {
                 rx,
                 current: Bytes::new(),
+                ended: false,
             },
         )
     }
@@ -130,10 +147,19 @@ impl ChannelReader {
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.rx.blocking_recv() {
-                None => return Ok(0),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "request body cut off",
+                    ))
+                }
                 Some(Err(e)) => return Err(e),
-                Some(Ok(b)) => self.current = b,
+                Some(Ok(None)) => self.ended = true,
+                Some(Ok(Some(b))) => self.current = b,
             }
         }
         let n = buf.len().min(self.current.len());
@@ -231,4 +257,57 @@ fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read_all(mut reader: ChannelReader) -> io::Result<Vec<u8>> {
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            reader.read_to_end(&mut out).map(|_| out)
+        })
+        .await
+        .expect("the reader does not panic")
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_reads_to_its_end() {
+        let (tx, reader) = ChannelReader::new();
+        let body = Full::new(Bytes::from_static(b"all of it"));
+        let pumped = pump_body(body, tx, 100, Duration::from_secs(5)).await;
+        assert!(pumped.is_ok());
+        assert_eq!(read_all(reader).await.unwrap(), b"all of it");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_off_is_an_error_not_an_end() {
+        // The pump went away after one chunk (its request was dropped): the reader must
+        // not take what it got for the whole body.
+        let (tx, reader) = ChannelReader::new();
+        tx.send(Ok(Some(Bytes::from_static(b"half"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let err = read_all(reader).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_an_error_even_with_the_channel_full() {
+        // Nobody reads while the pump runs, so the channel is full when the limit is
+        // passed and the error cannot be queued.
+        let (tx, reader) = ChannelReader::new();
+        let chunks: Vec<Result<Frame<Bytes>, io::Error>> = (0..CHANNEL_CHUNKS + 2)
+            .map(|_| Ok(Frame::data(Bytes::from_static(b"x"))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+        let limit = CHANNEL_CHUNKS as u64;
+        let pumped = tokio::spawn(pump_body(body, tx, limit, Duration::from_secs(5)));
+        let reading = read_all(reader);
+        let (pumped, read) = tokio::join!(pumped, reading);
+        assert!(matches!(pumped.unwrap(), Err(BodyError::TooLarge)));
+        assert!(read.is_err(), "read {:?}", read);
+    }
 }

@@ -1,13 +1,16 @@
 //! The HTTP client transport.
 
 use std::io::{Read, Write};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::body::{empty, full, stream_reader, HttpBody};
 use super::encode_query_value;
 use crate::blob::CHUNK;
-use crate::error::TransportError;
+use crate::error::{TransportError, WireError};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::record::BlobRef;
@@ -34,10 +37,12 @@ const ERROR_BODY_LIMIT: usize = 64 << 10;
 pub struct ClientConfig {
     /// The bearer token, if the node wants one.
     pub token: Option<String>,
-    /// Time allowed for a whole exchange request and response, and for the headers of any
-    /// other request (default 60 s).
+    /// Time allowed for a whole exchange request and response, for the response headers of
+    /// any other request, and for the answer to a blob upload once all its bytes are sent
+    /// (default 60 s).
     pub timeout: Duration,
-    /// Time allowed between two chunks of a blob download (default 30 s).
+    /// Time a blob transfer may go without moving a byte, downloads and uploads (default
+    /// 30 s). A transfer that keeps moving may take as long as it needs.
     pub idle_timeout: Duration,
     /// Time allowed to connect (default 10 s).
     pub connect_timeout: Duration,
@@ -57,7 +62,7 @@ impl Default for ClientConfig {
 /// Reaches a node over HTTP. It retries nothing (the scheduler owns retries) and maps every
 /// failure to a [`TransportError`]: `Unreachable` for connection failures and timeouts,
 /// `Refused` with the status's [`RefusalCode`] and the server's message for HTTP errors,
-/// `BadResponse` for a body that does not decode.
+/// `BadResponse` for a body that does not decode (an exchange envelope, or watch JSON).
 ///
 /// The peer's node id is learned from its first response and then expected: a different
 /// node answering at the same address is refused ([`crate::error::ProtocolError`]).
@@ -83,6 +88,13 @@ fn unreachable(reason: impl Into<String>) -> TransportError {
     TransportError::Unreachable {
         reason: reason.into(),
     }
+}
+
+/// A watch answer that is not the JSON expected.
+fn bad_response(why: &str) -> TransportError {
+    TransportError::BadResponse(WireError::Malformed {
+        reason: format!("watch response {why}"),
+    })
 }
 
 impl HttpTransport {
@@ -187,6 +199,24 @@ impl HttpTransport {
         content_length: Option<u64>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, TransportError> {
+        let req = self.request(method, path_and_query, body, content_length)?;
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => Err(unreachable(format!(
+                "no response from {} within {timeout:?}",
+                self.base
+            ))),
+            Ok(Err(e)) => Err(self.failed(&e)),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: HttpBody,
+        content_length: Option<u64>,
+    ) -> Result<Request<HttpBody>, TransportError> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path_and_query}", self.base))
@@ -202,13 +232,49 @@ impl HttpTransport {
         if let Some(n) = content_length {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => Err(unreachable(format!(
-                "no response from {} within {timeout:?}",
-                self.base
-            ))),
-            Ok(Err(e)) => Err(unreachable(format!("{}: {}", self.base, error_chain(&e)))),
-            Ok(Ok(resp)) => Ok(resp),
+        Ok(req)
+    }
+
+    fn failed(&self, e: &hyper_util::client::legacy::Error) -> TransportError {
+        unreachable(format!("{}: {}", self.base, error_chain(e)))
+    }
+
+    /// Sends an upload of `size` bytes whose body counts what it sent in `sent`. An upload
+    /// may take as long as it keeps moving: it fails when no byte moves for `idle_timeout`,
+    /// or, once all are sent, when no response comes within `timeout`.
+    async fn upload(
+        &self,
+        req: Request<HttpBody>,
+        sent: &AtomicU64,
+        size: u64,
+    ) -> Result<Response<Incoming>, TransportError> {
+        let mut response = std::pin::pin!(self.client.request(req));
+        let mut seen = 0;
+        loop {
+            let done = seen >= size;
+            let wait = if done {
+                self.config.timeout
+            } else {
+                self.config.idle_timeout
+            };
+            match tokio::time::timeout(wait, &mut response).await {
+                Ok(result) => return result.map_err(|e| self.failed(&e)),
+                Err(_) => {
+                    let now = sent.load(Ordering::Relaxed);
+                    if now == seen {
+                        let what = if done {
+                            "no response"
+                        } else {
+                            "upload stalled"
+                        };
+                        return Err(unreachable(format!(
+                            "{what} from {}: nothing moved for {wait:?}",
+                            self.base
+                        )));
+                    }
+                    seen = now;
+                }
+            }
         }
     }
 
@@ -259,6 +325,39 @@ impl HttpTransport {
         let mut peer = self.peer.lock().unwrap_or_else(|p| p.into_inner());
         // The engine checks a mismatch against what was expected; only learn the first.
         peer.get_or_insert(from);
+    }
+}
+
+/// A request body that counts the bytes taken from it, so an upload's progress can be
+/// watched.
+struct Counted {
+    inner: HttpBody,
+    sent: Arc<AtomicU64>,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -347,15 +446,15 @@ impl Transport for HttpTransport {
         blob: BlobRef,
         content: Box<dyn Read + Send>,
     ) -> Result<(), TransportError> {
-        let body = stream_reader(content, Some(blob.size), CHUNK);
-        let resp = self
-            .call(
-                Method::PUT,
-                &format!("/v1/blobs/{}", blob.hash),
-                body,
-                Some(blob.size),
-            )
-            .await?;
+        let sent = Arc::new(AtomicU64::new(0));
+        let body = Counted {
+            inner: stream_reader(content, Some(blob.size), CHUNK),
+            sent: sent.clone(),
+        }
+        .boxed();
+        let path = format!("/v1/blobs/{}", blob.hash);
+        let req = self.request(Method::PUT, &path, body, Some(blob.size))?;
+        let resp = self.upload(req, &sent, blob.size).await?;
         if resp.status().is_success() {
             // Drain the small JSON acknowledgement so the connection can be reused.
             let _ = resp.into_body().collect().await;
@@ -389,8 +488,8 @@ impl Transport for HttpTransport {
                 .await
                 .map_err(|e| unreachable(format!("watch response broke off: {e}")))?
                 .to_bytes();
-            let v: serde_json::Value = serde_json::from_slice(&bytes)
-                .map_err(|_| unreachable("watch response is not JSON"))?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|_| bad_response("not JSON"))?;
             match (
                 v.get("news").and_then(|n| n.as_bool()),
                 v.get("token").and_then(|t| t.as_str()),
@@ -399,7 +498,7 @@ impl Transport for HttpTransport {
                     news,
                     token: token.to_owned(),
                 }),
-                _ => Err(unreachable("watch response lacks news or token")),
+                _ => Err(bad_response("lacks news or token")),
             }
         };
         tokio::time::timeout(wait, call)

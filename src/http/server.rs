@@ -246,9 +246,10 @@ fn bearer<B>(req: &Request<B>) -> Result<Option<&str>, Failure> {
             let v = v
                 .to_str()
                 .map_err(|_| Failure::new(StatusCode::UNAUTHORIZED, "malformed Authorization"))?;
-            match v.strip_prefix("Bearer ") {
-                Some(t) => Ok(Some(t.trim())),
-                None => Err(Failure::new(
+            // The scheme is case-insensitive (RFC 7235 section 2.1); the token is not.
+            match v.split_once(' ') {
+                Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(t.trim())),
+                _ => Err(Failure::new(
                     StatusCode::UNAUTHORIZED,
                     "Authorization must be a Bearer token",
                 )),
@@ -796,7 +797,9 @@ impl HighwaterService {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
-        if let Ok(v) = HeaderValue::from_str(&blob.hash.to_string()) {
+        // An entity tag is a quoted string (RFC 9110 section 8.8.3); the content's hash is
+        // a strong one.
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", blob.hash)) {
             headers.insert(header::ETAG, v);
         }
         put_version_headers(headers, &record.hlc, Residency::Resident);
