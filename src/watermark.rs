@@ -201,7 +201,7 @@ impl ScopedWatermarks {
         self.0.values().map(Watermarks::len).sum()
     }
 
-    /// A digest of the marks: blake3 (in key-derivation mode, so it cannot collide with any
+    /// A digest of the marks: blake3 (in key-derivation mode, which separates it from every
     /// other use of blake3) over a canonical encoding, truncated to 128 bits. Scopes without
     /// marks are left out, as decoding drops them, so equal marks always give equal digests.
     ///
@@ -227,8 +227,8 @@ impl ScopedWatermarks {
     }
 }
 
-/// The blake3 key-derivation context of [`ScopedWatermarks::digest`]: the digest of marks
-/// means nothing outside this protocol, and nothing else hashes to it by design.
+/// The blake3 key-derivation context of [`ScopedWatermarks::digest`]: a digest of marks is
+/// its own domain, apart from every other blake3 hash.
 const MARKS_DIGEST_CONTEXT: &str = "highwater 2026-11 sync protocol v1 watermarks digest";
 
 /// A 128-bit digest of a set of watermarks ([`ScopedWatermarks::digest`]): two sets with the

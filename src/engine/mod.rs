@@ -1261,7 +1261,9 @@ impl SyncEngine {
         }
     }
 
-    /// Answers one exchange request (the responder's half of a round).
+    /// Answers one exchange request (the responder's half of a round). A request whose marks
+    /// digest does not match what this node recorded of the initiator is answered with
+    /// [`ExchangeResponse::resend`] and changes nothing.
     ///
     /// # Errors
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
