@@ -230,6 +230,15 @@ pub enum ProtocolError {
         /// The scope.
         scope: Scope,
     },
+    /// The response's marks do not answer the request: `Same` to a request that named no
+    /// known marks, or `Resend` to a request that carried its marks in full.
+    #[error("peer {peer} answered with marks that do not fit the request: {reason}")]
+    UnexpectedMarks {
+        /// The responder.
+        peer: NodeId,
+        /// What does not fit.
+        reason: &'static str,
+    },
 }
 
 /// The transport could not complete a round. The scheduler decides whether to retry.

@@ -6,8 +6,11 @@
 //!
 //! Decoding refuses trailing bytes, unknown versions and kinds, and messages over
 //! [`MAX_MESSAGE_LEN`]. Inside a run, versions carry only their key, the time delta from the
-//! previous version (or from `base`), and the op: the origin is the run's. See
-//! `docs/protocol.md` for every field; golden-byte tests pin version 1.
+//! previous version (or from `base`), and the op: the origin is the run's. Watermarks travel
+//! in full or, when the other side already recorded them, as a 16-byte digest
+//! ([`RequestMarks`], [`ResponseMarks`]), so a quiet round costs the same few bytes however
+//! many origins and scopes there are. See `docs/protocol.md` for every field; golden-byte
+//! tests pin version 1.
 
 use std::collections::BTreeSet;
 
@@ -17,7 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::error::WireError;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Op, Scope, Version};
-use crate::watermark::{Halt, Page, Run, ScopedWatermarks};
+use crate::watermark::{Halt, MarksDigest, Page, Run, ScopedWatermarks};
 
 /// The first four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"HWSY";
@@ -55,6 +58,18 @@ impl ScopeFilter {
     }
 }
 
+/// The initiator's marks in a request.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum RequestMarks {
+    /// The marks for the scopes in play, in full.
+    Full(ScopedWatermarks),
+    /// The digest of the marks for the scopes in play ([`ScopedWatermarks::digest`]), sent
+    /// when the initiator believes the responder recorded exactly these marks of it. The
+    /// responder uses what it recorded if that hashes to this digest, and otherwise answers
+    /// [`ResponseMarks::Resend`].
+    Digest(MarksDigest),
+}
+
 /// The initiator's half of a round.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct ExchangeRequest {
@@ -62,8 +77,12 @@ pub struct ExchangeRequest {
     pub from: NodeId,
     /// The scopes in play.
     pub scopes: ScopeFilter,
-    /// The initiator's watermarks for the scopes in play.
-    pub watermarks: ScopedWatermarks,
+    /// The initiator's watermarks for the scopes in play, in full or as a digest.
+    pub marks: RequestMarks,
+    /// The digest of the responder's marks for the scopes in play as the initiator last
+    /// learned them (`None` if it never did): the responder answers [`ResponseMarks::Same`]
+    /// instead of its marks when they still hash to it.
+    pub known: Option<MarksDigest>,
     /// Versions the responder lacks, as far as the initiator knows.
     pub page: Page,
     /// The most versions the responder may send back.
@@ -78,17 +97,44 @@ impl Message for ExchangeRequest {
     const KIND: u8 = 1;
 }
 
+/// The responder's marks in a response.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ResponseMarks {
+    /// The responder's marks for the scopes in play, after applying the request's page.
+    Full(ScopedWatermarks),
+    /// The responder's marks hash to the request's `known`: they are the ones the initiator
+    /// already holds.
+    Same,
+    /// The request's [`RequestMarks::Digest`] does not match what the responder recorded of
+    /// the initiator. Nothing of the request was applied or recorded; the page and halts are
+    /// empty. The initiator sends the request again with its marks in full.
+    Resend,
+}
+
 /// The responder's half of a round.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct ExchangeResponse {
     /// The responder's node id.
     pub from: NodeId,
-    /// The responder's watermarks for the scopes in play, after applying the request's page.
-    pub watermarks: ScopedWatermarks,
+    /// The responder's watermarks for the scopes in play, after applying the request's page,
+    /// in full or as "the ones you know"; or a request to resend the marks in full.
+    pub marks: ResponseMarks,
     /// Versions the initiator lacks according to its watermarks.
     pub page: Page,
     /// Origins whose runs in the request's page the responder could not apply in full.
     pub halts: Vec<Halt>,
+}
+
+impl ExchangeResponse {
+    /// The answer to a request whose marks digest the responder cannot resolve.
+    pub fn resend(from: NodeId) -> Self {
+        ExchangeResponse {
+            from,
+            marks: ResponseMarks::Resend,
+            page: Page::default(),
+            halts: Vec::new(),
+        }
+    }
 }
 
 impl Message for ExchangeResponse {

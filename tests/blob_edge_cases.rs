@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_executor::block_on;
 use highwater::watermark::{Page, Run};
-use highwater::wire::ExchangeRequest;
+use highwater::wire::{ExchangeRequest, RequestMarks};
 use highwater::{
     BlobRef, EngineConfig, ExchangeOptions, HaltReason, Hash, Hlc, InProcess, Key, ManualTime,
     NodeId, Op, Scope, ScopeFilter, ScopedWatermarks, SyncEngine, Version,
@@ -114,7 +114,8 @@ fn one_key_in_two_runs_with_and_without_a_missing_blob_halts_only_its_stream() -
     let request = ExchangeRequest {
         from: sender,
         scopes: ScopeFilter::All,
-        watermarks: ScopedWatermarks::default(),
+        marks: RequestMarks::Full(ScopedWatermarks::default()),
+        known: None,
         page,
         limit: 10,
         deferred: vec![],

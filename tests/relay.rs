@@ -5,7 +5,9 @@ mod common;
 
 use common::rounds::{link, mem_node, sync, sync_with, Link, Node, TestResult, Totals};
 use highwater::watermark::Page;
-use highwater::wire::{encode, ExchangeRequest, ExchangeResponse, ScopeFilter};
+use highwater::wire::{
+    encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, ScopeFilter,
+};
 use highwater::{ExchangeOptions, Key, ManualTime, Scope, SyncEngine};
 
 /// A's history: 50 puts over two scopes, then an overwrite and a delete.
@@ -24,23 +26,54 @@ fn write_history(a: &SyncEngine) -> TestResult {
     Ok(())
 }
 
-/// The encoded size of a request or response that carries `node`'s watermarks and no version.
-fn empty_request_len(node: &SyncEngine) -> TestResult<u64> {
+/// How a round's marks travel: the request's marks in full or as a digest, whether it names
+/// the responder's marks it knows, and the response's marks in full or as "same".
+#[derive(Clone, Copy)]
+struct MarksForm {
+    request_digest: bool,
+    known: bool,
+    response_same: bool,
+}
+
+/// Both sides' marks in full: the first round between two nodes.
+const FIRST: MarksForm = MarksForm {
+    request_digest: false,
+    known: false,
+    response_same: false,
+};
+
+/// The encoded size of a request from `from` to `to` that carries no version, its marks in
+/// `form`.
+fn empty_request_len(from: &SyncEngine, to: &SyncEngine, form: MarksForm) -> TestResult<u64> {
+    let mine = from.watermarks()?;
     let request = ExchangeRequest {
-        from: node.node_id(),
+        from: from.node_id(),
         scopes: ScopeFilter::All,
-        watermarks: node.watermarks()?,
+        marks: if form.request_digest {
+            RequestMarks::Digest(mine.digest())
+        } else {
+            RequestMarks::Full(mine)
+        },
+        known: form
+            .known
+            .then(|| to.watermarks())
+            .transpose()?
+            .map(|w| w.digest()),
         page: Page::default(),
-        limit: u32::try_from(node.config().page_limit)?,
+        limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
     };
     Ok(encode(&request).len() as u64)
 }
 
-fn empty_response_len(node: &SyncEngine) -> TestResult<u64> {
+fn empty_response_len(node: &SyncEngine, form: MarksForm) -> TestResult<u64> {
     let response = ExchangeResponse {
         from: node.node_id(),
-        watermarks: node.watermarks()?,
+        marks: if form.response_same {
+            ResponseMarks::Same
+        } else {
+            ResponseMarks::Full(node.watermarks()?)
+        },
         page: Page::default(),
         halts: Vec::new(),
     };
@@ -49,8 +82,9 @@ fn empty_response_len(node: &SyncEngine) -> TestResult<u64> {
 
 /// Syncs `from` to `to` directly and checks that not one version crossed, in either
 /// direction, and that one round sufficed: the outcome's counts and the wire's byte counts
-/// (every request and response exactly the size of one carrying no version).
-fn assert_direct_round_is_empty(from: &SyncEngine, to: &Node) -> TestResult {
+/// (every request and response exactly the size of one carrying no version, its marks in
+/// `form`).
+fn assert_direct_round_is_empty(from: &SyncEngine, to: &Node, form: MarksForm) -> TestResult {
     let wire: Link = link(to);
     let totals = sync(from, &wire)?;
     assert_eq!(
@@ -67,13 +101,13 @@ fn assert_direct_round_is_empty(from: &SyncEngine, to: &Node) -> TestResult {
     assert_eq!(stats.requests, 1);
     assert_eq!(
         stats.bytes_sent,
-        empty_request_len(from)?,
-        "request carried versions"
+        empty_request_len(from, to, form)?,
+        "request carried versions, or its marks in another form"
     );
     assert_eq!(
         stats.bytes_received,
-        empty_response_len(to)?,
-        "response carried versions"
+        empty_response_len(to, form)?,
+        "response carried versions, or its marks in another form"
     );
     Ok(())
 }
@@ -106,11 +140,19 @@ fn relay(options: &ExchangeOptions) -> TestResult<(Totals, Totals)> {
     // B goes away.
     drop((to_a, to_c, b));
 
-    assert_direct_round_is_empty(&a, &c)?;
-    assert_direct_round_is_empty(&c, &a)?;
-    // Again, now that each knows the other's marks (a planned page, not a first contact).
-    assert_direct_round_is_empty(&a, &c)?;
-    assert_direct_round_is_empty(&c, &a)?;
+    // A knows nothing of C: both send their marks in full.
+    assert_direct_round_is_empty(&a, &c, FIRST)?;
+    // From then on each knows the other's marks, and knows that the other recorded its own
+    // (from its request, or from its answer): digests only, in either direction, again
+    // with a planned page rather than a first contact.
+    let quiet = MarksForm {
+        request_digest: true,
+        known: true,
+        response_same: true,
+    };
+    assert_direct_round_is_empty(&c, &a, quiet)?;
+    assert_direct_round_is_empty(&a, &c, quiet)?;
+    assert_direct_round_is_empty(&c, &a, quiet)?;
 
     assert_eq!(a.watermarks()?, a_marks);
     assert_eq!(c.watermarks()?, a_marks);

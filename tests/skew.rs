@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::rounds::{link, mem_node, sync, Node, TestResult};
 use futures_executor::block_on;
 use highwater::watermark::{Page, Run};
-use highwater::wire::{decode, encode, ExchangeRequest, ScopeFilter};
+use highwater::wire::{decode, encode, ExchangeRequest, RequestMarks, ScopeFilter};
 use highwater::{
     Halt, HaltReason, Hlc, Key, ManualTime, NodeId, Op, Scope, ScopedWatermarks, Version,
 };
@@ -208,7 +208,8 @@ fn request_at(time: u64, from: NodeId) -> ExchangeRequest {
     ExchangeRequest {
         from,
         scopes: ScopeFilter::All,
-        watermarks,
+        marks: RequestMarks::Full(watermarks),
+        known: None,
         page: Page {
             runs: vec![run],
             more: false,

@@ -8,18 +8,28 @@
 //! A's. A second scenario has B write after the copy, so its lost writes live only on A:
 //! under its old id B refuses them ([`HaltReason::OwnOrigin`]); reopened with
 //! [`SyncEngine::open_restored`] it takes them back and converges.
+//!
+//! The other way round, B's knowledge of A can be stale too (restored from the backup, or
+//! recorded from a response A never got), while A still believes B recorded its current
+//! marks and sends only their digest: B must see that its record does not match, ask for
+//! the marks in full, and plan from them, so that nothing is skipped.
 
 mod common;
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::rounds::{config, link, sync, Node, TestResult};
+use common::rounds::{config, link, sync, Link, Node, TestResult};
 use futures_executor::block_on;
 use highwater::engine::DB_FILE;
+use highwater::error::TransportError;
+use highwater::transport::WireStats;
+use highwater::watermark::Page;
+use highwater::wire::{encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 use highwater::{
-    ExchangeOutcome, Halt, HaltReason, Hlc, Key, ManualTime, NodeId, Op, Scope, ScopedWatermarks,
-    SyncEngine,
+    BlobRef, ExchangeOutcome, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId, Op, Scope,
+    ScopeFilter, ScopedWatermarks, SyncEngine, Transport,
 };
 
 /// Rounds after which a resync from the stale state is taken to be stuck.
@@ -153,10 +163,15 @@ impl Pair {
 
     /// The watermark invariant on both nodes, and B's marks within A's.
     fn check_invariants(&self) -> TestResult {
-        assert_no_gap("A", &self.a, &self.writes)?;
-        assert_no_gap("B", &self.b, &self.writes)?;
+        self.check_no_gaps()?;
         assert_marks_within(&self.b.watermarks()?, &self.a.watermarks()?);
         Ok(())
+    }
+
+    /// The watermark invariant on both nodes.
+    fn check_no_gaps(&self) -> TestResult {
+        assert_no_gap("A", &self.a, &self.writes)?;
+        assert_no_gap("B", &self.b, &self.writes)
     }
 
     fn assert_converged(&self) -> TestResult {
@@ -447,5 +462,172 @@ fn restored_node_that_wrote_after_the_backup_refuses_its_lost_writes_until_reope
         .get_version(&notes(), &key("lost0"))?
         .ok_or("B holds lost0")?;
     assert_eq!(lost0.hlc.origin(), b_id);
+    Ok(())
+}
+
+/// A link on which every answer is lost: the responder answers, and records what it
+/// recorded, but the initiator only sees an error. (A request to resend the marks in full
+/// gets through, so that the lost answer is a real one.)
+struct LosesResponses(Link);
+
+impl Transport for LosesResponses {
+    fn peer_id(&self) -> Option<NodeId> {
+        self.0.peer_id()
+    }
+
+    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
+        let response = self.0.exchange(request).await?;
+        if response.marks == ResponseMarks::Resend {
+            return Ok(response);
+        }
+        Err(TransportError::Unreachable {
+            reason: "the response was lost".to_owned(),
+        })
+    }
+
+    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
+        self.0.blobs_present(hashes).await
+    }
+
+    async fn fetch_blob(
+        &self,
+        blob: BlobRef,
+        into: &mut (dyn io::Write + Send),
+    ) -> Result<(), TransportError> {
+        self.0.fetch_blob(blob, into).await
+    }
+
+    async fn push_blob(
+        &self,
+        blob: BlobRef,
+        content: Box<dyn io::Read + Send>,
+    ) -> Result<(), TransportError> {
+        self.0.push_blob(blob, content).await
+    }
+}
+
+/// The encoded size of a request from `from` that carries no version and its marks as a
+/// digest (whatever its marks, scopes and origins).
+fn digest_request_len(from: &SyncEngine) -> TestResult<u64> {
+    let request = ExchangeRequest {
+        from: from.node_id(),
+        scopes: ScopeFilter::All,
+        marks: RequestMarks::Digest(from.watermarks()?.digest()),
+        known: Some(ScopedWatermarks::new().digest()),
+        page: Page::default(),
+        limit: u32::try_from(from.config().page_limit)?,
+        deferred: Vec::new(),
+    };
+    Ok(encode(&request).len() as u64)
+}
+
+/// One round from `from` to `to`, and what went over the wire.
+fn round(from: &Node, to: &Node) -> TestResult<(ExchangeOutcome, WireStats)> {
+    let wire = link(to);
+    let out = block_on(from.exchange(&wire))?;
+    Ok((out, wire.stats()))
+}
+
+/// Checks that the round `stats` describes was one in which the responder could not resolve
+/// the initiator's marks digest: two requests, the first the digest, the second the marks in
+/// full.
+fn assert_resent(from: &Node, stats: WireStats) -> TestResult {
+    assert_eq!(stats.requests, 2, "the responder resolved the digest");
+    let first = stats.bytes_sent - stats.last_request;
+    assert_eq!(
+        first,
+        digest_request_len(from)?,
+        "the first request carried the marks as a digest"
+    );
+    assert!(
+        stats.last_request > first,
+        "the second request carried the marks in full"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_digest_against_a_restored_responder_is_resent_in_full_and_nothing_is_skipped() -> TestResult {
+    let mut pair = Pair::synced()?;
+    pair.back_up_b()?;
+    // A writes more and B learns it: B's record of A's marks moves past the backup's.
+    pair.time.advance(std::time::Duration::from_secs(1));
+    for i in 0..5 {
+        pair.put_a(&notes(), &format!("n{i}"))?;
+    }
+    pair.put_a(&notes(), "a3")?;
+    pair.put_a(&Scope::shared(), "s1")?;
+    sync(&pair.a, &link(&pair.b))?;
+    pair.assert_converged()?;
+    // A quiet round: A's marks travel as a digest, and B resolves it.
+    let stats = {
+        let wire = link(&pair.b);
+        block_on(pair.a.exchange(&wire))?;
+        wire.stats()
+    };
+    assert_eq!(
+        (stats.requests, stats.last_request),
+        (1, digest_request_len(&pair.a)?)
+    );
+
+    // B's old file comes back: its record of A's marks is the backup's. A's marks did not
+    // change, so A sends their digest again.
+    pair.restore_b()?;
+    assert_ne!(pair.b.digest()?, pair.a.digest()?);
+    let (out, stats) = round(&pair.a, &pair.b)?;
+    pair.check_invariants()?;
+    assert_resent(&pair.a, stats)?;
+    assert!(
+        out.has_more,
+        "A learned B's real marks and sees it lacks more"
+    );
+    let rest = rounds_checked(&pair, &pair.a, &pair.b)?;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert!(rest[0].shipped >= 7, "A re-shipped what B lost: {rest:?}");
+    pair.assert_converged()?;
+    // Nothing is skipped: B holds every write (or a newer version of its key).
+    for w in &pair.writes {
+        let held = pair.b.get_version(&w.scope, &w.key)?.map(|v| v.hlc);
+        assert!(held >= Some(w.hlc), "B lacks {:?}@{}", w.key, w.hlc);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_record_from_lost_responses_is_not_taken_for_the_initiators_marks() -> TestResult {
+    let mut pair = Pair::synced()?;
+    let a_id = pair.a.node_id();
+    pair.time.advance(std::time::Duration::from_secs(1));
+    let b = pair.b.clone();
+    pair.write(&b, &notes(), "late", Some("from b, after the sync"))?;
+
+    // A -> B, response lost: B recorded A's marks raised to the top of its page, which
+    // holds B's new write, so B believes A holds it.
+    assert!(block_on(pair.a.exchange(&LosesResponses(link(&pair.b)))).is_err());
+    // B -> A, response lost: A answered with its real marks and believes B recorded them;
+    // B recorded nothing. (B planned from its stale record: it did not send its write.)
+    assert!(block_on(pair.b.exchange(&LosesResponses(link(&pair.a)))).is_err());
+    pair.check_no_gaps()?;
+    let recorded = pair.b.peer_watermarks(a_id)?.ok_or("B knows A")?;
+    assert!(
+        !pair.a.watermarks()?.covers(&recorded),
+        "B's record of A's marks is stale-high"
+    );
+    assert_eq!(pair.a.get_version(&notes(), &key("late"))?, None);
+
+    // A -> B: A's marks are the ones it believes B recorded, so A sends their digest. B's
+    // record does not hash to it: B asks for the marks in full, plans from them, and sends
+    // its write. Trusting its record would have skipped it for good.
+    let (out, stats) = round(&pair.a, &pair.b)?;
+    pair.check_no_gaps()?;
+    assert_eq!(
+        pair.a.get_version(&notes(), &key("late"))?,
+        pair.b.get_version(&notes(), &key("late"))?,
+        "A did not get B's write"
+    );
+    assert_eq!(out.received, 1);
+    assert!(!out.has_more);
+    pair.assert_converged()?;
+    assert_resent(&pair.a, stats)?;
     Ok(())
 }

@@ -8,9 +8,10 @@ use std::collections::BTreeSet;
 use std::error::Error;
 
 use highwater::error::{ProtocolError, WireError};
-use highwater::watermark::{Page, Run};
+use highwater::watermark::{MarksDigest, Page, Run};
 use highwater::wire::{
-    self, ExchangeRequest, ExchangeResponse, MAGIC, MAX_MESSAGE_LEN, PROTOCOL_VERSION,
+    self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, MAGIC, MAX_MESSAGE_LEN,
+    PROTOCOL_VERSION,
 };
 use highwater::{
     BlobRef, EngineConfig, Error as HwError, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId,
@@ -84,10 +85,11 @@ fn golden_request() -> ExchangeRequest {
     ExchangeRequest {
         from: a,
         scopes: ScopeFilter::Only(BTreeSet::from([Scope::shared(), notes])),
-        watermarks: marks(&[
+        marks: RequestMarks::Full(marks(&[
             (&Scope::shared(), Hlc::new(T + 2, a)),
             (&Scope::shared(), Hlc::new(T + 1, b)),
-        ]),
+        ])),
+        known: Some(MarksDigest::from_bytes([0x33; 16])),
         page: Page {
             runs: vec![run_a()],
             more: false,
@@ -102,10 +104,34 @@ fn golden_request_all() -> ExchangeRequest {
     ExchangeRequest {
         from: id(0x0a),
         scopes: ScopeFilter::All,
-        watermarks: marks(&[(&Scope::shared(), Hlc::new(T, id(0x0a)))]),
+        marks: RequestMarks::Full(marks(&[(&Scope::shared(), Hlc::new(T, id(0x0a)))])),
+        known: None,
         page: Page::default(),
         limit: 1,
         deferred: vec![],
+    }
+}
+
+/// The request of a quiet round: both sides' marks as digests, nothing to ship.
+fn golden_request_quiet() -> ExchangeRequest {
+    ExchangeRequest {
+        from: id(0x0a),
+        scopes: ScopeFilter::All,
+        marks: RequestMarks::Digest(MarksDigest::from_bytes([0x44; 16])),
+        known: Some(MarksDigest::from_bytes([0x55; 16])),
+        page: Page::default(),
+        limit: 1000,
+        deferred: vec![],
+    }
+}
+
+/// The answer to a quiet round: the responder's marks are the ones the initiator knows.
+fn golden_response_same() -> ExchangeResponse {
+    ExchangeResponse {
+        from: id(0x0b),
+        marks: ResponseMarks::Same,
+        page: Page::default(),
+        halts: vec![],
     }
 }
 
@@ -119,11 +145,11 @@ fn golden_response() -> ExchangeResponse {
     };
     ExchangeResponse {
         from: b,
-        watermarks: marks(&[
+        marks: ResponseMarks::Full(marks(&[
             (&Scope::shared(), Hlc::new(T + 2, a)),
             (&Scope::shared(), Hlc::new(T + 5, b)),
             (&notes, Hlc::new(T + 9, b)),
-        ]),
+        ])),
         page: Page {
             runs: vec![
                 Run {
@@ -180,7 +206,9 @@ fn unhex(s: &str) -> Vec<u8> {
 //   01 | 02       kind: 1 = ExchangeRequest, 2 = ExchangeResponse
 // followed by the postcard body, fields in declaration order: a NodeId is its 16 raw bytes
 // (no length prefix), an enum starts with its variant index as a varint (ScopeFilter::All = 0,
-// Only = 1; Option None = 0, Some = 1; Op::Put = 0, Delete = 1), sequences, maps, strings and
+// Only = 1; Option None = 0, Some = 1; Op::Put = 0, Delete = 1; RequestMarks::Full = 0,
+// Digest = 1; ResponseMarks::Full = 0, Same = 1, Resend = 2), a marks digest is its 16 raw
+// bytes, sequences, maps, strings and
 // byte strings start with their length as a varint, and integers are LEB128 varints, so
 // T = 1_700_000_000 << 32 = 0x6553f100_00000000 is the 9 bytes 80 80 80 80 80 a0 fc a9 65 and
 // T+2 is 82 80 80 80 80 a0 fc a9 65. Inside a run, each version carries its time as the delta
@@ -193,9 +221,11 @@ const GOLDEN_REQUEST: &str = concat!(
     "01", "02",                                         // scopes: Only, 2 scopes
     "0f", "6170702f6e6f7465732f6974656d73",             //   "app/notes/items"
     "06", "736861726564",                               //   "shared"
-    "01", "06", "736861726564", "02",                   // watermarks: 1 scope, "shared", 2 origins
+    "00",                                               // marks: Full
+    "01", "06", "736861726564", "02",                   //   1 scope, "shared", 2 origins
     "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", "8280808080a0fca965", // 0x0a at T+2
     "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", "8180808080a0fca965", // 0x0b at T+1
+    "01", "33333333333333333333333333333333",           // known: Some(digest)
     "01",                                               // page: 1 run
     "06", "736861726564",                               //   scope "shared"
     "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",                 //   origin 0x0a
@@ -216,18 +246,43 @@ const GOLDEN_REQUEST_ALL: &str = concat!(
     "48575359", "0001", "01",
     "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",                 // from: node 0x0a
     "00",                                               // scopes: All
-    "01", "06", "736861726564", "01",                   // watermarks: "shared", 1 origin
+    "00", "01", "06", "736861726564", "01",             // marks: Full, "shared", 1 origin
     "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", "8080808080a0fca965", // 0x0a at T
+    "00",                                               // known: None (first contact)
     "00", "00",                                         // page: no runs, more: false
     "01",                                               // limit: 1
     "00",                                               // deferred: none
+);
+
+/// 63 bytes, whatever the number of scopes and origins.
+#[rustfmt::skip]
+const GOLDEN_REQUEST_QUIET: &str = concat!(
+    "48575359", "0001", "01",
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",                 // from: node 0x0a
+    "00",                                               // scopes: All
+    "01", "44444444444444444444444444444444",           // marks: Digest
+    "01", "55555555555555555555555555555555",           // known: Some(digest)
+    "00", "00",                                         // page: no runs, more: false
+    "e807",                                             // limit: 1000
+    "00",                                               // deferred: none
+);
+
+/// 27 bytes, whatever the number of scopes and origins.
+#[rustfmt::skip]
+const GOLDEN_RESPONSE_SAME: &str = concat!(
+    "48575359", "0001", "02",
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b",                 // from: node 0x0b
+    "01",                                               // marks: Same
+    "00", "00",                                         // page: no runs, more: false
+    "00",                                               // halts: none
 );
 
 #[rustfmt::skip]
 const GOLDEN_RESPONSE: &str = concat!(
     "48575359", "0001", "02",                           // header: magic, version 1, response
     "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b",                 // from: node 0x0b
-    "02",                                               // watermarks: 2 scopes, in scope order
+    "00",                                               // marks: Full
+    "02",                                               //   2 scopes, in scope order
     "0f", "6170702f6e6f7465732f6974656d73", "01",       //   "app/notes/items", 1 origin
     "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", "8980808080a0fca965", // 0x0b at T+9
     "06", "736861726564", "02",                         //   "shared", 2 origins
@@ -277,6 +332,45 @@ fn golden_request_over_all_scopes_is_pinned() -> TestResult {
 }
 
 #[test]
+fn golden_quiet_round_is_pinned() -> TestResult {
+    let request = wire::encode(&golden_request_quiet());
+    assert_eq!(hex(&request), GOLDEN_REQUEST_QUIET);
+    assert_eq!(
+        wire::decode::<ExchangeRequest>(&request)?,
+        golden_request_quiet()
+    );
+    let response = wire::encode(&golden_response_same());
+    assert_eq!(hex(&response), GOLDEN_RESPONSE_SAME);
+    assert_eq!(
+        wire::decode::<ExchangeResponse>(&response)?,
+        golden_response_same()
+    );
+    assert_eq!((request.len(), response.len()), (63, 27));
+    Ok(())
+}
+
+/// `Resend` is tag 2, with an empty page and no halts.
+#[test]
+fn resend_response_is_pinned() -> TestResult {
+    let response = ExchangeResponse::resend(id(0x0b));
+    assert_eq!(
+        hex(&wire::encode(&response)),
+        concat!(
+            "48575359000102",
+            "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b",
+            "02",
+            "0000",
+            "00"
+        )
+    );
+    assert_eq!(
+        wire::decode::<ExchangeResponse>(&wire::encode(&response))?,
+        response
+    );
+    Ok(())
+}
+
+#[test]
 fn golden_response_is_pinned() -> TestResult {
     assert_eq!(hex(&wire::encode(&golden_response())), GOLDEN_RESPONSE);
     assert_eq!(
@@ -298,7 +392,7 @@ fn blob_unavailable_halt_is_pinned() -> TestResult {
     };
     let response = ExchangeResponse {
         from: id(2),
-        watermarks: ScopedWatermarks::new(),
+        marks: ResponseMarks::Full(ScopedWatermarks::new()),
         page: Page::default(),
         halts: vec![halt],
     };
@@ -392,6 +486,25 @@ fn any_marks() -> impl Strategy<Value = ScopedWatermarks> {
     })
 }
 
+fn any_digest() -> impl Strategy<Value = MarksDigest> {
+    any::<[u8; 16]>().prop_map(MarksDigest::from_bytes)
+}
+
+fn any_request_marks() -> impl Strategy<Value = RequestMarks> {
+    prop_oneof![
+        any_marks().prop_map(RequestMarks::Full),
+        any_digest().prop_map(RequestMarks::Digest),
+    ]
+}
+
+fn any_response_marks() -> impl Strategy<Value = ResponseMarks> {
+    prop_oneof![
+        any_marks().prop_map(ResponseMarks::Full),
+        Just(ResponseMarks::Same),
+        Just(ResponseMarks::Resend),
+    ]
+}
+
 fn any_page() -> impl Strategy<Value = Page> {
     (prop::collection::vec(any_run(), 0..4), any::<bool>())
         .prop_map(|(runs, more)| Page { runs, more })
@@ -406,16 +519,18 @@ fn any_request() -> impl Strategy<Value = ExchangeRequest> {
     (
         node_id(),
         scopes,
-        any_marks(),
+        any_request_marks(),
+        prop::option::of(any_digest()),
         any_page(),
         any::<u32>(),
         deferred,
     )
         .prop_map(
-            |(from, scopes, watermarks, page, limit, deferred)| ExchangeRequest {
+            |(from, scopes, marks, known, page, limit, deferred)| ExchangeRequest {
                 from,
                 scopes,
-                watermarks,
+                marks,
+                known,
                 page,
                 limit,
                 deferred,
@@ -435,13 +550,13 @@ fn any_response() -> impl Strategy<Value = ExchangeResponse> {
     });
     (
         node_id(),
-        any_marks(),
+        any_response_marks(),
         any_page(),
         prop::collection::vec(halt, 0..3),
     )
-        .prop_map(|(from, watermarks, page, halts)| ExchangeResponse {
+        .prop_map(|(from, marks, page, halts)| ExchangeResponse {
             from,
-            watermarks,
+            marks,
             page,
             halts,
         })
@@ -668,6 +783,68 @@ fn an_invalid_scope_in_the_body_is_malformed() -> TestResult {
     refused(&bytes, |e| matches!(e, WireError::Malformed { .. }))
 }
 
+#[test]
+fn an_unknown_marks_tag_is_malformed() -> TestResult {
+    // After the header (7), from (16) and scopes All (1): RequestMarks has two variants.
+    let mut bytes = unhex(GOLDEN_REQUEST_ALL);
+    assert_eq!(bytes[24], 0x00, "RequestMarks::Full");
+    bytes[24] = 0x02;
+    refused(&bytes, |e| matches!(e, WireError::Malformed { .. }))?;
+    // ResponseMarks has three.
+    let mut bytes = unhex(GOLDEN_RESPONSE_SAME);
+    bytes[23] = 0x03;
+    assert!(matches!(
+        wire::decode::<ExchangeResponse>(&bytes),
+        Err(WireError::Malformed { .. })
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Marks as digests
+
+#[test]
+fn a_marks_digest_the_responder_cannot_resolve_gets_resend_and_changes_nothing() -> TestResult {
+    let engine = responder()?;
+    let before = state(&engine)?;
+    let known = engine
+        .peer_watermarks(id(0x0a))?
+        .ok_or("the responder recorded 0x0a's marks")?;
+    // The golden request carries a page; with a digest of marks the responder never
+    // recorded, none of it applies.
+    let mut request = golden_request();
+    let mut other = known.clone();
+    other.observe(&Scope::shared(), Hlc::new(T + 7, id(0x0a)));
+    request.marks = RequestMarks::Digest(other.digest());
+    let response = engine.answer(request)?;
+    assert_eq!(response, ExchangeResponse::resend(engine.node_id()));
+    assert_eq!(state(&engine)?, before);
+    assert!(engine.get_version(&Scope::shared(), &key("k2"))?.is_none());
+    // The digest of what it did record stands for those marks: the page applies.
+    let mut request = golden_request();
+    request.marks = RequestMarks::Digest(known.digest());
+    let response = engine.answer(request)?;
+    assert!(matches!(response.marks, ResponseMarks::Full(_)));
+    assert!(engine
+        .get_version(&Scope::shared(), &key("k2"))?
+        .is_some_and(|v| v.is_tombstone()));
+    Ok(())
+}
+
+#[test]
+fn the_responder_says_same_only_when_its_marks_hash_to_known() -> TestResult {
+    let engine = responder()?;
+    let mine = engine.watermarks()?;
+    let mut request = golden_request_all();
+    request.known = Some(mine.digest());
+    assert_eq!(engine.answer(request.clone())?.marks, ResponseMarks::Same);
+    let mut stale = mine.clone();
+    stale.observe(&Scope::shared(), Hlc::new(T, id(0x0c)));
+    request.known = Some(stale.digest());
+    assert_eq!(engine.answer(request)?.marks, ResponseMarks::Full(mine));
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Requests that decode but break the protocol
 
@@ -693,7 +870,8 @@ fn request_with(bad: Vec<Run>) -> ExchangeRequest {
     ExchangeRequest {
         from: b,
         scopes: ScopeFilter::All,
-        watermarks: marks(&[(&Scope::shared(), Hlc::new(T + 1, b))]),
+        marks: RequestMarks::Full(marks(&[(&Scope::shared(), Hlc::new(T + 1, b))])),
+        known: None,
         page: Page { runs, more: false },
         limit: 100,
         deferred: vec![],

@@ -11,6 +11,13 @@
 //! knowledge of the peer in the same transaction, and reports `has_more` while either side
 //! still holds something the other lacks. Callers repeat while `has_more`.
 //!
+//! Watermarks that the other side already recorded travel as a 16-byte digest: the
+//! initiator's when it believes the responder recorded exactly its current marks, the
+//! responder's ("same") when they hash to the digest of the initiator's knowledge. The
+//! responder checks an initiator's digest against what it recorded and, if they differ, asks
+//! for the marks in full ([`crate::wire::ResponseMarks::Resend`]); `exchange` then sends the
+//! request again in the same call. A miss costs a round trip, never a skipped version.
+//!
 //! ```
 //! use highwater::{InProcess, Key, Scope, SyncEngine};
 //!
@@ -50,8 +57,8 @@ use crate::store::{
     Advance, Batch, Durability, KeyRange, MemStore, PeerKnowledge, RedbStore, Store,
 };
 use crate::transport::{Refusal, Responder, Transport};
-use crate::watermark::{Halt, HaltReason, Page, ScopedWatermarks, Streams};
-use crate::wire::{ExchangeRequest, ExchangeResponse, ScopeFilter};
+use crate::watermark::{Halt, HaltReason, MarksDigest, Page, ScopedWatermarks, Streams};
+use crate::wire::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, ScopeFilter};
 
 pub use self::blobs::TRANSFER_CONCURRENCY;
 use self::plan::PageLimits;
@@ -230,6 +237,9 @@ pub struct SyncEngine {
     /// Per peer, the streams each side halted in the last round between us (memory only:
     /// after a restart the first round relearns them).
     halts: Mutex<HashMap<NodeId, StreamHalts>>,
+    /// Per peer, our marks as it recorded them in the last round between us, as far as we
+    /// can tell (memory only: after a restart the first request carries them in full).
+    held: Mutex<HashMap<NodeId, HeldMarks>>,
     blobs: Arc<dyn BlobStore>,
     /// Blobs that must not be removed even if unreferenced: being written or fetched, and
     /// not yet referenced by a committed version. Counts per hash.
@@ -250,6 +260,38 @@ struct StreamHalts {
     ours: Streams,
     /// Streams the peer halted when we sent them.
     theirs: Streams,
+}
+
+/// Our marks in play as a peer recorded them at the end of the last round between us, as a
+/// digest: while our marks still hash to it, our requests to that peer carry the digest
+/// alone. A belief only: the peer checks the digest against what it did record.
+struct HeldMarks {
+    /// The scopes in play in that round.
+    scopes: ScopeFilter,
+    /// The digest of our marks as the peer recorded them.
+    digest: MarksDigest,
+}
+
+/// What the initiator keeps from planning its request, to finish the round.
+struct Round {
+    /// The halts remembered for the peer when the request was planned.
+    halts: StreamHalts,
+    /// Streams our planning blocked on a blob we lack.
+    blocked: Streams,
+    /// Our marks in play, which the request carries in full or as their digest.
+    mine: ScopedWatermarks,
+    /// Our knowledge of the peer's marks in play, whose digest the request carries.
+    known: Option<ScopedWatermarks>,
+}
+
+/// The initiator's marks as the responder records them at the end of a round: the marks the
+/// request stood for, raised to the `top` of every run of the response page. Both sides
+/// compute it from the same messages, so the initiator knows what the responder recorded.
+fn held_after(mut marks: ScopedWatermarks, page: &Page) -> ScopedWatermarks {
+    for run in &page.runs {
+        marks.observe(&run.scope, run.top);
+    }
+    marks
 }
 
 fn streams(halts: &[Halt]) -> Streams {
@@ -363,6 +405,7 @@ impl SyncEngine {
             local_writes: Mutex::new(()),
             pending: Mutex::new(Pending::default()),
             halts: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             blobs,
             pins: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
@@ -780,21 +823,13 @@ impl SyncEngine {
         if expected == Some(self.id) {
             return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
         }
-        let (request, halts_before, blocked) = self.prepare_request(expected, options)?;
-        let shipped = request.page.clone();
-        let blobs_pushed = self.push_blobs(transport, &shipped).await?;
-        let response = transport.exchange(request).await?;
+        let (request, round) = self.prepare_request(expected, options)?;
+        let blobs_pushed = self.push_blobs(transport, &request.page).await?;
+        let response = self.send_request(transport, &request, &round).await?;
         let needed = self.needed_blobs(&response.page)?;
         // Pins keep fetched blobs alive until the page that references them is committed.
         let fetched = self.fetch_blobs(transport, needed).await;
-        let mut outcome = self.finish_round(
-            expected,
-            options,
-            &shipped,
-            &halts_before,
-            &blocked,
-            response,
-        )?;
+        let mut outcome = self.finish_round(expected, options, &request.page, &round, response)?;
         outcome.blobs_pushed = blobs_pushed;
         outcome.blobs_fetched = fetched.len();
         self.note_exchange(outcome.peer);
@@ -818,14 +853,42 @@ impl SyncEngine {
         Ok(mine)
     }
 
-    /// The request of a round, and the halts remembered for the peer when it was planned.
+    /// Sends `request`; if the peer cannot resolve its marks digest, sends it once more
+    /// with the marks in full.
+    async fn send_request<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        request: &ExchangeRequest,
+        round: &Round,
+    ) -> Result<ExchangeResponse> {
+        let response = transport.exchange(request.clone()).await?;
+        if !matches!(response.marks, ResponseMarks::Resend) {
+            return Ok(response);
+        }
+        let resend_refused = |peer| ProtocolError::UnexpectedMarks {
+            peer,
+            reason: "resend asked for marks sent in full",
+        };
+        if matches!(request.marks, RequestMarks::Full(_)) {
+            return Err(resend_refused(response.from).into());
+        }
+        let mut full = request.clone();
+        full.marks = RequestMarks::Full(round.mine.clone());
+        let response = transport.exchange(full).await?;
+        if matches!(response.marks, ResponseMarks::Resend) {
+            return Err(resend_refused(response.from).into());
+        }
+        Ok(response)
+    }
+
+    /// The request of a round, and what finishing the round needs of its planning.
     fn prepare_request(
         &self,
         peer: Option<NodeId>,
         options: &ExchangeOptions,
-    ) -> Result<(ExchangeRequest, StreamHalts, Streams)> {
+    ) -> Result<(ExchangeRequest, Round)> {
         let read = self.store.read()?;
-        let watermarks = self.marks_in_play(&*read, &options.scopes)?;
+        let mine = self.marks_in_play(&*read, &options.scopes)?;
         let limit = options.page_limit.unwrap_or(self.config.page_limit).max(1);
         let known = match peer {
             Some(p) => read.peer_watermarks(p)?,
@@ -836,11 +899,11 @@ impl SyncEngine {
             .unwrap_or_default();
         let mut blocked = BTreeSet::new();
         // First contact: we do not know what the peer holds, so we ship nothing yet.
-        let page = match known {
+        let page = match &known {
             Some(theirs) => plan::plan_page(
                 &*read,
-                &watermarks,
-                &theirs,
+                &mine,
+                theirs,
                 self.page_limits(limit),
                 &halts.theirs,
                 &|b: &BlobRef| self.has_blob(b),
@@ -848,15 +911,46 @@ impl SyncEngine {
             )?,
             None => Page::default(),
         };
+        drop(read);
+        let known = known.map(|mut k| {
+            k.retain(|s| options.scopes.contains(s));
+            k
+        });
         let request = ExchangeRequest {
             from: self.id,
             scopes: options.scopes.clone(),
-            watermarks,
+            marks: self.request_marks(peer, &options.scopes, &mine),
+            known: known.as_ref().map(ScopedWatermarks::digest),
             page,
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
             deferred: halts.ours.iter().cloned().collect(),
         };
-        Ok((request, halts, blocked))
+        let round = Round {
+            halts,
+            blocked,
+            mine,
+            known,
+        };
+        Ok((request, round))
+    }
+
+    /// Our marks for a request to `peer`: their digest if the peer recorded exactly these in
+    /// our last round with it over the same scopes, else in full.
+    fn request_marks(
+        &self,
+        peer: Option<NodeId>,
+        scopes: &ScopeFilter,
+        mine: &ScopedWatermarks,
+    ) -> RequestMarks {
+        // IMPORTANT: taken, not read. It is put back only when this round completes, so a
+        // round that fails or is dropped half-way leaves the next request in full.
+        let held = peer.and_then(|p| lock(&self.held).remove(&p));
+        match held {
+            Some(h) if h.scopes == *scopes && h.digest == mine.digest() => {
+                RequestMarks::Digest(h.digest)
+            }
+            _ => RequestMarks::Full(mine.clone()),
+        }
     }
 
     fn finish_round(
@@ -864,9 +958,8 @@ impl SyncEngine {
         expected: Option<NodeId>,
         options: &ExchangeOptions,
         shipped: &Page,
-        before: &StreamHalts,
-        blocked: &Streams,
-        mut response: ExchangeResponse,
+        round: &Round,
+        response: ExchangeResponse,
     ) -> Result<ExchangeOutcome> {
         let peer = response.from;
         if peer == self.id {
@@ -879,14 +972,47 @@ impl SyncEngine {
             }
             .into());
         }
-        response.watermarks.retain(|s| options.scopes.contains(s));
+        let theirs = match response.marks {
+            ResponseMarks::Full(mut marks) => {
+                marks.retain(|s| options.scopes.contains(s));
+                marks
+            }
+            ResponseMarks::Same => round.known.clone().ok_or(ProtocolError::UnexpectedMarks {
+                peer,
+                reason: "same marks, but the request named none",
+            })?,
+            ResponseMarks::Resend => {
+                return Err(ProtocolError::UnexpectedMarks {
+                    peer,
+                    reason: "resend asked for marks sent in full",
+                }
+                .into())
+            }
+        };
         let knowledge = PeerKnowledge {
             peer,
             scopes: options.scopes.clone(),
-            marks: response.watermarks.clone(),
+            marks: theirs.clone(),
         };
         let applied = self.apply_page(&response.page, &options.scopes, knowledge)?;
-        self.remember_halts(peer, shipped, &response, &applied.halts);
+        self.remember_halts(
+            peer,
+            shipped,
+            &response.page,
+            &response.halts,
+            &applied.halts,
+        );
+        // After a halt our marks stay below what the peer recorded: no digest next time.
+        if applied.halts.is_empty() {
+            let held = held_after(round.mine.clone(), &response.page);
+            lock(&self.held).insert(
+                peer,
+                HeldMarks {
+                    scopes: options.scopes.clone(),
+                    digest: held.digest(),
+                },
+            );
+        }
         let mine = self.marks_in_play(&*self.store.read()?, &options.scopes)?;
         let halted = |scope: &Scope, origin: NodeId| {
             response
@@ -905,9 +1031,9 @@ impl SyncEngine {
         );
         let peer_lacks = mine.iter().any(|(scope, marks)| {
             marks.iter().any(|mark| {
-                response.watermarks.get(scope, mark.origin()) < Some(mark)
+                theirs.get(scope, mark.origin()) < Some(mark)
                     && !halted(scope, mark.origin())
-                    && !blocked.contains(&(scope.clone(), mark.origin()))
+                    && !round.blocked.contains(&(scope.clone(), mark.origin()))
             })
         });
         Ok(ExchangeOutcome {
@@ -915,8 +1041,8 @@ impl SyncEngine {
             shipped: shipped.version_count(),
             received: applied.received,
             applied: applied.applied,
-            has_more: response.page.more_beyond(&applied.halts, &before.ours)
-                || shipped.more_beyond(&response.halts, &before.theirs)
+            has_more: response.page.more_beyond(&applied.halts, &round.halts.ours)
+                || shipped.more_beyond(&response.halts, &round.halts.theirs)
                 || peer_lacks,
             halts: applied.halts,
             peer_halts: response.halts,
@@ -930,7 +1056,8 @@ impl SyncEngine {
         &self,
         peer: NodeId,
         shipped: &Page,
-        response: &ExchangeResponse,
+        received: &Page,
+        theirs: &[Halt],
         ours: &[Halt],
     ) {
         let mut all = lock(&self.halts);
@@ -941,8 +1068,8 @@ impl SyncEngine {
             }
             set.extend(streams(halted));
         };
-        update(&mut known.ours, &response.page, ours);
-        update(&mut known.theirs, shipped, &response.halts);
+        update(&mut known.ours, received, ours);
+        update(&mut known.theirs, shipped, theirs);
     }
 
     /// Applies a received page in one transaction, with the sender's watermarks as knowledge.
@@ -1134,26 +1261,42 @@ impl SyncEngine {
         }
     }
 
-    /// Answers one exchange request (the responder's half of a round).
+    /// Answers one exchange request (the responder's half of a round). A request whose marks
+    /// digest does not match what this node recorded of the initiator is answered with
+    /// [`ExchangeResponse::resend`] and changes nothing.
     ///
     /// # Errors
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
     pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
-        if request.from == self.id {
+        let ExchangeRequest {
+            from,
+            scopes,
+            marks,
+            known,
+            page: incoming,
+            limit,
+            deferred,
+        } = request;
+        if from == self.id {
             return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
         }
         // Plan from the state before the request's page is applied: the page's claims hold
         // for that state, and the versions the request brings are ones the initiator has.
         let read = self.store.read()?;
-        let mut watermarks = self.marks_in_play(&*read, &request.scopes)?;
-        let limit = usize::try_from(request.limit)
+        // IMPORTANT: we plan from the initiator's true marks, never from a guess: a digest
+        // stands for the marks we recorded of it only if those hash to it.
+        let Some(theirs) = initiator_marks(&*read, from, &scopes, marks)? else {
+            return Ok(ExchangeResponse::resend(self.id));
+        };
+        let mut watermarks = self.marks_in_play(&*read, &scopes)?;
+        let limit = usize::try_from(limit)
             .unwrap_or(usize::MAX)
             .clamp(1, self.config.max_page_limit);
-        let deferred = request.deferred.iter().cloned().collect();
+        let deferred = deferred.into_iter().collect();
         let page = plan::plan_page(
             &*read,
             &watermarks,
-            &request.watermarks,
+            &theirs,
             self.page_limits(limit),
             &deferred,
             &|b: &BlobRef| self.has_blob(b),
@@ -1162,27 +1305,59 @@ impl SyncEngine {
         drop(read);
         // What the initiator will hold once it applies our page; if it does not (a halt, a
         // lost response), this knowledge is stale-high, which costs one round, never a gap.
-        let mut known = request.watermarks.clone();
-        for run in &page.runs {
-            known.observe(&run.scope, run.top);
-        }
         let knowledge = PeerKnowledge {
-            peer: request.from,
-            scopes: request.scopes.clone(),
-            marks: known,
+            peer: from,
+            scopes: scopes.clone(),
+            marks: held_after(theirs, &page),
         };
-        let applied = self.apply_page(&request.page, &request.scopes, knowledge)?;
+        let applied = self.apply_page(&incoming, &scopes, knowledge)?;
         if applied.changed_marks {
-            watermarks = self.marks_in_play(&*self.store.read()?, &request.scopes)?;
+            watermarks = self.marks_in_play(&*self.store.read()?, &scopes)?;
         }
-        self.note_exchange(request.from);
+        self.note_exchange(from);
+        let digest = watermarks.digest();
+        // The initiator records these marks of ours as its knowledge of us, so a round we
+        // initiate next may send their digest alone (if the initiator does not record them,
+        // that round costs one resend).
+        lock(&self.held).insert(
+            from,
+            HeldMarks {
+                scopes: scopes.clone(),
+                digest,
+            },
+        );
+        let marks = if known == Some(digest) {
+            ResponseMarks::Same
+        } else {
+            ResponseMarks::Full(watermarks)
+        };
         Ok(ExchangeResponse {
             from: self.id,
-            watermarks,
+            marks,
             page,
             halts: applied.halts,
         })
     }
+}
+
+/// The initiator's marks in play: those the request carries in full, or, for a digest, what
+/// we recorded of the initiator if that hashes to the digest (`None` if it does not: the
+/// initiator must resend them in full).
+fn initiator_marks(
+    read: &dyn crate::store::StoreRead,
+    from: NodeId,
+    scopes: &ScopeFilter,
+    marks: RequestMarks,
+) -> Result<Option<ScopedWatermarks>> {
+    let (mut marks, digest) = match marks {
+        RequestMarks::Full(marks) => (marks, None),
+        RequestMarks::Digest(d) => (read.peer_watermarks(from)?.unwrap_or_default(), Some(d)),
+    };
+    marks.retain(|s| scopes.contains(s));
+    Ok(match digest {
+        Some(d) if marks.digest() != d => None,
+        _ => Some(marks),
+    })
 }
 
 impl Drop for SyncEngine {
