@@ -19,7 +19,9 @@ use highwater::error::{ProtocolError, TransportError};
 use highwater::http::{serve, ClientConfig, HttpTransport, ServeError, ServerConfig};
 use highwater::transport::RefusalCode;
 use highwater::watermark::{Page, Run};
-use highwater::wire::{self, ExchangeRequest, ExchangeResponse, MAGIC, SUPPORTED_VERSIONS};
+use highwater::wire::{
+    self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, MAGIC, SUPPORTED_VERSIONS,
+};
 use highwater::{
     BlobRef, EngineConfig, Error as HwError, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId,
     Op, Scope, ScopeFilter, ScopedWatermarks, SyncEngine, Transport, Version,
@@ -94,7 +96,8 @@ fn request(from: NodeId, scopes: ScopeFilter, runs: Vec<Run>) -> ExchangeRequest
     ExchangeRequest {
         from,
         scopes,
-        watermarks,
+        marks: RequestMarks::Full(watermarks),
+        known: None,
         page: Page { runs, more: false },
         limit: 1000,
         deferred: Vec::new(),
@@ -283,7 +286,10 @@ async fn all_scopes_narrow_to_what_the_token_reads() -> TestResult {
     let resp: ExchangeResponse = wire::decode(&body)?;
     let shipped: BTreeSet<&Scope> = resp.page.runs.iter().map(|r| &r.scope).collect();
     assert_eq!(shipped, BTreeSet::from([&app("a")]));
-    let marked: BTreeSet<&Scope> = resp.watermarks.iter().map(|(s, _)| s).collect();
+    let ResponseMarks::Full(marks) = &resp.marks else {
+        panic!("a request with full marks and no `known` gets full marks back");
+    };
+    let marked: BTreeSet<&Scope> = marks.iter().map(|(s, _)| s).collect();
     assert_eq!(marked, BTreeSet::from([&app("a")]));
     // The hub token sees everything.
     let (status, body) = post_exchange(&server, Some(HUB), wire::encode(&req)).await?;
@@ -1140,7 +1146,7 @@ async fn the_client_learns_its_peer_and_then_expects_it() -> TestResult {
     let answer = |from| {
         Bytes::from(wire::encode(&ExchangeResponse {
             from,
-            watermarks: ScopedWatermarks::new(),
+            marks: ResponseMarks::Full(ScopedWatermarks::new()),
             page: Page::default(),
             halts: Vec::new(),
         }))

@@ -30,7 +30,7 @@ use crate::hash::Hash;
 use crate::notify::WatchToken;
 use crate::record::{BlobRef, Key, Op, Residency, Scope, MAX_VALUE_LEN};
 use crate::transport::{Refusal, RefusalCode, Responder};
-use crate::wire::{self, ExchangeRequest, ScopeFilter, MAX_MESSAGE_LEN};
+use crate::wire::{self, ExchangeRequest, RequestMarks, ScopeFilter, MAX_MESSAGE_LEN};
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -883,7 +883,14 @@ fn authorize_exchange(
         ScopeFilter::All => {
             let readable: BTreeSet<Scope> = local
                 .iter()
-                .chain(request.watermarks.iter().map(|(s, _)| s))
+                .chain(
+                    match &request.marks {
+                        RequestMarks::Full(marks) => Some(marks.iter().map(|(s, _)| s)),
+                        RequestMarks::Digest(_) => None,
+                    }
+                    .into_iter()
+                    .flatten(),
+                )
                 .chain(request.page.runs.iter().map(|r| &r.scope))
                 .filter(|s| grant.can_read(s))
                 .cloned()
