@@ -141,8 +141,9 @@ struct ServeArgs {
     /// command line is visible to other users).
     #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
     peer_token: Option<String>,
-    /// The token file granting access to this node (JSON; see docs/http.md). Without one
-    /// the node is open and listens on loopback only.
+    /// The token file granting access to this node: JSON, `{"tokens": [{"name": "hub",
+    /// "token": "<16+ chars>", "read": ["*"], "write": ["app/notes/*"], "sync": true}]}`.
+    /// Without one the node is open and listens on loopback only.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Time between rounds with a peer when nothing triggers one sooner (`500ms`, `2s`, `1m`).

@@ -63,7 +63,7 @@ impl NodeClient {
     /// `url` is not an `http://` root URL, or the token is not a valid header value.
     pub fn new(url: &str, token: Option<String>) -> Result<NodeClient, NodeError> {
         Ok(NodeClient {
-            http: HttpTransport::new(url, token)?,
+            http: super::transport_to(url, token)?,
         })
     }
 

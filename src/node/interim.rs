@@ -30,11 +30,6 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// Never returned by the stand-in.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("scheduler error")]
-pub struct SchedulerError;
-
 /// Stand-in scheduler.
 pub struct Scheduler {
     engine: Arc<SyncEngine>,
@@ -59,7 +54,7 @@ impl Scheduler {
         &mut self,
         name: String,
         transport: Arc<T>,
-    ) -> Result<(), SchedulerError> {
+    ) -> Result<(), std::convert::Infallible> {
         let (engine, config) = (self.engine.clone(), self.config.clone());
         let mut stop = self.stop.subscribe();
         self.tasks.spawn(async move {

@@ -46,7 +46,7 @@ use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
 use crate::error::{Error, StoreError, TransportError};
 use crate::http::{serve, Access, AccessError, HttpTransport, ServeError, ServerConfig};
 // TEMPORARY: `crate::scheduler` once it lands on main.
-use self::interim::{Scheduler, SchedulerConfig, SchedulerError};
+use self::interim::{Scheduler, SchedulerConfig};
 
 /// The address a node listens on, and client commands reach, by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
@@ -143,9 +143,27 @@ pub enum NodeError {
     /// The engine failed.
     #[error(transparent)]
     Engine(#[from] Error),
-    /// A node could not be reached, or refused the request.
+    /// A node URL that cannot be used.
+    #[error("{reason}")]
+    BadUrl {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The node could not be reached in time.
+    #[error("cannot reach the node: {reason}")]
+    Unreachable {
+        /// Why.
+        reason: String,
+    },
+    /// The node refused the request (its status and message).
+    #[error("the node refused: {reason}")]
+    Refused {
+        /// The status and the node's message.
+        reason: String,
+    },
+    /// Another transport failure.
     #[error(transparent)]
-    Transport(#[from] TransportError),
+    Transport(TransportError),
     /// The token file cannot be used.
     #[error(transparent)]
     Access(#[from] AccessError),
@@ -162,8 +180,11 @@ pub enum NodeError {
     #[error(transparent)]
     Serve(#[from] ServeError),
     /// A peer was given twice.
-    #[error(transparent)]
-    Scheduler(#[from] SchedulerError),
+    #[error("peer {url} given twice")]
+    DuplicatePeer {
+        /// The peer's URL.
+        url: String,
+    },
     /// The record does not exist (or is deleted), or has no file.
     #[error("{what}: {scope}/{key}")]
     NotFound {
@@ -200,6 +221,24 @@ pub enum NodeError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+impl From<TransportError> for NodeError {
+    fn from(e: TransportError) -> NodeError {
+        match e {
+            TransportError::Unreachable { reason } => NodeError::Unreachable { reason },
+            TransportError::Refused { reason, .. } => NodeError::Refused { reason },
+            other => NodeError::Transport(other),
+        }
+    }
+}
+
+/// An `HttpTransport` to `url`, or why `url` cannot be used.
+fn transport_to(url: &str, token: Option<String>) -> Result<HttpTransport, NodeError> {
+    HttpTransport::new(url, token).map_err(|e| match e {
+        TransportError::Refused { reason, .. } => NodeError::BadUrl { reason },
+        other => NodeError::Transport(other),
+    })
 }
 
 /// Opens the data directory `dir`, or says clearly that a running node holds it.
@@ -270,11 +309,14 @@ impl Node {
             }
             .into());
         }
-        let peers = options
-            .peers
-            .iter()
-            .map(|url| HttpTransport::new(url, options.peer_token.clone()).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut peers: Vec<Arc<HttpTransport>> = Vec::new();
+        for url in &options.peers {
+            let peer = transport_to(url, options.peer_token.clone())?;
+            if peers.iter().any(|p| p.base_url() == peer.base_url()) {
+                return Err(NodeError::DuplicatePeer { url: url.clone() });
+            }
+            peers.push(Arc::new(peer));
+        }
         let engine = Arc::new(open_data_dir(&options.data, options.engine_config())?);
         let listener =
             TcpListener::bind(options.listen)
@@ -361,7 +403,11 @@ impl Node {
         }));
         let mut scheduler = Scheduler::start(engine.clone(), scheduler);
         for peer in peers {
-            scheduler.add_peer(peer.base_url().to_owned(), peer)?;
+            let name = peer.base_url().to_owned();
+            // Names are the peers' distinct URLs (checked in `start`), so this cannot fail.
+            if let Err(e) = scheduler.add_peer(name, peer) {
+                tracing::error!(error = %e, "peer not scheduled");
+            }
         }
         let early = tokio::select! {
             () = shutdown => None,

@@ -169,6 +169,13 @@ mod tests {
         }
         a.put(&shared, &Key::try_from("a").unwrap(), b"x".to_vec())
             .unwrap();
+        b.put_file_bytes(
+            &shared,
+            &Key::try_from("g").unwrap(),
+            Vec::new(),
+            &[9u8; 30_000],
+        )
+        .unwrap();
         let content = vec![7u8; 100_000];
         a.put_file_bytes(&shared, &Key::try_from("f").unwrap(), Vec::new(), &content)
             .unwrap();
@@ -181,7 +188,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(a.digest().unwrap(), b.digest().unwrap());
-        assert_eq!(totals.received, 250);
+        assert_eq!(totals.received, 251);
+        assert_eq!((totals.blobs_fetched, totals.bytes_fetched), (1, 30_000));
         assert_eq!(totals.shipped, 2);
         assert_eq!((totals.blobs_pushed, totals.bytes_pushed), (1, 100_000));
         assert_eq!(totals.rounds, calls);
