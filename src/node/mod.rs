@@ -459,3 +459,24 @@ pub async fn termination() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_data_dir_is_refused_with_the_url_its_node_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = open_data_dir(dir.path(), EngineConfig::default()).unwrap();
+        std::fs::write(dir.path().join(URL_FILE), "http://127.0.0.1:9\n").unwrap();
+        match open_data_dir(dir.path(), EngineConfig::default()) {
+            Err(NodeError::DataDirInUse { dir: d, url }) => {
+                assert_eq!(d, dir.path());
+                assert_eq!(url.as_deref(), Some("http://127.0.0.1:9"));
+            }
+            other => panic!("expected DataDirInUse, got {:?}", other.map(|_| ())),
+        }
+        drop(held);
+        assert!(open_data_dir(dir.path(), EngineConfig::default()).is_ok());
+    }
+}
