@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod blob;
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod hash;
@@ -12,6 +13,7 @@ pub mod merge;
 pub mod node;
 pub mod notify;
 pub mod record;
+pub mod scheduler;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -26,6 +28,7 @@ pub use crate::error::{Error, Result};
 pub use crate::hash::Hash;
 pub use crate::hlc::{Hlc, ManualTime, NodeId, TimeSource};
 pub use crate::record::{BlobRef, Key, Op, Residency, Scope, Version};
+pub use crate::scheduler::{Backoff, PeerStatus, Scheduler, SchedulerConfig, SchedulerError};
 pub use crate::transport::{InProcess, Refusal, Responder, Transport, WatchReply};
 pub use crate::watermark::{Halt, HaltReason, ScopedWatermarks, Watermarks};
 pub use crate::wire::ScopeFilter;

@@ -24,7 +24,6 @@
 //! ```
 
 mod client;
-mod interim;
 mod records;
 mod status;
 mod sync;
@@ -45,8 +44,7 @@ use tokio::net::TcpListener;
 use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
 use crate::error::{Error, StoreError, TransportError};
 use crate::http::{serve, Access, AccessError, HttpTransport, ServeError, ServerConfig};
-// TEMPORARY: `crate::scheduler` once it lands on main.
-use self::interim::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// The address a node listens on, and client commands reach, by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
@@ -335,6 +333,7 @@ impl Node {
                 page_limit: options.page_limit,
                 ..ExchangeOptions::default()
             },
+            ..SchedulerConfig::default()
         };
         let node = Node {
             engine,
@@ -401,7 +400,7 @@ impl Node {
         let mut server = tokio::spawn(serve(engine.clone(), listener, config, async move {
             let _ = stopped.await;
         }));
-        let mut scheduler = Scheduler::start(engine.clone(), scheduler);
+        let scheduler = Scheduler::start(engine.clone(), scheduler);
         for peer in peers {
             let name = peer.base_url().to_owned();
             // Names are the peers' distinct URLs (checked in `start`), so this cannot fail.
