@@ -10,6 +10,7 @@ pub mod hash;
 pub mod hlc;
 pub mod http;
 pub mod merge;
+pub mod node;
 pub mod notify;
 pub mod record;
 pub mod scheduler;

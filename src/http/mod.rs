@@ -13,9 +13,9 @@
 //! - `GET /v1/status`: node id, watermarks, residency, peers and what they lack.
 
 pub mod access;
-mod body;
+pub(crate) mod body;
 mod client;
-mod server;
+pub(crate) mod server;
 
 use std::time::Duration;
 

@@ -909,7 +909,9 @@ fn authorize_exchange(
     Ok(request)
 }
 
-fn status_json(engine: &SyncEngine, grant: &Grant) -> crate::Result<serde_json::Value> {
+/// The `/v1/status` document, limited to the scopes `grant` may read (also used by the CLI on
+/// a data directory).
+pub(crate) fn status_json(engine: &SyncEngine, grant: &Grant) -> crate::Result<serde_json::Value> {
     let marks = engine.watermarks()?;
     let readable = |s: &Scope| grant.can_read(s);
     let mut scopes = BTreeMap::new();
@@ -953,6 +955,21 @@ fn status_json(engine: &SyncEngine, grant: &Grant) -> crate::Result<serde_json::
                 }
             }
         }
+        // What the peer held, as of the last round, that we lack.
+        let mut behind = Vec::new();
+        for (scope, theirs) in known.iter().filter(|(s, _)| readable(s)) {
+            for mark in theirs.iter() {
+                let ours = marks.get(scope, mark.origin());
+                if ours < Some(mark) {
+                    behind.push(json!({
+                        "scope": scope.as_str(),
+                        "origin": mark.origin().to_string(),
+                        "ours": ours.map(|h| h.to_string()),
+                        "theirs": mark.to_string(),
+                    }));
+                }
+            }
+        }
         let last_ms = last
             .get(&peer)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -961,6 +978,7 @@ fn status_json(engine: &SyncEngine, grant: &Grant) -> crate::Result<serde_json::
             "id": peer.to_string(),
             "last_exchange_unix_ms": last_ms,
             "lacks": lacks,
+            "behind": behind,
         }));
     }
     let blobs = engine.blob_store().list()?;

@@ -1,0 +1,470 @@
+//! `highwater`: run a node, read and write its records and files, sync once, show status.
+//!
+//! This file parses arguments, sets up logging (`RUST_LOG`, default `info`, to stderr) and
+//! calls [`highwater::node`]; the logic lives there.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use highwater::engine::EngineConfig;
+use highwater::http::HttpTransport;
+use highwater::node::{
+    self, render_status, sync_until_done, Listed, Node, NodeClient, NodeError, NodeOptions,
+    Records, SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
+};
+use highwater::{ExchangeOptions, Key, Scope};
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing_subscriber::EnvFilter;
+
+/// Replicas of records and files kept in sync between peers.
+#[derive(Parser)]
+#[command(name = "highwater", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: serve a data directory over HTTP and sync it with every --peer.
+    ///
+    /// Prints `listening on http://HOST:PORT` on stdout once it accepts connections; logs
+    /// go to stderr. Stops cleanly on Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
+    /// Write a record (the value from the argument, or from stdin without one).
+    Put {
+        #[command(flatten)]
+        target: Target,
+        /// `shared` or `app/<app_id>/<table>`.
+        scope: Scope,
+        /// The key (UTF-8 text).
+        key: String,
+        /// The value; read from stdin when left out.
+        value: Option<String>,
+    },
+    /// Print a record's value (raw bytes on stdout); fails if there is none.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// `shared` or `app/<app_id>/<table>`.
+        scope: Scope,
+        /// The key.
+        key: String,
+    },
+    /// Delete a record.
+    Rm {
+        #[command(flatten)]
+        target: Target,
+        /// `shared` or `app/<app_id>/<table>`.
+        scope: Scope,
+        /// The key.
+        key: String,
+    },
+    /// List the records of a scope: key, value size, residency, file size, version.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+        /// `shared` or `app/<app_id>/<table>`.
+        scope: Scope,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many records (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Write a record whose file is PATH (streamed; the value is empty).
+    PutFile {
+        #[command(flatten)]
+        target: Target,
+        /// `shared` or `app/<app_id>/<table>`.
+        scope: Scope,
+        /// The key.
+        key: String,
+        /// The file to store.
+        path: PathBuf,
+    },
+    /// Save a record's file to PATH (`-` for stdout), checked against its hash.
+    GetFile {
+        #[command(flatten)]
+        target: Target,
+        /// `shared` or `app/<app_id>/<table>`.
+        scope: Scope,
+        /// The key.
+        key: String,
+        /// Where to write it (`-`: stdout).
+        path: PathBuf,
+    },
+    /// Sync a data directory with a peer once: exchange until neither side has anything
+    /// left, then print a summary.
+    Sync {
+        /// The data directory (no node may be running on it).
+        #[arg(long)]
+        data: PathBuf,
+        /// The peer's root URL.
+        #[arg(long)]
+        peer: String,
+        /// The token to present to the peer.
+        #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
+        peer_token: Option<String>,
+        /// Versions per page.
+        #[arg(long)]
+        page_limit: Option<usize>,
+    },
+    /// Show watermarks per scope and origin, residency counts, and peers with their lag.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print the status document as JSON (the shape of `GET /v1/status`).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The data directory (created if missing).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to listen; port 0 lets the OS pick one.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// A peer's root URL (`http://host:port`) to sync with; repeat for several.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// The token this node presents to its peers (prefer the environment variable: the
+    /// command line is visible to other users).
+    #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
+    peer_token: Option<String>,
+    /// The token file granting access to this node: JSON, `{"tokens": [{"name": "hub",
+    /// "token": "<16+ chars>", "read": ["*"], "write": ["app/notes/*"], "sync": true}]}`.
+    /// Without one the node is open and listens on loopback only.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Time between rounds with a peer when nothing triggers one sooner (`500ms`, `2s`, `1m`).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Versions per page this node asks for and ships.
+    #[arg(long)]
+    page_limit: Option<usize>,
+}
+
+/// Where a record command acts.
+#[derive(Args)]
+struct Target {
+    /// The running node to talk to.
+    #[arg(long, env = "HIGHWATER_NODE", default_value = DEFAULT_NODE_URL)]
+    node: String,
+    /// The bearer token for the node.
+    #[arg(long, env = "HIGHWATER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Work directly on this data directory instead of a node (refused while a node runs on
+    /// it).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+impl Target {
+    fn open(&self) -> Result<Records, NodeError> {
+        match &self.data {
+            Some(dir) => Ok(Records::Local(Arc::new(node::open_data_dir(
+                dir,
+                EngineConfig::default(),
+            )?))),
+            None => Ok(Records::Remote(NodeClient::new(
+                &self.node,
+                self.token.clone(),
+            )?)),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+fn key(text: &str) -> Result<Key, NodeError> {
+    Key::try_from(text).map_err(|e| NodeError::Engine(e.into()))
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+async fn run(command: Command) -> Result<(), NodeError> {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Put {
+            target,
+            scope,
+            key: k,
+            value,
+        } => {
+            let value = match value {
+                Some(v) => v.into_bytes(),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                        .map_err(io_error(Path::new("stdin")))?;
+                    buf
+                }
+            };
+            target.open()?.put(&scope, &key(&k)?, value).await?;
+            Ok(())
+        }
+        Command::Get {
+            target,
+            scope,
+            key: k,
+        } => {
+            let k = key(&k)?;
+            let record = target.open()?.get(&scope, &k).await?;
+            let record = record.ok_or_else(|| NodeError::NotFound {
+                what: "no such record",
+                scope: scope.to_string(),
+                key: String::from_utf8_lossy(k.as_bytes()).into_owned(),
+            })?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&record.value)
+                .and_then(|()| out.flush())
+                .map_err(io_error(Path::new("stdout")))
+        }
+        Command::Rm {
+            target,
+            scope,
+            key: k,
+        } => {
+            target.open()?.delete(&scope, &key(&k)?).await?;
+            Ok(())
+        }
+        Command::Ls {
+            target,
+            scope,
+            prefix,
+            limit,
+        } => list(&target.open()?, &scope, prefix.as_bytes(), limit).await,
+        Command::PutFile {
+            target,
+            scope,
+            key: k,
+            path,
+        } => {
+            target.open()?.put_file(&scope, &key(&k)?, &path).await?;
+            Ok(())
+        }
+        Command::GetFile {
+            target,
+            scope,
+            key: k,
+            path,
+        } => get_file(&target.open()?, &scope, &key(&k)?, &path).await,
+        Command::Sync {
+            data,
+            peer,
+            peer_token,
+            page_limit,
+        } => sync(&data, &peer, peer_token, page_limit).await,
+        Command::Status { target, json } => {
+            let status = target.open()?.status().await?;
+            if json {
+                println!("{status:#}");
+            } else {
+                print!("{}", render_status(&status));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), NodeError> {
+    let options = NodeOptions {
+        peers: args.peers,
+        peer_token: args.peer_token,
+        token_file: args.token_file,
+        interval: args.interval,
+        page_limit: args.page_limit,
+        ..NodeOptions::new(args.data, args.listen)
+    };
+    let node = Node::start(options).await?;
+    // The line scripts and tests read to learn the port.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {}", node.url())
+        .and_then(|()| stdout.flush())
+        .map_err(io_error(Path::new("stdout")))?;
+    drop(stdout);
+    node.run(node::termination()).await
+}
+
+async fn list(
+    records: &Records,
+    scope: &Scope,
+    prefix: &[u8],
+    limit: Option<usize>,
+) -> Result<(), NodeError> {
+    let mut left = limit.unwrap_or(usize::MAX);
+    let mut after: Option<Key> = None;
+    let mut out = std::io::stdout().lock();
+    while left > 0 {
+        let page = records
+            .list(scope, prefix, after.as_ref(), left.min(1000))
+            .await?;
+        let full = page.len() == left.min(1000);
+        for item in &page {
+            writeln!(out, "{}", listed_line(item)).map_err(io_error(Path::new("stdout")))?;
+        }
+        left -= page.len();
+        match page.last() {
+            Some(last) if full => after = Some(last.key.clone()),
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+fn listed_line(item: &Listed) -> String {
+    let file = item
+        .file_size
+        .map(|n| format!("file {n} B"))
+        .unwrap_or_else(|| "-".to_owned());
+    format!(
+        "{}\t{} B\t{}\t{file}\t{}",
+        String::from_utf8_lossy(item.key.as_bytes()),
+        item.size,
+        item.residency.as_str(),
+        item.hlc
+    )
+}
+
+async fn get_file(
+    records: &Records,
+    scope: &Scope,
+    key: &Key,
+    path: &Path,
+) -> Result<(), NodeError> {
+    if path == Path::new("-") {
+        let mut out = std::io::stdout();
+        records.get_file(scope, key, &mut out).await?;
+        return out.flush().map_err(io_error(path));
+    }
+    // Written beside the target and renamed once complete and verified, so a failed
+    // transfer never leaves a partial file under the name asked for.
+    let partial = path.with_extension("highwater-partial");
+    let mut file = std::fs::File::create(&partial).map_err(io_error(&partial))?;
+    let fetched = records.get_file(scope, key, &mut file).await;
+    let done = fetched.and_then(|_| {
+        file.sync_all().map_err(io_error(&partial))?;
+        std::fs::rename(&partial, path).map_err(io_error(path))
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    done
+}
+
+async fn sync(
+    data: &Path,
+    peer: &str,
+    token: Option<String>,
+    page_limit: Option<usize>,
+) -> Result<(), NodeError> {
+    let engine = node::open_data_dir(data, EngineConfig::default())?;
+    let transport = HttpTransport::new(peer, token)?;
+    let options = ExchangeOptions {
+        page_limit,
+        ..ExchangeOptions::default()
+    };
+    // Drawn on stderr, and only when it is a terminal.
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let started = Instant::now();
+    let result = tokio::select! {
+        r = sync_until_done(&engine, &transport, &options, |t| bar.set_message(progress_line(t))) => r,
+        () = node::termination() => {
+            bar.abandon_with_message("interrupted");
+            engine.flush()?;
+            return Err(NodeError::Interrupted);
+        }
+    };
+    bar.finish_and_clear();
+    engine.flush()?;
+    let totals = result?;
+    println!(
+        "synced with {} in {} round{} ({:.1} s): {}",
+        totals.peer.map(|p| p.to_string()).unwrap_or_default(),
+        totals.rounds,
+        if totals.rounds == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64(),
+        progress_line(&totals)
+    );
+    for halt in &totals.halts {
+        println!(
+            "halted: scope {} origin {} ({:?}); the next sync retries it",
+            halt.scope, halt.origin, halt.reason
+        );
+    }
+    Ok(())
+}
+
+fn progress_line(t: &SyncTotals) -> String {
+    format!(
+        "received {} versions ({} applied), sent {}; files: fetched {} ({} B), sent {} ({} B)",
+        t.received,
+        t.applied,
+        t.shipped,
+        t.blobs_fetched,
+        t.bytes_fetched,
+        t.blobs_pushed,
+        t.bytes_pushed
+    )
+}

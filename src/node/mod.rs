@@ -1,0 +1,481 @@
+//! A node: one data directory served over HTTP and kept in sync with its peers, plus what
+//! the `highwater` command line needs around it (a client for the records API, direct work
+//! on a data directory, one-shot sync, status).
+//!
+//! [`Node::start`] opens the data directory, reads the token file and binds the listener;
+//! [`Node::run`] serves the directory and runs the scheduler with every peer until its
+//! shutdown future completes, then stops the scheduler, lets requests in progress finish
+//! and makes everything durable.
+//!
+//! A data directory is held by one process at a time: redb locks its file. Opening a
+//! directory a running node holds fails with [`NodeError::DataDirInUse`], naming the node's
+//! URL, which a running node writes to [`URL_FILE`] in its directory.
+//!
+//! ```no_run
+//! use highwater::node::{Node, NodeOptions};
+//!
+//! # async fn run() -> Result<(), highwater::node::NodeError> {
+//! let mut options = NodeOptions::new("/var/lib/highwater", "127.0.0.1:0".parse().unwrap());
+//! options.peers.push("http://hub.example:7447".into());
+//! let node = Node::start(options).await?;
+//! println!("listening on {}", node.url());
+//! node.run(highwater::node::termination()).await
+//! # }
+//! ```
+
+mod client;
+mod records;
+mod status;
+mod sync;
+
+pub use self::client::{NodeClient, RemoteRecord};
+pub use self::records::{Listed, Records, Written};
+pub use self::status::render_status;
+pub use self::sync::{sync_until_done, SyncTotals};
+
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
+use crate::error::{Error, StoreError, TransportError};
+use crate::http::{serve, Access, AccessError, HttpTransport, ServeError, ServerConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+
+/// The address a node listens on, and client commands reach, by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
+
+/// The node URL client commands use by default.
+pub const DEFAULT_NODE_URL: &str = "http://127.0.0.1:7447";
+
+/// The file in a data directory that holds the running node's URL (written once the node
+/// listens, removed when it stops; left behind by a crash, and then only read while the
+/// directory is locked, that is while a node runs).
+pub const URL_FILE: &str = "node.url";
+
+/// What a node runs with.
+#[derive(Clone)]
+pub struct NodeOptions {
+    /// The data directory (created if missing).
+    pub data: PathBuf,
+    /// Where to listen (port 0: one the OS picks; see [`Node::local_addr`]).
+    pub listen: SocketAddr,
+    /// The peers' root URLs (`http://host:port`); the node syncs with each.
+    pub peers: Vec<String>,
+    /// The bearer token this node presents to its peers.
+    pub peer_token: Option<String>,
+    /// The token file (see [`crate::http::access`]); without one the node is open and may
+    /// only listen on loopback.
+    pub token_file: Option<PathBuf>,
+    /// Time between rounds with a peer when nothing triggers one sooner (default 30 s).
+    pub interval: Duration,
+    /// Versions per page this node asks for and ships (default: the engine's, 1000).
+    pub page_limit: Option<usize>,
+}
+
+impl std::fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the peer token itself.
+        f.debug_struct("NodeOptions")
+            .field("data", &self.data)
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("peer_token", &self.peer_token.as_ref().map(|_| "…"))
+            .field("token_file", &self.token_file)
+            .field("interval", &self.interval)
+            .field("page_limit", &self.page_limit)
+            .finish()
+    }
+}
+
+impl NodeOptions {
+    /// Options for a node on `data` listening on `listen`, with no peers, no tokens, and
+    /// default timings.
+    pub fn new(data: impl Into<PathBuf>, listen: SocketAddr) -> NodeOptions {
+        NodeOptions {
+            data: data.into(),
+            listen,
+            peers: Vec::new(),
+            peer_token: None,
+            token_file: None,
+            interval: SchedulerConfig::default().interval,
+            page_limit: None,
+        }
+    }
+
+    fn engine_config(&self) -> EngineConfig {
+        let mut config = EngineConfig::default();
+        if let Some(n) = self.page_limit {
+            config.page_limit = n.max(1);
+        }
+        config
+    }
+}
+
+/// Why a node, or a command of the CLI, could not do its work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// A running node holds the data directory.
+    #[error("{} is in use by a running node{}; use --node URL to reach it, or stop it first",
+        dir.display(), url.as_deref().map(|u| format!(" ({u})")).unwrap_or_default())]
+    DataDirInUse {
+        /// The directory.
+        dir: PathBuf,
+        /// The running node's URL, if it wrote one.
+        url: Option<String>,
+    },
+    /// The data directory could not be opened.
+    #[error("cannot open data directory {}", dir.display())]
+    Open {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: Error,
+    },
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] Error),
+    /// A node URL that cannot be used.
+    #[error("{reason}")]
+    BadUrl {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The node could not be reached in time.
+    #[error("cannot reach the node: {reason}")]
+    Unreachable {
+        /// Why.
+        reason: String,
+    },
+    /// The node refused the request (its status and message).
+    #[error("the node refused: {reason}")]
+    Refused {
+        /// The status and the node's message.
+        reason: String,
+    },
+    /// Another transport failure.
+    #[error(transparent)]
+    Transport(TransportError),
+    /// The token file cannot be used.
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP server could not run.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// A peer was given twice.
+    #[error("peer {url} given twice")]
+    DuplicatePeer {
+        /// The peer's URL.
+        url: String,
+    },
+    /// The record does not exist (or is deleted), or has no file.
+    #[error("{what}: {scope}/{key}")]
+    NotFound {
+        /// What is missing ("no such record", "the record has no file").
+        what: &'static str,
+        /// The scope.
+        scope: String,
+        /// The key, as text (lossy for non-UTF-8 keys).
+        key: String,
+    },
+    /// The record's file has not arrived on this node yet.
+    #[error("the file of {scope}/{key} is not here yet (staged): retry after the next sync")]
+    Staged {
+        /// The scope.
+        scope: String,
+        /// The key.
+        key: String,
+    },
+    /// A local file could not be read or written.
+    #[error("i/o error on {}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stopped by Ctrl-C or SIGTERM before it finished; what completed is kept.
+    #[error("interrupted; what completed before is kept")]
+    Interrupted,
+    /// The node answered something this client does not understand.
+    #[error("the node sent a bad response: {reason}")]
+    BadResponse {
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl From<TransportError> for NodeError {
+    fn from(e: TransportError) -> NodeError {
+        match e {
+            TransportError::Unreachable { reason } => NodeError::Unreachable { reason },
+            TransportError::Refused { reason, .. } => NodeError::Refused { reason },
+            other => NodeError::Transport(other),
+        }
+    }
+}
+
+/// An `HttpTransport` to `url`, or why `url` cannot be used.
+fn transport_to(url: &str, token: Option<String>) -> Result<HttpTransport, NodeError> {
+    HttpTransport::new(url, token).map_err(|e| match e {
+        TransportError::Refused { reason, .. } => NodeError::BadUrl { reason },
+        other => NodeError::Transport(other),
+    })
+}
+
+/// Opens the data directory `dir`, or says clearly that a running node holds it.
+///
+/// # Errors
+/// [`NodeError::DataDirInUse`] while another process (a running node) has it open;
+/// [`NodeError::Open`] for any other failure.
+pub fn open_data_dir(dir: &Path, config: EngineConfig) -> Result<SyncEngine, NodeError> {
+    match SyncEngine::open_with(dir, config) {
+        Ok(engine) => Ok(engine),
+        Err(Error::Store(StoreError::Redb(e)))
+            if matches!(*e, redb::Error::DatabaseAlreadyOpen) =>
+        {
+            let url = std::fs::read_to_string(dir.join(URL_FILE))
+                .ok()
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty());
+            Err(NodeError::DataDirInUse {
+                dir: dir.to_owned(),
+                url,
+            })
+        }
+        Err(source) => Err(NodeError::Open {
+            dir: dir.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// A node that listens and is ready to run (see the [module docs](self)).
+pub struct Node {
+    engine: Arc<SyncEngine>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    access: Arc<Access>,
+    peers: Vec<Arc<HttpTransport>>,
+    scheduler: SchedulerConfig,
+    data: PathBuf,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node", &self.engine.node_id())
+            .field("addr", &self.addr)
+            .field("data", &self.data)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Reads the token file, checks the peers' URLs, opens the data directory and binds the
+    /// listener.
+    ///
+    /// # Errors
+    /// The token file cannot be used, a peer URL is malformed, the node would be open on a
+    /// non-loopback address, the data directory is in use or cannot be opened, or the
+    /// address cannot be bound.
+    pub async fn start(options: NodeOptions) -> Result<Node, NodeError> {
+        let access = Arc::new(match &options.token_file {
+            Some(path) => Access::from_file(path)?,
+            None => Access::open(),
+        });
+        if access.is_open() && !options.listen.ip().is_loopback() {
+            return Err(ServeError::OpenOnPublicAddress {
+                addr: options.listen,
+            }
+            .into());
+        }
+        let mut peers: Vec<Arc<HttpTransport>> = Vec::new();
+        for url in &options.peers {
+            let peer = transport_to(url, options.peer_token.clone())?;
+            if peers.iter().any(|p| p.base_url() == peer.base_url()) {
+                return Err(NodeError::DuplicatePeer { url: url.clone() });
+            }
+            peers.push(Arc::new(peer));
+        }
+        let engine = Arc::new(open_data_dir(&options.data, options.engine_config())?);
+        let listener =
+            TcpListener::bind(options.listen)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    addr: options.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let scheduler = SchedulerConfig {
+            interval: options.interval,
+            options: ExchangeOptions {
+                page_limit: options.page_limit,
+                ..ExchangeOptions::default()
+            },
+            ..SchedulerConfig::default()
+        };
+        let node = Node {
+            engine,
+            listener,
+            addr,
+            access,
+            peers,
+            scheduler,
+            data: options.data,
+        };
+        let url_file = node.data.join(URL_FILE);
+        std::fs::write(&url_file, format!("{}\n", node.url())).map_err(|source| NodeError::Io {
+            path: url_file,
+            source,
+        })?;
+        Ok(node)
+    }
+
+    /// The address the node listens on (the port the OS picked, for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The node's root URL (`http://host:port`; an unspecified address becomes loopback).
+    pub fn url(&self) -> String {
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{addr}")
+    }
+
+    /// The node's engine.
+    pub fn engine(&self) -> &Arc<SyncEngine> {
+        &self.engine
+    }
+
+    /// Serves the data directory and syncs with every peer until `shutdown` completes; then
+    /// stops the scheduler (a round in flight is abandoned safely), lets requests in progress
+    /// finish (up to 10 s), and makes every applied page durable.
+    ///
+    /// # Errors
+    /// The server failed, or the final flush failed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+        let Node {
+            engine,
+            listener,
+            addr,
+            access,
+            peers,
+            scheduler,
+            data,
+        } = self;
+        tracing::info!(node = %engine.node_id(), %addr, data = %data.display(),
+            peers = peers.len(), "node running");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = ServerConfig {
+            access,
+            ..ServerConfig::default()
+        };
+        let mut server = tokio::spawn(serve(engine.clone(), listener, config, async move {
+            let _ = stopped.await;
+        }));
+        let scheduler = Scheduler::start(engine.clone(), scheduler);
+        for peer in peers {
+            let name = peer.base_url().to_owned();
+            // Names are the peers' distinct URLs (checked in `start`), so this cannot fail.
+            if let Err(e) = scheduler.add_peer(name, peer) {
+                tracing::error!(error = %e, "peer not scheduled");
+            }
+        }
+        let early = tokio::select! {
+            () = shutdown => None,
+            ended = &mut server => Some(ended),
+        };
+        tracing::info!("stopping");
+        let flushed = scheduler.shutdown().await;
+        let served = match early {
+            Some(ended) => ended,
+            None => {
+                let _ = stop.send(());
+                server.await
+            }
+        };
+        let _ = std::fs::remove_file(data.join(URL_FILE));
+        engine.flush()?;
+        flushed?;
+        match served {
+            Ok(result) => result.map_err(NodeError::from),
+            Err(e) => {
+                tracing::error!(error = %e, "the server task failed");
+                Err(ServeError::Io(std::io::Error::other("server task failed")).into())
+            }
+        }
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM: the shutdown future for a node run
+/// from a terminal or a service manager.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_data_dir_is_refused_with_the_url_its_node_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = open_data_dir(dir.path(), EngineConfig::default()).unwrap();
+        std::fs::write(dir.path().join(URL_FILE), "http://127.0.0.1:9\n").unwrap();
+        match open_data_dir(dir.path(), EngineConfig::default()) {
+            Err(NodeError::DataDirInUse { dir: d, url }) => {
+                assert_eq!(d, dir.path());
+                assert_eq!(url.as_deref(), Some("http://127.0.0.1:9"));
+            }
+            other => panic!("expected DataDirInUse, got {:?}", other.map(|_| ())),
+        }
+        drop(held);
+        assert!(open_data_dir(dir.path(), EngineConfig::default()).is_ok());
+    }
+}

@@ -1,0 +1,199 @@
+//! One-shot sync: exchange rounds with one peer until neither side has anything left.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::engine::{ExchangeOptions, SyncEngine};
+use crate::error::{Result, TransportError};
+use crate::hash::Hash;
+use crate::hlc::NodeId;
+use crate::record::BlobRef;
+use crate::transport::{Transport, WatchReply};
+use crate::watermark::Halt;
+use crate::wire::{ExchangeRequest, ExchangeResponse};
+
+/// What a one-shot sync moved so far (or in all, once it returns).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncTotals {
+    /// The peer, once it answered.
+    pub peer: Option<NodeId>,
+    /// Rounds completed.
+    pub rounds: usize,
+    /// Versions received from the peer.
+    pub received: usize,
+    /// Received versions that changed this node's state.
+    pub applied: usize,
+    /// Versions sent to the peer.
+    pub shipped: usize,
+    /// Files fetched from the peer.
+    pub blobs_fetched: usize,
+    /// Files uploaded to the peer.
+    pub blobs_pushed: usize,
+    /// Bytes of files fetched (including transfers that failed part-way).
+    pub bytes_fetched: u64,
+    /// Bytes of files uploaded.
+    pub bytes_pushed: u64,
+    /// Streams halted in the last round, by either side (clock skew, a file that could not
+    /// be had): they are retried by the next sync.
+    pub halts: Vec<Halt>,
+}
+
+/// Runs rounds with the peer behind `transport` while either side has more to send, calling
+/// `progress` after each round; returns the totals.
+///
+/// # Errors
+/// A round failed (the transport, the peer's answer, or the store). Every round completed
+/// before it stays applied.
+pub async fn sync_until_done<T: Transport>(
+    engine: &SyncEngine,
+    transport: &T,
+    options: &ExchangeOptions,
+    mut progress: impl FnMut(&SyncTotals),
+) -> Result<SyncTotals> {
+    let metered = Metered {
+        inner: transport,
+        fetched: AtomicU64::new(0),
+        pushed: AtomicU64::new(0),
+    };
+    let mut totals = SyncTotals::default();
+    loop {
+        let outcome = engine.exchange_with(&metered, options).await?;
+        totals.peer = Some(outcome.peer);
+        totals.rounds += 1;
+        totals.received += outcome.received;
+        totals.applied += outcome.applied;
+        totals.shipped += outcome.shipped;
+        totals.blobs_fetched += outcome.blobs_fetched;
+        totals.blobs_pushed += outcome.blobs_pushed;
+        totals.bytes_fetched = metered.fetched.load(Ordering::Relaxed);
+        totals.bytes_pushed = metered.pushed.load(Ordering::Relaxed);
+        totals.halts = outcome.halts;
+        totals.halts.extend(outcome.peer_halts);
+        progress(&totals);
+        if !outcome.has_more {
+            return Ok(totals);
+        }
+    }
+}
+
+/// A transport that counts the file bytes moved through it.
+struct Metered<'a, T> {
+    inner: &'a T,
+    fetched: AtomicU64,
+    pushed: AtomicU64,
+}
+
+/// Counts the bytes written through it.
+struct CountingWriter<'a> {
+    inner: &'a mut (dyn Write + Send),
+    count: &'a AtomicU64,
+}
+
+impl Write for CountingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<T: Transport> Transport for Metered<'_, T> {
+    fn peer_id(&self) -> Option<NodeId> {
+        self.inner.peer_id()
+    }
+
+    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
+        self.inner.exchange(request).await
+    }
+
+    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
+        self.inner.blobs_present(hashes).await
+    }
+
+    async fn fetch_blob(
+        &self,
+        blob: BlobRef,
+        into: &mut (dyn Write + Send),
+    ) -> Result<(), TransportError> {
+        let mut counting = CountingWriter {
+            inner: into,
+            count: &self.fetched,
+        };
+        self.inner.fetch_blob(blob, &mut counting).await
+    }
+
+    async fn push_blob(
+        &self,
+        blob: BlobRef,
+        content: Box<dyn Read + Send>,
+    ) -> Result<(), TransportError> {
+        self.inner.push_blob(blob, content).await?;
+        self.pushed.fetch_add(blob.size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn watch(
+        &self,
+        since: Option<String>,
+        timeout: Duration,
+    ) -> Result<WatchReply, TransportError> {
+        self.inner.watch(since, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::record::{Key, Scope};
+    use crate::transport::InProcess;
+
+    #[tokio::test]
+    async fn syncs_until_nothing_is_left_and_counts_what_moved() {
+        let a = SyncEngine::in_memory().unwrap();
+        let b = Arc::new(SyncEngine::in_memory().unwrap());
+        let shared = Scope::shared();
+        for i in 0..250 {
+            b.put(
+                &shared,
+                &Key::try_from(format!("b{i:03}").as_str()).unwrap(),
+                vec![1; 8],
+            )
+            .unwrap();
+        }
+        a.put(&shared, &Key::try_from("a").unwrap(), b"x".to_vec())
+            .unwrap();
+        b.put_file_bytes(
+            &shared,
+            &Key::try_from("g").unwrap(),
+            Vec::new(),
+            &[9u8; 30_000],
+        )
+        .unwrap();
+        let content = vec![7u8; 100_000];
+        a.put_file_bytes(&shared, &Key::try_from("f").unwrap(), Vec::new(), &content)
+            .unwrap();
+        let options = ExchangeOptions {
+            page_limit: Some(40),
+            ..ExchangeOptions::default()
+        };
+        let mut calls = 0;
+        let totals = sync_until_done(&a, &InProcess::new(b.clone()), &options, |_| calls += 1)
+            .await
+            .unwrap();
+        assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+        assert_eq!(totals.received, 251);
+        assert_eq!((totals.blobs_fetched, totals.bytes_fetched), (1, 30_000));
+        assert_eq!(totals.shipped, 2);
+        assert_eq!((totals.blobs_pushed, totals.bytes_pushed), (1, 100_000));
+        assert_eq!(totals.rounds, calls);
+        assert!(totals.rounds >= 250 / 40, "pages of 40: {totals:?}");
+        assert_eq!(totals.peer, Some(b.node_id()));
+    }
+}

@@ -1,0 +1,310 @@
+//! The `highwater` binary end to end: nodes as separate processes on ports from the OS,
+//! records and files written and read through the CLI, the data-directory lock, one-shot
+//! sync, tokens, and a clean stop on SIGTERM.
+
+#[path = "common/process.rs"]
+mod process;
+
+use std::path::Path;
+use std::time::Duration;
+
+use highwater::{Key, Op, Scope, SyncEngine};
+use process::{arg, ok, poll, run, run_with_env, ServeProcess, TestResult};
+use serde_json::Value;
+
+/// How long a write on one node may take to be readable on the other.
+const DEADLINE: Duration = Duration::from_secs(20);
+/// How often a test asks again.
+const EVERY: Duration = Duration::from_millis(50);
+
+/// Polls `get` on `url` until the record is there; returns its value.
+fn get_eventually(url: &str, scope: &str, key: &str, env: &[(&str, &str)]) -> TestResult<Vec<u8>> {
+    let mut last = String::new();
+    poll(DEADLINE, EVERY, &format!("{scope}/{key} on {url}"), || {
+        let out = run_with_env(&["get", "--node", url, scope, key], env)?;
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        Ok(out.status.success().then_some(out.stdout))
+    })
+    .map_err(|e| format!("{e}; last error: {last}").into())
+}
+
+fn status_json(args: &[&str]) -> TestResult<Value> {
+    let mut all = vec!["status", "--json"];
+    all.extend_from_slice(args);
+    Ok(serde_json::from_slice(&ok(&all)?)?)
+}
+
+#[test]
+fn two_serve_processes_share_a_record_and_a_file_through_the_cli() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let a = ServeProcess::start(&dir.path().join("a"), &["--interval", "200ms"])?;
+    let b = ServeProcess::start(
+        &dir.path().join("b"),
+        &["--interval", "200ms", "--peer", &a.url],
+    )?;
+    assert_ne!(a.url, b.url);
+
+    ok(&[
+        "put",
+        "--node",
+        &a.url,
+        "shared",
+        "greeting",
+        "hello from a",
+    ])?;
+    let photo: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let src = dir.path().join("photo.bin");
+    std::fs::write(&src, &photo)?;
+    ok(&[
+        "put-file",
+        "--node",
+        &a.url,
+        "app/notes/items",
+        "photo",
+        arg(&src),
+    ])?;
+
+    // B pulls both from A on its own rounds.
+    assert_eq!(
+        get_eventually(&b.url, "shared", "greeting", &[])?,
+        b"hello from a"
+    );
+    let copy = dir.path().join("copy.bin");
+    poll(DEADLINE, EVERY, "the file on b", || {
+        let out = run(&[
+            "get-file",
+            "--node",
+            &b.url,
+            "app/notes/items",
+            "photo",
+            arg(&copy),
+        ])?;
+        Ok(out.status.success().then_some(()))
+    })?;
+    assert_eq!(std::fs::read(&copy)?, photo);
+    let listing = String::from_utf8(ok(&["ls", "--node", &b.url, "app/notes/items"])?)?;
+    assert!(
+        listing.starts_with("photo\t0 B\tresident\tfile 300000 B\t"),
+        "{listing}"
+    );
+
+    // And the other way: B's rounds carry B's write to A.
+    ok(&["put", "--node", &b.url, "shared", "reply", "hello from b"])?;
+    assert_eq!(
+        get_eventually(&a.url, "shared", "reply", &[])?,
+        b"hello from b"
+    );
+    // A delete travels too.
+    ok(&["rm", "--node", &a.url, "shared", "greeting"])?;
+    poll(DEADLINE, EVERY, "the delete on b", || {
+        let out = run(&["get", "--node", &b.url, "shared", "greeting"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        Ok((!out.status.success() && err.contains("no such record")).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_data_dir_held_by_a_node_is_refused_with_the_nodes_url() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let a_dir = dir.path().join("a");
+    let a = ServeProcess::start(&a_dir, &[])?;
+    for args in [
+        vec!["get", "--data", arg(&a_dir), "shared", "k"],
+        vec!["status", "--data", arg(&a_dir)],
+        vec!["serve", "--listen", "127.0.0.1:0", "--data", arg(&a_dir)],
+        vec!["sync", "--data", arg(&a_dir), "--peer", &a.url],
+    ] {
+        let out = run(&args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains("is in use by a running node") && err.contains(&a.url),
+            "{args:?}: {err}"
+        );
+    }
+    // The node itself is unharmed.
+    ok(&["put", "--node", &a.url, "shared", "k", "v"])?;
+    assert_eq!(ok(&["get", "--node", &a.url, "shared", "k"])?, b"v");
+    Ok(())
+}
+
+#[test]
+fn record_commands_work_directly_on_a_free_data_dir() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().join("d");
+    let data = arg(&d);
+    ok(&["put", "--data", data, "app/notes/items", "n1", "first"])?;
+    ok(&["put", "--data", data, "app/notes/items", "n2", "second"])?;
+    ok(&[
+        "put",
+        "--data",
+        data,
+        "app/notes/items",
+        "n1",
+        "first, edited",
+    ])?;
+    assert_eq!(
+        ok(&["get", "--data", data, "app/notes/items", "n1"])?,
+        b"first, edited"
+    );
+    let src = dir.path().join("f.txt");
+    std::fs::write(&src, b"file body")?;
+    ok(&["put-file", "--data", data, "shared", "f", arg(&src)])?;
+    assert_eq!(
+        ok(&["get-file", "--data", data, "shared", "f", "-"])?,
+        b"file body"
+    );
+    ok(&["rm", "--data", data, "app/notes/items", "n2"])?;
+    let gone = run(&["get", "--data", data, "app/notes/items", "n2"])?;
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no such record: app/notes/items/n2"));
+    let no_file = run(&["get-file", "--data", data, "app/notes/items", "n1", "-"])?;
+    assert!(String::from_utf8_lossy(&no_file.stderr).contains("the record has no file"));
+    let listing = String::from_utf8(ok(&["ls", "--data", data, "app/notes/items"])?)?;
+    let keys: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    assert_eq!(keys, ["n1"]);
+    let status = status_json(&["--data", data])?;
+    assert_eq!(
+        status["scopes"]["app/notes/items"]["residency"],
+        serde_json::json!({"resident": 1, "staged": 0, "tombstoned": 1})
+    );
+    // A bad scope is refused before anything is opened.
+    let bad = run(&["put", "--data", data, "notes", "k", "v"])?;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid scope"));
+    Ok(())
+}
+
+/// Writes `n` records (and one file) on a node's directory through the library.
+fn seed(dir: &Path, n: usize, file: &[u8]) -> TestResult<SyncEngine> {
+    let engine = SyncEngine::open(dir)?;
+    let shared = Scope::shared();
+    let ops = (0..n).map(|i| {
+        let key = Key::try_from(format!("k{i:06}").as_str()).expect("valid key");
+        let value = format!("value {i}").into_bytes();
+        (shared.clone(), key, Op::Put { value, blob: None })
+    });
+    engine.write_batch(ops)?;
+    engine.put_file_bytes(&shared, &Key::try_from("file")?, Vec::new(), file)?;
+    Ok(engine)
+}
+
+#[test]
+fn one_shot_sync_pages_through_everything_and_reports_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let a_dir = dir.path().join("a");
+    let file: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    drop(seed(&a_dir, 3000, &file)?);
+    let a = ServeProcess::start(&a_dir, &[])?;
+    let c = dir.path().join("c");
+    let args = [
+        "sync",
+        "--data",
+        arg(&c),
+        "--peer",
+        &a.url,
+        "--page-limit",
+        "100",
+    ];
+    let summary = String::from_utf8(ok(&args)?)?;
+    assert!(
+        summary
+            .contains("received 3001 versions (3001 applied), sent 0; files: fetched 1 (200000 B)"),
+        "{summary}"
+    );
+    let rounds: usize = summary
+        .split(" in ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .ok_or("no round count")?;
+    assert!(rounds >= 30, "pages of 100 for 3001 versions: {summary}");
+
+    // The same state on both sides, and C sees no gap with A.
+    let on_a = status_json(&["--node", &a.url])?;
+    let on_c = status_json(&["--data", arg(&c)])?;
+    assert_eq!(on_a["scopes"], on_c["scopes"]);
+    assert_eq!(on_c["peers"][0]["id"], on_a["node"]);
+    assert_eq!(on_c["peers"][0]["lacks"], serde_json::json!([]));
+    assert_eq!(on_c["peers"][0]["behind"], serde_json::json!([]));
+    let human = String::from_utf8(ok(&["status", "--data", arg(&c)])?)?;
+    assert!(
+        human.contains("shared: 3001 resident, 0 staged, 0 tombstoned"),
+        "{human}"
+    );
+    assert!(human.contains("in sync"), "{human}");
+    assert_eq!(
+        ok(&["get-file", "--data", arg(&c), "shared", "file", "-"])?,
+        file
+    );
+
+    // Nothing left: a second sync moves nothing.
+    let again = String::from_utf8(ok(&args)?)?;
+    assert!(again.contains("in 1 round"), "{again}");
+    assert!(again.contains("received 0 versions"), "{again}");
+    Ok(())
+}
+
+#[test]
+fn tokens_guard_a_node_and_a_peer_presents_its_own() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(
+        &tokens,
+        r#"{"tokens": [
+            {"name": "admin", "token": "admin-token-0123456789", "read": ["*"], "write": ["*"], "sync": true},
+            {"name": "peer", "token": "peer-token-0123456789", "read": ["*"], "write": ["*"], "sync": true},
+            {"name": "reader", "token": "reader-token-0123456789", "read": ["shared"]}
+        ]}"#,
+    )?;
+    let a = ServeProcess::start(&dir.path().join("a"), &["--token-file", arg(&tokens)])?;
+    let anonymous = run(&["put", "--node", &a.url, "shared", "k", "v"])?;
+    assert!(!anonymous.status.success());
+    assert!(String::from_utf8_lossy(&anonymous.stderr).contains("HTTP 401"));
+    ok(&[
+        "put",
+        "--node",
+        &a.url,
+        "--token",
+        "admin-token-0123456789",
+        "shared",
+        "k",
+        "v",
+    ])?;
+    let reader = [("HIGHWATER_TOKEN", "reader-token-0123456789")];
+    let read = run_with_env(&["get", "--node", &a.url, "shared", "k"], &reader)?;
+    assert_eq!(read.stdout, b"v");
+    let write = run_with_env(&["put", "--node", &a.url, "shared", "k", "w"], &reader)?;
+    assert!(String::from_utf8_lossy(&write.stderr).contains("HTTP 403"));
+
+    // A peer syncs with the token it presents.
+    let b = ServeProcess::start_with_env(
+        &dir.path().join("b"),
+        &["--interval", "200ms", "--peer", &a.url],
+        &[("HIGHWATER_PEER_TOKEN", "peer-token-0123456789")],
+    )?;
+    assert_eq!(get_eventually(&b.url, "shared", "k", &[])?, b"v");
+    Ok(())
+}
+
+#[test]
+fn sigterm_stops_a_node_cleanly_and_frees_its_directory() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let a_dir = dir.path().join("a");
+    let mut a = ServeProcess::start(&a_dir, &[])?;
+    assert!(a_dir.join(highwater::node::URL_FILE).exists());
+    ok(&["put", "--node", &a.url, "shared", "k", "kept"])?;
+    let status = a.terminate(Duration::from_secs(20))?;
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        a.log_text()
+    );
+    assert!(!a_dir.join(highwater::node::URL_FILE).exists());
+    assert_eq!(ok(&["get", "--data", arg(&a_dir), "shared", "k"])?, b"kept");
+    Ok(())
+}

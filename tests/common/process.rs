@@ -1,0 +1,200 @@
+//! The `highwater` binary as a child process: nodes that are killed when the test ends, and
+//! one-off commands. Included with `#[path]` by the tests that run the binary only (the
+//! binary exists only with the `cli` feature).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// What a test returns.
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// How long a node may take to start listening.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The binary cargo built for this test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_highwater")
+}
+
+/// A running `highwater serve`, killed (SIGKILL) when dropped.
+pub struct ServeProcess {
+    child: Child,
+    /// The node's root URL, as it printed it.
+    pub url: String,
+    /// Its data directory.
+    pub data: PathBuf,
+    /// Where its stderr (the logs) goes.
+    pub log: PathBuf,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl ServeProcess {
+    /// Starts `highwater serve --data DATA --listen 127.0.0.1:0 ARGS...` and waits for its
+    /// `listening on URL` line. Its logs go to `DATA.log`.
+    pub fn start(data: &Path, args: &[&str]) -> TestResult<ServeProcess> {
+        Self::start_with_env(data, args, &[])
+    }
+
+    /// As [`ServeProcess::start`], with environment variables.
+    pub fn start_with_env(
+        data: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestResult<ServeProcess> {
+        let log = data.with_extension("log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut child = Command::new(bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(args)
+            .env_remove("HIGHWATER_PEER_TOKEN")
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()?;
+        let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        // Read the first line on a thread, so a node that never prints cannot hang the test.
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut line = String::new();
+            let read = stdout.read_line(&mut line);
+            let _ = tx.send(read.map(|_| line));
+            stdout
+        });
+        let line = match rx.recv_timeout(START_DEADLINE) {
+            Ok(Ok(line)) => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "node on {} did not start ({other:?}); log:\n{}",
+                    data.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+                .into());
+            }
+        };
+        let stdout = reader.join().map_err(|_| "stdout reader panicked")?;
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| format!("unexpected first line {line:?}"))?
+            .to_owned();
+        Ok(ServeProcess {
+            child,
+            url,
+            data: data.to_owned(),
+            log,
+            _stdout: stdout,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the node with SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) -> TestResult {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to `deadline` for the node to exit.
+    pub fn terminate(&mut self, deadline: Duration) -> TestResult<ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        if !sent.success() {
+            return Err("kill -TERM failed".into());
+        }
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > until {
+                return Err(format!("node did not exit within {deadline:?} of SIGTERM").into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `highwater ARGS...` to completion.
+pub fn run(args: &[&str]) -> TestResult<Output> {
+    run_with_env(args, &[])
+}
+
+/// Runs `highwater ARGS...` with environment variables, to completion.
+pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> TestResult<Output> {
+    Ok(Command::new(bin())
+        .args(args)
+        .env_remove("HIGHWATER_TOKEN")
+        .env_remove("HIGHWATER_NODE")
+        .env_remove("HIGHWATER_PEER_TOKEN")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+/// Runs `highwater ARGS...`, which must succeed; returns its stdout.
+pub fn ok(args: &[&str]) -> TestResult<Vec<u8>> {
+    let out = run(args)?;
+    if !out.status.success() {
+        return Err(format!(
+            "highwater {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(out.stdout)
+}
+
+/// Calls `attempt` every `every` until it returns `Some`, or fails after `deadline`. For
+/// state held by another process, which the test can only observe by asking.
+pub fn poll<T>(
+    deadline: Duration,
+    every: Duration,
+    what: &str,
+    mut attempt: impl FnMut() -> TestResult<Option<T>>,
+) -> TestResult<T> {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(found) = attempt()? {
+            return Ok(found);
+        }
+        if Instant::now() > until {
+            return Err(format!("{what}: not within {deadline:?}").into());
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// A path as a `&str` argument.
+pub fn arg(path: &Path) -> &str {
+    path.to_str().expect("temporary paths are UTF-8")
+}
