@@ -495,7 +495,7 @@ pub async fn run(
         let winner_ok = winner.as_ref().is_some_and(|r| {
             r.value == b"Title from device-2 (offline)" && r.hlc.origin() == d2.engine.node_id()
         });
-        converged &= winner_ok && deleted;
+        let mut files_ok = true;
         for f in ["hub", "device-1", "device-2", "taken-offline"] {
             let k = if f == "taken-offline" {
                 photo_key.clone()
@@ -511,8 +511,9 @@ pub async fn run(
                 }
                 None => false,
             };
-            converged &= resident && intact;
+            files_ok &= resident && intact;
         }
+        converged &= winner_ok && deleted && files_ok;
         if let Some(w) = &winner {
             say(format!(
                 "{:<9} notes/title = {:?} (LWW winner: {}), hub/00007 deleted: {}, files Resident and intact: {}",
@@ -520,7 +521,7 @@ pub async fn run(
                 String::from_utf8_lossy(&w.value),
                 names.get(&w.hlc.origin()).copied().unwrap_or("?"),
                 deleted,
-                converged
+                files_ok
             ));
         }
         digests.push((n.name.to_owned(), n.engine.digest()?));
