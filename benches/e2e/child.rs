@@ -1,0 +1,128 @@
+//! Syncs in a child process, so the peak RSS measured is the sync's own: the bench re-runs
+//! itself as `e2e --role pull --from DIR --into DIR`. The child opens both redb nodes, pulls
+//! everything from `from` into `into` over the in-process transport, reads its peak RSS,
+//! then checks that both nodes hold the same state, and prints one `RESULT {json}` line.
+//! Any failed check exits non-zero.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+
+use highwater::{InProcess, SyncEngine};
+use serde::{Deserialize, Serialize};
+
+use crate::fixture::{pull, scope};
+use crate::{measure, Result};
+
+/// The hidden first argument that makes the bench a child.
+pub const ROLE_FLAG: &str = "--role";
+
+/// What a child's pull did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PullReport {
+    /// Seconds from the first round to the last.
+    pub secs: f64,
+    /// Rounds run.
+    pub rounds: usize,
+    /// Versions received.
+    pub received: usize,
+    /// Encoded request bytes (receiver to sender).
+    pub bytes_sent: u64,
+    /// Encoded response bytes (sender to receiver).
+    pub bytes_received: u64,
+    /// Blob bytes moved.
+    pub blob_bytes: u64,
+    /// Blobs fetched.
+    pub blob_fetches: u64,
+    /// The child's peak RSS (both nodes) when the sync ended, in bytes.
+    pub peak_rss: u64,
+    /// Records of the bench scope that are Resident on the receiver afterwards.
+    pub resident: usize,
+}
+
+/// The child's entry point (arguments after `--role`).
+pub fn main(args: &[String]) -> ExitCode {
+    match role(args) {
+        Ok(report) => match serde_json::to_string(&report) {
+            Ok(json) => {
+                println!("RESULT {json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("e2e child: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("e2e child: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn role(args: &[String]) -> Result<PullReport> {
+    match args {
+        [role, f, from, i, into] if role == "pull" && f == "--from" && i == "--into" => {
+            pull_into(Path::new(from), Path::new(into))
+        }
+        _ => Err(format!("bad child arguments {args:?}").into()),
+    }
+}
+
+fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
+    let a = Arc::new(SyncEngine::open(from)?);
+    let b = SyncEngine::open(into)?;
+    let link = InProcess::new(a.clone());
+    let (pulled, secs) = measure::timed(|| pull(&b, &link));
+    let pulled = pulled?;
+    let peak_rss = measure::peak_rss().ok_or("no VmHWM in /proc/self/status")?;
+    if a.digest()? != b.digest()? {
+        return Err("receiver digest differs from sender digest".into());
+    }
+    if a.watermarks()? != b.watermarks()? {
+        return Err("receiver watermarks differ from sender watermarks".into());
+    }
+    let counts = b.residency_counts(&scope())?;
+    if counts.staged != 0 {
+        return Err(format!("{} records still staged after the sync", counts.staged).into());
+    }
+    let stats = link.stats();
+    Ok(PullReport {
+        secs,
+        rounds: pulled.rounds,
+        received: pulled.received,
+        bytes_sent: stats.bytes_sent,
+        bytes_received: stats.bytes_received,
+        blob_bytes: stats.blob_bytes,
+        blob_fetches: stats.blob_fetches,
+        peak_rss,
+        resident: counts.resident,
+    })
+}
+
+/// Runs a child that pulls everything from the (closed) node in `from` into a new node in
+/// `into`, and returns its report.
+///
+/// # Errors
+/// The child could not run, or failed (its stderr is passed through).
+pub fn spawn_pull(from: &Path, into: &PathBuf) -> Result<PullReport> {
+    let out = Command::new(std::env::current_exe()?)
+        .arg(ROLE_FLAG)
+        .arg("pull")
+        .arg("--from")
+        .arg(from)
+        .arg("--into")
+        .arg(into)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("the sync child failed ({})", out.status).into());
+    }
+    let stdout = String::from_utf8(out.stdout)?;
+    let json = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .ok_or("the sync child printed no RESULT line")?;
+    Ok(serde_json::from_str(json)?)
+}
