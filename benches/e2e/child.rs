@@ -36,6 +36,10 @@ pub struct PullReport {
     pub blob_fetches: u64,
     /// The child's peak RSS (both nodes) when the sync ended, in bytes.
     pub peak_rss: u64,
+    /// CPU seconds (user + system) the child used during the sync.
+    pub cpu_secs: f64,
+    /// Bytes the child wrote (write calls, both nodes) during the sync.
+    pub written: u64,
     /// Records of the bench scope that are Resident on the receiver afterwards.
     pub resident: usize,
 }
@@ -73,8 +77,17 @@ fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
     let a = Arc::new(SyncEngine::open(from)?);
     let b = SyncEngine::open(into)?;
     let link = InProcess::new(a.clone());
+    let (cpu_before, written_before) = (measure::cpu_secs(), measure::bytes_written());
     let (pulled, secs) = measure::timed(|| pull(&b, &link));
     let pulled = pulled?;
+    let cpu_secs = match (cpu_before, measure::cpu_secs()) {
+        (Some(b), Some(a)) => a - b,
+        _ => 0.0,
+    };
+    let written = match (written_before, measure::bytes_written()) {
+        (Some(b), Some(a)) => a - b,
+        _ => 0,
+    };
     let peak_rss = measure::peak_rss().ok_or("no VmHWM in /proc/self/status")?;
     if a.digest()? != b.digest()? {
         return Err("receiver digest differs from sender digest".into());
@@ -96,6 +109,8 @@ fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
         blob_bytes: stats.blob_bytes,
         blob_fetches: stats.blob_fetches,
         peak_rss,
+        cpu_secs,
+        written,
         resident: counts.resident,
     })
 }

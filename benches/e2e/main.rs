@@ -4,7 +4,8 @@
 //! automerge peer (`bench-peer/`), all in one run on the same generated records.
 //!
 //! ```text
-//! cargo bench --bench e2e -- [--quick] [--case NAME]... [--records N] [--automerge BIN]
+//! cargo bench --bench e2e -- [--quick] [--case NAME]... [--records N] [--runs N]
+//!     [--automerge BIN]
 //! ```
 //!
 //! `--quick` uses small sizes (CI runs it so the harness keeps working); without it the
@@ -201,15 +202,17 @@ struct Args {
     quick: bool,
     cases: Vec<Case>,
     records: Option<u64>,
+    runs: Option<usize>,
     automerge: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: cargo bench --bench e2e -- [--quick] [--case NAME]... [--records N] \
-[--automerge BIN]
+[--runs N] [--automerge BIN]
   --quick          small sizes (CI); targets are not judged
   --case NAME      run only these cases (repeatable): limits initial initial-http delta noop
                    blob blob-http visible visible-http automerge
   --records N      records of the initial sync and of the largest delta store
+  --runs N         runs of each multi-second figure (default 3; quick peer 1)
   --automerge BIN  the automerge peer (default: target/release/highwater-bench-automerge,
                    built with `cargo build --release -p highwater-bench-automerge`)";
 
@@ -218,6 +221,7 @@ fn parse_args(raw: &[String]) -> Result<Args> {
         quick: false,
         cases: Vec::new(),
         records: None,
+        runs: None,
         automerge: None,
     };
     let mut it = raw.iter();
@@ -236,6 +240,7 @@ fn parse_args(raw: &[String]) -> Result<Args> {
                 args.cases.push(case);
             }
             "--records" => args.records = Some(value()?.parse()?),
+            "--runs" => args.runs = Some(value()?.parse::<usize>()?.max(1)),
             "--automerge" => args.automerge = Some(PathBuf::from(value()?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -265,7 +270,11 @@ fn main() -> ExitCode {
 /// Runs the selected cases; `Ok(false)` if any failed.
 fn run(raw: &[String]) -> Result<bool> {
     let args = parse_args(raw)?;
-    let sizes = Sizes::new(args.quick, args.records);
+    let mut sizes = Sizes::new(args.quick, args.records);
+    if let Some(runs) = args.runs {
+        sizes.runs = runs;
+        sizes.peer_runs = runs;
+    }
     let selected: Vec<Case> = if args.cases.is_empty() {
         ALL.into_iter().filter(|c| c.ready()).collect()
     } else {

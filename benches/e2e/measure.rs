@@ -73,3 +73,25 @@ fn status_field(name: &str) -> Option<u64> {
         .ok()?;
     Some(kib * 1024)
 }
+
+/// Bytes this process has passed to `write` and similar calls so far (`wchar` in
+/// `/proc/self/io`): with the figure's record count, the write amplification of a store.
+pub fn bytes_written() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat`
+/// (Linux's clock ticks are 1/100 s).
+pub fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces; the fields after it are fixed.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}

@@ -134,10 +134,10 @@ impl Row {
 }
 
 /// A target's verdict: met, or missed by how much (percent of the bound).
-fn verdict(bound: Bound, value: f64, ratio: Option<f64>) -> String {
+fn verdict(bound: Bound, unit: Unit, value: f64, ratio: Option<f64>) -> String {
     let (text, v, want, at_least) = match bound {
-        Bound::AtLeast(b) => (format!("≥ {}", trim(b)), value, b, true),
-        Bound::AtMost(b) => (format!("≤ {}", trim(b)), value, b, false),
+        Bound::AtLeast(b) => (format!("≥ {}", unit.show(b)), value, b, true),
+        Bound::AtMost(b) => (format!("≤ {}", unit.show(b)), value, b, false),
         Bound::RatioAtLeast(b) => match ratio {
             Some(r) => (format!("ratio ≥ {}", trim(b)), r, b, true),
             None => return format!("ratio ≥ {}: limit not measured", trim(b)),
@@ -203,7 +203,7 @@ pub fn print_table(rows: &[Row], judge: bool) {
             let verdicts: Vec<_> = row
                 .targets
                 .iter()
-                .map(|&b| verdict(b, s.median, ratio))
+                .map(|&b| verdict(b, row.unit, s.median, ratio))
                 .collect();
             verdicts.join("; ")
         } else {

@@ -67,6 +67,18 @@ pub fn initial(fx: &mut Fixture) -> Result {
         Row::new(&case, "rounds", Unit::Count, of(|r| r.rounds as f64)),
         Row::new(
             &case,
+            "CPU time of the sync process",
+            Unit::Secs,
+            of(|r| r.cpu_secs),
+        ),
+        Row::new(
+            &case,
+            "bytes written by the sync process, per record",
+            Unit::Count,
+            of(|r| r.written as f64 / r.received as f64),
+        ),
+        Row::new(
+            &case,
             "bytes on the wire (both ways)",
             Unit::Bytes,
             of(|r| (r.bytes_sent + r.bytes_received) as f64),
