@@ -3,15 +3,22 @@
 //! everything from `from` into `into` over the in-process transport, reads its peak RSS,
 //! then checks that both nodes hold the same state, and prints one `RESULT {json}` line.
 //! Any failed check exits non-zero.
+//!
+//! For tuning, the child reads three variables (unset: the engine's defaults):
+//! `HIGHWATER_BENCH_PAGE_LIMIT` (versions per page the receiver asks for),
+//! `HIGHWATER_BENCH_CHECKPOINT_VERSIONS` and `HIGHWATER_BENCH_CHECKPOINT_SECS` (when deferred
+//! page applies are made durable).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 
-use highwater::{InProcess, SyncEngine};
+use std::time::Duration;
+
+use highwater::{EngineConfig, ExchangeOptions, InProcess, SyncEngine};
 use serde::{Deserialize, Serialize};
 
-use crate::fixture::{pull, scope};
+use crate::fixture::{pull_with, scope};
 use crate::{measure, Result};
 
 /// The hidden first argument that makes the bench a child.
@@ -73,12 +80,34 @@ fn role(args: &[String]) -> Result<PullReport> {
     }
 }
 
+/// The value of the variable `name`, parsed, if it is set.
+fn tuning<T: std::str::FromStr>(name: &str) -> Result<Option<T>>
+where
+    T::Err: std::error::Error + 'static,
+{
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v.parse::<T>()?)),
+        Err(_) => Ok(None),
+    }
+}
+
 fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
-    let a = Arc::new(SyncEngine::open(from)?);
-    let b = SyncEngine::open(into)?;
+    let mut config = EngineConfig::default();
+    if let Some(v) = tuning("HIGHWATER_BENCH_CHECKPOINT_VERSIONS")? {
+        config.checkpoint.versions = v;
+    }
+    if let Some(s) = tuning("HIGHWATER_BENCH_CHECKPOINT_SECS")? {
+        config.checkpoint.interval = Duration::from_secs_f64(s);
+    }
+    let options = ExchangeOptions {
+        page_limit: tuning("HIGHWATER_BENCH_PAGE_LIMIT")?,
+        ..ExchangeOptions::default()
+    };
+    let a = Arc::new(SyncEngine::open_with(from, config.clone())?);
+    let b = SyncEngine::open_with(into, config)?;
     let link = InProcess::new(a.clone());
     let (cpu_before, written_before) = (measure::cpu_secs(), measure::bytes_written());
-    let (pulled, secs) = measure::timed(|| pull(&b, &link));
+    let (pulled, secs) = measure::timed(|| pull_with(&b, &link, &options));
     let pulled = pulled?;
     let cpu_secs = match (cpu_before, measure::cpu_secs()) {
         (Some(b), Some(a)) => a - b,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures_executor::block_on;
-use highwater::{InProcess, Key, Op, Scope, SyncEngine, Transport};
+use highwater::{ExchangeOptions, InProcess, Key, Op, Scope, SyncEngine, Transport};
 
 use crate::records::{self, KEY_LEN, VALUE_LEN};
 use crate::{measure, Result, Sizes};
@@ -157,9 +157,21 @@ pub struct Pulled {
 /// # Errors
 /// A round failed, or `has_more` was still set after [`MAX_ROUNDS`] rounds.
 pub fn pull<T: Transport>(node: &SyncEngine, link: &T) -> Result<Pulled> {
+    pull_with(node, link, &ExchangeOptions::default())
+}
+
+/// Runs rounds from `node` over `link` with `options` while `has_more`.
+///
+/// # Errors
+/// As for [`pull`].
+pub fn pull_with<T: Transport>(
+    node: &SyncEngine,
+    link: &T,
+    options: &ExchangeOptions,
+) -> Result<Pulled> {
     let mut p = Pulled::default();
     loop {
-        let out = block_on(node.exchange(link))?;
+        let out = block_on(node.exchange_with(link, options))?;
         p.rounds += 1;
         p.received += out.received;
         p.applied += out.applied;

@@ -28,7 +28,7 @@ const CHUNK: usize = 256 << 10;
 pub fn run(fx: &mut Fixture) -> Result {
     let n = fx.sizes.records;
     let runs = fx.sizes.runs;
-    let mut rows = vec![redb_bulk(fx, n, runs)?];
+    let mut rows = vec![redb_bulk(fx, n, runs)?, redb_paged(fx, n, runs)?];
     rows.extend(postcard(fx.records(n), runs)?);
     rows.push(blake3(fx.records(n), runs));
     for file in fx.sizes.blob_files.clone() {
@@ -75,6 +75,51 @@ fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
         Summary::of(&rates),
     )
     .key("redb bulk insert"))
+}
+
+/// Inserts the records in transactions of one page ([`PAGE`] records) each, non-durable
+/// but the last, as the engine commits a bulk transfer (without its index, merge and
+/// checkpoints): the cost of small commits alone.
+fn redb_paged(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let dir = fx.fresh_dir("redb-paged");
+        std::fs::create_dir_all(&dir)?;
+        let data = fx.records(n);
+        let (done, secs) = measure::timed(|| -> Result<()> {
+            let db = Database::builder()
+                .set_cache_size(highwater::store::RedbStore::CACHE_BYTES)
+                .create(dir.join("limit.redb"))?;
+            let pages = data.chunks(PAGE).count();
+            for (i, chunk) in data.chunks(PAGE).enumerate() {
+                let mut txn = db.begin_write()?;
+                if i + 1 < pages {
+                    txn.set_durability(redb::Durability::None)?;
+                }
+                {
+                    let mut table = txn.open_table(PLAIN)?;
+                    for (k, v) in chunk {
+                        table.insert(k.as_slice(), v.as_slice())?;
+                    }
+                }
+                txn.commit()?;
+            }
+            Ok(())
+        });
+        done?;
+        rates.push(n as f64 / secs);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(Row::new(
+        format!(
+            "limit: redb insert, {} records, one non-durable transaction per {PAGE}, 64 MiB cache",
+            count(n)
+        ),
+        "records/s",
+        Unit::RecordsPerSec,
+        Summary::of(&rates),
+    )
+    .key("redb paged insert"))
 }
 
 /// The responses that carry `data` in pages of [`PAGE`] versions, as the engine ships them.

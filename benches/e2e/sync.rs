@@ -111,6 +111,7 @@ pub fn delta(fx: &mut Fixture) -> Result {
         let scope = scope();
         let updated = records::updated(n, DELTA_UPDATES);
         let (mut secs, mut rounds, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut written = Vec::new();
         for _ in 0..fx.sizes.delta_reps {
             fx.generation += 1;
             let generation = fx.generation;
@@ -120,9 +121,11 @@ pub fn delta(fx: &mut Fixture) -> Result {
                     .map(|&j| put(&scope, &records::key(j), &records::value(j, generation))),
             )?;
             let before = link.stats();
+            let written_before = measure::bytes_written().unwrap_or(0);
             let (pulled, took) = measure::timed(|| pull(&b, &link));
             let pulled = pulled?;
             let after = link.stats();
+            written.push((measure::bytes_written().unwrap_or(0) - written_before) as f64);
             if pulled.received != DELTA_UPDATES || pulled.applied != DELTA_UPDATES {
                 return Err(format!(
                     "delta at {n}: received {} and applied {} versions, expected {DELTA_UPDATES}",
@@ -171,6 +174,12 @@ pub fn delta(fx: &mut Fixture) -> Result {
         rows.push(time_row);
         rows.push(Row::new(&case, "rounds", Unit::Count, Summary::of(&rounds)));
         rows.push(bytes_row);
+        rows.push(Row::new(
+            &case,
+            "bytes written to disk (both nodes)",
+            Unit::Bytes,
+            Summary::of(&written),
+        ));
         rows.push(noop_time);
         rows.push(noop_b);
     }
