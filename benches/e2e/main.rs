@@ -286,6 +286,9 @@ fn run(raw: &[String]) -> Result<bool> {
     print_header(&fx.sizes);
     let (mut rows, mut failed) = (Vec::new(), Vec::new());
     for case in selected {
+        // Each case starts without the dirty pages of the one before (best effort):
+        // their write-back slowed the fsyncs of latency cases.
+        let _ = std::process::Command::new("sync").status();
         eprintln!("e2e: case {} ...", case.name());
         let (result, secs) = measure::timed(|| case.run(&mut fx));
         match result {
