@@ -1,0 +1,280 @@
+//! The limits each figure is compared with, measured in the same run on the same records:
+//! a redb bulk insert in one transaction, postcard encode and decode of the pages the
+//! engine ships, blake3 over the records' bytes, disk writes in the blob cases' file sizes,
+//! and raw loopback HTTP with hyper.
+
+use std::io::Write;
+
+use highwater::wire::{self, ExchangeResponse};
+use highwater::{Hlc, Key, NodeId, Op, ScopedWatermarks, Version};
+use redb::{Database, TableDefinition};
+
+use crate::fixture::{scope, Fixture, Rec};
+use crate::measure::{self, Summary};
+use crate::rawhttp;
+use crate::report::{count, Row, Unit};
+use crate::Result;
+
+/// key -> value: the plain table of the redb limit.
+const PLAIN: TableDefinition<&[u8], &[u8]> = TableDefinition::new("plain");
+
+/// Versions per page, as the engine's default `page_limit`.
+const PAGE: usize = 1000;
+
+/// Bytes per write in the disk limit, as `blob::CHUNK`.
+const CHUNK: usize = 256 << 10;
+
+/// Every limit.
+pub fn run(fx: &mut Fixture) -> Result {
+    let n = fx.sizes.records;
+    let runs = fx.sizes.runs;
+    let mut rows = vec![redb_bulk(fx, n, runs)?, redb_paged(fx, n, runs)?];
+    rows.extend(postcard(fx.records(n), runs)?);
+    rows.push(blake3(fx.records(n), runs));
+    for file in fx.sizes.blob_files.clone() {
+        rows.push(disk_write(fx, fx.sizes.blob_total, file, runs)?);
+    }
+    rows.extend(rawhttp::limits(
+        fx.sizes.http_stream,
+        fx.sizes.http_requests,
+        runs,
+    )?);
+    Ok(rows)
+}
+
+/// Inserts the records into a plain key -> value table in one durable transaction.
+fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let dir = fx.fresh_dir("redb-limit");
+        std::fs::create_dir_all(&dir)?;
+        let data = fx.records(n);
+        let (done, secs) = measure::timed(|| -> Result<()> {
+            let db = Database::create(dir.join("limit.redb"))?;
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(PLAIN)?;
+                for (k, v) in data {
+                    table.insert(k.as_slice(), v.as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        });
+        done?;
+        rates.push(n as f64 / secs);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(Row::new(
+        format!(
+            "limit: redb bulk insert, {} records, one transaction",
+            count(n)
+        ),
+        "records/s",
+        Unit::RecordsPerSec,
+        Summary::of(&rates),
+    )
+    .key("redb bulk insert"))
+}
+
+/// Inserts the records in transactions of one page ([`PAGE`] records) each, non-durable
+/// but the last, as the engine commits a bulk transfer (without its index, merge and
+/// checkpoints): the cost of small commits alone.
+fn redb_paged(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let dir = fx.fresh_dir("redb-paged");
+        std::fs::create_dir_all(&dir)?;
+        let data = fx.records(n);
+        let (done, secs) = measure::timed(|| -> Result<()> {
+            let db = Database::builder()
+                .set_cache_size(highwater::store::RedbStore::CACHE_BYTES)
+                .create(dir.join("limit.redb"))?;
+            let pages = data.chunks(PAGE).count();
+            for (i, chunk) in data.chunks(PAGE).enumerate() {
+                let mut txn = db.begin_write()?;
+                if i + 1 < pages {
+                    txn.set_durability(redb::Durability::None)?;
+                }
+                {
+                    let mut table = txn.open_table(PLAIN)?;
+                    for (k, v) in chunk {
+                        table.insert(k.as_slice(), v.as_slice())?;
+                    }
+                }
+                txn.commit()?;
+            }
+            Ok(())
+        });
+        done?;
+        rates.push(n as f64 / secs);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(Row::new(
+        format!(
+            "limit: redb insert, {} records, one non-durable transaction per {PAGE}, 64 MiB cache",
+            count(n)
+        ),
+        "records/s",
+        Unit::RecordsPerSec,
+        Summary::of(&rates),
+    )
+    .key("redb paged insert"))
+}
+
+/// The responses that carry `data` in pages of [`PAGE`] versions, as the engine ships them.
+fn pages(data: &[Rec]) -> impl Iterator<Item = ExchangeResponse> + '_ {
+    let origin = NodeId::from_bytes([7; 16]).expect("a nonzero id");
+    let scope = scope();
+    let base_time = 1u64 << 62;
+    data.chunks(PAGE).enumerate().map(move |(p, chunk)| {
+        let first = (p * PAGE) as u64;
+        let versions: Vec<(Key, Version)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, (k, v))| {
+                let hlc = Hlc::new(base_time + first + j as u64 + 1, origin);
+                let op = Op::Put {
+                    value: v.to_vec(),
+                    blob: None,
+                };
+                (
+                    Key::new(k.to_vec()).expect("32-byte key"),
+                    Version { hlc, op },
+                )
+            })
+            .collect();
+        let top = versions
+            .last()
+            .map_or(Hlc::new(base_time, origin), |(_, v)| v.hlc);
+        let run = highwater::watermark::Run {
+            scope: scope.clone(),
+            origin,
+            base: (first > 0).then(|| Hlc::new(base_time + first, origin)),
+            top,
+            versions,
+        };
+        let mut watermarks = ScopedWatermarks::new();
+        watermarks.observe(&scope, top);
+        ExchangeResponse {
+            from: NodeId::from_bytes([9; 16]).expect("a nonzero id"),
+            watermarks,
+            page: highwater::watermark::Page {
+                runs: vec![run],
+                more: true,
+            },
+            halts: Vec::new(),
+        }
+    })
+}
+
+/// Encodes and decodes the pages that carry the records, with the engine's wire codec.
+fn postcard(data: &[Rec], runs: usize) -> Result<Vec<Row>> {
+    let (mut enc, mut dec, mut bytes) = (Vec::new(), Vec::new(), 0usize);
+    for _ in 0..runs {
+        let (mut enc_secs, mut dec_secs) = (0.0, 0.0);
+        bytes = 0;
+        for response in pages(data) {
+            let (encoded, secs) = measure::timed(|| wire::encode(&response));
+            enc_secs += secs;
+            bytes += encoded.len();
+            let (decoded, secs) = measure::timed(|| wire::decode::<ExchangeResponse>(&encoded));
+            dec_secs += secs;
+            if decoded? != response {
+                return Err("a page did not survive encode and decode".into());
+            }
+        }
+        enc.push(data.len() as f64 / enc_secs);
+        dec.push(data.len() as f64 / dec_secs);
+    }
+    let case = format!(
+        "limit: postcard (wire codec), {} records in pages of {PAGE}",
+        count(data.len() as u64)
+    );
+    Ok(vec![
+        Row::new(
+            &case,
+            "encode records/s",
+            Unit::RecordsPerSec,
+            Summary::of(&enc),
+        )
+        .key("postcard encode"),
+        Row::new(
+            &case,
+            "decode records/s",
+            Unit::RecordsPerSec,
+            Summary::of(&dec),
+        )
+        .key("postcard decode"),
+        Row::new(
+            &case,
+            "encoded bytes per record",
+            Unit::Count,
+            Summary::one(bytes as f64 / data.len() as f64),
+        ),
+    ])
+}
+
+/// blake3 over the records' bytes (keys and values, contiguous), one thread.
+fn blake3(data: &[Rec], runs: usize) -> Row {
+    let mut bytes =
+        Vec::with_capacity(data.len() * (data.first().map_or(0, |r| r.0.len() + r.1.len())));
+    for (k, v) in data {
+        bytes.extend_from_slice(k);
+        bytes.extend_from_slice(v);
+    }
+    let rates: Vec<f64> = (0..runs)
+        .map(|_| {
+            let (hash, secs) = measure::timed(|| blake3::hash(&bytes));
+            std::hint::black_box(hash);
+            bytes.len() as f64 / secs / 1e6
+        })
+        .collect();
+    Row::new(
+        format!(
+            "limit: blake3 over the records, {:.0} MB",
+            bytes.len() as f64 / 1e6
+        ),
+        "MB/s",
+        Unit::MbPerSec,
+        Summary::of(&rates),
+    )
+    .key("blake3")
+}
+
+/// Writes `total` bytes in files of `file` bytes, each fsynced, in chunks of [`CHUNK`].
+fn disk_write(fx: &mut Fixture, total: u64, file: u64, runs: usize) -> Result<Row> {
+    let chunk: Vec<u8> = (0..CHUNK).map(|i| (i * 31 % 251) as u8).collect();
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let dir = fx.fresh_dir("disk-limit");
+        std::fs::create_dir_all(&dir)?;
+        let (done, secs) = measure::timed(|| -> Result<()> {
+            for f in 0..total.div_ceil(file) {
+                let mut out = std::fs::File::create(dir.join(format!("f{f}")))?;
+                let mut left = file;
+                while left > 0 {
+                    let n = left.min(CHUNK as u64) as usize;
+                    out.write_all(&chunk[..n])?;
+                    left -= n as u64;
+                }
+                out.sync_all()?;
+            }
+            Ok(())
+        });
+        done?;
+        rates.push(total as f64 / secs / 1e6);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(Row::new(
+        format!(
+            "limit: disk write + fsync, {} MiB in files of {}",
+            total >> 20,
+            crate::blobs::size_name(file)
+        ),
+        "MB/s",
+        Unit::MbPerSec,
+        Summary::of(&rates),
+    )
+    .key(format!("disk write {}", crate::blobs::size_name(file))))
+}
