@@ -2,6 +2,7 @@
 //! in large files, pulled by a child process so its peak RSS is the sync's own.
 
 use std::io::Read;
+use std::path::PathBuf;
 
 use highwater::{Key, SyncEngine};
 
@@ -28,29 +29,38 @@ fn content(f: u64, size: u64) -> impl Read {
     h.finalize_xof().take(size)
 }
 
+/// A closed redb node holding `total / file` files of `file` bytes, written with
+/// `put_file`; the number of files and the MB/s of the writes.
+///
+/// # Errors
+/// A store failure.
+pub fn sender(fx: &mut Fixture, total: u64, file: u64) -> Result<(PathBuf, u64, f64)> {
+    let files = total / file;
+    let from = fx.fresh_dir("blob-sender");
+    let a = SyncEngine::open(&from)?;
+    let scope = scope();
+    let (written, put_secs) = measure::timed(|| -> Result<()> {
+        for f in 0..files {
+            let key = Key::new(format!("file-{f:06}"))?;
+            a.put_file(
+                &scope,
+                &key,
+                b"a benchmark file".to_vec(),
+                &mut content(f, file),
+            )?;
+        }
+        Ok(())
+    });
+    written?;
+    Ok((from, files, total as f64 / put_secs / 1e6))
+}
+
 /// Each file size: files written with `put_file`, then pulled `runs` times into fresh nodes.
 pub fn run(fx: &mut Fixture) -> Result {
     let total = fx.sizes.blob_total;
     let mut rows = Vec::new();
     for file in fx.sizes.blob_files.clone() {
-        let files = total / file;
-        let from = fx.fresh_dir("blob-sender");
-        let a = SyncEngine::open(&from)?;
-        let scope = scope();
-        let (written, put_secs) = measure::timed(|| -> Result<()> {
-            for f in 0..files {
-                let key = Key::new(format!("file-{f:06}"))?;
-                a.put_file(
-                    &scope,
-                    &key,
-                    b"a benchmark file".to_vec(),
-                    &mut content(f, file),
-                )?;
-            }
-            Ok(())
-        });
-        written?;
-        drop(a);
+        let (from, files, put_rate) = sender(fx, total, file)?;
         let mut reports = Vec::new();
         for _ in 0..fx.sizes.runs {
             let into = fx.fresh_dir("blob-receiver");
@@ -83,7 +93,7 @@ pub fn run(fx: &mut Fixture) -> Result {
                 format!("put_file, {} in {files} files of {name}", size_name(total)),
                 "MB/s",
                 Unit::MbPerSec,
-                Summary::one(total as f64 / put_secs / 1e6),
+                Summary::one(put_rate),
             )
             .versus(&disk),
         );

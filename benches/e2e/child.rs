@@ -4,6 +4,10 @@
 //! then checks that both nodes hold the same state, and prints one `RESULT {json}` line.
 //! Any failed check exits non-zero.
 //!
+//! Over HTTP (`e2e --role pull-http --url URL --into DIR`) the child holds only the receiver
+//! and pulls from the node served at `URL` (by the parent, which checks the states and counts
+//! the bytes on the wire: the child's report leaves those at zero).
+//!
 //! For tuning, the child reads three variables (unset: the engine's defaults):
 //! `HIGHWATER_BENCH_PAGE_LIMIT` (versions per page the receiver asks for),
 //! `HIGHWATER_BENCH_CHECKPOINT_VERSIONS` and `HIGHWATER_BENCH_CHECKPOINT_SECS` (when deferred
@@ -15,10 +19,11 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use highwater::http::HttpTransport;
 use highwater::{EngineConfig, ExchangeOptions, InProcess, SyncEngine};
 use serde::{Deserialize, Serialize};
 
-use crate::fixture::{pull_with, scope};
+use crate::fixture::{pull_async, pull_with, scope};
 use crate::{measure, Result};
 
 /// The hidden first argument that makes the bench a child.
@@ -76,6 +81,9 @@ fn role(args: &[String]) -> Result<PullReport> {
         [role, f, from, i, into] if role == "pull" && f == "--from" && i == "--into" => {
             pull_into(Path::new(from), Path::new(into))
         }
+        [role, u, url, i, into] if role == "pull-http" && u == "--url" && i == "--into" => {
+            pull_http(url, Path::new(into))
+        }
         _ => Err(format!("bad child arguments {args:?}").into()),
     }
 }
@@ -91,7 +99,8 @@ where
     }
 }
 
-fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
+/// The engine settings and round options the tuning variables ask for.
+fn tuned() -> Result<(EngineConfig, ExchangeOptions)> {
     let mut config = EngineConfig::default();
     if let Some(v) = tuning("HIGHWATER_BENCH_CHECKPOINT_VERSIONS")? {
         config.checkpoint.versions = v;
@@ -103,20 +112,31 @@ fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
         page_limit: tuning("HIGHWATER_BENCH_PAGE_LIMIT")?,
         ..ExchangeOptions::default()
     };
-    let a = Arc::new(SyncEngine::open_with(from, config.clone())?);
-    let b = SyncEngine::open_with(into, config)?;
-    let link = InProcess::new(a.clone());
-    let (cpu_before, written_before) = (measure::cpu_secs(), measure::bytes_written());
-    let (pulled, secs) = measure::timed(|| pull_with(&b, &link, &options));
-    let pulled = pulled?;
-    let cpu_secs = match (cpu_before, measure::cpu_secs()) {
+    Ok((config, options))
+}
+
+/// CPU seconds and bytes written since `before` (zero where /proc does not say).
+fn usage_since(before: (Option<f64>, Option<u64>)) -> (f64, u64) {
+    let cpu = match (before.0, measure::cpu_secs()) {
         (Some(b), Some(a)) => a - b,
         _ => 0.0,
     };
-    let written = match (written_before, measure::bytes_written()) {
+    let written = match (before.1, measure::bytes_written()) {
         (Some(b), Some(a)) => a - b,
         _ => 0,
     };
+    (cpu, written)
+}
+
+fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
+    let (config, options) = tuned()?;
+    let a = Arc::new(SyncEngine::open_with(from, config.clone())?);
+    let b = SyncEngine::open_with(into, config)?;
+    let link = InProcess::new(a.clone());
+    let before = (measure::cpu_secs(), measure::bytes_written());
+    let (pulled, secs) = measure::timed(|| pull_with(&b, &link, &options));
+    let pulled = pulled?;
+    let (cpu_secs, written) = usage_since(before);
     let peak_rss = measure::peak_rss().ok_or("no VmHWM in /proc/self/status")?;
     if a.digest()? != b.digest()? {
         return Err("receiver digest differs from sender digest".into());
@@ -144,19 +164,79 @@ fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
     })
 }
 
+/// Pulls everything from the node served at `url` into a new node in `into`, over HTTP on
+/// a current-thread runtime. The parent checks the states (it holds the sender).
+fn pull_http(url: &str, into: &Path) -> Result<PullReport> {
+    let (config, options) = tuned()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let b = SyncEngine::open_with(into, config)?;
+    let before = (measure::cpu_secs(), measure::bytes_written());
+    let (pulled, secs) = measure::timed(|| {
+        rt.block_on(async {
+            let link = HttpTransport::new(url, None)?;
+            pull_async(&b, &link, &options).await
+        })
+    });
+    let pulled = pulled?;
+    let (cpu_secs, written) = usage_since(before);
+    let peak_rss = measure::peak_rss().ok_or("no VmHWM in /proc/self/status")?;
+    let counts = b.residency_counts(&scope())?;
+    if counts.staged != 0 {
+        return Err(format!("{} records still staged after the sync", counts.staged).into());
+    }
+    b.flush()?;
+    Ok(PullReport {
+        secs,
+        rounds: pulled.rounds,
+        received: pulled.received,
+        bytes_sent: 0,
+        bytes_received: 0,
+        blob_bytes: 0,
+        blob_fetches: 0,
+        peak_rss,
+        cpu_secs,
+        written,
+        resident: counts.resident,
+    })
+}
+
 /// Runs a child that pulls everything from the (closed) node in `from` into a new node in
 /// `into`, and returns its report.
 ///
 /// # Errors
 /// The child could not run, or failed (its stderr is passed through).
 pub fn spawn_pull(from: &Path, into: &PathBuf) -> Result<PullReport> {
+    spawn(&[
+        "pull".as_ref(),
+        "--from".as_ref(),
+        from.as_os_str(),
+        "--into".as_ref(),
+        into.as_os_str(),
+    ])
+}
+
+/// Runs a child that pulls everything from the node served at `url` into a new node in
+/// `into` over HTTP, and returns its report (without bytes on the wire: the server counts
+/// them).
+///
+/// # Errors
+/// As for [`spawn_pull`].
+pub fn spawn_pull_http(url: &str, into: &Path) -> Result<PullReport> {
+    spawn(&[
+        "pull-http".as_ref(),
+        "--url".as_ref(),
+        url.as_ref(),
+        "--into".as_ref(),
+        into.as_os_str(),
+    ])
+}
+
+fn spawn(args: &[&std::ffi::OsStr]) -> Result<PullReport> {
     let out = Command::new(std::env::current_exe()?)
         .arg(ROLE_FLAG)
-        .arg("pull")
-        .arg("--from")
-        .arg(from)
-        .arg("--into")
-        .arg(into)
+        .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()?;

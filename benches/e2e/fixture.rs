@@ -169,9 +169,21 @@ pub fn pull_with<T: Transport>(
     link: &T,
     options: &ExchangeOptions,
 ) -> Result<Pulled> {
+    block_on(pull_async(node, link, options))
+}
+
+/// [`pull_with`] as a future (for transports that need a runtime, as HTTP does).
+///
+/// # Errors
+/// As for [`pull`].
+pub async fn pull_async<T: Transport>(
+    node: &SyncEngine,
+    link: &T,
+    options: &ExchangeOptions,
+) -> Result<Pulled> {
     let mut p = Pulled::default();
     loop {
-        let out = block_on(node.exchange_with(link, options))?;
+        let out = node.exchange_with(link, options).await?;
         p.rounds += 1;
         p.received += out.received;
         p.applied += out.applied;

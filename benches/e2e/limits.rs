@@ -5,7 +5,7 @@
 
 use std::io::Write;
 
-use highwater::wire::{self, ExchangeResponse};
+use highwater::wire::{self, ExchangeResponse, ResponseMarks};
 use highwater::{Hlc, Key, NodeId, Op, ScopedWatermarks, Version};
 use redb::{Database, TableDefinition};
 
@@ -158,7 +158,7 @@ fn pages(data: &[Rec]) -> impl Iterator<Item = ExchangeResponse> + '_ {
         watermarks.observe(&scope, top);
         ExchangeResponse {
             from: NodeId::from_bytes([9; 16]).expect("a nonzero id"),
-            watermarks,
+            marks: ResponseMarks::Full(watermarks),
             page: highwater::watermark::Page {
                 runs: vec![run],
                 more: true,

@@ -17,9 +17,10 @@
 //!
 //! Peak RSS figures of a sync come from a child process (this binary re-run with a hidden
 //! `--role`) that holds both in-process nodes, so its `VmHWM` is the sync's own.
+//! The HTTP cases (`http.rs`) serve the sender from this process and pull into a child, so
+//! their peak RSS is the receiving process's alone.
 //!
-//! Cases: see [`Case`]. The HTTP cases wait for `highwater::http` and fail loudly when
-//! selected until then (see `http.rs`).
+//! Cases: see [`Case`].
 
 mod blobs;
 mod child;
@@ -50,7 +51,7 @@ pub enum Case {
     Limits,
     /// Initial sync of every record, redb to redb, in-process (receiver RSS in a child).
     Initial,
-    /// The same over loopback HTTP (TODO: needs `highwater::http`).
+    /// The same over loopback HTTP (receiver in a child).
     InitialHttp,
     /// 100 updated records into stores of two sizes; a no-op round at each size.
     Delta,
@@ -58,11 +59,11 @@ pub enum Case {
     Noop,
     /// Blob sync in-process, in small and in large files.
     Blob,
-    /// The same over loopback HTTP (TODO: needs `highwater::http`).
+    /// The same over loopback HTTP (receiver in a child).
     BlobHttp,
     /// Write-to-visible latency through a hub, in-process, with watch.
     Visible,
-    /// The same over loopback HTTP (TODO: needs `highwater::http`).
+    /// The same over loopback HTTP, with the devices' schedulers.
     VisibleHttp,
     /// The automerge peer on the same records.
     Automerge,
@@ -97,11 +98,6 @@ impl Case {
             Case::VisibleHttp => "visible-http",
             Case::Automerge => "automerge",
         }
-    }
-
-    /// Whether the case can run yet (the HTTP ones wait for `highwater::http`).
-    fn ready(self) -> bool {
-        !matches!(self, Case::InitialHttp | Case::BlobHttp | Case::VisibleHttp)
     }
 
     fn run(self, fx: &mut Fixture) -> Result {
@@ -278,7 +274,7 @@ fn run(raw: &[String]) -> Result<bool> {
         sizes.peer_runs = runs;
     }
     let selected: Vec<Case> = if args.cases.is_empty() {
-        ALL.into_iter().filter(|c| c.ready()).collect()
+        ALL.to_vec()
     } else {
         ALL.into_iter().filter(|c| args.cases.contains(c)).collect()
     };
@@ -304,17 +300,6 @@ fn run(raw: &[String]) -> Result<bool> {
     }
     println!();
     report::print_table(&rows, !fx.sizes.quick);
-    let waiting: Vec<_> = ALL
-        .iter()
-        .filter(|c| !c.ready())
-        .map(|c| c.name())
-        .collect();
-    if args.cases.is_empty() {
-        println!(
-            "\nnot run (waiting for highwater::http): {}",
-            waiting.join(", ")
-        );
-    }
     for f in &failed {
         println!("\nFAILED {f}");
     }
