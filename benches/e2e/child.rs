@@ -13,7 +13,7 @@
 //! `HIGHWATER_BENCH_CHECKPOINT_VERSIONS` and `HIGHWATER_BENCH_CHECKPOINT_SECS` (when deferred
 //! page applies are made durable).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 
@@ -207,7 +207,7 @@ fn pull_http(url: &str, into: &Path) -> Result<PullReport> {
 ///
 /// # Errors
 /// The child could not run, or failed (its stderr is passed through).
-pub fn spawn_pull(from: &Path, into: &PathBuf) -> Result<PullReport> {
+pub fn spawn_pull(from: &Path, into: &Path) -> Result<PullReport> {
     spawn(&[
         "pull".as_ref(),
         "--from".as_ref(),
