@@ -436,8 +436,8 @@ async fn run_peer<T: Transport + 'static>(
             watch_loop(&shared, &peer, &*transport, stop.clone()).await;
         }
     };
-    // The watch goes first, so that its first call (which only fetches a token) is made
-    // before the first round where the transport answers it at once.
+    // The watch goes first, so that its first call (which fetches a token, and counts as
+    // news) is made before the first round where the transport answers it at once.
     tokio::join!(
         watching,
         round_loop(&shared, &peer, &*transport, stop.clone())
@@ -624,8 +624,10 @@ async fn watch_loop<T: Transport>(
         next = match reply {
             Ok(reply) => {
                 failures = 0;
-                // The reply to a call without a token only hands out the first token.
-                if reply.news && token.is_some() {
+                // A reply to a call without a token is news too: the peer may have changed
+                // between our last round's answer and the moment this token was taken, and
+                // no later watch reports what happened before its token.
+                if reply.news {
                     peer.trigger.notify_one();
                 }
                 token = Some(reply.token);

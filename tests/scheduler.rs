@@ -538,6 +538,99 @@ async fn watch_news_triggers_a_round_at_once() -> TestResult {
     stop(sched).await
 }
 
+/// A transport whose first token-less watch call lets a write land on the peer just before
+/// the token is taken: after the first round, yet not after the token.
+struct LateWrite {
+    inner: InProcess<Node>,
+    peer: Node,
+    done: AtomicBool,
+    rounds_done: Notify,
+    exchanges: AtomicUsize,
+}
+
+impl Transport for LateWrite {
+    fn peer_id(&self) -> Option<NodeId> {
+        self.inner.peer_id()
+    }
+
+    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
+        let response = self.inner.exchange(request).await;
+        self.exchanges.fetch_add(1, Ordering::SeqCst);
+        self.rounds_done.notify_one();
+        response
+    }
+
+    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
+        self.inner.blobs_present(hashes).await
+    }
+
+    async fn fetch_blob(
+        &self,
+        blob: BlobRef,
+        into: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), TransportError> {
+        self.inner.fetch_blob(blob, into).await
+    }
+
+    async fn push_blob(
+        &self,
+        blob: BlobRef,
+        content: Box<dyn std::io::Read + Send>,
+    ) -> Result<(), TransportError> {
+        self.inner.push_blob(blob, content).await
+    }
+
+    async fn watch(
+        &self,
+        since: Option<String>,
+        timeout: Duration,
+    ) -> Result<WatchReply, TransportError> {
+        if since.is_none() && !self.done.swap(true, Ordering::SeqCst) {
+            // Wait for the first round to finish, then write on the peer before the token.
+            while self.exchanges.load(Ordering::SeqCst) == 0 {
+                self.rounds_done.notified().await;
+            }
+            self.peer
+                .put(&notes(), &key("late"), b"between round and token".to_vec())
+                .map_err(|e| TransportError::Unreachable {
+                    reason: e.to_string(),
+                })?;
+        }
+        self.inner.watch(since, timeout).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_before_the_first_watch_token_is_not_missed() -> TestResult {
+    let (a, b) = (node()?, node()?);
+    let sched = Scheduler::start(
+        a.clone(),
+        SchedulerConfig {
+            watch: true,
+            ..quiet()
+        },
+    );
+    let transport = Arc::new(LateWrite {
+        inner: InProcess::new(b.clone()),
+        peer: b.clone(),
+        done: AtomicBool::new(false),
+        rounds_done: Notify::new(),
+        exchanges: AtomicUsize::new(0),
+    });
+    sched.add_peer("b", transport)?;
+    // Far less than the hour-long interval: only a round triggered by the watch gets it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.get(&notes(), &key("late"))?.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "a write made before the first watch token waited for the interval"
+        );
+        tokio::time::sleep(TICK).await;
+    }
+    assert_eq!(a.digest()?, b.digest()?);
+    stop(sched).await
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hub_forwards_to_the_other_peers_not_back_to_the_sender() -> TestResult {
     let (a, b, h) = (node()?, node()?, node()?);
