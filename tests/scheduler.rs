@@ -85,6 +85,11 @@ struct Switch {
     can_watch: bool,
     exchanges: AtomicUsize,
     hanging: Notify,
+    /// Rounds the peer answered (the answer may still hang).
+    answered: AtomicUsize,
+    answered_one: Notify,
+    /// Runs once, before the first watch call without a token, after a round was answered.
+    before_first_token: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Switch {
@@ -96,6 +101,9 @@ impl Switch {
             can_watch,
             exchanges: AtomicUsize::new(0),
             hanging: Notify::new(),
+            answered: AtomicUsize::new(0),
+            answered_one: Notify::new(),
+            before_first_token: Mutex::new(None),
         })
     }
 
@@ -125,6 +133,8 @@ impl Transport for Switch {
             return Err(Self::unreachable());
         }
         let response = self.inner.exchange(request).await;
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        self.answered_one.notify_one();
         if self.hang.load(Ordering::SeqCst) {
             // The peer has answered; the answer never arrives.
             self.hanging.notify_one();
@@ -163,6 +173,16 @@ impl Transport for Switch {
         }
         if self.down.load(Ordering::SeqCst) {
             return Err(Self::unreachable());
+        }
+        let hook = match since {
+            None => self.before_first_token.lock().expect("not poisoned").take(),
+            Some(_) => None,
+        };
+        if let Some(hook) = hook {
+            while self.answered.load(Ordering::SeqCst) == 0 {
+                self.answered_one.notified().await;
+            }
+            hook();
         }
         self.inner.watch(since, timeout).await
     }
@@ -538,68 +558,6 @@ async fn watch_news_triggers_a_round_at_once() -> TestResult {
     stop(sched).await
 }
 
-/// A transport whose first token-less watch call lets a write land on the peer just before
-/// the token is taken: after the first round, yet not after the token.
-struct LateWrite {
-    inner: InProcess<Node>,
-    peer: Node,
-    done: AtomicBool,
-    rounds_done: Notify,
-    exchanges: AtomicUsize,
-}
-
-impl Transport for LateWrite {
-    fn peer_id(&self) -> Option<NodeId> {
-        self.inner.peer_id()
-    }
-
-    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
-        let response = self.inner.exchange(request).await;
-        self.exchanges.fetch_add(1, Ordering::SeqCst);
-        self.rounds_done.notify_one();
-        response
-    }
-
-    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
-        self.inner.blobs_present(hashes).await
-    }
-
-    async fn fetch_blob(
-        &self,
-        blob: BlobRef,
-        into: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), TransportError> {
-        self.inner.fetch_blob(blob, into).await
-    }
-
-    async fn push_blob(
-        &self,
-        blob: BlobRef,
-        content: Box<dyn std::io::Read + Send>,
-    ) -> Result<(), TransportError> {
-        self.inner.push_blob(blob, content).await
-    }
-
-    async fn watch(
-        &self,
-        since: Option<String>,
-        timeout: Duration,
-    ) -> Result<WatchReply, TransportError> {
-        if since.is_none() && !self.done.swap(true, Ordering::SeqCst) {
-            // Wait for the first round to finish, then write on the peer before the token.
-            while self.exchanges.load(Ordering::SeqCst) == 0 {
-                self.rounds_done.notified().await;
-            }
-            self.peer
-                .put(&notes(), &key("late"), b"between round and token".to_vec())
-                .map_err(|e| TransportError::Unreachable {
-                    reason: e.to_string(),
-                })?;
-        }
-        self.inner.watch(since, timeout).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_change_before_the_first_watch_token_is_not_missed() -> TestResult {
     let (a, b) = (node()?, node()?);
@@ -610,13 +568,13 @@ async fn a_change_before_the_first_watch_token_is_not_missed() -> TestResult {
             ..quiet()
         },
     );
-    let transport = Arc::new(LateWrite {
-        inner: InProcess::new(b.clone()),
-        peer: b.clone(),
-        done: AtomicBool::new(false),
-        rounds_done: Notify::new(),
-        exchanges: AtomicUsize::new(0),
-    });
+    let transport = Switch::new(&b, true);
+    // A write lands on b after a's start-up round was answered, before a's first token.
+    let late = b.clone();
+    *transport.before_first_token.lock().expect("not poisoned") = Some(Box::new(move || {
+        late.put(&notes(), &key("late"), b"between round and token".to_vec())
+            .expect("an in-memory write");
+    }));
     sched.add_peer("b", transport)?;
     // Far less than the hour-long interval: only a round triggered by the watch gets it.
     let deadline = Instant::now() + Duration::from_secs(60);
