@@ -283,3 +283,16 @@ pub enum TransportError {
         what: &'static str,
     },
 }
+
+/// An error and its sources, as one line (`outer: inner: innermost`), for logs and for
+/// messages that cross a boundary as text.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

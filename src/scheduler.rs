@@ -74,7 +74,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 
 use crate::engine::{ExchangeOptions, ExchangeOutcome, SyncEngine};
-use crate::error::{Error, TransportError};
+use crate::error::{error_chain, Error, TransportError};
 use crate::hlc::NodeId;
 use crate::notify::{ChangeKind, Event, Notice, Subscription, SyncEvent};
 use crate::transport::Transport;
@@ -583,18 +583,6 @@ fn failed(shared: &Shared, peer: &Peer, error: String, rng: &mut StdRng) -> Dura
         tracing::warn!(error = %error_chain(&e), "flush after a failed round failed");
     }
     delay
-}
-
-/// An error and its sources, as one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// Waits on the peer's watch and triggers a round when it reports news.

@@ -515,12 +515,29 @@ impl SyncEngine {
         self.residency_of(version.as_ref())
     }
 
-    fn residency_of(&self, version: Option<&Version>) -> Result<Residency> {
+    /// The residency of `version` (as read with [`SyncEngine::get_version`]), without
+    /// reading it again.
+    ///
+    /// # Errors
+    /// The blob store failed.
+    pub fn residency_of(&self, version: Option<&Version>) -> Result<Residency> {
         let local = match version.and_then(Version::blob) {
             Some(b) => self.blobs.contains(&b.hash)?,
             None => true,
         };
         Ok(Residency::of(version, |_| local))
+    }
+
+    /// The residency of a live record (as read with [`SyncEngine::get`] or
+    /// [`SyncEngine::scan`]): Staged while its file is not here, else Resident.
+    ///
+    /// # Errors
+    /// The blob store failed.
+    pub fn record_residency(&self, record: &Record) -> Result<Residency> {
+        Ok(match &record.blob {
+            Some(b) if !self.blobs.contains(&b.hash)? => Residency::Staged,
+            _ => Residency::Resident,
+        })
     }
 
     /// How many records of `scope` are Staged, Resident and Tombstoned (a full scan).

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::body::{empty, full, stream_reader, HttpBody};
 use super::encode_query_value;
 use crate::blob::CHUNK;
-use crate::error::{TransportError, WireError};
+use crate::error::{error_chain, TransportError, WireError};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::record::BlobRef;
@@ -359,17 +359,6 @@ impl Body for Counted {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 impl Transport for HttpTransport {

@@ -618,7 +618,7 @@ impl HighwaterService {
                 .get_version(&scope, &key)
                 .map_err(|e| Failure::from(&e))?;
             let residency = engine
-                .residency(&scope, &key)
+                .residency_of(v.as_ref())
                 .map_err(|e| Failure::from(&e))?;
             Ok(v.map(|v| (v, residency)))
         })
@@ -695,9 +695,7 @@ impl HighwaterService {
                 .map_err(|e| Failure::from(&e))?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                let residency = engine
-                    .residency(&scope, &r.key)
-                    .map_err(|e| Failure::from(&e))?;
+                let residency = engine.record_residency(&r).map_err(|e| Failure::from(&e))?;
                 out.push((r, residency));
             }
             Ok(out)

@@ -117,10 +117,11 @@ impl Records {
                     let Some(record) = e.get(&scope, &key)? else {
                         return Ok(None);
                     };
+                    let residency = e.record_residency(&record)?;
                     Ok(Some(RemoteRecord {
                         value: record.value,
                         hlc: record.hlc,
-                        residency: e.residency(&scope, &key)?,
+                        residency,
                     }))
                 })
                 .await
@@ -166,7 +167,7 @@ impl Records {
                 blocking(e, move |e| {
                     let mut out = Vec::new();
                     for r in e.scan(&scope, &prefix, after.as_ref(), limit.clamp(1, 1000))? {
-                        let residency = e.residency(&scope, &r.key)?;
+                        let residency = e.record_residency(&r)?;
                         out.push(Listed {
                             size: r.value.len() as u64,
                             file_size: r.blob.map(|b| b.size),
