@@ -172,6 +172,13 @@ pub enum StoreError {
         /// Which table or field.
         what: &'static str,
     },
+    /// This thread still holds a reader that holds back the store's commits (a
+    /// [`RedbStore`](crate::store::RedbStore) reader while deferred commits are gathered):
+    /// waiting for the store here would never end. Drop the reader first.
+    #[error(
+        "this thread still holds a reader of the store; drop it before writing or reading again"
+    )]
+    ReaderHeld,
     /// The store is in another on-disk format than the one this build reads and writes.
     #[error("store format {found} is not supported (this build reads {supported})")]
     UnsupportedFormat {

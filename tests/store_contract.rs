@@ -637,6 +637,8 @@ fn scopes_list_records_and_own_marks_only(store: &dyn Store) -> TestResult {
 }
 
 /// A snapshot taken before a commit sees none of it, while later reads see all of it.
+/// (The first commit is durable: a redb reader taken while deferred commits are gathered
+/// holds commits back instead; see `redb_reader_while_deferred_commits_gather`.)
 fn snapshot_ignores_later_commits(store: &dyn Store) -> TestResult {
     let s = Scope::shared();
     let mut first = upserts(&s, &[("k", put(1, 1, "old"))]);
@@ -646,6 +648,7 @@ fn snapshot_ignores_later_commits(store: &dyn Store) -> TestResult {
         top: hlc(1, 1),
     });
     first.clock = 10;
+    first.durability = Durability::Immediate;
     store.commit(&first)?;
 
     let mut later = upserts(&s, &[("k", put(2, 1, "new")), ("j", put(3, 1, "j"))]);
@@ -821,6 +824,174 @@ fn redb_failed_commit_applies_nothing() -> TestResult {
     let store = RedbStore::open(&path)?;
     assert_eq!(store.commit(&batch)?, report(&[0, 1, 2], &[true]));
     assert_eq!(store.read()?.clock()?, 50);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Deferred commits gathered in one redb write transaction
+
+fn deferred_with_mark(s: &Scope, k: &str, time: u64) -> Batch {
+    let mut b = upserts(s, &[(k, put(time, 1, k))]);
+    b.advances.push(Advance {
+        scope: s.clone(),
+        base: None,
+        top: hlc(time, 1),
+    });
+    b
+}
+
+/// While deferred commits are gathered, a reader sees them, and holds every other commit
+/// back until it is dropped: a commit from another thread waits (and then lands), and one
+/// from the reader's own thread is refused with `ReaderHeld` instead of waiting forever.
+#[test]
+fn redb_reader_while_deferred_commits_gather() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = RedbStore::open(dir.path().join("store.redb"))?;
+    let s = Scope::shared();
+    store.commit(&deferred_with_mark(&s, "a", 1))?;
+
+    let read = store.read()?;
+    assert_eq!(read.get(&s, &key("a"))?, Some(put(1, 1, "a")));
+    assert_eq!(read.watermarks()?, marks(&[(&s, hlc(1, 1))]));
+
+    let same_thread = store.commit(&deferred_with_mark(&s, "b", 2));
+    assert!(
+        matches!(same_thread, Err(highwater::error::StoreError::ReaderHeld)),
+        "{same_thread:?}"
+    );
+    assert!(matches!(
+        store.read().map(|_| ()),
+        Err(highwater::error::StoreError::ReaderHeld)
+    ));
+    assert!(matches!(
+        store.flush(),
+        Err(highwater::error::StoreError::ReaderHeld)
+    ));
+
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|threads| -> TestResult {
+        threads.spawn(|| tx.send(store.commit(&deferred_with_mark(&s, "c", 3)).is_ok()));
+        // The other thread's commit cannot land while the reader lives, so the reader keeps
+        // seeing one state.
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(200)),
+            Err(mpsc::RecvTimeoutError::Timeout),
+            "a commit landed beside a reader of the open group"
+        );
+        assert_eq!(read.get(&s, &key("c"))?, None);
+        assert_eq!(read.watermarks()?, marks(&[(&s, hlc(1, 1))]));
+        drop(read);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        Ok(())
+    })?;
+    let read = store.read()?;
+    assert_eq!(
+        read.get(&s, &key("b"))?,
+        None,
+        "the refused commit changed the store"
+    );
+    assert_eq!(read.get(&s, &key("c"))?, Some(put(3, 1, "c")));
+    assert_eq!(read.watermarks()?, marks(&[(&s, hlc(3, 1))]));
+    Ok(())
+}
+
+/// The redb layout's records table ("records-v1": `len u8 | scope | key` -> postcard).
+const RECORDS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("records-v1");
+
+/// A deferred commit that fails takes back the deferred commits gathered before it, data
+/// and watermarks together, as a crash would; the next commit starts afresh.
+#[test]
+fn redb_failed_deferred_commit_takes_back_its_group() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store.redb");
+    let s = Scope::shared();
+    {
+        let store = RedbStore::open(&path)?;
+        let mut seed = deferred_with_mark(&s, "k", 1);
+        seed.durability = Durability::Immediate;
+        store.commit(&seed)?;
+    }
+    {
+        // A record row that does not decode: merging into key "bad" fails.
+        let db = redb::Database::create(&path)?;
+        let txn = db.begin_write()?;
+        let mut row = vec![6u8];
+        row.extend_from_slice(b"sharedbad");
+        txn.open_table(RECORDS)?
+            .insert(row.as_slice(), [0xffu8; 3].as_slice())?;
+        txn.commit()?;
+    }
+    let store = RedbStore::open(&path)?;
+    store.commit(&deferred_with_mark(&s, "a", 2))?;
+    store.commit(&deferred_with_mark(&s, "b", 3))?;
+    assert_eq!(store.read()?.watermarks()?, marks(&[(&s, hlc(3, 1))]));
+
+    let failed = store.commit(&deferred_with_mark(&s, "bad", 4));
+    assert!(
+        matches!(failed, Err(highwater::error::StoreError::Corrupt { .. })),
+        "{failed:?}"
+    );
+    let read = store.read()?;
+    assert_eq!(read.get(&s, &key("a"))?, None);
+    assert_eq!(read.get(&s, &key("b"))?, None);
+    assert_eq!(read.watermarks()?, marks(&[(&s, hlc(1, 1))]));
+    assert_eq!(
+        read.live_range(&s, id(1), None, hlc(u64::MAX, 1), 10)?,
+        vec![(key("k"), put(1, 1, "k"))]
+    );
+    drop(read);
+
+    store.commit(&deferred_with_mark(&s, "c", 5))?;
+    let read = store.read()?;
+    assert_eq!(read.get(&s, &key("c"))?, Some(put(5, 1, "c")));
+    assert_eq!(read.watermarks()?, marks(&[(&s, hlc(5, 1))]));
+    Ok(())
+}
+
+/// On a disk that loses what was not synced: gathered deferred commits are lost in a power
+/// cut together with their watermarks; a durable commit, a flush, or closing the store makes
+/// them durable.
+#[test]
+fn redb_gathered_commits_are_durable_after_a_durable_commit_flush_or_close() -> TestResult {
+    use highwater::testing::{DiskHandle, PowerLossDisk};
+    let s = Scope::shared();
+    let state = |store: &RedbStore| -> Result<_, Box<dyn Error>> {
+        let keys = scan(store, &s, "", None, 100)?;
+        Ok((keys, store.read()?.watermarks()?))
+    };
+
+    let disk = PowerLossDisk::new();
+    let store = RedbStore::with_backend(DiskHandle(disk.clone()))?;
+    store.commit(&deferred_with_mark(&s, "a", 1))?;
+    store.commit(&deferred_with_mark(&s, "b", 2))?;
+    let cut = RedbStore::with_backend(DiskHandle(disk.after_power_loss()))?;
+    assert_eq!(state(&cut)?, (vec![], ScopedWatermarks::new()));
+    drop(cut);
+
+    // A durable local write makes the gathered commits durable with it.
+    let mut local = deferred_with_mark(&s, "c", 3);
+    local.durability = Durability::Immediate;
+    store.commit(&local)?;
+    let cut = RedbStore::with_backend(DiskHandle(disk.after_power_loss()))?;
+    assert_eq!(
+        state(&cut)?,
+        (
+            vec![key("a"), key("b"), key("c")],
+            marks(&[(&s, hlc(3, 1))])
+        )
+    );
+    drop(cut);
+
+    store.commit(&deferred_with_mark(&s, "d", 4))?;
+    store.flush()?;
+    let cut = RedbStore::with_backend(DiskHandle(disk.after_power_loss()))?;
+    assert_eq!(state(&cut)?.1, marks(&[(&s, hlc(4, 1))]));
+    drop(cut);
+
+    store.commit(&deferred_with_mark(&s, "e", 5))?;
+    drop(store);
+    let cut = RedbStore::with_backend(DiskHandle(disk.after_power_loss()))?;
+    assert_eq!(state(&cut)?.1, marks(&[(&s, hlc(5, 1))]));
     Ok(())
 }
 

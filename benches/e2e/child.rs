@@ -8,10 +8,11 @@
 //! and pulls from the node served at `URL` (by the parent, which checks the states and counts
 //! the bytes on the wire: the child's report leaves those at zero).
 //!
-//! For tuning, the child reads three variables (unset: the engine's defaults):
+//! For tuning, the child reads four variables (unset: the engine's defaults):
 //! `HIGHWATER_BENCH_PAGE_LIMIT` (versions per page the receiver asks for),
 //! `HIGHWATER_BENCH_CHECKPOINT_VERSIONS` and `HIGHWATER_BENCH_CHECKPOINT_SECS` (when deferred
-//! page applies are made durable).
+//! page applies are made durable), and `HIGHWATER_BENCH_CACHE_MIB` (redb's page cache of the
+//! receiving node).
 
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
@@ -107,6 +108,9 @@ fn tuned() -> Result<(EngineConfig, ExchangeOptions)> {
     }
     if let Some(s) = tuning("HIGHWATER_BENCH_CHECKPOINT_SECS")? {
         config.checkpoint.interval = Duration::from_secs_f64(s);
+    }
+    if let Some(mib) = tuning::<usize>("HIGHWATER_BENCH_CACHE_MIB")? {
+        config.cache_bytes = mib << 20;
     }
     let options = ExchangeOptions {
         page_limit: tuning("HIGHWATER_BENCH_PAGE_LIMIT")?,

@@ -157,8 +157,15 @@ impl StoreRead for Reader {
 }
 
 impl TxnOps for State {
-    fn get_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
-        Ok(self.records.get(&(scope.clone(), key.clone())).cloned())
+    fn swap_record(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<Option<Version>, StoreError> {
+        Ok(self
+            .records
+            .insert((scope.clone(), key.clone()), version.clone()))
     }
 
     fn put_record(

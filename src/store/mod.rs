@@ -246,7 +246,14 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 /// The row-level operations a write transaction offers; [`apply_batch`] is written once
 /// against them so both stores share the merge, index and watermark logic.
 trait TxnOps {
-    fn get_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError>;
+    /// Stores `version` for the key and returns the version it replaced: one lookup for
+    /// the merge and the write, where a read then a write would walk the tree twice.
+    fn swap_record(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<Option<Version>, StoreError>;
     fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version)
         -> Result<(), StoreError>;
     fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError>;
@@ -264,8 +271,13 @@ trait TxnOps {
 fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, StoreError> {
     let mut report = BatchReport::default();
     for (i, (scope, key, version)) in batch.upserts.iter().enumerate() {
-        let stored = ops.get_record(scope, key)?;
+        // Most incoming versions win (new keys, newer writes), so write first and put the
+        // stored version back in the rare case it wins.
+        let stored = ops.swap_record(scope, key, version)?;
         if !merge::supersedes(version, stored.as_ref()) {
+            if let Some(old) = &stored {
+                ops.put_record(scope, key, old)?;
+            }
             continue;
         }
         if let Some(b) = version.blob() {
@@ -279,7 +291,6 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
                 }
             }
         }
-        ops.put_record(scope, key, version)?;
         ops.insert_live(scope, version.hlc, key)?;
         report.applied.push(i);
     }

@@ -41,11 +41,37 @@ const PEER_MARKS: TableDefinition<&[u8], u64> = TableDefinition::new("peer-water
 const BLOB_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("blob-refs-v1");
 
 /// A store in one redb file.
+///
+/// Deferred commits are gathered into one open redb write transaction (a *group*) instead of
+/// each committing its own: with random keys, every redb commit rewrites about one B-tree
+/// leaf per record it touched, so a thousand-record page per commit writes some 25 times the
+/// bytes it stores, and a bulk sync ran at a third of redb's rate for the same records in
+/// one transaction. While a group is open, [`Store::read`] reads through it (deferred
+/// commits are visible at once, as the contract says), and the group is committed to redb
+/// by the next durable commit, by [`Store::flush`], once it holds
+/// [`RedbStore::GROUP_VERSIONS`] upserts (non-durably), or when the store is dropped.
 pub struct RedbStore {
     db: Database,
-    /// Whether a deferred commit is not yet durable. Guarded by the mutex so that the flag
-    /// and the commit order agree (redb serializes writers, but not our flag updates).
-    dirty: Mutex<bool>,
+    writes: Mutex<Writes>,
+}
+
+/// The write side's state, under one lock: redb has one writer at a time, and a read
+/// through an open group holds the same lock.
+struct Writes {
+    /// The write transaction deferred commits are gathered in, if one is open.
+    group: Option<WriteTransaction>,
+    /// Upserts in `group`.
+    grouped: usize,
+    /// Whether a transaction committed to redb non-durably is not yet durable.
+    dirty: bool,
+}
+
+impl Writes {
+    /// Whether deferred work is not durable yet (open in the group, or committed to redb
+    /// non-durably).
+    fn pending(&self) -> bool {
+        self.dirty || self.group.is_some()
+    }
 }
 
 fn scope_prefix(scope: &Scope) -> Vec<u8> {
@@ -113,6 +139,12 @@ impl RedbStore {
     /// of the bulk rate (more page reads and earlier write-back); see docs/performance.md.
     pub const CACHE_BYTES: usize = 64 << 20;
 
+    /// Upserts gathered in one open write transaction before it is committed to redb (non
+    /// durably) and a new group begins. It bounds the work a failed commit takes back (see
+    /// [`Store::commit`]); the engine's checkpoints (`engine::Checkpoint`, 100 000 versions
+    /// by default) usually end a group first.
+    pub const GROUP_VERSIONS: usize = 250_000;
+
     /// Opens (or creates) the store in the redb file at `path`, with a page cache of
     /// [`RedbStore::CACHE_BYTES`].
     ///
@@ -151,15 +183,51 @@ impl RedbStore {
     fn from_db(db: Database) -> Result<Self, StoreError> {
         let store = RedbStore {
             db,
-            dirty: Mutex::new(false),
+            writes: Mutex::new(Writes {
+                group: None,
+                grouped: 0,
+                dirty: false,
+            }),
         };
         store.init_tables()?;
         Ok(store)
     }
 
-    fn lock_dirty(&self) -> MutexGuard<'_, bool> {
-        // A bool is valid whatever a panicking holder did.
-        self.dirty.lock().unwrap_or_else(|p| p.into_inner())
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// The write lock, unless this thread holds a group reader of this store (which holds
+    /// the lock already).
+    fn lock_writes(&self) -> Result<MutexGuard<'_, Writes>, StoreError> {
+        if HELD.with_borrow(|held| held.contains(&self.address())) {
+            return Err(StoreError::ReaderHeld);
+        }
+        // Every update of `Writes` leaves it valid, whatever a panicking holder did: a group
+        // taken out and not put back is simply aborted.
+        Ok(self.writes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The open group, taken out of `writes`, or a new write transaction. Writes that do not
+    /// go through the group would wait forever on redb's writer lock while it is open.
+    fn write_txn(&self, writes: &mut Writes) -> Result<WriteTransaction, StoreError> {
+        match writes.group.take() {
+            Some(txn) => Ok(txn),
+            None => Ok(self.db.begin_write()?),
+        }
+    }
+
+    /// Commits `txn` durably; every earlier commit is then durable too.
+    fn commit_durably(
+        &self,
+        writes: &mut Writes,
+        mut txn: WriteTransaction,
+    ) -> Result<(), StoreError> {
+        writes.grouped = 0;
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.commit()?;
+        writes.dirty = false;
+        Ok(())
     }
 
     fn init_tables(&self) -> Result<(), StoreError> {
@@ -196,6 +264,7 @@ impl RedbStore {
     }
 }
 
+/// A reader on a committed snapshot (redb's MVCC): used while no group is open.
 struct Reader {
     _txn: ReadTransaction,
     meta: ReadOnlyTable<&'static str, &'static [u8]>,
@@ -204,6 +273,48 @@ struct Reader {
     marks: ReadOnlyTable<&'static [u8], u64>,
     peers: ReadOnlyTable<&'static [u8], u64>,
     blob_refs: ReadOnlyTable<&'static [u8], u64>,
+}
+
+/// A reader through the open group: it holds the write lock, so no commit interleaves with
+/// it, and opens the tables it needs per call (a write transaction lends each table to one
+/// user at a time).
+struct GroupReader<'a> {
+    writes: MutexGuard<'a, Writes>,
+    store: usize,
+}
+
+impl Drop for GroupReader<'_> {
+    fn drop(&mut self) {
+        HELD.with_borrow_mut(|held| {
+            if let Some(i) = held.iter().rposition(|&a| a == self.store) {
+                held.swap_remove(i);
+            }
+        });
+    }
+}
+
+thread_local! {
+    /// The stores (by address) whose group reader this thread holds: taking their lock again
+    /// on this thread would never return, so [`RedbStore`] answers
+    /// [`StoreError::ReaderHeld`] instead.
+    static HELD: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl<'a> GroupReader<'a> {
+    fn new(store: &RedbStore, writes: MutexGuard<'a, Writes>) -> Self {
+        HELD.with_borrow_mut(|held| held.push(store.address()));
+        GroupReader {
+            writes,
+            store: store.address(),
+        }
+    }
+
+    fn txn(&self) -> &WriteTransaction {
+        self.writes
+            .group
+            .as_ref()
+            .expect("a group reader is made only while a group is open, and holds its lock")
+    }
 }
 
 fn read_marks<'a>(
@@ -227,74 +338,184 @@ fn read_marks<'a>(
     Ok(out)
 }
 
+// The reads, written once over redb's `ReadableTable`, so that snapshot readers, group
+// readers and the write transaction's own lookups share them.
+
+fn get_version(
+    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    scope: &Scope,
+    key: &Key,
+) -> Result<Option<Version>, StoreError> {
+    match records.get(record_key(scope, key).as_slice())? {
+        Some(g) => decode_version(g.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn scan_records(
+    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    scope: &Scope,
+    range: &KeyRange,
+) -> Result<Vec<(Key, Version)>, StoreError> {
+    let sp = scope_prefix(scope);
+    let mut start = sp.clone();
+    start.extend_from_slice(&range.prefix);
+    let mut skip_first = None;
+    if let Some(after) = &range.after {
+        if after.as_bytes() >= range.prefix.as_slice() {
+            start = record_key(scope, after);
+            skip_first = Some(start.clone());
+        }
+    }
+    let mut out = Vec::new();
+    let full_prefix_len = sp.len() + range.prefix.len();
+    let mut want_prefix = sp.clone();
+    want_prefix.extend_from_slice(&range.prefix);
+    for row in records.range(start.as_slice()..)? {
+        if out.len() >= range.limit {
+            break;
+        }
+        let (k, v) = row?;
+        let kb = k.value();
+        if kb.len() < full_prefix_len || !kb.starts_with(&want_prefix) {
+            break;
+        }
+        if skip_first.as_deref() == Some(kb) {
+            continue;
+        }
+        let key =
+            Key::new(&kb[sp.len()..]).map_err(|_| StoreError::Corrupt { what: "record key" })?;
+        out.push((key, decode_version(v.value())?));
+    }
+    Ok(out)
+}
+
+fn all_marks(
+    marks: &impl ReadableTable<&'static [u8], u64>,
+) -> Result<ScopedWatermarks, StoreError> {
+    read_marks(marks.iter()?, 0)
+}
+
+fn peer_marks(
+    peers: &impl ReadableTable<&'static [u8], u64>,
+    peer: NodeId,
+) -> Result<Option<ScopedWatermarks>, StoreError> {
+    let id = peer.to_bytes();
+    if peers.get(id.as_slice())?.is_none() {
+        return Ok(None);
+    }
+    let rows = peers
+        .range(id.as_slice()..)?
+        .skip(1)
+        .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.value().starts_with(&id)));
+    read_marks(rows, 16).map(Some)
+}
+
+fn known_peers(peers: &impl ReadableTable<&'static [u8], u64>) -> Result<Vec<NodeId>, StoreError> {
+    let mut out = Vec::new();
+    for row in peers.iter()? {
+        let (k, _) = row?;
+        if let Ok(id) = <[u8; 16]>::try_from(k.value()) {
+            out.push(NodeId::from_bytes(id).ok_or(StoreError::Corrupt { what: "peer id" })?);
+        }
+    }
+    Ok(out)
+}
+
+fn live_versions(
+    live: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    scope: &Scope,
+    origin: NodeId,
+    after: Option<Hlc>,
+    upto: Hlc,
+    limit: usize,
+) -> Result<Vec<(Key, Version)>, StoreError> {
+    let lo = match after {
+        Some(a) => match a.time().checked_add(1) {
+            Some(t) => live_key(scope, origin, t),
+            None => return Ok(Vec::new()),
+        },
+        None => live_key(scope, origin, 0),
+    };
+    let hi = live_key(scope, origin, upto.time());
+    let mut out = Vec::new();
+    for row in live.range(lo.as_slice()..=hi.as_slice())?.take(limit) {
+        let (_, key) = row?;
+        let key = Key::new(key.value()).map_err(|_| StoreError::Corrupt { what: "live index" })?;
+        let version =
+            get_version(records, scope, &key)?.ok_or(StoreError::Corrupt { what: "live index" })?;
+        out.push((key, version));
+    }
+    Ok(out)
+}
+
+fn blob_ref_count(
+    blob_refs: &impl ReadableTable<&'static [u8], u64>,
+    hash: &Hash,
+) -> Result<u64, StoreError> {
+    Ok(blob_refs
+        .get(hash.as_bytes().as_slice())?
+        .map_or(0, |g| g.value()))
+}
+
+fn stored_scopes(
+    marks: &impl ReadableTable<&'static [u8], u64>,
+    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<Scope>, StoreError> {
+    let mut out: Vec<Scope> = all_marks(marks)?.iter().map(|(s, _)| s.clone()).collect();
+    // Skip from one scope's key range to the next: O(scopes), not O(records).
+    let mut from: Vec<u8> = Vec::new();
+    loop {
+        let Some(row) = records.range(from.as_slice()..)?.next() else {
+            break;
+        };
+        let (k, _) = row?;
+        let kb = k.value();
+        let len = usize::from(
+            *kb.first()
+                .ok_or(StoreError::Corrupt { what: "record key" })?,
+        );
+        let text = kb
+            .get(1..=len)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or(StoreError::Corrupt { what: "scope" })?;
+        out.push(
+            text.parse()
+                .map_err(|_| StoreError::Corrupt { what: "scope" })?,
+        );
+        from = kb[..=len].to_vec();
+        from.push(0xff);
+        from.extend_from_slice(&[0xff; crate::record::MAX_KEY_LEN]);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn stored_clock(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u64, StoreError> {
+    read_clock(meta.get("clock")?.map(|g| g.value().to_vec()))
+}
+
 impl StoreRead for Reader {
     fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
-        match self.records.get(record_key(scope, key).as_slice())? {
-            Some(g) => decode_version(g.value()).map(Some),
-            None => Ok(None),
-        }
+        get_version(&self.records, scope, key)
     }
 
     fn scan(&self, scope: &Scope, range: &KeyRange) -> Result<Vec<(Key, Version)>, StoreError> {
-        let sp = scope_prefix(scope);
-        let mut start = sp.clone();
-        start.extend_from_slice(&range.prefix);
-        let mut skip_first = None;
-        if let Some(after) = &range.after {
-            if after.as_bytes() >= range.prefix.as_slice() {
-                start = record_key(scope, after);
-                skip_first = Some(start.clone());
-            }
-        }
-        let mut out = Vec::new();
-        let full_prefix_len = sp.len() + range.prefix.len();
-        let mut want_prefix = sp.clone();
-        want_prefix.extend_from_slice(&range.prefix);
-        for row in self.records.range(start.as_slice()..)? {
-            if out.len() >= range.limit {
-                break;
-            }
-            let (k, v) = row?;
-            let kb = k.value();
-            if kb.len() < full_prefix_len || !kb.starts_with(&want_prefix) {
-                break;
-            }
-            if skip_first.as_deref() == Some(kb) {
-                continue;
-            }
-            let key = Key::new(&kb[sp.len()..])
-                .map_err(|_| StoreError::Corrupt { what: "record key" })?;
-            out.push((key, decode_version(v.value())?));
-        }
-        Ok(out)
+        scan_records(&self.records, scope, range)
     }
 
     fn watermarks(&self) -> Result<ScopedWatermarks, StoreError> {
-        read_marks(self.marks.iter()?, 0)
+        all_marks(&self.marks)
     }
 
     fn peer_watermarks(&self, peer: NodeId) -> Result<Option<ScopedWatermarks>, StoreError> {
-        let id = peer.to_bytes();
-        if self.peers.get(id.as_slice())?.is_none() {
-            return Ok(None);
-        }
-        let rows = self
-            .peers
-            .range(id.as_slice()..)?
-            .skip(1)
-            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.value().starts_with(&id)));
-        read_marks(rows, 16).map(Some)
+        peer_marks(&self.peers, peer)
     }
 
     fn peers(&self) -> Result<Vec<NodeId>, StoreError> {
-        let mut out = Vec::new();
-        for row in self.peers.iter()? {
-            let (k, _) = row?;
-            if let Ok(id) = <[u8; 16]>::try_from(k.value()) {
-                out.push(NodeId::from_bytes(id).ok_or(StoreError::Corrupt { what: "peer id" })?);
-            }
-        }
-        Ok(out)
+        known_peers(&self.peers)
     }
 
     fn live_range(
@@ -305,67 +526,74 @@ impl StoreRead for Reader {
         upto: Hlc,
         limit: usize,
     ) -> Result<Vec<(Key, Version)>, StoreError> {
-        let lo = match after {
-            Some(a) => match a.time().checked_add(1) {
-                Some(t) => live_key(scope, origin, t),
-                None => return Ok(Vec::new()),
-            },
-            None => live_key(scope, origin, 0),
-        };
-        let hi = live_key(scope, origin, upto.time());
-        let mut out = Vec::new();
-        for row in self.live.range(lo.as_slice()..=hi.as_slice())?.take(limit) {
-            let (_, key) = row?;
-            let key =
-                Key::new(key.value()).map_err(|_| StoreError::Corrupt { what: "live index" })?;
-            let version = self
-                .get(scope, &key)?
-                .ok_or(StoreError::Corrupt { what: "live index" })?;
-            out.push((key, version));
-        }
-        Ok(out)
+        live_versions(&self.live, &self.records, scope, origin, after, upto, limit)
     }
 
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
-        Ok(self
-            .blob_refs
-            .get(hash.as_bytes().as_slice())?
-            .map_or(0, |g| g.value()))
+        blob_ref_count(&self.blob_refs, hash)
     }
 
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
-        let mut out: Vec<Scope> = self.watermarks()?.iter().map(|(s, _)| s.clone()).collect();
-        // Skip from one scope's key range to the next: O(scopes), not O(records).
-        let mut from: Vec<u8> = Vec::new();
-        loop {
-            let Some(row) = self.records.range(from.as_slice()..)?.next() else {
-                break;
-            };
-            let (k, _) = row?;
-            let kb = k.value();
-            let len = usize::from(
-                *kb.first()
-                    .ok_or(StoreError::Corrupt { what: "record key" })?,
-            );
-            let text = kb
-                .get(1..=len)
-                .and_then(|b| std::str::from_utf8(b).ok())
-                .ok_or(StoreError::Corrupt { what: "scope" })?;
-            out.push(
-                text.parse()
-                    .map_err(|_| StoreError::Corrupt { what: "scope" })?,
-            );
-            from = kb[..=len].to_vec();
-            from.push(0xff);
-            from.extend_from_slice(&[0xff; crate::record::MAX_KEY_LEN]);
-        }
-        out.sort();
-        out.dedup();
-        Ok(out)
+        stored_scopes(&self.marks, &self.records)
     }
 
     fn clock(&self) -> Result<u64, StoreError> {
-        read_clock(self.meta.get("clock")?.map(|g| g.value().to_vec()))
+        stored_clock(&self.meta)
+    }
+}
+
+impl StoreRead for GroupReader<'_> {
+    fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
+        get_version(&self.txn().open_table(RECORDS)?, scope, key)
+    }
+
+    fn scan(&self, scope: &Scope, range: &KeyRange) -> Result<Vec<(Key, Version)>, StoreError> {
+        scan_records(&self.txn().open_table(RECORDS)?, scope, range)
+    }
+
+    fn watermarks(&self) -> Result<ScopedWatermarks, StoreError> {
+        all_marks(&self.txn().open_table(MARKS)?)
+    }
+
+    fn peer_watermarks(&self, peer: NodeId) -> Result<Option<ScopedWatermarks>, StoreError> {
+        peer_marks(&self.txn().open_table(PEER_MARKS)?, peer)
+    }
+
+    fn peers(&self) -> Result<Vec<NodeId>, StoreError> {
+        known_peers(&self.txn().open_table(PEER_MARKS)?)
+    }
+
+    fn live_range(
+        &self,
+        scope: &Scope,
+        origin: NodeId,
+        after: Option<Hlc>,
+        upto: Hlc,
+        limit: usize,
+    ) -> Result<Vec<(Key, Version)>, StoreError> {
+        let txn = self.txn();
+        live_versions(
+            &txn.open_table(LIVE)?,
+            &txn.open_table(RECORDS)?,
+            scope,
+            origin,
+            after,
+            upto,
+            limit,
+        )
+    }
+
+    fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
+        blob_ref_count(&self.txn().open_table(BLOB_REFS)?, hash)
+    }
+
+    fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
+        let txn = self.txn();
+        stored_scopes(&txn.open_table(MARKS)?, &txn.open_table(RECORDS)?)
+    }
+
+    fn clock(&self) -> Result<u64, StoreError> {
+        stored_clock(&self.txn().open_table(META)?)
     }
 }
 
@@ -403,11 +631,17 @@ impl<'t> Writer<'t> {
 }
 
 impl TxnOps for Writer<'_> {
-    fn get_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
-        match self.records.get(record_key(scope, key).as_slice())? {
-            Some(g) => decode_version(g.value()).map(Some),
-            None => Ok(None),
-        }
+    fn swap_record(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<Option<Version>, StoreError> {
+        let old = self.records.insert(
+            record_key(scope, key).as_slice(),
+            encode_version(version).as_slice(),
+        )?;
+        old.map(|g| decode_version(g.value())).transpose()
     }
 
     fn put_record(
@@ -490,7 +724,7 @@ impl TxnOps for Writer<'_> {
     }
 
     fn raise_clock(&mut self, time: u64) -> Result<(), StoreError> {
-        let cur = read_clock(self.meta.get("clock")?.map(|g| g.value().to_vec()))?;
+        let cur = stored_clock(&self.meta)?;
         if time > cur {
             self.meta.insert("clock", time.to_be_bytes().as_slice())?;
         }
@@ -511,7 +745,14 @@ impl TxnOps for Writer<'_> {
 
 impl Store for RedbStore {
     fn read(&self) -> Result<Box<dyn StoreRead + '_>, StoreError> {
+        let writes = self.lock_writes()?;
+        if writes.group.is_some() {
+            return Ok(Box::new(GroupReader::new(self, writes)));
+        }
+        // Begun under the lock, so a deferred commit that returned before this call is in
+        // the snapshot (it cannot be sitting in a group this reader does not see).
         let txn = self.db.begin_read()?;
+        drop(writes);
         Ok(Box::new(Reader {
             meta: txn.open_table(META)?,
             records: txn.open_table(RECORDS)?,
@@ -524,7 +765,8 @@ impl Store for RedbStore {
     }
 
     fn identity(&self, fresh: NodeId) -> Result<NodeId, StoreError> {
-        let txn = self.db.begin_write()?;
+        let mut writes = self.lock_writes()?;
+        let txn = self.write_txn(&mut writes)?;
         let id = {
             let mut meta = txn.open_table(META)?;
             let stored = meta.get("node_id")?.map(|g| g.value().to_vec());
@@ -542,48 +784,81 @@ impl Store for RedbStore {
                 }
             }
         };
-        txn.commit()?;
+        self.commit_durably(&mut writes, txn)?;
         Ok(id)
     }
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
-        let mut dirty = self.lock_dirty();
-        let txn = self.db.begin_write()?;
+        let mut writes = self.lock_writes()?;
+        let txn = self.write_txn(&mut writes)?;
         txn.open_table(META)?
             .insert("node_id", id.to_bytes().as_slice())?;
-        txn.commit()?;
-        // A durable commit also made every earlier deferred one durable.
-        *dirty = false;
-        Ok(())
+        self.commit_durably(&mut writes, txn)
     }
 
     fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
-        let mut dirty = self.lock_dirty();
-        let mut txn = self.db.begin_write()?;
-        let deferred = batch.durability == Durability::Deferred;
-        txn.set_durability(if deferred {
-            redb::Durability::None
-        } else {
-            redb::Durability::Immediate
-        })?;
+        let mut writes = self.lock_writes()?;
+        // A failure from here on drops `txn`, which aborts it, and with it the deferred
+        // commits gathered in the group: they are taken back as a crash would take them,
+        // with their watermark advances, so the store stays consistent.
+        writes.grouped = writes.grouped.saturating_add(batch.upserts.len());
+        let txn = self
+            .write_txn(&mut writes)
+            .inspect_err(|_| writes.grouped = 0)?;
         // IMPORTANT: the data and the watermark advances that cover it share this transaction.
-        let report = {
-            let mut w = Writer::open(&txn)?;
-            apply_batch(&mut w, batch)?
+        let applied = Writer::open(&txn).and_then(|mut w| apply_batch(&mut w, batch));
+        let report = match applied {
+            Ok(report) => report,
+            Err(e) => {
+                let lost = writes.grouped - batch.upserts.len();
+                writes.grouped = 0;
+                if lost > 0 {
+                    tracing::warn!(
+                        lost,
+                        error = %e,
+                        "a failed commit took back the deferred commits gathered before it"
+                    );
+                }
+                return Err(e);
+            }
         };
-        txn.commit()?;
-        *dirty = deferred;
+        match batch.durability {
+            Durability::Immediate => self.commit_durably(&mut writes, txn)?,
+            Durability::Deferred if writes.grouped >= Self::GROUP_VERSIONS => {
+                let mut txn = txn;
+                writes.grouped = 0;
+                txn.set_durability(redb::Durability::None)?;
+                txn.commit()?;
+                writes.dirty = true;
+            }
+            Durability::Deferred => writes.group = Some(txn),
+        }
         Ok(report)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        let mut dirty = self.lock_dirty();
-        if !*dirty {
+        let mut writes = self.lock_writes()?;
+        if !writes.pending() {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
-        txn.commit()?;
-        *dirty = false;
-        Ok(())
+        let txn = self.write_txn(&mut writes)?;
+        self.commit_durably(&mut writes, txn)
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Best effort, like the engine's own flush on drop: an open group would otherwise be
+        // aborted, and the deferred commits in it lost as in a crash.
+        let writes = self.writes.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut txn) = writes.group.take() {
+            let committed = txn
+                .set_durability(redb::Durability::Immediate)
+                .map_err(StoreError::from)
+                .and_then(|()| txn.commit().map_err(StoreError::from));
+            if let Err(e) = committed {
+                tracing::warn!(error = %e, "could not commit deferred work when closing the store");
+            }
+        }
     }
 }
