@@ -76,6 +76,7 @@ contract!(
     snapshot_ignores_later_commits,
     live_range_is_empty_when_after_is_not_below_upto,
     empty_peer_scope_reads_back_as_absent,
+    a_version_at_another_keys_hlc_is_refused,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -494,23 +495,22 @@ fn scan_honours_prefix_after_limit_and_key_order(store: &dyn Store) -> TestResul
     // name if the two were concatenated naively.
     let (a, b) = (scope("app/a/b"), scope("app/a/bc"));
     let in_a = ["a", "ab", "abc", "b", "ba", "ca", "\u{7f}"];
-    let mut batch = upserts(
-        &a,
-        &in_a
-            .iter()
-            .map(|k| (*k, put(1, 1, "A")))
-            .collect::<Vec<_>>(),
-    );
+    // Every version its own Hlc, as the engine issues them.
+    let mut batch = Batch::new(0, Durability::Deferred);
+    batch.upserts = (10u64..)
+        .zip(in_a)
+        .map(|(t, k)| (a.clone(), key(k), put(t, 1, "A")))
+        .collect();
     batch
         .upserts
-        .push((a.clone(), key([0x00u8]), put(1, 1, "zero")));
+        .push((a.clone(), key([0x00u8]), put(30, 1, "zero")));
     batch
         .upserts
-        .push((a.clone(), key([0xffu8, 0x00]), put(1, 1, "high")));
+        .push((a.clone(), key([0xffu8, 0x00]), put(31, 1, "high")));
     batch.upserts.push((b.clone(), key("a"), put(2, 1, "B")));
-    batch.upserts.push((b.clone(), key("cab"), put(2, 1, "B")));
+    batch.upserts.push((b.clone(), key("cab"), put(3, 1, "B")));
     store.commit(&batch)?;
-    store.commit(&upserts(&a, &[("ba", del(3, 1))]))?;
+    store.commit(&upserts(&a, &[("ba", del(40, 1))]))?;
 
     let read = store.read()?;
     let all = read.scan(
@@ -532,11 +532,12 @@ fn scan_honours_prefix_after_limit_and_key_order(store: &dyn Store) -> TestResul
         all.iter()
             .find(|(k, _)| *k == key("ba"))
             .map(|(_, v)| v.clone()),
-        Some(del(3, 1)),
+        Some(del(40, 1)),
         "tombstones included"
     );
     assert!(
-        all.iter().all(|(_, v)| v.hlc != hlc(2, 1)),
+        all.iter()
+            .all(|(_, v)| v.hlc != hlc(2, 1) && v.hlc != hlc(3, 1)),
         "nothing of scope B"
     );
     drop(read);
@@ -726,6 +727,45 @@ fn live_range_is_empty_when_after_is_not_below_upto(store: &dyn Store) -> TestRe
     Ok(())
 }
 
+/// Hlcs are unique: a version arriving under another key with the Hlc of a stored version
+/// (forged, or corrupt) is refused and displaces nothing; the same Hlc in another scope, or
+/// once the holder was superseded, is an ordinary version.
+fn a_version_at_another_keys_hlc_is_refused(store: &dyn Store) -> TestResult {
+    let s = Scope::shared();
+    let other = scope("app/x/y");
+    store.commit(&upserts(&s, &[("a", put(5, 1, "a"))]))?;
+    assert_eq!(
+        store.commit(&upserts(
+            &s,
+            &[("b", put(5, 1, "forged")), ("c", put(6, 1, "c"))]
+        ))?,
+        report(&[1], &[])
+    );
+    {
+        let read = store.read()?;
+        assert_eq!(read.get(&s, &key("a"))?, Some(put(5, 1, "a")));
+        assert_eq!(read.get(&s, &key("b"))?, None);
+        assert_eq!(
+            read.live_range(&s, id(1), None, hlc(u64::MAX, 1), 10)?,
+            vec![(key("a"), put(5, 1, "a")), (key("c"), put(6, 1, "c"))]
+        );
+    }
+    assert_eq!(
+        store.commit(&upserts(&other, &[("b", put(5, 1, "b"))]))?,
+        report(&[0], &[])
+    );
+    store.commit(&upserts(&s, &[("a", put(7, 1, "a2"))]))?;
+    assert_eq!(
+        store.commit(&upserts(&s, &[("b", put(5, 1, "b"))]))?,
+        report(&[0], &[])
+    );
+    let read = store.read()?;
+    assert_eq!(read.get(&other, &key("b"))?, Some(put(5, 1, "b")));
+    assert_eq!(read.get(&s, &key("b"))?, Some(put(5, 1, "b")));
+    assert_eq!(read.get(&s, &key("a"))?, Some(put(7, 1, "a2")));
+    Ok(())
+}
+
 /// Knowledge of a scope with no marks reads back as no knowledge of that scope.
 fn empty_peer_scope_reads_back_as_absent(store: &dyn Store) -> TestResult {
     let mut with_empty = marks(&[(&Scope::shared(), hlc(3, 1))]);
@@ -895,8 +935,8 @@ fn redb_reader_while_deferred_commits_gather() -> TestResult {
     Ok(())
 }
 
-/// The redb layout's records table ("records-v1": `len u8 | scope | key` -> postcard).
-const RECORDS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("records-v1");
+/// The redb layout's key index ("keys-v2": `len u8 | scope | key` -> origin | time BE).
+const KEY_INDEX: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("keys-v2");
 
 /// A deferred commit that fails takes back the deferred commits gathered before it, data
 /// and watermarks together, as a crash would; the next commit starts afresh.
@@ -917,7 +957,7 @@ fn redb_failed_deferred_commit_takes_back_its_group() -> TestResult {
         let txn = db.begin_write()?;
         let mut row = vec![6u8];
         row.extend_from_slice(b"sharedbad");
-        txn.open_table(RECORDS)?
+        txn.open_table(KEY_INDEX)?
             .insert(row.as_slice(), [0xffu8; 3].as_slice())?;
         txn.commit()?;
     }
@@ -993,6 +1033,117 @@ fn redb_gathered_commits_are_durable_after_a_durable_commit_flush_or_close() -> 
     let cut = RedbStore::with_backend(DiskHandle(disk.after_power_loss()))?;
     assert_eq!(state(&cut)?.1, marks(&[(&s, hlc(5, 1))]));
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Format 1 files are migrated when opened
+
+const RECORDS_V1: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("records-v1");
+const LIVE_V1: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("live-v1");
+const MARKS_V1: redb::TableDefinition<&[u8], u64> = redb::TableDefinition::new("watermarks-v1");
+
+fn scope_bytes(s: &Scope) -> Vec<u8> {
+    let mut out = vec![u8::try_from(s.as_str().len()).expect("short scope")];
+    out.extend_from_slice(s.as_str().as_bytes());
+    out
+}
+
+/// A file written in format 1 (the layout of docs/storage.md before format 2: records by
+/// key, a live index naming keys) opens as format 2 with the same state, and a store at
+/// an unknown format is still refused.
+#[test]
+fn redb_format_1_file_is_migrated_on_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store.redb");
+    let s = Scope::shared();
+    let app = scope("app/x/y");
+    let rows = [
+        (&s, "k", put(5, 1, "five")),
+        (
+            &s,
+            "j",
+            Version {
+                hlc: hlc(7, 2),
+                op: Op::Delete,
+            },
+        ),
+        (&app, "k", put(6, 1, "app")),
+    ];
+    {
+        let db = redb::Database::create(&path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert("format", 1u32.to_be_bytes().as_slice())?;
+            meta.insert("clock", 9u64.to_be_bytes().as_slice())?;
+            let mut records = txn.open_table(RECORDS_V1)?;
+            let mut live = txn.open_table(LIVE_V1)?;
+            let mut marks = txn.open_table(MARKS_V1)?;
+            for (scope, k, v) in &rows {
+                let mut rk = scope_bytes(scope);
+                rk.extend_from_slice(k.as_bytes());
+                records.insert(rk.as_slice(), postcard::to_allocvec(v)?.as_slice())?;
+                let mut lk = scope_bytes(scope);
+                lk.extend_from_slice(&v.hlc.origin().to_bytes());
+                lk.extend_from_slice(&v.hlc.time().to_be_bytes());
+                live.insert(lk.as_slice(), k.as_bytes())?;
+                let mut mk = scope_bytes(scope);
+                mk.extend_from_slice(&v.hlc.origin().to_bytes());
+                marks.insert(mk.as_slice(), 7)?;
+            }
+        }
+        txn.commit()?;
+    }
+    let store = RedbStore::open(&path)?;
+    let read = store.read()?;
+    assert_eq!(read.get(&s, &key("k"))?, Some(put(5, 1, "five")));
+    assert_eq!(
+        read.get(&s, &key("j"))?,
+        Some(Version {
+            hlc: hlc(7, 2),
+            op: Op::Delete,
+        })
+    );
+    assert_eq!(read.get(&app, &key("k"))?, Some(put(6, 1, "app")));
+    assert_eq!(read.scopes()?, vec![app.clone(), s.clone()]);
+    assert_eq!(
+        read.live_range(&s, id(1), None, hlc(u64::MAX, 1), 10)?,
+        vec![(key("k"), put(5, 1, "five"))]
+    );
+    assert_eq!(read.clock()?, 9);
+    assert_eq!(
+        read.watermarks()?,
+        marks(&[(&s, hlc(7, 1)), (&s, hlc(7, 2)), (&app, hlc(7, 1))])
+    );
+    drop(read);
+    // It merges as any store does, and reopens without migrating again.
+    store.commit(&upserts(&s, &[("k", put(8, 2, "eight"))]))?;
+    drop(store);
+    let store = RedbStore::open(&path)?;
+    assert_eq!(store.read()?.get(&s, &key("k"))?, Some(put(8, 2, "eight")));
+    assert_eq!(
+        store
+            .read()?
+            .live_range(&s, id(1), None, hlc(u64::MAX, 1), 10)?,
+        vec![]
+    );
+    drop(store);
+
+    {
+        let db = redb::Database::create(&path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(META)?
+            .insert("format", 3u32.to_be_bytes().as_slice())?;
+        txn.commit()?;
+    }
+    match RedbStore::open(&path) {
+        Err(highwater::error::StoreError::UnsupportedFormat {
+            found: 3,
+            supported: 2,
+        }) => Ok(()),
+        Err(e) => Err(format!("format 3 refused with {e}").into()),
+        Ok(_) => Err("a format 3 file opened".into()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------

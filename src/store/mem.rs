@@ -179,12 +179,25 @@ impl TxnOps for State {
         Ok(())
     }
 
+    fn live_key_at(&mut self, scope: &Scope, hlc: Hlc) -> Result<Option<Key>, StoreError> {
+        Ok(self
+            .live
+            .get(&(scope.clone(), hlc.origin(), hlc.time()))
+            .cloned())
+    }
+
     fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError> {
         self.live.remove(&(scope.clone(), hlc.origin(), hlc.time()));
         Ok(())
     }
 
-    fn insert_live(&mut self, scope: &Scope, hlc: Hlc, key: &Key) -> Result<(), StoreError> {
+    fn insert_live(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<(), StoreError> {
+        let hlc = version.hlc;
         self.live
             .insert((scope.clone(), hlc.origin(), hlc.time()), key.clone());
         Ok(())

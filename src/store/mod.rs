@@ -246,18 +246,28 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 /// The row-level operations a write transaction offers; [`apply_batch`] is written once
 /// against them so both stores share the merge, index and watermark logic.
 trait TxnOps {
-    /// Stores `version` for the key and returns the version it replaced: one lookup for
-    /// the merge and the write, where a read then a write would walk the tree twice.
+    /// Makes `version` the key's stored version and returns the one it replaced: one lookup
+    /// for the merge and the write, where a read then a write would walk the tree twice.
+    /// The version's row itself is written by `insert_live`.
     fn swap_record(
         &mut self,
         scope: &Scope,
         key: &Key,
         version: &Version,
     ) -> Result<Option<Version>, StoreError>;
+    /// Makes `version`, still stored, the key's version again (undoes a `swap_record`).
     fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version)
         -> Result<(), StoreError>;
+    /// The key whose stored version has this Hlc, if any.
+    fn live_key_at(&mut self, scope: &Scope, hlc: Hlc) -> Result<Option<Key>, StoreError>;
     fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError>;
-    fn insert_live(&mut self, scope: &Scope, hlc: Hlc, key: &Key) -> Result<(), StoreError>;
+    /// Stores `version` of `key` at its place in the live-version index.
+    fn insert_live(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<(), StoreError>;
     fn get_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<Option<Hlc>, StoreError>;
     fn set_mark(&mut self, scope: &Scope, mark: Hlc) -> Result<(), StoreError>;
     fn replace_peer_marks(&mut self, knowledge: &PeerKnowledge) -> Result<(), StoreError>;
@@ -271,6 +281,19 @@ trait TxnOps {
 fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, StoreError> {
     let mut report = BatchReport::default();
     for (i, (scope, key, version)) in batch.upserts.iter().enumerate() {
+        // Hlcs are unique, so a stored version at this Hlc is this very version (delivered
+        // again) or, under another key, proof that one of the two is forged or corrupt: the
+        // incoming one is refused rather than let it displace a stored version.
+        if let Some(holder) = ops.live_key_at(scope, version.hlc)? {
+            if holder != *key {
+                tracing::warn!(
+                    %scope,
+                    hlc = %version.hlc,
+                    "refused a version whose Hlc another key's stored version holds"
+                );
+            }
+            continue;
+        }
         // Most incoming versions win (new keys, newer writes), so write first and put the
         // stored version back in the rare case it wins.
         let stored = ops.swap_record(scope, key, version)?;
@@ -291,7 +314,7 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
                 }
             }
         }
-        ops.insert_live(scope, version.hlc, key)?;
+        ops.insert_live(scope, key, version)?;
         report.applied.push(i);
     }
     for adv in &batch.advances {

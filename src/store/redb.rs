@@ -1,8 +1,13 @@
-//! The redb store. Layout (format 1; see `docs/storage.md`):
+//! The redb store. Layout (format 2; see `docs/storage.md`):
 //!
 //! Composite keys start with the scope as `len u8 | scope bytes`, so every scope is one
 //! contiguous key range; origins are their 16 id bytes and times are big-endian, so byte
 //! order is Hlc order.
+//!
+//! Versions are stored by `(scope, origin, time)`, the order in which a sync delivers them,
+//! and a small index maps each key to its version's position. A bulk sync then appends to
+//! the large table and inserts random keys only into the small one, and the sender reads
+//! what a peer lacks with one range scan.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -22,15 +27,21 @@ use crate::record::{Key, Scope, Version};
 use crate::watermark::ScopedWatermarks;
 use crate::wire::ScopeFilter;
 
-/// The on-disk format this build reads and writes.
-pub const FORMAT: u32 = 1;
+/// The on-disk format this build reads and writes. Format 1 files are migrated to it when
+/// opened.
+pub const FORMAT: u32 = 2;
 
 /// "format" -> u32 BE; "node_id" -> 16 bytes; "clock" -> u64 BE (last issued or observed time).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-v1");
-/// scope | key -> postcard(Version): the latest version of every key, tombstones included.
-const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records-v1");
-/// scope | origin | time BE -> key: the live-version index, one entry per stored version.
-const LIVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live-v1");
+/// scope | origin | time BE -> key length u16 BE | key | postcard(Version): every stored
+/// version (the latest of its key, tombstones included), in Hlc order per origin.
+const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions-v2");
+/// scope | key -> origin | time BE: where each key's stored version is.
+const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys-v2");
+/// Format 1: scope | key -> postcard(Version). Read only to migrate.
+const RECORDS_V1: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records-v1");
+/// Format 1: scope | origin | time BE -> key. Read only to migrate.
+const LIVE_V1: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live-v1");
 /// scope | origin -> time: this node's watermarks.
 const MARKS: TableDefinition<&[u8], u64> = TableDefinition::new("watermarks-v1");
 /// peer -> 0 (the peer was met), and peer | scope | origin -> time: what we learned of each
@@ -101,6 +112,54 @@ fn live_key(scope: &Scope, origin: NodeId, time: u64) -> Vec<u8> {
     out
 }
 
+/// A key's index entry: the position of its stored version.
+fn position(hlc: Hlc) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..16].copy_from_slice(&hlc.origin().to_bytes());
+    out[16..].copy_from_slice(&hlc.time().to_be_bytes());
+    out
+}
+
+fn decode_position(bytes: &[u8]) -> Result<(NodeId, u64), StoreError> {
+    let corrupt = StoreError::Corrupt { what: "key index" };
+    let (id, time) = bytes
+        .split_at_checked(16)
+        .ok_or(StoreError::Corrupt { what: "key index" })?;
+    let id: [u8; 16] = id
+        .try_into()
+        .map_err(|_| StoreError::Corrupt { what: "key index" })?;
+    let time: [u8; 8] = time
+        .try_into()
+        .map_err(|_| StoreError::Corrupt { what: "key index" })?;
+    let origin = NodeId::from_bytes(id).ok_or(corrupt)?;
+    Ok((origin, u64::from_be_bytes(time)))
+}
+
+/// A versions row: `key length u16 BE | key | postcard(Version)`.
+fn encode_row(key: &Key, v: &Version) -> Vec<u8> {
+    let k = key.as_bytes();
+    let mut out = Vec::with_capacity(2 + k.len() + k.len() / 2 + 64);
+    out.extend_from_slice(
+        &u16::try_from(k.len())
+            .expect("keys are at most MAX_KEY_LEN bytes")
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(k);
+    postcard::to_io(v, &mut out).expect("postcard encoding into a Vec does not fail");
+    out
+}
+
+fn decode_row(bytes: &[u8]) -> Result<(Key, Version), StoreError> {
+    let corrupt = || StoreError::Corrupt { what: "version" };
+    let (len, rest) = bytes.split_at_checked(2).ok_or_else(corrupt)?;
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let (key, version) = rest.split_at_checked(len).ok_or_else(corrupt)?;
+    Ok((
+        Key::new(key).map_err(|_| corrupt())?,
+        decode_version(version)?,
+    ))
+}
+
 fn decode_scope_origin(bytes: &[u8]) -> Result<(Scope, NodeId), StoreError> {
     let corrupt = StoreError::Corrupt {
         what: "watermark key",
@@ -125,10 +184,6 @@ fn decode_scope_origin(bytes: &[u8]) -> Result<(Scope, NodeId), StoreError> {
 
 fn decode_version(bytes: &[u8]) -> Result<Version, StoreError> {
     postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt { what: "record" })
-}
-
-fn encode_version(v: &Version) -> Vec<u8> {
-    postcard::to_allocvec(v).expect("postcard encoding into a Vec does not fail")
 }
 
 impl RedbStore {
@@ -244,17 +299,23 @@ impl RedbStore {
                         .as_slice()
                         .try_into()
                         .map_err(|_| StoreError::Corrupt { what: "format" })?;
-                    let found = u32::from_be_bytes(arr);
-                    if found != FORMAT {
-                        return Err(StoreError::UnsupportedFormat {
-                            found,
-                            supported: FORMAT,
-                        });
+                    match u32::from_be_bytes(arr) {
+                        FORMAT => {}
+                        1 => {
+                            migrate_v1(&txn)?;
+                            meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
+                        }
+                        found => {
+                            return Err(StoreError::UnsupportedFormat {
+                                found,
+                                supported: FORMAT,
+                            })
+                        }
                     }
                 }
             }
-            txn.open_table(RECORDS)?;
-            txn.open_table(LIVE)?;
+            txn.open_table(VERSIONS)?;
+            txn.open_table(KEYS)?;
             txn.open_table(MARKS)?;
             txn.open_table(PEER_MARKS)?;
             txn.open_table(BLOB_REFS)?;
@@ -265,11 +326,47 @@ impl RedbStore {
 }
 
 /// A reader on a committed snapshot (redb's MVCC): used while no group is open.
+/// Rewrites a format 1 store in format 2, inside the opening transaction (so a crash
+/// leaves the file in format 1, to be migrated again): every live-index row names a key
+/// whose stored version goes to `versions-v2` at the same position.
+fn migrate_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
+    {
+        let live = txn.open_table(LIVE_V1)?;
+        let records = txn.open_table(RECORDS_V1)?;
+        let mut versions = txn.open_table(VERSIONS)?;
+        let mut keys = txn.open_table(KEYS)?;
+        for row in live.iter()? {
+            let (position_key, key) = row?;
+            let position_key = position_key.value();
+            let (&len, _) = position_key
+                .split_first()
+                .ok_or(StoreError::Corrupt { what: "live index" })?;
+            let scope_len = 1 + usize::from(len);
+            let mut record_key = position_key
+                .get(..scope_len)
+                .ok_or(StoreError::Corrupt { what: "live index" })?
+                .to_vec();
+            record_key.extend_from_slice(key.value());
+            let version = records
+                .get(record_key.as_slice())?
+                .ok_or(StoreError::Corrupt { what: "live index" })?;
+            let version = decode_version(version.value())?;
+            let key =
+                Key::new(key.value()).map_err(|_| StoreError::Corrupt { what: "live index" })?;
+            versions.insert(position_key, encode_row(&key, &version).as_slice())?;
+            keys.insert(record_key.as_slice(), position(version.hlc).as_slice())?;
+        }
+    }
+    txn.delete_table(LIVE_V1)?;
+    txn.delete_table(RECORDS_V1)?;
+    Ok(())
+}
+
 struct Reader {
     _txn: ReadTransaction,
     meta: ReadOnlyTable<&'static str, &'static [u8]>,
-    records: ReadOnlyTable<&'static [u8], &'static [u8]>,
-    live: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    versions: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    keys: ReadOnlyTable<&'static [u8], &'static [u8]>,
     marks: ReadOnlyTable<&'static [u8], u64>,
     peers: ReadOnlyTable<&'static [u8], u64>,
     blob_refs: ReadOnlyTable<&'static [u8], u64>,
@@ -341,19 +438,41 @@ fn read_marks<'a>(
 // The reads, written once over redb's `ReadableTable`, so that snapshot readers, group
 // readers and the write transaction's own lookups share them.
 
+type Bytes = &'static [u8];
+
+/// The stored version of `key` at its index entry `position`.
+fn version_at(
+    versions: &impl ReadableTable<Bytes, Bytes>,
+    scope: &Scope,
+    key: &[u8],
+    position: &[u8],
+) -> Result<Version, StoreError> {
+    let (origin, time) = decode_position(position)?;
+    let row = versions
+        .get(live_key(scope, origin, time).as_slice())?
+        .ok_or(StoreError::Corrupt { what: "key index" })?;
+    let (stored_key, version) = decode_row(row.value())?;
+    if stored_key.as_bytes() != key {
+        return Err(StoreError::Corrupt { what: "key index" });
+    }
+    Ok(version)
+}
+
 fn get_version(
-    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    keys: &impl ReadableTable<Bytes, Bytes>,
+    versions: &impl ReadableTable<Bytes, Bytes>,
     scope: &Scope,
     key: &Key,
 ) -> Result<Option<Version>, StoreError> {
-    match records.get(record_key(scope, key).as_slice())? {
-        Some(g) => decode_version(g.value()).map(Some),
+    match keys.get(record_key(scope, key).as_slice())? {
+        Some(g) => version_at(versions, scope, key.as_bytes(), g.value()).map(Some),
         None => Ok(None),
     }
 }
 
 fn scan_records(
-    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    keys: &impl ReadableTable<Bytes, Bytes>,
+    versions: &impl ReadableTable<Bytes, Bytes>,
     scope: &Scope,
     range: &KeyRange,
 ) -> Result<Vec<(Key, Version)>, StoreError> {
@@ -371,7 +490,7 @@ fn scan_records(
     let full_prefix_len = sp.len() + range.prefix.len();
     let mut want_prefix = sp.clone();
     want_prefix.extend_from_slice(&range.prefix);
-    for row in records.range(start.as_slice()..)? {
+    for row in keys.range(start.as_slice()..)? {
         if out.len() >= range.limit {
             break;
         }
@@ -385,7 +504,8 @@ fn scan_records(
         }
         let key =
             Key::new(&kb[sp.len()..]).map_err(|_| StoreError::Corrupt { what: "record key" })?;
-        out.push((key, decode_version(v.value())?));
+        let version = version_at(versions, scope, key.as_bytes(), v.value())?;
+        out.push((key, version));
     }
     Ok(out)
 }
@@ -423,8 +543,7 @@ fn known_peers(peers: &impl ReadableTable<&'static [u8], u64>) -> Result<Vec<Nod
 }
 
 fn live_versions(
-    live: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    versions: &impl ReadableTable<Bytes, Bytes>,
     scope: &Scope,
     origin: NodeId,
     after: Option<Hlc>,
@@ -440,12 +559,9 @@ fn live_versions(
     };
     let hi = live_key(scope, origin, upto.time());
     let mut out = Vec::new();
-    for row in live.range(lo.as_slice()..=hi.as_slice())?.take(limit) {
-        let (_, key) = row?;
-        let key = Key::new(key.value()).map_err(|_| StoreError::Corrupt { what: "live index" })?;
-        let version =
-            get_version(records, scope, &key)?.ok_or(StoreError::Corrupt { what: "live index" })?;
-        out.push((key, version));
+    for row in versions.range(lo.as_slice()..=hi.as_slice())?.take(limit) {
+        let (_, row) = row?;
+        out.push(decode_row(row.value())?);
     }
     Ok(out)
 }
@@ -461,13 +577,13 @@ fn blob_ref_count(
 
 fn stored_scopes(
     marks: &impl ReadableTable<&'static [u8], u64>,
-    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    keys: &impl ReadableTable<Bytes, Bytes>,
 ) -> Result<Vec<Scope>, StoreError> {
     let mut out: Vec<Scope> = all_marks(marks)?.iter().map(|(s, _)| s.clone()).collect();
     // Skip from one scope's key range to the next: O(scopes), not O(records).
     let mut from: Vec<u8> = Vec::new();
     loop {
-        let Some(row) = records.range(from.as_slice()..)?.next() else {
+        let Some(row) = keys.range(from.as_slice()..)?.next() else {
             break;
         };
         let (k, _) = row?;
@@ -499,11 +615,11 @@ fn stored_clock(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Resul
 
 impl StoreRead for Reader {
     fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
-        get_version(&self.records, scope, key)
+        get_version(&self.keys, &self.versions, scope, key)
     }
 
     fn scan(&self, scope: &Scope, range: &KeyRange) -> Result<Vec<(Key, Version)>, StoreError> {
-        scan_records(&self.records, scope, range)
+        scan_records(&self.keys, &self.versions, scope, range)
     }
 
     fn watermarks(&self) -> Result<ScopedWatermarks, StoreError> {
@@ -526,7 +642,7 @@ impl StoreRead for Reader {
         upto: Hlc,
         limit: usize,
     ) -> Result<Vec<(Key, Version)>, StoreError> {
-        live_versions(&self.live, &self.records, scope, origin, after, upto, limit)
+        live_versions(&self.versions, scope, origin, after, upto, limit)
     }
 
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
@@ -534,7 +650,7 @@ impl StoreRead for Reader {
     }
 
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
-        stored_scopes(&self.marks, &self.records)
+        stored_scopes(&self.marks, &self.keys)
     }
 
     fn clock(&self) -> Result<u64, StoreError> {
@@ -544,11 +660,23 @@ impl StoreRead for Reader {
 
 impl StoreRead for GroupReader<'_> {
     fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
-        get_version(&self.txn().open_table(RECORDS)?, scope, key)
+        let txn = self.txn();
+        get_version(
+            &txn.open_table(KEYS)?,
+            &txn.open_table(VERSIONS)?,
+            scope,
+            key,
+        )
     }
 
     fn scan(&self, scope: &Scope, range: &KeyRange) -> Result<Vec<(Key, Version)>, StoreError> {
-        scan_records(&self.txn().open_table(RECORDS)?, scope, range)
+        let txn = self.txn();
+        scan_records(
+            &txn.open_table(KEYS)?,
+            &txn.open_table(VERSIONS)?,
+            scope,
+            range,
+        )
     }
 
     fn watermarks(&self) -> Result<ScopedWatermarks, StoreError> {
@@ -571,10 +699,8 @@ impl StoreRead for GroupReader<'_> {
         upto: Hlc,
         limit: usize,
     ) -> Result<Vec<(Key, Version)>, StoreError> {
-        let txn = self.txn();
         live_versions(
-            &txn.open_table(LIVE)?,
-            &txn.open_table(RECORDS)?,
+            &self.txn().open_table(VERSIONS)?,
             scope,
             origin,
             after,
@@ -589,7 +715,7 @@ impl StoreRead for GroupReader<'_> {
 
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
         let txn = self.txn();
-        stored_scopes(&txn.open_table(MARKS)?, &txn.open_table(RECORDS)?)
+        stored_scopes(&txn.open_table(MARKS)?, &txn.open_table(KEYS)?)
     }
 
     fn clock(&self) -> Result<u64, StoreError> {
@@ -610,8 +736,8 @@ fn read_clock(bytes: Option<Vec<u8>>) -> Result<u64, StoreError> {
 
 struct Writer<'t> {
     meta: Table<'t, &'static str, &'static [u8]>,
-    records: Table<'t, &'static [u8], &'static [u8]>,
-    live: Table<'t, &'static [u8], &'static [u8]>,
+    versions: Table<'t, &'static [u8], &'static [u8]>,
+    keys: Table<'t, &'static [u8], &'static [u8]>,
     marks: Table<'t, &'static [u8], u64>,
     peers: Table<'t, &'static [u8], u64>,
     blob_refs: Table<'t, &'static [u8], u64>,
@@ -621,8 +747,8 @@ impl<'t> Writer<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
         Ok(Writer {
             meta: txn.open_table(META)?,
-            records: txn.open_table(RECORDS)?,
-            live: txn.open_table(LIVE)?,
+            versions: txn.open_table(VERSIONS)?,
+            keys: txn.open_table(KEYS)?,
             marks: txn.open_table(MARKS)?,
             peers: txn.open_table(PEER_MARKS)?,
             blob_refs: txn.open_table(BLOB_REFS)?,
@@ -637,11 +763,14 @@ impl TxnOps for Writer<'_> {
         key: &Key,
         version: &Version,
     ) -> Result<Option<Version>, StoreError> {
-        let old = self.records.insert(
+        let old = self.keys.insert(
             record_key(scope, key).as_slice(),
-            encode_version(version).as_slice(),
+            position(version.hlc).as_slice(),
         )?;
-        old.map(|g| decode_version(g.value())).transpose()
+        match old {
+            Some(g) => version_at(&self.versions, scope, key.as_bytes(), g.value()).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn put_record(
@@ -650,23 +779,39 @@ impl TxnOps for Writer<'_> {
         key: &Key,
         version: &Version,
     ) -> Result<(), StoreError> {
-        self.records.insert(
+        self.keys.insert(
             record_key(scope, key).as_slice(),
-            encode_version(version).as_slice(),
+            position(version.hlc).as_slice(),
         )?;
         Ok(())
     }
 
+    fn live_key_at(&mut self, scope: &Scope, hlc: Hlc) -> Result<Option<Key>, StoreError> {
+        match self
+            .versions
+            .get(live_key(scope, hlc.origin(), hlc.time()).as_slice())?
+        {
+            Some(row) => decode_row(row.value()).map(|(key, _)| Some(key)),
+            None => Ok(None),
+        }
+    }
+
     fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError> {
-        self.live
+        self.versions
             .remove(live_key(scope, hlc.origin(), hlc.time()).as_slice())?;
         Ok(())
     }
 
-    fn insert_live(&mut self, scope: &Scope, hlc: Hlc, key: &Key) -> Result<(), StoreError> {
-        self.live.insert(
+    fn insert_live(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<(), StoreError> {
+        let hlc = version.hlc;
+        self.versions.insert(
             live_key(scope, hlc.origin(), hlc.time()).as_slice(),
-            key.as_bytes(),
+            encode_row(key, version).as_slice(),
         )?;
         Ok(())
     }
@@ -755,8 +900,8 @@ impl Store for RedbStore {
         drop(writes);
         Ok(Box::new(Reader {
             meta: txn.open_table(META)?,
-            records: txn.open_table(RECORDS)?,
-            live: txn.open_table(LIVE)?,
+            versions: txn.open_table(VERSIONS)?,
+            keys: txn.open_table(KEYS)?,
             marks: txn.open_table(MARKS)?,
             peers: txn.open_table(PEER_MARKS)?,
             blob_refs: txn.open_table(BLOB_REFS)?,
