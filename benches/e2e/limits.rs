@@ -28,7 +28,11 @@ const CHUNK: usize = 256 << 10;
 pub fn run(fx: &mut Fixture) -> Result {
     let n = fx.sizes.records;
     let runs = fx.sizes.runs;
-    let mut rows = vec![redb_bulk(fx, n, runs)?, redb_paged(fx, n, runs)?];
+    let mut rows = vec![
+        redb_bulk(fx, n, runs, None)?,
+        redb_bulk(fx, n, runs, Some(highwater::store::RedbStore::CACHE_BYTES))?,
+        redb_paged(fx, n, runs)?,
+    ];
     rows.extend(postcard(fx.records(n), runs)?);
     rows.push(blake3(fx.records(n), runs));
     for file in fx.sizes.blob_files.clone() {
@@ -42,15 +46,21 @@ pub fn run(fx: &mut Fixture) -> Result {
     Ok(rows)
 }
 
-/// Inserts the records into a plain key -> value table in one durable transaction.
-fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
+/// Inserts the records into a plain key -> value table in one durable transaction, with
+/// redb's default page cache (1 GiB: the whole tree stays in memory) or with `cache` bytes
+/// (`RedbStore::CACHE_BYTES`, the cache a highwater node runs with).
+fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize, cache: Option<usize>) -> Result<Row> {
     let mut rates = Vec::new();
     for _ in 0..runs {
         let dir = fx.fresh_dir("redb-limit");
         std::fs::create_dir_all(&dir)?;
         let data = fx.records(n);
         let (done, secs) = measure::timed(|| -> Result<()> {
-            let db = Database::create(dir.join("limit.redb"))?;
+            let mut builder = Database::builder();
+            if let Some(bytes) = cache {
+                builder.set_cache_size(bytes);
+            }
+            let db = builder.create(dir.join("limit.redb"))?;
             let txn = db.begin_write()?;
             {
                 let mut table = txn.open_table(PLAIN)?;
@@ -65,16 +75,23 @@ fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
         rates.push(n as f64 / secs);
         std::fs::remove_dir_all(&dir)?;
     }
+    let (cache_text, key) = match cache {
+        None => ("redb's default 1 GiB cache".to_string(), "redb bulk insert"),
+        Some(bytes) => (
+            format!("{} MiB cache", bytes >> 20),
+            "redb bulk insert, node cache",
+        ),
+    };
     Ok(Row::new(
         format!(
-            "limit: redb bulk insert, {} records, one transaction",
+            "limit: redb bulk insert, {} records, one transaction, {cache_text}",
             count(n)
         ),
         "records/s",
         Unit::RecordsPerSec,
         Summary::of(&rates),
     )
-    .key("redb bulk insert"))
+    .key(key))
 }
 
 /// Inserts the records in transactions of one page ([`PAGE`] records) each, non-durable
