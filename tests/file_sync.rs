@@ -688,6 +688,19 @@ fn failing_blob_in_small_pages_neither_loops_nor_starves_other_origins() -> Test
 
 #[test]
 fn corrupted_fetch_is_rejected_and_never_stored() -> TestResult {
+    corrupted_fetch_check()
+}
+
+/// The same inside a tokio runtime's context, where a fetched blob is finished (verified,
+/// fsynced, renamed) on tokio's blocking threads instead of inline.
+#[test]
+fn corrupted_fetch_is_rejected_when_finished_on_blocking_threads() -> TestResult {
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let _context = runtime.enter();
+    corrupted_fetch_check()
+}
+
+fn corrupted_fetch_check() -> TestResult {
     let hub = Hub::new()?;
     let dir = tempfile::tempdir()?;
     let c = redb_node(dir.path(), &hub.time)?;

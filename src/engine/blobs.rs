@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashSet};
 use futures_util::stream::{self, StreamExt};
 
 use super::SyncEngine;
-use crate::blob::BlobError;
+use crate::blob::{BlobError, BlobWriter};
 use crate::error::TransportError;
 use crate::hash::Hash;
 use crate::hlc::Hlc;
@@ -207,9 +207,8 @@ impl SyncEngine {
             room: blob.size,
         };
         transport.fetch_blob(blob, &mut writer).await?;
-        let writer = writer.inner;
         // IMPORTANT: verified before it becomes visible; a mismatch stores nothing.
-        writer.finish(Some(&blob))?;
+        finish_blob(writer.inner, blob).await?;
         Ok(())
     }
 
@@ -232,6 +231,28 @@ impl From<BlobError> for crate::transport::Refusal {
 
 /// Refuses bytes beyond the expected size, so a peer cannot make us write more than the
 /// blob it promised before the hash check in `finish` catches it.
+/// Finishes a fetched blob (hash check, fsync of the file, rename, fsync of its directory).
+/// Under a tokio runtime this runs on a blocking thread, so the round's other transfers keep
+/// streaming while one waits on the disk (the round is one task, and a blocking call in it
+/// would stop them all); under any other executor it runs inline. If the round is dropped
+/// meanwhile, the finish still completes: the blob is then stored unreferenced, for
+/// `collect_garbage`.
+async fn finish_blob(writer: Box<dyn BlobWriter>, blob: BlobRef) -> Result<BlobRef, BlobError> {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return writer.finish(Some(&blob));
+    };
+    match runtime
+        .spawn_blocking(move || writer.finish(Some(&blob)))
+        .await
+    {
+        Ok(finished) => finished,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(BlobError::Source(std::io::Error::other(
+            "the runtime shut down while the blob was being stored",
+        ))),
+    }
+}
+
 struct Bounded<W> {
     inner: W,
     room: u64,
