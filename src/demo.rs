@@ -137,10 +137,11 @@ impl<T: Transport> Transport for Link<T> {
     async fn watch(
         &self,
         since: Option<String>,
+        watcher: Option<NodeId>,
         timeout: Duration,
     ) -> Result<WatchReply, TransportError> {
         self.check()?;
-        self.inner.watch(since, timeout).await
+        self.inner.watch(since, watcher, timeout).await
     }
 }
 

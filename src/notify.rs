@@ -231,11 +231,41 @@ impl FromStr for WatchToken {
     }
 }
 
-/// Change counts: the total, and per scope the total when the scope last changed.
+/// Change counts: the total, and per scope when it last changed and by whom.
 #[derive(Default)]
 struct Counts {
     seq: u64,
-    by_scope: BTreeMap<Scope, u64>,
+    by_scope: BTreeMap<Scope, ScopeChanges>,
+}
+
+/// When a scope last changed, and who caused it (the peer whose page was applied; `None` for
+/// a local write), plus when it last changed by someone else: enough to tell any watcher the
+/// newest change it did not cause itself.
+#[derive(Clone, Copy, Default)]
+struct ScopeChanges {
+    last: u64,
+    cause: Option<NodeId>,
+    /// The newest change whose cause differs from `cause` (0: none).
+    other: u64,
+}
+
+impl ScopeChanges {
+    fn record(&mut self, seq: u64, cause: Option<NodeId>) {
+        if cause != self.cause {
+            self.other = self.last;
+            self.cause = cause;
+        }
+        self.last = seq;
+    }
+
+    /// The newest change `watcher` did not cause.
+    fn newest_for(&self, watcher: Option<NodeId>) -> u64 {
+        if watcher.is_some() && self.cause == watcher {
+            self.other
+        } else {
+            self.last
+        }
+    }
 }
 
 /// Publishes a node's events and change counts.
@@ -288,8 +318,14 @@ impl Notifier {
         let _ = self.events.send(event);
     }
 
-    /// Notes that the watermarks of `scopes` moved, waking watchers of those scopes.
-    pub fn scopes_changed<'a>(&self, scopes: impl IntoIterator<Item = &'a Scope>) {
+    /// Notes that the watermarks of `scopes` moved, waking watchers of those scopes; `cause`
+    /// is the peer whose page moved them (`None` for a local write), whose own watch is not
+    /// woken by the change (it already holds what it sent).
+    pub fn scopes_changed<'a>(
+        &self,
+        scopes: impl IntoIterator<Item = &'a Scope>,
+        cause: Option<NodeId>,
+    ) {
         let mut scopes = scopes.into_iter().peekable();
         if scopes.peek().is_none() {
             return;
@@ -299,9 +335,11 @@ impl Notifier {
             let seq = c.seq;
             for s in scopes {
                 match c.by_scope.get_mut(s) {
-                    Some(at) => *at = seq,
+                    Some(changes) => changes.record(seq, cause),
                     None => {
-                        c.by_scope.insert(s.clone(), seq);
+                        let mut changes = ScopeChanges::default();
+                        changes.record(seq, cause);
+                        c.by_scope.insert(s.clone(), changes);
                     }
                 }
             }
@@ -318,10 +356,12 @@ impl Notifier {
 
     /// Waits until a scope accepted by `readable` changes after `since` (at once if it
     /// already did, or if `since` is `None` or from another incarnation), or until
-    /// `timeout`. Returns whether there is news, and the token to wait from next.
+    /// `timeout`. Changes caused by `watcher` (pages it sent) are not news to it. Returns
+    /// whether there is news, and the token to wait from next.
     pub async fn wait_for_news(
         &self,
         since: Option<WatchToken>,
+        watcher: Option<NodeId>,
         readable: impl Fn(&Scope) -> bool,
         timeout: Duration,
     ) -> (bool, WatchToken) {
@@ -330,7 +370,7 @@ impl Notifier {
             counts
                 .by_scope
                 .iter()
-                .any(|(scope, at)| *at > since && readable(scope))
+                .any(|(scope, changes)| changes.newest_for(watcher) > since && readable(scope))
         };
         let since = match since {
             Some(t) if t.incarnation == self.incarnation => t.seq,
@@ -387,26 +427,72 @@ mod tests {
         let a = Scope::app("a", "t").unwrap();
         let b = Scope::app("b", "t").unwrap();
         let start = n.token();
-        n.scopes_changed([&b]);
+        n.scopes_changed([&b], None);
         let (news, _) = n
-            .wait_for_news(Some(start), |s| s == &a, Duration::from_millis(50))
+            .wait_for_news(Some(start), None, |s| s == &a, Duration::from_millis(50))
             .await;
         assert!(!news, "a change to b is not news to a reader of a");
         let (news, next) = n
-            .wait_for_news(Some(start), |s| s == &b, Duration::from_millis(50))
+            .wait_for_news(Some(start), None, |s| s == &b, Duration::from_millis(50))
             .await;
         assert!(news);
         let (news, _) = n
-            .wait_for_news(Some(next), |s| s == &b, Duration::from_millis(50))
+            .wait_for_news(Some(next), None, |s| s == &b, Duration::from_millis(50))
             .await;
         assert!(!news, "nothing changed since the last token");
+    }
+
+    /// A watcher is not woken by the pages it sent itself, but is by anyone else's change in
+    /// between, however the two interleave.
+    #[tokio::test(start_paused = true)]
+    async fn a_watchers_own_pushes_are_not_news_to_it() {
+        let n = Notifier::new();
+        let s = Scope::shared();
+        let (w, x) = (
+            NodeId::from_bytes([1; 16]).unwrap(),
+            NodeId::from_bytes([2; 16]).unwrap(),
+        );
+        let wait = Duration::from_millis(50);
+        let news = |since, watcher| {
+            let n = &n;
+            async move {
+                n.wait_for_news(Some(since), watcher, |_| true, wait)
+                    .await
+                    .0
+            }
+        };
+        let t0 = n.token();
+        n.scopes_changed([&s], Some(w));
+        let t1 = n.token();
+        assert!(!news(t0, Some(w)).await, "w's own push");
+        assert!(news(t0, Some(x)).await, "news to another peer");
+        assert!(news(t0, None).await, "news to an anonymous watcher");
+
+        n.scopes_changed([&s], Some(x));
+        n.scopes_changed([&s], Some(w));
+        n.scopes_changed([&s], Some(w));
+        assert!(news(t1, Some(w)).await, "x's change between w's own");
+        let t2 = n.token();
+        assert!(!news(t2, Some(w)).await);
+
+        n.scopes_changed([&s], None);
+        assert!(
+            news(t2, Some(w)).await,
+            "a local write is news to every peer"
+        );
+        let t3 = n.token();
+        n.scopes_changed([&s], Some(x));
+        assert!(!news(t3, Some(x)).await);
+        assert!(news(t3, Some(w)).await);
     }
 
     #[tokio::test]
     async fn a_foreign_token_is_behind() {
         let n = Notifier::new();
         let other = Notifier::new().token();
-        let (news, _) = n.wait_for_news(Some(other), |_| true, Duration::ZERO).await;
+        let (news, _) = n
+            .wait_for_news(Some(other), None, |_| true, Duration::ZERO)
+            .await;
         assert!(news);
     }
 

@@ -607,7 +607,7 @@ async fn watch_loop<T: Transport>(
         let reply = tokio::select! {
             biased;
             () = stopped(&mut stop) => return,
-            reply = transport.watch(token.clone(), config.watch_timeout) => reply,
+            reply = transport.watch(token.clone(), Some(shared.engine.node_id()), config.watch_timeout) => reply,
         };
         next = match reply {
             Ok(reply) => {

@@ -916,7 +916,7 @@ async fn the_client_maps_connection_refused_to_unreachable() -> TestResult {
         Err(TransportError::Unreachable { .. })
     ));
     assert!(matches!(
-        client.watch(None, Duration::from_secs(1)).await,
+        client.watch(None, None, Duration::from_secs(1)).await,
         Err(TransportError::Unreachable { .. })
     ));
     Ok(())
@@ -939,7 +939,7 @@ async fn the_client_maps_refusals_to_their_codes() -> TestResult {
     );
     let wrong = server.client(Some("not-a-token-of-this-node"))?;
     assert_eq!(
-        refused_code(wrong.watch(None, Duration::from_secs(1)).await),
+        refused_code(wrong.watch(None, None, Duration::from_secs(1)).await),
         RefusalCode::Unauthorized
     );
 
@@ -1065,7 +1065,7 @@ async fn the_client_reports_garbage_as_a_bad_response() -> TestResult {
         Err(TransportError::BadResponse(_))
     ));
     assert!(matches!(
-        client.watch(None, Duration::from_secs(1)).await,
+        client.watch(None, None, Duration::from_secs(1)).await,
         Err(TransportError::BadResponse(_))
     ));
     // A well-formed envelope of the wrong kind (a request) is no response either.
@@ -1119,7 +1119,7 @@ async fn the_client_retries_nothing() -> TestResult {
             ),
             (
                 "watch",
-                refused_code(client.watch(None, Duration::from_secs(1)).await),
+                refused_code(client.watch(None, None, Duration::from_secs(1)).await),
             ),
         ];
         let expected = match status {
@@ -1311,6 +1311,8 @@ async fn a_watch_has_news_only_for_scopes_its_token_reads() -> TestResult {
         "timeout_ms=-1",
         "other=1",
         "timeout_ms=1&timeout_ms=2",
+        "watcher=",
+        "watcher=not-hex",
     ] {
         let path = format!("/v1/sync/watch?{bad}");
         let (status, _, _) = call(&client, Method::GET, &path, Bytes::new()).await?;

@@ -209,13 +209,16 @@ fn content(e: &SyncEngine) -> Vec<Row> {
 async fn watch_wakes_on_a_write_before_its_timeout() {
     let b = Node::start().await;
     let t = HttpTransport::new(&b.url(), None).unwrap();
-    let first = t.watch(None, Duration::from_secs(5)).await.unwrap();
+    let first = t.watch(None, None, Duration::from_secs(5)).await.unwrap();
     assert!(first.news, "no token: news at once");
     let token = first.token.clone();
     let waiter = tokio::spawn(async move {
         let t = t;
         let started = tokio::time::Instant::now();
-        let reply = t.watch(Some(token), Duration::from_secs(30)).await.unwrap();
+        let reply = t
+            .watch(Some(token), None, Duration::from_secs(30))
+            .await
+            .unwrap();
         (reply, started.elapsed())
     });
     // The waiter may or may not be parked yet; either way the write must be news.
@@ -234,4 +237,68 @@ async fn watch_wakes_on_a_write_before_its_timeout() {
     );
     assert_ne!(reply.token, first.token);
     b.stop().await;
+}
+
+/// A device's own push is no news to its own watch (it would only run one more round to
+/// learn nothing), but a write another device pushes is, and so is the push to a watcher
+/// that does not say who it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watchers_own_push_is_not_news_to_it() {
+    let hub = Node::start().await;
+    let (a, x) = (Node::start().await, Node::start().await);
+    let to_hub = |n: &Node| HttpTransport::new(&hub.url(), None).map(|t| (n.engine.clone(), t));
+    let (a_engine, a_link) = to_hub(&a).unwrap();
+    let (x_engine, x_link) = to_hub(&x).unwrap();
+    let watch = |since: &str, watcher: Option<highwater::NodeId>, ms: u64| {
+        let t = HttpTransport::new(&hub.url(), None).unwrap();
+        let since = since.to_owned();
+        async move {
+            t.watch(Some(since), watcher, Duration::from_millis(ms))
+                .await
+                .unwrap()
+                .news
+        }
+    };
+    let start = a_link
+        .watch(None, Some(a_engine.node_id()), Duration::from_secs(1))
+        .await
+        .unwrap()
+        .token;
+
+    let k = Key::try_from("from-a").unwrap();
+    a_engine.put(&Scope::shared(), &k, b"a".to_vec()).unwrap();
+    while a_engine.exchange(&a_link).await.unwrap().has_more {}
+    a_engine.exchange(&a_link).await.unwrap();
+    assert_eq!(
+        hub.engine
+            .get(&Scope::shared(), &k)
+            .unwrap()
+            .map(|r| r.value),
+        Some(b"a".to_vec()),
+        "the push landed"
+    );
+    assert!(
+        !watch(&start, Some(a_engine.node_id()), 300).await,
+        "a's own push woke a's watch"
+    );
+    assert!(
+        watch(&start, None, 30_000).await,
+        "an anonymous watcher sees it"
+    );
+    assert!(
+        watch(&start, Some(x_engine.node_id()), 30_000).await,
+        "x sees a's push"
+    );
+
+    let k = Key::try_from("from-x").unwrap();
+    x_engine.put(&Scope::shared(), &k, b"x".to_vec()).unwrap();
+    while x_engine.exchange(&x_link).await.unwrap().has_more {}
+    x_engine.exchange(&x_link).await.unwrap();
+    assert!(
+        watch(&start, Some(a_engine.node_id()), 30_000).await,
+        "x's push is news to a"
+    );
+    for n in [hub, a, x] {
+        n.stop().await;
+    }
 }

@@ -166,6 +166,7 @@ impl Transport for Switch {
     async fn watch(
         &self,
         since: Option<String>,
+        watcher: Option<NodeId>,
         timeout: Duration,
     ) -> Result<WatchReply, TransportError> {
         if !self.can_watch {
@@ -184,7 +185,7 @@ impl Transport for Switch {
             }
             hook();
         }
-        self.inner.watch(since, timeout).await
+        self.inner.watch(since, watcher, timeout).await
     }
 }
 

@@ -114,7 +114,7 @@ fn watch_and_pull(
         let (mut token, mut rounds) = (None, 0);
         while !stop.load(Ordering::Relaxed) {
             let reply = link
-                .watch(token.take(), WATCH_WAIT)
+                .watch(token.take(), Some(c.node_id()), WATCH_WAIT)
                 .await
                 .map_err(|e| e.to_string())?;
             token = Some(reply.token);

@@ -667,7 +667,7 @@ impl SyncEngine {
             batch.upserts.iter().map(|(s, k, _)| (s, k)),
         );
         self.notifier
-            .scopes_changed(batch.advances.iter().map(|a| &a.scope));
+            .scopes_changed(batch.advances.iter().map(|a| &a.scope), None);
         Ok(hlcs)
     }
 
@@ -1174,8 +1174,10 @@ impl SyncEngine {
                 (s, k)
             }),
         );
-        self.notifier
-            .scopes_changed(batch.advances.iter().map(|a| &a.scope));
+        self.notifier.scopes_changed(
+            batch.advances.iter().map(|a| &a.scope),
+            Some(knowledge_peer),
+        );
         self.announce_halts(knowledge_peer, &halts);
         Ok(Applied {
             received,

@@ -456,12 +456,17 @@ impl Transport for HttpTransport {
     async fn watch(
         &self,
         since: Option<String>,
+        watcher: Option<NodeId>,
         timeout: Duration,
     ) -> Result<WatchReply, TransportError> {
         let mut path = format!("/v1/sync/watch?timeout_ms={}", timeout.as_millis());
         if let Some(s) = &since {
             path.push_str("&since=");
             path.push_str(&encode_query_value(s));
+        }
+        if let Some(id) = watcher {
+            path.push_str("&watcher=");
+            path.push_str(&id.to_string());
         }
         // The server holds the request up to `timeout`: allow for that on top.
         let wait = timeout + self.config.timeout;

@@ -27,6 +27,7 @@ use crate::blob::CHUNK;
 use crate::engine::SyncEngine;
 use crate::error::{Error, InputError};
 use crate::hash::Hash;
+use crate::hlc::NodeId;
 use crate::notify::WatchToken;
 use crate::record::{BlobRef, Key, Op, Residency, Scope, MAX_VALUE_LEN};
 use crate::transport::{Refusal, RefusalCode, Responder};
@@ -518,6 +519,7 @@ impl HighwaterService {
         Self::require_sync(grant)?;
         let query = decode_query(&query)?;
         let mut since = None;
+        let mut watcher = None;
         let mut timeout = Duration::from_secs(25);
         for (name, value) in query {
             match name.as_str() {
@@ -528,6 +530,13 @@ impl HighwaterService {
                         text.parse::<WatchToken>()
                             .map_err(|e| Failure::bad(e.to_string()))?,
                     );
+                }
+                "watcher" => {
+                    let id = std::str::from_utf8(&value)
+                        .ok()
+                        .and_then(|s| s.parse::<NodeId>().ok())
+                        .ok_or_else(|| Failure::bad("watcher must be a node id in hex"))?;
+                    watcher = Some(id);
                 }
                 "timeout_ms" => {
                     let ms: u64 = std::str::from_utf8(&value)
@@ -543,7 +552,7 @@ impl HighwaterService {
         let mut closing = self.inner.closing.subscribe();
         let readable = |s: &Scope| grant.can_read(s);
         let (news, token) = tokio::select! {
-            r = notifier.wait_for_news(since, readable, timeout) => r,
+            r = notifier.wait_for_news(since, watcher, readable, timeout) => r,
             _ = closing.wait_for(|c| *c) => (false, notifier.token()),
         };
         Ok(json_response(

@@ -140,9 +140,10 @@ impl<T: Transport> Transport for Metered<'_, T> {
     async fn watch(
         &self,
         since: Option<String>,
+        watcher: Option<NodeId>,
         timeout: Duration,
     ) -> Result<WatchReply, TransportError> {
-        self.inner.watch(since, timeout).await
+        self.inner.watch(since, watcher, timeout).await
     }
 }
 

@@ -164,6 +164,7 @@ impl<R: Responder> Transport for InProcess<R> {
     async fn watch(
         &self,
         since: Option<String>,
+        watcher: Option<NodeId>,
         timeout: Duration,
     ) -> Result<WatchReply, TransportError> {
         let notifier = self
@@ -180,7 +181,9 @@ impl<R: Responder> Transport for InProcess<R> {
             ),
             None => None,
         };
-        let (news, token) = notifier.wait_for_news(since, |_| true, timeout).await;
+        let (news, token) = notifier
+            .wait_for_news(since, watcher, |_| true, timeout)
+            .await;
         Ok(WatchReply {
             news,
             token: token.to_string(),

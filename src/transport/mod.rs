@@ -53,14 +53,16 @@ pub trait Transport: Send + Sync {
 
     /// Waits until the responder's data changed after `since` (a token from an earlier
     /// reply; `None` asks for the current token at once) or `timeout` passed, so the caller
-    /// can exchange at once instead of on its interval. Transports without it answer
-    /// [`TransportError::Unsupported`].
+    /// can exchange at once instead of on its interval. `watcher` is the caller's node id, if
+    /// it syncs as one: changes made by the pages it sent itself are then not news to it.
+    /// Transports without it answer [`TransportError::Unsupported`].
     fn watch(
         &self,
         since: Option<String>,
+        watcher: Option<NodeId>,
         timeout: Duration,
     ) -> impl Future<Output = Result<WatchReply, TransportError>> + Send {
-        let _ = (since, timeout);
+        let _ = (since, watcher, timeout);
         async { Err(TransportError::Unsupported { what: "watch" }) }
     }
 }
