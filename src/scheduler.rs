@@ -12,6 +12,12 @@
 //! - at once when the peer's watch ([`Transport::watch`]) says it has news;
 //! - at once on [`Scheduler::sync_now`].
 //!
+//! A round that leaves a stream halted (a file that could not be fetched or pushed, a clock
+//! too far ahead; see [`ExchangeOutcome::halts`]) is followed by another after the
+//! [`Backoff`] delay for the number of such rounds in a row, if that is sooner than the
+//! interval: the held-back data is retried within a second or two, then less and less often,
+//! without waiting a whole interval and without a tight loop.
+//!
 //! A failed round is retried after a delay from [`Backoff`] (exponential with jitter, reset by
 //! a success). While a peer is backing off, changes and watch news do not cut the delay
 //! short (an unreachable peer is not hammered); only [`Scheduler::sync_now`] does.
@@ -464,6 +470,8 @@ async fn round_loop<T: Transport>(
     let mut rng = peer_rng(config.jitter_seed, &peer.name, "rounds");
     let mut next = Next::AtOnce;
     let mut burst = 0usize;
+    // Rounds in a row that left a stream halted.
+    let mut halted = 0u32;
     loop {
         match next {
             Next::AtOnce => {
@@ -506,7 +514,14 @@ async fn round_loop<T: Transport>(
                             "still more to sync after max_burst rounds in a row; waiting for the interval");
                     }
                     burst = 0;
-                    Next::At(Instant::now() + config.interval)
+                    let mut wait = config.interval;
+                    if outcome.halts.is_empty() && outcome.peer_halts.is_empty() {
+                        halted = 0;
+                    } else {
+                        halted = halted.saturating_add(1);
+                        wait = wait.min(config.backoff.delay(halted, &mut rng));
+                    }
+                    Next::At(Instant::now() + wait)
                 }
             }
             Err(error) => {

@@ -6,6 +6,7 @@
 //!   rounds happen exactly that far apart, and the count resets after a success.
 //! - A peer that is down is not hammered: changes do not cut its delay short; `sync_now` does.
 //! - `has_more` repeats at once (up to `max_burst`), then the interval applies.
+//! - A round that leaves a stream halted is followed by another on the backoff schedule.
 //! - A local write triggers one round `debounce` later, shared by the writes of the window.
 //! - A peer's watch news triggers a round at once; a hub forwards what it got from one peer
 //!   to the others, and not back to the sender.
@@ -441,6 +442,64 @@ async fn a_peer_that_is_down_is_not_hammered_by_changes() -> TestResult {
 // ---------------------------------------------------------------------------------------
 // has_more, interval, debounce
 // ---------------------------------------------------------------------------------------
+
+/// A round that leaves a stream halted (here: a file that cannot be fetched) is followed by
+/// another after the backoff delay for the number of such rounds in a row, not after the
+/// hour-long interval; once the file arrives, the interval applies again.
+#[tokio::test(start_paused = true)]
+async fn a_halted_stream_is_retried_on_the_backoff_schedule() -> TestResult {
+    let (a, b) = (node()?, node()?);
+    let bytes = vec![7u8; 5000];
+    b.put_file_bytes(&notes(), &key("f"), b"file".to_vec(), &bytes)?;
+    let to_b = Arc::new(highwater::testing::FaultyTransport::new(InProcess::new(
+        b.clone(),
+    )));
+    to_b.fail(Hash::of(&bytes));
+    let mut events = Events::on(&a);
+    let config = quiet();
+    let backoff = config.backoff;
+    let rng_free_ceiling = |n: u32| backoff.ceiling(n);
+    let sched = Scheduler::start(a.clone(), config);
+    sched.add_peer("b", to_b.clone())?;
+
+    // The first round already receives the record and halts on its file.
+    let (mut then, first) = events.applied().await?;
+    assert!(!first.has_more);
+    let mut halted_rounds = 1u32;
+    while halted_rounds < 5 {
+        let (at, applied) = events.applied().await?;
+        let waited = at - then;
+        then = at;
+        assert!(!applied.has_more);
+        if a.residency(&notes(), &key("f"))? != highwater::Residency::Staged {
+            return Err(format!("round {halted_rounds}: the file is not held back").into());
+        }
+        {
+            let ceiling = rng_free_ceiling(halted_rounds);
+            assert!(
+                waited >= ceiling && waited <= ceiling + backoff.jitter + TICK,
+                "after {halted_rounds} halted rounds: waited {waited:?}, backoff {ceiling:?}"
+            );
+        }
+        halted_rounds += 1;
+    }
+    assert!(to_b.injected() >= 4, "each round retried the fetch");
+
+    // The file becomes available: the next retry fetches it, and then the interval applies.
+    to_b.heal();
+    let (at, _) = events.applied().await?;
+    let waited = at - then;
+    let ceiling = rng_free_ceiling(halted_rounds);
+    assert!(waited >= ceiling && waited <= ceiling + backoff.jitter + TICK);
+    assert_eq!(
+        a.residency(&notes(), &key("f"))?,
+        highwater::Residency::Resident
+    );
+    assert_eq!(a.digest()?, b.digest()?);
+    let (later, _) = events.applied().await?;
+    assert_about(later - at, HOUR, "a round without halts waits the interval");
+    stop(sched).await
+}
 
 #[tokio::test(start_paused = true)]
 async fn has_more_repeats_at_once_then_the_interval_applies() -> TestResult {
