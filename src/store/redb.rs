@@ -54,10 +54,10 @@ const BLOB_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("blob-refs-v
 /// A store in one redb file.
 ///
 /// Deferred commits are gathered into one open redb write transaction (a *group*) instead of
-/// each committing its own: with random keys, every redb commit rewrites about one B-tree
-/// leaf per record it touched, so a thousand-record page per commit writes some 25 times the
-/// bytes it stores, and a bulk sync ran at a third of redb's rate for the same records in
-/// one transaction. While a group is open, [`Store::read`] reads through it (deferred
+/// each committing its own: every redb commit rewrites the B-tree pages it touched, and with
+/// random keys a thousand-version page touches about a thousand leaves of the key index, so
+/// one commit per page wrote some 25 times the bytes it stored (docs/performance.md). While
+/// a group is open, [`Store::read`] reads through it (deferred
 /// commits are visible at once, as the contract says), and the group is committed to redb
 /// by the next durable commit, by [`Store::flush`], once it holds
 /// [`RedbStore::GROUP_VERSIONS`] upserts (non-durably), or when the store is dropped.
@@ -190,8 +190,9 @@ impl RedbStore {
     /// redb's page cache per store, in bytes: its read cache and the write buffer that holds
     /// the pages of non-durable commits. redb's own default (1 GiB per database) lets a node that
     /// syncs a large store grow to that size: 1 000 000 records took two in-process nodes to
-    /// 930 MiB of peak RSS. At 64 MiB the pair peaked near 140 MiB, at the cost of about a fifth
-    /// of the bulk rate (more page reads and earlier write-back); see docs/performance.md.
+    /// 930 MiB of peak RSS. At 64 MiB the pair peaks near 147 MiB; with store format 2 a larger
+    /// cache barely speeds a bulk sync up (docs/performance.md). `EngineConfig::cache_bytes`
+    /// sets it per node.
     pub const CACHE_BYTES: usize = 64 << 20;
 
     /// Upserts gathered in one open write transaction before it is committed to redb (non
