@@ -458,7 +458,14 @@ async fn a_halted_stream_is_retried_on_the_backoff_schedule() -> TestResult {
     let mut events = Events::on(&a);
     let config = quiet();
     let backoff = config.backoff;
-    let rng_free_ceiling = |n: u32| backoff.ceiling(n);
+    // The wait after `n` halted rounds in a row: the backoff delay, jitter and timer included.
+    let assert_backed_off = |waited: Duration, n: u32| {
+        let ceiling = backoff.ceiling(n);
+        assert!(
+            waited >= ceiling && waited <= ceiling + backoff.jitter + TICK,
+            "after {n} halted rounds: waited {waited:?}, backoff {ceiling:?}"
+        );
+    };
     let sched = Scheduler::start(a.clone(), config);
     sched.add_peer("b", to_b.clone())?;
 
@@ -474,13 +481,7 @@ async fn a_halted_stream_is_retried_on_the_backoff_schedule() -> TestResult {
         if a.residency(&notes(), &key("f"))? != highwater::Residency::Staged {
             return Err(format!("round {halted_rounds}: the file is not held back").into());
         }
-        {
-            let ceiling = rng_free_ceiling(halted_rounds);
-            assert!(
-                waited >= ceiling && waited <= ceiling + backoff.jitter + TICK,
-                "after {halted_rounds} halted rounds: waited {waited:?}, backoff {ceiling:?}"
-            );
-        }
+        assert_backed_off(waited, halted_rounds);
         halted_rounds += 1;
     }
     assert!(to_b.injected() >= 4, "each round retried the fetch");
@@ -488,9 +489,7 @@ async fn a_halted_stream_is_retried_on_the_backoff_schedule() -> TestResult {
     // The file becomes available: the next retry fetches it, and then the interval applies.
     to_b.heal();
     let (at, _) = events.applied().await?;
-    let waited = at - then;
-    let ceiling = rng_free_ceiling(halted_rounds);
-    assert!(waited >= ceiling && waited <= ceiling + backoff.jitter + TICK);
+    assert_backed_off(at - then, halted_rounds);
     assert_eq!(
         a.residency(&notes(), &key("f"))?,
         highwater::Residency::Resident

@@ -50,31 +50,8 @@ pub fn run(fx: &mut Fixture) -> Result {
 /// redb's default page cache (1 GiB: the whole tree stays in memory) or with `cache` bytes
 /// (`RedbStore::CACHE_BYTES`, the cache a highwater node runs with).
 fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize, cache: Option<usize>) -> Result<Row> {
-    let mut rates = Vec::new();
-    for _ in 0..runs {
-        let dir = fx.fresh_dir("redb-limit");
-        std::fs::create_dir_all(&dir)?;
-        let data = fx.records(n);
-        let (done, secs) = measure::timed(|| -> Result<()> {
-            let mut builder = Database::builder();
-            if let Some(bytes) = cache {
-                builder.set_cache_size(bytes);
-            }
-            let db = builder.create(dir.join("limit.redb"))?;
-            let txn = db.begin_write()?;
-            {
-                let mut table = txn.open_table(PLAIN)?;
-                for (k, v) in data {
-                    table.insert(k.as_slice(), v.as_slice())?;
-                }
-            }
-            txn.commit()?;
-            Ok(())
-        });
-        done?;
-        rates.push(n as f64 / secs);
-        std::fs::remove_dir_all(&dir)?;
-    }
+    let per_txn = usize::try_from(n)?.max(1);
+    let rates = redb_insert_rates(fx, n, runs, cache, per_txn)?;
     let (cache_text, key) = match cache {
         None => ("redb's default 1 GiB cache".to_string(), "redb bulk insert"),
         Some(bytes) => (
@@ -98,19 +75,46 @@ fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize, cache: Option<usize>) -> Res
 /// but the last, as the engine commits a bulk transfer (without its index, merge and
 /// checkpoints): the cost of small commits alone.
 fn redb_paged(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
+    let cache = highwater::store::RedbStore::CACHE_BYTES;
+    let rates = redb_insert_rates(fx, n, runs, Some(cache), PAGE)?;
+    Ok(Row::new(
+        format!(
+            "limit: redb insert, {} records, one non-durable transaction per {PAGE}, {} MiB cache",
+            count(n),
+            cache >> 20
+        ),
+        "records/s",
+        Unit::RecordsPerSec,
+        Summary::of(&rates),
+    )
+    .key("redb paged insert"))
+}
+
+/// Records per second inserting the records into a plain table of a fresh database (with
+/// `cache` bytes of page cache, or redb's default), `per_txn` records per transaction, each
+/// non-durable but the last: one rate per run.
+fn redb_insert_rates(
+    fx: &mut Fixture,
+    n: u64,
+    runs: usize,
+    cache: Option<usize>,
+    per_txn: usize,
+) -> Result<Vec<f64>> {
     let mut rates = Vec::new();
     for _ in 0..runs {
-        let dir = fx.fresh_dir("redb-paged");
+        let dir = fx.fresh_dir("redb-limit");
         std::fs::create_dir_all(&dir)?;
         let data = fx.records(n);
         let (done, secs) = measure::timed(|| -> Result<()> {
-            let db = Database::builder()
-                .set_cache_size(highwater::store::RedbStore::CACHE_BYTES)
-                .create(dir.join("limit.redb"))?;
-            let pages = data.chunks(PAGE).count();
-            for (i, chunk) in data.chunks(PAGE).enumerate() {
+            let mut builder = Database::builder();
+            if let Some(bytes) = cache {
+                builder.set_cache_size(bytes);
+            }
+            let db = builder.create(dir.join("limit.redb"))?;
+            let txns = data.chunks(per_txn).count();
+            for (i, chunk) in data.chunks(per_txn).enumerate() {
                 let mut txn = db.begin_write()?;
-                if i + 1 < pages {
+                if i + 1 < txns {
                     txn.set_durability(redb::Durability::None)?;
                 }
                 {
@@ -127,16 +131,7 @@ fn redb_paged(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
         rates.push(n as f64 / secs);
         std::fs::remove_dir_all(&dir)?;
     }
-    Ok(Row::new(
-        format!(
-            "limit: redb insert, {} records, one non-durable transaction per {PAGE}, 64 MiB cache",
-            count(n)
-        ),
-        "records/s",
-        Unit::RecordsPerSec,
-        Summary::of(&rates),
-    )
-    .key("redb paged insert"))
+    Ok(rates)
 }
 
 /// The responses that carry `data` in pages of [`PAGE`] versions, as the engine ships them.

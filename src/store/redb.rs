@@ -121,17 +121,11 @@ fn position(hlc: Hlc) -> [u8; 24] {
 }
 
 fn decode_position(bytes: &[u8]) -> Result<(NodeId, u64), StoreError> {
-    let corrupt = StoreError::Corrupt { what: "key index" };
-    let (id, time) = bytes
-        .split_at_checked(16)
-        .ok_or(StoreError::Corrupt { what: "key index" })?;
-    let id: [u8; 16] = id
-        .try_into()
-        .map_err(|_| StoreError::Corrupt { what: "key index" })?;
-    let time: [u8; 8] = time
-        .try_into()
-        .map_err(|_| StoreError::Corrupt { what: "key index" })?;
-    let origin = NodeId::from_bytes(id).ok_or(corrupt)?;
+    let corrupt = || StoreError::Corrupt { what: "key index" };
+    let (id, time) = bytes.split_at_checked(16).ok_or_else(corrupt)?;
+    let id: [u8; 16] = id.try_into().map_err(|_| corrupt())?;
+    let time: [u8; 8] = time.try_into().map_err(|_| corrupt())?;
+    let origin = NodeId::from_bytes(id).ok_or_else(corrupt)?;
     Ok((origin, u64::from_be_bytes(time)))
 }
 
@@ -149,15 +143,21 @@ fn encode_row(key: &Key, v: &Version) -> Vec<u8> {
     out
 }
 
-fn decode_row(bytes: &[u8]) -> Result<(Key, Version), StoreError> {
+/// A versions row's key bytes and encoded version, not yet decoded.
+fn split_row(bytes: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
     let corrupt = || StoreError::Corrupt { what: "version" };
     let (len, rest) = bytes.split_at_checked(2).ok_or_else(corrupt)?;
     let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-    let (key, version) = rest.split_at_checked(len).ok_or_else(corrupt)?;
-    Ok((
-        Key::new(key).map_err(|_| corrupt())?,
-        decode_version(version)?,
-    ))
+    rest.split_at_checked(len).ok_or_else(corrupt)
+}
+
+fn decode_row_key(key: &[u8]) -> Result<Key, StoreError> {
+    Key::new(key).map_err(|_| StoreError::Corrupt { what: "version" })
+}
+
+fn decode_row(bytes: &[u8]) -> Result<(Key, Version), StoreError> {
+    let (key, version) = split_row(bytes)?;
+    Ok((decode_row_key(key)?, decode_version(version)?))
 }
 
 fn decode_scope_origin(bytes: &[u8]) -> Result<(Scope, NodeId), StoreError> {
@@ -452,11 +452,11 @@ fn version_at(
     let row = versions
         .get(live_key(scope, origin, time).as_slice())?
         .ok_or(StoreError::Corrupt { what: "key index" })?;
-    let (stored_key, version) = decode_row(row.value())?;
-    if stored_key.as_bytes() != key {
+    let (stored_key, version) = split_row(row.value())?;
+    if stored_key != key {
         return Err(StoreError::Corrupt { what: "key index" });
     }
-    Ok(version)
+    decode_version(version)
 }
 
 fn get_version(
@@ -792,7 +792,7 @@ impl TxnOps for Writer<'_> {
             .versions
             .get(live_key(scope, hlc.origin(), hlc.time()).as_slice())?
         {
-            Some(row) => decode_row(row.value()).map(|(key, _)| Some(key)),
+            Some(row) => decode_row_key(split_row(row.value())?.0).map(Some),
             None => Ok(None),
         }
     }
@@ -944,23 +944,19 @@ impl Store for RedbStore {
 
     fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
         let mut writes = self.lock_writes()?;
+        let gathering = writes.group.is_some();
+        let gathered = std::mem::take(&mut writes.grouped);
         // A failure from here on drops `txn`, which aborts it, and with it the deferred
         // commits gathered in the group: they are taken back as a crash would take them,
         // with their watermark advances, so the store stays consistent.
-        writes.grouped = writes.grouped.saturating_add(batch.upserts.len());
-        let txn = self
-            .write_txn(&mut writes)
-            .inspect_err(|_| writes.grouped = 0)?;
+        let txn = self.write_txn(&mut writes)?;
         // IMPORTANT: the data and the watermark advances that cover it share this transaction.
-        let applied = Writer::open(&txn).and_then(|mut w| apply_batch(&mut w, batch));
-        let report = match applied {
+        let report = match Writer::open(&txn).and_then(|mut w| apply_batch(&mut w, batch)) {
             Ok(report) => report,
             Err(e) => {
-                let lost = writes.grouped - batch.upserts.len();
-                writes.grouped = 0;
-                if lost > 0 {
+                if gathering {
                     tracing::warn!(
-                        lost,
+                        upserts = gathered,
                         error = %e,
                         "a failed commit took back the deferred commits gathered before it"
                     );
@@ -968,16 +964,19 @@ impl Store for RedbStore {
                 return Err(e);
             }
         };
+        let grouped = gathered.saturating_add(batch.upserts.len());
         match batch.durability {
             Durability::Immediate => self.commit_durably(&mut writes, txn)?,
-            Durability::Deferred if writes.grouped >= Self::GROUP_VERSIONS => {
+            Durability::Deferred if grouped >= Self::GROUP_VERSIONS => {
                 let mut txn = txn;
-                writes.grouped = 0;
                 txn.set_durability(redb::Durability::None)?;
                 txn.commit()?;
                 writes.dirty = true;
             }
-            Durability::Deferred => writes.group = Some(txn),
+            Durability::Deferred => {
+                writes.group = Some(txn);
+                writes.grouped = grouped;
+            }
         }
         Ok(report)
     }
