@@ -6,6 +6,7 @@ pub mod blob;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod exchange;
 pub mod hash;
 pub mod hlc;
 pub mod http;
@@ -25,10 +26,11 @@ pub use crate::engine::{
     EngineConfig, ExchangeOptions, ExchangeOutcome, Record, ResidencyCounts, SyncEngine,
 };
 pub use crate::error::{Error, Result};
+pub use crate::exchange::{Halt, HaltReason};
 pub use crate::hash::Hash;
 pub use crate::hlc::{Hlc, ManualTime, NodeId, TimeSource};
 pub use crate::record::{BlobRef, Key, Op, Residency, Scope, Version};
 pub use crate::scheduler::{Backoff, PeerStatus, Scheduler, SchedulerConfig, SchedulerError};
 pub use crate::transport::{InProcess, Refusal, Responder, Transport, WatchReply};
-pub use crate::watermark::{Halt, HaltReason, ScopedWatermarks, Watermarks};
+pub use crate::watermark::{ScopedWatermarks, Watermarks};
 pub use crate::wire::ScopeFilter;

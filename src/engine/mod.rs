@@ -37,9 +37,7 @@
 //! # }).unwrap();
 //! ```
 
-pub mod apply;
 mod blobs;
-pub mod plan;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Read;
@@ -49,6 +47,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::blob::{write_blob, BlobStore, FsBlobStore, MemBlobStore};
 use crate::error::{Error, InputError, ProtocolError, Result};
+use crate::exchange::{Halt, HaltReason, Page, Streams};
 use crate::hash::Hash;
 use crate::hlc::{Clock, Hlc, NodeId, TimeSource, WallClock};
 use crate::notify::{Change, ChangeKind, Event, Notifier, SyncEvent};
@@ -57,11 +56,12 @@ use crate::store::{
     Advance, Batch, Durability, KeyRange, MemStore, PeerKnowledge, RedbStore, Store,
 };
 use crate::transport::{Refusal, Responder, Transport};
-use crate::watermark::{Halt, HaltReason, MarksDigest, Page, ScopedWatermarks, Streams};
+use crate::watermark::{MarksDigest, ScopedWatermarks};
 use crate::wire::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, ScopeFilter};
 
 pub use self::blobs::TRANSFER_CONCURRENCY;
-use self::plan::PageLimits;
+use crate::exchange::apply;
+use crate::exchange::plan::{self, PageLimits};
 
 /// How long a blob a peer uploaded is kept, unreferenced, for the request that will
 /// reference it.

@@ -3,10 +3,10 @@
 use std::collections::BTreeSet;
 
 use crate::error::{ClockError, ProtocolError};
+use crate::exchange::{Halt, HaltReason, Page, Run};
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope, Version};
 use crate::store::Advance;
-use crate::watermark::{Halt, HaltReason, Page, Run};
 use crate::wire::ScopeFilter;
 
 /// Checks a received page before anything of it is applied: run shapes, one run per

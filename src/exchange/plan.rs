@@ -2,10 +2,11 @@
 //! receiver's, and range scans of the live-version index.
 
 use crate::error::StoreError;
+use crate::exchange::{Page, Run, Streams};
 use crate::hlc::Hlc;
 use crate::record::{BlobRef, Key, Scope};
 use crate::store::StoreRead;
-use crate::watermark::{Page, Run, ScopedWatermarks, Streams};
+use crate::watermark::ScopedWatermarks;
 
 /// Bounds on one page.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
