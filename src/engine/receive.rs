@@ -1,0 +1,162 @@
+//! Applying a received page: one transaction, with its watermark advances and events.
+
+use crate::error::Result;
+use crate::exchange::apply;
+use crate::exchange::{Halt, HaltReason, Page};
+use crate::hlc::NodeId;
+use crate::notify::{Change, ChangeKind, Event, SyncEvent};
+use crate::record::{Key, Scope};
+use crate::store::{Batch, Durability, PeerKnowledge};
+use crate::wire::ScopeFilter;
+
+use super::{lock, SyncEngine};
+
+pub(super) struct Applied {
+    pub(super) received: usize,
+    pub(super) applied: usize,
+    pub(super) halts: Vec<Halt>,
+    /// Whether any watermark may have moved.
+    pub(super) changed_marks: bool,
+}
+
+impl SyncEngine {
+    /// Applies a received page in one transaction, with the sender's watermarks as knowledge.
+    pub(super) fn apply_page(
+        &self,
+        page: &Page,
+        scopes: &ScopeFilter,
+        knowledge: PeerKnowledge,
+    ) -> Result<Applied> {
+        apply::validate_page(page, scopes)?;
+        let read = self.store.read()?;
+        let own = read.watermarks()?;
+        let unchanged_knowledge = page.runs.is_empty()
+            && read.peer_watermarks(knowledge.peer)?.is_some_and(|k| {
+                let mut k = k;
+                k.retain(|s| scopes.contains(s));
+                k == knowledge.marks
+            });
+        drop(read);
+        // IMPORTANT: pinned from the presence check to the commit, so a blob found present
+        // here cannot be removed before the version that references it is stored.
+        let _pins: Vec<_> = page
+            .runs
+            .iter()
+            .flat_map(|r| r.versions.iter().filter_map(|(_, v)| v.blob()))
+            .map(|b| self.pin(b.hash))
+            .collect();
+        let staged = self.staged_keys(page)?;
+        let mut batch = Batch::new(0, Durability::Deferred);
+        let mut halts = Vec::new();
+        for run in &page.runs {
+            let plan = apply::plan_run(
+                run,
+                self.id,
+                own.get(&run.scope, self.id),
+                |h| self.clock.check(h),
+                |key, v| !staged.contains(&(run.scope.clone(), key.clone(), v.hlc)),
+            );
+            batch.upserts.extend(plan.upserts);
+            batch.advances.extend(plan.advance);
+            halts.extend(plan.halt);
+        }
+        let received = page.version_count();
+        let knowledge_peer = knowledge.peer;
+        if unchanged_knowledge {
+            self.announce_halts(knowledge_peer, &halts);
+            return Ok(Applied {
+                received,
+                applied: 0,
+                halts,
+                changed_marks: false,
+            });
+        }
+        if let Some(max) = batch.upserts.iter().map(|(_, _, v)| v.hlc).max() {
+            // Every accepted version passed the drift check in plan_run.
+            self.clock.raise(max);
+        }
+        batch.clock = self.clock.last();
+        batch.peer = Some(knowledge);
+        batch.durability = self.durability_for(page.more, batch.upserts.len());
+        let report = self.store.commit(&batch)?;
+        {
+            let mut uploads = lock(&self.uploads);
+            for (_, _, v) in &batch.upserts {
+                if let Some(b) = v.blob() {
+                    uploads.remove(&b.hash);
+                }
+            }
+        }
+        // IMPORTANT: a blob unreferenced by a commit a crash may take back is removed only
+        // once that commit is durable.
+        let durable = self.note_commit(batch.durability, batch.upserts.len(), report.unreferenced);
+        self.remove_unreferenced(&durable);
+        self.announce(
+            ChangeKind::RemoteUpdateAvailable,
+            Some(knowledge_peer),
+            report.applied.iter().map(|&i| {
+                let (s, k, _) = &batch.upserts[i];
+                (s, k)
+            }),
+        );
+        self.notifier.scopes_changed(
+            batch.advances.iter().map(|a| &a.scope),
+            Some(knowledge_peer),
+        );
+        self.announce_halts(knowledge_peer, &halts);
+        Ok(Applied {
+            received,
+            applied: report.applied.len(),
+            halts,
+            changed_marks: !batch.advances.is_empty(),
+        })
+    }
+
+    /// Publishes one change event per scope for `keys` (grouped in order), if anyone listens.
+    pub(super) fn announce<'a>(
+        &self,
+        kind: ChangeKind,
+        peer: Option<NodeId>,
+        keys: impl IntoIterator<Item = (&'a Scope, &'a Key)>,
+    ) {
+        if !self.notifier.has_subscribers() {
+            return;
+        }
+        let mut by_scope: Vec<Change> = Vec::new();
+        for (scope, key) in keys {
+            match by_scope.iter_mut().find(|c| c.scope == *scope) {
+                Some(c) => c.keys.push(key.clone()),
+                None => by_scope.push(Change {
+                    kind,
+                    scope: scope.clone(),
+                    keys: vec![key.clone()],
+                    peer,
+                }),
+            }
+        }
+        for change in by_scope {
+            self.notifier.publish(Event::Change(change));
+        }
+    }
+
+    pub(super) fn announce_halts(&self, peer: NodeId, halts: &[Halt]) {
+        for h in halts {
+            let event = match &h.reason {
+                HaltReason::ClockSkew { ahead_by_ms } => SyncEvent::ClockSkew {
+                    peer,
+                    scope: h.scope.clone(),
+                    origin: h.origin,
+                    ahead_by_ms: *ahead_by_ms,
+                },
+                HaltReason::BlobUnavailable { hash } => SyncEvent::BlobStaged {
+                    peer,
+                    scope: h.scope.clone(),
+                    origin: h.origin,
+                    hash: *hash,
+                },
+                _ => continue,
+            };
+            self.notifier.publish(Event::Sync(event));
+        }
+    }
+}
