@@ -1,5 +1,6 @@
 //! The data model: scopes, keys, versions, blob references and residency.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -95,6 +96,26 @@ impl<'de> Deserialize<'de> for Scope {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which scopes an exchange covers.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub enum ScopeFilter {
+    /// Every scope either side knows (and the responder grants).
+    #[default]
+    All,
+    /// Only these scopes.
+    Only(BTreeSet<Scope>),
+}
+
+impl ScopeFilter {
+    /// Whether `scope` is in play.
+    pub fn contains(&self, scope: &Scope) -> bool {
+        match self {
+            ScopeFilter::All => true,
+            ScopeFilter::Only(set) => set.contains(scope),
+        }
     }
 }
 

@@ -12,13 +12,12 @@
 //! many origins and scopes there are. See `docs/protocol.md` for every field; golden-byte
 //! tests pin version 1.
 
-use std::collections::BTreeSet;
-
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::WireError;
 use crate::hlc::{Hlc, NodeId};
+pub use crate::record::ScopeFilter;
 use crate::record::{Key, Op, Scope, Version};
 use crate::watermark::{Halt, MarksDigest, Page, Run, ScopedWatermarks};
 
@@ -36,26 +35,6 @@ const HEADER_LEN: usize = 7;
 pub trait Message: Serialize + DeserializeOwned {
     /// The envelope's kind byte for this message.
     const KIND: u8;
-}
-
-/// Which scopes an exchange covers.
-#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
-pub enum ScopeFilter {
-    /// Every scope either side knows (and the responder grants).
-    #[default]
-    All,
-    /// Only these scopes.
-    Only(BTreeSet<Scope>),
-}
-
-impl ScopeFilter {
-    /// Whether `scope` is in play.
-    pub fn contains(&self, scope: &Scope) -> bool {
-        match self {
-            ScopeFilter::All => true,
-            ScopeFilter::Only(set) => set.contains(scope),
-        }
-    }
 }
 
 /// The initiator's marks in a request.

@@ -58,9 +58,9 @@ use crate::store::{MemStore, RedbStore, Store};
 
 pub use self::blobs::TRANSFER_CONCURRENCY;
 use self::durability::Pending;
-pub use self::initiate::{ExchangeOptions, ExchangeOutcome};
-use self::initiate::{HeldMarks, StreamHalts};
 pub use self::local::{Record, ResidencyCounts};
+pub use crate::exchange::{ExchangeOptions, ExchangeOutcome};
+use crate::exchange::{HeldMarks, Session};
 
 /// How long a blob a peer uploaded is kept, unreferenced, for the request that will
 /// reference it.
@@ -153,12 +153,8 @@ pub struct SyncEngine {
     /// never passes an uncommitted write of ours.
     local_writes: Mutex<()>,
     pending: Mutex<Pending>,
-    /// Per peer, the streams each side halted in the last round between us (memory only:
-    /// after a restart the first round relearns them).
-    halts: Mutex<HashMap<NodeId, StreamHalts>>,
-    /// Per peer, our marks as it recorded them in the last round between us, as far as we
-    /// can tell (memory only: after a restart the first request carries them in full).
-    held: Mutex<HashMap<NodeId, HeldMarks>>,
+    /// What the engine keeps of its peers (memory only).
+    peers: Mutex<PeerMemory>,
     blobs: Arc<dyn BlobStore>,
     /// Blobs that must not be removed even if unreferenced: being written or fetched, and
     /// not yet referenced by a committed version. Counts per hash.
@@ -169,7 +165,19 @@ pub struct SyncEngine {
     /// from removal until that request's page commits or [`UPLOAD_GRACE`] ends.
     uploads: Mutex<HashMap<Hash, Instant>>,
     notifier: Notifier,
-    last_exchange: Mutex<HashMap<NodeId, SystemTime>>,
+}
+
+/// What the engine keeps of its peers, in memory: after a restart the first round with each
+/// relearns it.
+#[derive(Default)]
+struct PeerMemory {
+    /// The session of each peer, for callers that keep none ([`SyncEngine::exchange`]).
+    sessions: HashMap<NodeId, Session>,
+    /// Our marks as each peer recorded them when we last answered it, until a round we
+    /// initiate with it takes them (see [`crate::exchange::HeldMarks`]).
+    answered: HashMap<NodeId, HeldMarks>,
+    /// When each peer last completed a round with us, in either role.
+    last_exchange: HashMap<NodeId, SystemTime>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -278,14 +286,12 @@ impl SyncEngine {
             config,
             local_writes: Mutex::new(()),
             pending: Mutex::new(Pending::default()),
-            halts: Mutex::new(HashMap::new()),
-            held: Mutex::new(HashMap::new()),
+            peers: Mutex::new(PeerMemory::default()),
             blobs,
             pins: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
             uploads: Mutex::new(HashMap::new()),
             notifier: Notifier::new(),
-            last_exchange: Mutex::new(HashMap::new()),
         })
     }
 

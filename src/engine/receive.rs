@@ -1,15 +1,25 @@
 //! Applying a received page: one transaction, with its watermark advances and events.
 
 use crate::error::Result;
-use crate::exchange::apply;
+use crate::exchange::{apply, AppliedPage};
 use crate::exchange::{Halt, HaltReason, Page};
 use crate::hlc::NodeId;
 use crate::notify::{Change, ChangeKind, Event, SyncEvent};
+use crate::record::ScopeFilter;
 use crate::record::{Key, Scope};
 use crate::store::{Batch, Durability, PeerKnowledge};
-use crate::wire::ScopeFilter;
 
 use super::{lock, SyncEngine};
+
+impl From<Applied> for AppliedPage {
+    fn from(a: Applied) -> AppliedPage {
+        AppliedPage {
+            received: a.received,
+            applied: a.applied,
+            halts: a.halts,
+        }
+    }
+}
 
 pub(super) struct Applied {
     pub(super) received: usize,
@@ -46,20 +56,17 @@ impl SyncEngine {
             .map(|b| self.pin(b.hash))
             .collect();
         let staged = self.staged_keys(page)?;
+        let plan = apply::plan_page_apply(
+            page,
+            self.id,
+            &own,
+            |h| self.clock.check(h),
+            |scope, key, v| !staged.contains(&(scope.clone(), key.clone(), v.hlc)),
+        );
+        let halts = plan.halts;
         let mut batch = Batch::new(0, Durability::Deferred);
-        let mut halts = Vec::new();
-        for run in &page.runs {
-            let plan = apply::plan_run(
-                run,
-                self.id,
-                own.get(&run.scope, self.id),
-                |h| self.clock.check(h),
-                |key, v| !staged.contains(&(run.scope.clone(), key.clone(), v.hlc)),
-            );
-            batch.upserts.extend(plan.upserts);
-            batch.advances.extend(plan.advance);
-            halts.extend(plan.halt);
-        }
+        batch.upserts = plan.upserts;
+        batch.advances = plan.advances;
         let received = page.version_count();
         let knowledge_peer = knowledge.peer;
         if unchanged_knowledge {

@@ -1,43 +1,20 @@
 //! The responder's half of a round, and the [`Responder`] the transports wrap.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::Read;
 use std::time::{Instant, SystemTime};
 
 use crate::blob::write_blob;
-use crate::error::{Error, ProtocolError, Result};
-use crate::exchange::plan;
+use crate::error::{Error, Result};
+use crate::exchange::{marks_in_play, Answer, Answering};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::notify::Notifier;
 use crate::record::BlobRef;
-use crate::store::PeerKnowledge;
 use crate::transport::{Refusal, Responder};
-use crate::watermark::ScopedWatermarks;
-use crate::wire::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, ScopeFilter};
+use crate::wire::{ExchangeRequest, ExchangeResponse};
 
-use super::initiate::{held_after, HeldMarks};
 use super::{lock, SyncEngine, UPLOAD_GRACE};
-
-/// The initiator's marks in play: those the request carries in full, or, for a digest, what
-/// we recorded of the initiator if that hashes to the digest (`None` if it does not: the
-/// initiator must resend them in full).
-pub(super) fn initiator_marks(
-    read: &dyn crate::store::StoreRead,
-    from: NodeId,
-    scopes: &ScopeFilter,
-    marks: RequestMarks,
-) -> Result<Option<ScopedWatermarks>> {
-    let (mut marks, digest) = match marks {
-        RequestMarks::Full(marks) => (marks, None),
-        RequestMarks::Digest(d) => (read.peer_watermarks(from)?.unwrap_or_default(), Some(d)),
-    };
-    marks.retain(|s| scopes.contains(s));
-    Ok(match digest {
-        Some(d) if marks.digest() != d => None,
-        _ => Some(marks),
-    })
-}
 
 impl Responder for SyncEngine {
     fn node_id(&self) -> NodeId {
@@ -87,84 +64,46 @@ impl SyncEngine {
     /// # Errors
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
     pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
-        let ExchangeRequest {
-            from,
-            scopes,
-            marks,
-            known,
-            page: incoming,
-            limit,
-            deferred,
-        } = request;
-        if from == self.id {
-            return Err(ProtocolError::PeerIsSelf { node: self.id }.into());
-        }
-        // Plan from the state before the request's page is applied: the page's claims hold
-        // for that state, and the versions the request brings are ones the initiator has.
-        let read = self.store.read()?;
-        // IMPORTANT: we plan from the initiator's true marks, never from a guess: a digest
-        // stands for the marks we recorded of it only if those hash to it.
-        let Some(theirs) = initiator_marks(&*read, from, &scopes, marks)? else {
-            return Ok(ExchangeResponse::resend(self.id));
-        };
-        let mut watermarks = self.marks_in_play(&*read, &scopes)?;
-        let limit = usize::try_from(limit)
-            .unwrap_or(usize::MAX)
-            .clamp(1, self.config.max_page_limit);
-        let deferred = deferred.into_iter().collect();
-        let page = plan::plan_page(
-            &*read,
-            &watermarks,
-            &theirs,
-            self.page_limits(limit),
-            &deferred,
+        let limits = self.page_limits(self.config.max_page_limit);
+        let planned = Answer::plan(
+            self.id,
+            &*self.store.read()?,
+            request,
+            limits,
             &|b: &BlobRef| self.has_blob(b),
-            &mut BTreeSet::new(),
         )?;
-        drop(read);
-        // What the initiator will hold once it applies our page; if it does not (a halt, a
-        // lost response), this knowledge is stale-high, which costs one round, never a gap.
-        let knowledge = PeerKnowledge {
-            peer: from,
-            scopes: scopes.clone(),
-            marks: held_after(theirs, &page),
+        let answer = match planned {
+            Answering::Resend(response) => return Ok(response),
+            Answering::Apply(answer) => answer,
         };
-        let applied = self.apply_page(&incoming, &scopes, knowledge)?;
-        if applied.changed_marks {
-            watermarks = self.marks_in_play(&*self.store.read()?, &scopes)?;
-        }
+        let applied = self.apply_page(
+            answer.incoming(),
+            answer.scopes(),
+            answer.knowledge().clone(),
+        )?;
+        let marks = match applied.changed_marks {
+            true => Some(marks_in_play(&*self.store.read()?, answer.scopes())?),
+            false => None,
+        };
+        let from = answer.from();
         self.note_exchange(from);
-        let digest = watermarks.digest();
+        let (response, held) = answer.respond(applied.halts, marks);
         // The initiator records these marks of ours as its knowledge of us, so a round we
         // initiate next may send their digest alone (if the initiator does not record them,
         // that round costs one resend).
-        lock(&self.held).insert(
-            from,
-            HeldMarks {
-                scopes: scopes.clone(),
-                digest,
-            },
-        );
-        let marks = if known == Some(digest) {
-            ResponseMarks::Same
-        } else {
-            ResponseMarks::Full(watermarks)
-        };
-        Ok(ExchangeResponse {
-            from: self.id,
-            marks,
-            page,
-            halts: applied.halts,
-        })
+        lock(&self.peers).answered.insert(from, held);
+        Ok(response)
     }
 
     /// When each peer last completed a round with this node, in either role, since this
     /// engine was opened (memory only).
     pub fn last_exchanges(&self) -> HashMap<NodeId, SystemTime> {
-        lock(&self.last_exchange).clone()
+        lock(&self.peers).last_exchange.clone()
     }
 
     pub(super) fn note_exchange(&self, peer: NodeId) {
-        lock(&self.last_exchange).insert(peer, SystemTime::now());
+        lock(&self.peers)
+            .last_exchange
+            .insert(peer, SystemTime::now());
     }
 }

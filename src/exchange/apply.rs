@@ -5,9 +5,10 @@ use std::collections::BTreeSet;
 use crate::error::{ClockError, ProtocolError};
 use crate::exchange::{Halt, HaltReason, Page, Run};
 use crate::hlc::{Hlc, NodeId};
+use crate::record::ScopeFilter;
 use crate::record::{Key, Scope, Version};
 use crate::store::Advance;
-use crate::wire::ScopeFilter;
+use crate::watermark::ScopedWatermarks;
 
 /// Checks a received page before anything of it is applied: run shapes, one run per
 /// (scope, origin), scopes in play, value sizes.
@@ -39,6 +40,38 @@ pub fn validate_page(page: &Page, scopes: &ScopeFilter) -> Result<(), ProtocolEr
         }
     }
     Ok(())
+}
+
+/// What to commit of a received page: its runs' decisions, gathered.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PagePlan {
+    /// Versions to merge, in page order.
+    pub upserts: Vec<(Scope, Key, Version)>,
+    /// The watermark advances the applied parts justify.
+    pub advances: Vec<Advance>,
+    /// The streams that stopped short of their run's top, and why.
+    pub halts: Vec<Halt>,
+}
+
+/// Decides what to apply of every run of `page` (see [`plan_run`]) on node `me`, whose own
+/// marks are `own`. `blob_ready` tells whether a version's blob (if it needs one) is local.
+pub fn plan_page_apply(
+    page: &Page,
+    me: NodeId,
+    own: &ScopedWatermarks,
+    check: impl Fn(Hlc) -> Result<(), ClockError>,
+    blob_ready: impl Fn(&Scope, &Key, &Version) -> bool,
+) -> PagePlan {
+    let mut plan = PagePlan::default();
+    for run in &page.runs {
+        let decided = plan_run(run, me, own.get(&run.scope, me), &check, |key, v| {
+            blob_ready(&run.scope, key, v)
+        });
+        plan.upserts.extend(decided.upserts);
+        plan.advances.extend(decided.advance);
+        plan.halts.extend(decided.halt);
+    }
+    plan
 }
 
 /// The decision for one run.

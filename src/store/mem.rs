@@ -8,9 +8,9 @@ use super::{apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, Store, Sto
 use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
+use crate::record::ScopeFilter;
 use crate::record::{Key, Scope, Version};
 use crate::watermark::ScopedWatermarks;
-use crate::wire::ScopeFilter;
 
 #[derive(Default, Clone)]
 struct State {

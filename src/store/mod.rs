@@ -34,9 +34,9 @@ use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::merge;
+use crate::record::ScopeFilter;
 use crate::record::{Key, Scope, Version};
 use crate::watermark::ScopedWatermarks;
-use crate::wire::ScopeFilter;
 
 /// How durable a commit must be when it returns.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

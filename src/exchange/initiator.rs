@@ -1,0 +1,319 @@
+//! The initiator's half of a round, as steps: plan the request, read the response, finish.
+
+use std::collections::BTreeSet;
+
+use crate::error::{ProtocolError, Result};
+use crate::hlc::NodeId;
+use crate::record::{BlobRef, Scope, ScopeFilter};
+use crate::store::{PeerKnowledge, StoreRead};
+use crate::watermark::ScopedWatermarks;
+use crate::wire::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
+
+use super::plan::{plan_page, PageLimits};
+use super::{held_after, marks_in_play, Halt, HeldMarks, Page, Session, Streams};
+
+/// Options of one exchange round.
+#[derive(Clone, Debug, Default)]
+pub struct ExchangeOptions {
+    /// The scopes in play (default: all).
+    pub scopes: ScopeFilter,
+    /// Overrides the configured page limit for this round.
+    pub page_limit: Option<usize>,
+}
+
+/// What one round did, seen from the initiator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeOutcome {
+    /// The responder.
+    pub peer: NodeId,
+    /// Versions this node sent.
+    pub shipped: usize,
+    /// Versions the peer sent.
+    pub received: usize,
+    /// Received versions that won last-write-wins and changed this node's state.
+    pub applied: usize,
+    /// Whether another round would move more (call again at once).
+    pub has_more: bool,
+    /// Origins whose streams this node halted (clock skew, own id, blob unavailable).
+    pub halts: Vec<Halt>,
+    /// Origins whose streams the peer halted.
+    pub peer_halts: Vec<Halt>,
+    /// Blobs uploaded to the peer.
+    pub blobs_pushed: usize,
+    /// Blobs fetched from the peer.
+    pub blobs_fetched: usize,
+}
+
+/// A round this node initiated, between its steps. See the [module docs](super).
+#[derive(Debug)]
+pub struct Initiation {
+    me: NodeId,
+    scopes: ScopeFilter,
+    /// The peer the transport reaches, if it knew before the round.
+    expected: Option<NodeId>,
+    /// Streams we halted last time (the request defers them).
+    ours: Streams,
+    /// Streams the peer halted last time (planned last).
+    theirs: Streams,
+    /// Streams our planning blocked on a blob we lack.
+    blocked: Streams,
+    /// Our marks in play, which the request carries in full or as their digest.
+    mine: ScopedWatermarks,
+    /// Our knowledge of the peer's marks in play, whose digest the request carries.
+    known: Option<ScopedWatermarks>,
+    request: ExchangeRequest,
+}
+
+/// What to do with a response.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per round, moved once
+pub enum Reply {
+    /// The peer could not resolve our marks' digest: send this request (marks in full) and
+    /// read its response instead.
+    Resend(ExchangeRequest),
+    /// Apply this page, recording the knowledge in the same transaction, then
+    /// [`Initiation::finish`].
+    Apply(Received),
+}
+
+/// The responder's page, to apply, and what to record of it.
+#[derive(Debug)]
+pub struct Received {
+    /// The responder.
+    pub peer: NodeId,
+    /// Versions we lack.
+    pub page: Page,
+    /// The streams of our page the responder halted.
+    pub peer_halts: Vec<Halt>,
+    /// The responder's marks in play, recorded as our knowledge of it in the page's
+    /// transaction.
+    pub knowledge: PeerKnowledge,
+}
+
+/// What applying the received page did (the driver's answer to [`Reply::Apply`]).
+#[derive(Debug, Default)]
+pub struct AppliedPage {
+    /// Versions received.
+    pub received: usize,
+    /// Versions that won last-write-wins.
+    pub applied: usize,
+    /// The streams this node halted.
+    pub halts: Vec<Halt>,
+}
+
+impl Initiation {
+    /// Plans a round with the peer of `session` (which `expected` names, if the transport
+    /// knows it) from one snapshot of our store: our marks in play, what we last learned of
+    /// the peer's, and the page it lacks by that knowledge (nothing on first contact).
+    /// `has_blob` tells whether a blob is local (a version whose blob is not is never
+    /// shipped).
+    ///
+    /// IMPORTANT: the session's held marks are taken, not read: they are put back only by
+    /// [`Initiation::finish`], so a round that fails or is dropped half-way leaves the next
+    /// request in full.
+    ///
+    /// # Errors
+    /// A store read failed; or `expected` is our own id, or not the session's peer.
+    pub fn plan(
+        me: NodeId,
+        read: &dyn StoreRead,
+        session: &mut Session,
+        expected: Option<NodeId>,
+        options: &ExchangeOptions,
+        limits: PageLimits,
+        has_blob: &dyn Fn(&BlobRef) -> bool,
+    ) -> Result<Initiation> {
+        if expected == Some(me) {
+            return Err(ProtocolError::PeerIsSelf { node: me }.into());
+        }
+        let expected = match (expected, session.peer) {
+            (Some(e), Some(p)) if e != p => {
+                return Err(ProtocolError::UnexpectedPeer {
+                    expected: p,
+                    found: e,
+                }
+                .into())
+            }
+            (e, p) => e.or(p),
+        };
+        let scopes = options.scopes.clone();
+        let mine = marks_in_play(read, &scopes)?;
+        let known = match expected {
+            Some(p) => read.peer_watermarks(p)?,
+            None => None,
+        };
+        let (ours, theirs) = (session.our_streams(), session.their_streams());
+        let mut blocked = BTreeSet::new();
+        // First contact: we do not know what the peer holds, so we ship nothing yet.
+        let page = match &known {
+            Some(known) => plan_page(read, &mine, known, limits, &theirs, has_blob, &mut blocked)?,
+            None => Page::default(),
+        };
+        let known = known.map(|mut k| {
+            k.retain(|s| scopes.contains(s));
+            k
+        });
+        let marks = match session.held.take() {
+            Some(h) if h.scopes == scopes && h.digest == mine.digest() => {
+                RequestMarks::Digest(h.digest)
+            }
+            _ => RequestMarks::Full(mine.clone()),
+        };
+        let request = ExchangeRequest {
+            from: me,
+            scopes: scopes.clone(),
+            marks,
+            known: known.as_ref().map(ScopedWatermarks::digest),
+            page,
+            limit: u32::try_from(limits.versions).unwrap_or(u32::MAX),
+            deferred: ours.iter().cloned().collect(),
+        };
+        Ok(Initiation {
+            me,
+            scopes,
+            expected,
+            ours,
+            theirs,
+            blocked,
+            mine,
+            known,
+            request,
+        })
+    }
+
+    /// The request to send.
+    pub fn request(&self) -> &ExchangeRequest {
+        &self.request
+    }
+
+    /// The scopes in play.
+    pub fn scopes(&self) -> &ScopeFilter {
+        &self.scopes
+    }
+
+    /// Reads the response: either a request to send instead (the peer asked for our marks in
+    /// full, once), or the page to apply.
+    ///
+    /// # Errors
+    /// The response breaks the protocol: it comes from ourselves or from another node than
+    /// the one expected, or its marks do not answer the request. Nothing of it may be
+    /// applied.
+    pub fn receive(&mut self, response: ExchangeResponse) -> Result<Reply> {
+        let peer = response.from;
+        if peer == self.me {
+            return Err(ProtocolError::PeerIsSelf { node: self.me }.into());
+        }
+        if let Some(expected) = self.expected.filter(|e| *e != peer) {
+            return Err(ProtocolError::UnexpectedPeer {
+                expected,
+                found: peer,
+            }
+            .into());
+        }
+        let theirs = match response.marks {
+            ResponseMarks::Full(mut marks) => {
+                marks.retain(|s| self.scopes.contains(s));
+                marks
+            }
+            ResponseMarks::Same => self.known.clone().ok_or(ProtocolError::UnexpectedMarks {
+                peer,
+                reason: "same marks, but the request named none",
+            })?,
+            ResponseMarks::Resend => {
+                if matches!(self.request.marks, RequestMarks::Full(_)) {
+                    return Err(ProtocolError::UnexpectedMarks {
+                        peer,
+                        reason: "resend asked for marks sent in full",
+                    }
+                    .into());
+                }
+                self.request.marks = RequestMarks::Full(self.mine.clone());
+                return Ok(Reply::Resend(self.request.clone()));
+            }
+        };
+        Ok(Reply::Apply(Received {
+            peer,
+            page: response.page,
+            peer_halts: response.halts,
+            knowledge: PeerKnowledge {
+                peer,
+                scopes: self.scopes.clone(),
+                marks: theirs,
+            },
+        }))
+    }
+
+    /// Finishes the round once the received page was applied (`applied`), with our marks in
+    /// play as they stand after it (`mine`): updates the session (halts in both directions,
+    /// the marks the peer now holds of ours) and says whether another round would move more.
+    pub fn finish(
+        self,
+        session: &mut Session,
+        received: &Received,
+        applied: AppliedPage,
+        mine: &ScopedWatermarks,
+    ) -> ExchangeOutcome {
+        let peer = received.peer;
+        let shipped = &self.request.page;
+        session.peer = Some(peer);
+        session.remember_halts(
+            shipped,
+            &received.page,
+            &received.peer_halts,
+            &applied.halts,
+        );
+        // After a halt our marks stay below what the peer recorded: no digest next time.
+        if applied.halts.is_empty() {
+            let held = held_after(self.mine.clone(), &received.page);
+            session.held = Some(HeldMarks {
+                scopes: self.scopes.clone(),
+                digest: held.digest(),
+            });
+        }
+        let theirs = &received.knowledge.marks;
+        let halted = |scope: &Scope, origin: NodeId| {
+            received
+                .peer_halts
+                .iter()
+                .any(|h| h.scope == *scope && h.origin == origin)
+        };
+        let peer_lacks = mine.iter().any(|(scope, marks)| {
+            marks.iter().any(|mark| {
+                theirs.get(scope, mark.origin()) < Some(mark)
+                    && !halted(scope, mark.origin())
+                    && !self.blocked.contains(&(scope.clone(), mark.origin()))
+            })
+        });
+        ExchangeOutcome {
+            peer,
+            shipped: shipped.version_count(),
+            received: applied.received,
+            applied: applied.applied,
+            has_more: received.page.more_beyond(&applied.halts, &self.ours)
+                || shipped.more_beyond(&received.peer_halts, &self.theirs)
+                || peer_lacks,
+            halts: applied.halts,
+            peer_halts: received.peer_halts.clone(),
+            blobs_pushed: 0,
+            blobs_fetched: 0,
+        }
+    }
+
+    /// The versions of our page that the peer took: those of every run it did not halt.
+    pub fn delivered<'a>(
+        &'a self,
+        received: &'a Received,
+    ) -> impl Iterator<Item = (&'a Scope, &'a crate::record::Key)> + 'a {
+        self.request
+            .page
+            .runs
+            .iter()
+            .filter(move |r| {
+                !received
+                    .peer_halts
+                    .iter()
+                    .any(|h| h.scope == r.scope && h.origin == r.origin)
+            })
+            .flat_map(|r| r.versions.iter().map(move |(k, _)| (&r.scope, k)))
+    }
+}

@@ -1,0 +1,182 @@
+//! The responder's half of a round, as steps: plan the answer, then respond once the
+//! request's page is applied.
+
+use std::collections::BTreeSet;
+
+use crate::error::{ProtocolError, Result};
+use crate::hlc::NodeId;
+use crate::record::{BlobRef, ScopeFilter};
+use crate::store::{PeerKnowledge, StoreRead};
+use crate::watermark::{MarksDigest, ScopedWatermarks};
+use crate::wire::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
+
+use super::plan::{plan_page, PageLimits};
+use super::{held_after, marks_in_play, Halt, HeldMarks, Page};
+
+/// A request being answered, between its steps.
+#[derive(Debug)]
+pub struct Answer {
+    me: NodeId,
+    from: NodeId,
+    scopes: ScopeFilter,
+    known: Option<MarksDigest>,
+    /// Our marks in play before the request's page is applied.
+    marks: ScopedWatermarks,
+    /// The versions the initiator lacks.
+    page: Page,
+    /// The request's page, to apply.
+    incoming: Page,
+    /// What the initiator will hold once it applies our page.
+    knowledge: PeerKnowledge,
+}
+
+/// How a request is answered.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per request, moved once
+pub enum Answering {
+    /// The request's marks digest does not match what we recorded of the initiator: answer
+    /// this ([`ExchangeResponse::resend`]) and change nothing.
+    Resend(ExchangeResponse),
+    /// Apply [`Answer::incoming`] with [`Answer::knowledge`] in one transaction, then
+    /// [`Answer::respond`].
+    Apply(Answer),
+}
+
+impl Answer {
+    /// Plans the answer to `request` from one snapshot of our store, taken before the
+    /// request's page is applied (its claims hold for that state, and the versions it brings
+    /// are ones the initiator has). `limits.versions` is the largest page we grant; the
+    /// request may ask for fewer.
+    ///
+    /// IMPORTANT: we plan from the initiator's true marks, never from a guess: a digest
+    /// stands for the marks we recorded of it only if those hash to it.
+    ///
+    /// # Errors
+    /// The request comes from ourselves, or a store read failed.
+    pub fn plan(
+        me: NodeId,
+        read: &dyn StoreRead,
+        request: ExchangeRequest,
+        limits: PageLimits,
+        has_blob: &dyn Fn(&BlobRef) -> bool,
+    ) -> Result<Answering> {
+        let ExchangeRequest {
+            from,
+            scopes,
+            marks,
+            known,
+            page: incoming,
+            limit,
+            deferred,
+        } = request;
+        if from == me {
+            return Err(ProtocolError::PeerIsSelf { node: me }.into());
+        }
+        let Some(theirs) = initiator_marks(read, from, &scopes, marks)? else {
+            return Ok(Answering::Resend(ExchangeResponse::resend(me)));
+        };
+        let marks = marks_in_play(read, &scopes)?;
+        let limits = PageLimits {
+            versions: usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .clamp(1, limits.versions),
+            bytes: limits.bytes,
+        };
+        let deferred = deferred.into_iter().collect();
+        let page = plan_page(
+            read,
+            &marks,
+            &theirs,
+            limits,
+            &deferred,
+            has_blob,
+            &mut BTreeSet::new(),
+        )?;
+        // What the initiator will hold once it applies our page; if it does not (a halt, a
+        // lost response), this knowledge is stale-high, which costs one round, never a gap.
+        let knowledge = PeerKnowledge {
+            peer: from,
+            scopes: scopes.clone(),
+            marks: held_after(theirs, &page),
+        };
+        Ok(Answering::Apply(Answer {
+            me,
+            from,
+            scopes,
+            known,
+            marks,
+            page,
+            incoming,
+            knowledge,
+        }))
+    }
+
+    /// The initiator.
+    pub fn from(&self) -> NodeId {
+        self.from
+    }
+
+    /// The scopes in play.
+    pub fn scopes(&self) -> &ScopeFilter {
+        &self.scopes
+    }
+
+    /// The request's page, to apply.
+    pub fn incoming(&self) -> &Page {
+        &self.incoming
+    }
+
+    /// What to record of the initiator in the transaction that applies its page.
+    pub fn knowledge(&self) -> &PeerKnowledge {
+        &self.knowledge
+    }
+
+    /// The response, once the request's page was applied: `halts` are the streams we halted,
+    /// `marks` our marks in play after the apply if it may have moved them (`None`: as
+    /// planned). Also returns our marks as the initiator will record them, which a round we
+    /// initiate next may name by their digest.
+    pub fn respond(
+        self,
+        halts: Vec<Halt>,
+        marks: Option<ScopedWatermarks>,
+    ) -> (ExchangeResponse, HeldMarks) {
+        let marks = marks.unwrap_or(self.marks);
+        let digest = marks.digest();
+        let held = HeldMarks {
+            scopes: self.scopes,
+            digest,
+        };
+        let marks = if self.known == Some(digest) {
+            ResponseMarks::Same
+        } else {
+            ResponseMarks::Full(marks)
+        };
+        let response = ExchangeResponse {
+            from: self.me,
+            marks,
+            page: self.page,
+            halts,
+        };
+        (response, held)
+    }
+}
+
+/// The initiator's marks in play: those the request carries in full, or, for a digest, what
+/// we recorded of the initiator if that hashes to the digest (`None` if it does not: the
+/// initiator must resend them in full).
+fn initiator_marks(
+    read: &dyn StoreRead,
+    from: NodeId,
+    scopes: &ScopeFilter,
+    marks: RequestMarks,
+) -> Result<Option<ScopedWatermarks>> {
+    let (mut marks, digest) = match marks {
+        RequestMarks::Full(marks) => (marks, None),
+        RequestMarks::Digest(d) => (read.peer_watermarks(from)?.unwrap_or_default(), Some(d)),
+    };
+    marks.retain(|s| scopes.contains(s));
+    Ok(match digest {
+        Some(d) if marks.digest() != d => None,
+        _ => Some(marks),
+    })
+}

@@ -1,0 +1,112 @@
+//! What a node keeps of its rounds with one peer between rounds: a value its caller owns.
+
+use std::collections::BTreeMap;
+
+use crate::hlc::NodeId;
+use crate::record::{Scope, ScopeFilter};
+use crate::watermark::MarksDigest;
+
+use super::{Halt, HaltReason, Page, Streams};
+
+/// One node's memory of its rounds with one peer: which streams each side halted, and what
+/// the peer recorded of our marks. Memory only: after a restart a fresh session relearns
+/// both in one round (halts by sending again, marks by sending them in full).
+///
+/// The caller owns it: [`crate::Scheduler`] keeps one per peer and shows it in
+/// [`crate::PeerStatus`]; [`crate::SyncEngine::exchange`] keeps one per peer itself for
+/// callers that do not. A session belongs to one peer: a round over a transport that reaches
+/// another node is refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Session {
+    /// The peer, once a round with it completed.
+    pub(crate) peer: Option<NodeId>,
+    /// Streams we halted when the peer sent them, and why: our requests ask the peer to plan
+    /// them after every other stream.
+    pub(crate) ours: BTreeMap<(Scope, NodeId), HaltReason>,
+    /// Streams the peer halted when we sent them, and why: we plan them last.
+    pub(crate) theirs: BTreeMap<(Scope, NodeId), HaltReason>,
+    /// Our marks as the peer recorded them at the end of the last round between us, if we
+    /// can tell.
+    pub(crate) held: Option<HeldMarks>,
+}
+
+/// Our marks in play as a peer recorded them at the end of the last round between us, as a
+/// digest: while our marks still hash to it, our requests to that peer carry the digest
+/// alone. A belief only: the peer checks the digest against what it did record, and a wrong
+/// belief costs one round trip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldMarks {
+    /// The scopes in play in that round.
+    pub(crate) scopes: ScopeFilter,
+    /// The digest of our marks as the peer recorded them.
+    pub(crate) digest: MarksDigest,
+}
+
+impl Session {
+    /// A session with a peer not met yet.
+    pub fn new() -> Session {
+        Session::default()
+    }
+
+    /// The peer, once a round with it completed.
+    pub fn peer(&self) -> Option<NodeId> {
+        self.peer
+    }
+
+    /// The streams this node halted when the peer sent them (clock skew, our own id, a file
+    /// that could not be had), with why; each stays here until the peer sends it again and
+    /// it applies.
+    pub fn halted_here(&self) -> Vec<Halt> {
+        halts(&self.ours)
+    }
+
+    /// The streams the peer halted when this node sent them, with why.
+    pub fn halted_by_peer(&self) -> Vec<Halt> {
+        halts(&self.theirs)
+    }
+
+    /// Whether our next request may name our marks by their digest alone.
+    pub fn marks_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    pub(crate) fn our_streams(&self) -> Streams {
+        self.ours.keys().cloned().collect()
+    }
+
+    pub(crate) fn their_streams(&self) -> Streams {
+        self.theirs.keys().cloned().collect()
+    }
+
+    /// A stream stays halted, in either direction, until it is sent again and applies.
+    pub(crate) fn remember_halts(
+        &mut self,
+        shipped: &Page,
+        received: &Page,
+        theirs: &[Halt],
+        ours: &[Halt],
+    ) {
+        let update =
+            |set: &mut BTreeMap<(Scope, NodeId), HaltReason>, sent: &Page, halted: &[Halt]| {
+                for (scope, origin) in sent.streams() {
+                    set.remove(&(scope.clone(), origin));
+                }
+                for h in halted {
+                    set.insert((h.scope.clone(), h.origin), h.reason.clone());
+                }
+            };
+        update(&mut self.ours, received, ours);
+        update(&mut self.theirs, shipped, theirs);
+    }
+}
+
+fn halts(streams: &BTreeMap<(Scope, NodeId), HaltReason>) -> Vec<Halt> {
+    streams
+        .iter()
+        .map(|((scope, origin), reason)| Halt {
+            scope: scope.clone(),
+            origin: *origin,
+            reason: reason.clone(),
+        })
+        .collect()
+}
