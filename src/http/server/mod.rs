@@ -1,0 +1,218 @@
+//! The HTTP server: a hyper service over a [`SyncEngine`], and [`serve`] to run it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Body;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use self::routes::{bearer, query, route, Route};
+use super::access::{Access, Grant};
+use super::body::HttpBody;
+use crate::engine::SyncEngine;
+use crate::record::{Scope, MAX_VALUE_LEN};
+use crate::wire::MAX_MESSAGE_LEN;
+
+mod failure;
+mod listen;
+mod records;
+mod routes;
+mod sync;
+
+pub use self::failure::refusal_status;
+pub(super) use self::failure::Failure;
+pub use self::listen::{serve, ServeError};
+pub(crate) use self::records::status_json;
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Who may do what (default: open, which [`serve`] allows only on loopback).
+    pub access: Arc<Access>,
+    /// The largest exchange request body (default: the wire's message limit, 64 MiB).
+    pub max_exchange_body: u64,
+    /// The most versions an exchange request's page may carry (default 100 000).
+    pub max_page_versions: usize,
+    /// The largest record value body (default [`MAX_VALUE_LEN`]).
+    pub max_record_body: u64,
+    /// The largest blob or file body (default 64 GiB).
+    pub max_blob_body: u64,
+    /// Time allowed to receive a request's headers (default 10 s).
+    pub header_read_timeout: Duration,
+    /// Time allowed between two chunks of a request body (default 30 s).
+    pub body_read_timeout: Duration,
+    /// Exchanges one token may have in progress at once; more get 429 (default 2).
+    pub max_exchanges_per_token: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            access: Arc::new(Access::open()),
+            max_exchange_body: MAX_MESSAGE_LEN as u64,
+            max_page_versions: 100_000,
+            max_record_body: MAX_VALUE_LEN as u64,
+            max_blob_body: 64 << 30,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_exchanges_per_token: 2,
+        }
+    }
+}
+
+/// The hyper service: every `/v1` endpoint of one node. Clone it freely (it is an `Arc`);
+/// mount it in any hyper server, or in axum through `tower::service_fn`.
+#[derive(Clone)]
+pub struct HighwaterService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Arc<SyncEngine>,
+    config: ServerConfig,
+    /// Exchanges in progress, per token name.
+    exchanges: Mutex<HashMap<String, usize>>,
+    /// Set when the server shuts down: long polls return at once.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+type Reply = Result<Response<HttpBody>, Failure>;
+
+/// Runs blocking engine work off the runtime threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "request task failed");
+        Err(Failure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+        ))
+    })
+}
+
+impl HighwaterService {
+    /// A service for `engine`.
+    pub fn new(engine: Arc<SyncEngine>, config: ServerConfig) -> HighwaterService {
+        HighwaterService {
+            inner: Arc::new(Inner {
+                engine,
+                config,
+                exchanges: Mutex::new(HashMap::new()),
+                closing: tokio::sync::watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// The engine served.
+    pub fn engine(&self) -> &Arc<SyncEngine> {
+        &self.inner.engine
+    }
+
+    /// Makes long polls in progress return at once (used on shutdown).
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<HttpBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let reply = self.dispatch(req).await;
+        let resp = reply.unwrap_or_else(Failure::into_response);
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        resp
+    }
+
+    async fn dispatch<B>(&self, req: Request<B>) -> Reply
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        // IMPORTANT: authentication comes before anything reads the body.
+        let grant = self
+            .inner
+            .config
+            .access
+            .authorize(bearer(&req)?)
+            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "missing or unknown token"))?;
+        let route = route(req.uri().path())?;
+        let method = req.method().clone();
+        let allow = |allowed: &'static str| {
+            let mut resp = Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method not allowed (allowed: {allowed})"),
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allowed));
+            Ok(resp)
+        };
+        match (route, method) {
+            (Route::Exchange, Method::POST) => self.exchange(&grant, req).await,
+            (Route::Exchange, _) => allow("POST"),
+            (Route::Watch, Method::GET) => self.watch(&grant, query(&req)).await,
+            (Route::Watch, _) => allow("GET"),
+            (Route::Blob(hash), m @ (Method::HEAD | Method::GET)) => {
+                self.get_blob(&grant, hash, m == Method::HEAD).await
+            }
+            (Route::Blob(hash), Method::PUT) => self.put_blob(&grant, hash, req).await,
+            (Route::Blob(_), _) => allow("HEAD, GET, PUT"),
+            (Route::Record(scope, key), Method::GET) => self.get_record(&grant, scope, key).await,
+            (Route::Record(scope, key), Method::PUT) => {
+                self.put_record(&grant, scope, key, req).await
+            }
+            (Route::Record(scope, key), Method::DELETE) => {
+                self.delete_record(&grant, scope, key).await
+            }
+            (Route::Record(..), _) => allow("GET, PUT, DELETE"),
+            (Route::Records(scope), Method::GET) => self.list(&grant, scope, query(&req)).await,
+            (Route::Records(_), _) => allow("GET"),
+            (Route::File(scope, key), Method::GET) => self.get_file(&grant, scope, key).await,
+            (Route::File(scope, key), Method::PUT) => self.put_file(&grant, scope, key, req).await,
+            (Route::File(..), _) => allow("GET, PUT"),
+            (Route::Status, Method::GET) => self.status(&grant).await,
+            (Route::Status, _) => allow("GET"),
+        }
+    }
+
+    fn require_sync(grant: &Grant) -> Result<(), Failure> {
+        if grant.sync {
+            Ok(())
+        } else {
+            Err(Failure::forbidden(format!(
+                "token {:?} may not sync",
+                grant.name
+            )))
+        }
+    }
+
+    fn require_read(grant: &Grant, scope: &Scope) -> Result<(), Failure> {
+        if grant.can_read(scope) {
+            Ok(())
+        } else {
+            Err(Failure::forbidden(format!(
+                "token {:?} may not read scope {scope}",
+                grant.name
+            )))
+        }
+    }
+
+    fn require_write(grant: &Grant, scope: &Scope) -> Result<(), Failure> {
+        if grant.can_write(scope) {
+            Ok(())
+        } else {
+            Err(Failure::forbidden(format!(
+                "token {:?} may not write scope {scope}",
+                grant.name
+            )))
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The sync endpoints: exchange (with its per-token slots and scope authorization), watch,
+//! and blob download and upload.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Body;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use serde_json::json;
+
+use super::failure::json_response;
+use super::routes::check_declared;
+use super::{blocking, Failure, HighwaterService, Inner, Reply};
+use crate::blob::CHUNK;
+use crate::engine::SyncEngine;
+use crate::hash::Hash;
+use crate::hlc::NodeId;
+use crate::http::access::Grant;
+use crate::http::body::{collect_limited, empty, full, pump_body, stream_reader, ChannelReader};
+use crate::http::{decode_query, MAX_WATCH_TIMEOUT};
+use crate::notify::WatchToken;
+use crate::record::{BlobRef, Scope};
+use crate::transport::Responder;
+use crate::wire::{self, ExchangeRequest, RequestMarks, ScopeFilter};
+
+impl HighwaterService {
+    pub(super) async fn exchange<B>(&self, grant: &Grant, req: Request<B>) -> Reply
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        Self::require_sync(grant)?;
+        let config = &self.inner.config;
+        check_declared(&req, config.max_exchange_body)?;
+        let _slot = self.exchange_slot(grant)?;
+        let body = collect_limited(
+            req.into_body(),
+            config.max_exchange_body,
+            config.body_read_timeout,
+        )
+        .await
+        .map_err(|e| Failure::body(e, config.max_exchange_body))?;
+        let engine = self.inner.engine.clone();
+        let grant = grant.clone();
+        let max_versions = config.max_page_versions;
+        let encoded = blocking(move || {
+            let request: ExchangeRequest =
+                wire::decode(&body).map_err(|e| Failure::bad(e.to_string()))?;
+            let count = request.page.version_count();
+            if count > max_versions {
+                return Err(Failure {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!("page of {count} versions over the limit of {max_versions}"),
+                    close: false,
+                });
+            }
+            let local = engine.scopes().map_err(|e| Failure::from(&e))?;
+            let request = authorize_exchange(&grant, request, &local)?;
+            let response = engine.respond(request)?;
+            Ok(wire::encode(&response))
+        })
+        .await?;
+        let mut resp = Response::new(full(encoded));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        Ok(resp)
+    }
+
+    fn exchange_slot(&self, grant: &Grant) -> Result<SlotGuard, Failure> {
+        let mut all = self
+            .inner
+            .exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = all.entry(grant.name.clone()).or_insert(0);
+        // An open node has one grant for every caller: capping it would let one local
+        // client's rounds turn another's away, so only token holders are capped.
+        let open = self.inner.config.access.is_open();
+        if !open && *n >= self.inner.config.max_exchanges_per_token {
+            return Err(Failure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "token {:?} already has {} exchanges in progress",
+                    grant.name, n
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(SlotGuard {
+            inner: self.inner.clone(),
+            name: grant.name.clone(),
+        })
+    }
+
+    pub(super) async fn watch(&self, grant: &Grant, query: String) -> Reply {
+        Self::require_sync(grant)?;
+        let query = decode_query(&query)?;
+        let mut since = None;
+        let mut watcher = None;
+        let mut timeout = Duration::from_secs(25);
+        for (name, value) in query {
+            match name.as_str() {
+                "since" => {
+                    let text = String::from_utf8(value)
+                        .map_err(|_| Failure::bad("malformed watch token"))?;
+                    since = Some(
+                        text.parse::<WatchToken>()
+                            .map_err(|e| Failure::bad(e.to_string()))?,
+                    );
+                }
+                "watcher" => {
+                    let id = std::str::from_utf8(&value)
+                        .ok()
+                        .and_then(|s| s.parse::<NodeId>().ok())
+                        .ok_or_else(|| Failure::bad("watcher must be a node id in hex"))?;
+                    watcher = Some(id);
+                }
+                "timeout_ms" => {
+                    let ms: u64 = std::str::from_utf8(&value)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| Failure::bad("timeout_ms must be a whole number"))?;
+                    timeout = Duration::from_millis(ms).min(MAX_WATCH_TIMEOUT);
+                }
+                other => return Err(Failure::bad(format!("unknown parameter {other:?}"))),
+            }
+        }
+        let notifier = SyncEngine::notifier(&self.inner.engine);
+        let mut closing = self.inner.closing.subscribe();
+        let readable = |s: &Scope| grant.can_read(s);
+        let (news, token) = tokio::select! {
+            r = notifier.wait_for_news(since, watcher, readable, timeout) => r,
+            _ = closing.wait_for(|c| *c) => (false, notifier.token()),
+        };
+        Ok(json_response(
+            StatusCode::OK,
+            json!({ "news": news, "token": token.to_string() }),
+        ))
+    }
+
+    pub(super) async fn get_blob(&self, grant: &Grant, hash: Hash, head: bool) -> Reply {
+        Self::require_sync(grant)?;
+        let engine = self.inner.engine.clone();
+        let found = blocking(move || Ok(engine.open_blob(&hash)?)).await?;
+        let Some((size, reader)) = found else {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("blob {hash} not stored here"),
+            ));
+        };
+        let body = if head {
+            empty()
+        } else {
+            stream_reader(reader, Some(size), CHUNK)
+        };
+        let mut resp = Response::new(body);
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        Ok(resp)
+    }
+
+    pub(super) async fn put_blob<B>(&self, grant: &Grant, hash: Hash, req: Request<B>) -> Reply
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        Self::require_sync(grant)?;
+        if grant.write.is_empty() {
+            return Err(Failure::forbidden(format!(
+                "token {:?} may not write",
+                grant.name
+            )));
+        }
+        let config = &self.inner.config;
+        let size = check_declared(&req, config.max_blob_body)?.ok_or_else(|| {
+            Failure::new(
+                StatusCode::LENGTH_REQUIRED,
+                "a blob upload needs Content-Length",
+            )
+        })?;
+        let blob = BlobRef { hash, size };
+        let (tx, mut reader) = ChannelReader::new();
+        let engine = self.inner.engine.clone();
+        let store = blocking(move || Ok(engine.accept_blob(&blob, &mut reader)?));
+        let pump = pump_body(req.into_body(), tx, size, config.body_read_timeout);
+        let (stored, pumped) = tokio::join!(store, pump);
+        pumped.map_err(|e| Failure::body(e, size))?;
+        stored?;
+        Ok(json_response(
+            StatusCode::OK,
+            json!({ "hash": hash.to_string(), "size": size }),
+        ))
+    }
+}
+
+struct SlotGuard {
+    inner: Arc<Inner>,
+    name: String,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut all = self
+            .inner
+            .exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = all.get_mut(&self.name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                all.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// Narrows an exchange to what `grant` may read, and refuses pages it may not write.
+///
+/// Syncing a scope needs read on it (the response ships its versions) and, for versions
+/// pushed in the request's page, write. A request naming an unreadable scope is refused;
+/// "all scopes" from a token that cannot read all becomes the readable scopes either side
+/// holds.
+fn authorize_exchange(
+    grant: &Grant,
+    mut request: ExchangeRequest,
+    local: &[Scope],
+) -> Result<ExchangeRequest, Failure> {
+    match &request.scopes {
+        ScopeFilter::Only(set) => {
+            if let Some(s) = set.iter().find(|s| !grant.can_read(s)) {
+                return Err(Failure::forbidden(format!(
+                    "token {:?} may not sync scope {s}",
+                    grant.name
+                )));
+            }
+        }
+        ScopeFilter::All if grant.reads_all() => {}
+        ScopeFilter::All => {
+            let readable: BTreeSet<Scope> = local
+                .iter()
+                .chain(
+                    match &request.marks {
+                        RequestMarks::Full(marks) => Some(marks.iter().map(|(s, _)| s)),
+                        RequestMarks::Digest(_) => None,
+                    }
+                    .into_iter()
+                    .flatten(),
+                )
+                .chain(request.page.runs.iter().map(|r| &r.scope))
+                .filter(|s| grant.can_read(s))
+                .cloned()
+                .collect();
+            request.scopes = ScopeFilter::Only(readable);
+        }
+    }
+    for run in &request.page.runs {
+        if !grant.can_write(&run.scope) || !request.scopes.contains(&run.scope) {
+            return Err(Failure::forbidden(format!(
+                "token {:?} may not write scope {}",
+                grant.name, run.scope
+            )));
+        }
+    }
+    Ok(request)
+}

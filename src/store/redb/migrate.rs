@@ -1,0 +1,89 @@
+//! Opening a store file: creating its tables, checking its format, and migrating a
+//! format 1 file to format 2.
+
+use redb::{ReadableTable, WriteTransaction};
+
+use super::tables::{
+    decode_version, encode_row, position, BLOB_REFS, KEYS, LIVE_V1, MARKS, META, PEER_MARKS,
+    RECORDS_V1, VERSIONS,
+};
+use super::{RedbStore, FORMAT};
+use crate::error::StoreError;
+use crate::record::Key;
+
+impl RedbStore {
+    pub(super) fn init_tables(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("format")?.map(|g| g.value().to_vec());
+            match found {
+                None => {
+                    meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
+                }
+                Some(bytes) => {
+                    let arr: [u8; 4] = bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt { what: "format" })?;
+                    match u32::from_be_bytes(arr) {
+                        FORMAT => {}
+                        1 => {
+                            migrate_v1(&txn)?;
+                            meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
+                        }
+                        found => {
+                            return Err(StoreError::UnsupportedFormat {
+                                found,
+                                supported: FORMAT,
+                            })
+                        }
+                    }
+                }
+            }
+            txn.open_table(VERSIONS)?;
+            txn.open_table(KEYS)?;
+            txn.open_table(MARKS)?;
+            txn.open_table(PEER_MARKS)?;
+            txn.open_table(BLOB_REFS)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Rewrites a format 1 store in format 2, inside the opening transaction (so a crash
+/// leaves the file in format 1, to be migrated again): every live-index row names a key
+/// whose stored version goes to `versions-v2` at the same position.
+fn migrate_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
+    {
+        let live = txn.open_table(LIVE_V1)?;
+        let records = txn.open_table(RECORDS_V1)?;
+        let mut versions = txn.open_table(VERSIONS)?;
+        let mut keys = txn.open_table(KEYS)?;
+        for row in live.iter()? {
+            let (position_key, key) = row?;
+            let position_key = position_key.value();
+            let (&len, _) = position_key
+                .split_first()
+                .ok_or(StoreError::Corrupt { what: "live index" })?;
+            let scope_len = 1 + usize::from(len);
+            let mut record_key = position_key
+                .get(..scope_len)
+                .ok_or(StoreError::Corrupt { what: "live index" })?
+                .to_vec();
+            record_key.extend_from_slice(key.value());
+            let version = records
+                .get(record_key.as_slice())?
+                .ok_or(StoreError::Corrupt { what: "live index" })?;
+            let version = decode_version(version.value())?;
+            let key =
+                Key::new(key.value()).map_err(|_| StoreError::Corrupt { what: "live index" })?;
+            versions.insert(position_key, encode_row(&key, &version).as_slice())?;
+            keys.insert(record_key.as_slice(), position(version.hlc).as_slice())?;
+        }
+    }
+    txn.delete_table(LIVE_V1)?;
+    txn.delete_table(RECORDS_V1)?;
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The redb store. Layout (format 2; see `docs/storage.md`):
+//!
+//! Composite keys start with the scope as `len u8 | scope bytes`, so every scope is one
+//! contiguous key range; origins are their 16 id bytes and times are big-endian, so byte
+//! order is Hlc order.
+//!
+//! Versions are stored by `(scope, origin, time)`, the order in which a sync delivers them,
+//! and a small index maps each key to its version's position. A bulk sync then appends to
+//! the large table and inserts random keys only into the small one, and the sender reads
+//! what a peer lacks with one range scan.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use redb::{Database, WriteTransaction};
+
+use crate::error::StoreError;
+
+// For the links in the docs of `RedbStore`, which moved away from the `Store` impl.
+#[cfg(doc)]
+use super::Store;
+
+mod migrate;
+mod read;
+mod tables;
+mod write;
+
+pub use self::tables::FORMAT;
+
+/// A store in one redb file.
+///
+/// Deferred commits are gathered into one open redb write transaction (a *group*) instead of
+/// each committing its own: every redb commit rewrites the B-tree pages it touched, and with
+/// random keys a thousand-version page touches about a thousand leaves of the key index, so
+/// one commit per page wrote some 25 times the bytes it stored (docs/performance.md). While
+/// a group is open, [`Store::read`] reads through it (deferred
+/// commits are visible at once, as the contract says), and the group is committed to redb
+/// by the next durable commit, by [`Store::flush`], once it holds
+/// [`RedbStore::GROUP_VERSIONS`] upserts (non-durably), or when the store is dropped.
+pub struct RedbStore {
+    db: Database,
+    writes: Mutex<Writes>,
+}
+
+/// The write side's state, under one lock: redb has one writer at a time, and a read
+/// through an open group holds the same lock.
+struct Writes {
+    /// The write transaction deferred commits are gathered in, if one is open.
+    group: Option<WriteTransaction>,
+    /// Upserts in `group`.
+    grouped: usize,
+    /// Whether a transaction committed to redb non-durably is not yet durable.
+    dirty: bool,
+}
+
+impl Writes {
+    /// Whether deferred work is not durable yet (open in the group, or committed to redb
+    /// non-durably).
+    fn pending(&self) -> bool {
+        self.dirty || self.group.is_some()
+    }
+}
+
+impl RedbStore {
+    /// redb's page cache per store, in bytes: its read cache and the write buffer that holds
+    /// the pages of non-durable commits. redb's own default (1 GiB per database) lets a node that
+    /// syncs a large store grow to that size: 1 000 000 records took two in-process nodes to
+    /// 930 MiB of peak RSS. At 64 MiB the pair peaks near 147 MiB; with store format 2 a larger
+    /// cache barely speeds a bulk sync up (docs/performance.md). `EngineConfig::cache_bytes`
+    /// sets it per node.
+    pub const CACHE_BYTES: usize = 64 << 20;
+
+    /// Upserts gathered in one open write transaction before it is committed to redb (non
+    /// durably) and a new group begins. It bounds the work a failed commit takes back (see
+    /// [`Store::commit`]); the engine's checkpoints (`engine::Checkpoint`, 100 000 versions
+    /// by default) usually end a group first.
+    pub const GROUP_VERSIONS: usize = 250_000;
+
+    /// Opens (or creates) the store in the redb file at `path`, with a page cache of
+    /// [`RedbStore::CACHE_BYTES`].
+    ///
+    /// # Errors
+    /// The file cannot be opened or created, or holds an unsupported format.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, Self::CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in the redb file at `path`, with a page cache of
+    /// `cache_bytes` (more memory, fewer page reads and writes during large syncs).
+    ///
+    /// # Errors
+    /// The file cannot be opened or created, or holds an unsupported format.
+    pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<Self, StoreError> {
+        Self::from_db(
+            Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(path.as_ref())?,
+        )
+    }
+
+    /// Opens (or creates) the store on a custom redb storage backend (fault injection in
+    /// tests, or storage that is not a file).
+    ///
+    /// # Errors
+    /// The backend cannot be opened, or holds an unsupported format.
+    pub fn with_backend(backend: impl redb::StorageBackend) -> Result<Self, StoreError> {
+        Self::from_db(
+            Database::builder()
+                .set_cache_size(Self::CACHE_BYTES)
+                .create_with_backend(backend)?,
+        )
+    }
+
+    fn from_db(db: Database) -> Result<Self, StoreError> {
+        let store = RedbStore {
+            db,
+            writes: Mutex::new(Writes {
+                group: None,
+                grouped: 0,
+                dirty: false,
+            }),
+        };
+        store.init_tables()?;
+        Ok(store)
+    }
+
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+}

@@ -1,0 +1,134 @@
+//! The redb tables of format 2 (and the format 1 tables read to migrate), and the
+//! encoding of their keys and rows.
+
+use redb::TableDefinition;
+
+use crate::error::StoreError;
+use crate::hlc::{Hlc, NodeId};
+use crate::record::{Key, Scope, Version};
+
+/// The on-disk format this build reads and writes. Format 1 files are migrated to it when
+/// opened.
+pub const FORMAT: u32 = 2;
+
+/// "format" -> u32 BE; "node_id" -> 16 bytes; "clock" -> u64 BE (last issued or observed time).
+pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-v1");
+/// scope | origin | time BE -> key length u16 BE | key | postcard(Version): every stored
+/// version (the latest of its key, tombstones included), in Hlc order per origin.
+pub(super) const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions-v2");
+/// scope | key -> origin | time BE: where each key's stored version is.
+pub(super) const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys-v2");
+/// Format 1: scope | key -> postcard(Version). Read only to migrate.
+pub(super) const RECORDS_V1: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records-v1");
+/// Format 1: scope | origin | time BE -> key. Read only to migrate.
+pub(super) const LIVE_V1: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live-v1");
+/// scope | origin -> time: this node's watermarks.
+pub(super) const MARKS: TableDefinition<&[u8], u64> = TableDefinition::new("watermarks-v1");
+/// peer -> 0 (the peer was met), and peer | scope | origin -> time: what we learned of each
+/// peer's watermarks.
+pub(super) const PEER_MARKS: TableDefinition<&[u8], u64> =
+    TableDefinition::new("peer-watermarks-v1");
+
+/// blake3 hash (32 bytes) -> number of stored versions referencing the blob (absent = 0).
+pub(super) const BLOB_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("blob-refs-v1");
+
+pub(super) fn scope_prefix(scope: &Scope) -> Vec<u8> {
+    let s = scope.as_str().as_bytes();
+    let mut out = Vec::with_capacity(1 + s.len() + 40);
+    // Scopes are at most 4 + 64 + 1 + 64 bytes by construction.
+    out.push(u8::try_from(s.len()).expect("scope text is at most 133 bytes"));
+    out.extend_from_slice(s);
+    out
+}
+
+pub(super) fn record_key(scope: &Scope, key: &Key) -> Vec<u8> {
+    let mut out = scope_prefix(scope);
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+pub(super) fn origin_key(scope: &Scope, origin: NodeId) -> Vec<u8> {
+    let mut out = scope_prefix(scope);
+    out.extend_from_slice(&origin.to_bytes());
+    out
+}
+
+pub(super) fn live_key(scope: &Scope, origin: NodeId, time: u64) -> Vec<u8> {
+    let mut out = origin_key(scope, origin);
+    out.extend_from_slice(&time.to_be_bytes());
+    out
+}
+
+/// A key's index entry: the position of its stored version.
+pub(super) fn position(hlc: Hlc) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..16].copy_from_slice(&hlc.origin().to_bytes());
+    out[16..].copy_from_slice(&hlc.time().to_be_bytes());
+    out
+}
+
+pub(super) fn decode_position(bytes: &[u8]) -> Result<(NodeId, u64), StoreError> {
+    let corrupt = || StoreError::Corrupt { what: "key index" };
+    let (id, time) = bytes.split_at_checked(16).ok_or_else(corrupt)?;
+    let id: [u8; 16] = id.try_into().map_err(|_| corrupt())?;
+    let time: [u8; 8] = time.try_into().map_err(|_| corrupt())?;
+    let origin = NodeId::from_bytes(id).ok_or_else(corrupt)?;
+    Ok((origin, u64::from_be_bytes(time)))
+}
+
+/// A versions row: `key length u16 BE | key | postcard(Version)`.
+pub(super) fn encode_row(key: &Key, v: &Version) -> Vec<u8> {
+    let k = key.as_bytes();
+    let mut out = Vec::with_capacity(2 + k.len() + k.len() / 2 + 64);
+    out.extend_from_slice(
+        &u16::try_from(k.len())
+            .expect("keys are at most MAX_KEY_LEN bytes")
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(k);
+    postcard::to_io(v, &mut out).expect("postcard encoding into a Vec does not fail");
+    out
+}
+
+/// A versions row's key bytes and encoded version, not yet decoded.
+pub(super) fn split_row(bytes: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
+    let corrupt = || StoreError::Corrupt { what: "version" };
+    let (len, rest) = bytes.split_at_checked(2).ok_or_else(corrupt)?;
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    rest.split_at_checked(len).ok_or_else(corrupt)
+}
+
+pub(super) fn decode_row_key(key: &[u8]) -> Result<Key, StoreError> {
+    Key::new(key).map_err(|_| StoreError::Corrupt { what: "version" })
+}
+
+pub(super) fn decode_row(bytes: &[u8]) -> Result<(Key, Version), StoreError> {
+    let (key, version) = split_row(bytes)?;
+    Ok((decode_row_key(key)?, decode_version(version)?))
+}
+
+pub(super) fn decode_scope_origin(bytes: &[u8]) -> Result<(Scope, NodeId), StoreError> {
+    let corrupt = StoreError::Corrupt {
+        what: "watermark key",
+    };
+    let (&len, rest) = bytes.split_first().ok_or(StoreError::Corrupt {
+        what: "watermark key",
+    })?;
+    let len = usize::from(len);
+    if rest.len() != len + 16 {
+        return Err(corrupt);
+    }
+    let scope = std::str::from_utf8(&rest[..len])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(StoreError::Corrupt { what: "scope" })?;
+    let id: [u8; 16] = rest[len..]
+        .try_into()
+        .map_err(|_| StoreError::Corrupt { what: "origin" })?;
+    let origin = NodeId::from_bytes(id).ok_or(StoreError::Corrupt { what: "origin" })?;
+    Ok((scope, origin))
+}
+
+pub(super) fn decode_version(bytes: &[u8]) -> Result<Version, StoreError> {
+    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt { what: "record" })
+}

@@ -1,0 +1,329 @@
+//! Writes: the group that gathers deferred commits, the [`Writer`] over a write
+//! transaction's tables, and the [`Store`] impl that commits batches through them.
+
+use std::sync::MutexGuard;
+
+use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
+
+use super::read::{stored_clock, version_at, GroupReader, Reader, HELD};
+use super::tables::{
+    decode_row_key, decode_scope_origin, encode_row, live_key, origin_key, position, record_key,
+    split_row, BLOB_REFS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
+};
+use super::{RedbStore, Writes};
+use crate::error::StoreError;
+use crate::hash::Hash;
+use crate::hlc::{Hlc, NodeId};
+use crate::record::{Key, Scope, Version};
+use crate::store::{
+    apply_batch, Batch, BatchReport, Durability, PeerKnowledge, Store, StoreRead, TxnOps,
+};
+use crate::wire::ScopeFilter;
+
+impl RedbStore {
+    /// The write lock, unless this thread holds a group reader of this store (which holds
+    /// the lock already).
+    fn lock_writes(&self) -> Result<MutexGuard<'_, Writes>, StoreError> {
+        if HELD.with_borrow(|held| held.contains(&self.address())) {
+            return Err(StoreError::ReaderHeld);
+        }
+        // Every update of `Writes` leaves it valid, whatever a panicking holder did: a group
+        // taken out and not put back is simply aborted.
+        Ok(self.writes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The open group, taken out of `writes`, or a new write transaction. Writes that do not
+    /// go through the group would wait forever on redb's writer lock while it is open.
+    fn write_txn(&self, writes: &mut Writes) -> Result<WriteTransaction, StoreError> {
+        match writes.group.take() {
+            Some(txn) => Ok(txn),
+            None => Ok(self.db.begin_write()?),
+        }
+    }
+
+    /// Commits `txn` durably; every earlier commit is then durable too.
+    fn commit_durably(
+        &self,
+        writes: &mut Writes,
+        mut txn: WriteTransaction,
+    ) -> Result<(), StoreError> {
+        writes.grouped = 0;
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.commit()?;
+        writes.dirty = false;
+        Ok(())
+    }
+}
+
+struct Writer<'t> {
+    meta: Table<'t, &'static str, &'static [u8]>,
+    versions: Table<'t, &'static [u8], &'static [u8]>,
+    keys: Table<'t, &'static [u8], &'static [u8]>,
+    marks: Table<'t, &'static [u8], u64>,
+    peers: Table<'t, &'static [u8], u64>,
+    blob_refs: Table<'t, &'static [u8], u64>,
+}
+
+impl<'t> Writer<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Writer {
+            meta: txn.open_table(META)?,
+            versions: txn.open_table(VERSIONS)?,
+            keys: txn.open_table(KEYS)?,
+            marks: txn.open_table(MARKS)?,
+            peers: txn.open_table(PEER_MARKS)?,
+            blob_refs: txn.open_table(BLOB_REFS)?,
+        })
+    }
+}
+
+impl TxnOps for Writer<'_> {
+    fn swap_record(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<Option<Version>, StoreError> {
+        let old = self.keys.insert(
+            record_key(scope, key).as_slice(),
+            position(version.hlc).as_slice(),
+        )?;
+        match old {
+            Some(g) => version_at(&self.versions, scope, key.as_bytes(), g.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn put_record(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<(), StoreError> {
+        self.keys.insert(
+            record_key(scope, key).as_slice(),
+            position(version.hlc).as_slice(),
+        )?;
+        Ok(())
+    }
+
+    fn live_key_at(&mut self, scope: &Scope, hlc: Hlc) -> Result<Option<Key>, StoreError> {
+        match self
+            .versions
+            .get(live_key(scope, hlc.origin(), hlc.time()).as_slice())?
+        {
+            Some(row) => decode_row_key(split_row(row.value())?.0).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError> {
+        self.versions
+            .remove(live_key(scope, hlc.origin(), hlc.time()).as_slice())?;
+        Ok(())
+    }
+
+    fn insert_live(
+        &mut self,
+        scope: &Scope,
+        key: &Key,
+        version: &Version,
+    ) -> Result<(), StoreError> {
+        let hlc = version.hlc;
+        self.versions.insert(
+            live_key(scope, hlc.origin(), hlc.time()).as_slice(),
+            encode_row(key, version).as_slice(),
+        )?;
+        Ok(())
+    }
+
+    fn get_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<Option<Hlc>, StoreError> {
+        Ok(self
+            .marks
+            .get(origin_key(scope, origin).as_slice())?
+            .map(|t| Hlc::new(t.value(), origin)))
+    }
+
+    fn set_mark(&mut self, scope: &Scope, mark: Hlc) -> Result<(), StoreError> {
+        self.marks
+            .insert(origin_key(scope, mark.origin()).as_slice(), mark.time())?;
+        Ok(())
+    }
+
+    fn replace_peer_marks(&mut self, k: &PeerKnowledge) -> Result<(), StoreError> {
+        let id = k.peer.to_bytes();
+        let in_play = |row: &[u8]| match &k.scopes {
+            ScopeFilter::All => true,
+            ScopeFilter::Only(set) => decode_scope_origin(row)
+                .map(|(s, _)| set.contains(&s))
+                .unwrap_or(true),
+        };
+        let stale: Vec<Vec<u8>> = {
+            let mut out = Vec::new();
+            for row in self.peers.range(id.as_slice()..)?.skip(1) {
+                let (key, _) = row?;
+                let kb = key.value();
+                if !kb.starts_with(&id) {
+                    break;
+                }
+                if in_play(&kb[16..]) {
+                    out.push(kb.to_vec());
+                }
+            }
+            out
+        };
+        for key in stale {
+            self.peers.remove(key.as_slice())?;
+        }
+        self.peers.insert(id.as_slice(), 0)?;
+        for (scope, marks) in k.marks.iter() {
+            if !k.scopes.contains(scope) {
+                continue;
+            }
+            for hlc in marks.iter() {
+                let mut key = id.to_vec();
+                key.extend_from_slice(&origin_key(scope, hlc.origin()));
+                self.peers.insert(key.as_slice(), hlc.time())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn raise_clock(&mut self, time: u64) -> Result<(), StoreError> {
+        let cur = stored_clock(&self.meta)?;
+        if time > cur {
+            self.meta.insert("clock", time.to_be_bytes().as_slice())?;
+        }
+        Ok(())
+    }
+    fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError> {
+        let key = hash.as_bytes().as_slice();
+        let count = self.blob_refs.get(key)?.map_or(0, |g| g.value());
+        let next = count.saturating_add_signed(delta);
+        if next == 0 {
+            self.blob_refs.remove(key)?;
+        } else {
+            self.blob_refs.insert(key, next)?;
+        }
+        Ok(next)
+    }
+}
+
+impl Store for RedbStore {
+    fn read(&self) -> Result<Box<dyn StoreRead + '_>, StoreError> {
+        let writes = self.lock_writes()?;
+        if writes.group.is_some() {
+            return Ok(Box::new(GroupReader::new(self, writes)));
+        }
+        // Begun under the lock, so a deferred commit that returned before this call is in
+        // the snapshot (it cannot be sitting in a group this reader does not see).
+        let txn = self.db.begin_read()?;
+        drop(writes);
+        Ok(Box::new(Reader {
+            meta: txn.open_table(META)?,
+            versions: txn.open_table(VERSIONS)?,
+            keys: txn.open_table(KEYS)?,
+            marks: txn.open_table(MARKS)?,
+            peers: txn.open_table(PEER_MARKS)?,
+            blob_refs: txn.open_table(BLOB_REFS)?,
+            _txn: txn,
+        }))
+    }
+
+    fn identity(&self, fresh: NodeId) -> Result<NodeId, StoreError> {
+        let mut writes = self.lock_writes()?;
+        let txn = self.write_txn(&mut writes)?;
+        let id = {
+            let mut meta = txn.open_table(META)?;
+            let stored = meta.get("node_id")?.map(|g| g.value().to_vec());
+            match stored {
+                Some(bytes) => {
+                    let arr: [u8; 16] = bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt { what: "node id" })?;
+                    NodeId::from_bytes(arr).ok_or(StoreError::Corrupt { what: "node id" })?
+                }
+                None => {
+                    meta.insert("node_id", fresh.to_bytes().as_slice())?;
+                    fresh
+                }
+            }
+        };
+        self.commit_durably(&mut writes, txn)?;
+        Ok(id)
+    }
+
+    fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
+        let mut writes = self.lock_writes()?;
+        let txn = self.write_txn(&mut writes)?;
+        txn.open_table(META)?
+            .insert("node_id", id.to_bytes().as_slice())?;
+        self.commit_durably(&mut writes, txn)
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
+        let mut writes = self.lock_writes()?;
+        let gathering = writes.group.is_some();
+        let gathered = std::mem::take(&mut writes.grouped);
+        // A failure from here on drops `txn`, which aborts it, and with it the deferred
+        // commits gathered in the group: they are taken back as a crash would take them,
+        // with their watermark advances, so the store stays consistent.
+        let txn = self.write_txn(&mut writes)?;
+        // IMPORTANT: the data and the watermark advances that cover it share this transaction.
+        let report = match Writer::open(&txn).and_then(|mut w| apply_batch(&mut w, batch)) {
+            Ok(report) => report,
+            Err(e) => {
+                if gathering {
+                    tracing::warn!(
+                        upserts = gathered,
+                        error = %e,
+                        "a failed commit took back the deferred commits gathered before it"
+                    );
+                }
+                return Err(e);
+            }
+        };
+        let grouped = gathered.saturating_add(batch.upserts.len());
+        match batch.durability {
+            Durability::Immediate => self.commit_durably(&mut writes, txn)?,
+            Durability::Deferred if grouped >= Self::GROUP_VERSIONS => {
+                let mut txn = txn;
+                txn.set_durability(redb::Durability::None)?;
+                txn.commit()?;
+                writes.dirty = true;
+            }
+            Durability::Deferred => {
+                writes.group = Some(txn);
+                writes.grouped = grouped;
+            }
+        }
+        Ok(report)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let mut writes = self.lock_writes()?;
+        if !writes.pending() {
+            return Ok(());
+        }
+        let txn = self.write_txn(&mut writes)?;
+        self.commit_durably(&mut writes, txn)
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Best effort, like the engine's own flush on drop: an open group would otherwise be
+        // aborted, and the deferred commits in it lost as in a crash.
+        let writes = self.writes.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut txn) = writes.group.take() {
+            let committed = txn
+                .set_durability(redb::Durability::Immediate)
+                .map_err(StoreError::from)
+                .and_then(|()| txn.commit().map_err(StoreError::from));
+            if let Err(e) = committed {
+                tracing::warn!(error = %e, "could not commit deferred work when closing the store");
+            }
+        }
+    }
+}

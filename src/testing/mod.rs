@@ -1,0 +1,47 @@
+//! Checks shared by the test suite and the fuzz targets (feature `testing`).
+//!
+//! A [`Simulation`] drives 2 to 5 engines through [`Action`]s (writes, deletes, exchanges
+//! between any pair with any page limit, restarts) while keeping an oracle: every version
+//! ever written, and their last-write-wins fold. After every round it checks the watermark
+//! invariant on every node; [`Simulation::converge`] then syncs all pairs and checks that
+//! every node equals the oracle and that all watermarks agree.
+//!
+//! Actions decode from arbitrary bytes ([`Action::decode_all`]), so proptest strategies and
+//! libFuzzer inputs drive the very same code.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+
+mod action;
+mod backends;
+mod faults;
+mod fuzz;
+mod power_loss;
+mod sim;
+
+pub use self::action::{file_content, scope, Action};
+pub use self::backends::{copy_blobs, Backend, MemBackend, RedbBackend};
+pub use self::faults::{FaultyTransport, Hook};
+pub use self::fuzz::{
+    check_merge_laws, decode_versions, fuzz_decode_envelope, fuzz_exchange_model, fuzz_merge_laws,
+};
+pub use self::power_loss::{DiskHandle, PowerLossBackend, PowerLossDisk};
+pub use self::sim::{sim_config, sim_time, Simulation};
+
+/// Runs a future to completion on the current thread (in-process exchanges never wait).
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(out) = f.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::yield_now();
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
