@@ -37,6 +37,9 @@ pub enum Error {
     /// The blob store failed, or content did not match its hash.
     #[error("blob error")]
     Blob(#[from] crate::blob::BlobError),
+    /// The async runtime shut down before blocking work could run.
+    #[error("interrupted")]
+    Interrupted(#[from] crate::blocking::Interrupted),
 }
 
 /// Errors of the hybrid logical clock.

@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod blob;
+pub mod blocking;
 pub mod demo;
 pub mod engine;
 pub mod error;

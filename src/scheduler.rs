@@ -30,15 +30,15 @@
 //!
 //! [`Scheduler::shutdown`] signals every task and waits for them. A round in flight is
 //! abandoned at its next await point. That is safe: the engine applies each received page,
-//! with its watermark advances and its knowledge of the peer, in one transaction inside a
-//! synchronous section of the round, so dropping the round's future leaves either all of a
-//! page or none of it. What the peer already applied of our page is only knowledge we lack,
-//! which the next round relearns. Dropping a [`Scheduler`] without shutting it down aborts its
-//! tasks the same way.
+//! with its watermark advances and its knowledge of the peer, in one transaction, so dropping
+//! the round's future leaves either all of a page or none of it (a commit already running on
+//! its blocking thread completes there). What the peer already applied of our page is only
+//! knowledge we lack, which the next round relearns. Dropping a [`Scheduler`] without shutting
+//! it down aborts its tasks the same way.
 //!
-//! Rounds do their storage IO (redb) inside the round's future, on the runtime's thread. On a
-//! multi-thread runtime that only holds up the thread running that peer's task; see
-//! `docs/scheduling.md`.
+//! A round's storage work (redb reads and commits, blob files) runs on the runtime's blocking
+//! threads ([`crate::blocking`]), so a slow commit never holds up the tasks that share a
+//! worker thread with the round; see `docs/scheduling.md`.
 //!
 //! ```
 //! use std::sync::Arc;

@@ -12,12 +12,15 @@
 //! Pins protect blobs from removal between their arrival and the commit that references
 //! them: a blob whose reference count falls to zero is removed only if nothing pins it.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Instant;
 
 use futures_util::stream::{self, StreamExt};
 
-use super::SyncEngine;
+use super::{lock, Inner, SyncEngine, UPLOAD_GRACE};
 use crate::blob::{BlobError, BlobWriter};
+use crate::blocking::run_blocking;
 use crate::error::TransportError;
 use crate::hash::Hash;
 use crate::hlc::Hlc;
@@ -28,15 +31,46 @@ use crate::watermark::Page;
 /// Transfers running at once in one round.
 pub const TRANSFER_CONCURRENCY: usize = 4;
 
+/// What keeps blobs from removal while they are in use. One lock, so that a removal sees
+/// every guard at once.
+#[derive(Default)]
+pub(super) struct BlobGuards {
+    /// Blobs that must not be removed even if unreferenced: being written or fetched, and
+    /// not yet referenced by a committed version. Counts per hash.
+    pins: HashMap<Hash, usize>,
+    /// Hashes being fetched by some round right now.
+    in_flight: HashSet<Hash>,
+    /// Blobs peers uploaded for a request not yet applied, with when they arrived: kept
+    /// from removal until that request's page commits or [`UPLOAD_GRACE`] ends.
+    uploads: HashMap<Hash, Instant>,
+}
+
+impl BlobGuards {
+    /// Keeps a blob a peer uploaded from removal for [`UPLOAD_GRACE`], and forgets uploads
+    /// older than that.
+    pub(super) fn uploaded(&mut self, hash: Hash) {
+        self.uploads
+            .retain(|_, arrived| arrived.elapsed() < UPLOAD_GRACE);
+        self.uploads.insert(hash, Instant::now());
+    }
+
+    /// Releases the uploads that a committed version now references.
+    pub(super) fn referenced(&mut self, hashes: impl IntoIterator<Item = Hash>) {
+        for hash in hashes {
+            self.uploads.remove(&hash);
+        }
+    }
+}
+
 /// Keeps a blob from being removed while it lives.
 pub(crate) struct Pin<'a> {
-    engine: &'a SyncEngine,
+    guards: &'a Mutex<BlobGuards>,
     hash: Hash,
 }
 
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
-        let mut pins = super::lock(&self.engine.pins);
+        let pins = &mut lock(self.guards).pins;
         if let Some(n) = pins.get_mut(&self.hash) {
             *n -= 1;
             if *n == 0 {
@@ -48,13 +82,13 @@ impl Drop for Pin<'_> {
 
 /// Marks a fetch of a hash in flight; released when the fetch ends.
 struct InFlight<'a> {
-    engine: &'a SyncEngine,
+    guards: &'a Mutex<BlobGuards>,
     hash: Hash,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        super::lock(&self.engine.in_flight).remove(&self.hash);
+        lock(self.guards).in_flight.remove(&self.hash);
     }
 }
 
@@ -69,27 +103,9 @@ fn page_blobs(page: &Page) -> Vec<BlobRef> {
         .collect()
 }
 
-impl SyncEngine {
-    /// Pins `hash` against removal until the returned guard drops.
-    pub(crate) fn pin(&self, hash: Hash) -> Pin<'_> {
-        *super::lock(&self.pins).entry(hash).or_insert(0) += 1;
-        Pin { engine: self, hash }
-    }
-
-    /// Whether the blob is in the local store (a store failure counts as absent: the version
-    /// is then held back, never shipped without its blob).
-    pub(crate) fn has_blob(&self, blob: &BlobRef) -> bool {
-        self.blobs.contains(&blob.hash).unwrap_or(false)
-    }
-
-    fn claim_fetch(&self, hash: Hash) -> Option<InFlight<'_>> {
-        super::lock(&self.in_flight)
-            .insert(hash)
-            .then_some(InFlight { engine: self, hash })
-    }
-
+impl Inner {
     /// Removes blobs that lost their last reference, unless a transfer or write pins them.
-    pub(crate) fn remove_unreferenced(&self, hashes: &[Hash]) {
+    pub(super) fn remove_unreferenced(&self, hashes: &[Hash]) {
         for hash in hashes {
             // Best effort: a blob left behind is found again by `collect_garbage`.
             let _ = self.remove_if_unused(hash);
@@ -99,20 +115,59 @@ impl SyncEngine {
     /// Removes `hash` if nothing pins it and no stored version references it. Returns
     /// whether it was removed.
     ///
-    /// IMPORTANT: the pin table stays locked from the check to the removal, so a transfer
-    /// or write that pins the hash either comes first (and the blob stays) or after (and
-    /// finds it gone, and fetches or writes it again).
-    pub(crate) fn remove_if_unused(&self, hash: &Hash) -> crate::Result<bool> {
-        let pins = super::lock(&self.pins);
-        let uploaded = super::lock(&self.uploads)
+    /// IMPORTANT: the guards stay locked from the check to the removal, so a transfer or
+    /// write that pins the hash either comes first (and the blob stays) or after (and finds
+    /// it gone, and fetches or writes it again).
+    pub(super) fn remove_if_unused(&self, hash: &Hash) -> crate::Result<bool> {
+        let guards = lock(&self.guards);
+        let uploaded = guards
+            .uploads
             .get(hash)
-            .is_some_and(|t| t.elapsed() < super::UPLOAD_GRACE);
-        if uploaded || pins.contains_key(hash) || self.store.read()?.blob_refs(hash)? > 0 {
+            .is_some_and(|t| t.elapsed() < UPLOAD_GRACE);
+        if uploaded || guards.pins.contains_key(hash) || self.store.read()?.blob_refs(hash)? > 0 {
             return Ok(false);
         }
         let removed = self.blobs.remove(hash)?;
-        drop(pins);
+        drop(guards);
         Ok(removed)
+    }
+}
+
+impl SyncEngine {
+    /// Pins `hash` against removal until the returned guard drops.
+    pub(crate) fn pin(&self, hash: Hash) -> Pin<'_> {
+        *lock(&self.inner.guards).pins.entry(hash).or_insert(0) += 1;
+        Pin {
+            guards: &self.inner.guards,
+            hash,
+        }
+    }
+
+    /// Whether the blob is in the local store (a store failure counts as absent: the version
+    /// is then held back, never shipped without its blob).
+    pub(crate) fn has_blob(&self, blob: &BlobRef) -> bool {
+        self.inner.blobs.contains(&blob.hash).unwrap_or(false)
+    }
+
+    fn claim_fetch(&self, hash: Hash) -> Option<InFlight<'_>> {
+        lock(&self.inner.guards)
+            .in_flight
+            .insert(hash)
+            .then_some(InFlight {
+                guards: &self.inner.guards,
+                hash,
+            })
+    }
+
+    /// Removes blobs that lost their last reference, unless a transfer or write pins them.
+    pub(crate) fn remove_unreferenced(&self, hashes: &[Hash]) {
+        self.inner.remove_unreferenced(hashes);
+    }
+
+    /// Removes `hash` if nothing pins it and no stored version references it. Returns
+    /// whether it was removed.
+    pub(crate) fn remove_if_unused(&self, hash: &Hash) -> crate::Result<bool> {
+        self.inner.remove_if_unused(hash)
     }
 
     /// Uploads the blobs of `page` that the responder lacks. Returns how many were pushed.
@@ -138,7 +193,7 @@ impl SyncEngine {
             .collect();
         let pushed = stream::iter(missing)
             .map(|blob| async move {
-                let Ok(Some((_, reader))) = self.blobs.open(&blob.hash) else {
+                let Ok(Some((_, reader))) = self.inner.blobs.open(&blob.hash) else {
                     return false;
                 };
                 transport.push_blob(blob, reader).await.is_ok()
@@ -153,13 +208,13 @@ impl SyncEngine {
     /// The versions of `page` this node will keep (at least as new as what it stores) whose
     /// blob it does not hold, as (scope, key, Hlc, blob).
     fn missing_blobs(&self, page: &Page) -> crate::Result<Vec<(Scope, Key, Hlc, BlobRef)>> {
-        let read = self.store.read()?;
+        let read = self.inner.store.read()?;
         let mut out = Vec::new();
         for run in &page.runs {
             for (key, v) in &run.versions {
                 let Some(blob) = v.blob() else { continue };
                 let keeps = read.get(&run.scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
-                if keeps && !self.blobs.contains(&blob.hash)? {
+                if keeps && !self.inner.blobs.contains(&blob.hash)? {
                     out.push((run.scope.clone(), key.clone(), v.hlc, *blob));
                 }
             }
@@ -203,7 +258,7 @@ impl SyncEngine {
         blob: BlobRef,
     ) -> crate::Result<()> {
         let mut writer = Bounded {
-            inner: self.blobs.writer()?,
+            inner: self.inner.blobs.writer()?,
             room: blob.size,
         };
         transport.fetch_blob(blob, &mut writer).await?;
@@ -229,8 +284,6 @@ impl From<BlobError> for crate::transport::Refusal {
     }
 }
 
-/// Refuses bytes beyond the expected size, so a peer cannot make us write more than the
-/// blob it promised before the hash check in `finish` catches it.
 /// Finishes a fetched blob (hash check, fsync of the file, rename, fsync of its directory).
 /// Under a tokio runtime this runs on a blocking thread, so the round's other transfers keep
 /// streaming while one waits on the disk (the round is one task, and a blocking call in it
@@ -238,21 +291,13 @@ impl From<BlobError> for crate::transport::Refusal {
 /// meanwhile, the finish still completes: the blob is then stored unreferenced, for
 /// `collect_garbage`.
 async fn finish_blob(writer: Box<dyn BlobWriter>, blob: BlobRef) -> Result<BlobRef, BlobError> {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return writer.finish(Some(&blob));
-    };
-    match runtime
-        .spawn_blocking(move || writer.finish(Some(&blob)))
+    run_blocking(move || writer.finish(Some(&blob)))
         .await
-    {
-        Ok(finished) => finished,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(BlobError::Source(std::io::Error::other(
-            "the runtime shut down while the blob was being stored",
-        ))),
-    }
+        .map_err(|e| BlobError::Source(std::io::Error::other(e)))?
 }
 
+/// Refuses bytes beyond the expected size, so a peer cannot make us write more than the
+/// blob it promised before the hash check in `finish` catches it.
 struct Bounded<W> {
     inner: W,
     room: u64,

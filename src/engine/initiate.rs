@@ -1,6 +1,7 @@
 //! The initiator's half of a round: the driver around [`Initiation`], which plans and
 //! finishes the round, while this file does its IO (store, transport, blobs, events).
 
+use crate::blocking::run_blocking;
 use crate::error::Result;
 use crate::exchange::plan::PageLimits;
 use crate::exchange::{
@@ -40,7 +41,7 @@ impl SyncEngine {
         let mut session = self.kept_session(transport.peer_id());
         let result = self.exchange_in(&mut session, transport, options).await;
         if let Some(peer) = session.peer() {
-            lock(&self.peers).sessions.insert(peer, session);
+            lock(&self.inner.peers).sessions.insert(peer, session);
         }
         result
     }
@@ -59,16 +60,30 @@ impl SyncEngine {
     ) -> Result<ExchangeOutcome> {
         let expected = transport.peer_id();
         self.recall_answered(expected.or(session.peer()), session);
-        let limit = options.page_limit.unwrap_or(self.config.page_limit).max(1);
-        let mut round = Initiation::plan(
-            self.id,
-            &*self.store.read()?,
-            session,
-            expected,
-            options,
-            self.page_limits(limit),
-            &|b: &BlobRef| self.has_blob(b),
-        )?;
+        let limit = options
+            .page_limit
+            .unwrap_or(self.inner.config.page_limit)
+            .max(1);
+        let limits = self.page_limits(limit);
+        // IMPORTANT: the held marks are taken, not read (see `Initiation::plan`): the
+        // planning works on a copy, and the caller's session keeps none until the round
+        // completes.
+        let mut planning = session.clone();
+        session.held = None;
+        let engine = self.handle();
+        let plan_options = options.clone();
+        let mut round = run_blocking(move || {
+            Initiation::plan(
+                engine.inner.id,
+                &*engine.inner.store.read()?,
+                &mut planning,
+                expected,
+                &plan_options,
+                limits,
+                &|b: &BlobRef| engine.has_blob(b),
+            )
+        })
+        .await??;
         let blobs_pushed = self.push_blobs(transport, &round.request().page).await?;
         let mut response = transport.exchange(round.request().clone()).await?;
         let received = loop {
@@ -77,20 +92,38 @@ impl SyncEngine {
                 Reply::Apply(received) => break received,
             }
         };
-        let needed = self.needed_blobs(&received.page)?;
+        let engine = self.handle();
+        let (received, needed) = run_blocking(move || {
+            let needed = engine.needed_blobs(&received.page);
+            (received, needed)
+        })
+        .await?;
         // Pins keep fetched blobs alive until the page that references them is committed.
-        let fetched = self.fetch_blobs(transport, needed).await;
-        let applied =
-            self.apply_page(&received.page, round.scopes(), received.knowledge.clone())?;
-        let mine = marks_in_play(&*self.store.read()?, round.scopes())?;
+        let fetched = self.fetch_blobs(transport, needed?).await;
+        let fetched_count = fetched.len();
+        let engine = self.handle();
+        let scopes = round.scopes().clone();
+        let (received, applied) = run_blocking(move || {
+            let applied = engine
+                .apply_page(&received.page, &scopes, received.knowledge.clone())
+                .and_then(|applied| {
+                    let mine = marks_in_play(&*engine.inner.store.read()?, &scopes)?;
+                    Ok((applied, mine))
+                });
+            (received, applied)
+        })
+        .await?;
+        let (applied, mine) = applied?;
+        drop(fetched);
         self.announce(
             ChangeKind::LocalDataSynced,
             Some(received.peer),
             round.delivered(&received),
         );
+        let blobs_fetched = fetched_count;
         let mut outcome = round.finish(session, &received, applied.into(), &mine);
         outcome.blobs_pushed = blobs_pushed;
-        outcome.blobs_fetched = fetched.len();
+        outcome.blobs_fetched = blobs_fetched;
         self.note_exchange(outcome.peer);
         Ok(outcome)
     }
@@ -98,14 +131,14 @@ impl SyncEngine {
     pub(super) fn page_limits(&self, versions: usize) -> PageLimits {
         PageLimits {
             versions,
-            bytes: self.config.page_bytes,
+            bytes: self.inner.config.page_bytes,
         }
     }
 
     /// A copy of the session the engine keeps for `peer` (a fresh one if none), with its held
     /// marks taken out of the kept one: the round puts them back when it completes.
     fn kept_session(&self, peer: Option<NodeId>) -> Session {
-        let mut peers = lock(&self.peers);
+        let mut peers = lock(&self.inner.peers);
         match peer.and_then(|p| peers.sessions.get_mut(&p)) {
             Some(kept) => {
                 let session = kept.clone();
@@ -119,7 +152,7 @@ impl SyncEngine {
     /// Gives `session` the marks `peer` recorded of ours when we last answered it, if that
     /// came after the session's last round (answering takes them, initiating consumes them).
     fn recall_answered(&self, peer: Option<NodeId>, session: &mut Session) {
-        if let Some(held) = peer.and_then(|p| lock(&self.peers).answered.remove(&p)) {
+        if let Some(held) = peer.and_then(|p| lock(&self.inner.peers).answered.remove(&p)) {
             session.held = Some(held);
         }
     }

@@ -68,7 +68,7 @@ impl SyncEngine {
         value: impl Into<Vec<u8>>,
         content: &mut dyn Read,
     ) -> Result<Hlc> {
-        let blob = write_blob(&*self.blobs, content, None)?;
+        let blob = write_blob(&*self.inner.blobs, content, None)?;
         // Keep the blob until the record that references it is committed. (Should a sweep
         // remove identical unreferenced content between `finish` and here, the write below
         // fails cleanly with `BlobNotLocal`.)
@@ -140,6 +140,7 @@ impl SyncEngine {
             return Ok(None);
         };
         Ok(self
+            .inner
             .blobs
             .open(&blob.hash)?
             .map(|(_, reader)| (blob, reader)))
@@ -161,7 +162,7 @@ impl SyncEngine {
     /// The blob store failed.
     pub fn residency_of(&self, version: Option<&Version>) -> Result<Residency> {
         let local = match version.and_then(Version::blob) {
-            Some(b) => self.blobs.contains(&b.hash)?,
+            Some(b) => self.inner.blobs.contains(&b.hash)?,
             None => true,
         };
         Ok(Residency::of(version, |_| local))
@@ -174,7 +175,7 @@ impl SyncEngine {
     /// The blob store failed.
     pub fn record_residency(&self, record: &Record) -> Result<Residency> {
         Ok(match &record.blob {
-            Some(b) if !self.blobs.contains(&b.hash)? => Residency::Staged,
+            Some(b) if !self.inner.blobs.contains(&b.hash)? => Residency::Staged,
             _ => Residency::Resident,
         })
     }
@@ -198,7 +199,7 @@ impl SyncEngine {
 
     /// The blob store.
     pub fn blob_store(&self) -> &Arc<dyn BlobStore> {
-        &self.blobs
+        &self.inner.blobs
     }
 
     /// Removes every stored blob that no version references and nothing pins (blobs left
@@ -208,7 +209,7 @@ impl SyncEngine {
     /// A store or blob store failure.
     pub fn collect_garbage(&self) -> Result<usize> {
         let mut removed = 0;
-        for (hash, _) in self.blobs.list()? {
+        for (hash, _) in self.inner.blobs.list()? {
             if self.remove_if_unused(&hash)? {
                 removed += 1;
             }
@@ -261,16 +262,16 @@ impl SyncEngine {
             if let Op::Put { blob: Some(b), .. } = op {
                 // Pinned until the commit, so it cannot be removed in between.
                 pins.push(self.pin(b.hash));
-                if !self.blobs.contains(&b.hash)? {
+                if !self.inner.blobs.contains(&b.hash)? {
                     return Err(InputError::BlobNotLocal { hash: b.hash }.into());
                 }
             }
         }
-        let _guard = lock(&self.local_writes);
+        let _guard = lock(&self.inner.local_writes);
         let mut batch = Batch::new(0, Durability::Immediate);
         let mut hlcs = Vec::with_capacity(ops.len());
         for (scope, key, op) in ops {
-            let hlc = self.clock.issue()?;
+            let hlc = self.inner.clock.issue()?;
             batch.advances.push(Advance {
                 scope: scope.clone(),
                 base: None,
@@ -279,17 +280,20 @@ impl SyncEngine {
             batch.upserts.push((scope, key, Version { hlc, op }));
             hlcs.push(hlc);
         }
-        batch.clock = self.clock.last();
-        let report = self.store.commit(&batch)?;
+        batch.clock = self.inner.clock.last();
+        let report = self.inner.store.commit(&batch)?;
         drop(_guard);
-        let removable = self.note_commit(Durability::Immediate, 0, report.unreferenced);
+        let removable = self
+            .inner
+            .note_commit(Durability::Immediate, 0, report.unreferenced);
         self.remove_unreferenced(&removable);
         self.announce(
             ChangeKind::LocalChangeRecorded,
             None,
             batch.upserts.iter().map(|(s, k, _)| (s, k)),
         );
-        self.notifier
+        self.inner
+            .notifier
             .scopes_changed(batch.advances.iter().map(|a| &a.scope), None);
         Ok(hlcs)
     }
@@ -309,7 +313,7 @@ impl SyncEngine {
     /// # Errors
     /// A store failure.
     pub fn get_version(&self, scope: &Scope, key: &Key) -> Result<Option<Version>> {
-        Ok(self.store.read()?.get(scope, key)?)
+        Ok(self.inner.store.read()?.get(scope, key)?)
     }
 
     /// Live records of `scope` in key order: keys starting with `prefix`, strictly after
@@ -324,7 +328,7 @@ impl SyncEngine {
         after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<Record>> {
-        let read = self.store.read()?;
+        let read = self.inner.store.read()?;
         let mut out = Vec::new();
         let mut range = KeyRange {
             prefix: prefix.to_vec(),
@@ -353,7 +357,7 @@ impl SyncEngine {
     /// # Errors
     /// A store failure.
     pub fn versions(&self, scope: &Scope) -> Result<Vec<(Key, Version)>> {
-        let read = self.store.read()?;
+        let read = self.inner.store.read()?;
         let mut out = Vec::new();
         let mut range = KeyRange {
             limit: 1000,
@@ -375,7 +379,7 @@ impl SyncEngine {
     /// # Errors
     /// A store failure.
     pub fn scopes(&self) -> Result<Vec<Scope>> {
-        Ok(self.store.read()?.scopes()?)
+        Ok(self.inner.store.read()?.scopes()?)
     }
 
     /// A blake3 digest of every stored version (scope, key, Hlc, op), tombstones included:
@@ -401,7 +405,7 @@ impl SyncEngine {
     /// # Errors
     /// A store failure.
     pub fn watermarks(&self) -> Result<ScopedWatermarks> {
-        Ok(self.store.read()?.watermarks()?)
+        Ok(self.inner.store.read()?.watermarks()?)
     }
 
     /// What this node last learned of `peer`'s watermarks (`None` if never met).
@@ -409,7 +413,7 @@ impl SyncEngine {
     /// # Errors
     /// A store failure.
     pub fn peer_watermarks(&self, peer: NodeId) -> Result<Option<ScopedWatermarks>> {
-        Ok(self.store.read()?.peer_watermarks(peer)?)
+        Ok(self.inner.store.read()?.peer_watermarks(peer)?)
     }
 
     /// The peers this node has exchanged with.
@@ -417,11 +421,11 @@ impl SyncEngine {
     /// # Errors
     /// A store failure.
     pub fn peers(&self) -> Result<Vec<NodeId>> {
-        Ok(self.store.read()?.peers()?)
+        Ok(self.inner.store.read()?.peers()?)
     }
 
     /// The clock's last issued or observed time (NTP64).
     pub fn clock_time(&self) -> u64 {
-        self.clock.last()
+        self.inner.clock.last()
     }
 }

@@ -44,18 +44,18 @@ mod local;
 mod receive;
 mod respond;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::blob::{BlobStore, FsBlobStore, MemBlobStore};
 use crate::error::Result;
-use crate::hash::Hash;
 use crate::hlc::{Clock, NodeId, TimeSource, WallClock};
 use crate::notify::Notifier;
 use crate::store::{MemStore, RedbStore, Store};
 
+use self::blobs::BlobGuards;
 pub use self::blobs::TRANSFER_CONCURRENCY;
 use self::durability::Pending;
 pub use self::local::{Record, ResidencyCounts};
@@ -144,7 +144,15 @@ impl std::fmt::Debug for EngineConfig {
 }
 
 /// A replica: its store, clock and identity, and the exchange protocol.
+///
+/// A handle on the replica's state, which a round's store work also holds while it runs off
+/// the async runtime's threads (see [`crate::blocking`]); the state is flushed and closed
+/// when the last holder lets go.
 pub struct SyncEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     id: NodeId,
     clock: Clock,
     store: Box<dyn Store>,
@@ -156,14 +164,8 @@ pub struct SyncEngine {
     /// What the engine keeps of its peers (memory only).
     peers: Mutex<PeerMemory>,
     blobs: Arc<dyn BlobStore>,
-    /// Blobs that must not be removed even if unreferenced: being written or fetched, and
-    /// not yet referenced by a committed version. Counts per hash.
-    pins: Mutex<HashMap<Hash, usize>>,
-    /// Hashes being fetched by some round right now.
-    in_flight: Mutex<HashSet<Hash>>,
-    /// Blobs peers uploaded for a request not yet applied, with when they arrived: kept
-    /// from removal until that request's page commits or [`UPLOAD_GRACE`] ends.
-    uploads: Mutex<HashMap<Hash, Instant>>,
+    /// What keeps blobs from removal while they are in use.
+    guards: Mutex<BlobGuards>,
     notifier: Notifier,
 }
 
@@ -279,7 +281,7 @@ impl SyncEngine {
         let id = store.identity(NodeId::random())?;
         let clock = Clock::new(id, config.time.clone(), config.max_drift)?;
         clock.restore(store.read()?.clock()?);
-        Ok(SyncEngine {
+        let inner = Inner {
             id,
             clock,
             store,
@@ -288,25 +290,33 @@ impl SyncEngine {
             pending: Mutex::new(Pending::default()),
             peers: Mutex::new(PeerMemory::default()),
             blobs,
-            pins: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashSet::new()),
-            uploads: Mutex::new(HashMap::new()),
+            guards: Mutex::new(BlobGuards::default()),
             notifier: Notifier::new(),
+        };
+        Ok(SyncEngine {
+            inner: Arc::new(inner),
         })
+    }
+
+    /// Another handle on this engine, for store work that runs on another thread.
+    pub(crate) fn handle(&self) -> SyncEngine {
+        SyncEngine {
+            inner: self.inner.clone(),
+        }
     }
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        self.id
+        self.inner.id
     }
 
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
-        &self.config
+        &self.inner.config
     }
 
     /// The node's event notifier: subscribe to changes and sync events.
     pub fn notifier(&self) -> &Notifier {
-        &self.notifier
+        &self.inner.notifier
     }
 }

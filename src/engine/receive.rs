@@ -38,7 +38,7 @@ impl SyncEngine {
         knowledge: PeerKnowledge,
     ) -> Result<Applied> {
         apply::validate_page(page, scopes)?;
-        let read = self.store.read()?;
+        let read = self.inner.store.read()?;
         let own = read.watermarks()?;
         let unchanged_knowledge = page.runs.is_empty()
             && read.peer_watermarks(knowledge.peer)?.is_some_and(|k| {
@@ -58,9 +58,9 @@ impl SyncEngine {
         let staged = self.staged_keys(page)?;
         let plan = apply::plan_page_apply(
             page,
-            self.id,
+            self.inner.id,
             &own,
-            |h| self.clock.check(h),
+            |h| self.inner.clock.check(h),
             |scope, key, v| !staged.contains(&(scope.clone(), key.clone(), v.hlc)),
         );
         let halts = plan.halts;
@@ -80,23 +80,23 @@ impl SyncEngine {
         }
         if let Some(max) = batch.upserts.iter().map(|(_, _, v)| v.hlc).max() {
             // Every accepted version passed the drift check in plan_run.
-            self.clock.raise(max);
+            self.inner.clock.raise(max);
         }
-        batch.clock = self.clock.last();
+        batch.clock = self.inner.clock.last();
         batch.peer = Some(knowledge);
         batch.durability = self.durability_for(page.more, batch.upserts.len());
-        let report = self.store.commit(&batch)?;
-        {
-            let mut uploads = lock(&self.uploads);
-            for (_, _, v) in &batch.upserts {
-                if let Some(b) = v.blob() {
-                    uploads.remove(&b.hash);
-                }
-            }
-        }
+        let report = self.inner.store.commit(&batch)?;
+        lock(&self.inner.guards).referenced(
+            batch
+                .upserts
+                .iter()
+                .filter_map(|(_, _, v)| v.blob().map(|b| b.hash)),
+        );
         // IMPORTANT: a blob unreferenced by a commit a crash may take back is removed only
         // once that commit is durable.
-        let durable = self.note_commit(batch.durability, batch.upserts.len(), report.unreferenced);
+        let durable =
+            self.inner
+                .note_commit(batch.durability, batch.upserts.len(), report.unreferenced);
         self.remove_unreferenced(&durable);
         self.announce(
             ChangeKind::RemoteUpdateAvailable,
@@ -106,7 +106,7 @@ impl SyncEngine {
                 (s, k)
             }),
         );
-        self.notifier.scopes_changed(
+        self.inner.notifier.scopes_changed(
             batch.advances.iter().map(|a| &a.scope),
             Some(knowledge_peer),
         );
@@ -126,7 +126,7 @@ impl SyncEngine {
         peer: Option<NodeId>,
         keys: impl IntoIterator<Item = (&'a Scope, &'a Key)>,
     ) {
-        if !self.notifier.has_subscribers() {
+        if !self.inner.notifier.has_subscribers() {
             return;
         }
         let mut by_scope: Vec<Change> = Vec::new();
@@ -142,7 +142,7 @@ impl SyncEngine {
             }
         }
         for change in by_scope {
-            self.notifier.publish(Event::Change(change));
+            self.inner.notifier.publish(Event::Change(change));
         }
     }
 
@@ -163,7 +163,7 @@ impl SyncEngine {
                 },
                 _ => continue,
             };
-            self.notifier.publish(Event::Sync(event));
+            self.inner.notifier.publish(Event::Sync(event));
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use crate::blob::write_blob;
 use crate::error::{Error, Result};
@@ -14,11 +14,11 @@ use crate::record::BlobRef;
 use crate::transport::{Refusal, Responder};
 use crate::wire::{ExchangeRequest, ExchangeResponse};
 
-use super::{lock, SyncEngine, UPLOAD_GRACE};
+use super::{lock, SyncEngine};
 
 impl Responder for SyncEngine {
     fn node_id(&self) -> NodeId {
-        self.id
+        self.inner.id
     }
 
     fn respond(&self, request: ExchangeRequest) -> std::result::Result<ExchangeResponse, Refusal> {
@@ -28,7 +28,7 @@ impl Responder for SyncEngine {
     fn blobs_present(&self, hashes: &[Hash]) -> std::result::Result<Vec<bool>, Refusal> {
         hashes
             .iter()
-            .map(|h| self.blobs.contains(h).map_err(Refusal::from))
+            .map(|h| self.inner.blobs.contains(h).map_err(Refusal::from))
             .collect()
     }
 
@@ -36,7 +36,7 @@ impl Responder for SyncEngine {
         &self,
         hash: &Hash,
     ) -> std::result::Result<Option<crate::blob::BlobReader>, Refusal> {
-        self.blobs.open(hash).map_err(Refusal::from)
+        self.inner.blobs.open(hash).map_err(Refusal::from)
     }
 
     fn accept_blob(
@@ -44,15 +44,13 @@ impl Responder for SyncEngine {
         blob: &BlobRef,
         content: &mut dyn Read,
     ) -> std::result::Result<(), Refusal> {
-        write_blob(&*self.blobs, content, Some(blob)).map_err(Refusal::from)?;
-        let mut uploads = lock(&self.uploads);
-        uploads.retain(|_, arrived| arrived.elapsed() < UPLOAD_GRACE);
-        uploads.insert(blob.hash, Instant::now());
+        write_blob(&*self.inner.blobs, content, Some(blob)).map_err(Refusal::from)?;
+        lock(&self.inner.guards).uploaded(blob.hash);
         Ok(())
     }
 
     fn notifier(&self) -> Option<&Notifier> {
-        Some(&self.notifier)
+        Some(&self.inner.notifier)
     }
 }
 
@@ -64,10 +62,10 @@ impl SyncEngine {
     /// # Errors
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
     pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
-        let limits = self.page_limits(self.config.max_page_limit);
+        let limits = self.page_limits(self.inner.config.max_page_limit);
         let planned = Answer::plan(
-            self.id,
-            &*self.store.read()?,
+            self.inner.id,
+            &*self.inner.store.read()?,
             request,
             limits,
             &|b: &BlobRef| self.has_blob(b),
@@ -82,7 +80,7 @@ impl SyncEngine {
             answer.knowledge().clone(),
         )?;
         let marks = match applied.changed_marks {
-            true => Some(marks_in_play(&*self.store.read()?, answer.scopes())?),
+            true => Some(marks_in_play(&*self.inner.store.read()?, answer.scopes())?),
             false => None,
         };
         let from = answer.from();
@@ -91,18 +89,18 @@ impl SyncEngine {
         // The initiator records these marks of ours as its knowledge of us, so a round we
         // initiate next may send their digest alone (if the initiator does not record them,
         // that round costs one resend).
-        lock(&self.peers).answered.insert(from, held);
+        lock(&self.inner.peers).answered.insert(from, held);
         Ok(response)
     }
 
     /// When each peer last completed a round with this node, in either role, since this
     /// engine was opened (memory only).
     pub fn last_exchanges(&self) -> HashMap<NodeId, SystemTime> {
-        lock(&self.peers).last_exchange.clone()
+        lock(&self.inner.peers).last_exchange.clone()
     }
 
     pub(super) fn note_exchange(&self, peer: NodeId) {
-        lock(&self.peers)
+        lock(&self.inner.peers)
             .last_exchange
             .insert(peer, SystemTime::now());
     }

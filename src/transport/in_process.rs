@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::{RefusalCode, Responder, Transport, WatchReply};
 use crate::blob::{copy_chunks, CopyError};
+use crate::blocking::{run_blocking, Interrupted};
 use crate::error::TransportError;
 use crate::hash::Hash;
 use crate::hlc::NodeId;
@@ -89,21 +90,6 @@ impl<R: Responder> InProcess<R> {
         }
     }
 
-    fn round_trip(&self, request: &ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
-        let bytes = wire::encode(request);
-        self.count(&self.sent, &self.last_request, bytes.len());
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let decoded =
-            wire::decode::<ExchangeRequest>(&bytes).map_err(|e| TransportError::Refused {
-                code: super::RefusalCode::BadRequest,
-                reason: e.to_string(),
-            })?;
-        let response = self.peer.respond(decoded)?;
-        let bytes = wire::encode(&response);
-        self.count(&self.received, &self.last_response, bytes.len());
-        wire::decode::<ExchangeResponse>(&bytes).map_err(TransportError::BadResponse)
-    }
-
     fn count(&self, total: &AtomicU64, last: &AtomicU64, n: usize) {
         let n = n as u64;
         total.fetch_add(n, Ordering::Relaxed);
@@ -111,18 +97,66 @@ impl<R: Responder> InProcess<R> {
     }
 }
 
-impl<R: Responder> Transport for InProcess<R> {
+/// The responder's side of one request, as the HTTP server does it: decode, answer, encode.
+/// Returns the encoded sizes of the request and the response.
+fn answer<R: Responder>(
+    peer: &R,
+    request: &ExchangeRequest,
+) -> (usize, usize, Result<ExchangeResponse, TransportError>) {
+    let bytes = wire::encode(request);
+    let sent = bytes.len();
+    let decoded = match wire::decode::<ExchangeRequest>(&bytes) {
+        Ok(decoded) => decoded,
+        Err(e) => {
+            let refused = TransportError::Refused {
+                code: RefusalCode::BadRequest,
+                reason: e.to_string(),
+            };
+            return (sent, 0, Err(refused));
+        }
+    };
+    let response = match peer.respond(decoded) {
+        Ok(response) => response,
+        Err(refusal) => return (sent, 0, Err(refusal.into())),
+    };
+    let bytes = wire::encode(&response);
+    let decoded = wire::decode::<ExchangeResponse>(&bytes).map_err(TransportError::BadResponse);
+    (sent, bytes.len(), decoded)
+}
+
+fn interrupted(e: Interrupted) -> TransportError {
+    TransportError::Unreachable {
+        reason: e.to_string(),
+    }
+}
+
+/// The responder's work (its store reads and commits, the codec) runs off the async
+/// runtime's threads ([`run_blocking`]), as it would in another process.
+impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
     fn peer_id(&self) -> Option<NodeId> {
         Some(self.peer.node_id())
     }
 
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
-        self.round_trip(&request)
+        let peer = self.peer.clone();
+        let (sent, received, response) = run_blocking(move || answer(&peer, &request))
+            .await
+            .map_err(interrupted)?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.count(&self.sent, &self.last_request, sent);
+        if received > 0 {
+            self.count(&self.received, &self.last_response, received);
+        }
+        response
     }
 
     async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
         self.blob_queries.fetch_add(1, Ordering::Relaxed);
-        Ok(self.peer.blobs_present(&hashes)?)
+        let peer = self.peer.clone();
+        let present = run_blocking(move || peer.blobs_present(&hashes))
+            .await
+            .map_err(interrupted)?;
+        Ok(present?)
     }
 
     async fn fetch_blob(
@@ -152,12 +186,18 @@ impl<R: Responder> Transport for InProcess<R> {
         content: Box<dyn Read + Send>,
     ) -> Result<(), TransportError> {
         self.blob_pushes.fetch_add(1, Ordering::Relaxed);
-        let mut counted = Counted {
-            inner: content,
-            n: 0,
-        };
-        let result = self.peer.accept_blob(&blob, &mut counted);
-        self.blob_bytes.fetch_add(counted.n, Ordering::Relaxed);
+        let peer = self.peer.clone();
+        let (n, result) = run_blocking(move || {
+            let mut counted = Counted {
+                inner: content,
+                n: 0,
+            };
+            let result = peer.accept_blob(&blob, &mut counted);
+            (counted.n, result)
+        })
+        .await
+        .map_err(interrupted)?;
+        self.blob_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(result?)
     }
 
