@@ -157,8 +157,8 @@ pub enum WireError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The redb database failed.
-    #[error("redb: {0}")]
+    /// The redb database failed (the cause is the error's source).
+    #[error("the redb database failed")]
     Redb(#[source] Box<redb::Error>),
     /// Filesystem error around the store (creating its directory...).
     #[error("i/o error on {path}")]
@@ -305,4 +305,21 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_names_each_cause_once() {
+        let inner = redb::Error::DatabaseAlreadyOpen.to_string();
+        let error = Error::Store(StoreError::from(redb::Error::DatabaseAlreadyOpen));
+        let chain = error_chain(&error);
+        assert_eq!(chain.matches(&inner).count(), 1, "{chain}");
+        assert!(
+            chain.starts_with("storage error: the redb database failed: "),
+            "{chain}"
+        );
+    }
 }

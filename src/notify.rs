@@ -72,7 +72,8 @@ pub struct Change {
 pub enum SyncEvent {
     /// A round with `peer` completed (`sync_applied`).
     Applied {
-        /// The peer.
+        /// The peer: the name a [`crate::Session`] was given ([`crate::Session::named`];
+        /// the scheduler names each peer as it was added), else the peer's node id in hex.
         peer: String,
         /// Versions sent.
         shipped: usize,
@@ -102,8 +103,8 @@ pub enum SyncEvent {
     /// A received version is stored without its file, which could not be had; its
     /// origin's watermark waits for it (`blob_staged`).
     BlobStaged {
-        /// The peer that sent the version.
-        peer: NodeId,
+        /// The peer that sent the version (see [`SyncEvent::Applied::peer`]).
+        peer: String,
         /// The version's scope.
         scope: Scope,
         /// The version's origin.
@@ -114,8 +115,8 @@ pub enum SyncEvent {
     /// Versions of `origin` were refused because their clock is too far ahead of ours
     /// (`clock_skew`); that origin's stream halts until the clocks agree.
     ClockSkew {
-        /// The peer that sent the versions.
-        peer: NodeId,
+        /// The peer that sent the versions (see [`SyncEvent::Applied::peer`]).
+        peer: String,
         /// The scope.
         scope: Scope,
         /// The origin whose clock is ahead.

@@ -81,6 +81,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::engine::{ExchangeOptions, ExchangeOutcome, SyncEngine};
 use crate::error::{error_chain, Error, TransportError};
+use crate::exchange::Session;
 use crate::hlc::NodeId;
 use crate::notify::{ChangeKind, Event, Notice, Subscription, SyncEvent};
 use crate::transport::Transport;
@@ -242,6 +243,9 @@ pub struct PeerStatus {
     /// When the next round is due if nothing triggers one sooner (`None` while a round runs
     /// or follows at once).
     pub next_attempt: Option<Instant>,
+    /// What this node keeps of its rounds with the peer: the streams either side halted
+    /// and why, as of the last round that completed.
+    pub session: Session,
 }
 
 /// Errors of the scheduler.
@@ -356,6 +360,7 @@ impl Scheduler {
                     consecutive_failures: 0,
                     rounds: 0,
                     next_attempt: None,
+                    session: Session::named(name.clone()),
                 }),
                 name,
                 trigger: Notify::new(),
@@ -542,10 +547,14 @@ async fn run_round<T: Transport>(
     if let Some(hook) = &config.before_round {
         hook(&peer.name).map_err(|e| format!("before-round hook refused the round: {e}"))?;
     }
+    // The round works on a copy of the session, written back whether it succeeds or not
+    // (a failed round leaves the session without held marks: its next request is in full).
+    let mut session = peer.status().session.clone();
     let result = shared
         .engine
-        .exchange_with(transport, &config.options)
+        .exchange_in(&mut session, transport, &config.options)
         .await;
+    peer.status().session = session;
     if let Some(hook) = &config.after_round {
         if let Err(e) = hook(&peer.name, &result) {
             tracing::warn!(peer = %peer.name, error = %e, "after-round hook failed");

@@ -187,7 +187,7 @@ fn a_version_from_a_clock_too_far_ahead_is_announced_as_skew() -> TestResult {
             assert_eq!(e.name(), "clock_skew");
             assert_eq!(
                 (peer, scope, origin),
-                (&ahead.node_id(), &notes(), &ahead.node_id())
+                (&ahead.node_id().to_string(), &notes(), &ahead.node_id())
             );
             assert!((59_000..=61_000).contains(ahead_by_ms), "{ahead_by_ms} ms");
         }
@@ -223,7 +223,7 @@ fn a_file_that_could_not_be_fetched_is_announced_as_staged() -> TestResult {
     assert_eq!(
         staged,
         [SyncEvent::BlobStaged {
-            peer: a.node_id(),
+            peer: a.node_id().to_string(),
             scope: notes(),
             origin: a.node_id(),
             hash: Hash::of(&bytes),

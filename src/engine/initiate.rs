@@ -115,6 +115,11 @@ impl SyncEngine {
         .await?;
         let (applied, mine) = applied?;
         drop(fetched);
+        let label = session
+            .name
+            .clone()
+            .unwrap_or_else(|| received.peer.to_string());
+        self.announce_halts(&label, &applied.halts);
         self.announce(
             ChangeKind::LocalDataSynced,
             Some(received.peer),

@@ -70,7 +70,6 @@ impl SyncEngine {
         let received = page.version_count();
         let knowledge_peer = knowledge.peer;
         if unchanged_knowledge {
-            self.announce_halts(knowledge_peer, &halts);
             return Ok(Applied {
                 received,
                 applied: 0,
@@ -110,7 +109,6 @@ impl SyncEngine {
             batch.advances.iter().map(|a| &a.scope),
             Some(knowledge_peer),
         );
-        self.announce_halts(knowledge_peer, &halts);
         Ok(Applied {
             received,
             applied: report.applied.len(),
@@ -146,17 +144,19 @@ impl SyncEngine {
         }
     }
 
-    pub(super) fn announce_halts(&self, peer: NodeId, halts: &[Halt]) {
+    /// Publishes `clock_skew` and `blob_staged` for the streams this node halted when
+    /// `peer` (the name its events carry) sent them.
+    pub(super) fn announce_halts(&self, peer: &str, halts: &[Halt]) {
         for h in halts {
             let event = match &h.reason {
                 HaltReason::ClockSkew { ahead_by_ms } => SyncEvent::ClockSkew {
-                    peer,
+                    peer: peer.to_owned(),
                     scope: h.scope.clone(),
                     origin: h.origin,
                     ahead_by_ms: *ahead_by_ms,
                 },
                 HaltReason::BlobUnavailable { hash } => SyncEvent::BlobStaged {
-                    peer,
+                    peer: peer.to_owned(),
                     scope: h.scope.clone(),
                     origin: h.origin,
                     hash: *hash,

@@ -84,6 +84,7 @@ impl SyncEngine {
             false => None,
         };
         let from = answer.from();
+        self.announce_halts(&from.to_string(), &applied.halts);
         self.note_exchange(from);
         let (response, held) = answer.respond(applied.halts, marks);
         // The initiator records these marks of ours as its knowledge of us, so a round we

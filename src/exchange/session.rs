@@ -18,6 +18,8 @@ use super::{Halt, HaltReason, Page, Streams};
 /// another node is refused.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Session {
+    /// What the peer is called in events, if the caller named it.
+    pub(crate) name: Option<String>,
     /// The peer, once a round with it completed.
     pub(crate) peer: Option<NodeId>,
     /// Streams we halted when the peer sent them, and why: our requests ask the peer to plan
@@ -46,6 +48,22 @@ impl Session {
     /// A session with a peer not met yet.
     pub fn new() -> Session {
         Session::default()
+    }
+
+    /// A session with a peer not met yet, which events name `name` (a URL, say).
+    pub fn named(name: impl Into<String>) -> Session {
+        Session {
+            name: Some(name.into()),
+            ..Session::default()
+        }
+    }
+
+    /// What events call the peer: the session's name, else the peer's node id in hex once
+    /// known.
+    pub fn label(&self) -> Option<String> {
+        self.name
+            .clone()
+            .or_else(|| self.peer.map(|p| p.to_string()))
     }
 
     /// The peer, once a round with it completed.
