@@ -1,0 +1,376 @@
+//! The scheduler: runs exchange rounds with each peer when they are due.
+//!
+//! A [`Scheduler`] owns one task per peer. The task runs a round
+//!
+//! - at once when the peer is added, and then every [`SchedulerConfig::interval`] after the
+//!   last round ended;
+//! - again at once while a round reports `has_more` (up to [`SchedulerConfig::max_burst`]
+//!   rounds in a row);
+//! - [`SchedulerConfig::debounce`] after a local change, or after versions from *another*
+//!   peer were applied (so that a hub forwards them promptly); changes inside that window join
+//!   the same round;
+//! - at once when the peer's watch ([`Transport::watch`]) says it has news;
+//! - at once on [`Scheduler::sync_now`].
+//!
+//! A round that leaves a stream halted (a file that could not be fetched or pushed, a clock
+//! too far ahead; see [`ExchangeOutcome::halts`]) is followed by another after the
+//! [`Backoff`] delay for the number of such rounds in a row, if that is sooner than the
+//! interval: the held-back data is retried within a second or two, then less and less often,
+//! without waiting a whole interval and without a tight loop.
+//!
+//! A failed round is retried after a delay from [`Backoff`] (exponential with jitter, reset by
+//! a success). While a peer is backing off, changes and watch news do not cut the delay
+//! short (an unreachable peer is not hammered); only [`Scheduler::sync_now`] does.
+//!
+//! Each round publishes `sync_applied`, or `sync_failed` then `sync_retry`, on the engine's
+//! notifier. Optional hooks run before a round (an error aborts it: fail-closed) and after it
+//! (an error is logged: fail-open).
+//!
+//! # Shutdown
+//!
+//! [`Scheduler::shutdown`] signals every task and waits for them. A round in flight is
+//! abandoned at its next await point. That is safe: the engine applies each received page,
+//! with its watermark advances and its knowledge of the peer, in one transaction, so dropping
+//! the round's future leaves either all of a page or none of it (a commit already running on
+//! its blocking thread completes there). What the peer already applied of our page is only
+//! knowledge we lack, which the next round relearns. Dropping a [`Scheduler`] without shutting
+//! it down aborts its tasks the same way.
+//!
+//! A round's storage work (redb reads and commits, blob files) runs on the runtime's blocking
+//! threads ([`crate::blocking`]), so a slow commit never holds up the tasks that share a
+//! worker thread with the round; see `docs/scheduling.md`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use highwater::notify::{Event, Notice, SyncEvent};
+//! use highwater::{InProcess, Key, Scheduler, SchedulerConfig, Scope, SyncEngine};
+//!
+//! # let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+//! # runtime.block_on(async {
+//! let a = Arc::new(SyncEngine::in_memory()?);
+//! let b = Arc::new(SyncEngine::in_memory()?);
+//! b.put(&Scope::shared(), &Key::try_from("k")?, b"from b".to_vec())?;
+//!
+//! let mut events = a.notifier().subscribe();
+//! let scheduler = Scheduler::start(a.clone(), SchedulerConfig::default());
+//! scheduler.add_peer("b", Arc::new(InProcess::new(b.clone())))?;
+//! // The first round runs at once.
+//! while let Some(notice) = events.recv().await {
+//!     if let Notice::Event(Event::Sync(SyncEvent::Applied { peer, received, .. })) = notice {
+//!         assert_eq!((peer.as_str(), received), ("b", 1));
+//!         break;
+//!     }
+//! }
+//! scheduler.shutdown().await?;
+//! assert_eq!(a.digest()?, b.digest()?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+mod backoff;
+mod rounds;
+mod triggers;
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::engine::{ExchangeOptions, ExchangeOutcome, SyncEngine};
+use crate::error::Error;
+use crate::exchange::Session;
+use crate::hlc::NodeId;
+use crate::transport::Transport;
+
+pub use self::backoff::Backoff;
+use self::rounds::run_peer;
+use self::triggers::listen;
+
+/// A hook run before each round with the peer's name; an error aborts the round, which then
+/// counts as a failure (fail-closed).
+pub type BeforeRound = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// A hook run after each round with the peer's name and the round's result; an error is
+/// logged and changes nothing else (fail-open).
+pub type AfterRound =
+    Arc<dyn Fn(&str, &Result<ExchangeOutcome, Error>) -> Result<(), String> + Send + Sync>;
+
+/// Scheduler settings.
+#[derive(Clone)]
+pub struct SchedulerConfig {
+    /// Time from the end of one round to the next when nothing else triggers one (default
+    /// 30 s).
+    pub interval: Duration,
+    /// How long after a change a round starts; changes inside the window share the round
+    /// (default 100 ms). Also the least time between two watch calls to one peer.
+    pub debounce: Duration,
+    /// Delays after failures.
+    pub backoff: Backoff,
+    /// Whether to watch each peer for news (default true). Peers whose transport does not
+    /// support watching are not watched.
+    pub watch: bool,
+    /// How long one watch call waits for news (default 25 s).
+    pub watch_timeout: Duration,
+    /// Options of every round (scopes, page limit).
+    pub options: ExchangeOptions,
+    /// Rounds in a row while `has_more` before the peer falls back to its interval (default
+    /// 100 000): a guard against a round that never stops reporting more.
+    pub max_burst: usize,
+    /// Seed of the jitter (default: random). Each peer draws from its own generator, seeded
+    /// from this and the peer's name, so delays do not depend on how peers interleave.
+    pub jitter_seed: Option<u64>,
+    /// Runs before each round (fail-closed).
+    pub before_round: Option<BeforeRound>,
+    /// Runs after each round (fail-open).
+    pub after_round: Option<AfterRound>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            interval: Duration::from_secs(30),
+            debounce: Duration::from_millis(100),
+            backoff: Backoff::default(),
+            watch: true,
+            watch_timeout: Duration::from_secs(25),
+            options: ExchangeOptions::default(),
+            max_burst: 100_000,
+            jitter_seed: None,
+            before_round: None,
+            after_round: None,
+        }
+    }
+}
+
+impl fmt::Debug for SchedulerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SchedulerConfig")
+            .field("interval", &self.interval)
+            .field("debounce", &self.debounce)
+            .field("backoff", &self.backoff)
+            .field("watch", &self.watch)
+            .field("watch_timeout", &self.watch_timeout)
+            .field("options", &self.options)
+            .field("max_burst", &self.max_burst)
+            .field("jitter_seed", &self.jitter_seed)
+            .field("before_round", &self.before_round.is_some())
+            .field("after_round", &self.after_round.is_some())
+            .finish()
+    }
+}
+
+/// Where the scheduler stands with one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The name the peer was added under.
+    pub name: String,
+    /// The peer's node id, once known.
+    pub peer: Option<NodeId>,
+    /// When the last round succeeded.
+    pub last_success: Option<SystemTime>,
+    /// Why the last failed round failed (kept after later successes).
+    pub last_error: Option<String>,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// Rounds that succeeded.
+    pub rounds: u64,
+    /// When the next round is due if nothing triggers one sooner (`None` while a round runs
+    /// or follows at once).
+    pub next_attempt: Option<Instant>,
+    /// What this node keeps of its rounds with the peer: the streams either side halted
+    /// and why, as of the last round that completed.
+    pub session: Session,
+}
+
+/// Errors of the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchedulerError {
+    /// A peer of that name is already scheduled.
+    #[error("peer {name:?} is already scheduled")]
+    DuplicatePeer {
+        /// The name.
+        name: String,
+    },
+}
+
+/// One scheduled peer, as its task and the scheduler's other tasks see it.
+pub(super) struct Peer {
+    name: String,
+    status: Mutex<PeerStatus>,
+    /// Changes and watch news: ignored while backing off.
+    trigger: Notify,
+    /// `sync_now`: cuts any wait short.
+    force: Notify,
+}
+
+impl Peer {
+    fn status(&self) -> MutexGuard<'_, PeerStatus> {
+        lock(&self.status)
+    }
+
+    /// Whether versions applied from `source` (`None`: a local change) are news to this peer.
+    fn is_news(&self, source: Option<NodeId>) -> bool {
+        source.is_none() || source != self.status().peer
+    }
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values are plain data, valid whatever a panicking holder did.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the scheduler's tasks share.
+pub(super) struct Shared {
+    engine: Arc<SyncEngine>,
+    config: SchedulerConfig,
+    peers: Mutex<Vec<Arc<Peer>>>,
+}
+
+/// Runs exchange rounds with each peer when they are due (see the [module docs](self)).
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    /// IMPORTANT: dropping the set aborts every task still in it (the drop guard).
+    tasks: Mutex<JoinSet<()>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("config", &self.shared.config)
+            .field("peers", &self.peers())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    /// Starts a scheduler for `engine`, with no peers yet.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn start(engine: Arc<SyncEngine>, config: SchedulerConfig) -> Scheduler {
+        let runtime = tokio::runtime::Handle::current();
+        let changes = engine.notifier().subscribe();
+        let shared = Arc::new(Shared {
+            engine,
+            config,
+            peers: Mutex::new(Vec::new()),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn_on(listen(shared.clone(), changes, stopped), &runtime);
+        Scheduler {
+            shared,
+            stop,
+            tasks: Mutex::new(tasks),
+            runtime,
+        }
+    }
+
+    /// Schedules rounds with the peer reached over `transport`, under `name` (used in events
+    /// and status). Its first round starts at once.
+    ///
+    /// # Errors
+    /// [`SchedulerError::DuplicatePeer`] if `name` is taken.
+    pub fn add_peer<T: Transport + 'static>(
+        &self,
+        name: impl Into<String>,
+        transport: Arc<T>,
+    ) -> Result<(), SchedulerError> {
+        let name = name.into();
+        let peer = {
+            let mut peers = lock(&self.shared.peers);
+            if peers.iter().any(|p| p.name == name) {
+                return Err(SchedulerError::DuplicatePeer { name });
+            }
+            let peer = Arc::new(Peer {
+                status: Mutex::new(PeerStatus {
+                    name: name.clone(),
+                    peer: transport.peer_id(),
+                    last_success: None,
+                    last_error: None,
+                    consecutive_failures: 0,
+                    rounds: 0,
+                    next_attempt: None,
+                    session: Session::named(name.clone()),
+                }),
+                name,
+                trigger: Notify::new(),
+                force: Notify::new(),
+            });
+            peers.push(peer.clone());
+            peer
+        };
+        let task = run_peer(self.shared.clone(), peer, transport, self.stop.subscribe());
+        lock(&self.tasks).spawn_on(task, &self.runtime);
+        Ok(())
+    }
+
+    /// Starts a round with every peer now, even one that is backing off.
+    pub fn sync_now(&self) {
+        for peer in lock(&self.shared.peers).iter() {
+            peer.force.notify_one();
+        }
+    }
+
+    /// Where the scheduler stands with each peer, in the order they were added.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        lock(&self.shared.peers)
+            .iter()
+            .map(|p| p.status().clone())
+            .collect()
+    }
+
+    /// Stops every task (a round in flight is abandoned at its next await point, see the
+    /// [module docs](self)), waits for them to end, then makes the engine's applied pages
+    /// durable.
+    ///
+    /// # Errors
+    /// The final [`SyncEngine::flush`] failed.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.stop.send_replace(true);
+        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
+        while let Some(ended) = tasks.join_next().await {
+            if let Err(e) = ended {
+                tracing::error!(error = %e, "a scheduler task ended abnormally");
+            }
+        }
+        self.shared.engine.flush()
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // Tasks still running see the signal at their next await; the JoinSet, dropped right
+        // after, aborts them in any case.
+        self.stop.send_replace(true);
+    }
+}
+
+/// Resolves once the scheduler stops (or is gone).
+pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone: the scheduler was dropped.
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A per-peer random generator for jitter: from the configured seed and the peer's name (and
+/// `stream`, so two loops of one peer draw independently), or from the OS.
+pub(super) fn peer_rng(seed: Option<u64>, name: &str, stream: &str) -> StdRng {
+    match seed {
+        Some(seed) => {
+            let mut h = blake3::Hasher::new();
+            h.update(&seed.to_le_bytes());
+            h.update(stream.as_bytes());
+            h.update(name.as_bytes());
+            StdRng::from_seed(*h.finalize().as_bytes())
+        }
+        None => StdRng::from_os_rng(),
+    }
+}
