@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use highwater::testing::{fuzz_decode_envelope, fuzz_exchange_model, fuzz_merge_laws};
+use highwater::testing::{
+    fuzz_decode_envelope, fuzz_exchange_core, fuzz_exchange_model, fuzz_merge_laws,
+};
 use highwater::wire::{self, ExchangeRequest, ExchangeResponse, MAGIC, PROTOCOL_VERSION};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -42,6 +44,11 @@ fn replay(target: &str, check: fn(&[u8]) -> Result<(), String>) -> TestResult {
 #[test]
 fn merge_laws_inputs_pass() -> TestResult {
     replay("merge_laws", fuzz_merge_laws)
+}
+
+#[test]
+fn exchange_core_inputs_pass() -> TestResult {
+    replay("exchange_core", fuzz_exchange_core)
 }
 
 #[test]

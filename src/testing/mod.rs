@@ -6,6 +6,9 @@
 //! invariant on every node; [`Simulation::converge`] then syncs all pairs and checks that
 //! every node equals the oracle and that all watermarks agree.
 //!
+//! A [`CoreModel`] drives replicas through the exchange core alone (no engine), with rounds
+//! whose response is lost.
+//!
 //! Actions decode from arbitrary bytes ([`Action::decode_all`]), so proptest strategies and
 //! libFuzzer inputs drive the very same code.
 
@@ -16,6 +19,7 @@ use std::task::{Context, Poll, Waker};
 
 mod action;
 mod backends;
+mod core;
 mod faults;
 mod fuzz;
 mod power_loss;
@@ -23,6 +27,7 @@ mod sim;
 
 pub use self::action::{file_content, scope, Action};
 pub use self::backends::{copy_blobs, Backend, MemBackend, RedbBackend};
+pub use self::core::{fuzz_exchange_core, CoreModel, CoreStep};
 pub use self::faults::{FaultyTransport, Hook};
 pub use self::fuzz::{
     check_merge_laws, decode_versions, fuzz_decode_envelope, fuzz_exchange_model, fuzz_merge_laws,
