@@ -16,10 +16,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::WireError;
+pub use crate::exchange::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
+use crate::exchange::{Page, Run};
 use crate::hlc::{Hlc, NodeId};
 pub use crate::record::ScopeFilter;
 use crate::record::{Key, Op, Scope, Version};
-use crate::watermark::{Halt, MarksDigest, Page, Run, ScopedWatermarks};
 
 /// The first four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"HWSY";
@@ -37,83 +38,8 @@ pub trait Message: Serialize + DeserializeOwned {
     const KIND: u8;
 }
 
-/// The initiator's marks in a request.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-pub enum RequestMarks {
-    /// The marks for the scopes in play, in full.
-    Full(ScopedWatermarks),
-    /// The digest of the marks for the scopes in play ([`ScopedWatermarks::digest`]), sent
-    /// when the initiator believes the responder recorded exactly these marks of it. The
-    /// responder uses what it recorded if that hashes to this digest, and otherwise answers
-    /// [`ResponseMarks::Resend`].
-    Digest(MarksDigest),
-}
-
-/// The initiator's half of a round.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-pub struct ExchangeRequest {
-    /// The initiator's node id.
-    pub from: NodeId,
-    /// The scopes in play.
-    pub scopes: ScopeFilter,
-    /// The initiator's watermarks for the scopes in play, in full or as a digest.
-    pub marks: RequestMarks,
-    /// The digest of the responder's marks for the scopes in play as the initiator last
-    /// learned them (`None` if it never did): the responder answers [`ResponseMarks::Same`]
-    /// instead of its marks when they still hash to it.
-    pub known: Option<MarksDigest>,
-    /// Versions the responder lacks, as far as the initiator knows.
-    pub page: Page,
-    /// The most versions the responder may send back.
-    pub limit: u32,
-    /// (scope, origin) streams the initiator halted when the responder last sent them
-    /// (clock skew, own id): the responder plans them after every other stream, so one
-    /// halted origin cannot fill every page and starve the rest.
-    pub deferred: Vec<(Scope, NodeId)>,
-}
-
 impl Message for ExchangeRequest {
     const KIND: u8 = 1;
-}
-
-/// The responder's marks in a response.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-pub enum ResponseMarks {
-    /// The responder's marks for the scopes in play, after applying the request's page.
-    Full(ScopedWatermarks),
-    /// The responder's marks hash to the request's `known`: they are the ones the initiator
-    /// already holds.
-    Same,
-    /// The request's [`RequestMarks::Digest`] does not match what the responder recorded of
-    /// the initiator. Nothing of the request was applied or recorded; the page and halts are
-    /// empty. The initiator sends the request again with its marks in full.
-    Resend,
-}
-
-/// The responder's half of a round.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-pub struct ExchangeResponse {
-    /// The responder's node id.
-    pub from: NodeId,
-    /// The responder's watermarks for the scopes in play, after applying the request's page,
-    /// in full or as "the ones you know"; or a request to resend the marks in full.
-    pub marks: ResponseMarks,
-    /// Versions the initiator lacks according to its watermarks.
-    pub page: Page,
-    /// Origins whose runs in the request's page the responder could not apply in full.
-    pub halts: Vec<Halt>,
-}
-
-impl ExchangeResponse {
-    /// The answer to a request whose marks digest the responder cannot resolve.
-    pub fn resend(from: NodeId) -> Self {
-        ExchangeResponse {
-            from,
-            marks: ResponseMarks::Resend,
-            page: Page::default(),
-            halts: Vec::new(),
-        }
-    }
 }
 
 impl Message for ExchangeResponse {

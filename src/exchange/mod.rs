@@ -124,6 +124,7 @@
 
 pub mod apply;
 mod initiator;
+mod messages;
 mod page;
 pub mod plan;
 mod responder;
@@ -132,6 +133,7 @@ mod session;
 pub use self::initiator::{
     AppliedPage, ExchangeOptions, ExchangeOutcome, Initiation, Received, Reply,
 };
+pub use self::messages::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 pub use self::page::{Halt, HaltReason, Page, Run, Streams};
 pub use self::responder::{Answer, Answering};
 pub use self::session::{HeldMarks, Session};

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeSet;
 
+use super::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 use crate::error::{ProtocolError, Result};
 use crate::hlc::NodeId;
 use crate::record::{BlobRef, ScopeFilter};
 use crate::store::{PeerKnowledge, StoreRead};
 use crate::watermark::{MarksDigest, ScopedWatermarks};
-use crate::wire::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 
 use super::plan::{plan_page, PageLimits};
 use super::{held_after, marks_in_play, Halt, HeldMarks, Page};
