@@ -44,7 +44,7 @@ pub struct ExchangeOutcome {
     pub blobs_fetched: usize,
 }
 
-/// A round this node initiated, between its steps. See the [module docs](super).
+/// A round this node initiated, between its steps (see [`crate::exchange`]).
 #[derive(Debug)]
 pub struct Initiation {
     me: NodeId,

@@ -91,7 +91,7 @@ struct Replica {
     answered: HashMap<NodeId, HeldMarks>,
 }
 
-/// Replicas driven through the exchange core, and the oracle. See the [module docs](self).
+/// Replicas driven through the exchange core, and the oracle: see [`crate::testing`].
 pub struct CoreModel {
     replicas: Vec<Replica>,
     /// Every version ever written.
