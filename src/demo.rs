@@ -7,7 +7,7 @@
 //! [`DemoReport`] whose `converged` is true only if every check held.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,10 +21,9 @@ use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::http::{serve, HttpTransport, ServerConfig};
 use crate::notify::{Event, Notice, SyncEvent};
-use crate::record::{BlobRef, Key, Op, Residency, Scope};
+use crate::record::{Key, Op, Residency, Scope};
 use crate::scheduler::{Backoff, Scheduler, SchedulerConfig};
-use crate::transport::{Transport, WatchReply};
-use crate::wire::{ExchangeRequest, ExchangeResponse};
+use crate::transport::{Call, Layer, Layered};
 
 /// Demo settings.
 #[derive(Clone, Debug)]
@@ -60,23 +59,16 @@ pub struct DemoReport {
 }
 
 /// A link from a device to the hub that the demo can cut, and on which it can fail blob
-/// downloads.
-struct Link<T> {
-    inner: T,
+/// downloads: a [`Layer`] over the device's transport to the hub.
+#[derive(Default)]
+struct Link {
+    /// While set, every call fails as if the hub were unreachable.
     cut: AtomicBool,
     /// Hashes whose next downloads fail, with how many failures remain.
     failing: Mutex<HashMap<Hash, u32>>,
 }
 
-impl<T: Transport> Link<T> {
-    fn new(inner: T) -> Link<T> {
-        Link {
-            inner,
-            cut: AtomicBool::new(false),
-            failing: Mutex::new(HashMap::new()),
-        }
-    }
-
+impl Link {
     fn check(&self) -> Result<(), TransportError> {
         if self.cut.load(Ordering::SeqCst) {
             Err(TransportError::Unreachable {
@@ -86,62 +78,31 @@ impl<T: Transport> Link<T> {
             Ok(())
         }
     }
+
+    /// Fails this download of `hash` if it is one of the failures still owed.
+    fn check_download(&self, hash: Hash) -> Result<(), TransportError> {
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = failing.get_mut(&hash) else {
+            return Ok(());
+        };
+        *n -= 1;
+        if *n == 0 {
+            failing.remove(&hash);
+        }
+        Err(TransportError::BlobTransfer {
+            hash,
+            reason: "demo: injected transfer failure".into(),
+        })
+    }
 }
 
-impl<T: Transport> Transport for Link<T> {
-    fn peer_id(&self) -> Option<NodeId> {
-        self.inner.peer_id()
-    }
-
-    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
+impl Layer for Link {
+    fn before(&self, call: Call<'_>) -> Result<(), TransportError> {
         self.check()?;
-        self.inner.exchange(request).await
-    }
-
-    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
-        self.check()?;
-        self.inner.blobs_present(hashes).await
-    }
-
-    async fn fetch_blob(
-        &self,
-        blob: BlobRef,
-        into: &mut (dyn Write + Send),
-    ) -> Result<(), TransportError> {
-        self.check()?;
-        {
-            let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = failing.get_mut(&blob.hash) {
-                *n -= 1;
-                if *n == 0 {
-                    failing.remove(&blob.hash);
-                }
-                return Err(TransportError::BlobTransfer {
-                    hash: blob.hash,
-                    reason: "demo: injected transfer failure".into(),
-                });
-            }
+        match call {
+            Call::FetchBlob(blob) => self.check_download(blob.hash),
+            _ => Ok(()),
         }
-        self.inner.fetch_blob(blob, into).await
-    }
-
-    async fn push_blob(
-        &self,
-        blob: BlobRef,
-        content: Box<dyn Read + Send>,
-    ) -> Result<(), TransportError> {
-        self.check()?;
-        self.inner.push_blob(blob, content).await
-    }
-
-    async fn watch(
-        &self,
-        since: Option<String>,
-        watcher: Option<NodeId>,
-        timeout: Duration,
-    ) -> Result<WatchReply, TransportError> {
-        self.check()?;
-        self.inner.watch(since, watcher, timeout).await
     }
 }
 
@@ -152,7 +113,7 @@ struct Node {
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     scheduler: Option<Scheduler>,
-    link: Option<Arc<Link<HttpTransport>>>,
+    link: Option<Arc<Layered<HttpTransport, Link>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -194,7 +155,7 @@ impl Node {
     /// Starts this device's scheduler, syncing with `hub` over a cuttable link.
     fn follow(&mut self, hub: &Node) -> Result<(), DemoError> {
         let http = HttpTransport::new(&format!("http://{}", hub.addr), None).map_err(setup)?;
-        let link = Arc::new(Link::new(http));
+        let link = Arc::new(Layered::<_, Link>::new(http));
         let scheduler = Scheduler::start(
             self.engine.clone(),
             SchedulerConfig {
@@ -399,7 +360,7 @@ pub async fn run(
 
     // Phase 2: device-2 goes offline; both sides write, with a conflict and a delete.
     let link2 = d2.link.clone().expect("device-2 follows the hub");
-    link2.cut.store(true, Ordering::SeqCst);
+    link2.layer().cut.store(true, Ordering::SeqCst);
     say("device-2 is cut off from the hub".into());
     let title = key("title");
     let photo_key = key("files/taken-offline.bin");
@@ -440,11 +401,12 @@ pub async fn run(
     // Phase 3: reconnect device-2, with the new file's first download failing.
     let mut events = d2.engine.notifier().subscribe();
     link2
+        .layer()
         .failing
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(photo_hash, 1);
-    link2.cut.store(false, Ordering::SeqCst);
+    link2.layer().cut.store(false, Ordering::SeqCst);
     if let Some(s) = &d2.scheduler {
         s.sync_now();
     }

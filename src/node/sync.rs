@@ -1,17 +1,14 @@
 //! One-shot sync: exchange rounds with one peer until neither side has anything left.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use crate::engine::{ExchangeOptions, SyncEngine};
 use crate::error::{Result, TransportError};
-use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::record::BlobRef;
-use crate::transport::{Transport, WatchReply};
+use crate::transport::{Layer, Layered, Transport};
 use crate::watermark::Halt;
-use crate::wire::{ExchangeRequest, ExchangeResponse};
 
 /// What a one-shot sync moved so far (or in all, once it returns).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,11 +48,7 @@ pub async fn sync_until_done<T: Transport>(
     options: &ExchangeOptions,
     mut progress: impl FnMut(&SyncTotals),
 ) -> Result<SyncTotals> {
-    let metered = Metered {
-        inner: transport,
-        fetched: AtomicU64::new(0),
-        pushed: AtomicU64::new(0),
-    };
+    let metered: Layered<&T, Metered> = Layered::new(transport);
     let mut totals = SyncTotals::default();
     loop {
         let outcome = engine.exchange_with(&metered, options).await?;
@@ -66,8 +59,8 @@ pub async fn sync_until_done<T: Transport>(
         totals.shipped += outcome.shipped;
         totals.blobs_fetched += outcome.blobs_fetched;
         totals.blobs_pushed += outcome.blobs_pushed;
-        totals.bytes_fetched = metered.fetched.load(Ordering::Relaxed);
-        totals.bytes_pushed = metered.pushed.load(Ordering::Relaxed);
+        totals.bytes_fetched = metered.layer().fetched.load(Ordering::Relaxed);
+        totals.bytes_pushed = metered.layer().pushed.load(Ordering::Relaxed);
         totals.halts = outcome.halts;
         totals.halts.extend(outcome.peer_halts);
         progress(&totals);
@@ -77,11 +70,32 @@ pub async fn sync_until_done<T: Transport>(
     }
 }
 
-/// A transport that counts the file bytes moved through it.
-struct Metered<'a, T> {
-    inner: &'a T,
+/// Counts the file bytes moved through a transport it layers: each fetched blob's bytes as
+/// they are written (so a transfer that fails part-way counts what arrived), and each pushed
+/// blob's size once the peer accepted it.
+#[derive(Default)]
+struct Metered {
     fetched: AtomicU64,
     pushed: AtomicU64,
+}
+
+impl Layer for Metered {
+    fn fetch_into<'a>(
+        &'a self,
+        _blob: &BlobRef,
+        into: &'a mut (dyn Write + Send),
+    ) -> Box<dyn Write + Send + 'a> {
+        Box::new(CountingWriter {
+            inner: into,
+            count: &self.fetched,
+        })
+    }
+
+    fn after_push(&self, blob: &BlobRef, result: &Result<(), TransportError>) {
+        if result.is_ok() {
+            self.pushed.fetch_add(blob.size, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Counts the bytes written through it.
@@ -99,51 +113,6 @@ impl Write for CountingWriter<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
-    }
-}
-
-impl<T: Transport> Transport for Metered<'_, T> {
-    fn peer_id(&self) -> Option<NodeId> {
-        self.inner.peer_id()
-    }
-
-    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
-        self.inner.exchange(request).await
-    }
-
-    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
-        self.inner.blobs_present(hashes).await
-    }
-
-    async fn fetch_blob(
-        &self,
-        blob: BlobRef,
-        into: &mut (dyn Write + Send),
-    ) -> Result<(), TransportError> {
-        let mut counting = CountingWriter {
-            inner: into,
-            count: &self.fetched,
-        };
-        self.inner.fetch_blob(blob, &mut counting).await
-    }
-
-    async fn push_blob(
-        &self,
-        blob: BlobRef,
-        content: Box<dyn Read + Send>,
-    ) -> Result<(), TransportError> {
-        self.inner.push_blob(blob, content).await?;
-        self.pushed.fetch_add(blob.size, Ordering::Relaxed);
-        Ok(())
-    }
-
-    async fn watch(
-        &self,
-        since: Option<String>,
-        watcher: Option<NodeId>,
-        timeout: Duration,
-    ) -> Result<WatchReply, TransportError> {
-        self.inner.watch(since, watcher, timeout).await
     }
 }
 

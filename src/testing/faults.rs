@@ -2,28 +2,30 @@
 //! transfers and runs hooks at chosen points of a round.
 
 use std::collections::BTreeSet;
-use std::io::Read as _;
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::locked;
 use crate::error::TransportError;
 use crate::hash::Hash;
-use crate::hlc::NodeId;
 use crate::record::BlobRef;
-use crate::transport::Transport;
-use crate::wire::{ExchangeRequest, ExchangeResponse};
+use crate::transport::{Call, Layer, Layered};
 
 /// Something to run at a chosen point of a round (e.g. a garbage collection).
 pub type Hook = Box<dyn Fn() + Send + Sync>;
 
 /// Wraps a transport: blobs marked with [`FaultyTransport::fail`] are refused
 /// ([`TransportError::BlobTransfer`]) both ways; blobs marked with
-/// [`FaultyTransport::corrupt`] move with one byte flipped both ways. Everything else is
-/// delegated unchanged. Optional hooks run before each blob transfer and before the
-/// exchange request.
-pub struct FaultyTransport<T> {
-    inner: T,
+/// [`FaultyTransport::corrupt`] move with one byte flipped both ways. Everything else
+/// (`watch` too) is delegated unchanged. Optional hooks run before each blob transfer and
+/// before each exchange request. [`Layered::new`] wraps a transport with no faults yet.
+pub type FaultyTransport<T> = Layered<T, Faults>;
+
+/// The [`Layer`] of a [`FaultyTransport`]: the faults to inject and the hooks to run. Set
+/// them through the transport's methods.
+#[derive(Default)]
+pub struct Faults {
     fail: Mutex<BTreeSet<Hash>>,
     corrupt: Mutex<BTreeSet<Hash>>,
     injected: AtomicUsize,
@@ -32,70 +34,78 @@ pub struct FaultyTransport<T> {
 }
 
 impl<T> FaultyTransport<T> {
-    /// Wraps `inner`, with no faults yet.
-    pub fn new(inner: T) -> Self {
-        FaultyTransport {
-            inner,
-            fail: Mutex::default(),
-            corrupt: Mutex::default(),
-            injected: AtomicUsize::new(0),
-            before_transfer: Mutex::default(),
-            before_exchange: Mutex::default(),
-        }
-    }
-
-    /// The wrapped transport.
-    pub fn inner(&self) -> &T {
-        &self.inner
-    }
-
     /// Transfers of `hash` fail from now on.
     pub fn fail(&self, hash: Hash) {
-        locked(&self.fail).insert(hash);
+        locked(&self.layer().fail).insert(hash);
     }
 
     /// Transfers of `hash` arrive with one byte flipped from now on.
     pub fn corrupt(&self, hash: Hash) {
-        locked(&self.corrupt).insert(hash);
+        locked(&self.layer().corrupt).insert(hash);
     }
 
     /// Every transfer works again.
     pub fn heal(&self) {
-        locked(&self.fail).clear();
-        locked(&self.corrupt).clear();
+        locked(&self.layer().fail).clear();
+        locked(&self.layer().corrupt).clear();
     }
 
     /// Transfers refused or corrupted so far.
     pub fn injected(&self) -> usize {
-        self.injected.load(Ordering::Relaxed)
+        self.layer().injected.load(Ordering::Relaxed)
     }
 
     /// Runs `hook` before every blob transfer.
     pub fn before_transfer(&self, hook: impl Fn() + Send + Sync + 'static) {
-        *locked(&self.before_transfer) = Some(Box::new(hook));
+        *locked(&self.layer().before_transfer) = Some(Box::new(hook));
     }
 
     /// Runs `hook` before every exchange request.
     pub fn before_exchange(&self, hook: impl Fn() + Send + Sync + 'static) {
-        *locked(&self.before_exchange) = Some(Box::new(hook));
+        *locked(&self.layer().before_exchange) = Some(Box::new(hook));
+    }
+}
+
+/// A transfer runs the hook, then is refused if marked to fail; only a transfer let through
+/// is checked for corruption, so each transfer counts as at most one injection.
+impl Layer for Faults {
+    fn before(&self, call: Call<'_>) -> Result<(), TransportError> {
+        match call {
+            Call::Exchange(_) => run(&self.before_exchange),
+            Call::FetchBlob(blob) | Call::PushBlob(blob) => {
+                run(&self.before_transfer);
+                if self.hit(&self.fail, &blob.hash) {
+                    return Err(injected_failure(blob.hash));
+                }
+            }
+            Call::BlobsPresent(_) | Call::Watch => {}
+        }
+        Ok(())
     }
 
-    fn run(hook: &Mutex<Option<Hook>>) {
-        if let Some(hook) = &*locked(hook) {
-            hook();
+    fn fetch_into<'a>(
+        &'a self,
+        blob: &BlobRef,
+        into: &'a mut (dyn Write + Send),
+    ) -> Box<dyn Write + Send + 'a> {
+        if self.hit(&self.corrupt, &blob.hash) {
+            Box::new(FlipMiddle::of(blob, into))
+        } else {
+            Box::new(into)
         }
     }
 
-    /// Before a transfer of `hash`: runs the hook, fails if asked to, and says whether to
-    /// corrupt it.
-    fn gate(&self, hash: &Hash) -> Result<bool, TransportError> {
-        Self::run(&self.before_transfer);
-        if self.hit(&self.fail, hash) {
-            return Err(injected_failure(*hash));
+    fn push_from(&self, blob: &BlobRef, content: Box<dyn Read + Send>) -> Box<dyn Read + Send> {
+        if self.hit(&self.corrupt, &blob.hash) {
+            Box::new(FlipMiddle::of(blob, content))
+        } else {
+            content
         }
-        Ok(self.hit(&self.corrupt, hash))
     }
+}
 
+impl Faults {
+    /// Whether `hash` is in `set`, counting an injection if it is.
     fn hit(&self, set: &Mutex<BTreeSet<Hash>>, hash: &Hash) -> bool {
         let hit = locked(set).contains(hash);
         if hit {
@@ -105,10 +115,9 @@ impl<T> FaultyTransport<T> {
     }
 }
 
-fn flip_one(bytes: &mut [u8]) {
-    let middle = bytes.len() / 2;
-    if let Some(b) = bytes.get_mut(middle) {
-        *b ^= 0x01;
+fn run(hook: &Mutex<Option<Hook>>) {
+    if let Some(hook) = &*locked(hook) {
+        hook();
     }
 }
 
@@ -119,56 +128,137 @@ fn injected_failure(hash: Hash) -> TransportError {
     }
 }
 
-impl<T: Transport> Transport for FaultyTransport<T> {
-    fn peer_id(&self) -> Option<NodeId> {
-        self.inner.peer_id()
-    }
+/// Streams a blob's bytes through (a reader or a writer) with the one at offset `size / 2`
+/// flipped: content of the blob's size that no longer has its hash, so the receiver's check
+/// must catch it.
+struct FlipMiddle<S> {
+    inner: S,
+    /// The offset of the byte to flip.
+    at: u64,
+    /// Bytes passed through so far.
+    pos: u64,
+}
 
-    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
-        Self::run(&self.before_exchange);
-        self.inner.exchange(request).await
-    }
-
-    async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
-        self.inner.blobs_present(hashes).await
-    }
-
-    async fn fetch_blob(
-        &self,
-        blob: BlobRef,
-        into: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), TransportError> {
-        if !self.gate(&blob.hash)? {
-            return self.inner.fetch_blob(blob, into).await;
+impl<S> FlipMiddle<S> {
+    fn of(blob: &BlobRef, inner: S) -> Self {
+        FlipMiddle {
+            inner,
+            at: blob.size / 2,
+            pos: 0,
         }
-        let mut bytes = Vec::new();
-        self.inner.fetch_blob(blob, &mut bytes).await?;
-        flip_one(&mut bytes);
-        into.write_all(&bytes)
-            .map_err(|e| TransportError::BlobTransfer {
-                hash: blob.hash,
-                reason: e.to_string(),
-            })
     }
 
-    async fn push_blob(
-        &self,
-        blob: BlobRef,
-        mut content: Box<dyn std::io::Read + Send>,
-    ) -> Result<(), TransportError> {
-        if !self.gate(&blob.hash)? {
-            return self.inner.push_blob(blob, content).await;
+    /// Where the byte to flip lies in the next `len` bytes, if it does.
+    fn offset_in(&self, len: usize) -> Option<usize> {
+        let offset = usize::try_from(self.at.checked_sub(self.pos)?).ok()?;
+        (offset < len).then_some(offset)
+    }
+}
+
+impl<W: Write> Write for FlipMiddle<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = match self.offset_in(buf.len()) {
+            Some(offset) => {
+                let mut flipped = buf.to_vec();
+                flip(&mut flipped, offset);
+                self.inner.write(&flipped)?
+            }
+            None => self.inner.write(buf)?,
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for FlipMiddle<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(offset) = self.offset_in(n) {
+            flip(buf, offset);
         }
-        let mut bytes = Vec::new();
-        content
-            .read_to_end(&mut bytes)
-            .map_err(|e| TransportError::BlobTransfer {
-                hash: blob.hash,
-                reason: e.to_string(),
-            })?;
-        flip_one(&mut bytes);
-        self.inner
-            .push_blob(blob, Box::new(std::io::Cursor::new(bytes)))
-            .await
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+fn flip(bytes: &mut [u8], offset: usize) {
+    if let Some(b) = bytes.get_mut(offset) {
+        *b ^= 0x01;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::SyncEngine;
+    use crate::record::{Key, Scope};
+    use crate::transport::{InProcess, Transport};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// A faulty transport is still a whole transport: a watch goes through to the
+    /// responder, answers a token at once, and then reports a write made after it.
+    #[tokio::test]
+    async fn watches_the_responder_through_the_faults() -> TestResult {
+        let responder = Arc::new(SyncEngine::in_memory()?);
+        let faulty = FaultyTransport::new(InProcess::new(responder.clone()));
+        let first = faulty.watch(None, None, Duration::ZERO).await?;
+        responder.put(&Scope::shared(), &Key::try_from("k")?, b"v".to_vec())?;
+        let next = faulty
+            .watch(Some(first.token.clone()), None, Duration::from_secs(10))
+            .await?;
+        assert!(next.news, "a write after {first:?} is news");
+        assert_ne!(next.token, first.token);
+        Ok(())
+    }
+
+    /// Takes at most three bytes a call, as a writer may.
+    struct Trickle(Vec<u8>);
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(3);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Exactly the middle byte differs, however the bytes are split on their way.
+    #[test]
+    fn flips_the_middle_byte_both_ways_in_any_chunks() -> TestResult {
+        let content: Vec<u8> = (0..11).collect();
+        let blob = BlobRef {
+            hash: Hash::of(&content),
+            size: 11,
+        };
+        let mut expected = content.clone();
+        expected[5] ^= 0x01;
+
+        let mut written = FlipMiddle::of(&blob, Trickle(Vec::new()));
+        written.write_all(&content)?;
+        assert_eq!(written.inner.0, expected);
+
+        let mut reader = FlipMiddle::of(&blob, io::Cursor::new(content));
+        let (mut read, mut chunk) = (Vec::new(), [0u8; 2]);
+        loop {
+            let n = reader.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            read.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(read, expected);
+        Ok(())
     }
 }

@@ -28,7 +28,7 @@ mod sim;
 pub use self::action::{file_content, scope, Action};
 pub use self::backends::{copy_blobs, Backend, MemBackend, RedbBackend};
 pub use self::core::{fuzz_exchange_core, CoreModel, CoreStep};
-pub use self::faults::{FaultyTransport, Hook};
+pub use self::faults::{Faults, FaultyTransport, Hook};
 pub use self::fuzz::{
     check_merge_laws, decode_versions, fuzz_decode_envelope, fuzz_exchange_model, fuzz_merge_laws,
 };

@@ -2,11 +2,15 @@
 //!
 //! [`Transport`] is the initiator's side (send a request, get a response). [`Responder`] is
 //! the other side's small trait (answer a request), implemented by the engine; transports
-//! and servers wrap any `Responder`, so they never reach into the engine.
+//! and servers wrap any `Responder`, so they never reach into the engine. A [`Layered`]
+//! transport wraps another to watch or alter its calls (cut a link, count bytes, inject
+//! faults) through a [`Layer`], forwarding everything else.
 
 mod in_process;
+mod layer;
 
 pub use self::in_process::{InProcess, WireStats};
+pub use self::layer::{Call, Layer, Layered};
 
 use std::future::Future;
 use std::io::{Read, Write};
