@@ -234,11 +234,19 @@ impl TimeSource for ManualTime {
 
 /// A node's hybrid logical clock.
 pub struct Clock {
-    id: NodeId,
     time: Arc<dyn TimeSource>,
     max_drift: u64,
     max_drift_duration: Duration,
-    last: Mutex<u64>,
+    /// The id it issues under and the last time issued or observed, under one lock: a
+    /// timestamp is issued under the id current at that instant, and [`Clock::rotate`] is
+    /// atomic with respect to issuing.
+    state: Mutex<State>,
+}
+
+#[derive(Clone, Copy)]
+struct State {
+    id: NodeId,
+    last: u64,
 }
 
 impl Clock {
@@ -254,17 +262,25 @@ impl Clock {
         let drift =
             duration_to_ntp64(max_drift).ok_or(ClockError::DriftOutOfRange { max_drift })?;
         Ok(Clock {
-            id,
             time,
             max_drift: drift,
             max_drift_duration: max_drift,
-            last: Mutex::new(0),
+            state: Mutex::new(State { id, last: 0 }),
         })
     }
 
     /// This clock's node.
     pub fn id(&self) -> NodeId {
-        self.id
+        self.lock().id
+    }
+
+    /// Issues every later timestamp under `id`, and later than `past` (and than every one
+    /// issued or observed before): a node that takes a fresh identity after a restore makes
+    /// sure no timestamp it issues from now on can equal one issued before, under either id.
+    pub fn rotate(&self, id: NodeId, past: u64) {
+        let mut state = self.lock();
+        state.id = id;
+        state.last = state.last.max(past);
     }
 
     /// A fresh timestamp, greater than every one issued or observed before.
@@ -273,14 +289,14 @@ impl Clock {
     /// [`ClockError::Exhausted`] if the last time is `u64::MAX`.
     pub fn issue(&self) -> Result<Hlc, ClockError> {
         let now = self.time.now();
-        let mut last = self.lock();
-        let next = if now > *last {
+        let mut state = self.lock();
+        let next = if now > state.last {
             now
         } else {
-            last.checked_add(1).ok_or(ClockError::Exhausted)?
+            state.last.checked_add(1).ok_or(ClockError::Exhausted)?
         };
-        *last = next;
-        Ok(Hlc::new(next, self.id))
+        state.last = next;
+        Ok(Hlc::new(next, state.id))
     }
 
     /// Checks that `hlc` is not further ahead of the physical clock than the drift bound.
@@ -306,27 +322,26 @@ impl Clock {
     /// [`ClockError::Skew`] as for [`Clock::check`]; the clock is then unchanged.
     pub fn observe(&self, hlc: Hlc) -> Result<(), ClockError> {
         self.check(hlc)?;
-        let mut last = self.lock();
-        *last = (*last).max(hlc.time());
+        self.raise(hlc);
         Ok(())
     }
 
     /// Moves the clock to `hlc` if it is ahead, without the drift check: for timestamps that
     /// already passed [`Clock::check`] (a second reading of the time source could differ).
     pub fn raise(&self, hlc: Hlc) {
-        let mut last = self.lock();
-        *last = (*last).max(hlc.time());
+        let mut state = self.lock();
+        state.last = state.last.max(hlc.time());
     }
 
     /// The last time issued or observed (what must be persisted).
     pub fn last(&self) -> u64 {
-        *self.lock()
+        self.lock().last
     }
 
     /// Raises the clock to a persisted `last` time (never lowers it).
     pub fn restore(&self, last: u64) {
-        let mut cur = self.lock();
-        *cur = (*cur).max(last);
+        let mut state = self.lock();
+        state.last = state.last.max(last);
     }
 
     /// The physical time now.
@@ -334,17 +349,18 @@ impl Clock {
         self.time.now()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
-        // The guarded value is a plain u64, valid whatever a panicking holder did.
-        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The guarded value is plain data, valid whatever a panicking holder did.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = *self.lock();
         f.debug_struct("Clock")
-            .field("id", &self.id)
-            .field("last", &self.last())
+            .field("id", &state.id)
+            .field("last", &state.last)
             .finish()
     }
 }

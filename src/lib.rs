@@ -24,7 +24,8 @@ pub mod watermark;
 pub mod wire;
 
 pub use crate::engine::{
-    EngineConfig, ExchangeOptions, ExchangeOutcome, Record, ResidencyCounts, SyncEngine,
+    EngineConfig, ExchangeOptions, ExchangeOutcome, Record, ResidencyCounts, RestoreDetection,
+    SyncEngine,
 };
 pub use crate::error::{Error, Result};
 pub use crate::exchange::{Halt, HaltReason, Session};

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use crate::hash::Hash;
-use crate::hlc::NodeId;
+use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope};
 
 /// How many events a subscriber may fall behind before it misses some.
@@ -124,12 +124,31 @@ pub enum SyncEvent {
         /// How far ahead, in milliseconds.
         ahead_by_ms: u64,
     },
+    /// A peer holds writes by this node's own id that this node does not (its data
+    /// directory was restored from a backup, or copied and run twice), so the node took a
+    /// fresh id, durably, before issuing another timestamp (`restore_detected`). The old id
+    /// is an ordinary origin from now on, and the lost writes come back under it.
+    RestoreDetected {
+        /// The peer that showed it (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The id the node wrote under until now.
+        old: NodeId,
+        /// The id it writes under from now on.
+        new: NodeId,
+        /// The scope where the peer showed it.
+        scope: Scope,
+        /// Our mark for the old id there (`None`: no write of ours held there).
+        ours: Option<Hlc>,
+        /// The newest write by the old id the peer holds there.
+        theirs: Hlc,
+    },
 }
 
 impl SyncEvent {
     /// The event's name.
     pub fn name(&self) -> &'static str {
         match self {
+            SyncEvent::RestoreDetected { .. } => "restore_detected",
             SyncEvent::Applied { .. } => "sync_applied",
             SyncEvent::Failed { .. } => "sync_failed",
             SyncEvent::Retry { .. } => "sync_retry",

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use highwater::engine::DB_FILE;
+use highwater::notify::{Event, Notice, SyncEvent};
 use highwater::{
     EngineConfig, ExchangeOutcome, HaltReason, Hash, Hlc, InProcess, Key, ManualTime, NodeId,
     Scope, ScopedWatermarks, SyncEngine, Version,
@@ -246,23 +247,105 @@ fn a_restored_node_takes_a_new_id_and_gets_its_lost_write_back() -> TestResult {
     Ok(())
 }
 
-/// Why `open_restored` exists: reopened under its old id, the restored node refuses its own
-/// lost write (it never issued it, as far as it knows) and the stream of that origin halts.
+/// Reopened under its old id (no operator action), the restored node finds out on its first
+/// round: the peer's marks show writes by its id above its own mark. It takes a fresh id,
+/// durably, before it issues another timestamp, says so in an event, and its lost write comes
+/// back under the old id as an ordinary origin.
 #[test]
-fn a_backup_reopened_under_its_old_id_halts_on_its_own_lost_write() -> TestResult {
+fn a_backup_reopened_under_its_old_id_detects_the_restore_and_takes_a_fresh_id() -> TestResult {
     let r = lose_a_write()?;
     let notes = Scope::app("notes", "items")?;
     let a = SyncEngine::open_with(&r.a_dir, config(&r.time))?;
     assert_eq!(a.node_id(), r.old_id);
+    let mut events = a.notifier().subscribe();
     let outcomes = sync(&a, &r.b)?;
     assert!(
         outcomes
             .iter()
-            .flat_map(|o| &o.halts)
+            .all(|o| o.halts.is_empty() && o.peer_halts.is_empty()),
+        "{outcomes:?}"
+    );
+    let new_id = a.node_id();
+    assert_ne!(new_id, r.old_id);
+    let detected = std::iter::from_fn(|| events.try_recv())
+        .find_map(|n| match n {
+            Notice::Event(Event::Sync(e @ SyncEvent::RestoreDetected { .. })) => Some(e),
+            _ => None,
+        })
+        .ok_or("no restore_detected event")?;
+    match detected {
+        SyncEvent::RestoreDetected {
+            old, new, theirs, ..
+        } => {
+            assert_eq!((old, new), (r.old_id, new_id));
+            assert!(theirs >= r.lost);
+        }
+        _ => unreachable!(),
+    }
+    let back = a
+        .get_version(&notes, &key("lost"))?
+        .ok_or("the lost write did not come back")?;
+    assert_eq!(back.hlc, r.lost);
+    assert_eq!(a.digest()?, r.b.digest()?);
+
+    // The new id is durable, and new writes go out under it, after every lost timestamp.
+    drop(a);
+    let a = SyncEngine::open_with(&r.a_dir, config(&r.time))?;
+    assert_eq!(a.node_id(), new_id);
+    let fresh = a.put(&notes, &key("fresh"), b"new id".to_vec())?;
+    assert_eq!(fresh.origin(), new_id);
+    assert!(fresh > r.lost);
+    sync(&a, &r.b)?;
+    assert_eq!(a.digest()?, r.b.digest()?);
+    Ok(())
+}
+
+/// As a responder, a node acts only on evidence it may trust: by default an initiator's claim
+/// halts its run of our id and changes nothing; with `RestoreDetection::Any` the responder
+/// takes a fresh id and applies the lost write.
+#[test]
+fn a_restored_responder_acts_on_an_initiators_evidence_only_when_told_to() -> TestResult {
+    let r = lose_a_write()?;
+    let notes = Scope::app("notes", "items")?;
+    let rounds = |a: &Arc<SyncEngine>| -> Result<Vec<ExchangeOutcome>, Box<dyn Error>> {
+        let link = InProcess::new(a.clone());
+        let mut outcomes = Vec::new();
+        for _ in 0..4 {
+            outcomes.push(futures_executor::block_on(r.b.exchange(&link))?);
+        }
+        Ok(outcomes)
+    };
+    let a = Arc::new(SyncEngine::open_with(&r.a_dir, config(&r.time))?);
+    let outcomes = rounds(&a)?;
+    assert!(
+        outcomes
+            .iter()
+            .flat_map(|o| &o.peer_halts)
             .any(|h| h.origin == r.old_id && h.reason == HaltReason::OwnOrigin),
         "{outcomes:?}"
     );
+    assert_eq!(
+        a.node_id(),
+        r.old_id,
+        "an initiator's claim alone changes nothing"
+    );
     assert_eq!(a.get(&notes, &key("lost"))?, None);
-    assert_ne!(a.digest()?, r.b.digest()?);
+    drop(a);
+
+    let trusting = EngineConfig {
+        restore_detection: highwater::RestoreDetection::Any,
+        ..config(&r.time)
+    };
+    let a = Arc::new(SyncEngine::open_with(&r.a_dir, trusting)?);
+    let outcomes = rounds(&a)?;
+    assert!(
+        outcomes.iter().all(|o| o.peer_halts.is_empty()),
+        "{outcomes:?}"
+    );
+    assert_ne!(a.node_id(), r.old_id);
+    assert_eq!(
+        a.get_version(&notes, &key("lost"))?.map(|v| v.hlc),
+        Some(r.lost)
+    );
     Ok(())
 }

@@ -74,7 +74,7 @@ impl SyncEngine {
         let plan_options = options.clone();
         let mut round = run_blocking(move || {
             Initiation::plan(
-                engine.inner.id,
+                engine.node_id(),
                 &*engine.inner.store.read()?,
                 &mut planning,
                 expected,
@@ -103,9 +103,20 @@ impl SyncEngine {
         let fetched_count = fetched.len();
         let engine = self.handle();
         let scopes = round.scopes().clone();
+        let label = session
+            .name
+            .clone()
+            .unwrap_or_else(|| received.peer.to_string());
+        let peer = label.clone();
         let (received, applied) = run_blocking(move || {
             let applied = engine
-                .apply_page(&received.page, &scopes, received.knowledge.clone())
+                .apply_page(
+                    &peer,
+                    true,
+                    &received.page,
+                    &scopes,
+                    received.knowledge.clone(),
+                )
                 .and_then(|applied| {
                     let mine = marks_in_play(&*engine.inner.store.read()?, &scopes)?;
                     Ok((applied, mine))
@@ -115,10 +126,6 @@ impl SyncEngine {
         .await?;
         let (applied, mine) = applied?;
         drop(fetched);
-        let label = session
-            .name
-            .clone()
-            .unwrap_or_else(|| received.peer.to_string());
         self.announce_halts(&label, &applied.halts);
         self.announce(
             ChangeKind::LocalDataSynced,

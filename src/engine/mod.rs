@@ -39,6 +39,7 @@
 
 mod blobs;
 mod durability;
+mod identity;
 mod initiate;
 mod local;
 mod receive;
@@ -47,7 +48,7 @@ mod respond;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::blob::{BlobStore, FsBlobStore, MemBlobStore};
 use crate::error::Result;
@@ -114,6 +115,25 @@ pub struct EngineConfig {
     /// [`RedbStore::CACHE_BYTES`], 64 MiB): more memory, fewer page writes while a large
     /// sync is applied (see docs/performance.md).
     pub cache_bytes: usize,
+    /// Whose evidence of a restore makes this node take a fresh id (default
+    /// [`RestoreDetection::Initiator`]).
+    pub restore_detection: RestoreDetection,
+}
+
+/// Whose evidence of a restore makes a node take a fresh id at once (see
+/// [`crate::exchange::RestoreEvidence`] and docs/protocol.md, "Restores").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RestoreDetection {
+    /// Peers this node calls: a response that shows writes by our id above our own mark. An
+    /// initiator that shows it only halts its run ([`crate::HaltReason::OwnOrigin`]) and is
+    /// logged: any token holder with the sync right can claim it, and a hub that changed
+    /// its id on such a claim would cut off every device that expects its old one.
+    #[default]
+    Initiator,
+    /// Any peer, in either role: for meshes whose every peer is trusted (in-process peers,
+    /// nodes of one owner).
+    Any,
 }
 
 impl Default for EngineConfig {
@@ -126,6 +146,7 @@ impl Default for EngineConfig {
             time: Arc::new(WallClock),
             checkpoint: Checkpoint::default(),
             cache_bytes: RedbStore::CACHE_BYTES,
+            restore_detection: RestoreDetection::default(),
         }
     }
 }
@@ -139,6 +160,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("max_drift", &self.max_drift)
             .field("checkpoint", &self.checkpoint)
             .field("cache_bytes", &self.cache_bytes)
+            .field("restore_detection", &self.restore_detection)
             .finish_non_exhaustive()
     }
 }
@@ -153,7 +175,7 @@ pub struct SyncEngine {
 }
 
 struct Inner {
-    id: NodeId,
+    /// The clock, which also holds the node's id (it changes when a restore is detected).
     clock: Clock,
     store: Box<dyn Store>,
     config: EngineConfig,
@@ -180,6 +202,8 @@ struct PeerMemory {
     answered: HashMap<NodeId, HeldMarks>,
     /// When each peer last completed a round with us, in either role.
     last_exchange: HashMap<NodeId, SystemTime>,
+    /// When we last warned of restore evidence an initiator showed us, per initiator.
+    warned: HashMap<NodeId, Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -282,7 +306,6 @@ impl SyncEngine {
         let clock = Clock::new(id, config.time.clone(), config.max_drift)?;
         clock.restore(store.read()?.clock()?);
         let inner = Inner {
-            id,
             clock,
             store,
             config,
@@ -307,7 +330,7 @@ impl SyncEngine {
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        self.inner.id
+        self.inner.clock.id()
     }
 
     /// The engine's settings.

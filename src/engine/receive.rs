@@ -1,7 +1,7 @@
 //! Applying a received page: one transaction, with its watermark advances and events.
 
 use crate::error::Result;
-use crate::exchange::{apply, AppliedPage};
+use crate::exchange::{apply, evidence_in_marks, evidence_in_page, AppliedPage};
 use crate::exchange::{Halt, HaltReason, Page};
 use crate::hlc::NodeId;
 use crate::notify::{Change, ChangeKind, Event, SyncEvent};
@@ -31,13 +31,43 @@ pub(super) struct Applied {
 
 impl SyncEngine {
     /// Applies a received page in one transaction, with the sender's watermarks as knowledge.
+    /// `peer` is what events call the sender. If the sender shows writes by our own id that
+    /// we lost and `adopt` says to act on its evidence, the node first takes a fresh id, and
+    /// the page's runs of the old id then apply as any other origin's; otherwise those runs
+    /// halt ([`crate::HaltReason::OwnOrigin`]) and the evidence is logged.
     pub(super) fn apply_page(
         &self,
+        peer: &str,
+        adopt: bool,
         page: &Page,
         scopes: &ScopeFilter,
         knowledge: PeerKnowledge,
     ) -> Result<Applied> {
         apply::validate_page(page, scopes)?;
+        let me = self.node_id();
+        let own = self.inner.store.read()?.watermarks()?;
+        let evidence = evidence_in_marks(me, &own, &knowledge.marks)
+            .or_else(|| evidence_in_page(me, &own, page));
+        match evidence {
+            Some(evidence) if adopt => {
+                let me = self.take_fresh_identity(peer, &evidence)?;
+                self.apply_page_as(me, page, scopes, knowledge)
+            }
+            Some(evidence) => {
+                self.warn_of_evidence(peer, knowledge.peer, &evidence);
+                self.apply_page_as(me, page, scopes, knowledge)
+            }
+            None => self.apply_page_as(me, page, scopes, knowledge),
+        }
+    }
+
+    fn apply_page_as(
+        &self,
+        me: NodeId,
+        page: &Page,
+        scopes: &ScopeFilter,
+        knowledge: PeerKnowledge,
+    ) -> Result<Applied> {
         let read = self.inner.store.read()?;
         let own = read.watermarks()?;
         let unchanged_knowledge = page.runs.is_empty()
@@ -58,7 +88,7 @@ impl SyncEngine {
         let staged = self.staged_keys(page)?;
         let plan = apply::plan_page_apply(
             page,
-            self.inner.id,
+            me,
             &own,
             |h| self.inner.clock.check(h),
             |scope, key, v| !staged.contains(&(scope.clone(), key.clone(), v.hlc)),

@@ -14,11 +14,11 @@ use crate::record::BlobRef;
 use crate::transport::{Refusal, Responder};
 use crate::wire::{ExchangeRequest, ExchangeResponse};
 
-use super::{lock, SyncEngine};
+use super::{lock, RestoreDetection, SyncEngine};
 
 impl Responder for SyncEngine {
     fn node_id(&self) -> NodeId {
-        self.inner.id
+        self.node_id()
     }
 
     fn respond(&self, request: ExchangeRequest) -> std::result::Result<ExchangeResponse, Refusal> {
@@ -64,7 +64,7 @@ impl SyncEngine {
     pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
         let limits = self.page_limits(self.inner.config.max_page_limit);
         let planned = Answer::plan(
-            self.inner.id,
+            self.node_id(),
             &*self.inner.store.read()?,
             request,
             limits,
@@ -74,7 +74,11 @@ impl SyncEngine {
             Answering::Resend(response) => return Ok(response),
             Answering::Apply(answer) => answer,
         };
+        let from = answer.from();
+        let adopt = self.inner.config.restore_detection == RestoreDetection::Any;
         let applied = self.apply_page(
+            &from.to_string(),
+            adopt,
             answer.incoming(),
             answer.scopes(),
             answer.knowledge().clone(),
@@ -83,7 +87,6 @@ impl SyncEngine {
             true => Some(marks_in_play(&*self.inner.store.read()?, answer.scopes())?),
             false => None,
         };
-        let from = answer.from();
         self.announce_halts(&from.to_string(), &applied.halts);
         self.note_exchange(from);
         let (response, held) = answer.respond(applied.halts, marks);

@@ -128,6 +128,7 @@ mod messages;
 mod page;
 pub mod plan;
 mod responder;
+mod restore;
 mod session;
 
 pub use self::initiator::{
@@ -136,6 +137,7 @@ pub use self::initiator::{
 pub use self::messages::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 pub use self::page::{Halt, HaltReason, Page, Run, Streams};
 pub use self::responder::{Answer, Answering};
+pub use self::restore::{evidence_in_marks, evidence_in_page, RestoreEvidence};
 pub use self::session::{HeldMarks, Session};
 
 use crate::error::StoreError;
