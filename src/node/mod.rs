@@ -224,6 +224,9 @@ pub enum NodeError {
 impl From<TransportError> for NodeError {
     fn from(e: TransportError) -> NodeError {
         match e {
+            e @ TransportError::InvalidUrl { .. } => NodeError::BadUrl {
+                reason: e.to_string(),
+            },
             TransportError::Unreachable { reason } => NodeError::Unreachable { reason },
             TransportError::Refused { reason, .. } => NodeError::Refused { reason },
             other => NodeError::Transport(other),
@@ -234,7 +237,9 @@ impl From<TransportError> for NodeError {
 /// An `HttpTransport` to `url`, or why `url` cannot be used.
 fn transport_to(url: &str, token: Option<String>) -> Result<HttpTransport, NodeError> {
     HttpTransport::new(url, token).map_err(|e| match e {
-        TransportError::Refused { reason, .. } => NodeError::BadUrl { reason },
+        e @ TransportError::InvalidUrl { .. } => NodeError::BadUrl {
+            reason: e.to_string(),
+        },
         other => NodeError::Transport(other),
     })
 }
