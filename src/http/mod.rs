@@ -15,6 +15,7 @@
 pub mod access;
 pub(crate) mod body;
 mod client;
+mod node_client;
 pub(crate) mod server;
 
 use std::time::Duration;
@@ -24,6 +25,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 pub use self::access::{Access, AccessError, Grant, ScopePattern};
 pub use self::body::HttpBody;
 pub use self::client::{ClientConfig, HttpTransport};
+pub use self::node_client::{NodeClient, RemoteRecord};
 pub use self::server::{refusal_status, serve, HighwaterService, ServeError, ServerConfig};
 
 use crate::record::Key;

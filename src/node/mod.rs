@@ -23,15 +23,14 @@
 //! # }
 //! ```
 
-mod client;
-mod records;
+pub(crate) mod records;
 mod status;
 mod sync;
 
-pub use self::client::{NodeClient, RemoteRecord};
 pub use self::records::{Listed, Records, Written};
 pub use self::status::render_status;
 pub use self::sync::{sync_until_done, SyncTotals};
+pub use crate::http::{NodeClient, RemoteRecord};
 
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -235,7 +234,7 @@ impl From<TransportError> for NodeError {
 }
 
 /// An `HttpTransport` to `url`, or why `url` cannot be used.
-fn transport_to(url: &str, token: Option<String>) -> Result<HttpTransport, NodeError> {
+pub(crate) fn transport_to(url: &str, token: Option<String>) -> Result<HttpTransport, NodeError> {
     HttpTransport::new(url, token).map_err(|e| match e {
         e @ TransportError::InvalidUrl { .. } => NodeError::BadUrl {
             reason: e.to_string(),

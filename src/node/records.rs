@@ -4,11 +4,11 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::client::{NodeClient, RemoteRecord};
 use super::NodeError;
 use crate::engine::SyncEngine;
 use crate::hlc::Hlc;
 use crate::http::Grant;
+use crate::http::{NodeClient, RemoteRecord};
 use crate::record::{Key, Residency, Scope};
 
 /// A write's acknowledgement.

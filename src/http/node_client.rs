@@ -9,13 +9,13 @@ use hyper::body::Incoming;
 use hyper::{Method, Response, StatusCode};
 use percent_encoding::{percent_encode, NON_ALPHANUMERIC};
 
-use super::records::{parse_residency, Listed, Written};
-use super::NodeError;
 use crate::blob::CHUNK;
 use crate::hash::Hash;
 use crate::hlc::Hlc;
 use crate::http::body::{empty, full, stream_reader};
 use crate::http::{encode_key, HttpTransport, HEADER_HLC, HEADER_RESIDENCY};
+use crate::node::records::{parse_residency, Listed, Written};
+use crate::node::NodeError;
 use crate::record::{Key, Residency, Scope, MAX_VALUE_LEN};
 
 /// The most of a JSON answer read.
@@ -63,7 +63,7 @@ impl NodeClient {
     /// `url` is not an `http://` root URL, or the token is not a valid header value.
     pub fn new(url: &str, token: Option<String>) -> Result<NodeClient, NodeError> {
         Ok(NodeClient {
-            http: super::transport_to(url, token)?,
+            http: crate::node::transport_to(url, token)?,
         })
     }
 
