@@ -282,10 +282,7 @@ impl Records {
             Records::Remote(c) => c.status().await,
             Records::Local(e) => {
                 blocking(e, |e| {
-                    Ok(crate::http::server::status_json(
-                        e,
-                        &Grant::everything("local"),
-                    )?)
+                    Ok(crate::engine::status_json(e, &Grant::everything("local"))?)
                 })
                 .await
             }

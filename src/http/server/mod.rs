@@ -25,7 +25,6 @@ mod sync;
 pub use self::failure::refusal_status;
 pub(super) use self::failure::Failure;
 pub use self::listen::{serve, ServeError};
-pub(crate) use self::records::status_json;
 
 /// Server settings.
 #[derive(Clone, Debug)]
