@@ -349,7 +349,7 @@ async fn run(command: Command) -> Result<(), NodeError> {
         Command::Status { target, json } => {
             let status = target.open()?.status().await?;
             if json {
-                println!("{status:#}");
+                println!("{:#}", status.to_json());
             } else {
                 print!("{}", render_status(&status));
             }

@@ -56,7 +56,6 @@ use crate::hlc::{Clock, NodeId, TimeSource, WallClock};
 use crate::notify::Notifier;
 use crate::store::{MemStore, RedbStore, Store};
 
-pub(crate) use self::api::status_json;
 use self::blobs::BlobGuards;
 pub use self::blobs::TRANSFER_CONCURRENCY;
 use self::durability::Pending;

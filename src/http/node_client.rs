@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Response, StatusCode};
 use percent_encoding::{percent_encode, NON_ALPHANUMERIC};
 
+use crate::api::Status;
 use crate::blob::CHUNK;
 use crate::hash::Hash;
 use crate::hlc::Hlc;
@@ -258,12 +259,13 @@ impl NodeClient {
     ///
     /// # Errors
     /// The node cannot be reached or refuses.
-    pub async fn status(&self) -> Result<serde_json::Value, NodeError> {
+    pub async fn status(&self) -> Result<Status, NodeError> {
         let resp = self
             .http
             .call(Method::GET, "/v1/status", empty(), None)
             .await?;
-        read_json(expect_ok(resp).await?).await
+        let v = read_json(expect_ok(resp).await?).await?;
+        serde_json::from_value(v).map_err(|e| bad(format!("status document: {e}")))
     }
 }
 

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::NodeError;
+use crate::api::{all_scopes, NodeApi, Status};
 use crate::engine::SyncEngine;
 use crate::hlc::Hlc;
-use crate::http::Grant;
 use crate::http::{NodeClient, RemoteRecord};
 use crate::record::{Key, Residency, Scope};
 
@@ -272,20 +272,14 @@ impl Records {
         Ok(copied)
     }
 
-    /// The status document (the shape of `GET /v1/status`; everything, for a local
-    /// directory).
+    /// The status document (everything, for a local directory).
     ///
     /// # Errors
     /// As for [`Records::put`].
-    pub async fn status(&self) -> Result<serde_json::Value, NodeError> {
+    pub async fn status(&self) -> Result<Status, NodeError> {
         match self {
             Records::Remote(c) => c.status().await,
-            Records::Local(e) => {
-                blocking(e, |e| {
-                    Ok(crate::engine::status_json(e, &Grant::everything("local"))?)
-                })
-                .await
-            }
+            Records::Local(e) => Ok(NodeApi::status(&**e, all_scopes()).await?),
         }
     }
 }

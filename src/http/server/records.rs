@@ -1,6 +1,8 @@
 //! The records API: get, put, delete and list records, put and get files, and the status
 //! document.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
@@ -10,8 +12,8 @@ use serde_json::json;
 use super::failure::json_response;
 use super::routes::check_declared;
 use super::{blocking, Failure, HighwaterService, Reply};
+use crate::api::{NodeApi, Visible};
 use crate::blob::CHUNK;
-use crate::engine::status_json;
 use crate::http::access::Grant;
 use crate::http::body::{collect_limited, full, pump_body, stream_reader, ChannelReader};
 use crate::http::{decode_query, encode_key, HEADER_HLC, HEADER_ORIGIN, HEADER_RESIDENCY};
@@ -228,11 +230,15 @@ impl HighwaterService {
     }
 
     pub(super) async fn status(&self, grant: &Grant) -> Reply {
-        let engine = self.inner.engine.clone();
         let grant = grant.clone();
-        let value =
-            blocking(move || status_json(&engine, &grant).map_err(|e| Failure::from(&e))).await?;
-        Ok(json_response(StatusCode::OK, value))
+        let visible: Visible = Arc::new(move |s: &Scope| grant.can_read(s));
+        let status = self
+            .inner
+            .engine
+            .status(visible)
+            .await
+            .map_err(|e| Failure::from(&e))?;
+        Ok(json_response(StatusCode::OK, status.to_json()))
     }
 }
 
