@@ -36,6 +36,12 @@ pub const HEADER_HLC: &str = "x-highwater-hlc";
 pub const HEADER_ORIGIN: &str = "x-highwater-origin";
 /// Response header: the record's residency (`resident`, `staged`, ...).
 pub const HEADER_RESIDENCY: &str = "x-highwater-residency";
+/// The message of a 404 for a key without any version.
+const NO_SUCH_RECORD: &str = "no such record";
+/// The message of a 404 for a key whose latest version is a delete.
+const RECORD_DELETED: &str = "record deleted";
+/// The message of a 404 for a file of a record that has none.
+const NO_FILE: &str = "the record has no file";
 /// The longest a watch request waits.
 pub const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
