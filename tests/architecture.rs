@@ -59,7 +59,10 @@ fn http_and_transport_do_not_name_the_engine() -> TestResult {
             }
         }
     }
-    assert!(checked >= 10, "only {checked} files found under {ENGINE_FREE:?}");
+    assert!(
+        checked >= 10,
+        "only {checked} files found under {ENGINE_FREE:?}"
+    );
     assert!(
         found.is_empty(),
         "{ENGINE} is named where only the Responder and NodeApi traits may be seen: {}",

@@ -1,5 +1,5 @@
-//! Sync over HTTP: the server ([`serve`], [`HighwaterService`]) and the client transport
-//! ([`HttpTransport`]), on hyper 1.
+//! Sync over HTTP: the server ([`serve`], [`HighwaterService`]), the client transport
+//! ([`HttpTransport`]) and the records API's client ([`NodeClient`]), on hyper 1.
 //!
 //! Every endpoint lives under `/v1`; docs/http.md is the reference (paths, bodies, status
 //! codes, tokens and limits):
@@ -25,7 +25,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 pub use self::access::{Access, AccessError, Grant, ScopePattern};
 pub use self::body::HttpBody;
 pub use self::client::{ClientConfig, HttpTransport};
-pub use self::node_client::{NodeClient, RemoteRecord};
+pub use self::node_client::NodeClient;
 pub use self::server::{refusal_status, serve, HighwaterService, ServeError, ServerConfig};
 
 use crate::record::Key;

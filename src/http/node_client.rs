@@ -1,70 +1,57 @@
-//! A client for a node's records API (`/v1/records`, `/v1/files`, `/v1/status`).
+//! A client for a node's records API (`/v1/records`, `/v1/files`, `/v1/status`): the
+//! remote side of [`NodeApi`].
 
-use std::io::Write;
-use std::path::Path;
+use std::io::{self, Read};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Response, StatusCode};
-use percent_encoding::{percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::{percent_decode_str, percent_encode, NON_ALPHANUMERIC};
+use tokio::sync::mpsc;
 
-use crate::api::Status;
+use crate::api::{
+    FileRead, ListQuery, Listed, Listing, Lookup, NodeApi, RecordRead, Status, Visible, Written,
+    MAX_LIST_LIMIT,
+};
 use crate::blob::CHUNK;
+use crate::error::{Result, TransportError, WireError};
 use crate::hash::Hash;
 use crate::hlc::Hlc;
-use crate::http::body::{empty, full, stream_reader};
-use crate::http::{encode_key, HttpTransport, HEADER_HLC, HEADER_RESIDENCY};
-use crate::node::records::{parse_residency, Listed, Written};
-use crate::node::NodeError;
-use crate::record::{Key, Residency, Scope, MAX_VALUE_LEN};
+use crate::http::body::{empty, full, stream_reader, ChannelReader, Piece};
+use crate::http::{
+    encode_key, HttpTransport, HEADER_HLC, HEADER_RESIDENCY, NO_FILE, RECORD_DELETED,
+};
+use crate::record::{BlobRef, Key, Residency, Scope, MAX_VALUE_LEN};
 
 /// The most of a JSON answer read.
 const JSON_LIMIT: usize = 16 << 20;
 
-/// A record read from a node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RemoteRecord {
-    /// The value.
-    pub value: Vec<u8>,
-    /// The version's timestamp (its origin is the writer).
-    pub hlc: Hlc,
-    /// Where the record stands on that node.
-    pub residency: Residency,
-}
-
-/// Talks to a running node's records API over HTTP, with a bearer token if given.
+/// Talks to a running node's records API over HTTP, with a bearer token if given. Must be
+/// used inside a tokio runtime.
 #[derive(Debug)]
 pub struct NodeClient {
     http: HttpTransport,
 }
 
-fn bad(reason: impl Into<String>) -> NodeError {
-    NodeError::BadResponse {
+/// An answer this client does not understand.
+fn bad(reason: impl Into<String>) -> crate::Error {
+    TransportError::BadResponse(WireError::Malformed {
         reason: reason.into(),
-    }
-}
-
-fn key_text(key: &Key) -> String {
-    String::from_utf8_lossy(key.as_bytes()).into_owned()
-}
-
-fn not_found(what: &'static str, scope: &Scope, key: &Key) -> NodeError {
-    NodeError::NotFound {
-        what,
-        scope: scope.to_string(),
-        key: key_text(key),
-    }
+    })
+    .into()
 }
 
 impl NodeClient {
     /// A client of the node at `url` (`http://host:port`).
     ///
     /// # Errors
-    /// `url` is not an `http://` root URL, or the token is not a valid header value.
-    pub fn new(url: &str, token: Option<String>) -> Result<NodeClient, NodeError> {
+    /// [`TransportError::InvalidUrl`] when `url` is not an `http://` root URL,
+    /// [`TransportError::InvalidToken`] when the token is not a valid header value.
+    pub fn new(url: &str, token: Option<String>) -> Result<NodeClient, TransportError> {
         Ok(NodeClient {
-            http: crate::node::transport_to(url, token)?,
+            http: HttpTransport::new(url, token)?,
         })
     }
 
@@ -73,85 +60,54 @@ impl NodeClient {
         self.http.base_url()
     }
 
-    /// Writes `value` under `key`; durable on the node when this returns.
-    ///
-    /// # Errors
-    /// The node cannot be reached or refuses (no access, value too large...).
-    pub async fn put(
-        &self,
-        scope: &Scope,
-        key: &Key,
-        value: Vec<u8>,
-    ) -> Result<Written, NodeError> {
+    async fn put_value(&self, scope: Scope, key: Key, value: Vec<u8>) -> Result<Written> {
         let len = value.len() as u64;
+        let path = record_path(&scope, &key);
         let resp = self
             .http
-            .call(
-                Method::PUT,
-                &record_path(scope, key),
-                full(value),
-                Some(len),
-            )
+            .call(Method::PUT, &path, full(value), Some(len))
             .await?;
         written(expect_ok(resp).await?).await
     }
 
-    /// The live record under `key`, or `None` if it is absent or deleted.
-    ///
-    /// # Errors
-    /// The node cannot be reached or refuses.
-    pub async fn get(&self, scope: &Scope, key: &Key) -> Result<Option<RemoteRecord>, NodeError> {
+    async fn lookup(&self, scope: Scope, key: Key) -> Result<Lookup> {
         let resp = self
             .http
-            .call(Method::GET, &record_path(scope, key), empty(), None)
+            .call(Method::GET, &record_path(&scope, &key), empty(), None)
             .await?;
         if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
+            return Ok(match refusal_reason(resp).await {
+                Some(reason) if reason.ends_with(RECORD_DELETED) => Lookup::Deleted,
+                _ => Lookup::Missing,
+            });
         }
         let resp = expect_ok(resp).await?;
-        let hlc = header(&resp, HEADER_HLC)?
-            .parse::<Hlc>()
-            .map_err(|_| bad("malformed version header"))?;
+        let hlc = version_header(&resp)?;
         let residency = parse_residency(header(&resp, HEADER_RESIDENCY)?)
             .ok_or_else(|| bad("unknown residency"))?;
         let value = read_limited(resp, MAX_VALUE_LEN).await?;
-        Ok(Some(RemoteRecord {
+        Ok(Lookup::Found(RecordRead {
             value: value.to_vec(),
             hlc,
             residency,
         }))
     }
 
-    /// Deletes `key` (writes a tombstone); durable on the node when this returns.
-    ///
-    /// # Errors
-    /// The node cannot be reached or refuses.
-    pub async fn delete(&self, scope: &Scope, key: &Key) -> Result<Written, NodeError> {
+    async fn tombstone(&self, scope: Scope, key: Key) -> Result<Written> {
         let resp = self
             .http
-            .call(Method::DELETE, &record_path(scope, key), empty(), None)
+            .call(Method::DELETE, &record_path(&scope, &key), empty(), None)
             .await?;
         written(expect_ok(resp).await?).await
     }
 
-    /// Live records of `scope` in key order: keys starting with `prefix`, strictly after
-    /// `after`, at most `limit` (1..=1000).
-    ///
-    /// # Errors
-    /// The node cannot be reached or refuses.
-    pub async fn list(
-        &self,
-        scope: &Scope,
-        prefix: &[u8],
-        after: Option<&Key>,
-        limit: usize,
-    ) -> Result<Vec<Listed>, NodeError> {
+    async fn listing(&self, scope: Scope, query: ListQuery) -> Result<Listing> {
         let mut path = format!(
             "/v1/records/{scope}?limit={}&prefix={}",
-            limit.clamp(1, 1000),
-            percent_encode(prefix, NON_ALPHANUMERIC)
+            query.limit.clamp(1, MAX_LIST_LIMIT),
+            percent_encode(&query.prefix, NON_ALPHANUMERIC)
         );
-        if let Some(a) = after {
+        if let Some(a) = &query.after {
             path.push_str("&after=");
             path.push_str(&encode_key(a));
         }
@@ -161,111 +117,193 @@ impl NodeClient {
             .get("records")
             .and_then(|r| r.as_array())
             .ok_or_else(|| bad("listing without records"))?;
-        items.iter().map(listed).collect()
+        let next_after = match v.get("next_after").and_then(|n| n.as_str()) {
+            Some(k) => Some(parse_key(k).ok_or_else(|| bad("listing with an invalid next key"))?),
+            None => None,
+        };
+        Ok(Listing {
+            records: items.iter().map(listed).collect::<Result<_>>()?,
+            next_after,
+        })
     }
 
-    /// Writes a record whose file is the content of `path`, streamed; durable on the node
-    /// when this returns.
-    ///
-    /// # Errors
-    /// The file cannot be read, or the node cannot be reached or refuses.
-    pub async fn put_file(
+    async fn upload_file(
         &self,
-        scope: &Scope,
-        key: &Key,
-        path: &Path,
-    ) -> Result<Written, NodeError> {
-        let io = |source| NodeError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let body = stream_reader(Box::new(file), Some(len), CHUNK);
+        scope: Scope,
+        key: Key,
+        value: Vec<u8>,
+        content: Box<dyn Read + Send>,
+    ) -> Result<Written> {
+        if !value.is_empty() {
+            return Err(TransportError::Unsupported {
+                what: "a value beside a file (the files endpoint writes an empty one)",
+            }
+            .into());
+        }
+        let body = stream_reader(content, None, CHUNK);
         let resp = self
             .http
-            .call(Method::PUT, &file_path(scope, key), body, Some(len))
+            .call(Method::PUT, &file_path(&scope, &key), body, None)
             .await?;
         written(expect_ok(resp).await?).await
     }
 
-    /// Streams the file of the record under `key` into `into`, checking it against its hash;
-    /// returns its size.
-    ///
-    /// # Errors
-    /// [`NodeError::NotFound`] (no record, or no file), [`NodeError::Staged`] (the file has
-    /// not arrived on that node yet), the transfer broke off or the bytes do not match the
-    /// hash, or `into` failed.
-    pub async fn get_file(
-        &self,
-        scope: &Scope,
-        key: &Key,
-        into: &mut (dyn Write + Send),
-    ) -> Result<u64, NodeError> {
+    async fn file(&self, scope: Scope, key: Key) -> Result<FileRead> {
         let resp = self
             .http
-            .call(Method::GET, &file_path(scope, key), empty(), None)
+            .call(Method::GET, &file_path(&scope, &key), empty(), None)
             .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => {
-                let e = HttpTransport::error_for(resp).await;
-                let what = match &e {
-                    crate::error::TransportError::Refused { reason, .. }
-                        if reason.contains("no file") =>
-                    {
-                        "the record has no file"
-                    }
-                    _ => "no such record",
-                };
-                return Err(not_found(what, scope, key));
+                return Ok(match refusal_reason(resp).await {
+                    Some(reason) if reason.ends_with(NO_FILE) => FileRead::NoFile,
+                    _ => FileRead::Missing,
+                })
             }
-            StatusCode::SERVICE_UNAVAILABLE => {
-                return Err(NodeError::Staged {
-                    scope: scope.to_string(),
-                    key: key_text(key),
+            StatusCode::SERVICE_UNAVAILABLE if resp.headers().contains_key(HEADER_HLC) => {
+                return Ok(FileRead::Staged {
+                    hlc: version_header(&resp)?,
                 })
             }
             _ => {}
         }
         let resp = expect_ok(resp).await?;
-        let expected: Hash = header(&resp, hyper::header::ETAG.as_str())?
+        let hash: Hash = header(&resp, hyper::header::ETAG.as_str())?
             .trim_matches('"')
             .parse()
             .map_err(|_| bad("malformed file hash"))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut size = 0u64;
-        let mut body = resp.into_body();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| bad(format!("file transfer broke off: {e}")))?;
-            if let Ok(data) = frame.into_data() {
-                hasher.update(&data);
-                size += data.len() as u64;
-                into.write_all(&data).map_err(|source| NodeError::Io {
-                    path: "output".into(),
-                    source,
-                })?;
-            }
-        }
-        let found: Hash = hasher.finalize().into();
-        if found != expected {
-            return Err(bad(format!(
-                "file content hashes to {found}, not {expected}"
-            )));
-        }
-        Ok(size)
+        let size: u64 = header(&resp, hyper::header::CONTENT_LENGTH.as_str())?
+            .parse()
+            .map_err(|_| bad("malformed file length"))?;
+        let hlc = version_header(&resp)?;
+        let blob = BlobRef { hash, size };
+        let (tx, reader) = ChannelReader::new();
+        tokio::spawn(feed(resp.into_body(), tx));
+        Ok(FileRead::Ready {
+            blob,
+            hlc,
+            reader: Box::new(Verified::new(reader, blob)),
+        })
     }
 
-    /// The node's `/v1/status` document.
-    ///
-    /// # Errors
-    /// The node cannot be reached or refuses.
-    pub async fn status(&self) -> Result<Status, NodeError> {
+    async fn status_document(&self) -> Result<Status> {
         let resp = self
             .http
             .call(Method::GET, "/v1/status", empty(), None)
             .await?;
-        let v = read_json(expect_ok(resp).await?).await?;
-        serde_json::from_value(v).map_err(|e| bad(format!("status document: {e}")))
+        let bytes = read_limited(expect_ok(resp).await?, JSON_LIMIT).await?;
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("status document: {e}")))
+    }
+}
+
+impl NodeApi for NodeClient {
+    fn put(&self, scope: Scope, key: Key, value: Vec<u8>) -> BoxFuture<'_, Result<Written>> {
+        Box::pin(self.put_value(scope, key, value))
+    }
+
+    fn get(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Lookup>> {
+        Box::pin(self.lookup(scope, key))
+    }
+
+    fn delete(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Written>> {
+        Box::pin(self.tombstone(scope, key))
+    }
+
+    fn list(&self, scope: Scope, query: ListQuery) -> BoxFuture<'_, Result<Listing>> {
+        Box::pin(self.listing(scope, query))
+    }
+
+    fn put_file(
+        &self,
+        scope: Scope,
+        key: Key,
+        value: Vec<u8>,
+        content: Box<dyn Read + Send>,
+    ) -> BoxFuture<'_, Result<Written>> {
+        Box::pin(self.upload_file(scope, key, value, content))
+    }
+
+    fn get_file(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<FileRead>> {
+        Box::pin(self.file(scope, key))
+    }
+
+    /// The node narrows the document to what the client's token may read; `visible` is
+    /// not sent.
+    fn status(&self, _visible: Visible) -> BoxFuture<'_, Result<Status>> {
+        Box::pin(self.status_document())
+    }
+}
+
+/// Feeds a file download into the reader [`NodeApi::get_file`] returned, until the body
+/// ends, breaks off, or the reader is dropped.
+async fn feed(mut body: Incoming, tx: mpsc::Sender<Piece>) {
+    while let Some(frame) = body.frame().await {
+        let piece = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => Ok(Some(data)),
+                Err(_) => continue,
+            },
+            Err(e) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("file transfer broke off: {e}"),
+            )),
+        };
+        let failed = piece.is_err();
+        if tx.send(piece).await.is_err() || failed {
+            return;
+        }
+    }
+    let _ = tx.send(Ok(None)).await;
+}
+
+/// A file's bytes, checked against its hash and size as they are read: the end of the
+/// stream is an error when they do not match.
+struct Verified<R> {
+    inner: R,
+    blob: BlobRef,
+    hasher: blake3::Hasher,
+    seen: u64,
+}
+
+impl<R: Read> Verified<R> {
+    fn new(inner: R, blob: BlobRef) -> Self {
+        Verified {
+            inner,
+            blob,
+            hasher: blake3::Hasher::new(),
+            seen: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Verified<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.seen += n as u64;
+        if self.seen > self.blob.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "file {} is longer than {} bytes",
+                    self.blob.hash, self.blob.size
+                ),
+            ));
+        }
+        if n > 0 {
+            self.hasher.update(&buf[..n]);
+            return Ok(n);
+        }
+        let found: Hash = self.hasher.finalize().into();
+        if found != self.blob.hash || self.seen != self.blob.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "file content ({} bytes) hashes to {found}, not {} ({} bytes)",
+                    self.seen, self.blob.hash, self.blob.size
+                ),
+            ));
+        }
+        Ok(0)
     }
 }
 
@@ -277,7 +315,24 @@ fn file_path(scope: &Scope, key: &Key) -> String {
     format!("/v1/files/{scope}/{}", encode_key(key))
 }
 
-async fn expect_ok(resp: Response<Incoming>) -> Result<Response<Incoming>, NodeError> {
+/// A residency from its lower-case name.
+fn parse_residency(name: &str) -> Option<Residency> {
+    [
+        Residency::Absent,
+        Residency::Staged,
+        Residency::Resident,
+        Residency::Tombstoned,
+    ]
+    .into_iter()
+    .find(|r| r.as_str() == name)
+}
+
+/// A key from its percent-encoded form.
+fn parse_key(text: &str) -> Option<Key> {
+    Key::new(percent_decode_str(text).collect::<Vec<u8>>()).ok()
+}
+
+async fn expect_ok(resp: Response<Incoming>) -> Result<Response<Incoming>> {
     if resp.status().is_success() {
         Ok(resp)
     } else {
@@ -285,14 +340,28 @@ async fn expect_ok(resp: Response<Incoming>) -> Result<Response<Incoming>, NodeE
     }
 }
 
-fn header<'a>(resp: &'a Response<Incoming>, name: &str) -> Result<&'a str, NodeError> {
+/// The server's message in a failure response (after `HTTP <status>: `), if it sent one.
+async fn refusal_reason(resp: Response<Incoming>) -> Option<String> {
+    match HttpTransport::error_for(resp).await {
+        TransportError::Refused { reason, .. } => Some(reason),
+        _ => None,
+    }
+}
+
+fn header<'a>(resp: &'a Response<Incoming>, name: &str) -> Result<&'a str> {
     resp.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| bad(format!("missing header {name}")))
 }
 
-async fn read_limited(resp: Response<Incoming>, limit: usize) -> Result<Bytes, NodeError> {
+fn version_header(resp: &Response<Incoming>) -> Result<Hlc> {
+    header(resp, HEADER_HLC)?
+        .parse::<Hlc>()
+        .map_err(|_| bad("malformed version header"))
+}
+
+async fn read_limited(resp: Response<Incoming>, limit: usize) -> Result<Bytes> {
     http_body_util::Limited::new(resp.into_body(), limit)
         .collect()
         .await
@@ -300,27 +369,32 @@ async fn read_limited(resp: Response<Incoming>, limit: usize) -> Result<Bytes, N
         .map_err(|e| bad(format!("response body: {e}")))
 }
 
-async fn read_json(resp: Response<Incoming>) -> Result<serde_json::Value, NodeError> {
+async fn read_json(resp: Response<Incoming>) -> Result<serde_json::Value> {
     let bytes = read_limited(resp, JSON_LIMIT).await?;
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))
 }
 
-async fn written(resp: Response<Incoming>) -> Result<Written, NodeError> {
+async fn written(resp: Response<Incoming>) -> Result<Written> {
     let v = read_json(resp).await?;
     let hlc = v
         .get("hlc")
         .and_then(|h| h.as_str())
         .and_then(|h| h.parse::<Hlc>().ok())
         .ok_or_else(|| bad("write acknowledged without a version"))?;
-    Ok(Written { hlc })
+    let hash = v
+        .get("hash")
+        .and_then(|h| h.as_str())
+        .and_then(|h| h.parse::<Hash>().ok());
+    let size = v.get("size").and_then(|s| s.as_u64());
+    let file = hash.zip(size).map(|(hash, size)| BlobRef { hash, size });
+    Ok(Written { hlc, file })
 }
 
-fn listed(item: &serde_json::Value) -> Result<Listed, NodeError> {
+fn listed(item: &serde_json::Value) -> Result<Listed> {
     let text = |name: &str| item.get(name).and_then(|v| v.as_str());
-    let key_bytes: Vec<u8> = text("key")
-        .map(|k| percent_encoding::percent_decode_str(k).collect())
-        .ok_or_else(|| bad("listed record without key"))?;
-    let key = Key::new(key_bytes).map_err(|_| bad("listed record with an invalid key"))?;
+    let key = text("key")
+        .ok_or_else(|| bad("listed record without key"))
+        .and_then(|k| parse_key(k).ok_or_else(|| bad("listed record with an invalid key")))?;
     let hlc = text("hlc")
         .and_then(|h| h.parse::<Hlc>().ok())
         .ok_or_else(|| bad("listed record without version"))?;
@@ -331,15 +405,58 @@ fn listed(item: &serde_json::Value) -> Result<Listed, NodeError> {
         .get("size")
         .and_then(|s| s.as_u64())
         .ok_or_else(|| bad("listed record without size"))?;
-    let file_size = item
-        .get("file")
-        .and_then(|f| f.get("size"))
-        .and_then(|s| s.as_u64());
+    let file = item.get("file").filter(|f| !f.is_null());
+    let file = match file {
+        None => None,
+        Some(f) => {
+            let hash = f
+                .get("hash")
+                .and_then(|h| h.as_str())
+                .and_then(|h| h.parse().ok());
+            let size = f.get("size").and_then(|s| s.as_u64());
+            Some(
+                hash.zip(size)
+                    .map(|(hash, size)| BlobRef { hash, size })
+                    .ok_or_else(|| bad("listed record with a malformed file"))?,
+            )
+        }
+    };
     Ok(Listed {
         key,
+        value: text("value").map(str::to_owned),
         size,
-        file_size,
+        file,
         hlc,
         residency,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(mut reader: impl Read) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).map(|_| out)
+    }
+
+    #[test]
+    fn a_download_reads_only_if_its_bytes_match_the_hash_and_size() {
+        let content = b"the file".to_vec();
+        let blob = BlobRef {
+            hash: Hash::of(&content),
+            size: content.len() as u64,
+        };
+        let whole = Verified::new(io::Cursor::new(content.clone()), blob);
+        assert_eq!(read_all(whole).unwrap(), content);
+        let other = Verified::new(io::Cursor::new(b"the fill".to_vec()), blob);
+        assert_eq!(
+            read_all(other).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let short = Verified::new(io::Cursor::new(b"the".to_vec()), blob);
+        assert!(read_all(short).is_err());
+        let long = Verified::new(io::Cursor::new(b"the file, and more".to_vec()), blob);
+        assert!(read_all(long).is_err());
+    }
 }
