@@ -48,8 +48,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves `node` (see [`HighwaterService::new`]) on `listener` until `shutdown` completes, then stops accepting, lets
-/// requests in progress finish (long polls return at once) for up to 10 s, and returns.
+/// Serves `node` (see [`HighwaterService::new`]) on `listener` until `shutdown` completes,
+/// then stops accepting, lets requests in progress finish (long polls return at once) for up
+/// to 10 s, and returns.
 ///
 /// # Errors
 /// [`ServeError::OpenOnPublicAddress`] for an open node on a non-loopback address; the
