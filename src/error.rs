@@ -292,6 +292,19 @@ pub enum TransportError {
         /// The operation.
         what: &'static str,
     },
+    /// A node URL this transport cannot use: a local configuration error, found before
+    /// anything is sent.
+    #[error("bad node URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A bearer token that cannot be sent (it is not a valid header value): a local
+    /// configuration error.
+    #[error("the token is not a valid header value")]
+    InvalidToken,
 }
 
 /// An error and its sources, as one line (`outer: inner: innermost`), for logs and for

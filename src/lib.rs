@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod blob;
 pub mod blocking;
 pub mod demo;
@@ -23,6 +24,7 @@ pub mod transport;
 pub mod watermark;
 pub mod wire;
 
+pub use crate::api::NodeApi;
 pub use crate::engine::{
     EngineConfig, ExchangeOptions, ExchangeOutcome, Record, ResidencyCounts, RestoreDetection,
     SyncEngine,

@@ -7,15 +7,15 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use highwater::api::{all_scopes, Listed, NodeApi};
 use highwater::engine::EngineConfig;
 use highwater::http::HttpTransport;
 use highwater::node::{
-    self, render_status, sync_until_done, Listed, Node, NodeClient, NodeError, NodeOptions,
-    Records, SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
+    self, records, render_status, sync_until_done, CommandError, Node, NodeError, NodeOptions,
+    SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
 };
 use highwater::{ExchangeOptions, Key, Scope};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -181,17 +181,24 @@ struct Target {
 }
 
 impl Target {
-    fn open(&self) -> Result<Records, NodeError> {
-        match &self.data {
-            Some(dir) => Ok(Records::Local(Arc::new(node::open_data_dir(
-                dir,
-                EngineConfig::default(),
-            )?))),
-            None => Ok(Records::Remote(NodeClient::new(
-                &self.node,
-                self.token.clone(),
-            )?)),
-        }
+    fn open(&self) -> Result<Box<dyn NodeApi>, NodeError> {
+        node::open_api(&self.node, self.token.clone(), self.data.as_deref())
+    }
+}
+
+/// Why a command failed: the node (opening a data directory, serving, syncing) or a record
+/// command.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+impl From<highwater::Error> for CliError {
+    fn from(e: highwater::Error) -> CliError {
+        CliError::Command(e.into())
     }
 }
 
@@ -261,20 +268,20 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn key(text: &str) -> Result<Key, NodeError> {
-    Key::try_from(text).map_err(|e| NodeError::Engine(e.into()))
+fn key(text: &str) -> Result<Key, CommandError> {
+    Key::try_from(text).map_err(|e| highwater::Error::from(e).into())
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
-    move |source| NodeError::Io {
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CommandError + '_ {
+    move |source| CommandError::Io {
         path: path.to_owned(),
         source,
     }
 }
 
-async fn run(command: Command) -> Result<(), NodeError> {
+async fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => Ok(serve(args).await?),
         Command::Put {
             target,
             scope,
@@ -290,7 +297,7 @@ async fn run(command: Command) -> Result<(), NodeError> {
                     buf
                 }
             };
-            target.open()?.put(&scope, &key(&k)?, value).await?;
+            target.open()?.put(scope, key(&k)?, value).await?;
             Ok(())
         }
         Command::Get {
@@ -298,24 +305,19 @@ async fn run(command: Command) -> Result<(), NodeError> {
             scope,
             key: k,
         } => {
-            let k = key(&k)?;
-            let record = target.open()?.get(&scope, &k).await?;
-            let record = record.ok_or_else(|| NodeError::NotFound {
-                what: "no such record",
-                scope: scope.to_string(),
-                key: String::from_utf8_lossy(k.as_bytes()).into_owned(),
-            })?;
+            let record = records::get(&*target.open()?, &scope, &key(&k)?).await?;
             let mut out = std::io::stdout().lock();
             out.write_all(&record.value)
                 .and_then(|()| out.flush())
-                .map_err(io_error(Path::new("stdout")))
+                .map_err(io_error(Path::new("stdout")))?;
+            Ok(())
         }
         Command::Rm {
             target,
             scope,
             key: k,
         } => {
-            target.open()?.delete(&scope, &key(&k)?).await?;
+            target.open()?.delete(scope, key(&k)?).await?;
             Ok(())
         }
         Command::Ls {
@@ -323,14 +325,22 @@ async fn run(command: Command) -> Result<(), NodeError> {
             scope,
             prefix,
             limit,
-        } => list(&target.open()?, &scope, prefix.as_bytes(), limit).await,
+        } => {
+            let api = target.open()?;
+            let mut out = std::io::stdout().lock();
+            records::list(&*api, &scope, prefix.as_bytes(), limit, |item| {
+                writeln!(out, "{}", listed_line(item)).map_err(io_error(Path::new("stdout")))
+            })
+            .await?;
+            Ok(())
+        }
         Command::PutFile {
             target,
             scope,
             key: k,
             path,
         } => {
-            target.open()?.put_file(&scope, &key(&k)?, &path).await?;
+            records::put_file(&*target.open()?, &scope, &key(&k)?, &path).await?;
             Ok(())
         }
         Command::GetFile {
@@ -338,7 +348,7 @@ async fn run(command: Command) -> Result<(), NodeError> {
             scope,
             key: k,
             path,
-        } => get_file(&target.open()?, &scope, &key(&k)?, &path).await,
+        } => Ok(get_file(&*target.open()?, &scope, &key(&k)?, &path).await?),
         Command::Sync {
             data,
             peer,
@@ -347,9 +357,9 @@ async fn run(command: Command) -> Result<(), NodeError> {
         } => sync(&data, &peer, peer_token, page_limit).await,
         Command::Demo { .. } => unreachable!("handled in main"),
         Command::Status { target, json } => {
-            let status = target.open()?.status().await?;
+            let status = target.open()?.status(all_scopes()).await?;
             if json {
-                println!("{status:#}");
+                println!("{:#}", status.to_json());
             } else {
                 print!("{}", render_status(&status));
             }
@@ -372,41 +382,18 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on {}", node.url())
         .and_then(|()| stdout.flush())
-        .map_err(io_error(Path::new("stdout")))?;
+        .map_err(|source| NodeError::Io {
+            path: "stdout".into(),
+            source,
+        })?;
     drop(stdout);
     node.run(node::termination()).await
 }
 
-async fn list(
-    records: &Records,
-    scope: &Scope,
-    prefix: &[u8],
-    limit: Option<usize>,
-) -> Result<(), NodeError> {
-    let mut left = limit.unwrap_or(usize::MAX);
-    let mut after: Option<Key> = None;
-    let mut out = std::io::stdout().lock();
-    while left > 0 {
-        let page = records
-            .list(scope, prefix, after.as_ref(), left.min(1000))
-            .await?;
-        let full = page.len() == left.min(1000);
-        for item in &page {
-            writeln!(out, "{}", listed_line(item)).map_err(io_error(Path::new("stdout")))?;
-        }
-        left -= page.len();
-        match page.last() {
-            Some(last) if full => after = Some(last.key.clone()),
-            _ => break,
-        }
-    }
-    Ok(())
-}
-
 fn listed_line(item: &Listed) -> String {
     let file = item
-        .file_size
-        .map(|n| format!("file {n} B"))
+        .file
+        .map(|f| format!("file {} B", f.size))
         .unwrap_or_else(|| "-".to_owned());
     format!(
         "{}\t{} B\t{}\t{file}\t{}",
@@ -418,22 +405,21 @@ fn listed_line(item: &Listed) -> String {
 }
 
 async fn get_file(
-    records: &Records,
+    api: &dyn NodeApi,
     scope: &Scope,
     key: &Key,
     path: &Path,
-) -> Result<(), NodeError> {
+) -> Result<(), CommandError> {
     if path == Path::new("-") {
-        let mut out = std::io::stdout();
-        records.get_file(scope, key, &mut out).await?;
+        let (mut out, _) = records::get_file(api, scope, key, std::io::stdout()).await?;
         return out.flush().map_err(io_error(path));
     }
     // Written beside the target and renamed once complete and verified, so a failed
     // transfer never leaves a partial file under the name asked for.
     let partial = path.with_extension("highwater-partial");
-    let mut file = std::fs::File::create(&partial).map_err(io_error(&partial))?;
-    let fetched = records.get_file(scope, key, &mut file).await;
-    let done = fetched.and_then(|_| {
+    let file = std::fs::File::create(&partial).map_err(io_error(&partial))?;
+    let fetched = records::get_file(api, scope, key, file).await;
+    let done = fetched.and_then(|(file, _)| {
         file.sync_all().map_err(io_error(&partial))?;
         std::fs::rename(&partial, path).map_err(io_error(path))
     });
@@ -448,9 +434,9 @@ async fn sync(
     peer: &str,
     token: Option<String>,
     page_limit: Option<usize>,
-) -> Result<(), NodeError> {
+) -> Result<(), CliError> {
     let engine = node::open_data_dir(data, EngineConfig::default())?;
-    let transport = HttpTransport::new(peer, token)?;
+    let transport = HttpTransport::new(peer, token).map_err(NodeError::from)?;
     let options = ExchangeOptions {
         page_limit,
         ..ExchangeOptions::default()
@@ -467,13 +453,13 @@ async fn sync(
         r = sync_until_done(&engine, &transport, &options, |t| bar.set_message(progress_line(t))) => r,
         () = node::termination() => {
             bar.abandon_with_message("interrupted");
-            engine.flush()?;
-            return Err(NodeError::Interrupted);
+            engine.flush().map_err(NodeError::from)?;
+            return Err(CommandError::Interrupted.into());
         }
     };
     bar.finish_and_clear();
-    engine.flush()?;
-    let totals = result?;
+    engine.flush().map_err(NodeError::from)?;
+    let totals = result.map_err(NodeError::from)?;
     println!(
         "synced with {} in {} round{} ({:.1} s): {}",
         totals.peer.map(|p| p.to_string()).unwrap_or_default(),

@@ -156,11 +156,12 @@ impl SyncEngine {
     }
 
     /// The residency of `version` (as read with [`SyncEngine::get_version`]), without
-    /// reading it again.
+    /// reading it again. Callers outside the engine get a record's residency with the
+    /// record, from [`crate::api::NodeApi`].
     ///
     /// # Errors
     /// The blob store failed.
-    pub fn residency_of(&self, version: Option<&Version>) -> Result<Residency> {
+    pub(super) fn residency_of(&self, version: Option<&Version>) -> Result<Residency> {
         let local = match version.and_then(Version::blob) {
             Some(b) => self.inner.blobs.contains(&b.hash)?,
             None => true,
@@ -173,7 +174,7 @@ impl SyncEngine {
     ///
     /// # Errors
     /// The blob store failed.
-    pub fn record_residency(&self, record: &Record) -> Result<Residency> {
+    pub(super) fn record_residency(&self, record: &Record) -> Result<Residency> {
         Ok(match &record.blob {
             Some(b) if !self.inner.blobs.contains(&b.hash)? => Residency::Staged,
             _ => Residency::Resident,

@@ -37,6 +37,7 @@
 //! # }).unwrap();
 //! ```
 
+mod api;
 mod blobs;
 mod durability;
 mod identity;

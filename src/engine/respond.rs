@@ -10,7 +10,7 @@ use crate::exchange::{marks_in_play, Answer, Answering};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::notify::Notifier;
-use crate::record::BlobRef;
+use crate::record::{BlobRef, Scope};
 use crate::transport::{Refusal, Responder};
 use crate::wire::{ExchangeRequest, ExchangeResponse};
 
@@ -47,6 +47,10 @@ impl Responder for SyncEngine {
         write_blob(&*self.inner.blobs, content, Some(blob)).map_err(Refusal::from)?;
         lock(&self.inner.guards).uploaded(blob.hash);
         Ok(())
+    }
+
+    fn scopes(&self) -> std::result::Result<Vec<Scope>, Refusal> {
+        SyncEngine::scopes(self).map_err(|e| Refusal::from(&e))
     }
 
     fn notifier(&self) -> Option<&Notifier> {

@@ -101,7 +101,8 @@ impl HttpTransport {
     /// A transport to the node at `base_url` (`http://host:port`), with default settings.
     ///
     /// # Errors
-    /// `base_url` is not an `http://` URL with a host, or the token is not a valid header.
+    /// [`TransportError::InvalidUrl`] when `base_url` is not an `http://` root URL with a
+    /// host, [`TransportError::InvalidToken`] when the token is not a valid header value.
     pub fn new(base_url: &str, token: Option<String>) -> Result<HttpTransport, TransportError> {
         HttpTransport::with_config(
             base_url,
@@ -120,9 +121,9 @@ impl HttpTransport {
         base_url: &str,
         config: ClientConfig,
     ) -> Result<HttpTransport, TransportError> {
-        let bad = |why: &str| TransportError::Refused {
-            code: RefusalCode::BadRequest,
-            reason: format!("bad node URL {base_url:?}: {why}"),
+        let bad = |why: &str| TransportError::InvalidUrl {
+            url: base_url.to_owned(),
+            reason: why.to_owned(),
         };
         let uri: Uri = base_url.parse().map_err(|_| bad("not a URL"))?;
         if uri.scheme_str() != Some("http") {
@@ -137,7 +138,7 @@ impl HttpTransport {
             None => None,
             Some(t) => Some(
                 HeaderValue::from_str(&format!("Bearer {t}"))
-                    .map_err(|_| bad("the token is not a valid header value"))?,
+                    .map_err(|_| TransportError::InvalidToken)?,
             ),
         };
         let mut connector = HttpConnector::new();
@@ -173,7 +174,8 @@ impl HttpTransport {
     /// an error.
     ///
     /// # Errors
-    /// [`TransportError::Unreachable`] when the node cannot be reached in time.
+    /// [`TransportError::Unreachable`] when the node cannot be reached in time;
+    /// [`TransportError::InvalidUrl`] when `path_and_query` does not make a valid URI.
     pub async fn call(
         &self,
         method: Method,
@@ -221,9 +223,9 @@ impl HttpTransport {
             .method(method)
             .uri(format!("{}{path_and_query}", self.base))
             .body(body)
-            .map_err(|e| TransportError::Refused {
-                code: RefusalCode::BadRequest,
-                reason: format!("cannot build request: {e}"),
+            .map_err(|e| TransportError::InvalidUrl {
+                url: format!("{}{path_and_query}", self.base),
+                reason: e.to_string(),
             })?;
         let headers = req.headers_mut();
         if let Some(a) = &self.auth {
@@ -498,5 +500,29 @@ impl Transport for HttpTransport {
         tokio::time::timeout(wait, call)
             .await
             .map_err(|_| unreachable(format!("watch on {} timed out", self.base)))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_url_is_a_local_configuration_error_not_a_refusal() {
+        for url in [
+            "not a url",
+            "https://host:1",
+            "http://host:1/path",
+            "http://host:1/?q",
+        ] {
+            match HttpTransport::new(url, None) {
+                Err(TransportError::InvalidUrl { url: u, .. }) => assert_eq!(u, url),
+                other => panic!("{url}: expected InvalidUrl, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            HttpTransport::new("http://host:1", Some("a\nb".into())),
+            Err(TransportError::InvalidToken)
+        ));
     }
 }

@@ -1,5 +1,5 @@
-//! Sync over HTTP: the server ([`serve`], [`HighwaterService`]) and the client transport
-//! ([`HttpTransport`]), on hyper 1.
+//! Sync over HTTP: the server ([`serve`], [`HighwaterService`]), the client transport
+//! ([`HttpTransport`]) and the records API's client ([`NodeClient`]), on hyper 1.
 //!
 //! Every endpoint lives under `/v1`; docs/http.md is the reference (paths, bodies, status
 //! codes, tokens and limits):
@@ -15,6 +15,7 @@
 pub mod access;
 pub(crate) mod body;
 mod client;
+mod node_client;
 pub(crate) mod server;
 
 use std::time::Duration;
@@ -24,6 +25,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 pub use self::access::{Access, AccessError, Grant, ScopePattern};
 pub use self::body::HttpBody;
 pub use self::client::{ClientConfig, HttpTransport};
+pub use self::node_client::NodeClient;
 pub use self::server::{refusal_status, serve, HighwaterService, ServeError, ServerConfig};
 
 use crate::record::Key;
@@ -34,6 +36,12 @@ pub const HEADER_HLC: &str = "x-highwater-hlc";
 pub const HEADER_ORIGIN: &str = "x-highwater-origin";
 /// Response header: the record's residency (`resident`, `staged`, ...).
 pub const HEADER_RESIDENCY: &str = "x-highwater-residency";
+/// The message of a 404 for a key without any version.
+const NO_SUCH_RECORD: &str = "no such record";
+/// The message of a 404 for a key whose latest version is a delete.
+const RECORD_DELETED: &str = "record deleted";
+/// The message of a 404 for a file of a record that has none.
+const NO_FILE: &str = "the record has no file";
 /// The longest a watch request waits.
 pub const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -1,6 +1,6 @@
 //! A node: one data directory served over HTTP and kept in sync with its peers, plus what
-//! the `highwater` command line needs around it (a client for the records API, direct work
-//! on a data directory, one-shot sync, status).
+//! the `highwater` command line needs around it (record commands over a running node or a
+//! data directory, see [`records`]; one-shot sync; status).
 //!
 //! [`Node::start`] opens the data directory, reads the token file and binds the listener;
 //! [`Node::run`] serves the directory and runs the scheduler with every peer until its
@@ -23,15 +23,16 @@
 //! # }
 //! ```
 
-mod client;
-mod records;
+pub mod records;
 mod status;
 mod sync;
 
-pub use self::client::{NodeClient, RemoteRecord};
-pub use self::records::{Listed, Records, Written};
+pub use self::records::{open_api, CommandError};
 pub use self::status::render_status;
 pub use self::sync::{sync_until_done, SyncTotals};
+/// The records API's types, where they were before [`crate::api`] held them.
+pub use crate::api::{Listed, RecordRead as RemoteRecord, Written};
+pub use crate::http::NodeClient;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -116,7 +117,7 @@ impl NodeOptions {
     }
 }
 
-/// Why a node, or a command of the CLI, could not do its work.
+/// Why a node could not start or run (record commands fail with [`CommandError`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
@@ -141,25 +142,14 @@ pub enum NodeError {
     /// The engine failed.
     #[error(transparent)]
     Engine(#[from] Error),
-    /// A node URL that cannot be used.
+    /// A node or peer URL that cannot be used.
     #[error("{reason}")]
     BadUrl {
         /// What is wrong with it.
         reason: String,
     },
-    /// The node could not be reached in time.
-    #[error("cannot reach the node: {reason}")]
-    Unreachable {
-        /// Why.
-        reason: String,
-    },
-    /// The node refused the request (its status and message).
-    #[error("the node refused: {reason}")]
-    Refused {
-        /// The status and the node's message.
-        reason: String,
-    },
-    /// Another transport failure.
+    /// The transport to a node or peer cannot be set up (say, a token that is not a valid
+    /// header value).
     #[error(transparent)]
     Transport(TransportError),
     /// The token file cannot be used.
@@ -183,25 +173,7 @@ pub enum NodeError {
         /// The peer's URL.
         url: String,
     },
-    /// The record does not exist (or is deleted), or has no file.
-    #[error("{what}: {scope}/{key}")]
-    NotFound {
-        /// What is missing ("no such record", "the record has no file").
-        what: &'static str,
-        /// The scope.
-        scope: String,
-        /// The key, as text (lossy for non-UTF-8 keys).
-        key: String,
-    },
-    /// The record's file has not arrived on this node yet.
-    #[error("the file of {scope}/{key} is not here yet (staged): retry after the next sync")]
-    Staged {
-        /// The scope.
-        scope: String,
-        /// The key.
-        key: String,
-    },
-    /// A local file could not be read or written.
+    /// A file of the node (its URL file, or an output of the CLI) could not be written.
     #[error("i/o error on {}", path.display())]
     Io {
         /// The file.
@@ -210,33 +182,17 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
-    /// Stopped by Ctrl-C or SIGTERM before it finished; what completed is kept.
-    #[error("interrupted; what completed before is kept")]
-    Interrupted,
-    /// The node answered something this client does not understand.
-    #[error("the node sent a bad response: {reason}")]
-    BadResponse {
-        /// What is wrong with it.
-        reason: String,
-    },
 }
 
 impl From<TransportError> for NodeError {
     fn from(e: TransportError) -> NodeError {
         match e {
-            TransportError::Unreachable { reason } => NodeError::Unreachable { reason },
-            TransportError::Refused { reason, .. } => NodeError::Refused { reason },
+            e @ TransportError::InvalidUrl { .. } => NodeError::BadUrl {
+                reason: e.to_string(),
+            },
             other => NodeError::Transport(other),
         }
     }
-}
-
-/// An `HttpTransport` to `url`, or why `url` cannot be used.
-fn transport_to(url: &str, token: Option<String>) -> Result<HttpTransport, NodeError> {
-    HttpTransport::new(url, token).map_err(|e| match e {
-        TransportError::Refused { reason, .. } => NodeError::BadUrl { reason },
-        other => NodeError::Transport(other),
-    })
 }
 
 /// Opens the data directory `dir`, or says clearly that a running node holds it.
@@ -309,7 +265,7 @@ impl Node {
         }
         let mut peers: Vec<Arc<HttpTransport>> = Vec::new();
         for url in &options.peers {
-            let peer = transport_to(url, options.peer_token.clone())?;
+            let peer = HttpTransport::new(url, options.peer_token.clone())?;
             if peers.iter().any(|p| p.base_url() == peer.base_url()) {
                 return Err(NodeError::DuplicatePeer { url: url.clone() });
             }

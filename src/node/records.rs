@@ -1,294 +1,242 @@
-//! Record commands against either a running node or a data directory opened directly.
+//! Record commands (the CLI's get, ls, put-file, get-file) over any [`NodeApi`]: a running
+//! node reached over HTTP, or a data directory this process opened ([`open_api`] gives
+//! either), and what they fail with ([`CommandError`]).
 
 use std::io::Write;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
-use super::client::{NodeClient, RemoteRecord};
 use super::NodeError;
-use crate::engine::SyncEngine;
-use crate::hlc::Hlc;
-use crate::http::Grant;
-use crate::record::{Key, Residency, Scope};
+use crate::api::{FileRead, ListQuery, Listed, NodeApi, RecordRead, Written, MAX_LIST_LIMIT};
+use crate::blob::{copy_chunks, CopyError};
+use crate::blocking::run_blocking;
+use crate::engine::EngineConfig;
+use crate::error::{Error, TransportError, WireError};
+use crate::http::NodeClient;
+use crate::record::{Key, Scope};
 
-/// A write's acknowledgement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Written {
-    /// The version's timestamp.
-    pub hlc: Hlc,
+/// Why a record command could not do its work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The record does not exist (or is deleted), or has no file.
+    #[error("{what}: {scope}/{key}")]
+    NotFound {
+        /// What is missing ("no such record", "the record has no file").
+        what: &'static str,
+        /// The scope.
+        scope: String,
+        /// The key, as text (lossy for non-UTF-8 keys).
+        key: String,
+    },
+    /// The record's file has not arrived on this node yet.
+    #[error("the file of {scope}/{key} is not here yet (staged): retry after the next sync")]
+    Staged {
+        /// The scope.
+        scope: String,
+        /// The key.
+        key: String,
+    },
+    /// The node could not be reached in time.
+    #[error("cannot reach the node: {reason}")]
+    Unreachable {
+        /// Why.
+        reason: String,
+    },
+    /// The node refused the request (its status and message).
+    #[error("the node refused: {reason}")]
+    Refused {
+        /// The status and the node's message.
+        reason: String,
+    },
+    /// The node answered something this client does not understand.
+    #[error("the node sent a bad response: {reason}")]
+    BadResponse {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The record's file could not be read to its end: a transfer that broke off, bytes
+    /// that do not match its hash, or a failing disk.
+    #[error("the file could not be read")]
+    Transfer {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A local file (the one to store, or where output goes) could not be read or written.
+    #[error("i/o error on {}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stopped by Ctrl-C or SIGTERM before it finished; what completed is kept.
+    #[error("interrupted; what completed before is kept")]
+    Interrupted,
+    /// Any other failure of the node or of the data directory's engine (invalid input, a
+    /// store failure...).
+    #[error(transparent)]
+    Engine(Error),
 }
 
-/// One record of a listing.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Listed {
-    /// The key.
-    pub key: Key,
-    /// The value's size in bytes.
-    pub size: u64,
-    /// The attached file's size, if the record has one.
-    pub file_size: Option<u64>,
-    /// The version's timestamp.
-    pub hlc: Hlc,
-    /// Where the record stands.
-    pub residency: Residency,
-}
-
-/// A residency from its lower-case name.
-pub(crate) fn parse_residency(name: &str) -> Option<Residency> {
-    [
-        Residency::Absent,
-        Residency::Staged,
-        Residency::Resident,
-        Residency::Tombstoned,
-    ]
-    .into_iter()
-    .find(|r| r.as_str() == name)
-}
-
-/// Where record commands act: a running node through its records API, or a data directory
-/// this process opened (see [`super::open_data_dir`]). Both answer the same way.
-// One per command: boxing the larger variant would buy nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum Records {
-    /// A running node.
-    Remote(NodeClient),
-    /// A data directory opened by this process.
-    Local(Arc<SyncEngine>),
-}
-
-impl std::fmt::Debug for Records {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Records::Remote(c) => f.debug_tuple("Remote").field(c).finish(),
-            Records::Local(e) => f.debug_tuple("Local").field(&e.node_id()).finish(),
-        }
-    }
-}
-
-/// Runs blocking engine work off the async threads.
-async fn blocking<T: Send + 'static>(
-    engine: &Arc<SyncEngine>,
-    f: impl FnOnce(&SyncEngine) -> Result<T, NodeError> + Send + 'static,
-) -> Result<T, NodeError> {
-    let engine = engine.clone();
-    tokio::task::spawn_blocking(move || f(&engine))
-        .await
-        .map_err(|e| NodeError::Io {
-            path: "engine task".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-}
-
-impl Records {
-    /// Writes `value` under `key`; durable when this returns.
-    ///
-    /// # Errors
-    /// The node refused or could not be reached, or the local engine failed.
-    pub async fn put(
-        &self,
-        scope: &Scope,
-        key: &Key,
-        value: Vec<u8>,
-    ) -> Result<Written, NodeError> {
-        match self {
-            Records::Remote(c) => c.put(scope, key, value).await,
-            Records::Local(e) => {
-                let (scope, key) = (scope.clone(), key.clone());
-                blocking(e, move |e| {
-                    Ok(Written {
-                        hlc: e.put(&scope, &key, value)?,
-                    })
-                })
-                .await
+impl From<Error> for CommandError {
+    fn from(e: Error) -> CommandError {
+        match e {
+            Error::Transport(TransportError::Unreachable { reason }) => {
+                CommandError::Unreachable { reason }
             }
-        }
-    }
-
-    /// The live record under `key`, or `None` if it is absent or deleted.
-    ///
-    /// # Errors
-    /// As for [`Records::put`].
-    pub async fn get(&self, scope: &Scope, key: &Key) -> Result<Option<RemoteRecord>, NodeError> {
-        match self {
-            Records::Remote(c) => c.get(scope, key).await,
-            Records::Local(e) => {
-                let (scope, key) = (scope.clone(), key.clone());
-                blocking(e, move |e| {
-                    let Some(record) = e.get(&scope, &key)? else {
-                        return Ok(None);
-                    };
-                    let residency = e.record_residency(&record)?;
-                    Ok(Some(RemoteRecord {
-                        value: record.value,
-                        hlc: record.hlc,
-                        residency,
-                    }))
-                })
-                .await
+            Error::Transport(TransportError::Refused { reason, .. }) => {
+                CommandError::Refused { reason }
             }
-        }
-    }
-
-    /// Deletes `key` (writes a tombstone); durable when this returns.
-    ///
-    /// # Errors
-    /// As for [`Records::put`].
-    pub async fn delete(&self, scope: &Scope, key: &Key) -> Result<Written, NodeError> {
-        match self {
-            Records::Remote(c) => c.delete(scope, key).await,
-            Records::Local(e) => {
-                let (scope, key) = (scope.clone(), key.clone());
-                blocking(e, move |e| {
-                    Ok(Written {
-                        hlc: e.delete(&scope, &key)?,
-                    })
-                })
-                .await
+            Error::Transport(TransportError::BadResponse(WireError::Malformed { reason })) => {
+                CommandError::BadResponse { reason }
             }
+            Error::Transport(TransportError::BadResponse(other)) => CommandError::BadResponse {
+                reason: other.to_string(),
+            },
+            other => CommandError::Engine(other),
         }
     }
+}
 
-    /// Live records of `scope` in key order: keys starting with `prefix`, strictly after
-    /// `after`, at most `limit` (1..=1000).
-    ///
-    /// # Errors
-    /// As for [`Records::put`].
-    pub async fn list(
-        &self,
-        scope: &Scope,
-        prefix: &[u8],
-        after: Option<&Key>,
-        limit: usize,
-    ) -> Result<Vec<Listed>, NodeError> {
-        match self {
-            Records::Remote(c) => c.list(scope, prefix, after, limit).await,
-            Records::Local(e) => {
-                let (scope, prefix, after) = (scope.clone(), prefix.to_vec(), after.cloned());
-                blocking(e, move |e| {
-                    let mut out = Vec::new();
-                    for r in e.scan(&scope, &prefix, after.as_ref(), limit.clamp(1, 1000))? {
-                        let residency = e.record_residency(&r)?;
-                        out.push(Listed {
-                            size: r.value.len() as u64,
-                            file_size: r.blob.map(|b| b.size),
-                            hlc: r.hlc,
-                            residency,
-                            key: r.key,
-                        });
-                    }
-                    Ok(out)
-                })
-                .await
-            }
-        }
-    }
+/// Where record commands act: the data directory `data` if given (opened by this process),
+/// else the node at `url` with `token`.
+///
+/// # Errors
+/// [`NodeError::DataDirInUse`] while a running node holds `data`, [`NodeError::Open`] for
+/// another failure to open it, [`NodeError::BadUrl`] for a `url` that cannot be used.
+pub fn open_api(
+    url: &str,
+    token: Option<String>,
+    data: Option<&Path>,
+) -> Result<Box<dyn NodeApi>, NodeError> {
+    Ok(match data {
+        Some(dir) => Box::new(super::open_data_dir(dir, EngineConfig::default())?),
+        None => Box::new(NodeClient::new(url, token)?),
+    })
+}
 
-    /// Writes a record whose file is the content of `path`, streamed; durable when this
-    /// returns.
-    ///
-    /// # Errors
-    /// The file cannot be read, or as for [`Records::put`].
-    pub async fn put_file(
-        &self,
-        scope: &Scope,
-        key: &Key,
-        path: &Path,
-    ) -> Result<Written, NodeError> {
-        match self {
-            Records::Remote(c) => c.put_file(scope, key, path).await,
-            Records::Local(e) => {
-                let (scope, key, path) = (scope.clone(), key.clone(), path.to_owned());
-                blocking(e, move |e| {
-                    // Read here for a clear error naming the file.
-                    let file = std::fs::File::open(&path).map_err(|source| NodeError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    let mut reader = std::io::BufReader::new(file);
-                    Ok(Written {
-                        hlc: e.put_file(&scope, &key, Vec::new(), &mut reader)?,
-                    })
-                })
-                .await
-            }
-        }
-    }
+fn text(scope: &Scope, key: &Key) -> (String, String) {
+    (
+        scope.to_string(),
+        String::from_utf8_lossy(key.as_bytes()).into_owned(),
+    )
+}
 
-    /// Streams the file of the record under `key` into `into`; returns its size.
-    ///
-    /// # Errors
-    /// [`NodeError::NotFound`] (no record, or no file), [`NodeError::Staged`] (the file has
-    /// not arrived yet), or as for [`Records::put`].
-    pub async fn get_file(
-        &self,
-        scope: &Scope,
-        key: &Key,
-        into: &mut (dyn Write + Send),
-    ) -> Result<u64, NodeError> {
-        let e = match self {
-            Records::Remote(c) => return c.get_file(scope, key, into).await,
-            Records::Local(e) => e,
+fn not_found(what: &'static str, scope: &Scope, key: &Key) -> CommandError {
+    let (scope, key) = text(scope, key);
+    CommandError::NotFound { what, scope, key }
+}
+
+/// The live record under `key`.
+///
+/// # Errors
+/// [`CommandError::NotFound`] when it is absent or deleted, or the node failed.
+pub async fn get(api: &dyn NodeApi, scope: &Scope, key: &Key) -> Result<RecordRead, CommandError> {
+    api.get(scope.clone(), key.clone())
+        .await?
+        .found()
+        .ok_or_else(|| not_found("no such record", scope, key))
+}
+
+/// Calls `each` on every live record of `scope` whose key starts with `prefix`, in key
+/// order, at most `limit` of them (all without one), a page at a time; returns how many.
+///
+/// # Errors
+/// The node failed, or `each` did.
+pub async fn list(
+    api: &dyn NodeApi,
+    scope: &Scope,
+    prefix: &[u8],
+    limit: Option<usize>,
+    mut each: impl FnMut(&Listed) -> Result<(), CommandError>,
+) -> Result<usize, CommandError> {
+    let mut left = limit.unwrap_or(usize::MAX);
+    let mut after: Option<Key> = None;
+    let mut count = 0;
+    while left > 0 {
+        let query = ListQuery {
+            prefix: prefix.to_vec(),
+            after,
+            limit: left.min(MAX_LIST_LIMIT),
         };
-        let text = || {
-            (
-                scope.to_string(),
-                String::from_utf8_lossy(key.as_bytes()).into_owned(),
-            )
-        };
-        let Some(record) = e.get(scope, key)? else {
-            let (scope, key) = text();
-            return Err(NodeError::NotFound {
-                what: "no such record",
-                scope,
-                key,
-            });
-        };
-        if record.blob.is_none() {
-            let (scope, key) = text();
-            return Err(NodeError::NotFound {
-                what: "the record has no file",
-                scope,
-                key,
-            });
+        let page = api.list(scope.clone(), query).await?;
+        for item in &page.records {
+            each(item)?;
         }
-        let Some((blob, mut reader)) = e.open_file(scope, key)? else {
-            let (scope, key) = text();
-            return Err(NodeError::Staged { scope, key });
-        };
-        // The copy runs on this thread: `into` is the caller's (a file or stdout of the CLI).
-        let copied = std::io::copy(&mut reader, into).map_err(|source| NodeError::Io {
-            path: "output".into(),
-            source,
-        })?;
-        if copied != blob.size {
-            return Err(NodeError::Io {
-                path: "blob store".into(),
-                source: std::io::Error::other(format!(
-                    "file {} has {copied} bytes, not {}",
-                    blob.hash, blob.size
-                )),
-            });
+        left = left.saturating_sub(page.records.len());
+        count += page.records.len();
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
         }
-        Ok(copied)
     }
+    Ok(count)
+}
 
-    /// The status document (the shape of `GET /v1/status`; everything, for a local
-    /// directory).
-    ///
-    /// # Errors
-    /// As for [`Records::put`].
-    pub async fn status(&self) -> Result<serde_json::Value, NodeError> {
-        match self {
-            Records::Remote(c) => c.status().await,
-            Records::Local(e) => {
-                blocking(e, |e| {
-                    Ok(crate::http::server::status_json(
-                        e,
-                        &Grant::everything("local"),
-                    )?)
-                })
-                .await
-            }
+/// Writes a record whose file is the content of `path`, streamed; durable when this
+/// returns.
+///
+/// # Errors
+/// [`CommandError::Io`] when the file cannot be opened, or the node failed.
+pub async fn put_file(
+    api: &dyn NodeApi,
+    scope: &Scope,
+    key: &Key,
+    path: &Path,
+) -> Result<Written, CommandError> {
+    // Opened here for a clear error naming the file.
+    let file = std::fs::File::open(path).map_err(|source| CommandError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let content = Box::new(std::io::BufReader::new(file));
+    Ok(api
+        .put_file(scope.clone(), key.clone(), Vec::new(), content)
+        .await?)
+}
+
+/// Streams the file of the record under `key` into `into` (on a blocking thread), checked
+/// against its size (and, over HTTP, its hash); returns `into` and the size.
+///
+/// # Errors
+/// [`CommandError::NotFound`] (no record, or no file), [`CommandError::Staged`] (the file
+/// has not arrived yet), [`CommandError::Transfer`] (its bytes could not be read whole),
+/// [`CommandError::Io`] (`into` failed), or the node failed.
+pub async fn get_file<W: Write + Send + 'static>(
+    api: &dyn NodeApi,
+    scope: &Scope,
+    key: &Key,
+    mut into: W,
+) -> Result<(W, u64), CommandError> {
+    let (blob, mut reader) = match api.get_file(scope.clone(), key.clone()).await? {
+        FileRead::Ready { blob, reader, .. } => (blob, reader),
+        FileRead::Staged { .. } => {
+            let (scope, key) = text(scope, key);
+            return Err(CommandError::Staged { scope, key });
         }
+        FileRead::NoFile => return Err(not_found("the record has no file", scope, key)),
+        FileRead::Missing => return Err(not_found("no such record", scope, key)),
+    };
+    let copy = run_blocking(move || copy_chunks(&mut reader, &mut into).map(|n| (into, n)));
+    let (into, copied) = match copy.await.map_err(Error::from)? {
+        Ok(done) => done,
+        Err(CopyError::Read(source)) => return Err(CommandError::Transfer { source }),
+        Err(CopyError::Write(source)) => {
+            return Err(CommandError::Io {
+                path: "output".into(),
+                source,
+            })
+        }
+    };
+    if copied != blob.size {
+        return Err(CommandError::Transfer {
+            source: std::io::Error::other(format!(
+                "file {} has {copied} bytes, not {}",
+                blob.hash, blob.size
+            )),
+        });
     }
+    Ok((into, copied))
 }

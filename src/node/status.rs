@@ -3,69 +3,53 @@
 use std::fmt::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
-
+use crate::api::{PeerLag, Status};
 use crate::hlc::Hlc;
 
-/// Renders a status document (the JSON of `GET /v1/status`) as a human-readable report:
-/// the node, its files, each scope's residency counts and watermark per origin, and each
-/// peer with what it lacks from this node and what this node lacks from it (as of their
-/// last round). Fields it does not know are left out rather than guessed.
-pub fn render_status(status: &Value) -> String {
+/// Renders a status document as a human-readable report: the node, its files, each scope's
+/// residency counts and watermark per origin, and each peer with what it lacks from this
+/// node and what this node lacks from it (as of their last round).
+pub fn render_status(status: &Status) -> String {
     let now = SystemTime::now();
     let mut out = String::new();
-    let text = |v: &Value, name: &str| v.get(name).and_then(Value::as_str).map(str::to_owned);
-    let num = |v: &Value, name: &str| v.get(name).and_then(Value::as_u64).unwrap_or(0);
-    let _ = writeln!(out, "node   {}", text(status, "node").unwrap_or_default());
-    if let Some(blobs) = status.get("blobs") {
+    let _ = writeln!(out, "node   {}", status.node);
+    let _ = writeln!(
+        out,
+        "files  {} ({})",
+        status.blobs.count,
+        bytes(status.blobs.bytes)
+    );
+    let _ = writeln!(out, "\nscopes");
+    if status.scopes.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for (name, scope) in &status.scopes {
+        let r = &scope.residency;
         let _ = writeln!(
             out,
-            "files  {} ({})",
-            num(blobs, "count"),
-            bytes(num(blobs, "bytes"))
+            "  {name}: {} resident, {} staged, {} tombstoned",
+            r.resident, r.staged, r.tombstoned
         );
-    }
-    let scopes = status.get("scopes").and_then(Value::as_object);
-    let _ = writeln!(out, "\nscopes");
-    match scopes {
-        Some(scopes) if !scopes.is_empty() => {
-            for (name, scope) in scopes {
-                let r = scope.get("residency").unwrap_or(&Value::Null);
-                let _ = writeln!(
-                    out,
-                    "  {name}: {} resident, {} staged, {} tombstoned",
-                    num(r, "resident"),
-                    num(r, "staged"),
-                    num(r, "tombstoned")
-                );
-                let marks = scope.get("watermarks").and_then(Value::as_object);
-                for (origin, mark) in marks.into_iter().flatten() {
-                    let when = mark
-                        .as_str()
-                        .map(|m| describe_mark(m, now))
-                        .unwrap_or_default();
-                    let _ = writeln!(out, "    origin {origin}  up to {when}");
-                }
-            }
+        for (origin, mark) in &scope.watermarks {
+            let _ = writeln!(
+                out,
+                "    origin {origin}  up to {}",
+                describe_mark(mark, now)
+            );
         }
-        _ => out.push_str("  (none)\n"),
     }
     let _ = writeln!(out, "\npeers");
-    let peers = status.get("peers").and_then(Value::as_array);
-    match peers {
-        Some(peers) if !peers.is_empty() => {
-            for peer in peers {
-                render_peer(&mut out, peer, now);
-            }
-        }
-        _ => out.push_str("  (none)\n"),
+    if status.peers.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for peer in &status.peers {
+        render_peer(&mut out, peer, now);
     }
     out
 }
 
-fn render_peer(out: &mut String, peer: &Value, now: SystemTime) {
-    let id = peer.get("id").and_then(Value::as_str).unwrap_or("?");
-    let last = match peer.get("last_exchange_unix_ms").and_then(Value::as_u64) {
+fn render_peer(out: &mut String, peer: &PeerLag, now: SystemTime) {
+    let last = match peer.last_exchange_unix_ms {
         Some(ms) => {
             let at = UNIX_EPOCH + Duration::from_millis(ms);
             format!(
@@ -75,8 +59,7 @@ fn render_peer(out: &mut String, peer: &Value, now: SystemTime) {
         }
         None => "no round since it started".to_owned(),
     };
-    let count = |name: &str| peer.get(name).and_then(Value::as_array).map_or(0, Vec::len);
-    let (lacks, behind) = (count("lacks"), count("behind"));
+    let (lacks, behind) = (peer.lacks.len(), peer.behind.len());
     let state = if lacks == 0 && behind == 0 {
         "in sync".to_owned()
     } else {
@@ -85,44 +68,30 @@ fn render_peer(out: &mut String, peer: &Value, now: SystemTime) {
             if lacks == 1 { "" } else { "s" }
         )
     };
-    let _ = writeln!(out, "  {id}  {last}  {state}");
-    for (name, label) in [("lacks", "it lacks"), ("behind", "we lack")] {
-        for gap in peer
-            .get(name)
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let field = |f: &str| gap.get(f).and_then(Value::as_str).unwrap_or("-");
+    let _ = writeln!(out, "  {}  {last}  {state}", peer.id);
+    for (gaps, label) in [(&peer.lacks, "it lacks"), (&peer.behind, "we lack")] {
+        for gap in gaps {
+            let mark = |m: Option<Hlc>| m.map_or("nothing".into(), |m| describe_mark(&m, now));
             let _ = writeln!(
                 out,
                 "    {label} {} from origin {}: ours up to {}, theirs up to {}",
-                field("scope"),
-                field("origin"),
-                gap.get("ours")
-                    .and_then(Value::as_str)
-                    .map_or("nothing".into(), |m| describe_mark(m, now)),
-                gap.get("theirs")
-                    .and_then(Value::as_str)
-                    .map_or("nothing".into(), |m| describe_mark(m, now)),
+                gap.scope,
+                gap.origin,
+                mark(gap.ours),
+                mark(gap.theirs),
             );
         }
     }
 }
 
-/// A watermark as its time and age (`2025-01-01T12:00:03.1Z (4s ago)`), or as it is.
-fn describe_mark(mark: &str, now: SystemTime) -> String {
-    match mark.parse::<Hlc>() {
-        Ok(hlc) => {
-            let time = hlc.as_uhlc().get_time();
-            let age = now
-                .duration_since(time.to_system_time())
-                .map(|d| format!(" ({} ago)", self::age(d)))
-                .unwrap_or_default();
-            format!("{}{age}", time.to_string_rfc3339_lossy())
-        }
-        Err(_) => mark.to_owned(),
-    }
+/// A watermark as its time and age (`2025-01-01T12:00:03.1Z (4s ago)`).
+fn describe_mark(mark: &Hlc, now: SystemTime) -> String {
+    let time = mark.as_uhlc().get_time();
+    let age = now
+        .duration_since(time.to_system_time())
+        .map(|d| format!(" ({} ago)", self::age(d)))
+        .unwrap_or_default();
+    format!("{}{age}", time.to_string_rfc3339_lossy())
 }
 
 fn age(d: Duration) -> String {
@@ -170,6 +139,7 @@ mod tests {
             ],
             "blobs": {"count": 2, "bytes": 3 << 20},
         });
+        let status: Status = serde_json::from_value(status).unwrap();
         let text = render_status(&status);
         assert!(
             text.contains("shared: 3 resident, 1 staged, 2 tombstoned"),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::error::{Error, TransportError};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
-use crate::record::BlobRef;
+use crate::record::{BlobRef, Scope};
 use crate::wire::{ExchangeRequest, ExchangeResponse};
 
 /// The initiator's side of a round. Implementations retry nothing: the scheduler owns
@@ -109,6 +109,13 @@ pub trait Responder: Send + Sync {
     /// A [`Refusal`]: `BadRequest` for content that does not match (nothing is stored).
     fn accept_blob(&self, blob: &BlobRef, content: &mut dyn Read) -> Result<(), Refusal>;
 
+    /// The scopes the responder holds records or watermarks in (a server narrows a request
+    /// for all scopes to the ones among them, and the request's, that a token may read).
+    ///
+    /// # Errors
+    /// A [`Refusal`].
+    fn scopes(&self) -> Result<Vec<Scope>, Refusal>;
+
     /// The responder's change notifier, if it has one (watch needs it).
     fn notifier(&self) -> Option<&crate::notify::Notifier> {
         None
@@ -134,6 +141,10 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
 
     fn accept_blob(&self, blob: &BlobRef, content: &mut dyn Read) -> Result<(), Refusal> {
         (**self).accept_blob(blob, content)
+    }
+
+    fn scopes(&self) -> Result<Vec<Scope>, Refusal> {
+        (**self).scopes()
     }
 
     fn notifier(&self) -> Option<&crate::notify::Notifier> {

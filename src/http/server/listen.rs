@@ -14,8 +14,9 @@ use hyper::{Request, Response};
 use tokio::net::TcpListener;
 
 use super::{HighwaterService, ServerConfig};
-use crate::engine::SyncEngine;
+use crate::api::NodeApi;
 use crate::http::body::HttpBody;
+use crate::transport::Responder;
 
 impl<B> hyper::service::Service<Request<B>> for HighwaterService
 where
@@ -47,14 +48,15 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves `engine` on `listener` until `shutdown` completes, then stops accepting, lets
-/// requests in progress finish (long polls return at once) for up to 10 s, and returns.
+/// Serves `node` (see [`HighwaterService::new`]) on `listener` until `shutdown` completes,
+/// then stops accepting, lets requests in progress finish (long polls return at once) for up
+/// to 10 s, and returns.
 ///
 /// # Errors
 /// [`ServeError::OpenOnPublicAddress`] for an open node on a non-loopback address; the
 /// listener's address cannot be read.
-pub async fn serve(
-    engine: Arc<SyncEngine>,
+pub async fn serve<N: Responder + NodeApi + 'static>(
+    node: Arc<N>,
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
@@ -69,7 +71,7 @@ pub async fn serve(
         tracing::info!(%addr, tokens = ?config.access, "serving");
     }
     let header_timeout = config.header_read_timeout;
-    let service = HighwaterService::new(engine, config);
+    let service = HighwaterService::new(node, config);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

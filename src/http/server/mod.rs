@@ -1,4 +1,7 @@
-//! The HTTP server: a hyper service over a [`SyncEngine`], and [`serve`] to run it.
+//! The HTTP server: a hyper service over a node, and [`serve`] to run it.
+//!
+//! The service sees the node only through two traits: the [`Responder`] for sync, blobs and
+//! watch, and the [`NodeApi`] for records, files and status.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,8 +15,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use self::routes::{bearer, query, route, Route};
 use super::access::{Access, Grant};
 use super::body::HttpBody;
-use crate::engine::SyncEngine;
+use crate::api::NodeApi;
 use crate::record::{Scope, MAX_VALUE_LEN};
+use crate::transport::Responder;
 use crate::wire::MAX_MESSAGE_LEN;
 
 mod failure;
@@ -25,7 +29,6 @@ mod sync;
 pub use self::failure::refusal_status;
 pub(super) use self::failure::Failure;
 pub use self::listen::{serve, ServeError};
-pub(crate) use self::records::status_json;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -71,7 +74,10 @@ pub struct HighwaterService {
 }
 
 struct Inner {
-    engine: Arc<SyncEngine>,
+    /// Sync, blobs and watch.
+    responder: Arc<dyn Responder>,
+    /// Records, files and status.
+    api: Arc<dyn NodeApi>,
     config: ServerConfig,
     /// Exchanges in progress, per token name.
     exchanges: Mutex<HashMap<String, usize>>,
@@ -81,7 +87,7 @@ struct Inner {
 
 type Reply = Result<Response<HttpBody>, Failure>;
 
-/// Runs blocking engine work off the runtime threads.
+/// Runs blocking responder work off the runtime threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
@@ -95,21 +101,30 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl HighwaterService {
-    /// A service for `engine`.
-    pub fn new(engine: Arc<SyncEngine>, config: ServerConfig) -> HighwaterService {
+    /// A service for `node`, which answers both sync and the records API (the engine does).
+    pub fn new<N: Responder + NodeApi + 'static>(
+        node: Arc<N>,
+        config: ServerConfig,
+    ) -> HighwaterService {
+        HighwaterService::from_parts(node.clone(), node, config)
+    }
+
+    /// A service whose sync, blob and watch requests `responder` answers, and whose records,
+    /// files and status requests `api` answers.
+    pub fn from_parts(
+        responder: Arc<dyn Responder>,
+        api: Arc<dyn NodeApi>,
+        config: ServerConfig,
+    ) -> HighwaterService {
         HighwaterService {
             inner: Arc::new(Inner {
-                engine,
+                responder,
+                api,
                 config,
                 exchanges: Mutex::new(HashMap::new()),
                 closing: tokio::sync::watch::channel(false).0,
             }),
         }
-    }
-
-    /// The engine served.
-    pub fn engine(&self) -> &Arc<SyncEngine> {
-        &self.inner.engine
     }
 
     /// Makes long polls in progress return at once (used on shutdown).

@@ -1,8 +1,7 @@
 //! The records API: get, put, delete and list records, put and get files, and the status
 //! document.
 
-use std::collections::BTreeMap;
-use std::time::UNIX_EPOCH;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::body::Body;
@@ -12,41 +11,33 @@ use serde_json::json;
 
 use super::failure::json_response;
 use super::routes::check_declared;
-use super::{blocking, Failure, HighwaterService, Reply};
+use super::{Failure, HighwaterService, Reply};
+use crate::api::{FileRead, ListQuery, Lookup, Visible, Written, MAX_LIST_LIMIT};
 use crate::blob::CHUNK;
-use crate::engine::SyncEngine;
 use crate::http::access::Grant;
 use crate::http::body::{collect_limited, full, pump_body, stream_reader, ChannelReader};
-use crate::http::{decode_query, encode_key, HEADER_HLC, HEADER_ORIGIN, HEADER_RESIDENCY};
-use crate::record::{Key, Op, Residency, Scope};
+use crate::http::{
+    decode_query, encode_key, HEADER_HLC, HEADER_ORIGIN, HEADER_RESIDENCY, NO_FILE, NO_SUCH_RECORD,
+    RECORD_DELETED,
+};
+use crate::record::{Key, Residency, Scope};
 
 impl HighwaterService {
     pub(super) async fn get_record(&self, grant: &Grant, scope: Scope, key: Key) -> Reply {
         Self::require_read(grant, &scope)?;
-        let engine = self.inner.engine.clone();
-        let found = blocking(move || {
-            let v = engine
-                .get_version(&scope, &key)
-                .map_err(|e| Failure::from(&e))?;
-            let residency = engine
-                .residency_of(v.as_ref())
-                .map_err(|e| Failure::from(&e))?;
-            Ok(v.map(|v| (v, residency)))
-        })
-        .await?;
-        let Some((version, residency)) = found else {
-            return Err(Failure::new(StatusCode::NOT_FOUND, "no such record"));
+        let found = self.inner.api.get(scope, key).await.map_err(failed)?;
+        let read = match found {
+            Lookup::Found(read) => read,
+            Lookup::Deleted => return Err(Failure::new(StatusCode::NOT_FOUND, RECORD_DELETED)),
+            Lookup::Missing => return Err(Failure::new(StatusCode::NOT_FOUND, NO_SUCH_RECORD)),
         };
-        let Op::Put { value, .. } = version.op else {
-            return Err(Failure::new(StatusCode::NOT_FOUND, "record deleted"));
-        };
-        let mut resp = Response::new(full(value));
+        let mut resp = Response::new(full(read.value));
         let headers = resp.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
-        put_version_headers(headers, &version.hlc, residency);
+        put_version_headers(headers, &read.hlc, read.residency);
         Ok(resp)
     }
 
@@ -68,73 +59,56 @@ impl HighwaterService {
         let value = collect_limited(req.into_body(), limit, config.body_read_timeout)
             .await
             .map_err(|e| Failure::body(e, limit))?;
-        let engine = self.inner.engine.clone();
-        let hlc = blocking(move || {
-            engine
-                .put(&scope, &key, value.to_vec())
-                .map_err(|e| Failure::from(&e))
-        })
-        .await?;
-        Ok(json_response(StatusCode::OK, written(&hlc)))
+        let done = self.inner.api.put(scope, key, value.to_vec()).await;
+        Ok(json_response(
+            StatusCode::OK,
+            written(&done.map_err(failed)?),
+        ))
     }
 
     pub(super) async fn delete_record(&self, grant: &Grant, scope: Scope, key: Key) -> Reply {
         Self::require_write(grant, &scope)?;
-        let engine = self.inner.engine.clone();
-        let hlc =
-            blocking(move || engine.delete(&scope, &key).map_err(|e| Failure::from(&e))).await?;
-        Ok(json_response(StatusCode::OK, written(&hlc)))
+        let done = self.inner.api.delete(scope, key).await;
+        Ok(json_response(
+            StatusCode::OK,
+            written(&done.map_err(failed)?),
+        ))
     }
 
     pub(super) async fn list(&self, grant: &Grant, scope: Scope, query: String) -> Reply {
         Self::require_read(grant, &scope)?;
-        let mut prefix = Vec::new();
-        let mut after = None;
-        let mut limit = 100usize;
+        let mut list = ListQuery::default();
         for (name, value) in decode_query(&query)? {
             match name.as_str() {
-                "prefix" => prefix = value,
-                "after" => after = Some(Key::new(value)?),
+                "prefix" => list.prefix = value,
+                "after" => list.after = Some(Key::new(value)?),
                 "limit" => {
-                    limit = std::str::from_utf8(&value)
+                    list.limit = std::str::from_utf8(&value)
                         .ok()
                         .and_then(|s| s.parse().ok())
-                        .filter(|n| (1..=1000).contains(n))
+                        .filter(|n| (1..=MAX_LIST_LIMIT).contains(n))
                         .ok_or_else(|| Failure::bad("limit must be 1..=1000"))?;
                 }
                 other => return Err(Failure::bad(format!("unknown parameter {other:?}"))),
             }
         }
-        let engine = self.inner.engine.clone();
-        let records = blocking(move || {
-            let rows = engine
-                .scan(&scope, &prefix, after.as_ref(), limit)
-                .map_err(|e| Failure::from(&e))?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let residency = engine.record_residency(&r).map_err(|e| Failure::from(&e))?;
-                out.push((r, residency));
-            }
-            Ok(out)
-        })
-        .await?;
-        let next = (records.len() == limit)
-            .then(|| records.last().map(|(r, _)| encode_key(&r.key)))
-            .flatten();
-        let items: Vec<_> = records
+        let listing = self.inner.api.list(scope, list).await.map_err(failed)?;
+        let items: Vec<_> = listing
+            .records
             .iter()
-            .map(|(r, residency)| {
+            .map(|r| {
                 json!({
                     "key": encode_key(&r.key),
-                    "value": std::str::from_utf8(&r.value).ok(),
-                    "size": r.value.len(),
+                    "value": r.value,
+                    "size": r.size,
                     "hlc": r.hlc.to_string(),
                     "origin": r.hlc.origin().to_string(),
-                    "residency": residency.as_str(),
-                    "file": r.blob.map(|b| json!({"hash": b.hash.to_string(), "size": b.size})),
+                    "residency": r.residency.as_str(),
+                    "file": r.file.map(|b| json!({"hash": b.hash.to_string(), "size": b.size})),
                 })
             })
             .collect();
+        let next = listing.next_after.as_ref().map(encode_key);
         Ok(json_response(
             StatusCode::OK,
             json!({ "records": items, "next_after": next }),
@@ -156,63 +130,37 @@ impl HighwaterService {
         let config = &self.inner.config;
         let limit = config.max_blob_body;
         check_declared(&req, limit)?;
-        let (tx, mut reader) = ChannelReader::new();
-        let engine = self.inner.engine.clone();
-        let store = blocking(move || {
-            let hlc = engine
-                .put_file(&scope, &key, Vec::new(), &mut reader)
-                .map_err(|e| Failure::from(&e))?;
-            let blob = engine
-                .get(&scope, &key)
-                .map_err(|e| Failure::from(&e))?
-                .and_then(|r| r.blob);
-            Ok((hlc, blob))
-        });
+        let (tx, reader) = ChannelReader::new();
+        let store = self
+            .inner
+            .api
+            .put_file(scope, key, Vec::new(), Box::new(reader));
         let pump = pump_body(req.into_body(), tx, limit, config.body_read_timeout);
         let (stored, pumped) = tokio::join!(store, pump);
         pumped.map_err(|e| Failure::body(e, limit))?;
-        let (hlc, blob) = stored?;
-        let mut out = written(&hlc);
-        if let Some(b) = blob {
-            out["hash"] = json!(b.hash.to_string());
-            out["size"] = json!(b.size);
-        }
-        Ok(json_response(StatusCode::OK, out))
+        Ok(json_response(
+            StatusCode::OK,
+            written(&stored.map_err(failed)?),
+        ))
     }
 
     pub(super) async fn get_file(&self, grant: &Grant, scope: Scope, key: Key) -> Reply {
         Self::require_read(grant, &scope)?;
-        let engine = self.inner.engine.clone();
-        let found = blocking(move || {
-            let record = engine.get(&scope, &key).map_err(|e| Failure::from(&e))?;
-            let Some(record) = record else {
-                return Ok(None);
-            };
-            let opened = engine
-                .open_file(&scope, &key)
-                .map_err(|e| Failure::from(&e))?;
-            Ok(Some((record, opened)))
-        })
-        .await?;
-        let Some((record, opened)) = found else {
-            return Err(Failure::new(StatusCode::NOT_FOUND, "no such record"));
-        };
-        if record.blob.is_none() {
-            return Err(Failure::new(
-                StatusCode::NOT_FOUND,
-                "the record has no file",
-            ));
-        }
-        let Some((blob, reader)) = opened else {
-            let mut resp = Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the file is not here yet (staged): retry after the next sync",
-            )
-            .into_response();
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            put_version_headers(resp.headers_mut(), &record.hlc, Residency::Staged);
-            return Ok(resp);
+        let (blob, hlc, reader) = match self.inner.api.get_file(scope, key).await.map_err(failed)? {
+            FileRead::Ready { blob, hlc, reader } => (blob, hlc, reader),
+            FileRead::Missing => return Err(Failure::new(StatusCode::NOT_FOUND, NO_SUCH_RECORD)),
+            FileRead::NoFile => return Err(Failure::new(StatusCode::NOT_FOUND, NO_FILE)),
+            FileRead::Staged { hlc } => {
+                let mut resp = Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the file is not here yet (staged): retry after the next sync",
+                )
+                .into_response();
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                put_version_headers(resp.headers_mut(), &hlc, Residency::Staged);
+                return Ok(resp);
+            }
         };
         let mut resp = Response::new(stream_reader(reader, Some(blob.size), CHUNK));
         let headers = resp.headers_mut();
@@ -226,21 +174,31 @@ impl HighwaterService {
         if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", blob.hash)) {
             headers.insert(header::ETAG, v);
         }
-        put_version_headers(headers, &record.hlc, Residency::Resident);
+        put_version_headers(headers, &hlc, Residency::Resident);
         Ok(resp)
     }
 
     pub(super) async fn status(&self, grant: &Grant) -> Reply {
-        let engine = self.inner.engine.clone();
         let grant = grant.clone();
-        let value =
-            blocking(move || status_json(&engine, &grant).map_err(|e| Failure::from(&e))).await?;
-        Ok(json_response(StatusCode::OK, value))
+        let visible: Visible = Arc::new(move |s: &Scope| grant.can_read(s));
+        let status = self.inner.api.status(visible).await.map_err(failed)?;
+        Ok(json_response(StatusCode::OK, status.to_json()))
     }
 }
 
-fn written(hlc: &crate::hlc::Hlc) -> serde_json::Value {
-    json!({ "hlc": hlc.to_string(), "origin": hlc.origin().to_string() })
+/// The failure for an error of the records API.
+fn failed(e: crate::Error) -> Failure {
+    Failure::from(&e)
+}
+
+/// The acknowledgement of a write: its version, and the file a file write stored.
+fn written(w: &Written) -> serde_json::Value {
+    let mut out = json!({ "hlc": w.hlc.to_string(), "origin": w.hlc.origin().to_string() });
+    if let Some(b) = w.file {
+        out["hash"] = json!(b.hash.to_string());
+        out["size"] = json!(b.size);
+    }
+    out
 }
 
 fn put_version_headers(
@@ -257,85 +215,4 @@ fn put_version_headers(
             headers.insert(name, v);
         }
     }
-}
-
-/// The `/v1/status` document, limited to the scopes `grant` may read (also used by the CLI on
-/// a data directory).
-pub(crate) fn status_json(engine: &SyncEngine, grant: &Grant) -> crate::Result<serde_json::Value> {
-    let marks = engine.watermarks()?;
-    let readable = |s: &Scope| grant.can_read(s);
-    let mut scopes = BTreeMap::new();
-    for scope in engine.scopes()?.into_iter().filter(|s| readable(s)) {
-        let counts = engine.residency_counts(&scope)?;
-        let origins: BTreeMap<String, String> = marks
-            .scope(&scope)
-            .map(|w| {
-                w.iter()
-                    .map(|h| (h.origin().to_string(), h.to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        scopes.insert(
-            scope.as_str().to_owned(),
-            json!({
-                "watermarks": origins,
-                "residency": {
-                    "resident": counts.resident,
-                    "staged": counts.staged,
-                    "tombstoned": counts.tombstoned,
-                },
-            }),
-        );
-    }
-    let last = engine.last_exchanges();
-    let mut peers = Vec::new();
-    for peer in engine.peers()? {
-        let known = engine.peer_watermarks(peer)?.unwrap_or_default();
-        let mut lacks = Vec::new();
-        for (scope, ours) in marks.iter().filter(|(s, _)| readable(s)) {
-            for mark in ours.iter() {
-                let theirs = known.get(scope, mark.origin());
-                if theirs < Some(mark) {
-                    lacks.push(json!({
-                        "scope": scope.as_str(),
-                        "origin": mark.origin().to_string(),
-                        "ours": mark.to_string(),
-                        "theirs": theirs.map(|h| h.to_string()),
-                    }));
-                }
-            }
-        }
-        // What the peer held, as of the last round, that we lack.
-        let mut behind = Vec::new();
-        for (scope, theirs) in known.iter().filter(|(s, _)| readable(s)) {
-            for mark in theirs.iter() {
-                let ours = marks.get(scope, mark.origin());
-                if ours < Some(mark) {
-                    behind.push(json!({
-                        "scope": scope.as_str(),
-                        "origin": mark.origin().to_string(),
-                        "ours": ours.map(|h| h.to_string()),
-                        "theirs": mark.to_string(),
-                    }));
-                }
-            }
-        }
-        let last_ms = last
-            .get(&peer)
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64);
-        peers.push(json!({
-            "id": peer.to_string(),
-            "last_exchange_unix_ms": last_ms,
-            "lacks": lacks,
-            "behind": behind,
-        }));
-    }
-    let blobs = engine.blob_store().list()?;
-    Ok(json!({
-        "node": engine.node_id().to_string(),
-        "scopes": scopes,
-        "peers": peers,
-        "blobs": { "count": blobs.len(), "bytes": blobs.iter().map(|(_, n)| n).sum::<u64>() },
-    }))
 }

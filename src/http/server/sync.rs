@@ -15,7 +15,6 @@ use super::failure::json_response;
 use super::routes::check_declared;
 use super::{blocking, Failure, HighwaterService, Inner, Reply};
 use crate::blob::CHUNK;
-use crate::engine::SyncEngine;
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::http::access::Grant;
@@ -43,7 +42,7 @@ impl HighwaterService {
         )
         .await
         .map_err(|e| Failure::body(e, config.max_exchange_body))?;
-        let engine = self.inner.engine.clone();
+        let responder = self.inner.responder.clone();
         let grant = grant.clone();
         let max_versions = config.max_page_versions;
         let encoded = blocking(move || {
@@ -57,9 +56,9 @@ impl HighwaterService {
                     close: false,
                 });
             }
-            let local = engine.scopes().map_err(|e| Failure::from(&e))?;
+            let local = responder.scopes()?;
             let request = authorize_exchange(&grant, request, &local)?;
-            let response = engine.respond(request)?;
+            let response = responder.respond(request)?;
             Ok(wire::encode(&response))
         })
         .await?;
@@ -130,7 +129,9 @@ impl HighwaterService {
                 other => return Err(Failure::bad(format!("unknown parameter {other:?}"))),
             }
         }
-        let notifier = SyncEngine::notifier(&self.inner.engine);
+        let notifier = self.inner.responder.notifier().ok_or_else(|| {
+            Failure::new(StatusCode::NOT_IMPLEMENTED, "this node cannot be watched")
+        })?;
         let mut closing = self.inner.closing.subscribe();
         let readable = |s: &Scope| grant.can_read(s);
         let (news, token) = tokio::select! {
@@ -145,8 +146,8 @@ impl HighwaterService {
 
     pub(super) async fn get_blob(&self, grant: &Grant, hash: Hash, head: bool) -> Reply {
         Self::require_sync(grant)?;
-        let engine = self.inner.engine.clone();
-        let found = blocking(move || Ok(engine.open_blob(&hash)?)).await?;
+        let responder = self.inner.responder.clone();
+        let found = blocking(move || Ok(responder.open_blob(&hash)?)).await?;
         let Some((size, reader)) = found else {
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
@@ -189,8 +190,8 @@ impl HighwaterService {
         })?;
         let blob = BlobRef { hash, size };
         let (tx, mut reader) = ChannelReader::new();
-        let engine = self.inner.engine.clone();
-        let store = blocking(move || Ok(engine.accept_blob(&blob, &mut reader)?));
+        let responder = self.inner.responder.clone();
+        let store = blocking(move || Ok(responder.accept_blob(&blob, &mut reader)?));
         let pump = pump_body(req.into_body(), tx, size, config.body_read_timeout);
         let (stored, pumped) = tokio::join!(store, pump);
         pumped.map_err(|e| Failure::body(e, size))?;

@@ -1,0 +1,222 @@
+//! The records, files and status API of a node, as the engine answers it: [`NodeApi`] for
+//! [`SyncEngine`]. The work runs off the async runtime's threads ([`run_blocking`]) on a
+//! handle of the engine. The listing (records with their residency) and the status document
+//! are built here, and only here.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::UNIX_EPOCH;
+
+use futures_util::future::BoxFuture;
+
+use super::SyncEngine;
+use crate::api::{
+    BlobTotals, FileRead, Gap, ListQuery, Listed, Listing, Lookup, NodeApi, PeerLag, RecordRead,
+    ResidencyTotals, ScopeStatus, Status, Visible, Written, MAX_LIST_LIMIT,
+};
+use crate::blocking::run_blocking;
+use crate::error::Result;
+use crate::hlc::{Hlc, NodeId};
+use crate::record::{Key, Op, Scope};
+use crate::watermark::ScopedWatermarks;
+
+impl NodeApi for SyncEngine {
+    fn put(&self, scope: Scope, key: Key, value: Vec<u8>) -> BoxFuture<'_, Result<Written>> {
+        blocking(self, move |e| {
+            let hlc = e.put(&scope, &key, value)?;
+            Ok(Written { hlc, file: None })
+        })
+    }
+
+    fn get(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Lookup>> {
+        blocking(self, move |e| e.lookup(&scope, &key))
+    }
+
+    fn delete(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Written>> {
+        blocking(self, move |e| {
+            let hlc = e.delete(&scope, &key)?;
+            Ok(Written { hlc, file: None })
+        })
+    }
+
+    fn list(&self, scope: Scope, query: ListQuery) -> BoxFuture<'_, Result<Listing>> {
+        blocking(self, move |e| e.listing(&scope, &query))
+    }
+
+    fn put_file(
+        &self,
+        scope: Scope,
+        key: Key,
+        value: Vec<u8>,
+        mut content: Box<dyn Read + Send>,
+    ) -> BoxFuture<'_, Result<Written>> {
+        blocking(self, move |e| {
+            let hlc = e.put_file(&scope, &key, value, &mut content)?;
+            // The record as written, unless a newer write replaced it meanwhile.
+            let file = e
+                .get(&scope, &key)?
+                .filter(|r| r.hlc == hlc)
+                .and_then(|r| r.blob);
+            Ok(Written { hlc, file })
+        })
+    }
+
+    fn get_file(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<FileRead>> {
+        blocking(self, move |e| e.file_read(&scope, &key))
+    }
+
+    fn status(&self, visible: Visible) -> BoxFuture<'_, Result<Status>> {
+        blocking(self, move |e| e.status_of(&*visible))
+    }
+}
+
+/// Runs `work` on a handle of `engine` off the async runtime's threads.
+fn blocking<T: Send + 'static>(
+    engine: &SyncEngine,
+    work: impl FnOnce(&SyncEngine) -> Result<T> + Send + 'static,
+) -> BoxFuture<'static, Result<T>> {
+    let engine = engine.handle();
+    Box::pin(async move { run_blocking(move || work(&engine)).await? })
+}
+
+impl SyncEngine {
+    fn lookup(&self, scope: &Scope, key: &Key) -> Result<Lookup> {
+        let Some(version) = self.get_version(scope, key)? else {
+            return Ok(Lookup::Missing);
+        };
+        let residency = self.residency_of(Some(&version))?;
+        Ok(match version.op {
+            Op::Put { value, .. } => Lookup::Found(RecordRead {
+                value,
+                hlc: version.hlc,
+                residency,
+            }),
+            Op::Delete => Lookup::Deleted,
+        })
+    }
+
+    fn listing(&self, scope: &Scope, query: &ListQuery) -> Result<Listing> {
+        let limit = query.limit.clamp(1, MAX_LIST_LIMIT);
+        let rows = self.scan(scope, &query.prefix, query.after.as_ref(), limit)?;
+        let full = rows.len() == limit;
+        let mut records = Vec::with_capacity(rows.len());
+        for r in rows {
+            let residency = self.record_residency(&r)?;
+            records.push(Listed {
+                size: r.value.len() as u64,
+                value: String::from_utf8(r.value).ok(),
+                file: r.blob,
+                hlc: r.hlc,
+                residency,
+                key: r.key,
+            });
+        }
+        let next_after = records.last().filter(|_| full).map(|last| last.key.clone());
+        Ok(Listing {
+            records,
+            next_after,
+        })
+    }
+
+    fn file_read(&self, scope: &Scope, key: &Key) -> Result<FileRead> {
+        let Some(record) = self.get(scope, key)? else {
+            return Ok(FileRead::Missing);
+        };
+        let Some(blob) = record.blob else {
+            return Ok(FileRead::NoFile);
+        };
+        Ok(match self.inner.blobs.open(&blob.hash)? {
+            Some((_, reader)) => FileRead::Ready {
+                blob,
+                hlc: record.hlc,
+                reader,
+            },
+            None => FileRead::Staged { hlc: record.hlc },
+        })
+    }
+
+    /// The status document, limited to the scopes `visible` accepts (peer ids and blob
+    /// totals are shown whatever it says).
+    fn status_of(&self, visible: &(dyn Fn(&Scope) -> bool + Send + Sync)) -> Result<Status> {
+        let marks = self.watermarks()?;
+        let mut scopes = BTreeMap::new();
+        for scope in self.scopes()?.into_iter().filter(|s| visible(s)) {
+            let counts = self.residency_counts(&scope)?;
+            let watermarks = marks
+                .scope(&scope)
+                .map(|w| w.iter().map(|h| (h.origin(), h)).collect())
+                .unwrap_or_default();
+            let residency = ResidencyTotals {
+                resident: counts.resident as u64,
+                staged: counts.staged as u64,
+                tombstoned: counts.tombstoned as u64,
+            };
+            scopes.insert(
+                scope,
+                ScopeStatus {
+                    watermarks,
+                    residency,
+                },
+            );
+        }
+        let last = self.last_exchanges();
+        let mut peers = Vec::new();
+        for peer in self.peers()? {
+            let known = self.peer_watermarks(peer)?.unwrap_or_default();
+            let lacks = ahead(&marks, &known, visible)
+                .map(|(scope, origin, ours, theirs)| Gap {
+                    scope,
+                    origin,
+                    ours: Some(ours),
+                    theirs,
+                })
+                .collect();
+            // What the peer held, as of the last round, that we lack.
+            let behind = ahead(&known, &marks, visible)
+                .map(|(scope, origin, theirs, ours)| Gap {
+                    scope,
+                    origin,
+                    ours,
+                    theirs: Some(theirs),
+                })
+                .collect();
+            let last_exchange_unix_ms = last
+                .get(&peer)
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64);
+            peers.push(PeerLag {
+                id: peer,
+                last_exchange_unix_ms,
+                lacks,
+                behind,
+            });
+        }
+        let blobs = self.inner.blobs.list()?;
+        Ok(Status {
+            node: self.node_id(),
+            scopes,
+            peers,
+            blobs: BlobTotals {
+                count: blobs.len() as u64,
+                bytes: blobs.iter().map(|(_, n)| n).sum(),
+            },
+        })
+    }
+}
+
+/// The visible streams where `mine` is ahead of `other`: (scope, origin, my mark, the other
+/// side's mark).
+fn ahead<'a>(
+    mine: &'a ScopedWatermarks,
+    other: &'a ScopedWatermarks,
+    visible: &'a (dyn Fn(&Scope) -> bool + Send + Sync),
+) -> impl Iterator<Item = (Scope, NodeId, Hlc, Option<Hlc>)> + 'a {
+    mine.iter()
+        .filter(|(scope, _)| visible(scope))
+        .flat_map(move |(scope, marks)| {
+            marks.iter().filter_map(move |mark| {
+                let theirs = other.get(scope, mark.origin());
+                (theirs < Some(mark)).then(|| (scope.clone(), mark.origin(), mark, theirs))
+            })
+        })
+}
