@@ -21,6 +21,7 @@ use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::http::{serve, HttpTransport, ServerConfig};
 use crate::notify::{Event, Notice, SyncEvent};
+use crate::poison::lock;
 use crate::record::{Key, Op, Residency, Scope};
 use crate::scheduler::{Backoff, Scheduler, SchedulerConfig};
 use crate::transport::{Call, Layer, Layered};
@@ -81,7 +82,7 @@ impl Link {
 
     /// Fails this download of `hash` if it is one of the failures still owed.
     fn check_download(&self, hash: Hash) -> Result<(), TransportError> {
-        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failing = lock(&self.failing);
         let Some(n) = failing.get_mut(&hash) else {
             return Ok(());
         };
@@ -400,12 +401,7 @@ pub async fn run(
 
     // Phase 3: reconnect device-2, with the new file's first download failing.
     let mut events = d2.engine.notifier().subscribe();
-    link2
-        .layer()
-        .failing
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(photo_hash, 1);
+    lock(&link2.layer().failing).insert(photo_hash, 1);
     link2.layer().cut.store(false, Ordering::SeqCst);
     if let Some(s) = &d2.scheduler {
         s.sync_now();

@@ -251,6 +251,26 @@ pub enum ProtocolError {
     },
 }
 
+/// The class of a refusal, as a peer is told it (HTTP maps these to status codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefusalCode {
+    /// The request is malformed or breaks the protocol (400).
+    BadRequest,
+    /// The requester lacks access (403).
+    Forbidden,
+    /// The responder cannot serve now; try later (503).
+    Unavailable,
+    /// The responder failed (500).
+    Internal,
+    /// The request carried no valid credentials (HTTP 401).
+    Unauthorized,
+    /// The request was larger than the responder accepts (HTTP 413).
+    TooLarge,
+    /// The responder is busy with this requester's other requests; try later (HTTP 429).
+    Busy,
+}
+
 /// The transport could not complete a round. The scheduler decides whether to retry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -265,7 +285,7 @@ pub enum TransportError {
     #[error("peer refused the request ({code:?}): {reason}")]
     Refused {
         /// The refusal's class.
-        code: crate::transport::RefusalCode,
+        code: RefusalCode,
         /// The peer's reason.
         reason: String,
     },

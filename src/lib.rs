@@ -15,6 +15,7 @@ pub mod http;
 pub mod merge;
 pub mod node;
 pub mod notify;
+mod poison;
 pub mod record;
 pub mod scheduler;
 pub mod store;

@@ -48,13 +48,14 @@ mod respond;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::blob::{BlobStore, FsBlobStore, MemBlobStore};
 use crate::error::Result;
 use crate::hlc::{Clock, NodeId, TimeSource, WallClock};
 use crate::notify::Notifier;
+use crate::poison::lock;
 use crate::store::{MemStore, RedbStore, Store};
 
 use self::blobs::BlobGuards;
@@ -205,11 +206,6 @@ struct PeerMemory {
     last_exchange: HashMap<NodeId, SystemTime>,
     /// When we last warned of restore evidence an initiator showed us, per initiator.
     warned: HashMap<NodeId, Instant>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values are plain data, valid whatever a panicking holder did.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SyncEngine {

@@ -23,6 +23,7 @@ use crate::blob::CHUNK;
 use crate::error::{error_chain, TransportError, WireError};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
+use crate::poison::lock;
 use crate::record::BlobRef;
 use crate::transport::{RefusalCode, Transport, WatchReply};
 use crate::wire::{self, ExchangeRequest, ExchangeResponse};
@@ -159,7 +160,7 @@ impl HttpTransport {
 
     /// Expects `peer` to answer (refusing any other node from the first round on).
     pub fn expecting(self, peer: NodeId) -> HttpTransport {
-        *self.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
+        *lock(&self.peer) = Some(peer);
         self
     }
 
@@ -324,7 +325,7 @@ impl HttpTransport {
     }
 
     fn learn_peer(&self, from: NodeId) {
-        let mut peer = self.peer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peer = lock(&self.peer);
         // The engine checks a mismatch against what was expected; only learn the first.
         peer.get_or_insert(from);
     }
@@ -365,7 +366,7 @@ impl Body for Counted {
 
 impl Transport for HttpTransport {
     fn peer_id(&self) -> Option<NodeId> {
-        *self.peer.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.peer)
     }
 
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {

@@ -85,6 +85,7 @@ use crate::engine::{ExchangeOptions, ExchangeOutcome, SyncEngine};
 use crate::error::Error;
 use crate::exchange::Session;
 use crate::hlc::NodeId;
+use crate::poison::lock;
 use crate::transport::Transport;
 
 pub use self::backoff::Backoff;
@@ -218,11 +219,6 @@ impl Peer {
     fn is_news(&self, source: Option<NodeId>) -> bool {
         source.is_none() || source != self.status().peer
     }
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values are plain data, valid whatever a panicking holder did.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What the scheduler's tasks share.

@@ -6,9 +6,9 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::locked;
 use crate::error::TransportError;
 use crate::hash::Hash;
+use crate::poison::lock;
 use crate::record::BlobRef;
 use crate::transport::{Call, Layer, Layered};
 
@@ -36,18 +36,18 @@ pub struct Faults {
 impl<T> FaultyTransport<T> {
     /// Transfers of `hash` fail from now on.
     pub fn fail(&self, hash: Hash) {
-        locked(&self.layer().fail).insert(hash);
+        lock(&self.layer().fail).insert(hash);
     }
 
     /// Transfers of `hash` arrive with one byte flipped from now on.
     pub fn corrupt(&self, hash: Hash) {
-        locked(&self.layer().corrupt).insert(hash);
+        lock(&self.layer().corrupt).insert(hash);
     }
 
     /// Every transfer works again.
     pub fn heal(&self) {
-        locked(&self.layer().fail).clear();
-        locked(&self.layer().corrupt).clear();
+        lock(&self.layer().fail).clear();
+        lock(&self.layer().corrupt).clear();
     }
 
     /// Transfers refused or corrupted so far.
@@ -57,12 +57,12 @@ impl<T> FaultyTransport<T> {
 
     /// Runs `hook` before every blob transfer.
     pub fn before_transfer(&self, hook: impl Fn() + Send + Sync + 'static) {
-        *locked(&self.layer().before_transfer) = Some(Box::new(hook));
+        *lock(&self.layer().before_transfer) = Some(Box::new(hook));
     }
 
     /// Runs `hook` before every exchange request.
     pub fn before_exchange(&self, hook: impl Fn() + Send + Sync + 'static) {
-        *locked(&self.layer().before_exchange) = Some(Box::new(hook));
+        *lock(&self.layer().before_exchange) = Some(Box::new(hook));
     }
 }
 
@@ -107,7 +107,7 @@ impl Layer for Faults {
 impl Faults {
     /// Whether `hash` is in `set`, counting an injection if it is.
     fn hit(&self, set: &Mutex<BTreeSet<Hash>>, hash: &Hash) -> bool {
-        let hit = locked(set).contains(hash);
+        let hit = lock(set).contains(hash);
         if hit {
             self.injected.fetch_add(1, Ordering::Relaxed);
         }
@@ -116,7 +116,7 @@ impl Faults {
 }
 
 fn run(hook: &Mutex<Option<Hook>>) {
-    if let Some(hook) = &*locked(hook) {
+    if let Some(hook) = &*lock(hook) {
         hook();
     }
 }

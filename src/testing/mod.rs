@@ -14,7 +14,6 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
 mod action;
@@ -45,8 +44,4 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
         }
         std::thread::yield_now();
     }
-}
-
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -4,10 +4,11 @@
 use std::sync::{Arc, Mutex};
 
 use super::backends::SimIds;
-use super::{locked, Backend};
+use super::Backend;
 use crate::blob::MemBlobStore;
 use crate::engine::SyncEngine;
 use crate::hlc::ManualTime;
+use crate::poison::lock;
 use crate::store::RedbStore;
 
 // For doc links only.
@@ -37,7 +38,7 @@ impl PowerLossDisk {
     /// A disk holding what this one had synced: everything written since the last
     /// `sync_data` is lost, as in a power cut.
     pub fn after_power_loss(&self) -> Arc<Self> {
-        let durable = locked(&self.images).durable.clone();
+        let durable = lock(&self.images).durable.clone();
         Arc::new(PowerLossDisk {
             images: Mutex::new(DiskImages {
                 volatile: durable.clone(),
@@ -60,11 +61,11 @@ fn out_of_range() -> std::io::Error {
 
 impl redb::StorageBackend for DiskHandle {
     fn len(&self) -> Result<u64, std::io::Error> {
-        Ok(locked(&self.0.images).volatile.len() as u64)
+        Ok(lock(&self.0.images).volatile.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        let images = locked(&self.0.images);
+        let images = lock(&self.0.images);
         let start = usize::try_from(offset).map_err(|_| out_of_range())?;
         let end = start.checked_add(out.len()).ok_or_else(out_of_range)?;
         out.copy_from_slice(images.volatile.get(start..end).ok_or_else(out_of_range)?);
@@ -73,18 +74,18 @@ impl redb::StorageBackend for DiskHandle {
 
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
         let len = usize::try_from(len).map_err(|_| out_of_range())?;
-        locked(&self.0.images).volatile.resize(len, 0);
+        lock(&self.0.images).volatile.resize(len, 0);
         Ok(())
     }
 
     fn sync_data(&self) -> Result<(), std::io::Error> {
-        let mut images = locked(&self.0.images);
+        let mut images = lock(&self.0.images);
         images.durable = images.volatile.clone();
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        let mut images = locked(&self.0.images);
+        let mut images = lock(&self.0.images);
         let start = usize::try_from(offset).map_err(|_| out_of_range())?;
         let end = start.checked_add(data.len()).ok_or_else(out_of_range)?;
         if images.volatile.len() < end {

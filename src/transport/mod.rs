@@ -16,6 +16,7 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::time::Duration;
 
+pub use crate::error::RefusalCode;
 use crate::error::{Error, TransportError};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
@@ -150,26 +151,6 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
     fn notifier(&self) -> Option<&crate::notify::Notifier> {
         (**self).notifier()
     }
-}
-
-/// The class of a refusal, as a peer is told it (HTTP maps these to status codes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RefusalCode {
-    /// The request is malformed or breaks the protocol (400).
-    BadRequest,
-    /// The requester lacks access (403).
-    Forbidden,
-    /// The responder cannot serve now; try later (503).
-    Unavailable,
-    /// The responder failed (500).
-    Internal,
-    /// The request carried no valid credentials (HTTP 401).
-    Unauthorized,
-    /// The request was larger than the responder accepts (HTTP 413).
-    TooLarge,
-    /// The responder is busy with this requester's other requests; try later (HTTP 429).
-    Busy,
 }
 
 /// What a responder tells a peer when it refuses a request: separate from the local error

@@ -21,6 +21,7 @@ use crate::http::access::Grant;
 use crate::http::body::{collect_limited, empty, full, pump_body, stream_reader, ChannelReader};
 use crate::http::{decode_query, MAX_WATCH_TIMEOUT};
 use crate::notify::WatchToken;
+use crate::poison::lock;
 use crate::record::{BlobRef, Scope};
 use crate::transport::Responder;
 use crate::wire::{self, ExchangeRequest, RequestMarks, ScopeFilter};
@@ -71,11 +72,7 @@ impl HighwaterService {
     }
 
     fn exchange_slot(&self, grant: &Grant) -> Result<SlotGuard, Failure> {
-        let mut all = self
-            .inner
-            .exchanges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut all = lock(&self.inner.exchanges);
         let n = all.entry(grant.name.clone()).or_insert(0);
         // An open node has one grant for every caller: capping it would let one local
         // client's rounds turn another's away, so only token holders are capped.
@@ -210,11 +207,7 @@ struct SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let mut all = self
-            .inner
-            .exchanges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut all = lock(&self.inner.exchanges);
         if let Some(n) = all.get_mut(&self.name) {
             *n = n.saturating_sub(1);
             if *n == 0 {
