@@ -1,8 +1,9 @@
-//! Watermarks (the version vector) and runs.
+//! Watermarks (the version vector).
 //!
 //! For each scope and origin `n`, `W[n]` means: *this node holds every version written by `n`
-//! with Hlc <= `W[n]`, or a newer version of the same key.* A [`Run`] is a sender's claim
-//! over a range: "these are every live version I hold from `n` with `base < Hlc <= top`".
+//! with Hlc <= `W[n]`, or a newer version of the same key.* A [`crate::exchange::Run`] is a
+//! sender's claim over a range: "these are every live version I hold from `n` with
+//! `base < Hlc <= top`".
 //! A receiver whose `W[n] >= base` may therefore move `W[n]` to `top` after applying it; a
 //! run whose `base` lies above the receiver's mark would skip a gap, so it is merged but
 //! moves nothing.
@@ -13,9 +14,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::hlc::{Hlc, NodeId};
 use crate::record::Scope;
-
-// Moved to `crate::exchange`; re-exported here until every user imports them from there.
-pub use crate::exchange::{Halt, HaltReason, Page, Run, Streams};
 
 /// Per-origin watermarks of one scope. Absent origin = nothing seen from it.
 #[derive(Clone, Default, PartialEq, Eq, Debug)]

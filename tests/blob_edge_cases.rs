@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_executor::block_on;
-use highwater::watermark::{Page, Run};
+use highwater::exchange::{Page, Run};
 use highwater::wire::{ExchangeRequest, RequestMarks};
 use highwater::{
     BlobRef, EngineConfig, ExchangeOptions, HaltReason, Hash, Hlc, InProcess, Key, ManualTime,

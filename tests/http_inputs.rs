@@ -16,9 +16,9 @@ use bytes::Bytes;
 use common::http::{call, error_of, head, raw, tmp_is_empty, tokens, Raw, Server, APP_A, HUB};
 use common::rounds::TestResult;
 use highwater::error::{ProtocolError, TransportError};
+use highwater::exchange::{Page, Run};
 use highwater::http::{serve, ClientConfig, HttpTransport, ServeError, ServerConfig};
 use highwater::transport::RefusalCode;
-use highwater::watermark::{Page, Run};
 use highwater::wire::{
     self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, MAGIC, SUPPORTED_VERSIONS,
 };

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use common::rounds::{config, link, mem_node, sync, Node, TestResult};
 use futures_executor::block_on;
-use highwater::watermark::Page;
+use highwater::exchange::Page;
 use highwater::wire::{encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 use highwater::{Key, ManualTime, Op, Scope, ScopeFilter, SyncEngine};
 

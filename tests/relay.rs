@@ -4,7 +4,7 @@
 mod common;
 
 use common::rounds::{link, mem_node, sync, sync_with, Link, Node, TestResult, Totals};
-use highwater::watermark::Page;
+use highwater::exchange::Page;
 use highwater::wire::{
     encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, ScopeFilter,
 };

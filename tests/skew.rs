@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::rounds::{link, mem_node, sync, Node, TestResult};
 use futures_executor::block_on;
-use highwater::watermark::{Page, Run};
+use highwater::exchange::{Page, Run};
 use highwater::wire::{decode, encode, ExchangeRequest, RequestMarks, ScopeFilter};
 use highwater::{
     Halt, HaltReason, Hlc, Key, ManualTime, NodeId, Op, Scope, ScopedWatermarks, Version,

@@ -24,8 +24,8 @@ use common::rounds::{config, link, sync, Link, Node, TestResult};
 use futures_executor::block_on;
 use highwater::engine::DB_FILE;
 use highwater::error::TransportError;
+use highwater::exchange::Page;
 use highwater::transport::WireStats;
-use highwater::watermark::Page;
 use highwater::wire::{encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 use highwater::{
     BlobRef, ExchangeOutcome, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId, Op, Scope,

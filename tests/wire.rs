@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::error::Error;
 
 use highwater::error::{ProtocolError, WireError};
-use highwater::watermark::{MarksDigest, Page, Run};
+use highwater::exchange::{Page, Run};
+use highwater::watermark::MarksDigest;
 use highwater::wire::{
     self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, MAGIC, MAX_MESSAGE_LEN,
     PROTOCOL_VERSION,

@@ -159,7 +159,7 @@ fn pages(data: &[Rec]) -> impl Iterator<Item = ExchangeResponse> + '_ {
         let top = versions
             .last()
             .map_or(Hlc::new(base_time, origin), |(_, v)| v.hlc);
-        let run = highwater::watermark::Run {
+        let run = highwater::exchange::Run {
             scope: scope.clone(),
             origin,
             base: (first > 0).then(|| Hlc::new(base_time + first, origin)),
@@ -171,7 +171,7 @@ fn pages(data: &[Rec]) -> impl Iterator<Item = ExchangeResponse> + '_ {
         ExchangeResponse {
             from: NodeId::from_bytes([9; 16]).expect("a nonzero id"),
             marks: ResponseMarks::Full(watermarks),
-            page: highwater::watermark::Page {
+            page: highwater::exchange::Page {
                 runs: vec![run],
                 more: true,
             },

@@ -22,11 +22,11 @@ use super::{lock, Inner, SyncEngine, UPLOAD_GRACE};
 use crate::blob::{BlobError, BlobWriter};
 use crate::blocking::run_blocking;
 use crate::error::TransportError;
+use crate::exchange::Page;
 use crate::hash::Hash;
 use crate::hlc::Hlc;
 use crate::record::{BlobRef, Key, Scope};
 use crate::transport::Transport;
-use crate::watermark::Page;
 
 /// Transfers running at once in one round.
 pub const TRANSFER_CONCURRENCY: usize = 4;

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::engine::{ExchangeOptions, SyncEngine};
 use crate::error::{Result, TransportError};
+use crate::exchange::Halt;
 use crate::hlc::NodeId;
 use crate::record::BlobRef;
 use crate::transport::{Layer, Layered, Transport};
-use crate::watermark::Halt;
 
 /// What a one-shot sync moved so far (or in all, once it returns).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -10,12 +10,12 @@ use super::{
     RedbBackend,
 };
 use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
+use crate::exchange::HaltReason;
 use crate::hash::Hash;
 use crate::hlc::ManualTime;
 use crate::merge::{self, State};
 use crate::record::{BlobRef, Key, Op, Scope, Version};
 use crate::transport::InProcess;
-use crate::watermark::HaltReason;
 
 /// A fault on one blob's transfers in a simulation.
 #[derive(Clone, Copy, Debug)]
