@@ -5,7 +5,6 @@
 pub mod api;
 pub mod blob;
 pub mod blocking;
-pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod exchange;

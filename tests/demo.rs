@@ -1,24 +1,27 @@
-//! The one-command demo runs end to end over loopback HTTP and converges.
+//! The one-command demo (`highwater demo`) runs end to end over loopback HTTP, converges and
+//! exits 0: the binary is run as a newcomer runs it, at small sizes.
 
-use highwater::demo::{run, DemoOptions};
+use std::process::Command;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_converges() {
-    let options = DemoOptions {
-        records_per_node: 300,
-        file_size: 256 << 10,
-        ..DemoOptions::default()
-    };
-    let mut out = Vec::new();
-    let report = run(&options, &mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
+#[test]
+fn the_demo_converges() -> Result<(), Box<dyn std::error::Error>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_highwater"))
+        .args(["demo", "--records", "300", "--file-kib", "256"])
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
-    assert!(report.converged, "demo did not converge:\n{text}");
-    assert_eq!(report.digests.len(), 3);
+    println!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        report.digests.windows(2).all(|w| w[0].1 == w[1].1),
+        out.status.success(),
+        "demo exited with {}:\n{text}",
+        out.status
+    );
+    assert!(
+        text.contains("CONVERGED") && !text.contains("NOT CONVERGED"),
         "{text}"
     );
     assert!(text.contains("blob_staged"), "{text}");
     assert!(!text.contains("FAILED"), "{text}");
+    Ok(())
 }

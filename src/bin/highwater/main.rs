@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+mod demo;
+
 use clap::{Args, Parser, Subcommand};
 use highwater::api::{all_scopes, Listed, NodeApi};
 use highwater::engine::EngineConfig;
@@ -229,13 +231,13 @@ fn main() -> ExitCode {
         }
     };
     if let Command::Demo { records, file_kib } = cli.command {
-        let options = highwater::demo::DemoOptions {
+        let options = demo::DemoOptions {
             records_per_node: records,
             file_size: file_kib << 10,
             ..Default::default()
         };
         let mut out = std::io::stdout();
-        return match runtime.block_on(highwater::demo::run(&options, &mut out)) {
+        return match runtime.block_on(demo::run(&options, &mut out)) {
             Ok(report) if report.converged => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,
             Err(e) => {
