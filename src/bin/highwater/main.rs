@@ -1,7 +1,7 @@
 //! `highwater`: run a node, read and write its records and files, sync once, show status.
 //!
 //! This file parses arguments, sets up logging (`RUST_LOG`, default `info`, to stderr) and
-//! calls [`highwater::node`]; the logic lives there.
+//! calls [`highwater::node`]; the logic lives there. `demo.rs` is the `demo` command.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;

@@ -18,7 +18,7 @@ use crate::record::{Key, Scope, Version};
 use crate::store::{
     apply_batch, Batch, BatchReport, Durability, PeerKnowledge, Store, StoreRead, TxnOps,
 };
-use crate::wire::ScopeFilter;
+use crate::record::ScopeFilter;
 
 impl RedbStore {
     /// The write lock, unless this thread holds a group reader of this store (which holds
