@@ -24,9 +24,11 @@
 //! The in-memory store is both the test double and the model the redb store is checked
 //! against: the same contract suite (`tests/store_contract.rs`) runs on both.
 
+mod audit;
 mod mem;
 mod redb;
 
+pub use self::audit::{item_hash, AuditPoint, AuditRange, Fingerprint};
 pub use self::mem::MemStore;
 pub use self::redb::RedbStore;
 
