@@ -1049,8 +1049,8 @@ fn scope_bytes(s: &Scope) -> Vec<u8> {
 }
 
 /// A file written in format 1 (the layout of docs/storage.md before format 2: records by
-/// key, a live index naming keys) opens as format 2 with the same state, and a store at
-/// an unknown format is still refused.
+/// key, a live index naming keys) opens as format 3 (through format 2) with the same state,
+/// and a store at an unknown format is still refused.
 #[test]
 fn redb_format_1_file_is_migrated_on_open() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -1133,16 +1133,16 @@ fn redb_format_1_file_is_migrated_on_open() -> TestResult {
         let db = redb::Database::create(&path)?;
         let txn = db.begin_write()?;
         txn.open_table(META)?
-            .insert("format", 3u32.to_be_bytes().as_slice())?;
+            .insert("format", 4u32.to_be_bytes().as_slice())?;
         txn.commit()?;
     }
     match RedbStore::open(&path) {
         Err(highwater::error::StoreError::UnsupportedFormat {
-            found: 3,
-            supported: 2,
+            found: 4,
+            supported: 3,
         }) => Ok(()),
-        Err(e) => Err(format!("format 3 refused with {e}").into()),
-        Ok(_) => Err("a format 3 file opened".into()),
+        Err(e) => Err(format!("format 4 refused with {e}").into()),
+        Ok(_) => Err("a format 4 file opened".into()),
     }
 }
 

@@ -186,7 +186,7 @@ impl TxnOps for State {
             .cloned())
     }
 
-    fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError> {
+    fn remove_live(&mut self, scope: &Scope, _key: &Key, hlc: Hlc) -> Result<(), StoreError> {
         self.live.remove(&(scope.clone(), hlc.origin(), hlc.time()));
         Ok(())
     }
@@ -242,6 +242,11 @@ impl TxnOps for State {
             self.blob_refs.insert(*hash, next);
         }
         Ok(next)
+    }
+
+    fn finish_upserts(&mut self) -> Result<(), StoreError> {
+        // The model keeps no summaries: its fingerprints are folds over the live index.
+        Ok(())
     }
 }
 

@@ -262,7 +262,8 @@ trait TxnOps {
         -> Result<(), StoreError>;
     /// The key whose stored version has this Hlc, if any.
     fn live_key_at(&mut self, scope: &Scope, hlc: Hlc) -> Result<Option<Key>, StoreError>;
-    fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError>;
+    /// Removes `key`'s version with this Hlc from the live-version index.
+    fn remove_live(&mut self, scope: &Scope, key: &Key, hlc: Hlc) -> Result<(), StoreError>;
     /// Stores `version` of `key` at its place in the live-version index.
     fn insert_live(
         &mut self,
@@ -276,6 +277,9 @@ trait TxnOps {
     fn raise_clock(&mut self, time: u64) -> Result<(), StoreError>;
     /// Adds `delta` to the blob's reference count and returns the new count.
     fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError>;
+    /// Brings whatever a store keeps about the live-version index in summary (the redb
+    /// store's audit chunks) up to date with the upserts applied so far.
+    fn finish_upserts(&mut self) -> Result<(), StoreError>;
 }
 
 /// IMPORTANT: callers run this inside one transaction; upserts and the watermark advances
@@ -309,7 +313,7 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
             ops.adjust_blob_refs(&b.hash, 1)?;
         }
         if let Some(old) = stored {
-            ops.remove_live(scope, old.hlc)?;
+            ops.remove_live(scope, key, old.hlc)?;
             if let Some(b) = old.blob() {
                 if ops.adjust_blob_refs(&b.hash, -1)? == 0 {
                     report.unreferenced.push(b.hash);
@@ -319,6 +323,9 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
         ops.insert_live(scope, key, version)?;
         report.applied.push(i);
     }
+    // IMPORTANT: the fingerprint summaries move in the same transaction as the versions they
+    // sum, so no commit leaves a range whose fingerprint differs from its items'.
+    ops.finish_upserts()?;
     for adv in &batch.advances {
         let mark = ops.get_mark(&adv.scope, adv.top.origin())?;
         let continues = adv.base <= mark;
