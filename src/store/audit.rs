@@ -159,6 +159,18 @@ pub(crate) fn item_hash_parts(key: &[u8], time: u64, origin: &[u8; 16]) -> u128 
     u128::from_le_bytes(low)
 }
 
+/// Where the exact split of `items` ordered items into `parts` parts cuts: the positions
+/// (0-based indexes of the items that start parts 2, 3, ...) `floor(i * items / k)` for
+/// `i` in `1..k`, `k = min(parts, items)`. Strictly increasing, never 0, so every part is
+/// non-empty. Every store cuts a range it scans here, so their answers agree.
+pub(crate) fn split_positions(items: u64, parts: usize) -> impl Iterator<Item = u64> {
+    let k = u64::try_from(parts).unwrap_or(u64::MAX).min(items);
+    (1..k.max(1)).map(move |i| {
+        let at = u128::from(i) * u128::from(items) / u128::from(k);
+        u64::try_from(at).expect("below items, a u64")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +223,19 @@ mod tests {
         assert!(range.contains(late_early_origin));
         assert!(!range.contains(early_late_origin));
         assert!(AuditRange::ALL.contains(early_late_origin));
+    }
+
+    #[test]
+    fn split_positions_cut_into_non_empty_nearly_equal_parts() {
+        let cut = |n, p| split_positions(n, p).collect::<Vec<_>>();
+        assert_eq!(cut(0, 4), Vec::<u64>::new());
+        assert_eq!(cut(1, 4), Vec::<u64>::new());
+        assert_eq!(cut(5, 0), Vec::<u64>::new());
+        assert_eq!(cut(5, 1), Vec::<u64>::new());
+        assert_eq!(cut(3, 4), vec![1, 2]);
+        assert_eq!(cut(10, 4), vec![2, 5, 7]);
+        let huge: Vec<u64> = split_positions(u64::MAX, usize::MAX).take(2).collect();
+        assert_eq!(huge, vec![1, 2], "no overflow");
     }
 
     #[test]

@@ -20,6 +20,10 @@
 //!   ([`BatchReport::unreferenced`]).
 //! - An [`Advance`] moves `W[scope][origin]` to `top` only if `base <= W` at commit time (no
 //!   gap), and never lowers it.
+//! - After every commit the [`StoreRead::fingerprint`] of any [`AuditRange`] equals the fold
+//!   of [`item_hash`] over the live versions in it ([`StoreRead::audit_items`]), and every
+//!   store answers `fingerprint`, `audit_items`, `audit_split` and `version_at` alike for
+//!   the same contents.
 //!
 //! The in-memory store is both the test double and the model the redb store is checked
 //! against: the same contract suite (`tests/store_contract.rs`) runs on both.
@@ -187,6 +191,48 @@ pub trait StoreRead {
     /// # Errors
     /// A backend failure.
     fn clock(&self) -> Result<u64, StoreError>;
+
+    /// The [`Fingerprint`] of the live versions of `scope` whose `(origin, time)` lies in
+    /// `range`: their count and the wrapping sum of their [`item_hash`]es.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn fingerprint(&self, scope: &Scope, range: &AuditRange) -> Result<Fingerprint, StoreError>;
+
+    /// Points that cut the live versions of `scope` in `range` into `parts` parts of nearly
+    /// equal counts: at most `parts - 1` strictly increasing points strictly inside `range`,
+    /// each the `(origin, time)` of a live version, which starts the next part. With `n`
+    /// versions in the range and `k = min(parts, n)`, the `i`-th point (from 1) is that of
+    /// the version at position `floor(i * n / k)` (from 0): every part is non-empty, there
+    /// are fewer points when the range holds fewer versions than `parts` (none for 0 or 1
+    /// versions, or `parts <= 1`), and every store cuts at the same places.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn audit_split(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        parts: usize,
+    ) -> Result<Vec<AuditPoint>, StoreError>;
+
+    /// The live versions of `scope` in `range` as `(hlc, key)`, in `(origin, time)` order, at
+    /// most `limit`.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn audit_items(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        limit: usize,
+    ) -> Result<Vec<(Hlc, Key)>, StoreError>;
+
+    /// The live version of `scope` with Hlc `hlc`, and its key, if any.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn version_at(&self, scope: &Scope, hlc: Hlc) -> Result<Option<(Key, Version)>, StoreError>;
 }
 
 /// A node's storage. See the module docs for the contract.

@@ -23,6 +23,7 @@ use crate::error::StoreError;
 #[cfg(doc)]
 use super::Store;
 
+mod audit;
 mod chunks;
 mod migrate;
 mod read;

@@ -6,7 +6,7 @@ use redb::TableDefinition;
 use crate::error::StoreError;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope, Version};
-use crate::store::audit::Fingerprint;
+use crate::store::audit::{AuditPoint, Fingerprint};
 
 /// The on-disk format this build reads and writes. Format 1 and 2 files are migrated to it
 /// when opened.
@@ -89,6 +89,27 @@ pub(super) fn decode_chunk(key: &[u8], value: &[u8]) -> Result<Chunk, StoreError
         return Err(corrupt());
     }
     Ok(chunk)
+}
+
+/// The `(origin, time)` at the end of a `scope | origin | time BE` key (of `versions-v2` or
+/// `audit-chunks-v1`) whose scope prefix is `prefix_len` bytes long.
+pub(super) fn decode_point(
+    key: &[u8],
+    prefix_len: usize,
+    what: &'static str,
+) -> Result<AuditPoint, StoreError> {
+    let tail: &[u8; 24] = key
+        .get(prefix_len..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(StoreError::Corrupt { what })?;
+    let mut id = [0u8; 16];
+    let mut time = [0u8; 8];
+    id.copy_from_slice(&tail[..16]);
+    time.copy_from_slice(&tail[16..]);
+    Ok(AuditPoint {
+        origin: NodeId::from_bytes(id).ok_or(StoreError::Corrupt { what })?,
+        time: u64::from_be_bytes(time),
+    })
 }
 
 pub(super) fn scope_prefix(scope: &Scope) -> Vec<u8> {

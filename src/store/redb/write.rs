@@ -243,6 +243,7 @@ impl Store for RedbStore {
             marks: txn.open_table(MARKS)?,
             peers: txn.open_table(PEER_MARKS)?,
             blob_refs: txn.open_table(BLOB_REFS)?,
+            chunks: txn.open_table(CHUNKS)?,
             _txn: txn,
         }))
     }
