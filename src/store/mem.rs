@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::audit::{item_hash, split_positions, AuditPoint, AuditRange, Fingerprint};
 use super::{apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, Store, StoreRead, TxnOps};
 use crate::error::StoreError;
 use crate::hash::Hash;
@@ -58,6 +59,51 @@ impl MemStore {
 }
 
 struct Reader(Arc<State>);
+
+/// The least node id in byte order (the all-zero id is not an id).
+fn least_id() -> NodeId {
+    let mut bytes = [0u8; 16];
+    bytes[15] = 1;
+    NodeId::from_bytes(bytes).expect("a non-zero id")
+}
+
+impl State {
+    /// The live-index entries of `scope` in `range`, in `(origin, time)` order: the audit
+    /// set, read straight from the index (the model keeps no summaries).
+    fn audit_set<'a>(
+        &'a self,
+        scope: &'a Scope,
+        range: &AuditRange,
+    ) -> impl Iterator<Item = (AuditPoint, &'a Key)> + 'a {
+        let lo = range.lo.unwrap_or(AuditPoint {
+            origin: least_id(),
+            time: 0,
+        });
+        // A range whose end is not above its start is empty: end it at its start (a
+        // BTreeMap range that ends before it starts panics).
+        let upper = match range.hi {
+            Some(hi) => Bound::Excluded((scope.clone(), hi.origin, hi.time).max((
+                scope.clone(),
+                lo.origin,
+                lo.time,
+            ))),
+            None => Bound::Unbounded,
+        };
+        let lower = Bound::Included((scope.clone(), lo.origin, lo.time));
+        self.live
+            .range((lower, upper))
+            .take_while(move |((s, _, _), _)| s == scope)
+            .map(|((_, origin, time), key)| {
+                (
+                    AuditPoint {
+                        origin: *origin,
+                        time: *time,
+                    },
+                    key,
+                )
+            })
+    }
+}
 
 impl StoreRead for Reader {
     fn get(&self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
@@ -154,6 +200,58 @@ impl StoreRead for Reader {
     fn clock(&self) -> Result<u64, StoreError> {
         Ok(self.0.clock)
     }
+
+    fn fingerprint(&self, scope: &Scope, range: &AuditRange) -> Result<Fingerprint, StoreError> {
+        let mut f = Fingerprint::EMPTY;
+        for (point, key) in self.0.audit_set(scope, range) {
+            f.add(item_hash(key, point.hlc()));
+        }
+        Ok(f)
+    }
+
+    fn audit_split(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        parts: usize,
+    ) -> Result<Vec<AuditPoint>, StoreError> {
+        let items = self.0.audit_set(scope, range).count() as u64;
+        let mut cuts = split_positions(items, parts).peekable();
+        let mut out = Vec::new();
+        for (at, (point, _)) in (0u64..).zip(self.0.audit_set(scope, range)) {
+            if cuts.peek() == Some(&at) {
+                out.push(point);
+                cuts.next();
+            }
+        }
+        Ok(out)
+    }
+
+    fn audit_items(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        limit: usize,
+    ) -> Result<Vec<(Hlc, Key)>, StoreError> {
+        Ok(self
+            .0
+            .audit_set(scope, range)
+            .take(limit)
+            .map(|(point, key)| (point.hlc(), key.clone()))
+            .collect())
+    }
+
+    fn version_at(&self, scope: &Scope, hlc: Hlc) -> Result<Option<(Key, Version)>, StoreError> {
+        let Some(key) = self.0.live.get(&(scope.clone(), hlc.origin(), hlc.time())) else {
+            return Ok(None);
+        };
+        let version = self
+            .0
+            .records
+            .get(&(scope.clone(), key.clone()))
+            .ok_or(StoreError::Corrupt { what: "live index" })?;
+        Ok(Some((key.clone(), version.clone())))
+    }
 }
 
 impl TxnOps for State {
@@ -186,7 +284,7 @@ impl TxnOps for State {
             .cloned())
     }
 
-    fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError> {
+    fn remove_live(&mut self, scope: &Scope, _key: &Key, hlc: Hlc) -> Result<(), StoreError> {
         self.live.remove(&(scope.clone(), hlc.origin(), hlc.time()));
         Ok(())
     }
@@ -242,6 +340,11 @@ impl TxnOps for State {
             self.blob_refs.insert(*hash, next);
         }
         Ok(next)
+    }
+
+    fn finish_upserts(&mut self) -> Result<(), StoreError> {
+        // The model keeps no summaries: its fingerprints are folds over the live index.
+        Ok(())
     }
 }
 

@@ -20,13 +20,19 @@
 //!   ([`BatchReport::unreferenced`]).
 //! - An [`Advance`] moves `W[scope][origin]` to `top` only if `base <= W` at commit time (no
 //!   gap), and never lowers it.
+//! - After every commit the [`StoreRead::fingerprint`] of any [`AuditRange`] equals the fold
+//!   of [`item_hash`] over the live versions in it ([`StoreRead::audit_items`]), and every
+//!   store answers `fingerprint`, `audit_items`, `audit_split` and `version_at` alike for
+//!   the same contents.
 //!
 //! The in-memory store is both the test double and the model the redb store is checked
 //! against: the same contract suite (`tests/store_contract.rs`) runs on both.
 
+mod audit;
 mod mem;
 mod redb;
 
+pub use self::audit::{item_hash, AuditPoint, AuditRange, Fingerprint};
 pub use self::mem::MemStore;
 pub use self::redb::RedbStore;
 
@@ -185,6 +191,48 @@ pub trait StoreRead {
     /// # Errors
     /// A backend failure.
     fn clock(&self) -> Result<u64, StoreError>;
+
+    /// The [`Fingerprint`] of the live versions of `scope` whose `(origin, time)` lies in
+    /// `range`: their count and the wrapping sum of their [`item_hash`]es.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn fingerprint(&self, scope: &Scope, range: &AuditRange) -> Result<Fingerprint, StoreError>;
+
+    /// Points that cut the live versions of `scope` in `range` into `parts` parts of nearly
+    /// equal counts: at most `parts - 1` strictly increasing points strictly inside `range`,
+    /// each the `(origin, time)` of a live version, which starts the next part. With `n`
+    /// versions in the range and `k = min(parts, n)`, the `i`-th point (from 1) is that of
+    /// the version at position `floor(i * n / k)` (from 0): every part is non-empty, there
+    /// are fewer points when the range holds fewer versions than `parts` (none for 0 or 1
+    /// versions, or `parts <= 1`), and every store cuts at the same places.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn audit_split(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        parts: usize,
+    ) -> Result<Vec<AuditPoint>, StoreError>;
+
+    /// The live versions of `scope` in `range` as `(hlc, key)`, in `(origin, time)` order, at
+    /// most `limit`.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn audit_items(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        limit: usize,
+    ) -> Result<Vec<(Hlc, Key)>, StoreError>;
+
+    /// The live version of `scope` with Hlc `hlc`, and its key, if any.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn version_at(&self, scope: &Scope, hlc: Hlc) -> Result<Option<(Key, Version)>, StoreError>;
 }
 
 /// A node's storage. See the module docs for the contract.
@@ -260,7 +308,8 @@ trait TxnOps {
         -> Result<(), StoreError>;
     /// The key whose stored version has this Hlc, if any.
     fn live_key_at(&mut self, scope: &Scope, hlc: Hlc) -> Result<Option<Key>, StoreError>;
-    fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError>;
+    /// Removes `key`'s version with this Hlc from the live-version index.
+    fn remove_live(&mut self, scope: &Scope, key: &Key, hlc: Hlc) -> Result<(), StoreError>;
     /// Stores `version` of `key` at its place in the live-version index.
     fn insert_live(
         &mut self,
@@ -274,6 +323,9 @@ trait TxnOps {
     fn raise_clock(&mut self, time: u64) -> Result<(), StoreError>;
     /// Adds `delta` to the blob's reference count and returns the new count.
     fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError>;
+    /// Brings whatever a store keeps about the live-version index in summary (the redb
+    /// store's audit chunks) up to date with the upserts applied so far.
+    fn finish_upserts(&mut self) -> Result<(), StoreError>;
 }
 
 /// IMPORTANT: callers run this inside one transaction; upserts and the watermark advances
@@ -307,7 +359,7 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
             ops.adjust_blob_refs(&b.hash, 1)?;
         }
         if let Some(old) = stored {
-            ops.remove_live(scope, old.hlc)?;
+            ops.remove_live(scope, key, old.hlc)?;
             if let Some(b) = old.blob() {
                 if ops.adjust_blob_refs(&b.hash, -1)? == 0 {
                     report.unreferenced.push(b.hash);
@@ -317,6 +369,9 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
         ops.insert_live(scope, key, version)?;
         report.applied.push(i);
     }
+    // IMPORTANT: the fingerprint summaries move in the same transaction as the versions they
+    // sum, so no commit leaves a range whose fingerprint differs from its items'.
+    ops.finish_upserts()?;
     for adv in &batch.advances {
         let mark = ops.get_mark(&adv.scope, adv.top.origin())?;
         let continues = adv.base <= mark;

@@ -1,11 +1,12 @@
 //! Opening a store file: creating its tables, checking its format, and migrating a
-//! format 1 file to format 2.
+//! format 1 or 2 file to format 3.
 
 use redb::{ReadableTable, WriteTransaction};
 
+use super::chunks;
 use super::tables::{
-    decode_version, encode_row, position, BLOB_REFS, KEYS, LIVE_V1, MARKS, META, PEER_MARKS,
-    RECORDS_V1, VERSIONS,
+    decode_version, encode_row, position, BLOB_REFS, CHUNKS, KEYS, LIVE_V1, MARKS, META,
+    PEER_MARKS, RECORDS_V1, VERSIONS,
 };
 use super::{RedbStore, FORMAT};
 use crate::error::StoreError;
@@ -28,8 +29,15 @@ impl RedbStore {
                         .map_err(|_| StoreError::Corrupt { what: "format" })?;
                     match u32::from_be_bytes(arr) {
                         FORMAT => {}
+                        // Each step in the opening transaction: a crash leaves the file as
+                        // it was, to be migrated again at the next open.
                         1 => {
                             migrate_v1(&txn)?;
+                            build_chunks(&txn, self.chunk_items)?;
+                            meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
+                        }
+                        2 => {
+                            build_chunks(&txn, self.chunk_items)?;
                             meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
                         }
                         found => {
@@ -46,10 +54,21 @@ impl RedbStore {
             txn.open_table(MARKS)?;
             txn.open_table(PEER_MARKS)?;
             txn.open_table(BLOB_REFS)?;
+            txn.open_table(CHUNKS)?;
         }
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Format 2 to 3: sums every origin's versions into audit chunks (runs of `bound`), from
+/// scratch.
+fn build_chunks(txn: &WriteTransaction, bound: u64) -> Result<(), StoreError> {
+    // A format 2 file has no chunk table; start from none whatever it holds.
+    txn.delete_table(CHUNKS)?;
+    let versions = txn.open_table(VERSIONS)?;
+    let mut table = txn.open_table(CHUNKS)?;
+    chunks::build(&mut table, &versions, bound)
 }
 
 /// Rewrites a format 1 store in format 2, inside the opening transaction (so a crash

@@ -1,4 +1,4 @@
-//! The redb store. Layout (format 2; see `docs/storage.md`):
+//! The redb store. Layout (format 3; see `docs/storage.md`):
 //!
 //! Composite keys start with the scope as `len u8 | scope bytes`, so every scope is one
 //! contiguous key range; origins are their 16 id bytes and times are big-endian, so byte
@@ -8,6 +8,9 @@
 //! and a small index maps each key to its version's position. A bulk sync then appends to
 //! the large table and inserts random keys only into the small one, and the sender reads
 //! what a peer lacks with one range scan.
+//!
+//! The audit chunks sum runs of each origin's versions, in the same transaction as the
+//! versions, so that the fingerprint of a large range is a sum of a few stored rows.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -20,6 +23,8 @@ use crate::error::StoreError;
 #[cfg(doc)]
 use super::Store;
 
+mod audit;
+mod chunks;
 mod migrate;
 mod read;
 mod tables;
@@ -40,6 +45,8 @@ pub use self::tables::FORMAT;
 pub struct RedbStore {
     db: Database,
     writes: Mutex<Writes>,
+    /// The bound of the audit chunks ([`RedbStore::AUDIT_CHUNK_ITEMS`] but in tests).
+    chunk_items: u64,
 }
 
 /// The write side's state, under one lock: redb has one writer at a time, and a read
@@ -76,6 +83,14 @@ impl RedbStore {
     /// by default) usually end a group first.
     pub const GROUP_VERSIONS: usize = 250_000;
 
+    /// The most versions an audit chunk sums (`B` in docs/storage.md). A fingerprint reads one
+    /// row per chunk inside its range and hashes the versions of the at most two chunks its
+    /// ends cut, so `B` trades the first cost against the second: at 64, a million versions
+    /// make some 15 600 rows (the whole-scope fingerprint reads them in about a millisecond)
+    /// and a fingerprint whose ends cut chunks hashes 64 versions on average. The bound is
+    /// not part of the format: a file's chunks are valid under any bound.
+    pub const AUDIT_CHUNK_ITEMS: usize = 64;
+
     /// Opens (or creates) the store in the redb file at `path`, with a page cache of
     /// [`RedbStore::CACHE_BYTES`].
     ///
@@ -111,7 +126,27 @@ impl RedbStore {
         )
     }
 
+    /// Opens (or creates) the store at `path` with audit chunks of at most `chunk_items`
+    /// versions, so that tests reach chunk splits and merges with few records.
+    ///
+    /// # Errors
+    /// As [`RedbStore::open`].
+    #[doc(hidden)]
+    pub fn open_with_chunk_items(
+        path: impl AsRef<Path>,
+        chunk_items: usize,
+    ) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(Self::CACHE_BYTES)
+            .create(path.as_ref())?;
+        Self::with_chunk_items(db, chunk_items)
+    }
+
     fn from_db(db: Database) -> Result<Self, StoreError> {
+        Self::with_chunk_items(db, Self::AUDIT_CHUNK_ITEMS)
+    }
+
+    fn with_chunk_items(db: Database, chunk_items: usize) -> Result<Self, StoreError> {
         let store = RedbStore {
             db,
             writes: Mutex::new(Writes {
@@ -119,6 +154,7 @@ impl RedbStore {
                 grouped: 0,
                 dirty: false,
             }),
+            chunk_items: u64::try_from(chunk_items).unwrap_or(u64::MAX).max(1),
         };
         store.init_tables()?;
         Ok(store)

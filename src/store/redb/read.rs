@@ -5,16 +5,17 @@ use std::sync::MutexGuard;
 
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, WriteTransaction};
 
+use super::audit;
 use super::tables::{
     decode_position, decode_row, decode_scope_origin, decode_version, live_key, record_key,
-    scope_prefix, split_row, BLOB_REFS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
+    scope_prefix, split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
 };
 use super::{RedbStore, Writes};
 use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope, Version};
-use crate::store::{KeyRange, StoreRead};
+use crate::store::{AuditPoint, AuditRange, Fingerprint, KeyRange, StoreRead};
 use crate::watermark::ScopedWatermarks;
 
 /// A reader on a committed snapshot (redb's MVCC): used while no group is open.
@@ -26,6 +27,7 @@ pub(super) struct Reader {
     pub(super) marks: ReadOnlyTable<&'static [u8], u64>,
     pub(super) peers: ReadOnlyTable<&'static [u8], u64>,
     pub(super) blob_refs: ReadOnlyTable<&'static [u8], u64>,
+    pub(super) chunks: ReadOnlyTable<&'static [u8], &'static [u8]>,
 }
 
 /// A reader through the open group: it holds the write lock, so no commit interleaves with
@@ -314,6 +316,32 @@ impl StoreRead for Reader {
     fn clock(&self) -> Result<u64, StoreError> {
         stored_clock(&self.meta)
     }
+
+    fn fingerprint(&self, scope: &Scope, range: &AuditRange) -> Result<Fingerprint, StoreError> {
+        audit::fingerprint(&self.versions, &self.chunks, scope, range)
+    }
+
+    fn audit_split(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        parts: usize,
+    ) -> Result<Vec<AuditPoint>, StoreError> {
+        audit::split(&self.versions, &self.chunks, scope, range, parts)
+    }
+
+    fn audit_items(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        limit: usize,
+    ) -> Result<Vec<(Hlc, Key)>, StoreError> {
+        audit::items(&self.versions, scope, range, limit)
+    }
+
+    fn version_at(&self, scope: &Scope, hlc: Hlc) -> Result<Option<(Key, Version)>, StoreError> {
+        audit::version_by_hlc(&self.versions, scope, hlc)
+    }
 }
 
 impl StoreRead for GroupReader<'_> {
@@ -378,6 +406,45 @@ impl StoreRead for GroupReader<'_> {
 
     fn clock(&self) -> Result<u64, StoreError> {
         stored_clock(&self.txn().open_table(META)?)
+    }
+
+    fn fingerprint(&self, scope: &Scope, range: &AuditRange) -> Result<Fingerprint, StoreError> {
+        let txn = self.txn();
+        audit::fingerprint(
+            &txn.open_table(VERSIONS)?,
+            &txn.open_table(CHUNKS)?,
+            scope,
+            range,
+        )
+    }
+
+    fn audit_split(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        parts: usize,
+    ) -> Result<Vec<AuditPoint>, StoreError> {
+        let txn = self.txn();
+        audit::split(
+            &txn.open_table(VERSIONS)?,
+            &txn.open_table(CHUNKS)?,
+            scope,
+            range,
+            parts,
+        )
+    }
+
+    fn audit_items(
+        &self,
+        scope: &Scope,
+        range: &AuditRange,
+        limit: usize,
+    ) -> Result<Vec<(Hlc, Key)>, StoreError> {
+        audit::items(&self.txn().open_table(VERSIONS)?, scope, range, limit)
+    }
+
+    fn version_at(&self, scope: &Scope, hlc: Hlc) -> Result<Option<(Key, Version)>, StoreError> {
+        audit::version_by_hlc(&self.txn().open_table(VERSIONS)?, scope, hlc)
     }
 }
 

@@ -1,4 +1,4 @@
-//! The redb tables of format 2 (and the format 1 tables read to migrate), and the
+//! The redb tables of format 3 (and the format 1 tables read to migrate), and the
 //! encoding of their keys and rows.
 
 use redb::TableDefinition;
@@ -6,10 +6,11 @@ use redb::TableDefinition;
 use crate::error::StoreError;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope, Version};
+use crate::store::audit::{AuditPoint, Fingerprint};
 
-/// The on-disk format this build reads and writes. Format 1 files are migrated to it when
-/// opened.
-pub const FORMAT: u32 = 2;
+/// The on-disk format this build reads and writes. Format 1 and 2 files are migrated to it
+/// when opened.
+pub const FORMAT: u32 = 3;
 
 /// "format" -> u32 BE; "node_id" -> 16 bytes; "clock" -> u64 BE (last issued or observed time).
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-v1");
@@ -31,6 +32,85 @@ pub(super) const PEER_MARKS: TableDefinition<&[u8], u64> =
 
 /// blake3 hash (32 bytes) -> number of stored versions referencing the blob (absent = 0).
 pub(super) const BLOB_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("blob-refs-v1");
+
+/// scope | origin | first time BE -> count u64 BE | sum u128 BE | last time BE: the audit
+/// chunks. Each is a run of one origin's stored versions in a scope, from the version at
+/// `first` to the one at `last` (both stored), with the fingerprint of the versions between;
+/// the chunks of an origin do not overlap and cover all its stored versions.
+pub(super) const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("audit-chunks-v1");
+
+/// An audit chunk: the stored versions of one `(scope, origin)` with `first <= time <= last`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct Chunk {
+    /// The time of its first version (the last 8 bytes of its key).
+    pub(super) first: u64,
+    /// The time of its last version.
+    pub(super) last: u64,
+    /// Its versions' fingerprint; the count is never 0 (an empty chunk is removed).
+    pub(super) fp: Fingerprint,
+}
+
+/// A chunk row's value: `count u64 BE | sum u128 BE | last time u64 BE`.
+pub(super) fn encode_chunk(chunk: &Chunk) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..8].copy_from_slice(&chunk.fp.count.to_be_bytes());
+    out[8..24].copy_from_slice(&chunk.fp.sum.to_be_bytes());
+    out[24..].copy_from_slice(&chunk.last.to_be_bytes());
+    out
+}
+
+/// A chunk from its row: the key (for `first`) and the value.
+pub(super) fn decode_chunk(key: &[u8], value: &[u8]) -> Result<Chunk, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: "audit chunk",
+    };
+    let first = key
+        .len()
+        .checked_sub(8)
+        .and_then(|at| key.get(at..))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .ok_or_else(corrupt)?;
+    let value: &[u8; 32] = value.try_into().map_err(|_| corrupt())?;
+    let mut count = [0u8; 8];
+    let mut sum = [0u8; 16];
+    let mut last = [0u8; 8];
+    count.copy_from_slice(&value[..8]);
+    sum.copy_from_slice(&value[8..24]);
+    last.copy_from_slice(&value[24..]);
+    let chunk = Chunk {
+        first: u64::from_be_bytes(first),
+        last: u64::from_be_bytes(last),
+        fp: Fingerprint {
+            count: u64::from_be_bytes(count),
+            sum: u128::from_be_bytes(sum),
+        },
+    };
+    if chunk.fp.count == 0 || chunk.last < chunk.first {
+        return Err(corrupt());
+    }
+    Ok(chunk)
+}
+
+/// The `(origin, time)` at the end of a `scope | origin | time BE` key (of `versions-v2` or
+/// `audit-chunks-v1`) whose scope prefix is `prefix_len` bytes long.
+pub(super) fn decode_point(
+    key: &[u8],
+    prefix_len: usize,
+    what: &'static str,
+) -> Result<AuditPoint, StoreError> {
+    let tail: &[u8; 24] = key
+        .get(prefix_len..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(StoreError::Corrupt { what })?;
+    let mut id = [0u8; 16];
+    let mut time = [0u8; 8];
+    id.copy_from_slice(&tail[..16]);
+    time.copy_from_slice(&tail[16..]);
+    Ok(AuditPoint {
+        origin: NodeId::from_bytes(id).ok_or(StoreError::Corrupt { what })?,
+        time: u64::from_be_bytes(time),
+    })
+}
 
 pub(super) fn scope_prefix(scope: &Scope) -> Vec<u8> {
     let s = scope.as_str().as_bytes();

@@ -5,10 +5,11 @@ use std::sync::MutexGuard;
 
 use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
+use super::chunks::Changes;
 use super::read::{stored_clock, version_at, GroupReader, Reader, HELD};
 use super::tables::{
     decode_row_key, decode_scope_origin, encode_row, live_key, origin_key, position, record_key,
-    split_row, BLOB_REFS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
+    split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
 };
 use super::{RedbStore, Writes};
 use crate::error::StoreError;
@@ -16,14 +17,14 @@ use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{Key, Scope, Version};
 use crate::store::{
-    apply_batch, Batch, BatchReport, Durability, PeerKnowledge, Store, StoreRead, TxnOps,
+    apply_batch, item_hash, Batch, BatchReport, Durability, PeerKnowledge, Store, StoreRead, TxnOps,
 };
 use crate::record::ScopeFilter;
 
 impl RedbStore {
     /// The write lock, unless this thread holds a group reader of this store (which holds
     /// the lock already).
-    fn lock_writes(&self) -> Result<MutexGuard<'_, Writes>, StoreError> {
+    pub(super) fn lock_writes(&self) -> Result<MutexGuard<'_, Writes>, StoreError> {
         if HELD.with_borrow(|held| held.contains(&self.address())) {
             return Err(StoreError::ReaderHeld);
         }
@@ -62,10 +63,14 @@ struct Writer<'t> {
     marks: Table<'t, &'static [u8], u64>,
     peers: Table<'t, &'static [u8], u64>,
     blob_refs: Table<'t, &'static [u8], u64>,
+    chunks: Table<'t, &'static [u8], &'static [u8]>,
+    /// The batch's changes to the live set, settled into `chunks` by `finish_upserts`.
+    changes: Changes,
+    chunk_items: u64,
 }
 
 impl<'t> Writer<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+    fn open(txn: &'t WriteTransaction, chunk_items: u64) -> Result<Self, StoreError> {
         Ok(Writer {
             meta: txn.open_table(META)?,
             versions: txn.open_table(VERSIONS)?,
@@ -73,6 +78,9 @@ impl<'t> Writer<'t> {
             marks: txn.open_table(MARKS)?,
             peers: txn.open_table(PEER_MARKS)?,
             blob_refs: txn.open_table(BLOB_REFS)?,
+            chunks: txn.open_table(CHUNKS)?,
+            changes: Changes::default(),
+            chunk_items,
         })
     }
 }
@@ -117,9 +125,11 @@ impl TxnOps for Writer<'_> {
         }
     }
 
-    fn remove_live(&mut self, scope: &Scope, hlc: Hlc) -> Result<(), StoreError> {
+    fn remove_live(&mut self, scope: &Scope, key: &Key, hlc: Hlc) -> Result<(), StoreError> {
         self.versions
             .remove(live_key(scope, hlc.origin(), hlc.time()).as_slice())?;
+        self.changes
+            .remove(scope, hlc.origin(), hlc.time(), item_hash(key, hlc));
         Ok(())
     }
 
@@ -134,6 +144,8 @@ impl TxnOps for Writer<'_> {
             live_key(scope, hlc.origin(), hlc.time()).as_slice(),
             encode_row(key, version).as_slice(),
         )?;
+        self.changes
+            .insert(scope, hlc.origin(), hlc.time(), item_hash(key, hlc));
         Ok(())
     }
 
@@ -207,6 +219,11 @@ impl TxnOps for Writer<'_> {
         }
         Ok(next)
     }
+
+    fn finish_upserts(&mut self) -> Result<(), StoreError> {
+        self.changes
+            .apply(&mut self.chunks, &self.versions, self.chunk_items)
+    }
 }
 
 impl Store for RedbStore {
@@ -226,6 +243,7 @@ impl Store for RedbStore {
             marks: txn.open_table(MARKS)?,
             peers: txn.open_table(PEER_MARKS)?,
             blob_refs: txn.open_table(BLOB_REFS)?,
+            chunks: txn.open_table(CHUNKS)?,
             _txn: txn,
         }))
     }
@@ -271,7 +289,9 @@ impl Store for RedbStore {
         // with their watermark advances, so the store stays consistent.
         let txn = self.write_txn(&mut writes)?;
         // IMPORTANT: the data and the watermark advances that cover it share this transaction.
-        let report = match Writer::open(&txn).and_then(|mut w| apply_batch(&mut w, batch)) {
+        let report = match Writer::open(&txn, self.chunk_items)
+            .and_then(|mut w| apply_batch(&mut w, batch))
+        {
             Ok(report) => report,
             Err(e) => {
                 if gathering {
