@@ -15,11 +15,11 @@ use super::{RedbStore, Writes};
 use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
+use crate::record::ScopeFilter;
 use crate::record::{Key, Scope, Version};
 use crate::store::{
     apply_batch, item_hash, Batch, BatchReport, Durability, PeerKnowledge, Store, StoreRead, TxnOps,
 };
-use crate::record::ScopeFilter;
 
 impl RedbStore {
     /// The write lock, unless this thread holds a group reader of this store (which holds
