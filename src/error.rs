@@ -226,6 +226,16 @@ pub enum ProtocolError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A version that does not validate (a value over the size limit).
+    #[error("malformed version for scope {scope}, key {key:?}: {reason}")]
+    MalformedVersion {
+        /// The version's scope.
+        scope: Scope,
+        /// Its key.
+        key: crate::record::Key,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// Two runs for the same scope and origin in one page.
     #[error("duplicate run for scope {scope}, origin {origin}")]
     DuplicateRun {

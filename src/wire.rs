@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::WireError;
+pub use crate::exchange::audit::{AuditRequest, AuditResponse};
 pub use crate::exchange::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 use crate::exchange::{Page, Run};
 use crate::hlc::{Hlc, NodeId};
@@ -44,6 +45,14 @@ impl Message for ExchangeRequest {
 
 impl Message for ExchangeResponse {
     const KIND: u8 = 2;
+}
+
+impl Message for AuditRequest {
+    const KIND: u8 = 3;
+}
+
+impl Message for AuditResponse {
+    const KIND: u8 = 4;
 }
 
 /// Encodes `msg` in a version-1 envelope.

@@ -22,10 +22,9 @@ use super::{lock, Inner, SyncEngine, UPLOAD_GRACE};
 use crate::blob::{BlobError, BlobWriter};
 use crate::blocking::run_blocking;
 use crate::error::TransportError;
-use crate::exchange::Page;
 use crate::hash::Hash;
 use crate::hlc::Hlc;
-use crate::record::{BlobRef, Key, Scope};
+use crate::record::{BlobRef, Key, Scope, Version};
 use crate::transport::Transport;
 
 /// Transfers running at once in one round.
@@ -92,13 +91,15 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The distinct blobs referenced by a page's versions.
-fn page_blobs(page: &Page) -> Vec<BlobRef> {
+/// A version received or sent, with its scope and key.
+pub(crate) type Item<'a> = (&'a Scope, &'a Key, &'a Version);
+
+/// The distinct blobs referenced by `versions`.
+pub(crate) fn blobs_of<'a>(versions: impl IntoIterator<Item = Item<'a>>) -> Vec<BlobRef> {
     let mut seen = HashSet::new();
-    page.runs
-        .iter()
-        .flat_map(|r| r.versions.iter())
-        .filter_map(|(_, v)| v.blob().copied())
+    versions
+        .into_iter()
+        .filter_map(|(_, _, v)| v.blob().copied())
         .filter(|b| seen.insert(b.hash))
         .collect()
 }
@@ -170,15 +171,14 @@ impl SyncEngine {
         self.inner.remove_if_unused(hash)
     }
 
-    /// Uploads the blobs of `page` that the responder lacks. Returns how many were pushed.
-    /// Failures are not errors here: the responder applies those versions as Staged and
-    /// reports the halt, and the next round retries.
+    /// Uploads the `blobs` (of versions about to be sent) that the responder lacks. Returns
+    /// how many were pushed. Failures are not errors here: the responder applies those
+    /// versions as Staged and reports the halt, and the next round retries.
     pub(crate) async fn push_blobs<T: Transport + ?Sized>(
         &self,
         transport: &T,
-        page: &Page,
+        blobs: Vec<BlobRef>,
     ) -> Result<usize, TransportError> {
-        let blobs = page_blobs(page);
         if blobs.is_empty() {
             return Ok(0);
         }
@@ -205,28 +205,32 @@ impl SyncEngine {
         Ok(pushed)
     }
 
-    /// The versions of `page` this node will keep (at least as new as what it stores) whose
-    /// blob it does not hold, as (scope, key, Hlc, blob).
-    fn missing_blobs(&self, page: &Page) -> crate::Result<Vec<(Scope, Key, Hlc, BlobRef)>> {
+    /// The `versions` this node will keep (at least as new as what it stores) whose blob it
+    /// does not hold, as (scope, key, Hlc, blob).
+    fn missing_blobs<'a>(
+        &self,
+        versions: impl IntoIterator<Item = Item<'a>>,
+    ) -> crate::Result<Vec<(Scope, Key, Hlc, BlobRef)>> {
         let read = self.inner.store.read()?;
         let mut out = Vec::new();
-        for run in &page.runs {
-            for (key, v) in &run.versions {
-                let Some(blob) = v.blob() else { continue };
-                let keeps = read.get(&run.scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
-                if keeps && !self.inner.blobs.contains(&blob.hash)? {
-                    out.push((run.scope.clone(), key.clone(), v.hlc, *blob));
-                }
+        for (scope, key, v) in versions {
+            let Some(blob) = v.blob() else { continue };
+            let keeps = read.get(scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
+            if keeps && !self.inner.blobs.contains(&blob.hash)? {
+                out.push((scope.clone(), key.clone(), v.hlc, *blob));
             }
         }
         Ok(out)
     }
 
-    /// The distinct blobs to fetch before applying `page`.
-    pub(crate) fn needed_blobs(&self, page: &Page) -> crate::Result<Vec<BlobRef>> {
+    /// The distinct blobs to fetch before applying `versions`.
+    pub(crate) fn needed_blobs<'a>(
+        &self,
+        versions: impl IntoIterator<Item = Item<'a>>,
+    ) -> crate::Result<Vec<BlobRef>> {
         let mut seen = HashSet::new();
         Ok(self
-            .missing_blobs(page)?
+            .missing_blobs(versions)?
             .into_iter()
             .map(|(.., b)| b)
             .filter(|b| seen.insert(b.hash))
@@ -267,11 +271,14 @@ impl SyncEngine {
         Ok(())
     }
 
-    /// The (scope, key, Hlc) of versions in `page` whose needed blob is not local: they will
-    /// be applied as Staged, and their runs' marks stop below them.
-    pub(crate) fn staged_keys(&self, page: &Page) -> crate::Result<BTreeSet<(Scope, Key, Hlc)>> {
+    /// The (scope, key, Hlc) of `versions` whose needed blob is not local: they will be
+    /// applied as Staged (and a run's mark stops below them).
+    pub(crate) fn staged_keys<'a>(
+        &self,
+        versions: impl IntoIterator<Item = Item<'a>>,
+    ) -> crate::Result<BTreeSet<(Scope, Key, Hlc)>> {
         Ok(self
-            .missing_blobs(page)?
+            .missing_blobs(versions)?
             .into_iter()
             .map(|(s, k, h, _)| (s, k, h))
             .collect())

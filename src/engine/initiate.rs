@@ -12,6 +12,7 @@ use crate::notify::ChangeKind;
 use crate::record::BlobRef;
 use crate::transport::Transport;
 
+use super::blobs::blobs_of;
 use super::{lock, SyncEngine};
 
 impl SyncEngine {
@@ -84,7 +85,9 @@ impl SyncEngine {
             )
         })
         .await??;
-        let blobs_pushed = self.push_blobs(transport, &round.request().page).await?;
+        let blobs_pushed = self
+            .push_blobs(transport, blobs_of(round.request().page.versions()))
+            .await?;
         let mut response = transport.exchange(round.request().clone()).await?;
         let received = loop {
             match round.receive(response)? {
@@ -94,7 +97,7 @@ impl SyncEngine {
         };
         let engine = self.handle();
         let (received, needed) = run_blocking(move || {
-            let needed = engine.needed_blobs(&received.page);
+            let needed = engine.needed_blobs(received.page.versions());
             (received, needed)
         })
         .await?;

@@ -38,6 +38,7 @@
 //! ```
 
 mod api;
+mod audit;
 mod blobs;
 mod durability;
 mod identity;
@@ -58,6 +59,7 @@ use crate::notify::Notifier;
 use crate::poison::lock;
 use crate::store::{MemStore, RedbStore, Store};
 
+pub use self::audit::{AuditOptions, AuditOutcome};
 use self::blobs::BlobGuards;
 pub use self::blobs::TRANSFER_CONCURRENCY;
 use self::durability::Pending;

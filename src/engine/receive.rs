@@ -85,7 +85,7 @@ impl SyncEngine {
             .flat_map(|r| r.versions.iter().filter_map(|(_, v)| v.blob()))
             .map(|b| self.pin(b.hash))
             .collect();
-        let staged = self.staged_keys(page)?;
+        let staged = self.staged_keys(page.versions())?;
         let plan = apply::plan_page_apply(
             page,
             me,

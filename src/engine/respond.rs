@@ -12,7 +12,7 @@ use crate::hlc::NodeId;
 use crate::notify::Notifier;
 use crate::record::{BlobRef, Scope};
 use crate::transport::{Refusal, Responder};
-use crate::wire::{ExchangeRequest, ExchangeResponse};
+use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
 
 use super::{lock, RestoreDetection, SyncEngine};
 
@@ -51,6 +51,11 @@ impl Responder for SyncEngine {
 
     fn scopes(&self) -> std::result::Result<Vec<Scope>, Refusal> {
         SyncEngine::scopes(self).map_err(|e| Refusal::from(&e))
+    }
+
+    fn audit(&self, request: AuditRequest) -> std::result::Result<AuditResponse, Refusal> {
+        self.answer_audit(request)
+            .map_err(|e: Error| Refusal::from(&e))
     }
 
     fn notifier(&self) -> Option<&Notifier> {

@@ -74,6 +74,17 @@ pub fn plan_page_apply(
     plan
 }
 
+/// The halt reason for a version the clock refused: how far ahead it is, in milliseconds.
+pub fn skew_reason(e: &ClockError) -> HaltReason {
+    let ahead_by_ms = match e {
+        ClockError::Skew { ahead_by, .. } => {
+            u64::try_from(ahead_by.as_millis()).unwrap_or(u64::MAX)
+        }
+        _ => u64::MAX,
+    };
+    HaltReason::ClockSkew { ahead_by_ms }
+}
+
 /// The decision for one run.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RunPlan {
@@ -125,15 +136,7 @@ pub fn plan_run(
         origin: run.origin,
         reason,
     };
-    let skew = |e: ClockError| {
-        let ahead_by_ms = match e {
-            ClockError::Skew { ahead_by, .. } => {
-                u64::try_from(ahead_by.as_millis()).unwrap_or(u64::MAX)
-            }
-            _ => u64::MAX,
-        };
-        halt_for(HaltReason::ClockSkew { ahead_by_ms })
-    };
+    let skew = |e: ClockError| halt_for(skew_reason(&e));
     let mut accepted = 0;
     // (index of the first version the mark must stop below, why)
     let mut first_halt: Option<(usize, Halt)> = None;

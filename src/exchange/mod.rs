@@ -123,6 +123,7 @@
 //! ```
 
 pub mod apply;
+pub mod audit;
 mod initiator;
 mod messages;
 mod page;

@@ -95,6 +95,13 @@ impl Page {
         self.runs.iter().map(|r| (&r.scope, r.origin))
     }
 
+    /// Every version of the page with its scope and key, run by run.
+    pub fn versions(&self) -> impl Iterator<Item = (&Scope, &Key, &Version)> {
+        self.runs
+            .iter()
+            .flat_map(|r| r.versions.iter().map(move |(k, v)| (&r.scope, k, v)))
+    }
+
     /// Number of versions over all runs.
     pub fn version_count(&self) -> usize {
         self.runs.iter().map(|r| r.versions.len()).sum()

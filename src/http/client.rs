@@ -26,7 +26,7 @@ use crate::hlc::NodeId;
 use crate::poison::lock;
 use crate::record::BlobRef;
 use crate::transport::{RefusalCode, Transport, WatchReply};
-use crate::wire::{self, ExchangeRequest, ExchangeResponse};
+use crate::wire::{self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, Message};
 
 /// Blob presence questions (HEAD requests) in flight at once.
 const PRESENCE_CONCURRENCY: usize = 8;
@@ -313,6 +313,31 @@ impl HttpTransport {
         }
     }
 
+    /// POSTs one wire message to `path` and decodes the answer, within the request timeout.
+    async fn post_message<Q: Message, A: Message>(
+        &self,
+        path: &str,
+        request: &Q,
+    ) -> Result<A, TransportError> {
+        let body = wire::encode(request);
+        let len = body.len() as u64;
+        let round = async {
+            let resp = self.call(Method::POST, path, full(body), Some(len)).await?;
+            if resp.status() != StatusCode::OK {
+                return Err(HttpTransport::error_for(resp).await);
+            }
+            let bytes = http_body_util::Limited::new(resp.into_body(), wire::MAX_MESSAGE_LEN + 16)
+                .collect()
+                .await
+                .map_err(|e| unreachable(format!("response body broke off: {e}")))?
+                .to_bytes();
+            wire::decode::<A>(&bytes).map_err(TransportError::BadResponse)
+        };
+        tokio::time::timeout(self.config.timeout, round)
+            .await
+            .map_err(|_| unreachable(format!("{path} on {} timed out", self.base)))?
+    }
+
     async fn head_blob(&self, hash: Hash) -> Result<bool, TransportError> {
         let resp = self
             .call(Method::HEAD, &format!("/v1/blobs/{hash}"), empty(), None)
@@ -370,25 +395,13 @@ impl Transport for HttpTransport {
     }
 
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
-        let body = wire::encode(&request);
-        let len = body.len() as u64;
-        let round = async {
-            let resp = self
-                .call(Method::POST, "/v1/sync/exchange", full(body), Some(len))
-                .await?;
-            if resp.status() != StatusCode::OK {
-                return Err(HttpTransport::error_for(resp).await);
-            }
-            let bytes = http_body_util::Limited::new(resp.into_body(), wire::MAX_MESSAGE_LEN + 16)
-                .collect()
-                .await
-                .map_err(|e| unreachable(format!("response body broke off: {e}")))?
-                .to_bytes();
-            wire::decode::<ExchangeResponse>(&bytes).map_err(TransportError::BadResponse)
-        };
-        let response = tokio::time::timeout(self.config.timeout, round)
-            .await
-            .map_err(|_| unreachable(format!("exchange with {} timed out", self.base)))??;
+        let response: ExchangeResponse = self.post_message("/v1/sync/exchange", &request).await?;
+        self.learn_peer(response.from);
+        Ok(response)
+    }
+
+    async fn audit(&self, request: AuditRequest) -> Result<AuditResponse, TransportError> {
+        let response: AuditResponse = self.post_message("/v1/sync/audit", &request).await?;
         self.learn_peer(response.from);
         Ok(response)
     }

@@ -78,7 +78,7 @@ impl Layer for Faults {
                     return Err(injected_failure(blob.hash));
                 }
             }
-            Call::BlobsPresent(_) | Call::Watch => {}
+            Call::BlobsPresent(_) | Call::Watch | Call::Audit(_) => {}
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::time::Duration;
 
-use super::{RefusalCode, Responder, Transport, WatchReply};
+use super::{Refusal, RefusalCode, Responder, Transport, WatchReply};
 use crate::blob::{copy_chunks, CopyError};
 use crate::blocking::{run_blocking, Interrupted};
 use crate::error::TransportError;
@@ -13,7 +13,7 @@ use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::notify::WatchToken;
 use crate::record::BlobRef;
-use crate::wire::{self, ExchangeRequest, ExchangeResponse};
+use crate::wire::{self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, Message};
 
 /// Bytes and requests that went over a transport.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +90,20 @@ impl<R: Responder> InProcess<R> {
         }
     }
 
+    /// Runs one request's `answer` on a blocking thread and counts its bytes.
+    async fn round_trip<A: Send + 'static>(
+        &self,
+        answer: impl FnOnce() -> (usize, usize, Result<A, TransportError>) + Send + 'static,
+    ) -> Result<A, TransportError> {
+        let (sent, received, response) = run_blocking(answer).await.map_err(interrupted)?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.count(&self.sent, &self.last_request, sent);
+        if received > 0 {
+            self.count(&self.received, &self.last_response, received);
+        }
+        response
+    }
+
     fn count(&self, total: &AtomicU64, last: &AtomicU64, n: usize) {
         let n = n as u64;
         total.fetch_add(n, Ordering::Relaxed);
@@ -99,13 +113,13 @@ impl<R: Responder> InProcess<R> {
 
 /// The responder's side of one request, as the HTTP server does it: decode, answer, encode.
 /// Returns the encoded sizes of the request and the response.
-fn answer<R: Responder>(
-    peer: &R,
-    request: &ExchangeRequest,
-) -> (usize, usize, Result<ExchangeResponse, TransportError>) {
+fn answer<Q: Message, A: Message>(
+    request: &Q,
+    respond: impl FnOnce(Q) -> Result<A, Refusal>,
+) -> (usize, usize, Result<A, TransportError>) {
     let bytes = wire::encode(request);
     let sent = bytes.len();
-    let decoded = match wire::decode::<ExchangeRequest>(&bytes) {
+    let decoded = match wire::decode::<Q>(&bytes) {
         Ok(decoded) => decoded,
         Err(e) => {
             let refused = TransportError::Refused {
@@ -115,12 +129,12 @@ fn answer<R: Responder>(
             return (sent, 0, Err(refused));
         }
     };
-    let response = match peer.respond(decoded) {
+    let response = match respond(decoded) {
         Ok(response) => response,
         Err(refusal) => return (sent, 0, Err(refusal.into())),
     };
     let bytes = wire::encode(&response);
-    let decoded = wire::decode::<ExchangeResponse>(&bytes).map_err(TransportError::BadResponse);
+    let decoded = wire::decode::<A>(&bytes).map_err(TransportError::BadResponse);
     (sent, bytes.len(), decoded)
 }
 
@@ -139,15 +153,14 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
 
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
         let peer = self.peer.clone();
-        let (sent, received, response) = run_blocking(move || answer(&peer, &request))
+        self.round_trip(move || answer(&request, |r| peer.respond(r)))
             .await
-            .map_err(interrupted)?;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.count(&self.sent, &self.last_request, sent);
-        if received > 0 {
-            self.count(&self.received, &self.last_response, received);
-        }
-        response
+    }
+
+    async fn audit(&self, request: AuditRequest) -> Result<AuditResponse, TransportError> {
+        let peer = self.peer.clone();
+        self.round_trip(move || answer(&request, |r| peer.audit(r)))
+            .await
     }
 
     async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {

@@ -44,7 +44,7 @@ use crate::error::TransportError;
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::record::BlobRef;
-use crate::wire::{ExchangeRequest, ExchangeResponse};
+use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
 
 /// A call on its way to the inner transport, with its argument, as a [`Layer`] sees it.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +60,8 @@ pub enum Call<'a> {
     PushBlob(&'a BlobRef),
     /// [`Transport::watch`].
     Watch,
+    /// [`Transport::audit`].
+    Audit(&'a AuditRequest),
 }
 
 /// What a [`Layered`] transport does around its inner transport's calls. Every method has
@@ -178,6 +180,11 @@ impl<T: Transport, L: Layer> Transport for Layered<T, L> {
         self.layer.before(Call::Watch)?;
         self.inner.watch(since, watcher, timeout).await
     }
+
+    async fn audit(&self, request: AuditRequest) -> Result<AuditResponse, TransportError> {
+        self.layer.before(Call::Audit(&request))?;
+        self.inner.audit(request).await
+    }
 }
 
 /// A borrowed transport is a transport, so a layer can wrap one its caller keeps (the CLI
@@ -225,6 +232,13 @@ impl<T: Transport + ?Sized> Transport for &T {
         timeout: Duration,
     ) -> impl Future<Output = Result<WatchReply, TransportError>> + Send {
         (**self).watch(since, watcher, timeout)
+    }
+
+    fn audit(
+        &self,
+        request: AuditRequest,
+    ) -> impl Future<Output = Result<AuditResponse, TransportError>> + Send {
+        (**self).audit(request)
     }
 }
 

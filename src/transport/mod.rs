@@ -21,7 +21,7 @@ use crate::error::{Error, TransportError};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::record::{BlobRef, Scope};
-use crate::wire::{ExchangeRequest, ExchangeResponse};
+use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
 
 /// The initiator's side of a round. Implementations retry nothing: the scheduler owns
 /// retries. All blob traffic is started by the initiator, so a node behind NAT can sync.
@@ -69,6 +69,16 @@ pub trait Transport: Send + Sync {
     ) -> impl Future<Output = Result<WatchReply, TransportError>> + Send {
         let _ = (since, watcher, timeout);
         async { Err(TransportError::Unsupported { what: "watch" }) }
+    }
+
+    /// Sends one audit request and returns the response (see [`crate::exchange::audit`]).
+    /// Transports without it answer [`TransportError::Unsupported`].
+    fn audit(
+        &self,
+        request: AuditRequest,
+    ) -> impl Future<Output = Result<AuditResponse, TransportError>> + Send {
+        let _ = request;
+        async { Err(TransportError::Unsupported { what: "audit" }) }
     }
 }
 
@@ -121,6 +131,18 @@ pub trait Responder: Send + Sync {
     fn notifier(&self) -> Option<&crate::notify::Notifier> {
         None
     }
+
+    /// Answers one audit request.
+    ///
+    /// # Errors
+    /// A [`Refusal`]; responders without audits refuse with `Unavailable`.
+    fn audit(&self, request: AuditRequest) -> Result<AuditResponse, Refusal> {
+        let _ = request;
+        Err(Refusal {
+            code: RefusalCode::Unavailable,
+            reason: "this node does not answer audits".to_owned(),
+        })
+    }
 }
 
 impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
@@ -150,6 +172,10 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
 
     fn notifier(&self) -> Option<&crate::notify::Notifier> {
         (**self).notifier()
+    }
+
+    fn audit(&self, request: AuditRequest) -> Result<AuditResponse, Refusal> {
+        (**self).audit(request)
     }
 }
 

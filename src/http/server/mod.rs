@@ -91,13 +91,19 @@ type Reply = Result<Response<HttpBody>, Failure>;
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "request task failed");
-        Err(Failure::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error",
-        ))
-    })
+    // A panic in a handler's storage work answers 500 rather than drop the connection.
+    let caught = move || std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    match crate::blocking::run_blocking(caught).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => {
+            tracing::error!("a request's storage work panicked");
+            Err(Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+            ))
+        }
+        Err(e) => Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
 }
 
 impl HighwaterService {
@@ -173,6 +179,8 @@ impl HighwaterService {
         match (route, method) {
             (Route::Exchange, Method::POST) => self.exchange(&grant, req).await,
             (Route::Exchange, _) => allow("POST"),
+            (Route::Audit, Method::POST) => self.audit(&grant, req).await,
+            (Route::Audit, _) => allow("POST"),
             (Route::Watch, Method::GET) => self.watch(&grant, query(&req)).await,
             (Route::Watch, _) => allow("GET"),
             (Route::Blob(hash), m @ (Method::HEAD | Method::GET)) => {

@@ -61,6 +61,7 @@ pub(super) fn query<B>(req: &Request<B>) -> String {
 /// What a request asks for, parsed from its path alone.
 pub(super) enum Route {
     Exchange,
+    Audit,
     Watch,
     Blob(Hash),
     Record(Scope, Key),
@@ -76,6 +77,7 @@ pub(super) fn route(path: &str) -> Result<Route, Failure> {
     let segments: Vec<&str> = rest.split('/').collect();
     match segments.as_slice() {
         ["sync", "exchange"] => Ok(Route::Exchange),
+        ["sync", "audit"] => Ok(Route::Audit),
         ["sync", "watch"] => Ok(Route::Watch),
         ["status"] => Ok(Route::Status),
         ["blobs", rest @ ..] => match rest {

@@ -1,5 +1,5 @@
-//! The sync endpoints: exchange (with its per-token slots and scope authorization), watch,
-//! and blob download and upload.
+//! The sync endpoints: exchange and audit (with their per-token slots and scope
+//! authorization), watch, and blob download and upload.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use super::failure::json_response;
 use super::routes::check_declared;
 use super::{blocking, Failure, HighwaterService, Inner, Reply};
 use crate::blob::CHUNK;
+use crate::exchange::audit::shipped;
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::http::access::Grant;
@@ -24,13 +25,77 @@ use crate::notify::WatchToken;
 use crate::poison::lock;
 use crate::record::{BlobRef, Scope};
 use crate::transport::Responder;
-use crate::wire::{self, ExchangeRequest, RequestMarks, ScopeFilter};
+use crate::wire::{self, AuditRequest, ExchangeRequest, RequestMarks, ScopeFilter};
 
 impl HighwaterService {
     pub(super) async fn exchange<B>(&self, grant: &Grant, req: Request<B>) -> Reply
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
+    {
+        let max_versions = self.inner.config.max_page_versions;
+        self.sync_message(
+            grant,
+            req,
+            move |responder, grant, request: ExchangeRequest| {
+                let count = request.page.version_count();
+                if count > max_versions {
+                    return Err(Failure {
+                        status: StatusCode::PAYLOAD_TOO_LARGE,
+                        message: format!(
+                            "page of {count} versions over the limit of {max_versions}"
+                        ),
+                        close: false,
+                    });
+                }
+                let local = responder.scopes()?;
+                let request = authorize_exchange(grant, request, &local)?;
+                Ok(responder.respond(request)?)
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn audit<B>(&self, grant: &Grant, req: Request<B>) -> Reply
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let max_versions = self.inner.config.max_page_versions;
+        self.sync_message(
+            grant,
+            req,
+            move |responder, grant, request: AuditRequest| {
+                let count = shipped(&request.versions).count();
+                if count > max_versions {
+                    return Err(Failure {
+                        status: StatusCode::PAYLOAD_TOO_LARGE,
+                        message: format!("{count} versions over the limit of {max_versions}"),
+                        close: false,
+                    });
+                }
+                let local = responder.scopes()?;
+                let request = authorize_audit(grant, request, &local)?;
+                Ok(responder.audit(request)?)
+            },
+        )
+        .await
+    }
+
+    /// A sync message's round trip: the sync right, the body within its limits and the
+    /// token's slot, then `handle` on a blocking thread with the decoded request, and the
+    /// answer encoded.
+    async fn sync_message<B, Q, A>(
+        &self,
+        grant: &Grant,
+        req: Request<B>,
+        handle: impl FnOnce(&dyn Responder, &Grant, Q) -> Result<A, Failure> + Send + 'static,
+    ) -> Reply
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+        Q: wire::Message + Send + 'static,
+        A: wire::Message + Send + 'static,
     {
         Self::require_sync(grant)?;
         let config = &self.inner.config;
@@ -45,21 +110,9 @@ impl HighwaterService {
         .map_err(|e| Failure::body(e, config.max_exchange_body))?;
         let responder = self.inner.responder.clone();
         let grant = grant.clone();
-        let max_versions = config.max_page_versions;
         let encoded = blocking(move || {
-            let request: ExchangeRequest =
-                wire::decode(&body).map_err(|e| Failure::bad(e.to_string()))?;
-            let count = request.page.version_count();
-            if count > max_versions {
-                return Err(Failure {
-                    status: StatusCode::PAYLOAD_TOO_LARGE,
-                    message: format!("page of {count} versions over the limit of {max_versions}"),
-                    close: false,
-                });
-            }
-            let local = responder.scopes()?;
-            let request = authorize_exchange(&grant, request, &local)?;
-            let response = responder.respond(request)?;
+            let request: Q = wire::decode(&body).map_err(|e| Failure::bad(e.to_string()))?;
+            let response = handle(&*responder, &grant, request)?;
             Ok(wire::encode(&response))
         })
         .await?;
@@ -228,41 +281,87 @@ fn authorize_exchange(
     mut request: ExchangeRequest,
     local: &[Scope],
 ) -> Result<ExchangeRequest, Failure> {
-    match &request.scopes {
-        ScopeFilter::Only(set) => {
-            if let Some(s) = set.iter().find(|s| !grant.can_read(s)) {
-                return Err(Failure::forbidden(format!(
-                    "token {:?} may not sync scope {s}",
-                    grant.name
-                )));
-            }
-        }
-        ScopeFilter::All if grant.reads_all() => {}
+    let marks = match &request.marks {
+        RequestMarks::Full(marks) => marks.iter().map(|(s, _)| s).collect(),
+        RequestMarks::Digest(_) => Vec::new(),
+    };
+    let mentioned = marks
+        .into_iter()
+        .chain(request.page.runs.iter().map(|r| &r.scope));
+    request.scopes = readable_scopes(grant, &request.scopes, mentioned, local)?;
+    check_writes(
+        grant,
+        &request.scopes,
+        request.page.runs.iter().map(|r| &r.scope),
+    )?;
+    Ok(request)
+}
+
+/// Narrows an audit to what `grant` may read, and refuses versions it may not write (as for
+/// an exchange).
+fn authorize_audit(
+    grant: &Grant,
+    mut request: AuditRequest,
+    local: &[Scope],
+) -> Result<AuditRequest, Failure> {
+    let mentioned = request
+        .segments
+        .iter()
+        .map(|s| &s.scope)
+        .chain(request.versions.iter().map(|(s, _)| s))
+        .chain(request.wanted.iter().map(|(s, _)| s));
+    request.scopes = readable_scopes(grant, &request.scopes, mentioned, local)?;
+    check_writes(
+        grant,
+        &request.scopes,
+        request.versions.iter().map(|(s, _)| s),
+    )?;
+    Ok(request)
+}
+
+/// The scopes in play for `grant`: a request naming an unreadable scope is refused; "all
+/// scopes" from a token that cannot read all becomes the readable scopes among those the
+/// request mentions and those held here.
+fn readable_scopes<'a>(
+    grant: &Grant,
+    scopes: &ScopeFilter,
+    mentioned: impl Iterator<Item = &'a Scope>,
+    local: &'a [Scope],
+) -> Result<ScopeFilter, Failure> {
+    match scopes {
+        ScopeFilter::Only(set) => match set.iter().find(|s| !grant.can_read(s)) {
+            Some(s) => Err(Failure::forbidden(format!(
+                "token {:?} may not sync scope {s}",
+                grant.name
+            ))),
+            None => Ok(scopes.clone()),
+        },
+        ScopeFilter::All if grant.reads_all() => Ok(ScopeFilter::All),
         ScopeFilter::All => {
             let readable: BTreeSet<Scope> = local
                 .iter()
-                .chain(
-                    match &request.marks {
-                        RequestMarks::Full(marks) => Some(marks.iter().map(|(s, _)| s)),
-                        RequestMarks::Digest(_) => None,
-                    }
-                    .into_iter()
-                    .flatten(),
-                )
-                .chain(request.page.runs.iter().map(|r| &r.scope))
+                .chain(mentioned)
                 .filter(|s| grant.can_read(s))
                 .cloned()
                 .collect();
-            request.scopes = ScopeFilter::Only(readable);
+            Ok(ScopeFilter::Only(readable))
         }
     }
-    for run in &request.page.runs {
-        if !grant.can_write(&run.scope) || !request.scopes.contains(&run.scope) {
+}
+
+/// Every scope written to is in play and writable by `grant`.
+fn check_writes<'a>(
+    grant: &Grant,
+    in_play: &ScopeFilter,
+    written: impl Iterator<Item = &'a Scope>,
+) -> Result<(), Failure> {
+    for scope in written {
+        if !grant.can_write(scope) || !in_play.contains(scope) {
             return Err(Failure::forbidden(format!(
-                "token {:?} may not write scope {}",
-                grant.name, run.scope
+                "token {:?} may not write scope {scope}",
+                grant.name
             )));
         }
     }
-    Ok(request)
+    Ok(())
 }

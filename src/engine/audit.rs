@@ -1,0 +1,426 @@
+//! The audit round's driver (initiator) and answer (responder) around
+//! [`crate::exchange::audit`], and applying audited versions: by last-write-wins, never
+//! moving a watermark.
+
+use std::collections::BTreeMap;
+
+use crate::blocking::run_blocking;
+use crate::error::{Error, ProtocolError, Result};
+use crate::exchange::apply::skew_reason;
+use crate::exchange::audit::{shipped, AuditRequest, AuditResponse, Auditor, Shipment};
+use crate::exchange::{Halt, HaltReason, RestoreEvidence};
+use crate::hlc::NodeId;
+use crate::notify::ChangeKind;
+use crate::record::{Key, Scope, ScopeFilter};
+use crate::store::{Batch, Durability};
+use crate::transport::Transport;
+
+use super::blobs::blobs_of;
+use super::{lock, RestoreDetection, SyncEngine};
+
+/// Options of an audit.
+#[derive(Clone, Debug, Default)]
+pub struct AuditOptions {
+    /// The scopes to audit (default: all the peer grants).
+    pub scopes: ScopeFilter,
+}
+
+/// What an audit found and repaired, seen from the initiator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditOutcome {
+    /// The responder.
+    pub peer: Option<NodeId>,
+    /// Requests sent.
+    pub rounds: usize,
+    /// Versions the peer sent (it held them and this node did not).
+    pub received: usize,
+    /// The keys whose stored version here changed: the peer's version won.
+    pub repaired: Vec<(Scope, Key)>,
+    /// Versions this node sent (it held them and the peer did not).
+    pub shipped: usize,
+    /// Versions the peer sent that this node refused (clock skew, its own id).
+    pub halts: Vec<Halt>,
+    /// Versions this node sent that the peer refused.
+    pub peer_halts: Vec<Halt>,
+    /// Blobs fetched from the peer.
+    pub blobs_fetched: usize,
+    /// Blobs pushed to the peer.
+    pub blobs_pushed: usize,
+    /// Files of Staged records here that the audit fetched from the peer, by hash.
+    pub files_repaired: usize,
+}
+
+impl AuditOutcome {
+    /// Whether the two replicas held the same live contents (nothing moved either way).
+    pub fn clean(&self) -> bool {
+        self.received == 0 && self.shipped == 0 && self.files_repaired == 0
+    }
+}
+
+/// What applying audited versions did.
+pub(super) struct AppliedVersions {
+    pub(super) received: usize,
+    /// The keys whose stored version changed.
+    pub(super) applied: Vec<(Scope, Key)>,
+    pub(super) halts: Vec<Halt>,
+}
+
+impl SyncEngine {
+    /// Audits this node's live contents against the peer's over `transport`, for every
+    /// scope the peer grants, and repairs every difference both ways (see
+    /// [`crate::exchange::audit`]): each side receives the versions it lacks and keeps the
+    /// newer version of every differing key. No watermark moves. Then fetches, by hash,
+    /// the files of Staged records here that the peer holds.
+    ///
+    /// # Errors
+    /// The transport failed (a peer without audits answers `Unsupported` or 404), the peer
+    /// broke the protocol, or the store failed. What was applied before the error stays.
+    pub async fn audit<T: Transport + ?Sized>(&self, transport: &T) -> Result<AuditOutcome> {
+        self.audit_with(transport, &AuditOptions::default()).await
+    }
+
+    /// Audits as [`SyncEngine::audit`], with `options`.
+    ///
+    /// # Errors
+    /// As for [`SyncEngine::audit`].
+    pub async fn audit_with<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        options: &AuditOptions,
+    ) -> Result<AuditOutcome> {
+        let me = self.node_id();
+        let mut peer = transport.peer_id();
+        if peer == Some(me) {
+            return Err(ProtocolError::PeerIsSelf { node: me }.into());
+        }
+        let engine = self.handle();
+        let scopes = options.scopes.clone();
+        let mut auditor = run_blocking(move || -> Result<Auditor> {
+            let read = engine.inner.store.read()?;
+            let local = read.scopes()?;
+            Ok(Auditor::start(engine.node_id(), &*read, &scopes, &local)?)
+        })
+        .await??;
+        let mut outcome = AuditOutcome::default();
+        loop {
+            let engine = self.handle();
+            let (back, request) = run_blocking(move || {
+                let request = engine
+                    .inner
+                    .store
+                    .read()
+                    .map_err(Error::from)
+                    .and_then(|read| Ok(auditor.request(&*read)?));
+                (auditor, request)
+            })
+            .await?;
+            auditor = back;
+            let Some(request) = request? else { break };
+            outcome.rounds += 1;
+            outcome.shipped += shipped(&request.versions).count();
+            let blobs = blobs_of(shipped(&request.versions));
+            outcome.blobs_pushed += self.push_blobs(transport, blobs).await?;
+            let response = transport.audit(request).await?;
+            check_responder(me, peer, &response)?;
+            peer = Some(response.from);
+            outcome.peer_halts.extend(response.halts.iter().cloned());
+            let (response, applied, fetched) = self
+                .take_audited(transport, response, &options.scopes)
+                .await?;
+            let engine = self.handle();
+            let (back, received) = run_blocking(move || {
+                let received = engine
+                    .inner
+                    .store
+                    .read()
+                    .map_err(Error::from)
+                    .and_then(|read| Ok(auditor.receive(&*read, &response)?));
+                (auditor, received)
+            })
+            .await?;
+            auditor = back;
+            received?;
+            outcome.blobs_fetched += fetched;
+            outcome.received += applied.received;
+            outcome.repaired.extend(applied.applied);
+            outcome.halts.extend(applied.halts);
+        }
+        outcome.peer = peer;
+        outcome.files_repaired = self.repair_staged(transport).await?;
+        if let Some(p) = peer {
+            self.note_exchange(p);
+        }
+        Ok(outcome)
+    }
+
+    /// Fetches the blobs of a response's versions, then applies them (on a blocking
+    /// thread). Returns the response, what the apply did, and how many blobs arrived.
+    async fn take_audited<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        response: AuditResponse,
+        scopes: &ScopeFilter,
+    ) -> Result<(AuditResponse, AppliedVersions, usize)> {
+        let engine = self.handle();
+        let (response, needed) = run_blocking(move || {
+            let needed = engine.needed_blobs(shipped(&response.versions));
+            (response, needed)
+        })
+        .await?;
+        // Pins keep fetched blobs alive until the versions that reference them commit.
+        let fetched = self.fetch_blobs(transport, needed?).await;
+        let engine = self.handle();
+        let scopes = scopes.clone();
+        let (response, applied) = run_blocking(move || {
+            let from = response.from;
+            let applied =
+                engine.apply_versions(&from.to_string(), from, true, &response.versions, &scopes);
+            (response, applied)
+        })
+        .await?;
+        Ok((response, applied?, fetched.len()))
+    }
+
+    /// Answers one audit request (the responder's half): applies the versions it carries,
+    /// then answers its ranges, the versions it asks for and what this node lacks.
+    ///
+    /// # Errors
+    /// The request breaks the protocol (a version outside the scopes in play, or one that
+    /// does not validate: nothing of it is applied), or the store failed.
+    pub fn answer_audit(&self, request: AuditRequest) -> Result<AuditResponse> {
+        let me = self.node_id();
+        let from = request.from;
+        if from == me {
+            return Err(ProtocolError::PeerIsSelf { node: me }.into());
+        }
+        let adopt = self.inner.config.restore_detection == RestoreDetection::Any;
+        let applied = self.apply_versions(
+            &from.to_string(),
+            from,
+            adopt,
+            &request.versions,
+            &request.scopes,
+        )?;
+        self.note_exchange(from);
+        let read = self.inner.store.read()?;
+        let scopes = request.scopes.clone();
+        Ok(crate::exchange::audit::respond(
+            self.node_id(),
+            &*read,
+            &request,
+            &|s| scopes.contains(s),
+            applied.halts,
+        )?)
+    }
+
+    /// Applies audited versions in one durable transaction, by last-write-wins, moving no
+    /// watermark. Versions too far ahead of our clock are refused, and so are versions of
+    /// our own id above our own mark, unless `adopt` says to act on that evidence of a
+    /// restore (see [`SyncEngine::take_fresh_identity`]); versions of our id at or below
+    /// our mark are ours, lost here, and apply. A version whose blob is not here applies
+    /// Staged.
+    ///
+    /// # Errors
+    /// A version outside `scopes` or one that does not validate (nothing applies); a store
+    /// failure.
+    pub(super) fn apply_versions(
+        &self,
+        peer: &str,
+        from: NodeId,
+        adopt: bool,
+        shipment: &Shipment,
+        scopes: &ScopeFilter,
+    ) -> Result<AppliedVersions> {
+        validate(shipment, scopes)?;
+        let received = shipped(shipment).count();
+        if received == 0 {
+            return Ok(AppliedVersions {
+                received,
+                applied: Vec::new(),
+                halts: Vec::new(),
+            });
+        }
+        let own = self.inner.store.read()?.watermarks()?;
+        let mut me = self.node_id();
+        let evidence = shipped(shipment).find_map(|(scope, _, v)| {
+            let ours = own.get(scope, me);
+            (v.hlc.origin() == me && ours < Some(v.hlc)).then(|| RestoreEvidence {
+                scope: scope.clone(),
+                ours,
+                theirs: v.hlc,
+            })
+        });
+        match evidence {
+            Some(evidence) if adopt => me = self.take_fresh_identity(peer, &evidence)?,
+            Some(evidence) => self.warn_of_evidence(peer, from, &evidence),
+            None => {}
+        }
+        // IMPORTANT: pinned from the presence check to the commit (as for a page).
+        let _pins: Vec<_> = blobs_of(shipped(shipment))
+            .into_iter()
+            .map(|b| self.pin(b.hash))
+            .collect();
+        let mut refused: BTreeMap<(Scope, NodeId), HaltReason> = BTreeMap::new();
+        let mut batch = Batch::new(0, Durability::Immediate);
+        for (scope, key, v) in shipped(shipment) {
+            let origin = v.hlc.origin();
+            if origin == me && own.get(scope, me) < Some(v.hlc) {
+                refused.insert((scope.clone(), me), HaltReason::OwnOrigin);
+                continue;
+            }
+            if let Err(e) = self.inner.clock.check(v.hlc) {
+                refused
+                    .entry((scope.clone(), origin))
+                    .or_insert_with(|| skew_reason(&e));
+                continue;
+            }
+            batch.upserts.push((scope.clone(), key.clone(), v.clone()));
+        }
+        let halts: Vec<Halt> = refused
+            .into_iter()
+            .map(|((scope, origin), reason)| Halt {
+                scope,
+                origin,
+                reason,
+            })
+            .collect();
+        if batch.upserts.is_empty() {
+            self.announce_halts(peer, &halts);
+            return Ok(AppliedVersions {
+                received,
+                applied: Vec::new(),
+                halts,
+            });
+        }
+        if let Some(max) = batch.upserts.iter().map(|(_, _, v)| v.hlc).max() {
+            // Every accepted version passed the drift check above.
+            self.inner.clock.raise(max);
+        }
+        batch.clock = self.inner.clock.last();
+        let report = self.inner.store.commit(&batch)?;
+        lock(&self.inner.guards).referenced(
+            batch
+                .upserts
+                .iter()
+                .filter_map(|(_, _, v)| v.blob().map(|b| b.hash)),
+        );
+        let removable = self
+            .inner
+            .note_commit(Durability::Immediate, 0, report.unreferenced);
+        self.remove_unreferenced(&removable);
+        let applied: Vec<(Scope, Key)> = report
+            .applied
+            .iter()
+            .map(|&i| {
+                let (s, k, _) = &batch.upserts[i];
+                (s.clone(), k.clone())
+            })
+            .collect();
+        self.announce(
+            ChangeKind::RemoteUpdateAvailable,
+            Some(from),
+            applied.iter().map(|(s, k)| (s, k)),
+        );
+        self.announce_halts(peer, &halts);
+        Ok(AppliedVersions {
+            received,
+            applied,
+            halts,
+        })
+    }
+}
+
+/// The responder must be another node, and the one the audit started with.
+fn check_responder(me: NodeId, peer: Option<NodeId>, response: &AuditResponse) -> Result<()> {
+    if response.from == me {
+        return Err(ProtocolError::PeerIsSelf { node: me }.into());
+    }
+    match peer {
+        Some(expected) if expected != response.from => Err(ProtocolError::UnexpectedPeer {
+            expected,
+            found: response.from,
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Every version of `shipment` is in a scope in play and valid, or nothing applies.
+fn validate(shipment: &Shipment, scopes: &ScopeFilter) -> Result<(), ProtocolError> {
+    for (scope, key, v) in shipped(shipment) {
+        if !scopes.contains(scope) {
+            return Err(ProtocolError::ScopeNotInPlay {
+                scope: scope.clone(),
+            });
+        }
+        if v.op.validate().is_err() {
+            return Err(ProtocolError::MalformedVersion {
+                scope: scope.clone(),
+                key: key.clone(),
+                reason: "value over the size limit",
+            });
+        }
+    }
+    Ok(())
+}
+
+impl SyncEngine {
+    /// Fetches from the peer, by hash, the files that stored versions here reference and the
+    /// blob store lacks (a blob directory that was lost, or not restored with its database):
+    /// their records are Staged, and no round brings them again because the marks already
+    /// passed them. Each file is verified by its hash. Returns how many arrived.
+    ///
+    /// # Errors
+    /// The store failed, or the transport failed asking which files the peer holds.
+    pub(super) async fn repair_staged<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+    ) -> Result<usize> {
+        let mut after = None;
+        let mut repaired = 0;
+        loop {
+            let engine = self.handle();
+            let (missing, last) =
+                run_blocking(move || engine.missing_referenced(after, 1024)).await??;
+            if !missing.is_empty() {
+                let present = transport
+                    .blobs_present(missing.iter().map(|b| b.hash).collect())
+                    .await?;
+                let there: Vec<_> = missing
+                    .into_iter()
+                    .zip(present)
+                    .filter_map(|(b, p)| p.then_some(b))
+                    .collect();
+                repaired += self.fetch_blobs(transport, there).await.len();
+            }
+            match last {
+                Some(last) => after = Some(last),
+                None => return Ok(repaired),
+            }
+        }
+    }
+
+    /// Up to `limit` referenced blobs after `after` (in hash order) that the blob store
+    /// lacks; and the last hash looked at, if more may follow.
+    fn missing_referenced(
+        &self,
+        after: Option<crate::hash::Hash>,
+        limit: usize,
+    ) -> Result<(Vec<crate::record::BlobRef>, Option<crate::hash::Hash>)> {
+        // TODO(blob refs by scope): the store's listing of referenced blobs.
+        let blobs: Vec<crate::record::BlobRef> = {
+            let _ = (after, &self.inner.store);
+            Vec::new()
+        };
+        let last = (blobs.len() == limit)
+            .then(|| blobs.last().map(|b| b.hash))
+            .flatten();
+        let mut missing = Vec::new();
+        for blob in blobs {
+            if !self.inner.blobs.contains(&blob.hash)? {
+                missing.push(blob);
+            }
+        }
+        Ok((missing, last))
+    }
+}

@@ -1,0 +1,176 @@
+//! The audit round compares live contents, not watermarks, and repairs every difference both
+//! ways without moving a mark: two replicas whose marks agree but whose data differs (each
+//! lost versions the other holds) end equal, and a second audit finds nothing.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::rounds::{config, link, sync, TestResult};
+use futures_executor::block_on;
+use highwater::store::{Advance, Batch, Durability, MemStore, Store};
+use highwater::{Hlc, Key, ManualTime, Op, Scope, ScopedWatermarks, SyncEngine, Version};
+
+const T0: u32 = 1_700_000_000;
+
+fn key(k: &str) -> Key {
+    Key::try_from(k).expect("a short key")
+}
+
+fn notes() -> Scope {
+    Scope::app("notes", "items").expect("a valid scope")
+}
+
+/// A replica on a store the test can write to behind the engine's back.
+fn replica(time: &Arc<ManualTime>) -> TestResult<(Arc<SyncEngine>, Arc<MemStore>)> {
+    let store = Arc::new(MemStore::new());
+    let engine = SyncEngine::with_store(Box::new(store.clone()), config(time))?;
+    Ok((Arc::new(engine), store))
+}
+
+/// Copies every version of `from` into `into` except `skip`, and sets `into`'s marks to
+/// `marks`: a replica whose marks claim what it does not hold (as after a lossy restore).
+fn copy_except(
+    from: &SyncEngine,
+    into: &MemStore,
+    skip: &[&str],
+    marks: &ScopedWatermarks,
+) -> TestResult {
+    let mut batch = Batch::new(from.clock_time(), Durability::Immediate);
+    for scope in from.scopes()? {
+        for (k, v) in from.versions(&scope)? {
+            if !skip.iter().any(|s| key(s) == k) {
+                batch.upserts.push((scope.clone(), k, v));
+            }
+        }
+    }
+    for (scope, w) in marks.iter() {
+        for top in w.iter() {
+            batch.advances.push(Advance {
+                scope: scope.clone(),
+                base: None,
+                top,
+            });
+        }
+    }
+    into.commit(&batch)?;
+    Ok(())
+}
+
+/// A and B agree on their marks; B lacks `n3` and `n7`, A lacks `extra` (a version of A's
+/// own id under its mark, which B holds).
+fn diverged() -> TestResult<(Arc<SyncEngine>, Arc<SyncEngine>, Arc<MemStore>)> {
+    let time = ManualTime::at_secs(T0);
+    let (a, a_store) = replica(&time)?;
+    let (b, b_store) = replica(&time)?;
+    for i in 0..10 {
+        a.put(
+            &notes(),
+            &key(&format!("n{i}")),
+            format!("v{i}").into_bytes(),
+        )?;
+    }
+    sync(&b, &link(&a))?;
+    let marks = a.watermarks()?;
+    // B is rebuilt without two of A's versions; a version of A's id that only B holds goes
+    // in under the marks both agree on.
+    let (rebuilt, rebuilt_store) = replica(&time)?;
+    copy_except(&b, &rebuilt_store, &["n3", "n7"], &marks)?;
+    // Under A's mark, at a time A never wrote at (A's writes are at consecutive times
+    // from T0 on).
+    let first = a
+        .get_version(&notes(), &key("n0"))?
+        .ok_or("A wrote n0")?
+        .hlc;
+    let extra = Version {
+        hlc: Hlc::new(first.time() - 5, a.node_id()),
+        op: Op::Put {
+            value: b"only on b".to_vec(),
+            blob: None,
+        },
+    };
+    let mut batch = Batch::new(0, Durability::Immediate);
+    batch.upserts.push((notes(), key("extra"), extra));
+    rebuilt_store.commit(&batch)?;
+    drop((b, b_store, a_store));
+    Ok((a, rebuilt, rebuilt_store))
+}
+
+#[test]
+fn an_audit_repairs_what_equal_marks_hide_and_moves_no_mark() -> TestResult {
+    let (a, b, _) = diverged()?;
+    let marks = (a.watermarks()?, b.watermarks()?);
+    assert_eq!(marks.0, marks.1, "the marks agree");
+    // Rounds see nothing to do.
+    let out = block_on(a.exchange(&link(&b)))?;
+    assert_eq!((out.shipped, out.received, out.has_more), (0, 0, false));
+    assert_ne!(a.digest()?, b.digest()?);
+
+    let out = block_on(a.audit(&link(&b)))?;
+    assert_eq!(out.peer, Some(b.node_id()));
+    assert_eq!(out.received, 1, "A gets the version only B held: {out:?}");
+    assert_eq!(out.repaired, vec![(notes(), key("extra"))]);
+    assert_eq!(out.shipped, 2, "B gets the two versions it lacked: {out:?}");
+    assert!(out.halts.is_empty() && out.peer_halts.is_empty(), "{out:?}");
+    assert_eq!(a.digest()?, b.digest()?);
+    assert_eq!(
+        b.get(&notes(), &key("n3"))?.map(|r| r.value),
+        Some(b"v3".to_vec())
+    );
+    assert_eq!(a.watermarks()?, marks.0, "no mark moved on A");
+    assert_eq!(b.watermarks()?, marks.1, "no mark moved on B");
+
+    // A second audit, from either side, finds nothing.
+    let again = block_on(a.audit(&link(&b)))?;
+    assert!(again.clean(), "{again:?}");
+    assert_eq!(again.rounds, 1);
+    let back = block_on(b.audit(&link(&a)))?;
+    assert!(back.clean(), "{back:?}");
+    Ok(())
+}
+
+#[test]
+fn an_audit_of_equal_replicas_is_one_small_round_trip() -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let (a, _) = replica(&time)?;
+    let (b, _) = replica(&time)?;
+    for i in 0..500 {
+        a.put(&notes(), &key(&format!("n{i}")), vec![7; 40])?;
+        b.put(&Scope::shared(), &key(&format!("s{i}")), vec![9; 40])?;
+    }
+    sync(&a, &link(&b))?;
+    let to_b = link(&b);
+    let out = block_on(a.audit(&to_b))?;
+    assert!(out.clean(), "{out:?}");
+    let stats = to_b.stats();
+    assert_eq!((out.rounds, stats.requests), (1, 1));
+    assert!(
+        stats.bytes_sent + stats.bytes_received < 200,
+        "{} bytes sent, {} received",
+        stats.bytes_sent,
+        stats.bytes_received
+    );
+    Ok(())
+}
+
+#[test]
+fn an_audit_brings_a_scope_the_initiator_does_not_hold() -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let (a, _) = replica(&time)?;
+    let (b, b_store) = replica(&time)?;
+    for i in 0..50 {
+        a.put(&notes(), &key(&format!("n{i}")), vec![1; 10])?;
+    }
+    copy_except(&a, &b_store, &[], &a.watermarks()?)?;
+    // C holds nothing and asks about no scope: B opens the ones C does not name.
+    let (c, _) = replica(&time)?;
+    let out = block_on(c.audit(&link(&b)))?;
+    assert_eq!(out.received, 50, "{out:?}");
+    assert_eq!(c.digest()?, b.digest()?);
+    assert_eq!(
+        c.watermarks()?,
+        ScopedWatermarks::new(),
+        "marks stay for rounds to move"
+    );
+    Ok(())
+}
