@@ -58,7 +58,7 @@ proptest! {
 /// it. Found by this property (about 1 case in 3000, redb and memory alike); the planned
 /// fix keeps superseded versions in the live index until they are causally stable.
 #[test]
-#[ignore = "known limitation: lossy restores can leave a peer diverged (docs/protocol.md)"]
+
 fn lossy_restores_converge() {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: common::cases(3000),

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use highwater::testing::{
-    fuzz_decode_envelope, fuzz_exchange_core, fuzz_exchange_model, fuzz_merge_laws,
+    fuzz_audit_responder, fuzz_decode_envelope, fuzz_exchange_core, fuzz_exchange_model,
+    fuzz_merge_laws,
 };
 use highwater::wire::{self, ExchangeRequest, ExchangeResponse, MAGIC, PROTOCOL_VERSION};
 
@@ -44,6 +45,11 @@ fn replay(target: &str, check: fn(&[u8]) -> Result<(), String>) -> TestResult {
 #[test]
 fn merge_laws_inputs_pass() -> TestResult {
     replay("merge_laws", fuzz_merge_laws)
+}
+
+#[test]
+fn audit_responder_inputs_pass() -> TestResult {
+    replay("audit_responder", fuzz_audit_responder)
 }
 
 #[test]

@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::error::Error;
 
 use highwater::error::{ProtocolError, WireError};
+use highwater::exchange::audit::{AuditRequest, AuditResponse, Claim, Items, Part, Segment};
 use highwater::exchange::{Page, Run};
+use highwater::store::{AuditPoint, Fingerprint};
 use highwater::watermark::MarksDigest;
 use highwater::wire::{
     self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, MAGIC, MAX_MESSAGE_LEN,
@@ -998,5 +1000,137 @@ fn a_request_from_our_own_id_is_refused() -> TestResult {
         other => panic!("expected PeerIsSelf, got {other:?}"),
     }
     assert_eq!(state(&engine)?, before);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit messages (kinds 3 and 4)
+// ---------------------------------------------------------------------------------------
+
+/// An audit request: one scope's range split in two parts (a fingerprint and items), a
+/// shipped version, and a wanted item.
+fn golden_audit_request() -> AuditRequest {
+    let (a, b) = (id(0x0a), id(0x0b));
+    let notes = scope("app/notes/items");
+    let mid = AuditPoint {
+        origin: a,
+        time: T + 3,
+    };
+    AuditRequest {
+        from: a,
+        scopes: ScopeFilter::All,
+        opening: false,
+        segments: vec![Segment {
+            scope: notes.clone(),
+            lo: None,
+            parts: vec![
+                Part {
+                    hi: Some(mid),
+                    claim: Claim::Fingerprint(Fingerprint { count: 2, sum: 5 }),
+                },
+                Part {
+                    hi: None,
+                    claim: Claim::Items(Items(vec![Hlc::new(T + 3, a), Hlc::new(T + 4, a)])),
+                },
+            ],
+        }],
+        versions: vec![(
+            notes.clone(),
+            vec![(
+                key("k"),
+                Version {
+                    hlc: Hlc::new(T + 1, a),
+                    op: Op::Delete,
+                },
+            )],
+        )],
+        wanted: vec![(notes, Items(vec![Hlc::new(T + 2, b)]))],
+    }
+}
+
+/// An audit response with nothing left open.
+fn golden_audit_response() -> AuditResponse {
+    AuditResponse {
+        from: id(0x0b),
+        segments: vec![],
+        versions: vec![],
+        wanted: vec![],
+        offered: vec![],
+        halts: vec![],
+    }
+}
+
+const GOLDEN_AUDIT_REQUEST: &str = concat!(
+    "4857535900",
+    "0103",                             // magic, version 1, kind 3
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", // from 0x0a
+    "00",                               // scopes: All
+    "00",                               // opening: false
+    "01",                               // 1 segment
+    "0f",
+    "6170702f6e6f7465732f6974656d73", //   scope "app/notes/items"
+    "00",                             //   lo: None
+    "02",                             //   2 parts
+    "01",
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",
+    "8380808080a0fca965", // hi Some(0x0a, T+3)
+    "00",
+    "02",
+    "05", //     Fingerprint { count 2, sum 5 }
+    "00", //     hi: None
+    "01",
+    "01",
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", //     Items: 1 origin group, 0x0a
+    "02",
+    "8380808080a0fca965",
+    "01", //       2 times: T+3, then +1
+    "01", // versions: 1 scope
+    "0f",
+    "6170702f6e6f7465732f6974656d73", //   scope "app/notes/items"
+    "01",
+    "01",
+    "6b", //   1 version, key "k"
+    "8180808080a0fca965",
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", // Hlc T+1, 0x0a
+    "01",                               //   op: Delete
+    "01",                               // wanted: 1 scope
+    "0f",
+    "6170702f6e6f7465732f6974656d73", //   scope "app/notes/items"
+    "01",
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", //   1 group, origin 0x0b
+    "01",
+    "8280808080a0fca965", //   1 time: T+2
+);
+
+const GOLDEN_AUDIT_RESPONSE: &str = concat!(
+    "4857535900",
+    "0104",                             // magic, version 1, kind 4
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", // from 0x0b
+    "00",
+    "00",
+    "00",
+    "00",
+    "00", // nothing open, shipped, wanted,
+          // offered or halted
+);
+
+#[test]
+fn audit_messages_are_pinned() -> TestResult {
+    let request = golden_audit_request();
+    let bytes = wire::encode(&request);
+    assert_eq!(hex(&bytes), GOLDEN_AUDIT_REQUEST);
+    assert_eq!(wire::decode::<AuditRequest>(&bytes)?, request);
+    let response = golden_audit_response();
+    let bytes = wire::encode(&response);
+    assert_eq!(hex(&bytes), GOLDEN_AUDIT_RESPONSE);
+    assert_eq!(wire::decode::<AuditResponse>(&bytes)?, response);
+    // An audit message is not an exchange message, and the other way round.
+    assert!(matches!(
+        wire::decode::<ExchangeRequest>(&bytes),
+        Err(WireError::UnexpectedKind {
+            found: 4,
+            expected: 1
+        })
+    ));
     Ok(())
 }

@@ -43,6 +43,14 @@ pub enum Action {
         /// Limit the round to one scope (index) instead of all.
         only_scope: Option<u8>,
     },
+    /// An audit round, `from` initiating to `to` (see [`crate::exchange::audit`]): their live
+    /// contents compared and every difference repaired, no mark moved.
+    Audit {
+        /// Initiator.
+        from: usize,
+        /// Responder.
+        to: usize,
+    },
     /// Node `node` writes a record with a file under `key` (content chosen among a few, so
     /// equal files on different keys and nodes occur).
     PutFile {
@@ -138,7 +146,11 @@ impl Action {
                         scope: c[2] % 3,
                         key: c[3] % 8,
                     },
-                    8..=12 => {
+                    12 => Action::Audit {
+                        from: node,
+                        to: (node + 1 + usize::from(c[2]) % (nodes - 1)) % nodes,
+                    },
+                    8..=11 => {
                         let to = (node + 1 + usize::from(c[2]) % (nodes - 1)) % nodes;
                         let only_scope = (c[3] & 0x80 != 0).then_some(c[3] % 3);
                         Action::Exchange {
