@@ -298,6 +298,26 @@ pub struct PeerLag {
     /// Visible streams where the peer's watermark, as last learned, is ahead of the node's.
     #[serde(default)]
     pub behind: Vec<Gap>,
+    /// The last audit with the peer since the node started, in either role, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_audit: Option<LastAudit>,
+}
+
+/// What the last audit with a peer found (see [`crate::SyncEngine::audit`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastAudit {
+    /// When it ended.
+    pub at_unix_ms: u64,
+    /// Whether this node initiated it.
+    pub initiated: bool,
+    /// Versions this node received (it lacked them).
+    pub received: u64,
+    /// Keys whose version here changed.
+    pub repaired: u64,
+    /// Versions this node sent (the peer lacked them).
+    pub shipped: u64,
+    /// Files of Staged records fetched by hash.
+    pub files_repaired: u64,
 }
 
 /// One stream (scope and origin) on which two watermarks differ.
@@ -446,6 +466,7 @@ mod tests {
                 last_exchange_unix_ms: None,
                 lacks: vec![gap],
                 behind: Vec::new(),
+                last_audit: None,
             }],
             blobs: BlobTotals { count: 2, bytes: 9 },
         };

@@ -124,6 +124,28 @@ pub enum SyncEvent {
         /// How far ahead, in milliseconds.
         ahead_by_ms: u64,
     },
+    /// An audit with `peer`, run by the scheduler, ended (`audit_completed`); see
+    /// [`crate::SyncEngine::audit`].
+    AuditCompleted {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// Versions received (this node lacked them).
+        received: usize,
+        /// Keys whose version here changed.
+        repaired: usize,
+        /// Versions sent (the peer lacked them).
+        shipped: usize,
+        /// Files of Staged records fetched by hash.
+        files_repaired: usize,
+    },
+    /// An audit with `peer`, run by the scheduler, failed (`audit_failed`); the next is due
+    /// after the retry delay.
+    AuditFailed {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// Why, as text.
+        error: String,
+    },
     /// A peer holds writes by this node's own id that this node does not (its data
     /// directory was restored from a backup, or copied and run twice), so the node took a
     /// fresh id, durably, before issuing another timestamp (`restore_detected`). The old id
@@ -149,6 +171,8 @@ impl SyncEvent {
     pub fn name(&self) -> &'static str {
         match self {
             SyncEvent::RestoreDetected { .. } => "restore_detected",
+            SyncEvent::AuditCompleted { .. } => "audit_completed",
+            SyncEvent::AuditFailed { .. } => "audit_failed",
             SyncEvent::Applied { .. } => "sync_applied",
             SyncEvent::Failed { .. } => "sync_failed",
             SyncEvent::Retry { .. } => "sync_retry",

@@ -174,3 +174,45 @@ fn an_audit_brings_a_scope_the_initiator_does_not_hold() -> TestResult {
     );
     Ok(())
 }
+
+/// The scheduler audits each peer on its interval (jittered), when the peer is idle, and
+/// shows the last audit in its status.
+#[tokio::test(start_paused = true)]
+async fn the_scheduler_audits_each_peer_on_its_interval() -> TestResult {
+    use highwater::notify::{Event, Notice, SyncEvent};
+    use highwater::{Scheduler, SchedulerConfig};
+    use std::time::Duration;
+
+    let (a, b, _) = diverged()?;
+    let mut events = a.notifier().subscribe();
+    let config = SchedulerConfig {
+        audit_interval: Some(Duration::from_secs(600)),
+        ..SchedulerConfig::default()
+    };
+    let started = tokio::time::Instant::now();
+    let scheduler = Scheduler::start(a.clone(), config);
+    scheduler.add_peer("b", Arc::new(link(&b)))?;
+    let audited = loop {
+        let notice = tokio::time::timeout(Duration::from_secs(3600), events.recv())
+            .await?
+            .ok_or("the notifier is gone")?;
+        if let Notice::Event(Event::Sync(e @ SyncEvent::AuditCompleted { .. })) = notice {
+            break e;
+        }
+    };
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_secs(540)..=Duration::from_secs(661)).contains(&waited),
+        "the audit came after {waited:?}"
+    );
+    assert!(
+        matches!(&audited, SyncEvent::AuditCompleted { peer, received: 1, repaired: 1, shipped: 2, .. } if peer == "b"),
+        "{audited:?}"
+    );
+    assert_eq!(a.digest()?, b.digest()?);
+    let status = scheduler.peers().remove(0);
+    let (_, result) = status.last_audit.ok_or("no audit in the status")?;
+    assert_eq!(result?.repaired, vec![(notes(), key("extra"))]);
+    scheduler.shutdown().await?;
+    Ok(())
+}

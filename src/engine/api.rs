@@ -160,6 +160,7 @@ impl SyncEngine {
             );
         }
         let last = self.last_exchanges();
+        let audits = self.last_audits();
         let mut peers = Vec::new();
         for peer in self.peers()? {
             let known = self.peer_watermarks(peer)?.unwrap_or_default();
@@ -189,6 +190,7 @@ impl SyncEngine {
                 last_exchange_unix_ms,
                 lacks,
                 behind,
+                last_audit: audits.get(&peer).copied(),
             });
         }
         let blobs = self.inner.blobs.list()?;

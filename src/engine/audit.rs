@@ -2,8 +2,10 @@
 //! [`crate::exchange::audit`], and applying audited versions: by last-write-wins, never
 //! moving a watermark.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::api::LastAudit;
 use crate::blocking::run_blocking;
 use crate::error::{Error, ProtocolError, Result};
 use crate::exchange::apply::skew_reason;
@@ -149,7 +151,11 @@ impl SyncEngine {
         outcome.files_repaired = self.repair_staged(transport).await?;
         if let Some(p) = peer {
             self.note_exchange(p);
+            self.note_audit(p, true, &outcome);
         }
+        tracing::info!(peer = ?peer.map(|p| p.to_string()), rounds = outcome.rounds,
+            received = outcome.received, repaired = outcome.repaired.len(),
+            shipped = outcome.shipped, files = outcome.files_repaired, "audit done");
         Ok(outcome)
     }
 
@@ -204,13 +210,49 @@ impl SyncEngine {
         self.note_exchange(from);
         let read = self.inner.store.read()?;
         let scopes = request.scopes.clone();
-        Ok(crate::exchange::audit::respond(
+        let response = crate::exchange::audit::respond(
             self.node_id(),
             &*read,
             &request,
             &|s| scopes.contains(s),
             applied.halts,
-        )?)
+        )?;
+        drop(read);
+        let seen = AuditOutcome {
+            received: applied.received,
+            repaired: applied.applied,
+            shipped: shipped(&response.versions).count(),
+            ..AuditOutcome::default()
+        };
+        self.note_audit(from, false, &seen);
+        Ok(response)
+    }
+
+    /// The last audit with each peer since the engine was opened, in either role (memory
+    /// only; as a responder, each request counts, with what it moved).
+    pub fn last_audits(&self) -> HashMap<NodeId, LastAudit> {
+        lock(&self.inner.peers).audits.clone()
+    }
+
+    fn note_audit(&self, peer: NodeId, initiated: bool, outcome: &AuditOutcome) {
+        let at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let mut peers = lock(&self.inner.peers);
+        let entry = peers.audits.entry(peer).or_default();
+        // A responder sees an audit as several requests: it sums them while they come.
+        let same =
+            !initiated && !entry.initiated && at_unix_ms.saturating_sub(entry.at_unix_ms) < 60_000;
+        let base = if same { *entry } else { LastAudit::default() };
+        *entry = LastAudit {
+            at_unix_ms,
+            initiated,
+            received: base.received + count(outcome.received),
+            repaired: base.repaired + count(outcome.repaired.len()),
+            shipped: base.shipped + count(outcome.shipped),
+            files_repaired: base.files_repaired + count(outcome.files_repaired),
+        };
     }
 
     /// Applies audited versions in one durable transaction, by last-write-wins, moving no

@@ -52,6 +52,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::api::LastAudit;
 use crate::blob::{BlobStore, FsBlobStore, MemBlobStore};
 use crate::error::Result;
 use crate::hlc::{Clock, NodeId, TimeSource, WallClock};
@@ -208,6 +209,8 @@ struct PeerMemory {
     last_exchange: HashMap<NodeId, SystemTime>,
     /// When we last warned of restore evidence an initiator showed us, per initiator.
     warned: HashMap<NodeId, Instant>,
+    /// The last audit with each peer, in either role.
+    audits: HashMap<NodeId, LastAudit>,
 }
 
 impl SyncEngine {

@@ -69,6 +69,23 @@ fn render_peer(out: &mut String, peer: &PeerLag, now: SystemTime) {
         )
     };
     let _ = writeln!(out, "  {}  {last}  {state}", peer.id);
+    if let Some(audit) = &peer.last_audit {
+        let at = UNIX_EPOCH + Duration::from_millis(audit.at_unix_ms);
+        let found = if audit.received + audit.shipped + audit.files_repaired == 0 {
+            "nothing differed".to_owned()
+        } else {
+            format!(
+                "received {} version(s) ({} key(s) repaired here), sent {}, fetched {} file(s)",
+                audit.received, audit.repaired, audit.shipped, audit.files_repaired
+            )
+        };
+        let _ = writeln!(
+            out,
+            "    last audit {} ago ({}): {found}",
+            age(now.duration_since(at).unwrap_or_default()),
+            if audit.initiated { "ours" } else { "theirs" }
+        );
+    }
     for (gaps, label) in [(&peer.lacks, "it lacks"), (&peer.behind, "we lack")] {
         for gap in gaps {
             let mark = |m: Option<Hlc>| m.map_or("nothing".into(), |m| describe_mark(&m, now));

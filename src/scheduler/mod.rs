@@ -72,6 +72,7 @@ mod rounds;
 mod triggers;
 
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -81,7 +82,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::engine::{ExchangeOptions, ExchangeOutcome, SyncEngine};
+use crate::engine::{AuditOutcome, ExchangeOptions, ExchangeOutcome, SyncEngine};
 use crate::error::Error;
 use crate::exchange::Session;
 use crate::hlc::NodeId;
@@ -129,6 +130,10 @@ pub struct SchedulerConfig {
     pub before_round: Option<BeforeRound>,
     /// Runs after each round (fail-open).
     pub after_round: Option<AfterRound>,
+    /// Time between audits with each peer (`None`: no scheduled audits), jittered by up to
+    /// a tenth either way (default an hour). An audit also runs with every peer soon after
+    /// the node detects it was restored from a backup. See [`SyncEngine::audit`].
+    pub audit_interval: Option<Duration>,
 }
 
 impl Default for SchedulerConfig {
@@ -144,6 +149,7 @@ impl Default for SchedulerConfig {
             jitter_seed: None,
             before_round: None,
             after_round: None,
+            audit_interval: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -161,6 +167,7 @@ impl fmt::Debug for SchedulerConfig {
             .field("jitter_seed", &self.jitter_seed)
             .field("before_round", &self.before_round.is_some())
             .field("after_round", &self.after_round.is_some())
+            .field("audit_interval", &self.audit_interval)
             .finish()
     }
 }
@@ -186,6 +193,9 @@ pub struct PeerStatus {
     /// What this node keeps of its rounds with the peer: the streams either side halted
     /// and why, as of the last round that completed.
     pub session: Session,
+    /// The last audit this scheduler ran with the peer: when it ended, and what it found
+    /// or why it failed.
+    pub last_audit: Option<(SystemTime, Result<AuditOutcome, String>)>,
 }
 
 /// Errors of the scheduler.
@@ -208,6 +218,8 @@ pub(super) struct Peer {
     trigger: Notify,
     /// `sync_now`: cuts any wait short.
     force: Notify,
+    /// An audit is wanted at the next idle moment (a restore was detected).
+    audit_wanted: AtomicBool,
 }
 
 impl Peer {
@@ -296,10 +308,12 @@ impl Scheduler {
                     rounds: 0,
                     next_attempt: None,
                     session: Session::named(name.clone()),
+                    last_audit: None,
                 }),
                 name,
                 trigger: Notify::new(),
                 force: Notify::new(),
+                audit_wanted: AtomicBool::new(false),
             });
             peers.push(peer.clone());
             peer

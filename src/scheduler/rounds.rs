@@ -1,10 +1,12 @@
 //! One peer's task: the round loop, one round with its hooks and events, a failure.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
 use rand::rngs::StdRng;
+use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
@@ -54,6 +56,9 @@ pub(super) async fn round_loop<T: Transport>(
     let config = &shared.config;
     let mut rng = peer_rng(config.jitter_seed, &peer.name, "rounds");
     let mut next = Next::AtOnce;
+    let mut next_audit = config
+        .audit_interval
+        .map(|every| Instant::now() + jittered(every, &mut rng));
     let mut burst = 0usize;
     // Rounds in a row that left a stream halted.
     let mut halted = 0u32;
@@ -69,6 +74,11 @@ pub(super) async fn round_loop<T: Transport>(
             }
             Next::At(at) | Next::Retry(at) => {
                 let backing_off = matches!(next, Next::Retry(_));
+                // An audit that falls due wakes an idle peer (never one backing off).
+                let at = match next_audit {
+                    Some(audit) if !backing_off => at.min(audit),
+                    _ => at,
+                };
                 peer.status().next_attempt = Some(at);
                 tokio::select! {
                     biased;
@@ -99,6 +109,17 @@ pub(super) async fn round_loop<T: Transport>(
                             "still more to sync after max_burst rounds in a row; waiting for the interval");
                     }
                     burst = 0;
+                    let wanted = peer.audit_wanted.swap(false, Ordering::SeqCst);
+                    if wanted || next_audit.is_some_and(|at| at <= Instant::now()) {
+                        let ok = run_audit(shared, peer, transport).await;
+                        let every = config.audit_interval.unwrap_or(config.interval);
+                        let wait = if ok {
+                            jittered(every, &mut rng)
+                        } else {
+                            every.min(config.backoff.delay(1, &mut rng))
+                        };
+                        next_audit = config.audit_interval.map(|_| Instant::now() + wait);
+                    }
                     let mut wait = config.interval;
                     if outcome.halts.is_empty() && outcome.peer_halts.is_empty() {
                         halted = 0;
@@ -115,6 +136,42 @@ pub(super) async fn round_loop<T: Transport>(
             }
         };
     }
+}
+
+/// `every` jittered by up to a tenth either way, so that a hub's peers do not all audit at
+/// once.
+fn jittered(every: Duration, rng: &mut StdRng) -> Duration {
+    let tenth = every / 10;
+    let spread = u64::try_from(tenth.as_millis()).unwrap_or(u64::MAX);
+    let offset = Duration::from_millis(rng.random_range(0..=spread.saturating_mul(2)));
+    (every - tenth).saturating_add(offset)
+}
+
+/// Runs one audit with the peer, records it in the peer's status and publishes it. Returns
+/// whether it succeeded.
+async fn run_audit<T: Transport>(shared: &Shared, peer: &Peer, transport: &T) -> bool {
+    let result = shared.engine.audit(transport).await;
+    let notifier = shared.engine.notifier();
+    let event = match &result {
+        Ok(out) => SyncEvent::AuditCompleted {
+            peer: peer.name.clone(),
+            received: out.received,
+            repaired: out.repaired.len(),
+            shipped: out.shipped,
+            files_repaired: out.files_repaired,
+        },
+        Err(e) => {
+            tracing::warn!(peer = %peer.name, error = %error_chain(e), "audit failed");
+            SyncEvent::AuditFailed {
+                peer: peer.name.clone(),
+                error: error_chain(e),
+            }
+        }
+    };
+    notifier.publish(Event::Sync(event));
+    let ok = result.is_ok();
+    peer.status().last_audit = Some((SystemTime::now(), result.map_err(|e| error_chain(&e))));
+    ok
 }
 
 /// Runs one round with its hooks, and records and publishes its success.

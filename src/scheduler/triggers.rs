@@ -1,6 +1,7 @@
 //! What triggers rounds besides the interval: the peer's watch, and changes applied here.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -8,7 +9,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::error::{error_chain, TransportError};
 use crate::hlc::NodeId;
-use crate::notify::{ChangeKind, Event, Notice, Subscription};
+use crate::notify::{ChangeKind, Event, Notice, Subscription, SyncEvent};
 use crate::transport::Transport;
 
 use super::{lock, peer_rng, stopped, Peer, Shared};
@@ -100,6 +101,14 @@ pub(super) async fn listen(
                     stopped(&mut stop).await;
                     return;
                 };
+                if let Notice::Event(Event::Sync(SyncEvent::RestoreDetected { .. })) = notice {
+                    // The node lost writes: audit every peer at its next idle moment, so
+                    // that what the restore left short anywhere is found and repaired.
+                    for peer in lock(&shared.peers).iter() {
+                        peer.audit_wanted.store(true, Ordering::SeqCst);
+                        peer.trigger.notify_one();
+                    }
+                }
                 if let Some(source) = change_source(&notice) {
                     sources.insert(source);
                     deadline.get_or_insert_with(|| Instant::now() + shared.config.debounce);
