@@ -1,0 +1,187 @@
+//! The blob references (`blob-refs-v2`): for each blob hash and scope, how many stored
+//! versions of that scope reference the blob, and the blob's size.
+//!
+//! The invariant, after every commit: the count of `(hash, scope)` equals the number of rows
+//! of `versions-v2` in that scope whose version is a `Put` carrying the blob `hash` (there is
+//! no row with count 0), and the size is the blob's size. It is kept in the transaction of
+//! the versions (`store::apply_batch`), so the question "who may see this blob" and the
+//! question "may it be removed" are answered from the same state as the records.
+//!
+//! A row's key is `hash | scope prefix`: all rows of a hash form one short key range (one
+//! row in the usual case of a blob referenced from one scope), so the total count that
+//! decides removal is a prefix scan, and walking the table in key order lists the
+//! referenced blobs in hash order.
+
+use redb::{ReadableTable, Table};
+
+use super::tables::scope_prefix;
+use crate::error::StoreError;
+use crate::hash::Hash;
+use crate::record::{BlobRef, Scope};
+use crate::store::ScopeRefs;
+
+type Bytes = &'static [u8];
+
+fn corrupt() -> StoreError {
+    StoreError::Corrupt {
+        what: "blob reference",
+    }
+}
+
+/// A row's key: `hash (32) | scope prefix`.
+fn row_key(hash: &Hash, prefix: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + prefix.len());
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(prefix);
+    out
+}
+
+/// The key just after every row of `hash`: a scope prefix starts with its length, at most
+/// 133, so `hash | 0xff` sorts after all of them (and before the next hash).
+fn end_of(hash: &Hash) -> [u8; 33] {
+    let mut out = [0xff; 33];
+    out[..32].copy_from_slice(hash.as_bytes());
+    out
+}
+
+/// A row's value: `count u64 BE | size u64 BE`.
+fn encode(refs: &ScopeRefs) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&refs.count.to_be_bytes());
+    out[8..].copy_from_slice(&refs.size.to_be_bytes());
+    out
+}
+
+fn decode(value: &[u8]) -> Result<ScopeRefs, StoreError> {
+    let value: &[u8; 16] = value.try_into().map_err(|_| corrupt())?;
+    let (count, size) = value.split_at(8);
+    let refs = ScopeRefs {
+        count: u64::from_be_bytes(count.try_into().map_err(|_| corrupt())?),
+        size: u64::from_be_bytes(size.try_into().map_err(|_| corrupt())?),
+    };
+    // A scope's last reference removes its row.
+    if refs.count == 0 {
+        return Err(corrupt());
+    }
+    Ok(refs)
+}
+
+/// The hash and the scope of a row's key.
+fn decode_key(key: &[u8]) -> Result<(Hash, Scope), StoreError> {
+    let (hash, prefix) = key.split_at_checked(32).ok_or_else(corrupt)?;
+    let hash = Hash::from_bytes(hash.try_into().map_err(|_| corrupt())?);
+    let (&len, text) = prefix.split_first().ok_or_else(corrupt)?;
+    if text.len() != usize::from(len) {
+        return Err(corrupt());
+    }
+    let scope = std::str::from_utf8(text)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(StoreError::Corrupt { what: "scope" })?;
+    Ok((hash, scope))
+}
+
+/// The rows of `hash`, one per scope that references it, in key order (scopes by length,
+/// then text).
+fn rows_of(
+    refs: &impl ReadableTable<Bytes, Bytes>,
+    hash: &Hash,
+) -> Result<Vec<(Scope, ScopeRefs)>, StoreError> {
+    let end = end_of(hash);
+    let mut out = Vec::new();
+    for row in refs.range(hash.as_bytes().as_slice()..end.as_slice())? {
+        let (k, v) = row?;
+        let (_, scope) = decode_key(k.value())?;
+        out.push((scope, decode(v.value())?));
+    }
+    Ok(out)
+}
+
+/// How many stored versions reference `hash`, over all scopes.
+pub(super) fn total(
+    refs: &impl ReadableTable<Bytes, Bytes>,
+    hash: &Hash,
+) -> Result<u64, StoreError> {
+    let end = end_of(hash);
+    let mut sum = 0u64;
+    for row in refs.range(hash.as_bytes().as_slice()..end.as_slice())? {
+        let (_, v) = row?;
+        sum = sum.saturating_add(decode(v.value())?.count);
+    }
+    Ok(sum)
+}
+
+/// The scopes that reference `hash`, in scope order.
+pub(super) fn scopes(
+    refs: &impl ReadableTable<Bytes, Bytes>,
+    hash: &Hash,
+) -> Result<Vec<Scope>, StoreError> {
+    let mut out: Vec<Scope> = rows_of(refs, hash)?.into_iter().map(|(s, _)| s).collect();
+    // Key order is by scope length first.
+    out.sort();
+    Ok(out)
+}
+
+/// Up to `limit` distinct referenced blobs after `after`, in hash order, each with the
+/// largest size its scopes' rows hold.
+pub(super) fn referenced(
+    refs: &impl ReadableTable<Bytes, Bytes>,
+    after: Option<&Hash>,
+    limit: usize,
+) -> Result<Vec<BlobRef>, StoreError> {
+    let mut out: Vec<BlobRef> = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    let start = after.map_or_else(Vec::new, |h| end_of(h).to_vec());
+    for row in refs.range(start.as_slice()..)? {
+        let (k, v) = row?;
+        let (hash, _) = decode_key(k.value())?;
+        let size = decode(v.value())?.size;
+        if let Some(last) = out.last_mut().filter(|last| last.hash == hash) {
+            last.size = last.size.max(size);
+            continue;
+        }
+        // Every row of the page's last blob is read.
+        if out.len() == limit {
+            break;
+        }
+        out.push(BlobRef { hash, size });
+    }
+    Ok(out)
+}
+
+/// Adds `delta` to the references of the scope whose prefix is `prefix` to `blob`; returns
+/// the blob's total count over all scopes after the change.
+fn adjust_prefix(
+    refs: &mut Table<'_, Bytes, Bytes>,
+    prefix: &[u8],
+    blob: &BlobRef,
+    delta: i64,
+) -> Result<u64, StoreError> {
+    let key = row_key(&blob.hash, prefix);
+    let current = match refs.get(key.as_slice())? {
+        Some(g) => Some(decode(g.value())?),
+        None => None,
+    };
+    match ScopeRefs::adjusted(current, blob, delta) {
+        Some(next) => {
+            refs.insert(key.as_slice(), encode(&next).as_slice())?;
+        }
+        None => {
+            refs.remove(key.as_slice())?;
+        }
+    }
+    total(&*refs, &blob.hash)
+}
+
+/// Adds `delta` to the references of `scope` to `blob`; returns the blob's total count over
+/// all scopes after the change.
+pub(super) fn adjust(
+    refs: &mut Table<'_, Bytes, Bytes>,
+    scope: &Scope,
+    blob: &BlobRef,
+    delta: i64,
+) -> Result<u64, StoreError> {
+    adjust_prefix(refs, &scope_prefix(scope), blob, delta)
+}
