@@ -12,9 +12,9 @@
 //! decides removal is a prefix scan, and walking the table in key order lists the
 //! referenced blobs in hash order.
 
-use redb::{ReadableTable, Table};
+use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::tables::scope_prefix;
+use super::tables::{decode_version, scope_prefix, split_row, BLOB_REFS, BLOB_REFS_V1, VERSIONS};
 use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::record::{BlobRef, Scope};
@@ -184,4 +184,35 @@ pub(super) fn adjust(
     delta: i64,
 ) -> Result<u64, StoreError> {
     adjust_prefix(refs, &scope_prefix(scope), blob, delta)
+}
+
+/// Builds `blob-refs-v2` from `versions-v2`, counting every stored version's blob in its
+/// scope, and drops `blob-refs-v1` (formats 1 and 2: counts without scopes, which cannot
+/// be split by scope). At migration, inside the opening transaction.
+pub(super) fn build(txn: &WriteTransaction) -> Result<(), StoreError> {
+    // Start from none, whatever the file holds.
+    txn.delete_table(BLOB_REFS_V1)?;
+    txn.delete_table(BLOB_REFS)?;
+    let versions = txn.open_table(VERSIONS)?;
+    let mut refs = txn.open_table(BLOB_REFS)?;
+    let bad_key = || StoreError::Corrupt { what: "version" };
+    for row in versions.iter()? {
+        let (k, v) = row?;
+        let version = decode_version(split_row(v.value())?.1)?;
+        let Some(blob) = version.blob() else {
+            continue;
+        };
+        // The key is `scope prefix | origin (16) | time (8)`.
+        let k = k.value();
+        let prefix = k
+            .len()
+            .checked_sub(24)
+            .and_then(|end| k.get(..end))
+            .ok_or_else(bad_key)?;
+        if prefix.first().map(|&len| usize::from(len) + 1) != Some(prefix.len()) {
+            return Err(bad_key());
+        }
+        adjust_prefix(&mut refs, prefix, blob, 1)?;
+    }
+    Ok(())
 }
