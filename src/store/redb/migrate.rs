@@ -66,7 +66,7 @@ impl RedbStore {
 /// audit chunks and the blob references per scope (which replace `blob-refs-v1`).
 fn migrate_v2(txn: &WriteTransaction, bound: u64) -> Result<(), StoreError> {
     build_chunks(txn, bound)?;
-    blob_refs::build(txn)
+    blob_refs::build(txn, blob_refs::BUILD_BATCH)
 }
 
 /// Sums every origin's versions into audit chunks (runs of `bound`), from scratch.
