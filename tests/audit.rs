@@ -8,8 +8,11 @@ use std::sync::Arc;
 
 use common::rounds::{config, link, sync, TestResult};
 use futures_executor::block_on;
+use highwater::blob::{BlobStore, MemBlobStore};
 use highwater::store::{Advance, Batch, Durability, MemStore, Store};
-use highwater::{Hlc, Key, ManualTime, Op, Scope, ScopedWatermarks, SyncEngine, Version};
+use highwater::{
+    Hlc, Key, ManualTime, Op, Residency, Scope, ScopedWatermarks, SyncEngine, Version,
+};
 
 const T0: u32 = 1_700_000_000;
 
@@ -214,5 +217,70 @@ async fn the_scheduler_audits_each_peer_on_its_interval() -> TestResult {
     let (_, result) = status.last_audit.ok_or("no audit in the status")?;
     assert_eq!(result?.repaired, vec![(notes(), key("extra"))]);
     scheduler.shutdown().await?;
+    Ok(())
+}
+
+/// The bytes of the file of the record under `key`, if it is local.
+fn file_bytes(node: &SyncEngine, scope: &Scope, key: &Key) -> TestResult<Option<Vec<u8>>> {
+    let Some((_, mut reader)) = node.open_file(scope, key)? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut out)?;
+    Ok(Some(out))
+}
+
+/// A node whose blob store lost a file (a blob directory not restored with its database)
+/// holds the record Staged, and no round brings the file again: the marks already passed
+/// it. An audit lists the blobs its records reference, finds the missing one and fetches it
+/// by hash from the peer, which holds it.
+#[test]
+fn an_audit_fetches_the_files_a_node_lost_from_a_peer_that_holds_them() -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let (a, _) = replica(&time)?;
+    let blobs = Arc::new(MemBlobStore::new());
+    let b = Arc::new(SyncEngine::with_stores(
+        Box::new(MemStore::new()),
+        blobs.clone(),
+        config(&time),
+    )?);
+    let (photo, doc) = (key("photo"), key("doc"));
+    a.put_file_bytes(&notes(), &photo, "a photo", b"the photo's bytes")?;
+    a.put_file_bytes(
+        &Scope::shared(),
+        &doc,
+        "a document",
+        b"the document's bytes",
+    )?;
+    a.put(&notes(), &key("plain"), b"no file".to_vec())?;
+    sync(&b, &link(&a))?;
+    assert_eq!(b.residency(&notes(), &photo)?, Residency::Resident);
+
+    let lost = b
+        .get(&notes(), &photo)?
+        .and_then(|r| r.blob)
+        .ok_or("the photo has a file")?;
+    assert!(blobs.remove(&lost.hash)?, "B held the photo's file");
+    assert_eq!(b.residency(&notes(), &photo)?, Residency::Staged);
+    let out = block_on(b.exchange(&link(&a)))?;
+    assert_eq!(
+        (out.shipped, out.received),
+        (0, 0),
+        "a round brings nothing"
+    );
+    assert_eq!(b.residency(&notes(), &photo)?, Residency::Staged);
+
+    let out = block_on(b.audit(&link(&a)))?;
+    assert_eq!(out.files_repaired, 1, "{out:?}");
+    assert_eq!((out.received, out.shipped), (0, 0), "{out:?}");
+    assert_eq!(b.residency(&notes(), &photo)?, Residency::Resident);
+    assert_eq!(
+        file_bytes(&b, &notes(), &photo)?,
+        Some(b"the photo's bytes".to_vec())
+    );
+    assert_eq!(b.residency(&Scope::shared(), &doc)?, Residency::Resident);
+    // Nothing is missing any more: a second audit finds nothing.
+    let again = block_on(b.audit(&link(&a)))?;
+    assert!(again.clean(), "{again:?}");
     Ok(())
 }

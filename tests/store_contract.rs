@@ -1,8 +1,9 @@
 //! The store contract (see `highwater::store`'s module docs), one suite run against every
 //! store: identity, LWW upserts, the live-version index, conditional watermark advances,
-//! peer knowledge, the persisted clock, scans, scopes, snapshots and atomicity. A property
-//! test then checks that the redb store behaves exactly like the in-memory model under
-//! random batches.
+//! peer knowledge, the persisted clock, scans, scopes, snapshots, blob references per scope
+//! and atomicity. A property test then checks that the redb store behaves exactly like the
+//! in-memory model under random batches, and that both count blob references as their
+//! stored versions say.
 
 mod common;
 
@@ -14,9 +15,11 @@ use std::time::Duration;
 
 use highwater::store::{
     item_hash, Advance, AuditPoint, AuditRange, Batch, BatchReport, Durability, Fingerprint,
-    KeyRange, MemStore, PeerKnowledge, RedbStore, Store,
+    KeyRange, MemStore, PeerKnowledge, RedbStore, Store, StoreRead,
 };
-use highwater::{Hlc, Key, NodeId, Op, Scope, ScopeFilter, ScopedWatermarks, Version};
+use highwater::{
+    BlobRef, Hash, Hlc, Key, NodeId, Op, Scope, ScopeFilter, ScopedWatermarks, Version,
+};
 use proptest::prelude::*;
 
 type TestResult = Result<(), Box<dyn Error>>;
@@ -81,6 +84,9 @@ contract!(
     audit_items_and_fingerprints_follow_the_live_versions,
     audit_split_cuts_into_non_empty_parts,
     version_at_finds_a_live_version_by_its_hlc,
+    blob_references_are_counted_per_scope,
+    blob_sizes_are_kept_per_scope,
+    referenced_blobs_page_in_hash_order,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -117,6 +123,39 @@ fn del(time: u64, origin: u8) -> Version {
         hlc: hlc(time, origin),
         op: Op::Delete,
     }
+}
+
+fn blob(name: &str, size: u64) -> BlobRef {
+    BlobRef {
+        hash: Hash::of(name.as_bytes()),
+        size,
+    }
+}
+
+fn put_blob(time: u64, origin: u8, blob: BlobRef) -> Version {
+    Version {
+        hlc: hlc(time, origin),
+        op: Op::Put {
+            value: b"file".to_vec(),
+            blob: Some(blob),
+        },
+    }
+}
+
+/// What a reader says of the references to `hash`: the total count and the scopes.
+fn refs_of(store: &dyn Store, hash: &Hash) -> Result<(u64, Vec<Scope>), Box<dyn Error>> {
+    let read = store.read()?;
+    Ok((read.blob_refs(hash)?, read.blob_scopes(hash)?))
+}
+
+/// Every referenced blob, in one page.
+fn referenced(store: &dyn Store) -> Result<Vec<BlobRef>, Box<dyn Error>> {
+    Ok(store.read()?.referenced_blobs(None, usize::MAX)?)
+}
+
+fn by_hash(mut blobs: Vec<BlobRef>) -> Vec<BlobRef> {
+    blobs.sort_by_key(|b| b.hash);
+    blobs
 }
 
 fn upserts(s: &Scope, rows: &[(&str, Version)]) -> Batch {
@@ -922,6 +961,163 @@ fn version_at_finds_a_live_version_by_its_hlc(store: &dyn Store) -> TestResult {
 }
 
 /// The fingerprint of `items`, folded one by one.
+/// References are counted per scope and follow every stored version: upserts, a version
+/// replaced by one pointing at another blob or at none, tombstones, losers (nothing), the
+/// same blob in two scopes. A commit reports a hash as unreferenced exactly when its last
+/// reference in any scope goes.
+fn blob_references_are_counted_per_scope(store: &dyn Store) -> TestResult {
+    // "shared" comes first in the redb file (shorter), "app/x/y" first in scope order.
+    let (s, app) = (Scope::shared(), scope("app/x/y"));
+    let (x, y, z) = (blob("x", 10), blob("y", 20), blob("z", 30));
+    let mut batch = upserts(
+        &s,
+        &[
+            ("a", put_blob(1, 1, x)),
+            ("c", put_blob(3, 1, y)),
+            ("d", put_blob(4, 1, x)),
+        ],
+    );
+    batch
+        .upserts
+        .push((app.clone(), key("b"), put_blob(2, 1, x)));
+    assert_eq!(store.commit(&batch)?.unreferenced, vec![]);
+    assert_eq!(refs_of(store, &x.hash)?, (3, vec![app.clone(), s.clone()]));
+    assert_eq!(refs_of(store, &y.hash)?, (1, vec![s.clone()]));
+    assert_eq!(refs_of(store, &z.hash)?, (0, vec![]));
+    assert_eq!(referenced(store)?, by_hash(vec![x, y]));
+
+    // A version replaced by one pointing at another blob moves its reference.
+    let done = store.commit(&upserts(&s, &[("a", put_blob(5, 1, y))]))?;
+    assert_eq!(done.unreferenced, vec![]);
+    assert_eq!(refs_of(store, &x.hash)?, (2, vec![app.clone(), s.clone()]));
+    assert_eq!(refs_of(store, &y.hash)?, (2, vec![s.clone()]));
+
+    // Replaced by a version without a blob: the last reference from `shared` goes, but
+    // `app/x/y` still refers to x, so it is not unreferenced.
+    let done = store.commit(&upserts(&s, &[("d", put(6, 1, "no file"))]))?;
+    assert_eq!(done.unreferenced, vec![]);
+    assert_eq!(refs_of(store, &x.hash)?, (1, vec![app.clone()]));
+
+    // An upsert that loses last-write-wins counts nothing.
+    let done = store.commit(&upserts(&app, &[("b", put_blob(1, 2, z))]))?;
+    assert_eq!(done.applied, Vec::<usize>::new());
+    assert_eq!(refs_of(store, &z.hash)?, (0, vec![]));
+    assert_eq!(refs_of(store, &x.hash)?, (1, vec![app.clone()]));
+
+    // A tombstone takes the last reference in any scope: now x is unreferenced.
+    let done = store.commit(&upserts(&app, &[("b", del(7, 1))]))?;
+    assert_eq!(done.unreferenced, vec![x.hash]);
+    assert_eq!(refs_of(store, &x.hash)?, (0, vec![]));
+    assert_eq!(referenced(store)?, vec![y]);
+
+    // A newer version with the same blob keeps the count.
+    let done = store.commit(&upserts(&s, &[("c", put_blob(8, 1, y))]))?;
+    assert_eq!(done.unreferenced, vec![]);
+    assert_eq!(refs_of(store, &y.hash)?, (2, vec![s.clone()]));
+
+    // The same blob in another scope, then both of `shared`'s references go in one batch:
+    // y is still referenced. Then the last one goes, durably (the redb snapshot reader).
+    store.commit(&upserts(&app, &[("e", put_blob(9, 1, y))]))?;
+    let done = store.commit(&upserts(&s, &[("a", del(10, 1)), ("c", del(11, 1))]))?;
+    assert_eq!(done.unreferenced, vec![]);
+    assert_eq!(refs_of(store, &y.hash)?, (1, vec![app.clone()]));
+    let mut last = upserts(&app, &[("e", del(12, 1))]);
+    last.durability = Durability::Immediate;
+    assert_eq!(store.commit(&last)?.unreferenced, vec![y.hash]);
+    assert_eq!(refs_of(store, &y.hash)?, (0, vec![]));
+    assert_eq!(referenced(store)?, vec![]);
+    Ok(())
+}
+
+/// Each scope keeps the size its last counted reference gave; the listing reports the
+/// largest over the scopes (honest references agree, so this only settles forged ones).
+fn blob_sizes_are_kept_per_scope(store: &dyn Store) -> TestResult {
+    let (s, app) = (Scope::shared(), scope("app/x/y"));
+    store.commit(&upserts(&s, &[("a", put_blob(1, 1, blob("x", 10)))]))?;
+    assert_eq!(referenced(store)?, vec![blob("x", 10)]);
+    store.commit(&upserts(&app, &[("b", put_blob(2, 1, blob("x", 11)))]))?;
+    assert_eq!(referenced(store)?, vec![blob("x", 11)]);
+    store.commit(&upserts(&s, &[("a", put_blob(3, 1, blob("x", 12)))]))?;
+    assert_eq!(referenced(store)?, vec![blob("x", 12)]);
+    store.commit(&upserts(&s, &[("a", del(4, 1))]))?;
+    assert_eq!(referenced(store)?, vec![blob("x", 11)]);
+    Ok(())
+}
+
+/// `referenced_blobs` lists each referenced blob once, in hash order, strictly after
+/// `after` (referenced or not), at most `limit`: pages that start after the last hash of
+/// the page before list every blob once. Through the redb group reader and its snapshot.
+fn referenced_blobs_page_in_hash_order(store: &dyn Store) -> TestResult {
+    let (s, app) = (Scope::shared(), scope("app/x/y"));
+    let blobs: Vec<BlobRef> = (0..9u64).map(|i| blob(&format!("f{i}"), 100 + i)).collect();
+    let mut batch = Batch::new(0, Durability::Deferred);
+    for (i, b) in (1u64..).zip(&blobs) {
+        batch
+            .upserts
+            .push((s.clone(), key(format!("s{i}")), put_blob(i, 1, *b)));
+        // Every third blob in both scopes, and the first twice in `shared`.
+        if i % 3 == 1 {
+            batch
+                .upserts
+                .push((app.clone(), key(format!("a{i}")), put_blob(i, 2, *b)));
+        }
+    }
+    batch
+        .upserts
+        .push((s.clone(), key("again"), put_blob(100, 1, blobs[0])));
+    // A blob no stored version references any more.
+    batch
+        .upserts
+        .push((s.clone(), key("gone"), put_blob(101, 1, blob("gone", 1))));
+    batch.upserts.push((s.clone(), key("gone"), del(102, 1)));
+    store.commit(&batch)?;
+    let all = by_hash(blobs);
+    for pass in ["gathered", "flushed"] {
+        let read = store.read()?;
+        assert_eq!(read.referenced_blobs(None, 100)?, all, "{pass}");
+        assert_eq!(read.referenced_blobs(None, 0)?, vec![], "{pass}");
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = read.referenced_blobs(after.as_ref(), 2)?;
+            assert!(page.len() <= 2, "{pass}: {page:?}");
+            let Some(last) = page.last() else { break };
+            after = Some(last.hash);
+            paged.extend(page);
+        }
+        assert_eq!(paged, all, "{pass}: pages of 2");
+        assert_eq!(
+            read.referenced_blobs(Some(&all[3].hash), 3)?,
+            all[4..7].to_vec(),
+            "{pass}"
+        );
+        let unreferenced = Hash::of(b"not referenced");
+        let want: Vec<BlobRef> = all
+            .iter()
+            .filter(|b| b.hash > unreferenced)
+            .take(3)
+            .copied()
+            .collect();
+        assert_eq!(
+            read.referenced_blobs(Some(&unreferenced), 3)?,
+            want,
+            "{pass}"
+        );
+        let first = Hash::from_bytes([0; 32]);
+        assert_eq!(read.referenced_blobs(Some(&first), 1)?, all[..1], "{pass}");
+        let end = Hash::from_bytes([0xff; 32]);
+        assert_eq!(read.referenced_blobs(Some(&end), 10)?, vec![], "{pass}");
+        assert_eq!(
+            read.referenced_blobs(Some(&all[8].hash), 10)?,
+            vec![],
+            "{pass}"
+        );
+        drop(read);
+        store.flush()?;
+    }
+    Ok(())
+}
+
 fn fold(items: &[(Hlc, Key)]) -> Fingerprint {
     let mut f = Fingerprint::EMPTY;
     for (h, k) in items {
@@ -1275,11 +1471,14 @@ fn redb_format_1_file_is_migrated_on_open() -> TestResult {
             },
         ),
         (&app, "k", put(6, 1, "app")),
+        (&app, "f", put_blob(4, 1, blob("file", 5))),
     ];
     {
         let db = redb::Database::create(&path)?;
         let txn = db.begin_write()?;
         {
+            txn.open_table(BLOB_REFS_V1)?
+                .insert(blob("file", 5).hash.as_bytes().as_slice(), 1)?;
             let mut meta = txn.open_table(META)?;
             meta.insert("format", 1u32.to_be_bytes().as_slice())?;
             meta.insert("clock", 9u64.to_be_bytes().as_slice())?;
@@ -1318,6 +1517,10 @@ fn redb_format_1_file_is_migrated_on_open() -> TestResult {
         vec![(key("k"), put(5, 1, "five"))]
     );
     assert_eq!(read.clock()?, 9);
+    // Format 3's blob references per scope were built from the versions.
+    assert_eq!(read.blob_refs(&blob("file", 5).hash)?, 1);
+    assert_eq!(read.blob_scopes(&blob("file", 5).hash)?, vec![app.clone()]);
+    assert_eq!(read.referenced_blobs(None, 10)?, vec![blob("file", 5)]);
     assert_eq!(
         read.watermarks()?,
         marks(&[(&s, hlc(7, 1)), (&s, hlc(7, 2)), (&app, hlc(7, 1))])
@@ -1364,6 +1567,13 @@ fn redb_format_1_file_is_migrated_on_open() -> TestResult {
 
 const SCOPES: [&str; 3] = ["app/a/b", "app/a/bc", "shared"];
 const KEYS: [&[u8]; 6] = [b"a", b"ab", b"b", b"ba", &[0xff], &[0x00, 0x01]];
+/// The blobs the random puts point at; the last is never used.
+const BLOBS: [&str; 4] = ["blob0", "blob1", "blob2", "unused"];
+
+/// Blob `i` of [`BLOBS`], with its size, or (`odd`) a size that disagrees with it.
+fn spec_blob(i: usize, odd: bool) -> BlobRef {
+    blob(BLOBS[i], 100 * (i as u64 + 1) + u64::from(odd))
+}
 
 #[derive(Clone, Debug)]
 struct UpsertSpec {
@@ -1372,6 +1582,8 @@ struct UpsertSpec {
     origin: u8,
     time: u64,
     delete: bool,
+    /// A put's blob: which of [`BLOBS`], and whether with a size that disagrees.
+    blob: Option<(usize, bool)>,
 }
 
 #[derive(Clone, Debug)]
@@ -1399,15 +1611,22 @@ struct BatchSpec {
 }
 
 fn batch_spec() -> impl Strategy<Value = BatchSpec> {
-    let upsert = (0..3usize, 0..KEYS.len(), 1..=3u8, 1..40u64, any::<bool>()).prop_map(
-        |(scope, key, origin, time, delete)| UpsertSpec {
+    let upsert = (
+        0..3usize,
+        0..KEYS.len(),
+        1..=3u8,
+        1..40u64,
+        any::<bool>(),
+        prop::option::of((0..3usize, prop::bool::weighted(0.1))),
+    )
+        .prop_map(|(scope, key, origin, time, delete, blob)| UpsertSpec {
             scope,
             key,
             origin,
             time,
             delete,
-        },
-    );
+            blob,
+        });
     let advance = (0..3usize, 1..=3u8, prop::option::of(0..40u64), 1..40u64).prop_map(
         |(scope, origin, base, top)| AdvanceSpec {
             scope,
@@ -1454,10 +1673,10 @@ fn build(spec: &BatchSpec, used: &mut BTreeMap<(usize, u8, u64), usize>) -> Batc
         if *used.entry((u.scope, u.origin, u.time)).or_insert(u.key) != u.key {
             continue;
         }
-        let v = if u.delete {
-            del(u.time, u.origin)
-        } else {
-            put(u.time, u.origin, &format!("{}@{}", u.key, u.time))
+        let v = match (u.delete, u.blob) {
+            (true, _) => del(u.time, u.origin),
+            (false, None) => put(u.time, u.origin, &format!("{}@{}", u.key, u.time)),
+            (false, Some((i, odd))) => put_blob(u.time, u.origin, spec_blob(i, odd)),
         };
         b.upserts.push((s(u.scope), key(KEYS[u.key]), v));
     }
@@ -1495,6 +1714,58 @@ struct Observed {
     clock: u64,
     scans: Vec<Vec<(Key, Version)>>,
     live: Vec<Vec<(Key, Version)>>,
+    /// Per blob of [`BLOBS`]: the total count and the scopes.
+    blob_refs: Vec<BlobRefs>,
+    /// Every referenced blob, then the same in pages of one.
+    referenced: Vec<BlobRef>,
+    referenced_paged: Vec<BlobRef>,
+}
+
+/// A blob's total reference count and the scopes that reference it.
+type BlobRefs = (u64, Vec<Scope>);
+
+/// Checks the blob references against the stored versions they count: per hash and scope,
+/// the number of stored versions of that scope pointing at the hash.
+fn check_blob_refs(read: &dyn StoreRead) -> Result<Vec<BlobRefs>, Box<dyn Error>> {
+    let mut truth: BTreeMap<Hash, BTreeMap<Scope, u64>> = BTreeMap::new();
+    for name in SCOPES {
+        let all = KeyRange {
+            limit: 100,
+            ..KeyRange::default()
+        };
+        for (_, v) in read.scan(&scope(name), &all)? {
+            if let Some(b) = v.blob() {
+                *truth
+                    .entry(b.hash)
+                    .or_default()
+                    .entry(scope(name))
+                    .or_default() += 1;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for name in BLOBS {
+        let hash = Hash::of(name.as_bytes());
+        let scopes = truth.get(&hash).cloned().unwrap_or_default();
+        let want = (
+            scopes.values().sum::<u64>(),
+            scopes.keys().cloned().collect::<Vec<_>>(),
+        );
+        let got = (read.blob_refs(&hash)?, read.blob_scopes(&hash)?);
+        if got != want {
+            return Err(format!("references to {name}: {got:?}, stored versions: {want:?}").into());
+        }
+        out.push(got);
+    }
+    let listed: Vec<Hash> = read
+        .referenced_blobs(None, usize::MAX)?
+        .iter()
+        .map(|b| b.hash)
+        .collect();
+    if listed != truth.keys().copied().collect::<Vec<_>>() {
+        return Err(format!("referenced blobs {listed:?}, stored versions {truth:?}").into());
+    }
+    Ok(out)
 }
 
 fn observe(store: &dyn Store) -> Result<Observed, Box<dyn Error>> {
@@ -1556,6 +1827,15 @@ fn observe(store: &dyn Store) -> Result<Observed, Box<dyn Error>> {
             }
         }
     }
+    let mut referenced_paged = Vec::new();
+    loop {
+        let after = referenced_paged.last().map(|b: &BlobRef| b.hash);
+        let page = read.referenced_blobs(after.as_ref(), 1)?;
+        if page.is_empty() {
+            break;
+        }
+        referenced_paged.extend(page);
+    }
     Ok(Observed {
         watermarks: read.watermarks()?,
         scopes: read.scopes()?,
@@ -1564,6 +1844,9 @@ fn observe(store: &dyn Store) -> Result<Observed, Box<dyn Error>> {
         clock: read.clock()?,
         scans,
         live,
+        blob_refs: check_blob_refs(&*read)?,
+        referenced: read.referenced_blobs(None, usize::MAX)?,
+        referenced_paged,
     })
 }
 
@@ -1751,9 +2034,15 @@ fn same_audit(real: &RedbStore, model: &MemStore, s: &Scope) -> TestResult {
 const VERSIONS_V2: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("versions-v2");
 const CHUNKS_V1: redb::TableDefinition<&[u8], &[u8]> =
     redb::TableDefinition::new("audit-chunks-v1");
+/// Formats 1 and 2: `hash -> count` of the stored versions referencing the blob.
+const BLOB_REFS_V1: redb::TableDefinition<&[u8], u64> = redb::TableDefinition::new("blob-refs-v1");
+/// Format 3: `hash | len u8 | scope -> count u64 BE | size u64 BE`.
+const BLOB_REFS_V2: redb::TableDefinition<&[u8], &[u8]> =
+    redb::TableDefinition::new("blob-refs-v2");
 
 /// Writes `rows` into a new file in format 2 (docs/storage.md before format 3: the tables of
-/// format 3 but the audit chunks), row by row; `bad` makes one version row undecodable.
+/// format 3 but the audit chunks, and `blob-refs-v1` counting versions per blob instead of
+/// `blob-refs-v2`), row by row; `bad` makes one version row undecodable.
 fn format_2_file(path: &Path, rows: &[(Scope, Key, Version)], bad: bool) -> TestResult {
     use redb::ReadableTable;
     let db = redb::Database::create(path)?;
@@ -1764,7 +2053,13 @@ fn format_2_file(path: &Path, rows: &[(Scope, Key, Version)], bad: bool) -> Test
         let mut versions = txn.open_table(VERSIONS_V2)?;
         let mut keys = txn.open_table(KEY_INDEX)?;
         let mut marks = txn.open_table(MARKS_V1)?;
+        let mut blob_refs = txn.open_table(BLOB_REFS_V1)?;
         for (i, (s, k, v)) in rows.iter().enumerate() {
+            if let Some(b) = v.blob() {
+                let hash = b.hash.as_bytes().as_slice();
+                let count = blob_refs.get(hash)?.map_or(0, |g| g.value());
+                blob_refs.insert(hash, count + 1)?;
+            }
             let mut position = v.hlc.origin().to_bytes().to_vec();
             position.extend_from_slice(&v.hlc.time().to_be_bytes());
             let mut vk = scope_bytes(s);
@@ -1789,6 +2084,29 @@ fn format_2_file(path: &Path, rows: &[(Scope, Key, Version)], bad: bool) -> Test
     Ok(())
 }
 
+/// Whether the file at `path` holds the redb table `name`.
+fn has_table(path: &Path, name: &str) -> Result<bool, Box<dyn Error>> {
+    use redb::{ReadableDatabase, TableHandle};
+    let db = redb::Database::create(path)?;
+    let txn = db.begin_read()?;
+    let found = txn.list_tables()?.any(|t| t.name() == name);
+    Ok(found)
+}
+
+/// The blob references of `real` and `model` agree for `hashes`, and in the listing.
+fn same_blob_refs(real: &dyn Store, model: &MemStore, hashes: &[Hash]) -> TestResult {
+    let (r, m) = (real.read()?, model.read()?);
+    for hash in hashes {
+        assert_eq!(r.blob_refs(hash)?, m.blob_refs(hash)?, "{hash}");
+        assert_eq!(r.blob_scopes(hash)?, m.blob_scopes(hash)?, "{hash}");
+    }
+    assert_eq!(
+        r.referenced_blobs(None, usize::MAX)?,
+        m.referenced_blobs(None, usize::MAX)?
+    );
+    Ok(())
+}
+
 fn raw_format(path: &Path) -> Result<u32, Box<dyn Error>> {
     use redb::ReadableDatabase;
     let db = redb::Database::create(path)?;
@@ -1799,19 +2117,27 @@ fn raw_format(path: &Path) -> Result<u32, Box<dyn Error>> {
 }
 
 /// A format 2 file opens as format 3 with its audit chunks built from `versions-v2` (in runs
-/// of the bound per origin), reading as the model of the same versions does; a migration
-/// that fails leaves the file in format 2, without chunks, to be migrated again.
+/// of the bound per origin) and its blob references counted per scope from `versions-v2`
+/// into `blob-refs-v2` (`blob-refs-v1` dropped), reading as the model of the same versions
+/// does; a migration that fails leaves the file in format 2, without chunks and with its
+/// `blob-refs-v1`, to be migrated again.
 #[test]
 fn redb_format_2_file_is_migrated_to_format_3_on_open() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (s, app) = (Scope::shared(), scope("app/x/y"));
-    // 2 scopes x 2 origins x 150 versions, one in five a tombstone.
+    // Blob `m{i}` has size 50 + i; m0 is only in `shared`, m3 only in `app/x/y`.
+    let file = |i: u64| blob(&format!("m{i}"), 50 + i);
+    let hashes: Vec<Hash> = (0..5).map(|i| file(i).hash).collect();
+    // 2 scopes x 2 origins x 150 versions, one in five a tombstone, one in seven (of the
+    // others) with a file.
     let mut rows = Vec::new();
-    for sc in [&s, &app] {
+    for (sc, shift) in [(&s, 0), (&app, 1)] {
         for origin in [1u8, 2] {
             for t in 1..=150u64 {
                 let v = if t % 5 == 0 {
                     del(t, origin)
+                } else if t % 7 == 0 {
+                    put_blob(t, origin, file(t % 3 + shift))
                 } else {
                     put(t, origin, "v")
                 };
@@ -1841,6 +2167,8 @@ fn redb_format_2_file_is_migrated_to_format_3_on_open() -> TestResult {
         let txn = db.begin_read()?;
         assert!(txn.open_table(CHUNKS_V1).is_err(), "and no chunk table");
     }
+    assert!(has_table(&broken, "blob-refs-v1")?, "and its blob-refs-v1");
+    assert!(!has_table(&broken, "blob-refs-v2")?, "and no blob-refs-v2");
 
     let path = dir.path().join("store.redb");
     format_2_file(&path, &rows, false)?;
@@ -1857,16 +2185,56 @@ fn redb_format_2_file_is_migrated_to_format_3_on_open() -> TestResult {
         assert_eq!(read.fingerprint(sc, &AuditRange::ALL)?, fold(&items));
         assert_eq!(items.len(), 300);
     }
+    same_blob_refs(&store, &model, &hashes)?;
+    let read = store.read()?;
+    assert_eq!(read.blob_scopes(&file(0).hash)?, vec![s.clone()]);
+    assert_eq!(
+        read.blob_scopes(&file(1).hash)?,
+        vec![app.clone(), s.clone()]
+    );
+    assert_eq!(read.blob_scopes(&file(3).hash)?, vec![app.clone()]);
+    assert_eq!(
+        read.referenced_blobs(None, 10)?,
+        by_hash((0..4).map(file).collect())
+    );
+    drop(read);
     // Writes after the migration keep the chunks.
     let overwrite = upserts(&s, &[("1-7", put(200, 2, "new")), ("2-8", del(201, 1))]);
     store.commit(&overwrite)?;
     model.commit(&overwrite)?;
     chunks_hold(&store, 16)?;
     same_audit(&store, &model, &s)?;
+    same_blob_refs(&store, &model, &hashes)?;
     drop(store);
     assert_eq!(raw_format(&path)?, 3);
+    assert!(
+        !has_table(&path, "blob-refs-v1")?,
+        "blob-refs-v1 is dropped"
+    );
+    {
+        // The layout of docs/storage.md: `hash | 06 "shared" -> count BE | size BE`, where
+        // the count is that of `shared`'s stored versions pointing at m0.
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let db = redb::Database::create(&path)?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(BLOB_REFS_V2)?;
+        let mut row_key = file(0).hash.as_bytes().to_vec();
+        row_key.extend_from_slice(b"\x06shared");
+        let count = rows
+            .iter()
+            .filter(|(sc, _, v)| *sc == s && v.blob() == Some(&file(0)))
+            .count() as u64;
+        let mut value = count.to_be_bytes().to_vec();
+        value.extend_from_slice(&50u64.to_be_bytes());
+        assert_eq!(
+            table.get(row_key.as_slice())?.map(|g| g.value().to_vec()),
+            Some(value)
+        );
+        assert_eq!(table.len()?, 6, "m0 and m3 in one scope, m1 and m2 in two");
+    }
     let store = RedbStore::open_with_chunk_items(&path, 16)?;
     same_audit(&store, &model, &s)?;
+    same_blob_refs(&store, &model, &hashes)?;
     Ok(())
 }
 

@@ -449,11 +449,11 @@ impl SyncEngine {
         after: Option<crate::hash::Hash>,
         limit: usize,
     ) -> Result<(Vec<crate::record::BlobRef>, Option<crate::hash::Hash>)> {
-        // TODO(blob refs by scope): the store's listing of referenced blobs.
-        let blobs: Vec<crate::record::BlobRef> = {
-            let _ = (after, &self.inner.store);
-            Vec::new()
-        };
+        let blobs = self
+            .inner
+            .store
+            .read()?
+            .referenced_blobs(after.as_ref(), limit)?;
         let last = (blobs.len() == limit)
             .then(|| blobs.last().map(|b| b.hash))
             .flatten();

@@ -5,12 +5,14 @@ use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::audit::{item_hash, split_positions, AuditPoint, AuditRange, Fingerprint};
-use super::{apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, Store, StoreRead, TxnOps};
+use super::{
+    apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, ScopeRefs, Store, StoreRead, TxnOps,
+};
 use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::ScopeFilter;
-use crate::record::{Key, Scope, Version};
+use crate::record::{BlobRef, Key, Scope, Version};
 use crate::watermark::ScopedWatermarks;
 
 #[derive(Default, Clone)]
@@ -22,7 +24,9 @@ struct State {
     live: BTreeMap<(Scope, NodeId, u64), Key>,
     marks: ScopedWatermarks,
     peers: BTreeMap<NodeId, ScopedWatermarks>,
-    blob_refs: BTreeMap<Hash, u64>,
+    /// hash -> scope -> the scope's references to it: the model of `blob-refs-v2`. No
+    /// empty inner map, no zero count.
+    blob_refs: BTreeMap<Hash, BTreeMap<Scope, ScopeRefs>>,
 }
 
 /// A store held in memory. Commits are atomic (applied under one write lock by infallible
@@ -59,6 +63,13 @@ impl MemStore {
 }
 
 struct Reader(Arc<State>);
+
+/// A blob's reference count over all scopes.
+fn total(scopes: &BTreeMap<Scope, ScopeRefs>) -> u64 {
+    scopes
+        .values()
+        .fold(0u64, |sum, r| sum.saturating_add(r.count))
+}
 
 /// The least node id in byte order (the all-zero id is not an id).
 fn least_id() -> NodeId {
@@ -170,7 +181,34 @@ impl StoreRead for Reader {
     }
 
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
-        Ok(self.0.blob_refs.get(hash).copied().unwrap_or(0))
+        Ok(self.0.blob_refs.get(hash).map_or(0, total))
+    }
+
+    fn blob_scopes(&self, hash: &Hash) -> Result<Vec<Scope>, StoreError> {
+        Ok(self
+            .0
+            .blob_refs
+            .get(hash)
+            .map(|scopes| scopes.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn referenced_blobs(
+        &self,
+        after: Option<&Hash>,
+        limit: usize,
+    ) -> Result<Vec<BlobRef>, StoreError> {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(self
+            .0
+            .blob_refs
+            .range((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(hash, scopes)| BlobRef {
+                hash: *hash,
+                size: scopes.values().map(|r| r.size).max().unwrap_or(0),
+            })
+            .collect())
     }
 
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
@@ -331,15 +369,26 @@ impl TxnOps for State {
         Ok(())
     }
 
-    fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError> {
-        let count = self.blob_refs.get(hash).copied().unwrap_or(0);
-        let next = count.saturating_add_signed(delta);
-        if next == 0 {
-            self.blob_refs.remove(hash);
-        } else {
-            self.blob_refs.insert(*hash, next);
+    fn adjust_blob_refs(
+        &mut self,
+        scope: &Scope,
+        blob: &BlobRef,
+        delta: i64,
+    ) -> Result<u64, StoreError> {
+        let scopes = self.blob_refs.entry(blob.hash).or_default();
+        match ScopeRefs::adjusted(scopes.get(scope).copied(), blob, delta) {
+            Some(refs) => {
+                scopes.insert(scope.clone(), refs);
+            }
+            None => {
+                scopes.remove(scope);
+            }
         }
-        Ok(next)
+        let count = total(scopes);
+        if scopes.is_empty() {
+            self.blob_refs.remove(&blob.hash);
+        }
+        Ok(count)
     }
 
     fn finish_upserts(&mut self) -> Result<(), StoreError> {

@@ -15,9 +15,11 @@
 //! - Upserts merge by last-write-wins inside the transaction: the stored version changes iff
 //!   the incoming Hlc is greater. The live-version index always holds exactly one entry
 //!   `(scope, origin, hlc) -> key` per stored version.
-//! - The blob reference count of a hash equals the number of stored versions pointing at
-//!   it; a commit reports the hashes whose count fell to zero
-//!   ([`BatchReport::unreferenced`]).
+//! - Blob references are counted per scope: for every blob hash and scope, the count equals
+//!   the number of stored versions of that scope pointing at the hash, kept with the blob's
+//!   size ([`StoreRead::blob_scopes`], [`StoreRead::referenced_blobs`]); the total over all
+//!   scopes is [`StoreRead::blob_refs`]. A commit reports the hashes whose total fell to
+//!   zero ([`BatchReport::unreferenced`]).
 //! - An [`Advance`] moves `W[scope][origin]` to `top` only if `base <= W` at commit time (no
 //!   gap), and never lowers it.
 //! - After every commit the [`StoreRead::fingerprint`] of any [`AuditRange`] equals the fold
@@ -41,7 +43,7 @@ use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::merge;
 use crate::record::ScopeFilter;
-use crate::record::{Key, Scope, Version};
+use crate::record::{BlobRef, Key, Scope, Version};
 use crate::watermark::ScopedWatermarks;
 
 /// How durable a commit must be when it returns.
@@ -174,11 +176,36 @@ pub trait StoreRead {
         limit: usize,
     ) -> Result<Vec<(Key, Version)>, StoreError>;
 
-    /// How many stored versions reference the blob `hash`.
+    /// How many stored versions reference the blob `hash`, over all scopes (0: none, and the
+    /// blob may be removed).
     ///
     /// # Errors
-    /// A backend failure.
+    /// A backend failure or undecodable row.
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError>;
+
+    /// The scopes with at least one stored version referencing the blob `hash`, in scope
+    /// order (none if no stored version references it).
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn blob_scopes(&self, hash: &Hash) -> Result<Vec<Scope>, StoreError>;
+
+    /// The distinct blobs that stored versions reference, with hash strictly after `after`
+    /// (from the first if `None`), in hash order, at most `limit`: one page of a listing of
+    /// every referenced blob, each with its size.
+    ///
+    /// The versions referencing one hash agree on its size when they are honest (a blob's
+    /// size follows from its content, and a fetch checks both); where they do not, each
+    /// scope keeps the size of the reference it counted last and this reports the largest
+    /// of its scopes'.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn referenced_blobs(
+        &self,
+        after: Option<&Hash>,
+        limit: usize,
+    ) -> Result<Vec<BlobRef>, StoreError>;
 
     /// Every scope that holds records or watermarks, in order.
     ///
@@ -291,6 +318,31 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
 }
 
+/// What a store keeps for one blob hash and one scope: the row of `blob-refs-v2` in redb.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct ScopeRefs {
+    /// The number of stored versions of the scope that reference the hash; never 0 (no
+    /// reference, no entry).
+    count: u64,
+    /// The blob's size, as the reference counted last gave it.
+    size: u64,
+}
+
+impl ScopeRefs {
+    /// The references after adding `delta` to `current` for `blob`; `None` when none is
+    /// left (the entry goes). Both stores keep their entries with this one rule, so they
+    /// agree on sizes too: counting up takes the size of the reference counted (honest
+    /// references to one hash agree on it), counting down keeps the entry's.
+    fn adjusted(current: Option<ScopeRefs>, blob: &BlobRef, delta: i64) -> Option<ScopeRefs> {
+        let count = current.map_or(0, |r| r.count).saturating_add_signed(delta);
+        let size = match current {
+            Some(r) if delta <= 0 => r.size,
+            _ => blob.size,
+        };
+        (count > 0).then_some(ScopeRefs { count, size })
+    }
+}
+
 /// The row-level operations a write transaction offers; [`apply_batch`] is written once
 /// against them so both stores share the merge, index and watermark logic.
 trait TxnOps {
@@ -321,8 +373,15 @@ trait TxnOps {
     fn set_mark(&mut self, scope: &Scope, mark: Hlc) -> Result<(), StoreError>;
     fn replace_peer_marks(&mut self, knowledge: &PeerKnowledge) -> Result<(), StoreError>;
     fn raise_clock(&mut self, time: u64) -> Result<(), StoreError>;
-    /// Adds `delta` to the blob's reference count and returns the new count.
-    fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError>;
+    /// Adds `delta` to the number of `scope`'s stored versions that reference `blob` (see
+    /// [`ScopeRefs::adjusted`]) and returns the blob's total count over all scopes after the
+    /// change: 0 means no stored version references it any more.
+    fn adjust_blob_refs(
+        &mut self,
+        scope: &Scope,
+        blob: &BlobRef,
+        delta: i64,
+    ) -> Result<u64, StoreError>;
     /// Brings whatever a store keeps about the live-version index in summary (the redb
     /// store's audit chunks) up to date with the upserts applied so far.
     fn finish_upserts(&mut self) -> Result<(), StoreError>;
@@ -355,13 +414,15 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
             }
             continue;
         }
+        // Counted up before the replaced version is counted down: a version replaced by one
+        // with the same blob never takes its count through zero, so it is not reported.
         if let Some(b) = version.blob() {
-            ops.adjust_blob_refs(&b.hash, 1)?;
+            ops.adjust_blob_refs(scope, b, 1)?;
         }
         if let Some(old) = stored {
             ops.remove_live(scope, key, old.hlc)?;
             if let Some(b) = old.blob() {
-                if ops.adjust_blob_refs(&b.hash, -1)? == 0 {
+                if ops.adjust_blob_refs(scope, b, -1)? == 0 {
                     report.unreferenced.push(b.hash);
                 }
             }

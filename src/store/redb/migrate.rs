@@ -1,8 +1,9 @@
 //! Opening a store file: creating its tables, checking its format, and migrating a
-//! format 1 or 2 file to format 3.
+//! format 1 or 2 file to format 3 (audit chunks, and blob references per scope).
 
 use redb::{ReadableTable, WriteTransaction};
 
+use super::blob_refs;
 use super::chunks;
 use super::tables::{
     decode_version, encode_row, position, BLOB_REFS, CHUNKS, KEYS, LIVE_V1, MARKS, META,
@@ -33,11 +34,11 @@ impl RedbStore {
                         // it was, to be migrated again at the next open.
                         1 => {
                             migrate_v1(&txn)?;
-                            build_chunks(&txn, self.chunk_items)?;
+                            migrate_v2(&txn, self.chunk_items)?;
                             meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
                         }
                         2 => {
-                            build_chunks(&txn, self.chunk_items)?;
+                            migrate_v2(&txn, self.chunk_items)?;
                             meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
                         }
                         found => {
@@ -61,8 +62,14 @@ impl RedbStore {
     }
 }
 
-/// Format 2 to 3: sums every origin's versions into audit chunks (runs of `bound`), from
-/// scratch.
+/// Format 2 to 3: builds the two tables format 3 adds or replaces from `versions-v2`, the
+/// audit chunks and the blob references per scope (which replace `blob-refs-v1`).
+fn migrate_v2(txn: &WriteTransaction, bound: u64) -> Result<(), StoreError> {
+    build_chunks(txn, bound)?;
+    blob_refs::build(txn, blob_refs::BUILD_BATCH)
+}
+
+/// Sums every origin's versions into audit chunks (runs of `bound`), from scratch.
 fn build_chunks(txn: &WriteTransaction, bound: u64) -> Result<(), StoreError> {
     // A format 2 file has no chunk table; start from none whatever it holds.
     txn.delete_table(CHUNKS)?;

@@ -11,6 +11,10 @@
 //!
 //! The audit chunks sum runs of each origin's versions, in the same transaction as the
 //! versions, so that the fingerprint of a large range is a sum of a few stored rows.
+//!
+//! The blob references count, per blob and scope, the versions that point at the blob, in
+//! the same transaction as the versions, so that a blob's readers (its scopes), whether it
+//! may be removed, and the list of every referenced blob are each a range read.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -24,6 +28,7 @@ use crate::error::StoreError;
 use super::Store;
 
 mod audit;
+mod blob_refs;
 mod chunks;
 mod migrate;
 mod read;

@@ -6,6 +6,7 @@ use std::sync::MutexGuard;
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, WriteTransaction};
 
 use super::audit;
+use super::blob_refs;
 use super::tables::{
     decode_position, decode_row, decode_scope_origin, decode_version, live_key, record_key,
     scope_prefix, split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
@@ -14,7 +15,7 @@ use super::{RedbStore, Writes};
 use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
-use crate::record::{Key, Scope, Version};
+use crate::record::{BlobRef, Key, Scope, Version};
 use crate::store::{AuditPoint, AuditRange, Fingerprint, KeyRange, StoreRead};
 use crate::watermark::ScopedWatermarks;
 
@@ -26,7 +27,7 @@ pub(super) struct Reader {
     pub(super) keys: ReadOnlyTable<&'static [u8], &'static [u8]>,
     pub(super) marks: ReadOnlyTable<&'static [u8], u64>,
     pub(super) peers: ReadOnlyTable<&'static [u8], u64>,
-    pub(super) blob_refs: ReadOnlyTable<&'static [u8], u64>,
+    pub(super) blob_refs: ReadOnlyTable<&'static [u8], &'static [u8]>,
     pub(super) chunks: ReadOnlyTable<&'static [u8], &'static [u8]>,
 }
 
@@ -224,15 +225,6 @@ fn live_versions(
     Ok(out)
 }
 
-fn blob_ref_count(
-    blob_refs: &impl ReadableTable<&'static [u8], u64>,
-    hash: &Hash,
-) -> Result<u64, StoreError> {
-    Ok(blob_refs
-        .get(hash.as_bytes().as_slice())?
-        .map_or(0, |g| g.value()))
-}
-
 fn stored_scopes(
     marks: &impl ReadableTable<&'static [u8], u64>,
     keys: &impl ReadableTable<Bytes, Bytes>,
@@ -306,7 +298,19 @@ impl StoreRead for Reader {
     }
 
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
-        blob_ref_count(&self.blob_refs, hash)
+        blob_refs::total(&self.blob_refs, hash)
+    }
+
+    fn blob_scopes(&self, hash: &Hash) -> Result<Vec<Scope>, StoreError> {
+        blob_refs::scopes(&self.blob_refs, hash)
+    }
+
+    fn referenced_blobs(
+        &self,
+        after: Option<&Hash>,
+        limit: usize,
+    ) -> Result<Vec<BlobRef>, StoreError> {
+        blob_refs::referenced(&self.blob_refs, after, limit)
     }
 
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
@@ -396,7 +400,19 @@ impl StoreRead for GroupReader<'_> {
     }
 
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
-        blob_ref_count(&self.txn().open_table(BLOB_REFS)?, hash)
+        blob_refs::total(&self.txn().open_table(BLOB_REFS)?, hash)
+    }
+
+    fn blob_scopes(&self, hash: &Hash) -> Result<Vec<Scope>, StoreError> {
+        blob_refs::scopes(&self.txn().open_table(BLOB_REFS)?, hash)
+    }
+
+    fn referenced_blobs(
+        &self,
+        after: Option<&Hash>,
+        limit: usize,
+    ) -> Result<Vec<BlobRef>, StoreError> {
+        blob_refs::referenced(&self.txn().open_table(BLOB_REFS)?, after, limit)
     }
 
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {

@@ -1,5 +1,5 @@
-//! The redb tables of format 3 (and the format 1 tables read to migrate), and the
-//! encoding of their keys and rows.
+//! The redb tables of format 3 (and the tables of formats 1 and 2 read or dropped to
+//! migrate), and the encoding of their keys and rows.
 
 use redb::TableDefinition;
 
@@ -30,8 +30,13 @@ pub(super) const MARKS: TableDefinition<&[u8], u64> = TableDefinition::new("wate
 pub(super) const PEER_MARKS: TableDefinition<&[u8], u64> =
     TableDefinition::new("peer-watermarks-v1");
 
-/// blake3 hash (32 bytes) -> number of stored versions referencing the blob (absent = 0).
-pub(super) const BLOB_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("blob-refs-v1");
+/// hash (32 bytes) | scope -> count u64 BE | size u64 BE: the number of stored versions of
+/// the scope that reference the blob (never 0: absent = 0) and the blob's size. All rows of
+/// a hash are one short key range, usually of one row.
+pub(super) const BLOB_REFS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blob-refs-v2");
+/// Formats 1 and 2: hash -> number of stored versions referencing the blob. Only deleted,
+/// by the migration that builds `blob-refs-v2`.
+pub(super) const BLOB_REFS_V1: TableDefinition<&[u8], u64> = TableDefinition::new("blob-refs-v1");
 
 /// scope | origin | first time BE -> count u64 BE | sum u128 BE | last time BE: the audit
 /// chunks. Each is a run of one origin's stored versions in a scope, from the version at

@@ -5,6 +5,7 @@ use std::sync::MutexGuard;
 
 use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
+use super::blob_refs;
 use super::chunks::Changes;
 use super::read::{stored_clock, version_at, GroupReader, Reader, HELD};
 use super::tables::{
@@ -13,10 +14,9 @@ use super::tables::{
 };
 use super::{RedbStore, Writes};
 use crate::error::StoreError;
-use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::ScopeFilter;
-use crate::record::{Key, Scope, Version};
+use crate::record::{BlobRef, Key, Scope, Version};
 use crate::store::{
     apply_batch, item_hash, Batch, BatchReport, Durability, PeerKnowledge, Store, StoreRead, TxnOps,
 };
@@ -62,7 +62,7 @@ struct Writer<'t> {
     keys: Table<'t, &'static [u8], &'static [u8]>,
     marks: Table<'t, &'static [u8], u64>,
     peers: Table<'t, &'static [u8], u64>,
-    blob_refs: Table<'t, &'static [u8], u64>,
+    blob_refs: Table<'t, &'static [u8], &'static [u8]>,
     chunks: Table<'t, &'static [u8], &'static [u8]>,
     /// The batch's changes to the live set, settled into `chunks` by `finish_upserts`.
     changes: Changes,
@@ -208,16 +208,14 @@ impl TxnOps for Writer<'_> {
         }
         Ok(())
     }
-    fn adjust_blob_refs(&mut self, hash: &Hash, delta: i64) -> Result<u64, StoreError> {
-        let key = hash.as_bytes().as_slice();
-        let count = self.blob_refs.get(key)?.map_or(0, |g| g.value());
-        let next = count.saturating_add_signed(delta);
-        if next == 0 {
-            self.blob_refs.remove(key)?;
-        } else {
-            self.blob_refs.insert(key, next)?;
-        }
-        Ok(next)
+
+    fn adjust_blob_refs(
+        &mut self,
+        scope: &Scope,
+        blob: &BlobRef,
+        delta: i64,
+    ) -> Result<u64, StoreError> {
+        blob_refs::adjust(&mut self.blob_refs, scope, blob, delta)
     }
 
     fn finish_upserts(&mut self) -> Result<(), StoreError> {
