@@ -178,44 +178,76 @@ fn an_audit_brings_a_scope_the_initiator_does_not_hold() -> TestResult {
     Ok(())
 }
 
-/// The scheduler audits each peer on its interval (jittered), when the peer is idle, and
-/// shows the last audit in its status.
+/// The scheduler audits each peer on its interval (jittered), when the peer is idle (the
+/// audit wakes it on its own: no round runs for it), and shows the last audit in its status.
 #[tokio::test(start_paused = true)]
 async fn the_scheduler_audits_each_peer_on_its_interval() -> TestResult {
     use highwater::notify::{Event, Notice, SyncEvent};
     use highwater::{Scheduler, SchedulerConfig};
     use std::time::Duration;
 
+    async fn next_audit(
+        events: &mut highwater::notify::Subscription,
+        started: tokio::time::Instant,
+    ) -> TestResult<(Duration, SyncEvent, usize)> {
+        let mut rounds = 0;
+        loop {
+            let notice = tokio::time::timeout(Duration::from_secs(3600), events.recv())
+                .await?
+                .ok_or("the notifier is gone")?;
+            match notice {
+                Notice::Event(Event::Sync(e @ SyncEvent::AuditCompleted { .. })) => {
+                    return Ok((started.elapsed(), e, rounds));
+                }
+                Notice::Event(Event::Sync(SyncEvent::Applied { .. })) => rounds += 1,
+                _ => {}
+            }
+        }
+    }
+
     let (a, b, _) = diverged()?;
     let mut events = a.notifier().subscribe();
     let config = SchedulerConfig {
         audit_interval: Some(Duration::from_secs(600)),
+        interval: Duration::from_secs(3600),
         ..SchedulerConfig::default()
     };
     let started = tokio::time::Instant::now();
     let scheduler = Scheduler::start(a.clone(), config);
     scheduler.add_peer("b", Arc::new(link(&b)))?;
-    let audited = loop {
-        let notice = tokio::time::timeout(Duration::from_secs(3600), events.recv())
-            .await?
-            .ok_or("the notifier is gone")?;
-        if let Notice::Event(Event::Sync(e @ SyncEvent::AuditCompleted { .. })) = notice {
-            break e;
-        }
-    };
-    let waited = started.elapsed();
+    let (first_at, first, rounds) = next_audit(&mut events, started).await?;
     assert!(
-        (Duration::from_secs(540)..=Duration::from_secs(661)).contains(&waited),
-        "the audit came after {waited:?}"
+        (Duration::from_secs(540)..=Duration::from_secs(661)).contains(&first_at),
+        "the audit came after {first_at:?}"
     );
+    assert_eq!(rounds, 1, "the first round, then the audit on its own");
     assert!(
-        matches!(&audited, SyncEvent::AuditCompleted { peer, received: 1, repaired: 1, shipped: 2, .. } if peer == "b"),
-        "{audited:?}"
+        matches!(&first, SyncEvent::AuditCompleted { peer, received: 1, repaired: 1, shipped: 2, .. } if peer == "b"),
+        "{first:?}"
     );
     assert_eq!(a.digest()?, b.digest()?);
     let status = scheduler.peers().remove(0);
     let (_, result) = status.last_audit.ok_or("no audit in the status")?;
     assert_eq!(result?.repaired, vec![(notes(), key("extra"))]);
+
+    let (second_at, second, rounds) = next_audit(&mut events, started).await?;
+    let gap = second_at - first_at;
+    assert!(
+        (Duration::from_secs(540)..=Duration::from_secs(661)).contains(&gap),
+        "the second audit came {gap:?} after the first"
+    );
+    assert_eq!(rounds, 0, "no round between the audits");
+    assert!(
+        matches!(
+            &second,
+            SyncEvent::AuditCompleted {
+                received: 0,
+                shipped: 0,
+                ..
+            }
+        ),
+        "{second:?}"
+    );
     scheduler.shutdown().await?;
     Ok(())
 }

@@ -442,6 +442,27 @@ impl SyncEngine {
         }
     }
 
+    /// Whether any stored version references a file the blob store lacks (its record is
+    /// Staged): the files an audit's repair would fetch. Looks at every referenced blob; a
+    /// store failure counts as none missing.
+    pub async fn missing_files(&self) -> bool {
+        let engine = self.handle();
+        let found = run_blocking(move || -> Result<bool> {
+            let mut after = None;
+            loop {
+                let (missing, last) = engine.missing_referenced(after, 1024)?;
+                if !missing.is_empty() {
+                    return Ok(true);
+                }
+                match last {
+                    Some(last) => after = Some(last),
+                    None => return Ok(false),
+                }
+            }
+        });
+        matches!(found.await, Ok(Ok(true)))
+    }
+
     /// Up to `limit` referenced blobs after `after` (in hash order) that the blob store
     /// lacks; and the last hash looked at, if more may follow.
     fn missing_referenced(

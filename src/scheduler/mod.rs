@@ -131,8 +131,10 @@ pub struct SchedulerConfig {
     /// Runs after each round (fail-open).
     pub after_round: Option<AfterRound>,
     /// Time between audits with each peer (`None`: no scheduled audits), jittered by up to
-    /// a tenth either way (default an hour). An audit also runs with every peer soon after
-    /// the node detects it was restored from a backup. See [`SyncEngine::audit`].
+    /// a tenth either way (default an hour). The first audit with a peer runs at the first
+    /// idle moment after it is added (a node checks its contents when it starts), and one
+    /// runs with every peer soon after the node detects it was restored from a backup. See
+    /// [`SyncEngine::audit`].
     pub audit_interval: Option<Duration>,
 }
 

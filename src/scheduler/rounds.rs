@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use crate::engine::ExchangeOutcome;
-use crate::error::error_chain;
+use crate::error::{error_chain, Error, TransportError};
 use crate::notify::{Event, SyncEvent};
 use crate::transport::Transport;
 
@@ -59,6 +59,11 @@ pub(super) async fn round_loop<T: Transport>(
     let mut next_audit = config
         .audit_interval
         .map(|every| Instant::now() + jittered(every, &mut rng));
+    // A node that starts with files its records reference missing (a blob directory lost
+    // or not restored) audits at its first idle moment, which fetches them.
+    if config.audit_interval.is_some() && shared.engine.missing_files().await {
+        peer.audit_wanted.store(true, Ordering::SeqCst);
+    }
     let mut burst = 0usize;
     // Rounds in a row that left a stream halted.
     let mut halted = 0u32;
@@ -74,20 +79,22 @@ pub(super) async fn round_loop<T: Transport>(
             }
             Next::At(at) | Next::Retry(at) => {
                 let backing_off = matches!(next, Next::Retry(_));
-                // An audit that falls due wakes an idle peer (never one backing off).
-                let at = match next_audit {
-                    Some(audit) if !backing_off => at.min(audit),
-                    _ => at,
-                };
+                // An audit that falls due before the next round wakes an idle peer (never
+                // one backing off) for the audit alone.
+                let audit_at = next_audit.filter(|a| !backing_off && *a < at);
                 peer.status().next_attempt = Some(at);
-                tokio::select! {
+                let audit_due = tokio::select! {
                     biased;
                     () = stopped(&mut stop) => return,
-                    () = peer.force.notified() => {}
-                    () = peer.trigger.notified(), if !backing_off => {}
-                    () = sleep_until(at) => {}
-                }
+                    () = peer.force.notified() => false,
+                    () = peer.trigger.notified(), if !backing_off => false,
+                    () = sleep_until(audit_at.unwrap_or(at)) => audit_at.is_some(),
+                };
                 peer.status().next_attempt = None;
+                if audit_due {
+                    next_audit = audit(shared, peer, transport, &mut rng).await;
+                    continue;
+                }
             }
         }
         // The round about to start covers every trigger that came before it.
@@ -111,14 +118,7 @@ pub(super) async fn round_loop<T: Transport>(
                     burst = 0;
                     let wanted = peer.audit_wanted.swap(false, Ordering::SeqCst);
                     if wanted || next_audit.is_some_and(|at| at <= Instant::now()) {
-                        let ok = run_audit(shared, peer, transport).await;
-                        let every = config.audit_interval.unwrap_or(config.interval);
-                        let wait = if ok {
-                            jittered(every, &mut rng)
-                        } else {
-                            every.min(config.backoff.delay(1, &mut rng))
-                        };
-                        next_audit = config.audit_interval.map(|_| Instant::now() + wait);
+                        next_audit = audit(shared, peer, transport, &mut rng).await;
                     }
                     let mut wait = config.interval;
                     if outcome.halts.is_empty() && outcome.peer_halts.is_empty() {
@@ -147,9 +147,28 @@ fn jittered(every: Duration, rng: &mut StdRng) -> Duration {
     (every - tenth).saturating_add(offset)
 }
 
-/// Runs one audit with the peer, records it in the peer's status and publishes it. Returns
-/// whether it succeeded.
-async fn run_audit<T: Transport>(shared: &Shared, peer: &Peer, transport: &T) -> bool {
+/// Runs one audit with the peer and returns when the next is due: an interval later after
+/// a success, the backoff's first delay after a failure, never again (`None`) if the peer
+/// cannot audit or audits are off.
+async fn audit<T: Transport>(
+    shared: &Shared,
+    peer: &Peer,
+    transport: &T,
+    rng: &mut StdRng,
+) -> Option<Instant> {
+    let every = shared.config.audit_interval?;
+    match run_audit(shared, peer, transport).await {
+        Ok(()) => Some(Instant::now() + jittered(every, rng)),
+        Err(Error::Transport(TransportError::Unsupported { .. })) => {
+            tracing::debug!(peer = %peer.name, "the peer's transport cannot audit; no scheduled audits");
+            None
+        }
+        Err(_) => Some(Instant::now() + every.min(shared.config.backoff.delay(1, rng))),
+    }
+}
+
+/// Runs one audit with the peer, records it in the peer's status and publishes it.
+async fn run_audit<T: Transport>(shared: &Shared, peer: &Peer, transport: &T) -> Result<(), Error> {
     let result = shared.engine.audit(transport).await;
     let notifier = shared.engine.notifier();
     let event = match &result {
@@ -169,9 +188,12 @@ async fn run_audit<T: Transport>(shared: &Shared, peer: &Peer, transport: &T) ->
         }
     };
     notifier.publish(Event::Sync(event));
-    let ok = result.is_ok();
-    peer.status().last_audit = Some((SystemTime::now(), result.map_err(|e| error_chain(&e))));
-    ok
+    let (recorded, result) = match result {
+        Ok(out) => (Ok(out), Ok(())),
+        Err(e) => (Err(error_chain(&e)), Err(e)),
+    };
+    peer.status().last_audit = Some((SystemTime::now(), recorded));
+    result
 }
 
 /// Runs one round with its hooks, and records and publishes its success.
