@@ -189,6 +189,15 @@ impl ScopedWatermarks {
         self.0.retain(|s, _| keep(s));
     }
 
+    /// Keeps only the marks `keep` accepts (given their scope), then drops scopes left
+    /// without marks.
+    pub fn retain_marks(&mut self, mut keep: impl FnMut(&Scope, Hlc) -> bool) {
+        for (scope, marks) in &mut self.0 {
+            marks.0.retain(|_, h| keep(scope, *h));
+        }
+        self.retain_nonempty();
+    }
+
     /// Drops scopes without marks.
     pub fn retain_nonempty(&mut self) {
         self.0.retain(|_, w| !w.is_empty());

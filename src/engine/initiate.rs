@@ -13,6 +13,7 @@ use crate::record::BlobRef;
 use crate::transport::Transport;
 
 use super::blobs::blobs_of;
+use super::receive::Sender;
 use super::{lock, SyncEngine};
 
 impl SyncEngine {
@@ -115,7 +116,7 @@ impl SyncEngine {
             let applied = engine
                 .apply_page(
                     &peer,
-                    true,
+                    Sender::Responder,
                     &received.page,
                     &scopes,
                     received.knowledge.clone(),

@@ -123,6 +123,15 @@ pub struct EngineConfig {
     /// Whose evidence of a restore makes this node take a fresh id (default
     /// [`RestoreDetection::Initiator`]).
     pub restore_detection: RestoreDetection,
+    /// Origins a scope keeps watermarks for (default 100 000): a page that would add one
+    /// past it merges its versions without the mark, and a warning is logged. A scope
+    /// written by more distinct nodes than this is far beyond any fleet the defaults are for.
+    pub max_origins_per_scope: usize,
+    /// Marks of origins this node never heard of that one *request* may create from runs
+    /// without versions (default 64): such a run costs its sender nothing, so a token with
+    /// the sync right could otherwise make a node keep any number of made-up origins.
+    /// Runs with versions, and pages of peers this node calls, are not bound by it.
+    pub max_new_origins_per_request: usize,
 }
 
 /// Whose evidence of a restore makes a node take a fresh id at once (see
@@ -152,6 +161,8 @@ impl Default for EngineConfig {
             checkpoint: Checkpoint::default(),
             cache_bytes: RedbStore::CACHE_BYTES,
             restore_detection: RestoreDetection::default(),
+            max_origins_per_scope: 100_000,
+            max_new_origins_per_request: 64,
         }
     }
 }
@@ -166,6 +177,11 @@ impl std::fmt::Debug for EngineConfig {
             .field("checkpoint", &self.checkpoint)
             .field("cache_bytes", &self.cache_bytes)
             .field("restore_detection", &self.restore_detection)
+            .field("max_origins_per_scope", &self.max_origins_per_scope)
+            .field(
+                "max_new_origins_per_request",
+                &self.max_new_origins_per_request,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -211,6 +227,8 @@ struct PeerMemory {
     warned: HashMap<NodeId, Instant>,
     /// The last audit with each peer, in either role.
     audits: HashMap<NodeId, LastAudit>,
+    /// When we last warned that a page named more new origins than the limits allow.
+    bounded_warning: Option<Instant>,
 }
 
 impl SyncEngine {

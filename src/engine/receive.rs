@@ -9,7 +9,7 @@ use crate::record::ScopeFilter;
 use crate::record::{Key, Scope};
 use crate::store::{Batch, Durability, PeerKnowledge};
 
-use super::{lock, SyncEngine};
+use super::{lock, RestoreDetection, SyncEngine};
 
 impl From<Applied> for AppliedPage {
     fn from(a: Applied) -> AppliedPage {
@@ -19,6 +19,15 @@ impl From<Applied> for AppliedPage {
             halts: a.halts,
         }
     }
+}
+
+/// Who sent a page: a peer this node called (its response) or a node that called this one
+/// (its request). An initiator's claims are trusted less: see `RestoreDetection` and
+/// `EngineConfig::max_new_origins_per_request`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Sender {
+    Responder,
+    Initiator,
 }
 
 pub(super) struct Applied {
@@ -38,7 +47,7 @@ impl SyncEngine {
     pub(super) fn apply_page(
         &self,
         peer: &str,
-        adopt: bool,
+        sender: Sender,
         page: &Page,
         scopes: &ScopeFilter,
         knowledge: PeerKnowledge,
@@ -48,34 +57,33 @@ impl SyncEngine {
         let own = self.inner.store.read()?.watermarks()?;
         let evidence = evidence_in_marks(me, &own, &knowledge.marks)
             .or_else(|| evidence_in_page(me, &own, page));
+        let adopt = sender == Sender::Responder
+            || self.inner.config.restore_detection == RestoreDetection::Any;
         match evidence {
             Some(evidence) if adopt => {
                 let me = self.take_fresh_identity(peer, &evidence)?;
-                self.apply_page_as(me, page, scopes, knowledge)
+                self.apply_page_as(me, peer, sender, page, scopes, knowledge)
             }
             Some(evidence) => {
                 self.warn_of_evidence(peer, knowledge.peer, &evidence);
-                self.apply_page_as(me, page, scopes, knowledge)
+                self.apply_page_as(me, peer, sender, page, scopes, knowledge)
             }
-            None => self.apply_page_as(me, page, scopes, knowledge),
+            None => self.apply_page_as(me, peer, sender, page, scopes, knowledge),
         }
     }
 
     fn apply_page_as(
         &self,
         me: NodeId,
+        peer: &str,
+        sender: Sender,
         page: &Page,
         scopes: &ScopeFilter,
-        knowledge: PeerKnowledge,
+        mut knowledge: PeerKnowledge,
     ) -> Result<Applied> {
         let read = self.inner.store.read()?;
         let own = read.watermarks()?;
-        let unchanged_knowledge = page.runs.is_empty()
-            && read.peer_watermarks(knowledge.peer)?.is_some_and(|k| {
-                let mut k = k;
-                k.retain(|s| scopes.contains(s));
-                k == knowledge.marks
-            });
+        let stored_knowledge = read.peer_watermarks(knowledge.peer)?;
         drop(read);
         // IMPORTANT: pinned from the presence check to the commit, so a blob found present
         // here cannot be removed before the version that references it is stored.
@@ -86,13 +94,36 @@ impl SyncEngine {
             .map(|b| self.pin(b.hash))
             .collect();
         let staged = self.staged_keys(page.versions())?;
-        let plan = apply::plan_page_apply(
+        let mut plan = apply::plan_page_apply(
             page,
             me,
             &own,
             |h| self.inner.clock.check(h),
             |scope, key, v| !staged.contains(&(scope.clone(), key.clone(), v.hlc)),
         );
+        // What one page may add to this node's state is bounded: new origin marks by the
+        // limits, and knowledge of the sender to the origins this node holds marks for.
+        let config = &self.inner.config;
+        let limits = apply::MarkLimits {
+            per_scope: config.max_origins_per_scope,
+            vacuous: (sender == Sender::Initiator).then_some(config.max_new_origins_per_request),
+        };
+        let dropped = apply::bound_new_marks(&mut plan, page, &own, limits);
+        if !dropped.is_empty() {
+            self.warn_of_bounded_marks(peer, &dropped);
+        }
+        knowledge.marks.retain_marks(|scope, mark| {
+            own.get(scope, mark.origin()).is_some()
+                || plan
+                    .advances
+                    .iter()
+                    .any(|a| a.scope == *scope && a.top.origin() == mark.origin())
+        });
+        let unchanged_knowledge = page.runs.is_empty()
+            && stored_knowledge.is_some_and(|mut k| {
+                k.retain(|s| scopes.contains(s));
+                k == knowledge.marks
+            });
         let halts = plan.halts;
         let mut batch = Batch::new(0, Durability::Deferred);
         batch.upserts = plan.upserts;
@@ -145,6 +176,29 @@ impl SyncEngine {
             halts,
             changed_marks: !batch.advances.is_empty(),
         })
+    }
+
+    /// Logs (at most once a minute) that a page from `peer` named more new origins than
+    /// the limits let it create marks for.
+    fn warn_of_bounded_marks(&self, peer: &str, dropped: &[(Scope, NodeId)]) {
+        let mut peers = lock(&self.inner.peers);
+        if peers
+            .bounded_warning
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+        {
+            return;
+        }
+        peers.bounded_warning = Some(std::time::Instant::now());
+        drop(peers);
+        let config = &self.inner.config;
+        tracing::warn!(
+            %peer, dropped = dropped.len(), first_scope = %dropped[0].0,
+            per_scope = config.max_origins_per_scope,
+            per_request = config.max_new_origins_per_request,
+            "a page named more new origins than this node keeps marks for (per scope, or \
+             new origins without versions per request): their versions merged, their marks \
+             were not created"
+        );
     }
 
     /// Publishes one change event per scope for `keys` (grouped in order), if anyone listens.

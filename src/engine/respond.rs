@@ -14,7 +14,8 @@ use crate::record::{BlobRef, Scope};
 use crate::transport::{Refusal, Responder};
 use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
 
-use super::{lock, RestoreDetection, SyncEngine};
+use super::receive::Sender;
+use super::{lock, SyncEngine};
 
 impl Responder for SyncEngine {
     fn node_id(&self) -> NodeId {
@@ -84,10 +85,9 @@ impl SyncEngine {
             Answering::Apply(answer) => answer,
         };
         let from = answer.from();
-        let adopt = self.inner.config.restore_detection == RestoreDetection::Any;
         let applied = self.apply_page(
             &from.to_string(),
-            adopt,
+            Sender::Initiator,
             answer.incoming(),
             answer.scopes(),
             answer.knowledge().clone(),

@@ -85,6 +85,58 @@ pub fn skew_reason(e: &ClockError) -> HaltReason {
     HaltReason::ClockSkew { ahead_by_ms }
 }
 
+/// How many new marks a page may create on its receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkLimits {
+    /// Origins a scope may have marks for; advances that would add one past it are dropped.
+    pub per_scope: usize,
+    /// New marks that runs *without versions* may create in one page (`None`: no bound).
+    /// A run with versions carries what it claims; an empty run of an origin the receiver
+    /// never heard of costs the sender nothing, so an initiator's pages get a budget.
+    pub vacuous: Option<usize>,
+}
+
+/// Drops the advances of `plan` that would create marks past `limits`, given the
+/// receiver's marks `own`; the versions still merge. Returns the (scope, origin) streams
+/// whose mark was not created: the sender sends them again and a later page creates them,
+/// as far as the limits allow.
+pub fn bound_new_marks(
+    plan: &mut PagePlan,
+    page: &Page,
+    own: &ScopedWatermarks,
+    limits: MarkLimits,
+) -> Vec<(Scope, NodeId)> {
+    let carries: BTreeSet<(&Scope, NodeId)> = page
+        .runs
+        .iter()
+        .filter(|r| !r.versions.is_empty())
+        .map(|r| (&r.scope, r.origin))
+        .collect();
+    let mut per_scope: std::collections::BTreeMap<Scope, usize> = Default::default();
+    let mut vacuous = 0usize;
+    let mut dropped = Vec::new();
+    plan.advances.retain(|a| {
+        let origin = a.top.origin();
+        if own.get(&a.scope, origin).is_some() {
+            return true;
+        }
+        let count = per_scope
+            .entry(a.scope.clone())
+            .or_insert_with(|| own.scope(&a.scope).map_or(0, |w| w.len()));
+        let empty = !carries.contains(&(&a.scope, origin));
+        let keep = *count < limits.per_scope
+            && !(empty && limits.vacuous.is_some_and(|budget| vacuous >= budget));
+        if keep {
+            *count += 1;
+            vacuous += usize::from(empty);
+        } else {
+            dropped.push((a.scope.clone(), origin));
+        }
+        keep
+    });
+    dropped
+}
+
 /// The decision for one run.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RunPlan {
@@ -174,5 +226,87 @@ pub fn plan_run(
             top,
         }),
         halt: first_halt.map(|(_, h)| h),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Op;
+
+    fn id(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 16]).expect("not all zero")
+    }
+
+    /// A page of empty runs for origins 10.. and one run with a version for origin 9.
+    fn page(empty: u8) -> Page {
+        let scope = Scope::shared();
+        let mut runs: Vec<Run> = (0..empty)
+            .map(|i| Run {
+                scope: scope.clone(),
+                origin: id(10 + i),
+                base: None,
+                top: Hlc::new(5, id(10 + i)),
+                versions: vec![],
+            })
+            .collect();
+        runs.push(Run {
+            scope: scope.clone(),
+            origin: id(9),
+            base: None,
+            top: Hlc::new(5, id(9)),
+            versions: vec![(
+                Key::new("k").expect("a valid key"),
+                Version {
+                    hlc: Hlc::new(5, id(9)),
+                    op: Op::Delete,
+                },
+            )],
+        });
+        Page { runs, more: false }
+    }
+
+    fn plan(page: &Page) -> PagePlan {
+        plan_page_apply(
+            page,
+            id(1),
+            &ScopedWatermarks::new(),
+            |_| Ok(()),
+            |_, _, _| true,
+        )
+    }
+
+    #[test]
+    fn an_initiators_empty_runs_create_marks_up_to_its_budget_only() {
+        let page = page(5);
+        let mut p = plan(&page);
+        let limits = MarkLimits {
+            per_scope: 100,
+            vacuous: Some(2),
+        };
+        let dropped = bound_new_marks(&mut p, &page, &ScopedWatermarks::new(), limits);
+        assert_eq!(dropped.len(), 3, "{dropped:?}");
+        // The run that carries a version keeps its mark, and its version still merges.
+        assert!(p.advances.iter().any(|a| a.top.origin() == id(9)));
+        assert_eq!((p.advances.len(), p.upserts.len()), (3, 1));
+    }
+
+    #[test]
+    fn no_scope_gets_more_origins_than_its_limit() {
+        let page = page(5);
+        let mut own = ScopedWatermarks::new();
+        own.observe(&Scope::shared(), Hlc::new(1, id(2)));
+        own.observe(&Scope::shared(), Hlc::new(1, id(3)));
+        let mut p = plan(&page);
+        let limits = MarkLimits {
+            per_scope: 4,
+            vacuous: None,
+        };
+        bound_new_marks(&mut p, &page, &own, limits);
+        assert_eq!(
+            p.advances.len(),
+            2,
+            "two existing origins plus two new ones"
+        );
     }
 }
