@@ -182,6 +182,10 @@ pub enum StoreError {
         "this thread still holds a reader of the store; drop it before writing or reading again"
     )]
     ReaderHeld,
+    /// The store is closed: an I/O failure closed it and it could not be opened again yet
+    /// (the cause was reported by the call that failed); the next call tries again.
+    #[error("the store is closed after an I/O failure; it reopens once the cause is fixed")]
+    Closed,
     /// The store is in another on-disk format than the one this build reads and writes.
     #[error("store format {found} is not supported (this build reads {supported})")]
     UnsupportedFormat {

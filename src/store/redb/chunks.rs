@@ -560,7 +560,7 @@ impl RedbStore {
         if let Some(txn) = &writes.group {
             return check(&txn.open_table(CHUNKS)?, &txn.open_table(VERSIONS)?);
         }
-        let txn = self.db.begin_read()?;
+        let txn = writes.db()?.begin_read()?;
         drop(writes);
         check(&txn.open_table(CHUNKS)?, &txn.open_table(VERSIONS)?)
     }

@@ -14,8 +14,8 @@ use crate::error::StoreError;
 use crate::record::Key;
 
 impl RedbStore {
-    pub(super) fn init_tables(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+    pub(super) fn init_tables(db: &redb::Database, chunk_items: u64) -> Result<(), StoreError> {
+        let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             let found = meta.get("format")?.map(|g| g.value().to_vec());
@@ -34,11 +34,11 @@ impl RedbStore {
                         // it was, to be migrated again at the next open.
                         1 => {
                             migrate_v1(&txn)?;
-                            migrate_v2(&txn, self.chunk_items)?;
+                            migrate_v2(&txn, chunk_items)?;
                             meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
                         }
                         2 => {
-                            migrate_v2(&txn, self.chunk_items)?;
+                            migrate_v2(&txn, chunk_items)?;
                             meta.insert("format", FORMAT.to_be_bytes().as_slice())?;
                         }
                         found => {

@@ -48,15 +48,26 @@ pub use self::tables::FORMAT;
 /// by the next durable commit, by [`Store::flush`], once it holds
 /// [`RedbStore::GROUP_VERSIONS`] upserts (non-durably), or when the store is dropped.
 pub struct RedbStore {
-    db: Database,
     writes: Mutex<Writes>,
+    /// How to open the file again when an I/O failure (a full disk, an unplugged volume)
+    /// left redb refusing every call until the database is reopened; `None` for a custom
+    /// backend, which cannot be reopened.
+    reopen: Option<Reopen>,
     /// The bound of the audit chunks ([`RedbStore::AUDIT_CHUNK_ITEMS`] but in tests).
     chunk_items: u64,
 }
 
+/// Where a file store's database comes from, to open it again.
+struct Reopen {
+    path: std::path::PathBuf,
+    cache_bytes: usize,
+}
+
 /// The write side's state, under one lock: redb has one writer at a time, and a read
 /// through an open group holds the same lock.
-struct Writes {
+pub(super) struct Writes {
+    /// The database; `None` after an I/O failure until it opens again.
+    db: Option<Database>,
     /// The write transaction deferred commits are gathered in, if one is open.
     group: Option<WriteTransaction>,
     /// Upserts in `group`.
@@ -65,7 +76,25 @@ struct Writes {
     dirty: bool,
 }
 
+impl Reopen {
+    fn open(&self) -> Result<Database, StoreError> {
+        Ok(Database::builder()
+            .set_cache_size(self.cache_bytes)
+            .create(&self.path)?)
+    }
+}
+
+/// Whether redb refuses calls until the database is reopened (after an I/O failure).
+fn needs_reopen(e: &StoreError) -> bool {
+    matches!(e, StoreError::Redb(e) if matches!(**e, redb::Error::PreviousIo))
+}
+
 impl Writes {
+    /// The database, unless an I/O failure closed it.
+    pub(super) fn db(&self) -> Result<&Database, StoreError> {
+        self.db.as_ref().ok_or(StoreError::Closed)
+    }
+
     /// Whether deferred work is not durable yet (open in the group, or committed to redb
     /// non-durably).
     fn pending(&self) -> bool {
@@ -111,11 +140,12 @@ impl RedbStore {
     /// # Errors
     /// The file cannot be opened or created, or holds an unsupported format.
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<Self, StoreError> {
-        Self::from_db(
-            Database::builder()
-                .set_cache_size(cache_bytes)
-                .create(path.as_ref())?,
-        )
+        let reopen = Reopen {
+            path: path.as_ref().to_owned(),
+            cache_bytes,
+        };
+        let db = reopen.open()?;
+        Self::with_chunk_items(db, Some(reopen), Self::AUDIT_CHUNK_ITEMS)
     }
 
     /// Opens (or creates) the store on a custom redb storage backend (fault injection in
@@ -124,11 +154,10 @@ impl RedbStore {
     /// # Errors
     /// The backend cannot be opened, or holds an unsupported format.
     pub fn with_backend(backend: impl redb::StorageBackend) -> Result<Self, StoreError> {
-        Self::from_db(
-            Database::builder()
-                .set_cache_size(Self::CACHE_BYTES)
-                .create_with_backend(backend)?,
-        )
+        let db = Database::builder()
+            .set_cache_size(Self::CACHE_BYTES)
+            .create_with_backend(backend)?;
+        Self::with_chunk_items(db, None, Self::AUDIT_CHUNK_ITEMS)
     }
 
     /// Opens (or creates) the store at `path` with audit chunks of at most `chunk_items`
@@ -141,28 +170,68 @@ impl RedbStore {
         path: impl AsRef<Path>,
         chunk_items: usize,
     ) -> Result<Self, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(Self::CACHE_BYTES)
-            .create(path.as_ref())?;
-        Self::with_chunk_items(db, chunk_items)
+        let reopen = Reopen {
+            path: path.as_ref().to_owned(),
+            cache_bytes: Self::CACHE_BYTES,
+        };
+        let db = reopen.open()?;
+        Self::with_chunk_items(db, Some(reopen), chunk_items)
     }
 
-    fn from_db(db: Database) -> Result<Self, StoreError> {
-        Self::with_chunk_items(db, Self::AUDIT_CHUNK_ITEMS)
-    }
-
-    fn with_chunk_items(db: Database, chunk_items: usize) -> Result<Self, StoreError> {
-        let store = RedbStore {
-            db,
+    fn with_chunk_items(
+        db: Database,
+        reopen: Option<Reopen>,
+        chunk_items: usize,
+    ) -> Result<Self, StoreError> {
+        let chunk_items = u64::try_from(chunk_items).unwrap_or(u64::MAX).max(1);
+        Self::init_tables(&db, chunk_items)?;
+        Ok(RedbStore {
             writes: Mutex::new(Writes {
+                db: Some(db),
                 group: None,
                 grouped: 0,
                 dirty: false,
             }),
-            chunk_items: u64::try_from(chunk_items).unwrap_or(u64::MAX).max(1),
+            reopen,
+            chunk_items,
+        })
+    }
+
+    /// Runs `op` on the write side; if it fails because an earlier I/O failure left redb
+    /// refusing calls until the database is reopened, reopens it (for a file store) and
+    /// runs `op` once more. Deferred commits gathered before the failure are gone with the
+    /// old database, as a crash would take them, with their watermark advances.
+    fn recovering<T>(
+        &self,
+        mut op: impl FnMut(&Self, &mut Writes) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut writes = self.lock_writes()?;
+        if writes.db.is_none() {
+            self.reopen(&mut writes)?;
+        }
+        match op(self, &mut writes) {
+            Err(e) if needs_reopen(&e) && self.reopen.is_some() => {
+                self.reopen(&mut writes)?;
+                op(self, &mut writes)
+            }
+            done => done,
+        }
+    }
+
+    fn reopen(&self, writes: &mut Writes) -> Result<(), StoreError> {
+        let Some(reopen) = &self.reopen else {
+            return Err(StoreError::Closed);
         };
-        store.init_tables()?;
-        Ok(store)
+        writes.group = None;
+        writes.grouped = 0;
+        writes.dirty = false;
+        // The file is locked while the old database lives: close it first.
+        writes.db = None;
+        let db = reopen.open()?;
+        Self::init_tables(&db, self.chunk_items)?;
+        tracing::warn!(path = %reopen.path.display(), "reopened the store after an I/O failure");
+        writes.db = Some(db);
+        Ok(())
     }
 
     fn address(&self) -> usize {

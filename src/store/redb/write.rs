@@ -12,7 +12,7 @@ use super::tables::{
     decode_row_key, decode_scope_origin, encode_row, live_key, origin_key, position, record_key,
     split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
 };
-use super::{RedbStore, Writes};
+use super::{needs_reopen, RedbStore, Writes};
 use crate::error::StoreError;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::ScopeFilter;
@@ -38,8 +38,50 @@ impl RedbStore {
     fn write_txn(&self, writes: &mut Writes) -> Result<WriteTransaction, StoreError> {
         match writes.group.take() {
             Some(txn) => Ok(txn),
-            None => Ok(self.db.begin_write()?),
+            None => Ok(writes.db()?.begin_write()?),
         }
+    }
+
+    /// Applies `batch` in one write transaction (the open group's, if any). See
+    /// [`Store::commit`].
+    fn commit_batch(&self, writes: &mut Writes, batch: &Batch) -> Result<BatchReport, StoreError> {
+        let gathering = writes.group.is_some();
+        let gathered = std::mem::take(&mut writes.grouped);
+        // A failure from here on drops `txn`, which aborts it, and with it the deferred
+        // commits gathered in the group: they are taken back as a crash would take them,
+        // with their watermark advances, so the store stays consistent.
+        let txn = self.write_txn(writes)?;
+        // IMPORTANT: the data and the watermark advances that cover it share this transaction.
+        let report = match Writer::open(&txn, self.chunk_items)
+            .and_then(|mut w| apply_batch(&mut w, batch))
+        {
+            Ok(report) => report,
+            Err(e) => {
+                if gathering {
+                    tracing::warn!(
+                        upserts = gathered,
+                        error = %e,
+                        "a failed commit took back the deferred commits gathered before it"
+                    );
+                }
+                return Err(e);
+            }
+        };
+        let grouped = gathered.saturating_add(batch.upserts.len());
+        match batch.durability {
+            Durability::Immediate => self.commit_durably(writes, txn)?,
+            Durability::Deferred if grouped >= Self::GROUP_VERSIONS => {
+                let mut txn = txn;
+                txn.set_durability(redb::Durability::None)?;
+                txn.commit()?;
+                writes.dirty = true;
+            }
+            Durability::Deferred => {
+                writes.group = Some(txn);
+                writes.grouped = grouped;
+            }
+        }
+        Ok(report)
     }
 
     /// Commits `txn` durably; every earlier commit is then durable too.
@@ -226,13 +268,19 @@ impl TxnOps for Writer<'_> {
 
 impl Store for RedbStore {
     fn read(&self) -> Result<Box<dyn StoreRead + '_>, StoreError> {
-        let writes = self.lock_writes()?;
+        let mut writes = self.lock_writes()?;
         if writes.group.is_some() {
             return Ok(Box::new(GroupReader::new(self, writes)));
         }
         // Begun under the lock, so a deferred commit that returned before this call is in
         // the snapshot (it cannot be sitting in a group this reader does not see).
-        let txn = self.db.begin_read()?;
+        let txn = match writes.db().and_then(|db| Ok(db.begin_read()?)) {
+            Err(e) if self.reopen.is_some() && (writes.db.is_none() || needs_reopen(&e)) => {
+                self.reopen(&mut writes)?;
+                writes.db()?.begin_read()?
+            }
+            other => other?,
+        };
         drop(writes);
         Ok(Box::new(Reader {
             meta: txn.open_table(META)?,
@@ -247,85 +295,51 @@ impl Store for RedbStore {
     }
 
     fn identity(&self, fresh: NodeId) -> Result<NodeId, StoreError> {
-        let mut writes = self.lock_writes()?;
-        let txn = self.write_txn(&mut writes)?;
-        let id = {
-            let mut meta = txn.open_table(META)?;
-            let stored = meta.get("node_id")?.map(|g| g.value().to_vec());
-            match stored {
-                Some(bytes) => {
-                    let arr: [u8; 16] = bytes
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt { what: "node id" })?;
-                    NodeId::from_bytes(arr).ok_or(StoreError::Corrupt { what: "node id" })?
+        self.recovering(|store, writes| {
+            let txn = store.write_txn(writes)?;
+            let id = {
+                let mut meta = txn.open_table(META)?;
+                let stored = meta.get("node_id")?.map(|g| g.value().to_vec());
+                match stored {
+                    Some(bytes) => {
+                        let arr: [u8; 16] = bytes
+                            .as_slice()
+                            .try_into()
+                            .map_err(|_| StoreError::Corrupt { what: "node id" })?;
+                        NodeId::from_bytes(arr).ok_or(StoreError::Corrupt { what: "node id" })?
+                    }
+                    None => {
+                        meta.insert("node_id", fresh.to_bytes().as_slice())?;
+                        fresh
+                    }
                 }
-                None => {
-                    meta.insert("node_id", fresh.to_bytes().as_slice())?;
-                    fresh
-                }
-            }
-        };
-        self.commit_durably(&mut writes, txn)?;
-        Ok(id)
+            };
+            store.commit_durably(writes, txn)?;
+            Ok(id)
+        })
     }
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
-        let mut writes = self.lock_writes()?;
-        let txn = self.write_txn(&mut writes)?;
-        txn.open_table(META)?
-            .insert("node_id", id.to_bytes().as_slice())?;
-        self.commit_durably(&mut writes, txn)
+        self.recovering(|store, writes| {
+            let txn = store.write_txn(writes)?;
+            txn.open_table(META)?
+                .insert("node_id", id.to_bytes().as_slice())?;
+            store.commit_durably(writes, txn)
+        })
     }
 
     fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
-        let mut writes = self.lock_writes()?;
-        let gathering = writes.group.is_some();
-        let gathered = std::mem::take(&mut writes.grouped);
-        // A failure from here on drops `txn`, which aborts it, and with it the deferred
-        // commits gathered in the group: they are taken back as a crash would take them,
-        // with their watermark advances, so the store stays consistent.
-        let txn = self.write_txn(&mut writes)?;
-        // IMPORTANT: the data and the watermark advances that cover it share this transaction.
-        let report = match Writer::open(&txn, self.chunk_items)
-            .and_then(|mut w| apply_batch(&mut w, batch))
-        {
-            Ok(report) => report,
-            Err(e) => {
-                if gathering {
-                    tracing::warn!(
-                        upserts = gathered,
-                        error = %e,
-                        "a failed commit took back the deferred commits gathered before it"
-                    );
-                }
-                return Err(e);
-            }
-        };
-        let grouped = gathered.saturating_add(batch.upserts.len());
-        match batch.durability {
-            Durability::Immediate => self.commit_durably(&mut writes, txn)?,
-            Durability::Deferred if grouped >= Self::GROUP_VERSIONS => {
-                let mut txn = txn;
-                txn.set_durability(redb::Durability::None)?;
-                txn.commit()?;
-                writes.dirty = true;
-            }
-            Durability::Deferred => {
-                writes.group = Some(txn);
-                writes.grouped = grouped;
-            }
-        }
-        Ok(report)
+        self.recovering(|store, writes| store.commit_batch(writes, batch))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        let mut writes = self.lock_writes()?;
-        if !writes.pending() {
-            return Ok(());
-        }
-        let txn = self.write_txn(&mut writes)?;
-        self.commit_durably(&mut writes, txn)
+        self.recovering(|store, writes| {
+            if !writes.pending() {
+                return Ok(());
+            }
+            let txn = store.write_txn(writes)?;
+            store.commit_durably(writes, txn)
+        })
     }
 }
 
