@@ -17,18 +17,23 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::WireError;
 pub use crate::exchange::audit::{AuditRequest, AuditResponse};
-pub use crate::exchange::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
-use crate::exchange::{Page, Run};
+pub use crate::exchange::{
+    ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
+};
+use crate::exchange::{Halt, Page, Run};
 use crate::hlc::{Hlc, NodeId};
 pub use crate::record::ScopeFilter;
 use crate::record::{Key, Op, Scope, Version};
+use crate::watermark::MarksDigest;
 
 /// The first four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"HWSY";
-/// The protocol version this build writes.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build writes. Each message goes out in the lowest
+/// version that carries it ([`Message::version`]), so a message that uses nothing newer
+/// is version 1, byte for byte.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The protocol versions this build reads.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2];
 /// The largest message accepted, in bytes.
 pub const MAX_MESSAGE_LEN: usize = 64 << 20;
 const HEADER_LEN: usize = 7;
@@ -37,14 +42,135 @@ const HEADER_LEN: usize = 7;
 pub trait Message: Serialize + DeserializeOwned {
     /// The envelope's kind byte for this message.
     const KIND: u8;
+
+    /// The lowest protocol version that carries this message (1 unless it uses something
+    /// newer).
+    fn version(&self) -> u16 {
+        1
+    }
+
+    /// Writes the body as protocol `version` has it (the same in every version unless the
+    /// message says otherwise).
+    fn write_body(&self, version: u16, out: &mut Vec<u8>) {
+        let _ = version;
+        // IMPORTANT: writing into a Vec cannot fail, and every type here serializes
+        // infallibly.
+        postcard::to_io(self, out).expect("postcard encoding into a Vec does not fail");
+    }
+
+    /// Reads a body of protocol `version`; returns the message and the bytes after it.
+    ///
+    /// # Errors
+    /// The body does not decode.
+    fn read_body(version: u16, body: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
+        let _ = version;
+        postcard::take_from_bytes(body)
+    }
 }
+
+// Version 2 appends the extension to the version 1 body. A postcard struct is its fields in
+// order, so version 1 is the same fields as a tuple without the extension.
 
 impl Message for ExchangeRequest {
     const KIND: u8 = 1;
+
+    fn version(&self) -> u16 {
+        if self.ext.is_empty() {
+            1
+        } else {
+            2
+        }
+    }
+
+    fn write_body(&self, version: u16, out: &mut Vec<u8>) {
+        let v1 = (
+            &self.from,
+            &self.scopes,
+            &self.marks,
+            &self.known,
+            &self.page,
+            &self.limit,
+            &self.deferred,
+        );
+        write_versioned(out, v1, (version >= 2).then_some(&self.ext));
+    }
+
+    fn read_body(version: u16, body: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
+        type V1 = (
+            NodeId,
+            ScopeFilter,
+            RequestMarks,
+            Option<MarksDigest>,
+            Page,
+            u32,
+            Vec<(Scope, NodeId)>,
+        );
+        let ((from, scopes, marks, known, page, limit, deferred), rest) =
+            postcard::take_from_bytes::<V1>(body)?;
+        let (ext, rest) = read_ext(version, rest)?;
+        let request = ExchangeRequest {
+            from,
+            scopes,
+            marks,
+            known,
+            page,
+            limit,
+            deferred,
+            ext,
+        };
+        Ok((request, rest))
+    }
 }
 
 impl Message for ExchangeResponse {
     const KIND: u8 = 2;
+
+    fn version(&self) -> u16 {
+        if self.ext.is_empty() {
+            1
+        } else {
+            2
+        }
+    }
+
+    fn write_body(&self, version: u16, out: &mut Vec<u8>) {
+        let v1 = (&self.from, &self.marks, &self.page, &self.halts);
+        write_versioned(out, v1, (version >= 2).then_some(&self.ext));
+    }
+
+    fn read_body(version: u16, body: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
+        type V1 = (NodeId, ResponseMarks, Page, Vec<Halt>);
+        let ((from, marks, page, halts), rest) = postcard::take_from_bytes::<V1>(body)?;
+        let (ext, rest) = read_ext(version, rest)?;
+        let response = ExchangeResponse {
+            from,
+            marks,
+            page,
+            halts,
+            ext,
+        };
+        Ok((response, rest))
+    }
+}
+
+fn write_versioned<V: Serialize, E: Serialize>(out: &mut Vec<u8>, v1: V, ext: Option<&E>) {
+    // IMPORTANT: writing into a Vec cannot fail, and every type here serializes infallibly.
+    postcard::to_io(&v1, &mut *out).expect("postcard encoding into a Vec does not fail");
+    if let Some(ext) = ext {
+        postcard::to_io(ext, &mut *out).expect("postcard encoding into a Vec does not fail");
+    }
+}
+
+/// The extension of a version 2 body (after the version 1 fields); empty for version 1.
+fn read_ext<E: DeserializeOwned + Default>(
+    version: u16,
+    rest: &[u8],
+) -> Result<(E, &[u8]), postcard::Error> {
+    if version >= 2 {
+        postcard::take_from_bytes::<E>(rest)
+    } else {
+        Ok((E::default(), rest))
+    }
 }
 
 impl Message for AuditRequest {
@@ -55,31 +181,46 @@ impl Message for AuditResponse {
     const KIND: u8 = 4;
 }
 
-/// Encodes `msg` in a version-1 envelope.
+/// Encodes `msg` in an envelope of the lowest version that carries it
+/// ([`Message::version`]).
 pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
+    encode_as(msg, msg.version())
+}
+
+/// Encodes `msg` in an envelope of protocol `version` at most: what that version cannot
+/// carry is left out (a responder answers a version 1 request in version 1).
+pub fn encode_as<M: Message>(msg: &M, version: u16) -> Vec<u8> {
+    let version = version.clamp(1, PROTOCOL_VERSION);
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
     out.push(M::KIND);
-    // IMPORTANT: writing into a Vec cannot fail, and every type here serializes infallibly.
-    postcard::to_io(msg, &mut out).expect("postcard encoding into a Vec does not fail");
+    msg.write_body(version, &mut out);
     out
 }
 
-/// Decodes a version-1 envelope holding an `M`.
+/// Decodes an envelope holding an `M`, of any supported version.
 ///
 /// # Errors
 /// [`WireError`]: truncated input, trailing bytes, bad magic, unsupported version, another
 /// message kind, a message over [`MAX_MESSAGE_LEN`], or a body that does not decode.
 pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, WireError> {
+    decode_versioned(bytes).map(|(msg, _)| msg)
+}
+
+/// Decodes an envelope holding an `M`, and says which protocol version it was.
+///
+/// # Errors
+/// As for [`decode`].
+pub fn decode_versioned<M: Message>(bytes: &[u8]) -> Result<(M, u16), WireError> {
     if bytes.len() > MAX_MESSAGE_LEN {
         return Err(WireError::TooLarge {
             len: bytes.len(),
             max: MAX_MESSAGE_LEN,
         });
     }
-    let body = check_header(bytes, M::KIND)?;
-    let (msg, rest) = postcard::take_from_bytes::<M>(body).map_err(|e| match e {
+    let (version, body) = check_header(bytes, M::KIND)?;
+    let (msg, rest) = M::read_body(version, body).map_err(|e| match e {
         postcard::Error::DeserializeUnexpectedEnd => WireError::Truncated,
         other => WireError::Malformed {
             reason: other.to_string(),
@@ -88,10 +229,10 @@ pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, WireError> {
     if !rest.is_empty() {
         return Err(WireError::TrailingBytes { count: rest.len() });
     }
-    Ok(msg)
+    Ok((msg, version))
 }
 
-fn check_header(bytes: &[u8], kind: u8) -> Result<&[u8], WireError> {
+fn check_header(bytes: &[u8], kind: u8) -> Result<(u16, &[u8]), WireError> {
     let Some((header, body)) = bytes.split_first_chunk::<HEADER_LEN>() else {
         return match bytes.first_chunk::<4>() {
             Some(m) if *m != MAGIC => Err(WireError::BadMagic { found: *m }),
@@ -115,7 +256,7 @@ fn check_header(bytes: &[u8], kind: u8) -> Result<&[u8], WireError> {
             expected: kind,
         });
     }
-    Ok(body)
+    Ok((version, body))
 }
 
 /// A version inside a run, as sent: the origin is the run's and the time is a delta.

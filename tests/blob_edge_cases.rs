@@ -119,6 +119,7 @@ fn one_key_in_two_runs_with_and_without_a_missing_blob_halts_only_its_stream() -
         page,
         limit: 10,
         deferred: vec![],
+        ext: Default::default(),
     };
     let response = node.answer(request)?;
     assert_eq!(response.halts.len(), 1, "{:?}", response.halts);

@@ -46,6 +46,7 @@ fn attack(from: NodeId, now: u64) -> ExchangeRequest {
         page: Page { runs, more: false },
         limit: 1000,
         deferred: Vec::new(),
+        ext: Default::default(),
     }
 }
 

@@ -8,7 +8,7 @@ use highwater::testing::{
     fuzz_audit_responder, fuzz_decode_envelope, fuzz_exchange_core, fuzz_exchange_model,
     fuzz_merge_laws,
 };
-use highwater::wire::{self, ExchangeRequest, ExchangeResponse, MAGIC, PROTOCOL_VERSION};
+use highwater::wire::{self, ExchangeRequest, ExchangeResponse};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -81,13 +81,7 @@ fn decode_envelope_seeds_are_valid_messages() -> TestResult {
             continue;
         }
         let data = std::fs::read(&path)?;
-        let bytes = match data.split_first() {
-            Some((&first, rest)) if first & 1 == 1 => {
-                let kind = if first & 2 == 0 { 1 } else { 2 };
-                [&MAGIC[..], &PROTOCOL_VERSION.to_be_bytes(), &[kind], rest].concat()
-            }
-            _ => data,
-        };
+        let bytes = highwater::testing::framed(&data);
         let request = wire::decode::<ExchangeRequest>(&bytes);
         let response = wire::decode::<ExchangeResponse>(&bytes);
         if let (Err(req), Err(resp)) = (request, response) {

@@ -101,6 +101,7 @@ fn request(from: NodeId, scopes: ScopeFilter, runs: Vec<Run>) -> ExchangeRequest
         page: Page { runs, more: false },
         limit: 1000,
         deferred: Vec::new(),
+        ext: Default::default(),
     }
 }
 
@@ -554,7 +555,7 @@ async fn malformed_exchange_bodies_get_400() -> TestResult {
         ("bad magic".into(), b"GET / HTTP/1.1\r\n".to_vec(), "magic"),
         ("a response".into(), response_kind, "kind"),
     ];
-    for version in [0u16, 2, 0xffff] {
+    for version in [0u16, 3, 0xffff] {
         let mut bytes = MAGIC.to_vec();
         bytes.extend_from_slice(&version.to_be_bytes());
         bytes.push(1);
@@ -1149,6 +1150,7 @@ async fn the_client_learns_its_peer_and_then_expects_it() -> TestResult {
             marks: ResponseMarks::Full(ScopedWatermarks::new()),
             page: Page::default(),
             halts: Vec::new(),
+            ext: Default::default(),
         }))
     };
     // The node at the address answers as x, then (replaced behind our back) as y.

@@ -120,12 +120,14 @@ fn full_marks_round(from: &SyncEngine, to: &SyncEngine) -> TestResult<RoundSize>
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
+        ext: Default::default(),
     };
     let response = ExchangeResponse {
         from: to.node_id(),
         marks: ResponseMarks::Full(to.watermarks()?),
         page: Page::default(),
         halts: Vec::new(),
+        ext: Default::default(),
     };
     Ok(RoundSize {
         request: encode(&request).len() as u64,

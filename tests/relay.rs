@@ -62,6 +62,7 @@ fn empty_request_len(from: &SyncEngine, to: &SyncEngine, form: MarksForm) -> Tes
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
+        ext: Default::default(),
     };
     Ok(encode(&request).len() as u64)
 }
@@ -76,6 +77,7 @@ fn empty_response_len(node: &SyncEngine, form: MarksForm) -> TestResult<u64> {
         },
         page: Page::default(),
         halts: Vec::new(),
+        ext: Default::default(),
     };
     Ok(encode(&response).len() as u64)
 }

@@ -216,6 +216,7 @@ fn request_at(time: u64, from: NodeId) -> ExchangeRequest {
         },
         limit: 1000,
         deferred: Vec::new(),
+        ext: Default::default(),
     }
 }
 

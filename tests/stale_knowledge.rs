@@ -508,6 +508,7 @@ fn digest_request_len(from: &SyncEngine) -> TestResult<u64> {
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
+        ext: Default::default(),
     };
     Ok(encode(&request).len() as u64)
 }

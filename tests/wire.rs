@@ -13,8 +13,8 @@ use highwater::exchange::{Page, Run};
 use highwater::store::{AuditPoint, Fingerprint};
 use highwater::watermark::MarksDigest;
 use highwater::wire::{
-    self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, MAGIC, MAX_MESSAGE_LEN,
-    PROTOCOL_VERSION,
+    self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseExt, ResponseMarks, MAGIC,
+    MAX_MESSAGE_LEN,
 };
 use highwater::{
     BlobRef, EngineConfig, Error as HwError, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId,
@@ -99,6 +99,7 @@ fn golden_request() -> ExchangeRequest {
         },
         limit: 1000,
         deferred: vec![(scope("app/notes/items"), id(0x0c))],
+        ext: Default::default(),
     }
 }
 
@@ -112,6 +113,7 @@ fn golden_request_all() -> ExchangeRequest {
         page: Page::default(),
         limit: 1,
         deferred: vec![],
+        ext: Default::default(),
     }
 }
 
@@ -125,6 +127,7 @@ fn golden_request_quiet() -> ExchangeRequest {
         page: Page::default(),
         limit: 1000,
         deferred: vec![],
+        ext: Default::default(),
     }
 }
 
@@ -135,6 +138,7 @@ fn golden_response_same() -> ExchangeResponse {
         marks: ResponseMarks::Same,
         page: Page::default(),
         halts: vec![],
+        ext: Default::default(),
     }
 }
 
@@ -186,6 +190,7 @@ fn golden_response() -> ExchangeResponse {
             origin: id(0x0c),
             reason: HaltReason::ClockSkew { ahead_by_ms: 7000 },
         }],
+        ext: Default::default(),
     }
 }
 
@@ -313,7 +318,8 @@ fn golden_request_is_pinned() -> TestResult {
     let bytes = wire::encode(&golden_request());
     assert_eq!(hex(&bytes), GOLDEN_REQUEST);
     assert_eq!(bytes[..4], MAGIC);
-    assert_eq!(bytes[4..6], PROTOCOL_VERSION.to_be_bytes());
+    // Nothing of version 2 is used: the request goes out as version 1.
+    assert_eq!(bytes[4..6], 1u16.to_be_bytes());
     assert_eq!(
         wire::decode::<ExchangeRequest>(&unhex(GOLDEN_REQUEST))?,
         golden_request()
@@ -398,6 +404,7 @@ fn blob_unavailable_halt_is_pinned() -> TestResult {
         marks: ResponseMarks::Full(ScopedWatermarks::new()),
         page: Page::default(),
         halts: vec![halt],
+        ext: Default::default(),
     };
     let bytes = wire::encode(&response);
     // ... halts: len 1 | scope "shared" (len 6) | origin 16 x 01 | tag 2 | 32 x ab
@@ -537,6 +544,7 @@ fn any_request() -> impl Strategy<Value = ExchangeRequest> {
                 page,
                 limit,
                 deferred,
+                ext: Default::default(),
             },
         )
 }
@@ -562,6 +570,7 @@ fn any_response() -> impl Strategy<Value = ExchangeResponse> {
             marks,
             page,
             halts,
+            ext: Default::default(),
         })
 }
 
@@ -703,12 +712,12 @@ fn wrong_magic_is_refused() -> TestResult {
 
 #[test]
 fn unknown_versions_are_refused_naming_the_supported_ones() -> TestResult {
-    for version in [0u16, 2, 0x0100, 0xffff] {
+    for version in [0u16, 3, 0x0100, 0xffff] {
         let mut bytes = unhex(GOLDEN_REQUEST);
         bytes[4..6].copy_from_slice(&version.to_be_bytes());
         refused(
             &bytes,
-            |e| matches!(e, WireError::UnsupportedVersion { found, supported } if *found == version && *supported == [1]),
+            |e| matches!(e, WireError::UnsupportedVersion { found, supported } if *found == version && *supported == [1, 2]),
         )?;
     }
     Ok(())
@@ -878,6 +887,7 @@ fn request_with(bad: Vec<Run>) -> ExchangeRequest {
         page: Page { runs, more: false },
         limit: 100,
         deferred: vec![],
+        ext: Default::default(),
     }
 }
 
@@ -1132,5 +1142,69 @@ fn audit_messages_are_pinned() -> TestResult {
             expected: 1
         })
     ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Protocol version 2: an extension after the version 1 body, used only when needed
+// ---------------------------------------------------------------------------------------
+
+/// A response whose extension says how much remains: version 2.
+fn golden_response_v2() -> ExchangeResponse {
+    ExchangeResponse {
+        ext: ResponseExt {
+            remaining: Some(1000),
+        },
+        ..golden_response_same()
+    }
+}
+
+const GOLDEN_RESPONSE_V2: &str = concat!(
+    "4857535900",
+    "0202",                             // magic, version 2, kind 2
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", // from 0x0b
+    "01",                               // marks: Same
+    "00",
+    "00", // page: no runs, more: false
+    "00", // halts: none
+    "01",
+    "e807", // ext: remaining Some(1000)
+);
+
+#[test]
+fn a_message_goes_out_in_the_lowest_version_that_carries_it() -> TestResult {
+    // Nothing of version 2 used: version 1, byte for byte (the golden tests above).
+    assert_eq!(wire::encode(&golden_response_same())[4..6], [0, 1]);
+    // The extension used: version 2, the version 1 body then the extension.
+    let v2 = golden_response_v2();
+    let bytes = wire::encode(&v2);
+    assert_eq!(hex(&bytes), GOLDEN_RESPONSE_V2);
+    assert_eq!(
+        wire::decode_versioned::<ExchangeResponse>(&bytes)?,
+        (v2.clone(), 2)
+    );
+    // Encoded for a version 1 peer, the extension is left out.
+    let v1 = wire::encode_as(&v2, 1);
+    assert_eq!(v1, wire::encode(&golden_response_same()));
+    assert_eq!(
+        wire::decode::<ExchangeResponse>(&v1)?,
+        golden_response_same()
+    );
+    // A version 2 envelope must carry the extension: without it the body is short.
+    let mut cut = wire::encode(&golden_response_same());
+    cut[5] = 2;
+    assert_eq!(
+        wire::decode::<ExchangeResponse>(&cut),
+        Err(WireError::Truncated)
+    );
+    // And a version this build does not know is refused naming the ones it does.
+    let mut unknown = bytes.clone();
+    unknown[5] = 3;
+    assert_eq!(
+        wire::decode::<ExchangeResponse>(&unknown)
+            .expect_err("version 3 is unknown")
+            .to_string(),
+        "unsupported protocol version 3; supported: [1, 2]"
+    );
     Ok(())
 }

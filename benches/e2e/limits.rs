@@ -176,6 +176,7 @@ fn pages(data: &[Rec]) -> impl Iterator<Item = ExchangeResponse> + '_ {
                 more: true,
             },
             halts: Vec::new(),
+            ext: Default::default(),
         }
     })
 }

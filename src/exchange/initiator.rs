@@ -10,7 +10,7 @@ use crate::store::{PeerKnowledge, StoreRead};
 use crate::watermark::ScopedWatermarks;
 
 use super::plan::{plan_page, PageLimits};
-use super::{held_after, marks_in_play, Halt, HeldMarks, Page, Session, Streams};
+use super::{held_after, marks_in_play, Halt, HeldMarks, Page, RequestExt, Session, Streams};
 
 /// Options of one exchange round.
 #[derive(Clone, Debug, Default)]
@@ -167,6 +167,7 @@ impl Initiation {
             page,
             limit: u32::try_from(limits.versions).unwrap_or(u32::MAX),
             deferred: ours.iter().cloned().collect(),
+            ext: RequestExt::default(),
         };
         Ok(Initiation {
             me,

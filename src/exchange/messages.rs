@@ -42,6 +42,37 @@ pub struct ExchangeRequest {
     /// (clock skew, own id): the responder plans them after every other stream, so one
     /// halted origin cannot fill every page and starve the rest.
     pub deferred: Vec<(Scope, NodeId)>,
+    /// What version 2 adds (empty for a version 1 request).
+    pub ext: RequestExt,
+}
+
+/// What a request carries beyond version 1 (see docs/protocol.md, "Versioning"). A request
+/// whose extension is empty is sent as version 1, byte for byte.
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RequestExt {}
+
+impl RequestExt {
+    /// Whether nothing here needs version 2.
+    pub fn is_empty(&self) -> bool {
+        *self == RequestExt::default()
+    }
+}
+
+/// What a response carries beyond version 1. A response whose extension is empty is sent as
+/// version 1, byte for byte; a responder answering a version 1 request leaves it out.
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ResponseExt {
+    /// How many versions the responder holds that the initiator lacks, beyond this
+    /// response's page, in the scopes in play (as far as the responder could count them:
+    /// see `docs/protocol.md`); `None` when it did not count.
+    pub remaining: Option<u64>,
+}
+
+impl ResponseExt {
+    /// Whether nothing here needs version 2.
+    pub fn is_empty(&self) -> bool {
+        *self == ResponseExt::default()
+    }
 }
 
 /// The responder's marks in a response.
@@ -70,6 +101,8 @@ pub struct ExchangeResponse {
     pub page: Page,
     /// Origins whose runs in the request's page the responder could not apply in full.
     pub halts: Vec<Halt>,
+    /// What version 2 adds (empty for a version 1 response).
+    pub ext: ResponseExt,
 }
 
 impl ExchangeResponse {
@@ -80,6 +113,7 @@ impl ExchangeResponse {
             marks: ResponseMarks::Resend,
             page: Page::default(),
             halts: Vec::new(),
+            ext: ResponseExt::default(),
         }
     }
 }

@@ -135,7 +135,9 @@ mod session;
 pub use self::initiator::{
     AppliedPage, ExchangeOptions, ExchangeOutcome, Initiation, Received, Reply,
 };
-pub use self::messages::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
+pub use self::messages::{
+    ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
+};
 pub use self::page::{Halt, HaltReason, Page, Run, Streams};
 pub use self::responder::{Answer, Answering};
 pub use self::restore::{evidence_in_marks, evidence_in_page, RestoreEvidence};

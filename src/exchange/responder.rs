@@ -11,7 +11,7 @@ use crate::store::{PeerKnowledge, StoreRead};
 use crate::watermark::{MarksDigest, ScopedWatermarks};
 
 use super::plan::{plan_page, PageLimits};
-use super::{held_after, marks_in_play, Halt, HeldMarks, Page};
+use super::{held_after, marks_in_play, Halt, HeldMarks, Page, ResponseExt};
 
 /// A request being answered, between its steps.
 #[derive(Debug)]
@@ -68,6 +68,7 @@ impl Answer {
             page: incoming,
             limit,
             deferred,
+            ext: _,
         } = request;
         if from == me {
             return Err(ProtocolError::PeerIsSelf { node: me }.into());
@@ -156,6 +157,7 @@ impl Answer {
             marks,
             page: self.page,
             halts,
+            ext: ResponseExt::default(),
         };
         (response, held)
     }

@@ -83,7 +83,7 @@ pub fn fuzz_merge_laws(data: &[u8]) -> Result<(), String> {
 
 /// Fuzz target `decode_envelope`: decodes `data` as every message kind and checks that
 /// whatever decodes survives a re-encode and decode unchanged. An odd first byte puts the
-/// rest behind a valid version-1 header (kind 1 to 4 by the next two bits), so the fuzzer
+/// rest behind a valid header ([`framed`]: kind 1 to 4, version 1 or 2), so the fuzzer
 /// reaches the postcard body at once; an even one leaves the bytes as they are. Panics
 /// and unbounded allocations are the fuzzer's to catch.
 ///
@@ -98,14 +98,15 @@ pub fn fuzz_decode_envelope(data: &[u8]) -> Result<(), String> {
     round_trips::<AuditResponse>(&input)
 }
 
-/// `data` behind a valid version-1 header when its first byte is odd (the kind is 1 plus
-/// the next two bits), else as it is.
-fn framed(data: &[u8]) -> Vec<u8> {
-    use crate::wire::{MAGIC, PROTOCOL_VERSION};
+/// `data` behind a valid header when its first byte is odd (the kind is 1 plus the next two
+/// bits, the protocol version 1 plus the bit after them), else as it is.
+pub fn framed(data: &[u8]) -> Vec<u8> {
+    use crate::wire::MAGIC;
     match data.split_first() {
         Some((&first, rest)) if first & 1 == 1 => {
             let kind = 1 + (first >> 1 & 3);
-            [&MAGIC[..], &PROTOCOL_VERSION.to_be_bytes(), &[kind], rest].concat()
+            let version = 1 + u16::from(first >> 3 & 1);
+            [&MAGIC[..], &version.to_be_bytes(), &[kind], rest].concat()
         }
         _ => data.to_vec(),
     }

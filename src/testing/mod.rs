@@ -29,7 +29,7 @@ pub use self::backends::{copy_blobs, Backend, MemBackend, RedbBackend};
 pub use self::core::{fuzz_exchange_core, CoreModel, CoreStep};
 pub use self::faults::{Faults, FaultyTransport, Hook};
 pub use self::fuzz::{
-    check_merge_laws, decode_versions, fuzz_audit_responder, fuzz_decode_envelope,
+    check_merge_laws, decode_versions, framed, fuzz_audit_responder, fuzz_decode_envelope,
     fuzz_exchange_model, fuzz_merge_laws,
 };
 pub use self::power_loss::{DiskHandle, PowerLossBackend, PowerLossDisk};

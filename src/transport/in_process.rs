@@ -119,7 +119,7 @@ fn answer<Q: Message, A: Message>(
 ) -> (usize, usize, Result<A, TransportError>) {
     let bytes = wire::encode(request);
     let sent = bytes.len();
-    let decoded = match wire::decode::<Q>(&bytes) {
+    let (decoded, version) = match wire::decode_versioned::<Q>(&bytes) {
         Ok(decoded) => decoded,
         Err(e) => {
             let refused = TransportError::Refused {
@@ -133,7 +133,8 @@ fn answer<Q: Message, A: Message>(
         Ok(response) => response,
         Err(refusal) => return (sent, 0, Err(refusal.into())),
     };
-    let bytes = wire::encode(&response);
+    // Answered in the request's version at most, as a server does.
+    let bytes = wire::encode_as(&response, version.min(response.version()));
     let decoded = wire::decode::<A>(&bytes).map_err(TransportError::BadResponse);
     (sent, bytes.len(), decoded)
 }

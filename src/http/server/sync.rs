@@ -111,9 +111,11 @@ impl HighwaterService {
         let responder = self.inner.responder.clone();
         let grant = grant.clone();
         let encoded = blocking(move || {
-            let request: Q = wire::decode(&body).map_err(|e| Failure::bad(e.to_string()))?;
+            let (request, version) =
+                wire::decode_versioned::<Q>(&body).map_err(|e| Failure::bad(e.to_string()))?;
             let response = handle(&*responder, &grant, request)?;
-            Ok(wire::encode(&response))
+            // Answered in the request's version at most: a version 1 peer reads it.
+            Ok(wire::encode_as(&response, version.min(response.version())))
         })
         .await?;
         let mut resp = Response::new(full(encoded));
