@@ -841,10 +841,12 @@ async fn serve_refuses_an_open_node_on_a_non_loopback_address() -> TestResult {
         Err(ServeError::OpenOnPublicAddress { addr: refused }) => assert_eq!(refused, addr),
         other => panic!("expected OpenOnPublicAddress, got {other:?}"),
     }
-    // With tokens the same address is served (here: until the at-once shutdown).
+    // With tokens the same address is served (here: until the at-once shutdown); without
+    // TLS only when clear-text tokens are accepted explicitly (tests/tls.rs checks the rule).
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let config = ServerConfig {
         access: tokens(),
+        insecure_http: true,
         ..ServerConfig::default()
     };
     serve(engine, listener, config, async {}).await?;

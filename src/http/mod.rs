@@ -17,6 +17,7 @@ pub(crate) mod body;
 mod client;
 mod node_client;
 pub(crate) mod server;
+mod tls;
 
 use std::time::Duration;
 
@@ -27,6 +28,10 @@ pub use self::body::HttpBody;
 pub use self::client::{ClientConfig, HttpTransport};
 pub use self::node_client::NodeClient;
 pub use self::server::{refusal_status, serve, HighwaterService, ServeError, ServerConfig};
+pub use self::tls::{ServerTls, TlsError};
+/// The rustls this crate builds on, for [`ServerTls::from_rustls`] and
+/// [`ServerTls::rustls_config`].
+pub use rustls;
 
 use crate::record::Key;
 

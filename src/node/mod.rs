@@ -44,6 +44,7 @@ use tokio::net::TcpListener;
 
 use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
 use crate::error::{Error, StoreError, TransportError};
+use crate::http::server::check_exposure;
 use crate::http::{serve, Access, AccessError, HttpTransport, ServeError, ServerConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
@@ -257,12 +258,11 @@ impl Node {
             Some(path) => Access::from_file(path)?,
             None => Access::open(),
         });
-        if access.is_open() && !options.listen.ip().is_loopback() {
-            return Err(ServeError::OpenOnPublicAddress {
-                addr: options.listen,
-            }
-            .into());
-        }
+        let exposed = ServerConfig {
+            access: access.clone(),
+            ..ServerConfig::default()
+        };
+        check_exposure(options.listen, &exposed)?;
         let mut peers: Vec<Arc<HttpTransport>> = Vec::new();
         for url in &options.peers {
             let peer = HttpTransport::new(url, options.peer_token.clone())?;

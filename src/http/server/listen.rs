@@ -1,5 +1,6 @@
-//! Serving on a TCP listener: [`serve`] and its [`ServeError`], and the hyper `Service`
-//! impl each connection runs.
+//! Serving on a TCP listener: [`serve`] and its [`ServeError`], the rule for what may listen
+//! beyond loopback, TLS on accepted connections, and the hyper `Service` impl each connection
+//! runs.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -11,7 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::Body;
 use hyper::{Request, Response};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 
 use super::{HighwaterService, ServerConfig};
 use crate::api::NodeApi;
@@ -43,18 +47,48 @@ pub enum ServeError {
         /// The address.
         addr: SocketAddr,
     },
+    /// A node with tokens but without TLS may only listen on loopback, unless told
+    /// explicitly ([`ServerConfig::insecure_http`]): its tokens would cross the network in
+    /// clear text.
+    #[error("refusing to serve tokens over plain HTTP on non-loopback address {addr}: configure TLS (--tls-cert and --tls-key), or accept clear-text tokens explicitly (--insecure-http)")]
+    TokensInClearText {
+        /// The address.
+        addr: SocketAddr,
+    },
     /// The listener failed.
     #[error("listener failed")]
     Io(#[from] std::io::Error),
 }
 
-/// Serves `node` (see [`HighwaterService::new`]) on `listener` until `shutdown` completes,
-/// then stops accepting, lets requests in progress finish (long polls return at once) for up
-/// to 10 s, and returns.
+/// Whether a node with `config` may listen on `addr`: loopback always; any other address
+/// only with tokens, and then only over TLS or with [`ServerConfig::insecure_http`].
 ///
 /// # Errors
-/// [`ServeError::OpenOnPublicAddress`] for an open node on a non-loopback address; the
-/// listener's address cannot be read.
+/// [`ServeError::OpenOnPublicAddress`] for an open node, [`ServeError::TokensInClearText`]
+/// for tokens without TLS, on a non-loopback address.
+pub(crate) fn check_exposure(addr: SocketAddr, config: &ServerConfig) -> Result<(), ServeError> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    // An open node grants everything to anyone who connects: TLS would only encrypt that.
+    if config.access.is_open() {
+        return Err(ServeError::OpenOnPublicAddress { addr });
+    }
+    if config.tls.is_none() && !config.insecure_http {
+        return Err(ServeError::TokensInClearText { addr });
+    }
+    Ok(())
+}
+
+/// Serves `node` (see [`HighwaterService::new`]) on `listener` until `shutdown` completes,
+/// then stops accepting, lets requests in progress finish (long polls return at once) for up
+/// to 10 s, and returns. With [`ServerConfig::tls`], every connection speaks TLS: a client
+/// that does not complete its handshake within the header read timeout is dropped.
+///
+/// # Errors
+/// [`ServeError::OpenOnPublicAddress`] for an open node on a non-loopback address,
+/// [`ServeError::TokensInClearText`] for tokens without TLS there (see
+/// [`ServerConfig::insecure_http`]); the listener's address cannot be read.
 pub async fn serve<N: Responder + NodeApi + 'static>(
     node: Arc<N>,
     listener: TcpListener,
@@ -62,17 +96,18 @@ pub async fn serve<N: Responder + NodeApi + 'static>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
+    check_exposure(addr, &config)?;
+    let tls = config.tls.as_ref().map(|t| t.acceptor());
     if config.access.is_open() {
-        if !addr.ip().is_loopback() {
-            return Err(ServeError::OpenOnPublicAddress { addr });
-        }
         tracing::warn!(%addr, "serving OPEN (no tokens): anyone on this machine may read, write and sync");
+    } else if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, tokens = ?config.access, "serving tokens over plain HTTP (--insecure-http): they cross the network in clear text");
     } else {
-        tracing::info!(%addr, tokens = ?config.access, "serving");
+        tracing::info!(%addr, tokens = ?config.access, tls = tls.is_some(), "serving");
     }
     let header_timeout = config.header_read_timeout;
     let service = HighwaterService::new(node, config);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -89,16 +124,20 @@ pub async fn serve<N: Responder + NodeApi + 'static>(
         };
         // Rounds are many small sequential requests: answer them without Nagle delays.
         let _ = stream.set_nodelay(true);
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let connection = Connection {
+            service: service.clone(),
+            watcher: graceful.watcher(),
+            header_timeout,
+            peer,
+        };
+        match &tls {
+            None => {
+                tokio::spawn(connection.serve(stream));
             }
-        });
+            Some(acceptor) => {
+                tokio::spawn(connection.handshake(acceptor.clone(), stream));
+            }
+        }
     }
     service.close();
     tracing::info!(%addr, "shutting down");
@@ -109,4 +148,45 @@ pub async fn serve<N: Responder + NodeApi + 'static>(
         tracing::warn!("connections still open after 10 s; abandoning them");
     }
     Ok(())
+}
+
+/// One accepted connection, before its task serves it.
+struct Connection {
+    service: HighwaterService,
+    /// Held from the accept on, so shutdown waits for a connection still in its handshake.
+    watcher: Watcher,
+    header_timeout: Duration,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// Completes the TLS handshake within the header read timeout (a client that never
+    /// finishes one holds its connection no longer than one that never sends headers), then
+    /// serves HTTP over it. Shutdown abandons a handshake in progress.
+    async fn handshake(self, acceptor: tokio_rustls::TlsAcceptor, stream: TcpStream) {
+        let service = self.service.clone();
+        let accepted = tokio::select! {
+            a = tokio::time::timeout(self.header_timeout, acceptor.accept(stream)) => a,
+            () = service.closing() => return,
+        };
+        match accepted {
+            Ok(Ok(tls)) => self.serve(tls).await,
+            Ok(Err(e)) => tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
+        }
+    }
+
+    /// Serves HTTP/1.1 on `io` until the client or the server closes it.
+    async fn serve<IO>(self, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .serve_connection(TokioIo::new(io), self.service);
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+        }
+    }
 }

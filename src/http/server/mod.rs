@@ -15,6 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use self::routes::{bearer, query, route, Route};
 use super::access::{Access, Grant};
 use super::body::HttpBody;
+use super::tls::ServerTls;
 use crate::api::NodeApi;
 use crate::record::{Scope, MAX_VALUE_LEN};
 use crate::transport::Responder;
@@ -28,6 +29,7 @@ mod sync;
 
 pub use self::failure::refusal_status;
 pub(super) use self::failure::Failure;
+pub(crate) use self::listen::check_exposure;
 pub use self::listen::{serve, ServeError};
 
 /// Server settings.
@@ -49,6 +51,13 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// Exchanges one token may have in progress at once; more get 429 (default 2).
     pub max_exchanges_per_token: usize,
+    /// The certificate and key [`serve`] presents; every connection then speaks TLS
+    /// (default none: plain HTTP).
+    pub tls: Option<ServerTls>,
+    /// Lets [`serve`] listen beyond loopback with tokens but without TLS, the tokens crossing
+    /// the network in clear text (default false: refused, [`ServeError::TokensInClearText`]).
+    /// For a node behind a TLS-terminating proxy on another machine of a trusted network.
+    pub insecure_http: bool,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +71,8 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_exchanges_per_token: 2,
+            tls: None,
+            insecure_http: false,
         }
     }
 }
@@ -136,6 +147,13 @@ impl HighwaterService {
     /// Makes long polls in progress return at once (used on shutdown).
     pub fn close(&self) {
         self.inner.closing.send_replace(true);
+    }
+
+    /// Completes once [`HighwaterService::close`] was called.
+    pub(super) async fn closing(&self) {
+        let mut closing = self.inner.closing.subscribe();
+        // An error means the sender is gone, which it cannot be while `self` holds it.
+        let _ = closing.wait_for(|c| *c).await;
     }
 
     /// Handles one request.
