@@ -1,16 +1,20 @@
-//! TLS with rustls: the identity a server presents ([`ServerTls`], from PEM files).
+//! TLS with rustls, both ways: the identity a server presents ([`ServerTls`], from PEM
+//! files), the roots a client trusts (the operating system's store plus an optional CA file),
+//! and telling a certificate failure apart from any other connection failure.
 //!
-//! It names their crypto provider (aws-lc-rs, rustls's default) instead of relying on a process-wide default,
+//! Both sides name their crypto provider (aws-lc-rs, rustls's default) instead of relying on a process-wide default,
 //! so an application that links a second provider cannot make a builder panic.
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::RootCertStore;
 
-/// A TLS certificate or key file that cannot be used.
+/// A TLS certificate, key or CA file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
@@ -181,9 +185,110 @@ impl ServerTls {
     }
 }
 
+/// The operating system's trusted roots, read once per process: reading the store costs
+/// milliseconds and it does not change while a node runs.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for error in &found.errors {
+            tracing::debug!(%error, "a system trust store entry could not be read");
+        }
+        if found.certs.is_empty() {
+            tracing::warn!("no trusted roots found in the system store: only a CA file given with --ca-file or HIGHWATER_CA_FILE is trusted");
+        }
+        found.certs
+    })
+}
+
+/// The client configuration for `https://` nodes: trusts the system's roots (when
+/// `system` is set) plus every certificate in the PEM file `ca_file`.
+///
+/// # Errors
+/// The CA file cannot be read, is not PEM, holds no certificate, or holds one rustls
+/// cannot use as a root.
+pub(crate) fn client_config(
+    ca_file: Option<&Path>,
+    system: bool,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    if system {
+        // A system root that does not parse is left out, as browsers do: it cannot vouch
+        // for anyone, and refusing every connection over it would help no one.
+        roots.add_parsable_certificates(system_roots().iter().cloned());
+    }
+    if let Some(path) = ca_file {
+        for cert in certificates(path)? {
+            roots.add(cert).map_err(|source| TlsError::Rejected {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Setup)?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The certificate failure inside `error`, if it is one: the peer's certificate chain did
+/// not verify (unknown issuer, expired, not valid for the name asked for...) or none was
+/// presented.
+///
+/// rustls's error sits inside `std::io::Error`s, whose `source()` skips the error they wrap,
+/// so the chain is walked through `io::Error::get_ref` as well.
+pub(crate) fn certificate_problem(error: &(dyn StdError + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    // A bound against a chain that loops back on itself.
+    for _ in 0..32 {
+        let current = next?;
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return is_certificate_error(tls).then(|| tls.to_string());
+        }
+        next = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner as &(dyn StdError + 'static)),
+                None => current.source(),
+            },
+            None => current.source(),
+        };
+    }
+    None
+}
+
+fn is_certificate_error(error: &rustls::Error) -> bool {
+    matches!(
+        error,
+        rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::UnsupportedNameType
+            | rustls::Error::InvalidCertRevocationList(_)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_error_is_found_inside_nested_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let inner = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        let outer = std::io::Error::other(inner);
+        let found = certificate_problem(&outer);
+        assert!(
+            found
+                .as_deref()
+                .is_some_and(|m| m.contains("UnknownIssuer")),
+            "{found:?}"
+        );
+        let handshake = rustls::Error::HandshakeNotComplete;
+        let other = std::io::Error::other(std::io::Error::other(handshake));
+        assert_eq!(certificate_problem(&other), None);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(certificate_problem(&refused), None);
+    }
 
     #[test]
     fn unreadable_and_empty_files_name_the_file() {
@@ -197,6 +302,10 @@ mod tests {
         ));
         assert!(matches!(
             ServerTls::from_pem_files(&empty, &empty),
+            Err(TlsError::NoCertificate { path }) if path == empty
+        ));
+        assert!(matches!(
+            client_config(Some(&empty), false),
             Err(TlsError::NoCertificate { path }) if path == empty
         ));
     }
