@@ -27,7 +27,7 @@ pub mod records;
 mod status;
 mod sync;
 
-pub use self::records::{open_api, CommandError};
+pub use self::records::{open_api, open_api_with, CommandError};
 pub use self::status::render_status;
 pub use self::sync::{sync_until_done, SyncTotals};
 /// The records API's types, where they were before [`crate::api`] held them.
@@ -45,7 +45,10 @@ use tokio::net::TcpListener;
 use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
 use crate::error::{Error, StoreError, TransportError};
 use crate::http::server::check_exposure;
-use crate::http::{serve, Access, AccessError, HttpTransport, ServeError, ServerConfig};
+use crate::http::{
+    serve, Access, AccessError, ClientConfig, HttpTransport, ServeError, ServerConfig, ServerTls,
+    TlsError,
+};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// The address a node listens on, and client commands reach, by default.
@@ -66,7 +69,8 @@ pub struct NodeOptions {
     pub data: PathBuf,
     /// Where to listen (port 0: one the OS picks; see [`Node::local_addr`]).
     pub listen: SocketAddr,
-    /// The peers' root URLs (`http://host:port`); the node syncs with each.
+    /// The peers' root URLs (`http://host:port` or `https://host:port`); the node syncs with
+    /// each.
     pub peers: Vec<String>,
     /// The bearer token this node presents to its peers.
     pub peer_token: Option<String>,
@@ -77,6 +81,17 @@ pub struct NodeOptions {
     pub interval: Duration,
     /// Versions per page this node asks for and ships (default: the engine's, 1000).
     pub page_limit: Option<usize>,
+    /// The PEM certificate chain the node presents over TLS; with [`NodeOptions::tls_key`],
+    /// the node serves HTTPS only (default none: plain HTTP).
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of [`NodeOptions::tls_cert`].
+    pub tls_key: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for `https://` peers, besides the system's
+    /// trusted roots (default none).
+    pub ca_file: Option<PathBuf>,
+    /// Listen beyond loopback with tokens but without TLS (default false: refused, since the
+    /// tokens would cross the network in clear text; see [`ServerConfig::insecure_http`]).
+    pub insecure_http: bool,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -90,6 +105,10 @@ impl std::fmt::Debug for NodeOptions {
             .field("token_file", &self.token_file)
             .field("interval", &self.interval)
             .field("page_limit", &self.page_limit)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("ca_file", &self.ca_file)
+            .field("insecure_http", &self.insecure_http)
             .finish()
     }
 }
@@ -106,6 +125,20 @@ impl NodeOptions {
             token_file: None,
             interval: SchedulerConfig::default().interval,
             page_limit: None,
+            tls_cert: None,
+            tls_key: None,
+            ca_file: None,
+            insecure_http: false,
+        }
+    }
+
+    /// The server's TLS identity, read from [`NodeOptions::tls_cert`] and
+    /// [`NodeOptions::tls_key`].
+    fn server_tls(&self) -> Result<Option<ServerTls>, NodeError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(ServerTls::from_pem_files(cert, key)?)),
+            (None, None) => Ok(None),
+            _ => Err(NodeError::TlsIncomplete),
         }
     }
 
@@ -156,6 +189,12 @@ pub enum NodeError {
     /// The token file cannot be used.
     #[error(transparent)]
     Access(#[from] AccessError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Only one of the TLS certificate and key was given.
+    #[error("a TLS certificate and its key go together: give both --tls-cert and --tls-key")]
+    TlsIncomplete,
     /// The listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -228,7 +267,7 @@ pub struct Node {
     engine: Arc<SyncEngine>,
     listener: TcpListener,
     addr: SocketAddr,
-    access: Arc<Access>,
+    server: ServerConfig,
     peers: Vec<Arc<HttpTransport>>,
     scheduler: SchedulerConfig,
     data: PathBuf,
@@ -246,26 +285,34 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Reads the token file, checks the peers' URLs, opens the data directory and binds the
-    /// listener.
+    /// Reads the token file and the TLS certificate and key, checks the peers' URLs and the
+    /// CA file, opens the data directory and binds the listener.
     ///
     /// # Errors
-    /// The token file cannot be used, a peer URL is malformed, the node would be open on a
-    /// non-loopback address, the data directory is in use or cannot be opened, or the
-    /// address cannot be bound.
+    /// The token file, the TLS certificate or key, or the CA file cannot be used, a peer URL
+    /// is malformed, the node would be open on a non-loopback address (or serve tokens in
+    /// clear text there, see [`NodeOptions::insecure_http`]), the data directory is in use or
+    /// cannot be opened, or the address cannot be bound.
     pub async fn start(options: NodeOptions) -> Result<Node, NodeError> {
         let access = Arc::new(match &options.token_file {
             Some(path) => Access::from_file(path)?,
             None => Access::open(),
         });
-        let exposed = ServerConfig {
-            access: access.clone(),
+        let server = ServerConfig {
+            access,
+            tls: options.server_tls()?,
+            insecure_http: options.insecure_http,
             ..ServerConfig::default()
         };
-        check_exposure(options.listen, &exposed)?;
+        check_exposure(options.listen, &server)?;
         let mut peers: Vec<Arc<HttpTransport>> = Vec::new();
         for url in &options.peers {
-            let peer = HttpTransport::new(url, options.peer_token.clone())?;
+            let client = ClientConfig {
+                token: options.peer_token.clone(),
+                ca_file: options.ca_file.clone(),
+                ..ClientConfig::default()
+            };
+            let peer = HttpTransport::with_config(url, client)?;
             if peers.iter().any(|p| p.base_url() == peer.base_url()) {
                 return Err(NodeError::DuplicatePeer { url: url.clone() });
             }
@@ -295,7 +342,7 @@ impl Node {
             engine,
             listener,
             addr,
-            access,
+            server,
             peers,
             scheduler,
             data: options.data,
@@ -313,7 +360,8 @@ impl Node {
         self.addr
     }
 
-    /// The node's root URL (`http://host:port`; an unspecified address becomes loopback).
+    /// The node's root URL (`http://host:port`, or `https://host:port` with TLS; an
+    /// unspecified address becomes loopback).
     pub fn url(&self) -> String {
         let mut addr = self.addr;
         if addr.ip().is_unspecified() {
@@ -322,7 +370,12 @@ impl Node {
                 SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
             });
         }
-        format!("http://{addr}")
+        let scheme = if self.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{addr}")
     }
 
     /// The node's engine.
@@ -341,7 +394,7 @@ impl Node {
             engine,
             listener,
             addr,
-            access,
+            server: config,
             peers,
             scheduler,
             data,
@@ -349,10 +402,6 @@ impl Node {
         tracing::info!(node = %engine.node_id(), %addr, data = %data.display(),
             peers = peers.len(), "node running");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let config = ServerConfig {
-            access,
-            ..ServerConfig::default()
-        };
         let mut server = tokio::spawn(serve(engine.clone(), listener, config, async move {
             let _ = stopped.await;
         }));

@@ -14,7 +14,7 @@ mod demo;
 use clap::{Args, Parser, Subcommand};
 use highwater::api::{all_scopes, Listed, NodeApi};
 use highwater::engine::EngineConfig;
-use highwater::http::HttpTransport;
+use highwater::http::{ClientConfig, HttpTransport};
 use highwater::node::{
     self, records, render_status, sync_until_done, CommandError, Node, NodeError, NodeOptions,
     SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
@@ -33,10 +33,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node: serve a data directory over HTTP and sync it with every --peer.
+    /// Run a node: serve a data directory over HTTP (or HTTPS) and sync it with every --peer.
     ///
-    /// Prints `listening on http://HOST:PORT` on stdout once it accepts connections; logs
-    /// go to stderr. Stops cleanly on Ctrl-C or SIGTERM.
+    /// Prints `listening on http://HOST:PORT` (`https://` with --tls-cert) on stdout once it
+    /// accepts connections; logs go to stderr. Stops cleanly on Ctrl-C or SIGTERM.
     Serve(ServeArgs),
     /// Write a record (the value from the argument, or from stdin without one).
     Put {
@@ -108,12 +108,16 @@ enum Command {
         /// The data directory (no node may be running on it).
         #[arg(long)]
         data: PathBuf,
-        /// The peer's root URL.
+        /// The peer's root URL (`http://` or `https://`).
         #[arg(long)]
         peer: String,
         /// The token to present to the peer.
         #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
         peer_token: Option<String>,
+        /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
+        /// trusted roots.
+        #[arg(long, env = "HIGHWATER_CA_FILE")]
+        ca_file: Option<PathBuf>,
         /// Versions per page.
         #[arg(long)]
         page_limit: Option<usize>,
@@ -147,7 +151,8 @@ struct ServeArgs {
     /// Where to listen; port 0 lets the OS pick one.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// A peer's root URL (`http://host:port`) to sync with; repeat for several.
+    /// A peer's root URL (`http://host:port` or `https://host:port`) to sync with; repeat
+    /// for several.
     #[arg(long = "peer")]
     peers: Vec<String>,
     /// The token this node presents to its peers (prefer the environment variable: the
@@ -165,17 +170,36 @@ struct ServeArgs {
     /// Versions per page this node asks for and ships.
     #[arg(long)]
     page_limit: Option<usize>,
+    /// Serve HTTPS with this PEM certificate chain (the node's certificate first); needs
+    /// --tls-key. The URL the node prints and writes to node.url becomes https://.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for `https://` peers, besides the system's
+    /// trusted roots.
+    #[arg(long, env = "HIGHWATER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Listen beyond loopback with tokens but without TLS, although the tokens then cross the
+    /// network in clear text (refused without this flag).
+    #[arg(long)]
+    insecure_http: bool,
 }
 
 /// Where a record command acts.
 #[derive(Args)]
 struct Target {
-    /// The running node to talk to.
+    /// The running node to talk to (`http://` or `https://`).
     #[arg(long, env = "HIGHWATER_NODE", default_value = DEFAULT_NODE_URL)]
     node: String,
     /// The bearer token for the node.
     #[arg(long, env = "HIGHWATER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A PEM file of CA certificates to trust for an `https://` node, besides the system's
+    /// trusted roots.
+    #[arg(long, env = "HIGHWATER_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Work directly on this data directory instead of a node (refused while a node runs on
     /// it).
     #[arg(long)]
@@ -184,7 +208,12 @@ struct Target {
 
 impl Target {
     fn open(&self) -> Result<Box<dyn NodeApi>, NodeError> {
-        node::open_api(&self.node, self.token.clone(), self.data.as_deref())
+        let client = ClientConfig {
+            token: self.token.clone(),
+            ca_file: self.ca_file.clone(),
+            ..ClientConfig::default()
+        };
+        node::open_api_with(&self.node, client, self.data.as_deref())
     }
 }
 
@@ -355,8 +384,16 @@ async fn run(command: Command) -> Result<(), CliError> {
             data,
             peer,
             peer_token,
+            ca_file,
             page_limit,
-        } => sync(&data, &peer, peer_token, page_limit).await,
+        } => {
+            let client = ClientConfig {
+                token: peer_token,
+                ca_file,
+                ..ClientConfig::default()
+            };
+            sync(&data, &peer, client, page_limit).await
+        }
         Command::Demo { .. } => unreachable!("handled in main"),
         Command::Status { target, json } => {
             let status = target.open()?.status(all_scopes()).await?;
@@ -377,6 +414,10 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         token_file: args.token_file,
         interval: args.interval,
         page_limit: args.page_limit,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        ca_file: args.ca_file,
+        insecure_http: args.insecure_http,
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;
@@ -434,11 +475,11 @@ async fn get_file(
 async fn sync(
     data: &Path,
     peer: &str,
-    token: Option<String>,
+    client: ClientConfig,
     page_limit: Option<usize>,
 ) -> Result<(), CliError> {
     let engine = node::open_data_dir(data, EngineConfig::default())?;
-    let transport = HttpTransport::new(peer, token).map_err(NodeError::from)?;
+    let transport = HttpTransport::with_config(peer, client).map_err(NodeError::from)?;
     let options = ExchangeOptions {
         page_limit,
         ..ExchangeOptions::default()
