@@ -27,7 +27,9 @@ pub use self::access::{Access, AccessError, Grant, ScopePattern};
 pub use self::body::HttpBody;
 pub use self::client::{ClientConfig, HttpTransport};
 pub use self::node_client::NodeClient;
-pub use self::server::{refusal_status, serve, HighwaterService, ServeError, ServerConfig};
+pub use self::server::{
+    refusal_status, serve, HighwaterService, ServeError, ServerConfig, DEFAULT_MAX_CONNECTIONS,
+};
 pub use self::tls::{ServerTls, TlsError};
 /// The rustls this crate builds on, for [`ServerTls::from_rustls`] and
 /// [`ServerTls::rustls_config`].

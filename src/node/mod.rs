@@ -47,7 +47,7 @@ use crate::error::{Error, StoreError, TransportError};
 use crate::http::server::check_exposure;
 use crate::http::{
     serve, Access, AccessError, ClientConfig, HttpTransport, ServeError, ServerConfig, ServerTls,
-    TlsError,
+    TlsError, DEFAULT_MAX_CONNECTIONS,
 };
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
@@ -92,6 +92,9 @@ pub struct NodeOptions {
     /// Listen beyond loopback with tokens but without TLS (default false: refused, since the
     /// tokens would cross the network in clear text; see [`ServerConfig::insecure_http`]).
     pub insecure_http: bool,
+    /// Connections the node keeps open at once (default [`DEFAULT_MAX_CONNECTIONS`]; see
+    /// [`ServerConfig::max_connections`]).
+    pub max_connections: usize,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -109,6 +112,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("tls_key", &self.tls_key)
             .field("ca_file", &self.ca_file)
             .field("insecure_http", &self.insecure_http)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -129,6 +133,7 @@ impl NodeOptions {
             tls_key: None,
             ca_file: None,
             insecure_http: false,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 
@@ -302,6 +307,7 @@ impl Node {
             access,
             tls: options.server_tls()?,
             insecure_http: options.insecure_http,
+            max_connections: options.max_connections,
             ..ServerConfig::default()
         };
         check_exposure(options.listen, &server)?;
@@ -319,13 +325,10 @@ impl Node {
             peers.push(Arc::new(peer));
         }
         let engine = Arc::new(open_data_dir(&options.data, options.engine_config())?);
-        let listener =
-            TcpListener::bind(options.listen)
-                .await
-                .map_err(|source| NodeError::Bind {
-                    addr: options.listen,
-                    source,
-                })?;
+        let listener = bind(options.listen).map_err(|source| NodeError::Bind {
+            addr: options.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Bind {
             addr: options.listen,
             source,
@@ -437,6 +440,25 @@ impl Node {
             }
         }
     }
+}
+
+/// Connections the kernel holds for the node before it accepts them. The standard library's
+/// 128 overflows when a burst of connections arrives faster than the accept loop takes them
+/// (hundreds at once when a flood of idle connections is being shed), and a connection
+/// request the kernel drops costs its client a second before it tries again. The kernel caps
+/// it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and, like the standard library's,
+/// `SO_REUSEADDR`, so a node restarts at once on the port it just left).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM: the shutdown future for a node run

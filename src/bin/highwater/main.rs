@@ -14,7 +14,7 @@ mod demo;
 use clap::{Args, Parser, Subcommand};
 use highwater::api::{all_scopes, Listed, NodeApi};
 use highwater::engine::EngineConfig;
-use highwater::http::{ClientConfig, HttpTransport};
+use highwater::http::{ClientConfig, HttpTransport, DEFAULT_MAX_CONNECTIONS};
 use highwater::node::{
     self, records, render_status, sync_until_done, CommandError, Node, NodeError, NodeOptions,
     SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
@@ -185,6 +185,10 @@ struct ServeArgs {
     /// network in clear text (refused without this flag).
     #[arg(long)]
     insecure_http: bool,
+    /// Connections to keep open at once; at the cap the least recently active idle one gives
+    /// way to a new one, which is refused (503) only when every connection is busy.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
 }
 
 /// Where a record command acts.
@@ -418,6 +422,7 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         tls_key: args.tls_key,
         ca_file: args.ca_file,
         insecure_http: args.insecure_http,
+        max_connections: args.max_connections,
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;

@@ -21,6 +21,7 @@ use crate::record::{Scope, MAX_VALUE_LEN};
 use crate::transport::Responder;
 use crate::wire::MAX_MESSAGE_LEN;
 
+mod connections;
 mod failure;
 mod listen;
 mod records;
@@ -31,6 +32,11 @@ pub use self::failure::refusal_status;
 pub(super) use self::failure::Failure;
 pub(crate) use self::listen::check_exposure;
 pub use self::listen::{serve, ServeError};
+
+/// The default cap on open connections: half the common soft limit of 1024 open files, since
+/// a connection that serves a download holds a second descriptor (the blob file), and the
+/// store, the blob uploads and the node's own connections to its peers need some too.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -45,10 +51,22 @@ pub struct ServerConfig {
     pub max_record_body: u64,
     /// The largest blob or file body (default 64 GiB).
     pub max_blob_body: u64,
-    /// Time allowed to receive a request's headers (default 10 s).
+    /// Time a client has to send a request's headers, counted from the moment [`serve`]
+    /// waits for a request: from the accept for the first, from the end of the previous
+    /// response on a kept-alive connection. So it is also the keep-alive idle timeout: a
+    /// connection without a request for this long is closed (default 10 s). [`serve`] gives a
+    /// TLS handshake as long.
     pub header_read_timeout: Duration,
     /// Time allowed between two chunks of a request body (default 30 s).
     pub body_read_timeout: Duration,
+    /// Time a response write may go without the client taking a byte; then [`serve`] drops
+    /// the connection (default 30 s). A download that keeps moving may take as long as it
+    /// needs.
+    pub write_timeout: Duration,
+    /// Connections [`serve`] keeps open at once (default 512). At the cap a new connection
+    /// takes the place of the idle connection that was active least recently; it is shed
+    /// with a 503 only when every connection has a request in progress.
+    pub max_connections: usize,
     /// Exchanges one token may have in progress at once; more get 429 (default 2).
     pub max_exchanges_per_token: usize,
     /// The certificate and key [`serve`] presents; every connection then speaks TLS
@@ -70,6 +88,8 @@ impl Default for ServerConfig {
             max_blob_body: 64 << 30,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_exchanges_per_token: 2,
             tls: None,
             insecure_http: false,
