@@ -163,7 +163,7 @@ fn legitimate_requests_get_through_idle_and_slowloris_floods_at_1024_open_files(
     std::fs::write(
         &tokens,
         format!(
-            r#"{{"tokens": [{{"name": "legit", "token": "{TOKEN}", "read": ["*"], "write": ["*"], "sync": true}}]}}"#
+            r#"{{"tokens": [{{"name": "legit", "token": "{TOKEN}", "read": ["*"], "write": ["*"], "sync": true, "metrics": true}}]}}"#
         ),
     )?;
     let node = ServeProcess::start_with_open_files(
@@ -257,6 +257,26 @@ async fn measure(url: &str, addr: SocketAddr) -> TestResult {
         );
     }
     let measured_for = measuring.elapsed();
+    // What the node saw, while the attack still holds its connections.
+    let scraped = transport
+        .call(
+            hyper::Method::GET,
+            "/metrics",
+            highwater::http::HttpBody::default(),
+            None,
+        )
+        .await?;
+    let text = String::from_utf8(
+        http_body_util::BodyExt::collect(scraped.into_body())
+            .await?
+            .to_bytes()
+            .to_vec(),
+    )?;
+    let node_figure = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned())
+    };
     stop.store(true, Ordering::Relaxed);
     attack.await?;
 
@@ -289,6 +309,12 @@ async fn measure(url: &str, addr: SocketAddr) -> TestResult {
         p50.as_secs_f64() * 1000.0,
         p99.as_secs_f64() * 1000.0,
         max.as_secs_f64() * 1000.0,
+    );
+    println!(
+        "node: {} connections open, {} idle ones evicted to make room, {} shed",
+        node_figure("highwater_http_connections_open"),
+        node_figure("highwater_http_connections_evicted_total"),
+        node_figure("highwater_http_connections_shed_total"),
     );
     assert!(failures.is_empty(), "failed requests: {failures:#?}");
     assert!(p99 < P99_BOUND, "p99 {p99:?} over {P99_BOUND:?}");

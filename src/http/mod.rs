@@ -11,10 +11,12 @@
 //! - `PUT|GET|DELETE /v1/records/<scope>/<key>`, `GET /v1/records/<scope>?prefix=&after=&limit=`,
 //!   `PUT|GET /v1/files/<scope>/<key>`: the records API for applications and the CLI.
 //! - `GET /v1/status`: node id, watermarks, residency, peers and what they lack.
+//! - `GET /metrics`: the node's [`Metrics`] in the Prometheus text format.
 
 pub mod access;
 pub(crate) mod body;
 mod client;
+mod metrics;
 mod node_client;
 pub(crate) mod server;
 mod tls;
@@ -26,6 +28,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 pub use self::access::{Access, AccessError, Grant, ScopePattern};
 pub use self::body::HttpBody;
 pub use self::client::{ClientConfig, HttpTransport};
+pub use self::metrics::Metrics;
 pub use self::node_client::NodeClient;
 pub use self::server::{
     refusal_status, serve, HighwaterService, ServeError, ServerConfig, DEFAULT_MAX_CONNECTIONS,

@@ -42,13 +42,14 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
+use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine, DB_FILE};
 use crate::error::{Error, StoreError, TransportError};
 use crate::http::server::check_exposure;
 use crate::http::{
-    serve, Access, AccessError, ClientConfig, HttpTransport, ServeError, ServerConfig, ServerTls,
-    TlsError, DEFAULT_MAX_CONNECTIONS,
+    serve, Access, AccessError, ClientConfig, HttpTransport, Metrics, ServeError, ServerConfig,
+    ServerTls, TlsError, DEFAULT_MAX_CONNECTIONS,
 };
+use crate::scheduler::{AfterRound, BeforeRound};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// The address a node listens on, and client commands reach, by default.
@@ -333,12 +334,16 @@ impl Node {
             addr: options.listen,
             source,
         })?;
+        server.metrics.watch_store_file(options.data.join(DB_FILE));
+        let (before_round, after_round) = round_hooks(&server.metrics);
         let scheduler = SchedulerConfig {
             interval: options.interval,
             options: ExchangeOptions {
                 page_limit: options.page_limit,
                 ..ExchangeOptions::default()
             },
+            before_round: Some(before_round),
+            after_round: Some(after_round),
             ..SchedulerConfig::default()
         };
         let node = Node {
@@ -384,6 +389,11 @@ impl Node {
     /// The node's engine.
     pub fn engine(&self) -> &Arc<SyncEngine> {
         &self.engine
+    }
+
+    /// What the node counts (served as `GET /metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.server.metrics
     }
 
     /// Serves the data directory and syncs with every peer until `shutdown` completes; then
@@ -440,6 +450,23 @@ impl Node {
             }
         }
     }
+}
+
+/// The scheduler's hooks that count the rounds the node initiates in `metrics`. Neither
+/// refuses a round nor reports an error: counting must never change what the node does.
+fn round_hooks(metrics: &Arc<Metrics>) -> (BeforeRound, AfterRound) {
+    let started = metrics.clone();
+    let ended = metrics.clone();
+    (
+        Arc::new(move |peer: &str| {
+            started.round_started(peer);
+            Ok(())
+        }),
+        Arc::new(move |peer: &str, result: &Result<_, Error>| {
+            ended.round_ended(peer, result);
+            Ok(())
+        }),
+    )
 }
 
 /// Connections the kernel holds for the node before it accepts them. The standard library's

@@ -35,11 +35,13 @@ use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 use crate::http::body::HttpBody;
+use crate::http::metrics::Metrics;
 use crate::poison::lock;
 
 /// The connections of one server.
 pub(super) struct Connections {
     limit: usize,
+    metrics: Arc<Metrics>,
     epoch: Instant,
     next_id: AtomicU64,
     /// Admitted and not evicted. IMPORTANT: a connection leaves this map when it is evicted,
@@ -87,6 +89,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         lock(&self.connections.open).remove(&self.id);
+        self.connections.metrics.connection_closed();
     }
 }
 
@@ -104,10 +107,11 @@ pub(super) enum Admission {
 }
 
 impl Connections {
-    /// Room for `limit` connections (at least one).
-    pub(super) fn new(limit: usize) -> Arc<Connections> {
+    /// Room for `limit` connections (at least one), counted in `metrics`.
+    pub(super) fn new(limit: usize, metrics: Arc<Metrics>) -> Arc<Connections> {
         Arc::new(Connections {
             limit: limit.max(1),
+            metrics,
             epoch: Instant::now(),
             next_id: AtomicU64::new(0),
             open: Mutex::new(HashMap::new()),
@@ -126,14 +130,17 @@ impl Connections {
                 .min_by_key(|(_, a)| a.last.load(Ordering::Relaxed))
                 .map(|(id, _)| *id);
             let Some(victim) = victim else {
+                self.metrics.connection_shed();
                 return Admission::Full;
             };
             if let Some(activity) = open.remove(&victim) {
                 // `notify_one` keeps the wake-up if its task is not waiting yet.
                 activity.evicted.notify_one();
+                self.metrics.connection_evicted();
                 evicted = true;
             }
         }
+        self.metrics.connection_opened();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let activity = Arc::new(Activity {
             epoch: self.epoch,
@@ -328,7 +335,7 @@ mod tests {
 
     #[tokio::test]
     async fn at_the_cap_the_least_recently_active_idle_connection_gives_way() {
-        let connections = Connections::new(3);
+        let connections = Connections::new(3, Arc::new(Metrics::new()));
         let (a, _) = admitted(connections.admit());
         let (b, _) = admitted(connections.admit());
         let (c, _) = admitted(connections.admit());

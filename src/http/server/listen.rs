@@ -115,7 +115,7 @@ pub async fn serve<N: Responder + NodeApi + 'static>(
     }
     let header_timeout = config.header_read_timeout;
     let write_timeout = config.write_timeout;
-    let connections = Connections::new(config.max_connections);
+    let connections = Connections::new(config.max_connections, config.metrics.clone());
     let service = HighwaterService::new(node, config);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);

@@ -5,16 +5,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use self::routes::{bearer, query, route, Route};
+use self::routes::{bearer, endpoint_kind, query, route, Route};
 use super::access::{Access, Grant};
-use super::body::HttpBody;
+use super::body::{full, HttpBody};
+use super::metrics::{Metrics, CONTENT_TYPE as METRICS_TYPE};
 use super::tls::ServerTls;
 use crate::api::NodeApi;
 use crate::record::{Scope, MAX_VALUE_LEN};
@@ -76,6 +77,9 @@ pub struct ServerConfig {
     /// the network in clear text (default false: refused, [`ServeError::TokensInClearText`]).
     /// For a node behind a TLS-terminating proxy on another machine of a trusted network.
     pub insecure_http: bool,
+    /// What the server counts and `GET /metrics` shows (default: a fresh set; a node shares
+    /// one with its scheduler's hooks).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +97,7 @@ impl Default for ServerConfig {
             max_exchanges_per_token: 2,
             tls: None,
             insecure_http: false,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 }
@@ -182,26 +187,37 @@ impl HighwaterService {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
     {
+        let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let reply = self.dispatch(req).await;
+        // IMPORTANT: authentication comes before anything reads the body.
+        let (token, reply) = match self.authenticate(&req) {
+            Ok(grant) => (Some(grant.name.clone()), self.dispatch(grant, req).await),
+            Err(refused) => (None, Err(refused)),
+        };
         let resp = reply.unwrap_or_else(Failure::into_response);
-        tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        let status = resp.status();
+        let endpoint = endpoint_kind(&path);
+        let metrics = &self.inner.config.metrics;
+        metrics.request(endpoint, token.as_deref(), status, started.elapsed());
+        tracing::debug!(%method, %path, status = status.as_u16(), "request");
         resp
     }
 
-    async fn dispatch<B>(&self, req: Request<B>) -> Reply
+    /// The grant of the request's token.
+    fn authenticate<B>(&self, req: &Request<B>) -> Result<Grant, Failure> {
+        self.inner
+            .config
+            .access
+            .authorize(bearer(req)?)
+            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "missing or unknown token"))
+    }
+
+    async fn dispatch<B>(&self, grant: Grant, req: Request<B>) -> Reply
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
     {
-        // IMPORTANT: authentication comes before anything reads the body.
-        let grant = self
-            .inner
-            .config
-            .access
-            .authorize(bearer(&req)?)
-            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "missing or unknown token"))?;
         let route = route(req.uri().path())?;
         let method = req.method().clone();
         let allow = |allowed: &'static str| {
@@ -241,7 +257,25 @@ impl HighwaterService {
             (Route::File(..), _) => allow("GET, PUT"),
             (Route::Status, Method::GET) => self.status(&grant).await,
             (Route::Status, _) => allow("GET"),
+            (Route::Metrics, Method::GET) => self.metrics(&grant).await,
+            (Route::Metrics, _) => allow("GET"),
         }
+    }
+
+    /// `GET /metrics`: for tokens with the metrics right (every caller of an open node).
+    async fn metrics(&self, grant: &Grant) -> Reply {
+        if !grant.metrics {
+            return Err(Failure::forbidden(format!(
+                "token {:?} may not read metrics",
+                grant.name
+            )));
+        }
+        let metrics = self.inner.config.metrics.clone();
+        let text = blocking(move || Ok(metrics.render())).await?;
+        let mut resp = Response::new(full(text));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_TYPE));
+        Ok(resp)
     }
 
     fn require_sync(grant: &Grant) -> Result<(), Failure> {

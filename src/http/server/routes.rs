@@ -68,11 +68,34 @@ pub(super) enum Route {
     Records(Scope),
     File(Scope, Key),
     Status,
+    Metrics,
+}
+
+/// What kind of endpoint `path` names, for the request latency metric: a fixed set of
+/// names, whatever a client sends.
+pub(super) fn endpoint_kind(path: &str) -> &'static str {
+    if path == "/metrics" {
+        return "metrics";
+    }
+    let mut segments = path.strip_prefix("/v1/").unwrap_or("").split('/');
+    match (segments.next(), segments.next(), segments.next()) {
+        (Some("sync"), Some("exchange"), None) => "exchange",
+        (Some("sync"), Some("audit"), None) => "audit",
+        (Some("sync"), Some("watch"), None) => "watch",
+        (Some("blobs"), ..) => "blob",
+        (Some("records"), ..) => "records",
+        (Some("files"), ..) => "files",
+        (Some("status"), None, _) => "status",
+        _ => "other",
+    }
 }
 
 /// Parses `/v1/...` strictly: raw segments, no dot segments, scopes and hashes unencoded.
 pub(super) fn route(path: &str) -> Result<Route, Failure> {
     let not_found = || Failure::new(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
+    if path == "/metrics" {
+        return Ok(Route::Metrics);
+    }
     let rest = path.strip_prefix("/v1/").ok_or_else(not_found)?;
     let segments: Vec<&str> = rest.split('/').collect();
     match segments.as_slice() {
