@@ -26,6 +26,7 @@
 pub mod records;
 mod status;
 mod sync;
+pub mod terminal;
 
 pub use self::records::{open_api, open_api_with, CommandError};
 pub use self::status::render_status;

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::terminal::escape_line;
 use super::NodeError;
 use crate::api::{FileRead, ListQuery, Listed, NodeApi, RecordRead, Written, MAX_LIST_LIMIT};
 use crate::blob::{copy_chunks, CopyError};
@@ -25,7 +26,7 @@ pub enum CommandError {
         what: &'static str,
         /// The scope.
         scope: String,
-        /// The key, as text (lossy for non-UTF-8 keys).
+        /// The key, as text for a terminal ([`super::terminal::escape_line`]).
         key: String,
     },
     /// The record's file has not arrived on this node yet.
@@ -146,11 +147,9 @@ pub fn open_api_with(
     })
 }
 
+/// A scope and key as text for an error message (the key escaped for a terminal).
 fn text(scope: &Scope, key: &Key) -> (String, String) {
-    (
-        scope.to_string(),
-        String::from_utf8_lossy(key.as_bytes()).into_owned(),
-    )
+    (scope.to_string(), escape_line(key.as_bytes()))
 }
 
 fn not_found(what: &'static str, scope: &Scope, key: &Key) -> CommandError {

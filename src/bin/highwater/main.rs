@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use highwater::api::{all_scopes, Listed, NodeApi};
 use highwater::engine::EngineConfig;
 use highwater::http::{ClientConfig, HttpTransport, DEFAULT_MAX_CONNECTIONS};
+use highwater::node::terminal::{escape_line, escape_text, EscapingWriter};
 use highwater::node::{
     self, records, render_status, sync_until_done, CommandError, Node, NodeError, NodeOptions,
     SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
@@ -49,7 +50,8 @@ enum Command {
         /// The value; read from stdin when left out.
         value: Option<String>,
     },
-    /// Print a record's value (raw bytes on stdout); fails if there is none.
+    /// Print a record's value (its bytes as they are on a pipe or file; on a terminal,
+    /// control characters are shown escaped, `\x1b`); fails if there is none.
     Get {
         #[command(flatten)]
         target: Target,
@@ -67,7 +69,8 @@ enum Command {
         /// The key.
         key: String,
     },
-    /// List the records of a scope: key, value size, residency, file size, version.
+    /// List the records of a scope: key (control characters escaped, `\x1b`), value size,
+    /// residency, file size, version.
     Ls {
         #[command(flatten)]
         target: Target,
@@ -91,7 +94,8 @@ enum Command {
         /// The file to store.
         path: PathBuf,
     },
-    /// Save a record's file to PATH (`-` for stdout), checked against its hash.
+    /// Save a record's file to PATH (`-` for stdout, escaped like `get` on a terminal),
+    /// checked against its hash.
     GetFile {
         #[command(flatten)]
         target: Target,
@@ -288,7 +292,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes, `: `-separated.
+/// The error and its causes, `: `-separated, escaped for a terminal: a message may quote a
+/// key, or come from a node (its refusals), and neither may reach the terminal raw.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
@@ -300,7 +305,7 @@ fn chain(e: &dyn std::error::Error) -> String {
         }
         cur = s.source();
     }
-    out
+    escape_text(out.as_bytes())
 }
 
 fn key(text: &str) -> Result<Key, CommandError> {
@@ -342,7 +347,12 @@ async fn run(command: Command) -> Result<(), CliError> {
         } => {
             let record = records::get(&*target.open()?, &scope, &key(&k)?).await?;
             let mut out = std::io::stdout().lock();
-            out.write_all(&record.value)
+            let value = if out.is_terminal() {
+                escape_text(&record.value).into_bytes()
+            } else {
+                record.value
+            };
+            out.write_all(&value)
                 .and_then(|()| out.flush())
                 .map_err(io_error(Path::new("stdout")))?;
             Ok(())
@@ -445,7 +455,7 @@ fn listed_line(item: &Listed) -> String {
         .unwrap_or_else(|| "-".to_owned());
     format!(
         "{}\t{} B\t{}\t{file}\t{}",
-        String::from_utf8_lossy(item.key.as_bytes()),
+        escape_line(item.key.as_bytes()),
         item.size,
         item.residency.as_str(),
         item.hlc
@@ -459,7 +469,12 @@ async fn get_file(
     path: &Path,
 ) -> Result<(), CommandError> {
     if path == Path::new("-") {
-        let (mut out, _) = records::get_file(api, scope, key, std::io::stdout()).await?;
+        let stdout = std::io::stdout();
+        if stdout.is_terminal() {
+            let (out, _) = records::get_file(api, scope, key, EscapingWriter::new(stdout)).await?;
+            return out.finish().map(drop).map_err(io_error(path));
+        }
+        let (mut out, _) = records::get_file(api, scope, key, stdout).await?;
         return out.flush().map_err(io_error(path));
     }
     // Written beside the target and renamed once complete and verified, so a failed

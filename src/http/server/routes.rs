@@ -35,8 +35,17 @@ pub(super) fn check_declared<B>(req: &Request<B>, limit: u64) -> Result<Option<u
     Ok(len)
 }
 
+/// The bearer token of the request's `Authorization` header, if it has one.
+///
+/// Given twice, it is a bad request: which of the two counts would be a guess, and a proxy in
+/// front may have checked the other one.
 pub(super) fn bearer<B>(req: &Request<B>) -> Result<Option<&str>, Failure> {
-    match req.headers().get(header::AUTHORIZATION) {
+    let mut given = req.headers().get_all(header::AUTHORIZATION).iter();
+    let first = given.next();
+    if given.next().is_some() {
+        return Err(Failure::bad("Authorization given more than once"));
+    }
+    match first {
         None => Ok(None),
         Some(v) => {
             let v = v
