@@ -339,6 +339,24 @@ pub enum TransportError {
     /// configuration error.
     #[error("the token is not a valid header value")]
     InvalidToken,
+    /// The node's TLS certificate was not accepted: it does not chain to a trusted root (give
+    /// its CA with a CA file), has expired, or does not name the host asked for.
+    #[error("TLS certificate problem with {url}: {reason}")]
+    Certificate {
+        /// The node's root URL.
+        url: String,
+        /// What rustls found wrong with the certificate.
+        reason: String,
+    },
+    /// A CA file to trust that cannot be used: a local configuration error, found before
+    /// anything is sent.
+    #[error("cannot use CA file {}: {reason}", path.display())]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// An error and its sources, as one line (`outer: inner: innermost`), for logs and for

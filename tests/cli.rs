@@ -308,3 +308,81 @@ fn sigterm_stops_a_node_cleanly_and_frees_its_directory() -> TestResult {
     assert_eq!(ok(&["get", "--data", arg(&a_dir), "shared", "k"])?, b"kept");
     Ok(())
 }
+
+#[test]
+fn keys_and_values_from_the_store_reach_a_terminal_escaped() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().join("d");
+    let data = arg(&d);
+    // What any peer could have written: terminal escapes in a key and a value, a key that
+    // is not UTF-8, a bidirectional override.
+    let evil_key = "title\u{1b}]0;pwned\u{7}\u{1b}[2J";
+    let value = "line 1\n\u{1b}[31mred\u{1b}[0m\u{202e}";
+    ok(&["put", "--data", data, "shared", evil_key, value])?;
+    {
+        let engine = SyncEngine::open(&d)?;
+        engine.put(
+            &Scope::shared(),
+            &Key::new(b"raw\xff\x9b".to_vec())?,
+            b"v".to_vec(),
+        )?;
+    }
+    let listing = ok(&["ls", "--data", data, "shared"])?;
+    assert!(
+        !listing.contains(&0x1b) && !listing.contains(&0x07),
+        "{listing:?}"
+    );
+    let listing = String::from_utf8(listing)?;
+    let keys: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    assert_eq!(
+        keys,
+        [r"raw\xff\x9b", r"title\x1b]0;pwned\x07\x1b[2J"],
+        "{listing}"
+    );
+
+    // An error quoting a key escapes it too.
+    let missing = run(&["get", "--data", data, "shared", "no\u{1b}[2Jpe"])?;
+    let err = String::from_utf8(missing.stderr)?;
+    assert!(
+        err.contains(r"no such record: shared/no\x1b[2Jpe") && !err.contains('\u{1b}'),
+        "{err:?}"
+    );
+
+    // On a pipe `get` writes the value's bytes as they are...
+    assert_eq!(
+        ok(&["get", "--data", data, "shared", evil_key])?,
+        value.as_bytes()
+    );
+    // ...and on a terminal, escaped (newlines kept). `script` gives the command a terminal.
+    if !Path::new("/usr/bin/script").exists() {
+        println!("terminal check skipped: /usr/bin/script is absent");
+        return Ok(());
+    }
+    let command = format!(
+        "{} get --data {} shared 'title\u{1b}]0;pwned\u{7}\u{1b}[2J'",
+        process::bin(),
+        data
+    );
+    let shown = std::process::Command::new("/usr/bin/script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert!(shown.status.success(), "{shown:?}");
+    let shown = String::from_utf8(shown.stdout)?.replace("\r\n", "\n");
+    assert_eq!(shown, "line 1\n\\x1b[31mred\\x1b[0m\\u{202e}");
+    // A file shown on a terminal too.
+    let file = dir.path().join("f.bin");
+    std::fs::write(&file, b"\x1b[2Jcleared?\xff")?;
+    ok(&["put-file", "--data", data, "shared", "f", arg(&file)])?;
+    let command = format!("{} get-file --data {} shared f -", process::bin(), data);
+    let shown = std::process::Command::new("/usr/bin/script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert!(shown.status.success(), "{shown:?}");
+    assert_eq!(String::from_utf8(shown.stdout)?, r"\x1b[2Jcleared?\xff");
+    Ok(())
+}

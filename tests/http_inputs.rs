@@ -202,6 +202,39 @@ async fn missing_or_unknown_tokens_get_401_before_the_body_is_read() -> TestResu
 }
 
 #[tokio::test]
+async fn two_authorization_headers_get_400() -> TestResult {
+    for server in [
+        protected(ServerConfig::default()).await?,
+        Server::start(ServerConfig::default()).await?,
+    ] {
+        let before = server.snapshot()?;
+        for (first, second) in [
+            (HUB, HUB),
+            (HUB, "not-a-token-of-this-node"),
+            ("not-a-token-of-this-node", HUB),
+        ] {
+            let extra = [
+                format!("Authorization: Bearer {first}"),
+                format!("Authorization: Bearer {second}"),
+                "Content-Length: 1".to_owned(),
+            ];
+            let resp = raw(
+                server.addr,
+                &head("PUT", "/v1/records/shared/k", None, &extra),
+                b"v",
+            )
+            .await?;
+            assert_eq!(resp.status, 400, "{first} then {second}: {}", resp.error());
+            assert_eq!(resp.json()?["code"], "bad_request");
+            assert!(resp.error().contains("Authorization given more than once"));
+        }
+        assert_eq!(server.snapshot()?, before);
+        server.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_token_for_app_a_is_forbidden_on_app_b() -> TestResult {
     let server = protected(ServerConfig::default()).await?;
     let e = &server.engine;
@@ -842,14 +875,61 @@ async fn serve_refuses_an_open_node_on_a_non_loopback_address() -> TestResult {
         Err(ServeError::OpenOnPublicAddress { addr: refused }) => assert_eq!(refused, addr),
         other => panic!("expected OpenOnPublicAddress, got {other:?}"),
     }
-    // With tokens the same address is served (here: until the at-once shutdown).
+    // With tokens the same address is served (here: until the at-once shutdown); without
+    // TLS only when clear-text tokens are accepted explicitly (tests/tls.rs checks the rule).
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let config = ServerConfig {
         access: tokens(),
+        insecure_http: true,
         ..ServerConfig::default()
     };
     serve(engine, listener, config, async {}).await?;
     Ok(())
+}
+
+#[tokio::test]
+async fn malformed_percent_escapes_in_keys_and_queries_get_400() -> TestResult {
+    let server = protected(ServerConfig::default()).await?;
+    let before = server.snapshot()?;
+    let auth = [format!("Authorization: Bearer {HUB}")];
+    let with_body = [auth[0].clone(), "Content-Length: 1".to_owned()];
+    for (method, path) in [
+        ("PUT", "/v1/records/shared/%G1"),
+        ("PUT", "/v1/records/shared/a%"),
+        ("PUT", "/v1/records/shared/%4"),
+        ("PUT", "/v1/records/shared/%%41"),
+        ("PUT", "/v1/files/shared/x%zz"),
+        ("GET", "/v1/records/shared/%G1"),
+        ("GET", "/v1/records/shared?prefix=%G1"),
+        ("GET", "/v1/records/shared?after=a%"),
+        ("GET", "/v1/records/shared?li%mit=1"),
+        ("GET", "/v1/sync/watch?since=%"),
+    ] {
+        let extra = if method == "PUT" {
+            &with_body[..]
+        } else {
+            &auth[..]
+        };
+        let resp = raw(server.addr, &head(method, path, None, extra), b"v").await?;
+        assert_eq!(resp.status, 400, "{method} {path}: {}", resp.error());
+        assert!(
+            resp.error().contains("malformed percent-escape"),
+            "{method} {path}: {}",
+            resp.error()
+        );
+    }
+    assert_eq!(server.snapshot()?, before);
+    // A well-formed escape of a literal % is a key like any other.
+    let resp = raw(
+        server.addr,
+        &head("PUT", "/v1/records/shared/100%25", None, &with_body),
+        b"v",
+    )
+    .await?;
+    assert_eq!(resp.status, 200, "{}", resp.error());
+    let stored = server.engine.get(&Scope::shared(), &key("100%"))?;
+    assert_eq!(stored.map(|r| r.value), Some(b"v".to_vec()));
+    server.stop().await
 }
 
 #[tokio::test]

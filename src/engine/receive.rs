@@ -102,7 +102,8 @@ impl SyncEngine {
             |scope, key, v| !staged.contains(&(scope.clone(), key.clone(), v.hlc)),
         );
         // What one page may add to this node's state is bounded: new origin marks by the
-        // limits, and knowledge of the sender to the origins this node holds marks for.
+        // limits, and knowledge of the sender to the origins this node holds marks for (and
+        // the sender's own).
         let config = &self.inner.config;
         let limits = apply::MarkLimits {
             per_scope: config.max_origins_per_scope,
@@ -112,8 +113,12 @@ impl SyncEngine {
         if !dropped.is_empty() {
             self.warn_of_bounded_marks(peer, &dropped);
         }
+        // The sender's own origin stays too: it is the one origin it speaks for, and the
+        // first pages between two nodes carry it before this node has a mark for it.
+        let sender_id = knowledge.peer;
         knowledge.marks.retain_marks(|scope, mark| {
-            own.get(scope, mark.origin()).is_some()
+            mark.origin() == sender_id
+                || own.get(scope, mark.origin()).is_some()
                 || plan
                     .advances
                     .iter()

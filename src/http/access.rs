@@ -10,7 +10,8 @@
 //! ```json
 //! {"tokens": [
 //!   {"name": "hub", "token": "…at least 16 characters…", "read": ["*"], "write": ["*"], "sync": true},
-//!   {"name": "notes-app", "token": "…", "read": ["app/notes/*"], "write": ["app/notes/*"]}
+//!   {"name": "notes-app", "token": "…", "read": ["app/notes/*"], "write": ["app/notes/*"]},
+//!   {"name": "prometheus", "token": "…", "metrics": true}
 //! ]}
 //! ```
 //!
@@ -91,6 +92,8 @@ pub struct Grant {
     pub write: Vec<ScopePattern>,
     /// Whether it may sync (exchange, blobs, watch).
     pub sync: bool,
+    /// Whether it may read the node's metrics (`GET /metrics`).
+    pub metrics: bool,
 }
 
 impl Grant {
@@ -101,6 +104,7 @@ impl Grant {
             read: vec![ScopePattern::All],
             write: vec![ScopePattern::All],
             sync: true,
+            metrics: true,
         }
     }
 
@@ -201,6 +205,8 @@ struct TokenEntry {
     write: Vec<String>,
     #[serde(default)]
     sync: bool,
+    #[serde(default)]
+    metrics: bool,
 }
 
 impl Access {
@@ -257,6 +263,7 @@ impl Access {
                 read: parse(e.read)?,
                 write: parse(e.write)?,
                 sync: e.sync,
+                metrics: e.metrics,
             };
             tokens.push((e.token, grant));
         }

@@ -1,6 +1,7 @@
 //! The HTTP client transport.
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,12 +14,14 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{empty, full, stream_reader, HttpBody};
 use super::encode_query_value;
+use super::tls::{certificate_problem, client_config};
 use crate::blob::CHUNK;
 use crate::error::{error_chain, TransportError, WireError};
 use crate::hash::Hash;
@@ -47,6 +50,9 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// Time allowed to connect (default 10 s).
     pub connect_timeout: Duration,
+    /// A PEM file of CA certificates to trust for `https://` nodes, besides the operating
+    /// system's trusted roots (default none).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ClientConfig {
@@ -56,21 +62,23 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            ca_file: None,
         }
     }
 }
 
-/// Reaches a node over HTTP. It retries nothing (the scheduler owns retries) and maps every
-/// failure to a [`TransportError`]: `Unreachable` for connection failures and timeouts,
-/// `Refused` with the status's [`RefusalCode`] and the server's message for HTTP errors,
-/// `BadResponse` for a body that does not decode (an exchange envelope, or watch JSON).
+/// Reaches a node over HTTP or HTTPS. It retries nothing (the scheduler owns retries) and maps
+/// every failure to a [`TransportError`]: `Unreachable` for connection failures and timeouts,
+/// `Certificate` for a node whose TLS certificate is not trusted, `Refused` with the status's
+/// [`RefusalCode`] and the server's message for HTTP errors, `BadResponse` for a body that
+/// does not decode (an exchange envelope, or watch JSON).
 ///
 /// The peer's node id is learned from its first response and then expected: a different
 /// node answering at the same address is refused ([`crate::error::ProtocolError`]).
 /// Must be used inside a tokio runtime.
 pub struct HttpTransport {
     base: String,
-    client: Client<HttpConnector, HttpBody>,
+    client: Client<HttpsConnector<HttpConnector>, HttpBody>,
     auth: Option<HeaderValue>,
     config: ClientConfig,
     peer: Mutex<Option<NodeId>>,
@@ -99,11 +107,14 @@ fn bad_response(why: &str) -> TransportError {
 }
 
 impl HttpTransport {
-    /// A transport to the node at `base_url` (`http://host:port`), with default settings.
+    /// A transport to the node at `base_url` (`http://host:port` or `https://host:port`),
+    /// with default settings: an `https://` node must present a certificate that chains to
+    /// one of the operating system's trusted roots.
     ///
     /// # Errors
-    /// [`TransportError::InvalidUrl`] when `base_url` is not an `http://` root URL with a
-    /// host, [`TransportError::InvalidToken`] when the token is not a valid header value.
+    /// [`TransportError::InvalidUrl`] when `base_url` is not an `http://` or `https://` root
+    /// URL with a host, [`TransportError::InvalidToken`] when the token is not a valid header
+    /// value.
     pub fn new(base_url: &str, token: Option<String>) -> Result<HttpTransport, TransportError> {
         HttpTransport::with_config(
             base_url,
@@ -117,7 +128,8 @@ impl HttpTransport {
     /// A transport with explicit settings.
     ///
     /// # Errors
-    /// As for [`HttpTransport::new`].
+    /// As for [`HttpTransport::new`], and [`TransportError::CaFile`] when
+    /// [`ClientConfig::ca_file`] cannot be read or holds no usable certificate.
     pub fn with_config(
         base_url: &str,
         config: ClientConfig,
@@ -127,14 +139,15 @@ impl HttpTransport {
             reason: why.to_owned(),
         };
         let uri: Uri = base_url.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("only http:// is supported (put TLS in front)"));
-        }
+        let scheme = match uri.scheme_str() {
+            Some(s @ ("http" | "https")) => s,
+            _ => return Err(bad("only http:// and https:// are supported")),
+        };
         let authority = uri.authority().ok_or_else(|| bad("no host"))?;
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(bad("give the node's root URL, without a path"));
         }
-        let base = format!("http://{authority}");
+        let base = format!("{scheme}://{authority}");
         let auth = match &config.token {
             None => None,
             Some(t) => Some(
@@ -142,9 +155,25 @@ impl HttpTransport {
                     .map_err(|_| TransportError::InvalidToken)?,
             ),
         };
+        // The system's roots are read only for a node that speaks TLS; a CA file given is
+        // checked either way, so a mistake in it shows at once.
+        let tls = client_config(config.ca_file.as_deref(), scheme == "https").map_err(|e| {
+            TransportError::CaFile {
+                path: config.ca_file.clone().unwrap_or_default(),
+                reason: error_chain(&e),
+            }
+        })?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
+        // `https_or_http` lets the http scheme through: a transport only ever sends to its
+        // own base URL, so an http:// transport never speaks TLS and an https:// one always.
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -239,7 +268,13 @@ impl HttpTransport {
     }
 
     fn failed(&self, e: &hyper_util::client::legacy::Error) -> TransportError {
-        unreachable(format!("{}: {}", self.base, error_chain(e)))
+        match certificate_problem(e) {
+            Some(reason) => TransportError::Certificate {
+                url: self.base.clone(),
+                reason,
+            },
+            None => unreachable(format!("{}: {}", self.base, error_chain(e))),
+        }
     }
 
     /// Sends an upload of `size` bytes whose body counts what it sent in `sent`. An upload
@@ -525,7 +560,8 @@ mod tests {
     fn a_bad_url_is_a_local_configuration_error_not_a_refusal() {
         for url in [
             "not a url",
-            "https://host:1",
+            "ftp://host:1",
+            "https://host:1/path",
             "http://host:1/path",
             "http://host:1/?q",
         ] {

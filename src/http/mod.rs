@@ -11,22 +11,34 @@
 //! - `PUT|GET|DELETE /v1/records/<scope>/<key>`, `GET /v1/records/<scope>?prefix=&after=&limit=`,
 //!   `PUT|GET /v1/files/<scope>/<key>`: the records API for applications and the CLI.
 //! - `GET /v1/status`: node id, watermarks, residency, peers and what they lack.
+//! - `GET /metrics`: the node's [`Metrics`] in the Prometheus text format.
 
 pub mod access;
 pub(crate) mod body;
 mod client;
+mod metrics;
 mod node_client;
 pub(crate) mod server;
+mod tls;
 
 use std::time::Duration;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+use self::server_failure::Failure;
+
 pub use self::access::{Access, AccessError, Grant, ScopePattern};
 pub use self::body::HttpBody;
 pub use self::client::{ClientConfig, HttpTransport};
+pub use self::metrics::Metrics;
 pub use self::node_client::NodeClient;
-pub use self::server::{refusal_status, serve, HighwaterService, ServeError, ServerConfig};
+pub use self::server::{
+    refusal_status, serve, HighwaterService, ServeError, ServerConfig, DEFAULT_MAX_CONNECTIONS,
+};
+pub use self::tls::{ServerTls, TlsError};
+/// The rustls this crate builds on, for [`ServerTls::from_rustls`] and
+/// [`ServerTls::rustls_config`].
+pub use rustls;
 
 use crate::record::Key;
 
@@ -62,27 +74,41 @@ fn encode_query_value(value: &str) -> String {
     utf8_percent_encode(value, KEY_SET).to_string()
 }
 
-/// A key from a percent-encoded path segment.
-fn parse_key(segment: &str) -> Result<Key, server_failure::Failure> {
-    let bytes: Vec<u8> = percent_decode_str(segment).collect();
-    Key::new(bytes).map_err(Into::into)
+/// Decodes percent-escapes, refusing a `%` that is not followed by two hex digits: a lenient
+/// decoder keeps such text as it is, so `%G1` would name a different key than the client's
+/// encoder meant (and than a stricter proxy in front understood).
+fn percent_decode(text: &str, what: &str) -> Result<Vec<u8>, Failure> {
+    let bytes = text.as_bytes();
+    let escapes_ok = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || (bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return Err(Failure::bad(format!(
+            "malformed percent-escape in {what} (a % must start %XX, two hex digits; a literal % is %25)"
+        )));
+    }
+    Ok(percent_decode_str(text).collect())
 }
 
-/// Decodes `a=b&c=d` (percent-encoded, `+` not special), refusing repeated names.
-fn decode_query(query: &str) -> Result<Vec<(String, Vec<u8>)>, server_failure::Failure> {
+/// A key from a percent-encoded path segment.
+fn parse_key(segment: &str) -> Result<Key, Failure> {
+    Key::new(percent_decode(segment, "the key")?).map_err(Into::into)
+}
+
+/// Decodes `a=b&c=d` (percent-encoded, `+` not special), refusing repeated names and
+/// malformed escapes.
+fn decode_query(query: &str) -> Result<Vec<(String, Vec<u8>)>, Failure> {
     let mut out: Vec<(String, Vec<u8>)> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = percent_decode_str(name)
-            .decode_utf8()
-            .map_err(|_| server_failure::Failure::bad("malformed query"))?
-            .into_owned();
+        let name = String::from_utf8(percent_decode(name, "the query")?)
+            .map_err(|_| Failure::bad("malformed query"))?;
         if out.iter().any(|(n, _)| *n == name) {
-            return Err(server_failure::Failure::bad(format!(
-                "parameter {name:?} given twice"
-            )));
+            return Err(Failure::bad(format!("parameter {name:?} given twice")));
         }
-        out.push((name, percent_decode_str(value).collect()));
+        out.push((name, percent_decode(value, "the query")?));
     }
     Ok(out)
 }

@@ -21,7 +21,7 @@ use crate::hash::Hash;
 use crate::hlc::Hlc;
 use crate::http::body::{empty, full, stream_reader, ChannelReader, Piece};
 use crate::http::{
-    encode_key, HttpTransport, HEADER_HLC, HEADER_RESIDENCY, NO_FILE, RECORD_DELETED,
+    encode_key, ClientConfig, HttpTransport, HEADER_HLC, HEADER_RESIDENCY, NO_FILE, RECORD_DELETED,
 };
 use crate::record::{BlobRef, Key, Residency, Scope, MAX_VALUE_LEN};
 
@@ -44,14 +44,26 @@ fn bad(reason: impl Into<String>) -> crate::Error {
 }
 
 impl NodeClient {
-    /// A client of the node at `url` (`http://host:port`).
+    /// A client of the node at `url` (`http://host:port` or `https://host:port`, whose
+    /// certificate must chain to one of the system's trusted roots).
     ///
     /// # Errors
-    /// [`TransportError::InvalidUrl`] when `url` is not an `http://` root URL,
+    /// [`TransportError::InvalidUrl`] when `url` is not an `http://` or `https://` root URL,
     /// [`TransportError::InvalidToken`] when the token is not a valid header value.
     pub fn new(url: &str, token: Option<String>) -> Result<NodeClient, TransportError> {
         Ok(NodeClient {
             http: HttpTransport::new(url, token)?,
+        })
+    }
+
+    /// A client with explicit settings (the token, a CA file to trust, timeouts).
+    ///
+    /// # Errors
+    /// As for [`NodeClient::new`], and [`TransportError::CaFile`] when the CA file cannot be
+    /// used.
+    pub fn with_config(url: &str, config: ClientConfig) -> Result<NodeClient, TransportError> {
+        Ok(NodeClient {
+            http: HttpTransport::with_config(url, config)?,
         })
     }
 

@@ -26,8 +26,9 @@
 pub mod records;
 mod status;
 mod sync;
+pub mod terminal;
 
-pub use self::records::{open_api, CommandError};
+pub use self::records::{open_api, open_api_with, CommandError};
 pub use self::status::render_status;
 pub use self::sync::{sync_until_done, SyncTotals};
 /// The records API's types, where they were before [`crate::api`] held them.
@@ -42,9 +43,14 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine};
+use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine, DB_FILE};
 use crate::error::{Error, StoreError, TransportError};
-use crate::http::{serve, Access, AccessError, HttpTransport, ServeError, ServerConfig};
+use crate::http::server::check_exposure;
+use crate::http::{
+    serve, Access, AccessError, ClientConfig, HttpTransport, Metrics, ServeError, ServerConfig,
+    ServerTls, TlsError, DEFAULT_MAX_CONNECTIONS,
+};
+use crate::scheduler::{AfterRound, BeforeRound};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// The address a node listens on, and client commands reach, by default.
@@ -65,7 +71,8 @@ pub struct NodeOptions {
     pub data: PathBuf,
     /// Where to listen (port 0: one the OS picks; see [`Node::local_addr`]).
     pub listen: SocketAddr,
-    /// The peers' root URLs (`http://host:port`); the node syncs with each.
+    /// The peers' root URLs (`http://host:port` or `https://host:port`); the node syncs with
+    /// each.
     pub peers: Vec<String>,
     /// The bearer token this node presents to its peers.
     pub peer_token: Option<String>,
@@ -76,6 +83,20 @@ pub struct NodeOptions {
     pub interval: Duration,
     /// Versions per page this node asks for and ships (default: the engine's, 1000).
     pub page_limit: Option<usize>,
+    /// The PEM certificate chain the node presents over TLS; with [`NodeOptions::tls_key`],
+    /// the node serves HTTPS only (default none: plain HTTP).
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of [`NodeOptions::tls_cert`].
+    pub tls_key: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for `https://` peers, besides the system's
+    /// trusted roots (default none).
+    pub ca_file: Option<PathBuf>,
+    /// Listen beyond loopback with tokens but without TLS (default false: refused, since the
+    /// tokens would cross the network in clear text; see [`ServerConfig::insecure_http`]).
+    pub insecure_http: bool,
+    /// Connections the node keeps open at once (default [`DEFAULT_MAX_CONNECTIONS`]; see
+    /// [`ServerConfig::max_connections`]).
+    pub max_connections: usize,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -89,6 +110,11 @@ impl std::fmt::Debug for NodeOptions {
             .field("token_file", &self.token_file)
             .field("interval", &self.interval)
             .field("page_limit", &self.page_limit)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("ca_file", &self.ca_file)
+            .field("insecure_http", &self.insecure_http)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -105,6 +131,21 @@ impl NodeOptions {
             token_file: None,
             interval: SchedulerConfig::default().interval,
             page_limit: None,
+            tls_cert: None,
+            tls_key: None,
+            ca_file: None,
+            insecure_http: false,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    /// The server's TLS identity, read from [`NodeOptions::tls_cert`] and
+    /// [`NodeOptions::tls_key`].
+    fn server_tls(&self) -> Result<Option<ServerTls>, NodeError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(ServerTls::from_pem_files(cert, key)?)),
+            (None, None) => Ok(None),
+            _ => Err(NodeError::TlsIncomplete),
         }
     }
 
@@ -155,6 +196,12 @@ pub enum NodeError {
     /// The token file cannot be used.
     #[error(transparent)]
     Access(#[from] AccessError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Only one of the TLS certificate and key was given.
+    #[error("a TLS certificate and its key go together: give both --tls-cert and --tls-key")]
+    TlsIncomplete,
     /// The listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -227,7 +274,7 @@ pub struct Node {
     engine: Arc<SyncEngine>,
     listener: TcpListener,
     addr: SocketAddr,
-    access: Arc<Access>,
+    server: ServerConfig,
     peers: Vec<Arc<HttpTransport>>,
     scheduler: SchedulerConfig,
     data: PathBuf,
@@ -245,57 +292,66 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Reads the token file, checks the peers' URLs, opens the data directory and binds the
-    /// listener.
+    /// Reads the token file and the TLS certificate and key, checks the peers' URLs and the
+    /// CA file, opens the data directory and binds the listener.
     ///
     /// # Errors
-    /// The token file cannot be used, a peer URL is malformed, the node would be open on a
-    /// non-loopback address, the data directory is in use or cannot be opened, or the
-    /// address cannot be bound.
+    /// The token file, the TLS certificate or key, or the CA file cannot be used, a peer URL
+    /// is malformed, the node would be open on a non-loopback address (or serve tokens in
+    /// clear text there, see [`NodeOptions::insecure_http`]), the data directory is in use or
+    /// cannot be opened, or the address cannot be bound.
     pub async fn start(options: NodeOptions) -> Result<Node, NodeError> {
         let access = Arc::new(match &options.token_file {
             Some(path) => Access::from_file(path)?,
             None => Access::open(),
         });
-        if access.is_open() && !options.listen.ip().is_loopback() {
-            return Err(ServeError::OpenOnPublicAddress {
-                addr: options.listen,
-            }
-            .into());
-        }
+        let server = ServerConfig {
+            access,
+            tls: options.server_tls()?,
+            insecure_http: options.insecure_http,
+            max_connections: options.max_connections,
+            ..ServerConfig::default()
+        };
+        check_exposure(options.listen, &server)?;
         let mut peers: Vec<Arc<HttpTransport>> = Vec::new();
         for url in &options.peers {
-            let peer = HttpTransport::new(url, options.peer_token.clone())?;
+            let client = ClientConfig {
+                token: options.peer_token.clone(),
+                ca_file: options.ca_file.clone(),
+                ..ClientConfig::default()
+            };
+            let peer = HttpTransport::with_config(url, client)?;
             if peers.iter().any(|p| p.base_url() == peer.base_url()) {
                 return Err(NodeError::DuplicatePeer { url: url.clone() });
             }
             peers.push(Arc::new(peer));
         }
         let engine = Arc::new(open_data_dir(&options.data, options.engine_config())?);
-        let listener =
-            TcpListener::bind(options.listen)
-                .await
-                .map_err(|source| NodeError::Bind {
-                    addr: options.listen,
-                    source,
-                })?;
+        let listener = bind(options.listen).map_err(|source| NodeError::Bind {
+            addr: options.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Bind {
             addr: options.listen,
             source,
         })?;
+        server.metrics.watch_store_file(options.data.join(DB_FILE));
+        let (before_round, after_round) = round_hooks(&server.metrics);
         let scheduler = SchedulerConfig {
             interval: options.interval,
             options: ExchangeOptions {
                 page_limit: options.page_limit,
                 ..ExchangeOptions::default()
             },
+            before_round: Some(before_round),
+            after_round: Some(after_round),
             ..SchedulerConfig::default()
         };
         let node = Node {
             engine,
             listener,
             addr,
-            access,
+            server,
             peers,
             scheduler,
             data: options.data,
@@ -313,7 +369,8 @@ impl Node {
         self.addr
     }
 
-    /// The node's root URL (`http://host:port`; an unspecified address becomes loopback).
+    /// The node's root URL (`http://host:port`, or `https://host:port` with TLS; an
+    /// unspecified address becomes loopback).
     pub fn url(&self) -> String {
         let mut addr = self.addr;
         if addr.ip().is_unspecified() {
@@ -322,12 +379,22 @@ impl Node {
                 SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
             });
         }
-        format!("http://{addr}")
+        let scheme = if self.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{addr}")
     }
 
     /// The node's engine.
     pub fn engine(&self) -> &Arc<SyncEngine> {
         &self.engine
+    }
+
+    /// What the node counts (served as `GET /metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.server.metrics
     }
 
     /// Serves the data directory and syncs with every peer until `shutdown` completes; then
@@ -341,7 +408,7 @@ impl Node {
             engine,
             listener,
             addr,
-            access,
+            server: config,
             peers,
             scheduler,
             data,
@@ -349,10 +416,6 @@ impl Node {
         tracing::info!(node = %engine.node_id(), %addr, data = %data.display(),
             peers = peers.len(), "node running");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let config = ServerConfig {
-            access,
-            ..ServerConfig::default()
-        };
         let mut server = tokio::spawn(serve(engine.clone(), listener, config, async move {
             let _ = stopped.await;
         }));
@@ -388,6 +451,42 @@ impl Node {
             }
         }
     }
+}
+
+/// The scheduler's hooks that count the rounds the node initiates in `metrics`. Neither
+/// refuses a round nor reports an error: counting must never change what the node does.
+fn round_hooks(metrics: &Arc<Metrics>) -> (BeforeRound, AfterRound) {
+    let started = metrics.clone();
+    let ended = metrics.clone();
+    (
+        Arc::new(move |peer: &str| {
+            started.round_started(peer);
+            Ok(())
+        }),
+        Arc::new(move |peer: &str, result: &Result<_, Error>| {
+            ended.round_ended(peer, result);
+            Ok(())
+        }),
+    )
+}
+
+/// Connections the kernel holds for the node before it accepts them. The standard library's
+/// 128 overflows when a burst of connections arrives faster than the accept loop takes them
+/// (hundreds at once when a flood of idle connections is being shed), and a connection
+/// request the kernel drops costs its client a second before it tries again. The kernel caps
+/// it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and, like the standard library's,
+/// `SO_REUSEADDR`, so a node restarts at once on the port it just left).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM: the shutdown future for a node run

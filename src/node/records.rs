@@ -5,13 +5,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::terminal::escape_line;
 use super::NodeError;
 use crate::api::{FileRead, ListQuery, Listed, NodeApi, RecordRead, Written, MAX_LIST_LIMIT};
 use crate::blob::{copy_chunks, CopyError};
 use crate::blocking::run_blocking;
 use crate::engine::EngineConfig;
 use crate::error::{Error, TransportError, WireError};
-use crate::http::NodeClient;
+use crate::http::{ClientConfig, NodeClient};
 use crate::record::{Key, Scope};
 
 /// Why a record command could not do its work.
@@ -25,7 +26,7 @@ pub enum CommandError {
         what: &'static str,
         /// The scope.
         scope: String,
-        /// The key, as text (lossy for non-UTF-8 keys).
+        /// The key, as text for a terminal ([`super::terminal::escape_line`]).
         key: String,
     },
     /// The record's file has not arrived on this node yet.
@@ -40,6 +41,15 @@ pub enum CommandError {
     #[error("cannot reach the node: {reason}")]
     Unreachable {
         /// Why.
+        reason: String,
+    },
+    /// The node's TLS certificate was not accepted (an unknown issuer, expired, or not valid
+    /// for the host in the URL).
+    #[error("TLS certificate problem with {url}: {reason} (trust the node's CA with --ca-file or HIGHWATER_CA_FILE)")]
+    Certificate {
+        /// The node's URL.
+        url: String,
+        /// What was wrong with the certificate.
         reason: String,
     },
     /// The node refused the request (its status and message).
@@ -89,6 +99,9 @@ impl From<Error> for CommandError {
             Error::Transport(TransportError::Refused { reason, .. }) => {
                 CommandError::Refused { reason }
             }
+            Error::Transport(TransportError::Certificate { url, reason }) => {
+                CommandError::Certificate { url, reason }
+            }
             Error::Transport(TransportError::BadResponse(WireError::Malformed { reason })) => {
                 CommandError::BadResponse { reason }
             }
@@ -111,17 +124,32 @@ pub fn open_api(
     token: Option<String>,
     data: Option<&Path>,
 ) -> Result<Box<dyn NodeApi>, NodeError> {
+    let client = ClientConfig {
+        token,
+        ..ClientConfig::default()
+    };
+    open_api_with(url, client, data)
+}
+
+/// As [`open_api`], reaching the node with `client`'s settings (its token, a CA file to
+/// trust for an `https://` node).
+///
+/// # Errors
+/// As for [`open_api`], and [`NodeError::Transport`] when the CA file cannot be used.
+pub fn open_api_with(
+    url: &str,
+    client: ClientConfig,
+    data: Option<&Path>,
+) -> Result<Box<dyn NodeApi>, NodeError> {
     Ok(match data {
         Some(dir) => Box::new(super::open_data_dir(dir, EngineConfig::default())?),
-        None => Box::new(NodeClient::new(url, token)?),
+        None => Box::new(NodeClient::with_config(url, client)?),
     })
 }
 
+/// A scope and key as text for an error message (the key escaped for a terminal).
 fn text(scope: &Scope, key: &Key) -> (String, String) {
-    (
-        scope.to_string(),
-        String::from_utf8_lossy(key.as_bytes()).into_owned(),
-    )
+    (scope.to_string(), escape_line(key.as_bytes()))
 }
 
 fn not_found(what: &'static str, scope: &Scope, key: &Key) -> CommandError {

@@ -50,6 +50,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Its data directory (redb file and `blobs/`); other files may sit beside them.
     pub dir: tempfile::TempDir,
+    /// Whether it speaks TLS.
+    tls: bool,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), highwater::http::ServeError>>>,
 }
@@ -69,6 +71,7 @@ impl Server {
         let engine = Arc::new(SyncEngine::open_with(dir.path(), engine_config)?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let tls = config.tls.is_some();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(engine.clone(), listener, config, async move {
             let _ = stopped.await;
@@ -77,14 +80,16 @@ impl Server {
             engine,
             addr,
             dir,
+            tls,
             stop: Some(stop),
             task: Some(task),
         })
     }
 
-    /// The node's root URL.
+    /// The node's root URL (`https://` when it speaks TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The node's blob directory.

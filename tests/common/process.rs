@@ -45,16 +45,42 @@ impl ServeProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> TestResult<ServeProcess> {
+        Self::start_command(Command::new(bin()), data, args, env)
+    }
+
+    /// As [`ServeProcess::start`], in a process that may hold at most `limit` open files
+    /// (set by the shell's `ulimit -n`, which then execs the node: the pid is the node's).
+    pub fn start_with_open_files(
+        data: &Path,
+        args: &[&str],
+        limit: u64,
+    ) -> TestResult<ServeProcess> {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+            .arg(bin());
+        Self::start_command(sh, data, args, &[])
+    }
+
+    /// Runs `command serve --listen 127.0.0.1:0 --data DATA ARGS...` (`command` names the
+    /// binary, or a wrapper that execs it with its arguments).
+    fn start_command(
+        mut command: Command,
+        data: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestResult<ServeProcess> {
         let log = data.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let mut child = Command::new(bin())
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(args)
             .env_remove("HIGHWATER_PEER_TOKEN")
+            .env_remove("HIGHWATER_CA_FILE")
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -155,6 +181,7 @@ pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> TestResult<Output> {
         .env_remove("HIGHWATER_TOKEN")
         .env_remove("HIGHWATER_NODE")
         .env_remove("HIGHWATER_PEER_TOKEN")
+        .env_remove("HIGHWATER_CA_FILE")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()?)

@@ -14,7 +14,8 @@ mod demo;
 use clap::{Args, Parser, Subcommand};
 use highwater::api::{all_scopes, Listed, NodeApi};
 use highwater::engine::EngineConfig;
-use highwater::http::HttpTransport;
+use highwater::http::{ClientConfig, HttpTransport, DEFAULT_MAX_CONNECTIONS};
+use highwater::node::terminal::{escape_line, escape_text, EscapingWriter};
 use highwater::node::{
     self, records, render_status, sync_until_done, CommandError, Node, NodeError, NodeOptions,
     SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
@@ -33,10 +34,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node: serve a data directory over HTTP and sync it with every --peer.
+    /// Run a node: serve a data directory over HTTP (or HTTPS) and sync it with every --peer.
     ///
-    /// Prints `listening on http://HOST:PORT` on stdout once it accepts connections; logs
-    /// go to stderr. Stops cleanly on Ctrl-C or SIGTERM.
+    /// Prints `listening on http://HOST:PORT` (`https://` with --tls-cert) on stdout once it
+    /// accepts connections; logs go to stderr. Stops cleanly on Ctrl-C or SIGTERM.
     Serve(ServeArgs),
     /// Write a record (the value from the argument, or from stdin without one).
     Put {
@@ -49,7 +50,8 @@ enum Command {
         /// The value; read from stdin when left out.
         value: Option<String>,
     },
-    /// Print a record's value (raw bytes on stdout); fails if there is none.
+    /// Print a record's value (its bytes as they are on a pipe or file; on a terminal,
+    /// control characters are shown escaped, `\x1b`); fails if there is none.
     Get {
         #[command(flatten)]
         target: Target,
@@ -67,7 +69,8 @@ enum Command {
         /// The key.
         key: String,
     },
-    /// List the records of a scope: key, value size, residency, file size, version.
+    /// List the records of a scope: key (control characters escaped, `\x1b`), value size,
+    /// residency, file size, version.
     Ls {
         #[command(flatten)]
         target: Target,
@@ -91,7 +94,8 @@ enum Command {
         /// The file to store.
         path: PathBuf,
     },
-    /// Save a record's file to PATH (`-` for stdout), checked against its hash.
+    /// Save a record's file to PATH (`-` for stdout, escaped like `get` on a terminal),
+    /// checked against its hash.
     GetFile {
         #[command(flatten)]
         target: Target,
@@ -108,12 +112,16 @@ enum Command {
         /// The data directory (no node may be running on it).
         #[arg(long)]
         data: PathBuf,
-        /// The peer's root URL.
+        /// The peer's root URL (`http://` or `https://`).
         #[arg(long)]
         peer: String,
         /// The token to present to the peer.
         #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
         peer_token: Option<String>,
+        /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
+        /// trusted roots.
+        #[arg(long, env = "HIGHWATER_CA_FILE")]
+        ca_file: Option<PathBuf>,
         /// Versions per page.
         #[arg(long)]
         page_limit: Option<usize>,
@@ -147,7 +155,8 @@ struct ServeArgs {
     /// Where to listen; port 0 lets the OS pick one.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// A peer's root URL (`http://host:port`) to sync with; repeat for several.
+    /// A peer's root URL (`http://host:port` or `https://host:port`) to sync with; repeat
+    /// for several.
     #[arg(long = "peer")]
     peers: Vec<String>,
     /// The token this node presents to its peers (prefer the environment variable: the
@@ -165,17 +174,40 @@ struct ServeArgs {
     /// Versions per page this node asks for and ships.
     #[arg(long)]
     page_limit: Option<usize>,
+    /// Serve HTTPS with this PEM certificate chain (the node's certificate first); needs
+    /// --tls-key. The URL the node prints and writes to node.url becomes https://.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for `https://` peers, besides the system's
+    /// trusted roots.
+    #[arg(long, env = "HIGHWATER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Listen beyond loopback with tokens but without TLS, although the tokens then cross the
+    /// network in clear text (refused without this flag).
+    #[arg(long)]
+    insecure_http: bool,
+    /// Connections to keep open at once; at the cap the least recently active idle one gives
+    /// way to a new one, which is refused (503) only when every connection is busy.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
 }
 
 /// Where a record command acts.
 #[derive(Args)]
 struct Target {
-    /// The running node to talk to.
+    /// The running node to talk to (`http://` or `https://`).
     #[arg(long, env = "HIGHWATER_NODE", default_value = DEFAULT_NODE_URL)]
     node: String,
     /// The bearer token for the node.
     #[arg(long, env = "HIGHWATER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A PEM file of CA certificates to trust for an `https://` node, besides the system's
+    /// trusted roots.
+    #[arg(long, env = "HIGHWATER_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Work directly on this data directory instead of a node (refused while a node runs on
     /// it).
     #[arg(long)]
@@ -184,7 +216,12 @@ struct Target {
 
 impl Target {
     fn open(&self) -> Result<Box<dyn NodeApi>, NodeError> {
-        node::open_api(&self.node, self.token.clone(), self.data.as_deref())
+        let client = ClientConfig {
+            token: self.token.clone(),
+            ca_file: self.ca_file.clone(),
+            ..ClientConfig::default()
+        };
+        node::open_api_with(&self.node, client, self.data.as_deref())
     }
 }
 
@@ -255,7 +292,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes, `: `-separated.
+/// The error and its causes, `: `-separated, escaped for a terminal: a message may quote a
+/// key, or come from a node (its refusals), and neither may reach the terminal raw.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
@@ -267,7 +305,7 @@ fn chain(e: &dyn std::error::Error) -> String {
         }
         cur = s.source();
     }
-    out
+    escape_text(out.as_bytes())
 }
 
 fn key(text: &str) -> Result<Key, CommandError> {
@@ -309,7 +347,12 @@ async fn run(command: Command) -> Result<(), CliError> {
         } => {
             let record = records::get(&*target.open()?, &scope, &key(&k)?).await?;
             let mut out = std::io::stdout().lock();
-            out.write_all(&record.value)
+            let value = if out.is_terminal() {
+                escape_text(&record.value).into_bytes()
+            } else {
+                record.value
+            };
+            out.write_all(&value)
                 .and_then(|()| out.flush())
                 .map_err(io_error(Path::new("stdout")))?;
             Ok(())
@@ -355,8 +398,16 @@ async fn run(command: Command) -> Result<(), CliError> {
             data,
             peer,
             peer_token,
+            ca_file,
             page_limit,
-        } => sync(&data, &peer, peer_token, page_limit).await,
+        } => {
+            let client = ClientConfig {
+                token: peer_token,
+                ca_file,
+                ..ClientConfig::default()
+            };
+            sync(&data, &peer, client, page_limit).await
+        }
         Command::Demo { .. } => unreachable!("handled in main"),
         Command::Status { target, json } => {
             let status = target.open()?.status(all_scopes()).await?;
@@ -377,6 +428,11 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         token_file: args.token_file,
         interval: args.interval,
         page_limit: args.page_limit,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        ca_file: args.ca_file,
+        insecure_http: args.insecure_http,
+        max_connections: args.max_connections,
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;
@@ -399,7 +455,7 @@ fn listed_line(item: &Listed) -> String {
         .unwrap_or_else(|| "-".to_owned());
     format!(
         "{}\t{} B\t{}\t{file}\t{}",
-        String::from_utf8_lossy(item.key.as_bytes()),
+        escape_line(item.key.as_bytes()),
         item.size,
         item.residency.as_str(),
         item.hlc
@@ -413,7 +469,12 @@ async fn get_file(
     path: &Path,
 ) -> Result<(), CommandError> {
     if path == Path::new("-") {
-        let (mut out, _) = records::get_file(api, scope, key, std::io::stdout()).await?;
+        let stdout = std::io::stdout();
+        if stdout.is_terminal() {
+            let (out, _) = records::get_file(api, scope, key, EscapingWriter::new(stdout)).await?;
+            return out.finish().map(drop).map_err(io_error(path));
+        }
+        let (mut out, _) = records::get_file(api, scope, key, stdout).await?;
         return out.flush().map_err(io_error(path));
     }
     // Written beside the target and renamed once complete and verified, so a failed
@@ -434,11 +495,11 @@ async fn get_file(
 async fn sync(
     data: &Path,
     peer: &str,
-    token: Option<String>,
+    client: ClientConfig,
     page_limit: Option<usize>,
 ) -> Result<(), CliError> {
     let engine = node::open_data_dir(data, EngineConfig::default())?;
-    let transport = HttpTransport::new(peer, token).map_err(NodeError::from)?;
+    let transport = HttpTransport::with_config(peer, client).map_err(NodeError::from)?;
     let options = ExchangeOptions {
         page_limit,
         ..ExchangeOptions::default()

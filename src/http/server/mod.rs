@@ -5,21 +5,24 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use self::routes::{bearer, query, route, Route};
+use self::routes::{bearer, endpoint_kind, query, route, Route};
 use super::access::{Access, Grant};
-use super::body::HttpBody;
+use super::body::{full, HttpBody};
+use super::metrics::{Metrics, CONTENT_TYPE as METRICS_TYPE};
+use super::tls::ServerTls;
 use crate::api::NodeApi;
 use crate::record::{Scope, MAX_VALUE_LEN};
 use crate::transport::Responder;
 use crate::wire::MAX_MESSAGE_LEN;
 
+mod connections;
 mod failure;
 mod listen;
 mod records;
@@ -28,7 +31,13 @@ mod sync;
 
 pub use self::failure::refusal_status;
 pub(super) use self::failure::Failure;
+pub(crate) use self::listen::check_exposure;
 pub use self::listen::{serve, ServeError};
+
+/// The default cap on open connections: half the common soft limit of 1024 open files, since
+/// a connection that serves a download holds a second descriptor (the blob file), and the
+/// store, the blob uploads and the node's own connections to its peers need some too.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -43,12 +52,34 @@ pub struct ServerConfig {
     pub max_record_body: u64,
     /// The largest blob or file body (default 64 GiB).
     pub max_blob_body: u64,
-    /// Time allowed to receive a request's headers (default 10 s).
+    /// Time a client has to send a request's headers, counted from the moment [`serve`]
+    /// waits for a request: from the accept for the first, from the end of the previous
+    /// response on a kept-alive connection. So it is also the keep-alive idle timeout: a
+    /// connection without a request for this long is closed (default 10 s). [`serve`] gives a
+    /// TLS handshake as long.
     pub header_read_timeout: Duration,
     /// Time allowed between two chunks of a request body (default 30 s).
     pub body_read_timeout: Duration,
+    /// Time a response write may go without the client taking a byte; then [`serve`] drops
+    /// the connection (default 30 s). A download that keeps moving may take as long as it
+    /// needs.
+    pub write_timeout: Duration,
+    /// Connections [`serve`] keeps open at once (default 512). At the cap a new connection
+    /// takes the place of the idle connection that was active least recently; it is shed
+    /// with a 503 only when every connection has a request in progress.
+    pub max_connections: usize,
     /// Exchanges one token may have in progress at once; more get 429 (default 2).
     pub max_exchanges_per_token: usize,
+    /// The certificate and key [`serve`] presents; every connection then speaks TLS
+    /// (default none: plain HTTP).
+    pub tls: Option<ServerTls>,
+    /// Lets [`serve`] listen beyond loopback with tokens but without TLS, the tokens crossing
+    /// the network in clear text (default false: refused, [`ServeError::TokensInClearText`]).
+    /// For a node behind a TLS-terminating proxy on another machine of a trusted network.
+    pub insecure_http: bool,
+    /// What the server counts and `GET /metrics` shows (default: a fresh set; a node shares
+    /// one with its scheduler's hooks).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for ServerConfig {
@@ -61,7 +92,12 @@ impl Default for ServerConfig {
             max_blob_body: 64 << 30,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_exchanges_per_token: 2,
+            tls: None,
+            insecure_http: false,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 }
@@ -138,32 +174,50 @@ impl HighwaterService {
         self.inner.closing.send_replace(true);
     }
 
+    /// Completes once [`HighwaterService::close`] was called.
+    pub(super) async fn closing(&self) {
+        let mut closing = self.inner.closing.subscribe();
+        // An error means the sender is gone, which it cannot be while `self` holds it.
+        let _ = closing.wait_for(|c| *c).await;
+    }
+
     /// Handles one request.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<HttpBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
     {
+        let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let reply = self.dispatch(req).await;
+        // IMPORTANT: authentication comes before anything reads the body.
+        let (token, reply) = match self.authenticate(&req) {
+            Ok(grant) => (Some(grant.name.clone()), self.dispatch(grant, req).await),
+            Err(refused) => (None, Err(refused)),
+        };
         let resp = reply.unwrap_or_else(Failure::into_response);
-        tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        let status = resp.status();
+        let endpoint = endpoint_kind(&path);
+        let metrics = &self.inner.config.metrics;
+        metrics.request(endpoint, token.as_deref(), status, started.elapsed());
+        tracing::debug!(%method, %path, status = status.as_u16(), "request");
         resp
     }
 
-    async fn dispatch<B>(&self, req: Request<B>) -> Reply
+    /// The grant of the request's token.
+    fn authenticate<B>(&self, req: &Request<B>) -> Result<Grant, Failure> {
+        self.inner
+            .config
+            .access
+            .authorize(bearer(req)?)
+            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "missing or unknown token"))
+    }
+
+    async fn dispatch<B>(&self, grant: Grant, req: Request<B>) -> Reply
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
     {
-        // IMPORTANT: authentication comes before anything reads the body.
-        let grant = self
-            .inner
-            .config
-            .access
-            .authorize(bearer(&req)?)
-            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "missing or unknown token"))?;
         let route = route(req.uri().path())?;
         let method = req.method().clone();
         let allow = |allowed: &'static str| {
@@ -203,7 +257,25 @@ impl HighwaterService {
             (Route::File(..), _) => allow("GET, PUT"),
             (Route::Status, Method::GET) => self.status(&grant).await,
             (Route::Status, _) => allow("GET"),
+            (Route::Metrics, Method::GET) => self.metrics(&grant).await,
+            (Route::Metrics, _) => allow("GET"),
         }
+    }
+
+    /// `GET /metrics`: for tokens with the metrics right (every caller of an open node).
+    async fn metrics(&self, grant: &Grant) -> Reply {
+        if !grant.metrics {
+            return Err(Failure::forbidden(format!(
+                "token {:?} may not read metrics",
+                grant.name
+            )));
+        }
+        let metrics = self.inner.config.metrics.clone();
+        let text = blocking(move || Ok(metrics.render())).await?;
+        let mut resp = Response::new(full(text));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_TYPE));
+        Ok(resp)
     }
 
     fn require_sync(grant: &Grant) -> Result<(), Failure> {

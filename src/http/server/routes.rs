@@ -35,8 +35,17 @@ pub(super) fn check_declared<B>(req: &Request<B>, limit: u64) -> Result<Option<u
     Ok(len)
 }
 
+/// The bearer token of the request's `Authorization` header, if it has one.
+///
+/// Given twice, it is a bad request: which of the two counts would be a guess, and a proxy in
+/// front may have checked the other one.
 pub(super) fn bearer<B>(req: &Request<B>) -> Result<Option<&str>, Failure> {
-    match req.headers().get(header::AUTHORIZATION) {
+    let mut given = req.headers().get_all(header::AUTHORIZATION).iter();
+    let first = given.next();
+    if given.next().is_some() {
+        return Err(Failure::bad("Authorization given more than once"));
+    }
+    match first {
         None => Ok(None),
         Some(v) => {
             let v = v
@@ -68,11 +77,34 @@ pub(super) enum Route {
     Records(Scope),
     File(Scope, Key),
     Status,
+    Metrics,
+}
+
+/// What kind of endpoint `path` names, for the request latency metric: a fixed set of
+/// names, whatever a client sends.
+pub(super) fn endpoint_kind(path: &str) -> &'static str {
+    if path == "/metrics" {
+        return "metrics";
+    }
+    let mut segments = path.strip_prefix("/v1/").unwrap_or("").split('/');
+    match (segments.next(), segments.next(), segments.next()) {
+        (Some("sync"), Some("exchange"), None) => "exchange",
+        (Some("sync"), Some("audit"), None) => "audit",
+        (Some("sync"), Some("watch"), None) => "watch",
+        (Some("blobs"), ..) => "blob",
+        (Some("records"), ..) => "records",
+        (Some("files"), ..) => "files",
+        (Some("status"), None, _) => "status",
+        _ => "other",
+    }
 }
 
 /// Parses `/v1/...` strictly: raw segments, no dot segments, scopes and hashes unencoded.
 pub(super) fn route(path: &str) -> Result<Route, Failure> {
     let not_found = || Failure::new(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
+    if path == "/metrics" {
+        return Ok(Route::Metrics);
+    }
     let rest = path.strip_prefix("/v1/").ok_or_else(not_found)?;
     let segments: Vec<&str> = rest.split('/').collect();
     match segments.as_slice() {

@@ -34,7 +34,9 @@ impl HighwaterService {
         B::Error: std::fmt::Display,
     {
         let max_versions = self.inner.config.max_page_versions;
+        let metrics = self.inner.config.metrics.clone();
         self.sync_message(
+            "exchange",
             grant,
             req,
             move |responder, grant, request: ExchangeRequest| {
@@ -50,7 +52,11 @@ impl HighwaterService {
                 }
                 let local = responder.scopes()?;
                 let request = authorize_exchange(grant, request, &local)?;
-                Ok(responder.respond(request)?)
+                let response = responder.respond(request)?;
+                metrics.count_versions("responder", "received", count);
+                metrics.count_versions("responder", "shipped", response.page.version_count());
+                metrics.count_halts("responder", "us", &response.halts);
+                Ok(response)
             },
         )
         .await
@@ -62,7 +68,9 @@ impl HighwaterService {
         B::Error: std::fmt::Display,
     {
         let max_versions = self.inner.config.max_page_versions;
+        let metrics = self.inner.config.metrics.clone();
         self.sync_message(
+            "audit",
             grant,
             req,
             move |responder, grant, request: AuditRequest| {
@@ -76,7 +84,11 @@ impl HighwaterService {
                 }
                 let local = responder.scopes()?;
                 let request = authorize_audit(grant, request, &local)?;
-                Ok(responder.audit(request)?)
+                let response = responder.audit(request)?;
+                metrics.count_versions("responder", "received", count);
+                metrics.count_versions("responder", "shipped", shipped(&response.versions).count());
+                metrics.count_halts("responder", "us", &response.halts);
+                Ok(response)
             },
         )
         .await
@@ -87,6 +99,7 @@ impl HighwaterService {
     /// answer encoded.
     async fn sync_message<B, Q, A>(
         &self,
+        kind: &'static str,
         grant: &Grant,
         req: Request<B>,
         handle: impl FnOnce(&dyn Responder, &Grant, Q) -> Result<A, Failure> + Send + 'static,
@@ -110,6 +123,7 @@ impl HighwaterService {
         .map_err(|e| Failure::body(e, config.max_exchange_body))?;
         let responder = self.inner.responder.clone();
         let grant = grant.clone();
+        let received = body.len();
         let encoded = blocking(move || {
             let (request, version) =
                 wire::decode_versioned::<Q>(&body).map_err(|e| Failure::bad(e.to_string()))?;
@@ -118,6 +132,10 @@ impl HighwaterService {
             Ok(wire::encode_as(&response, version.min(response.version())))
         })
         .await?;
+        self.inner
+            .config
+            .metrics
+            .message(kind, received, encoded.len());
         let mut resp = Response::new(full(encoded));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
