@@ -283,6 +283,8 @@ pub enum RefusalCode {
     TooLarge,
     /// The responder is busy with this requester's other requests; try later (HTTP 429).
     Busy,
+    /// The responder's storage is full; try later, once space is freed (HTTP 507).
+    StorageFull,
 }
 
 /// The transport could not complete a round. The scheduler decides whether to retry.
@@ -370,6 +372,36 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+/// The operating system's error under `error`, if it failed on I/O (a store or blob write
+/// that hit a full disk, a failed fsync...).
+pub fn io_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        // redb's errors do not report their I/O error as a source.
+        if let Some(redb::Error::Io(io)) = e.downcast_ref::<redb::Error>() {
+            return Some(io);
+        }
+        if let Some(StoreError::Redb(r)) = e.downcast_ref::<StoreError>() {
+            if let redb::Error::Io(io) = &**r {
+                return Some(io);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Whether `io` says the disk (or the user's quota) is full.
+pub fn is_storage_full(io: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    io.kind() == std::io::ErrorKind::StorageFull
+        || matches!(io.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 #[cfg(test)]

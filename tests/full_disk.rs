@@ -3,11 +3,17 @@
 //! with nothing acknowledged lost. Runs on a small tmpfs, which needs root; elsewhere it is
 //! skipped with a note.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
+use common::http::{call, error_of};
 use highwater::error::error_chain;
+use highwater::http::{serve, HttpTransport, ServerConfig};
 use highwater::{Key, Scope, SyncEngine};
+use hyper::{Method, StatusCode};
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
@@ -126,5 +132,94 @@ fn a_full_disk_fails_writes_with_the_os_error_and_the_node_recovers_when_space_i
             "{k} lost after a reopen"
         );
     }
+    Ok(())
+}
+
+/// The same over HTTP: a PUT on a full disk is answered 507 with the OS error, a read still
+/// 200, and once space is back the next PUT is 200 with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_full_disk_is_507_naming_the_os_error_until_space_is_back() -> TestResult {
+    let Some(fs) = Tmpfs::mount("16m")? else {
+        return Ok(());
+    };
+    let node = Arc::new(SyncEngine::open(fs.path().join("node"))?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        node.clone(),
+        listener,
+        ServerConfig::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let client = HttpTransport::new(&url, None)?;
+    let value = vec![7u8; 8 << 10];
+    let (status, _, _) = call(
+        &client,
+        Method::PUT,
+        "/v1/records/shared/first",
+        value.clone(),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    let ballast = fill(fs.path())?;
+
+    let mut refused = None;
+    for i in 0..50 {
+        let at = format!("/v1/records/shared/full{i}");
+        let (status, _, body) = call(&client, Method::PUT, &at, value.clone()).await?;
+        match status {
+            StatusCode::OK => continue,
+            other => {
+                refused = Some((other, error_of(&body)?));
+                break;
+            }
+        }
+    }
+    let (status, (code, message)) = refused.ok_or("no PUT failed on a full disk")?;
+    assert_eq!(
+        status,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "{code}: {message}"
+    );
+    assert!(
+        message.contains("No space left on device"),
+        "the answer does not name the OS error: {message}"
+    );
+    // Files too: their blob cannot be written.
+    let (status, _, _) = call(
+        &client,
+        Method::PUT,
+        "/v1/files/shared/big",
+        vec![1u8; 1 << 20],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+    // Reads go on.
+    let (status, _, body) = call(&client, Method::GET, "/v1/records/shared/first", "").await?;
+    assert_eq!((status, body.len()), (StatusCode::OK, value.len()));
+
+    std::fs::remove_file(&ballast)?;
+    let (status, _, body) = call(
+        &client,
+        Method::PUT,
+        "/v1/records/shared/after",
+        value.clone(),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = call(
+        &client,
+        Method::PUT,
+        "/v1/files/shared/big",
+        vec![1u8; 1 << 20],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(node.get(&Scope::shared(), &key("first"))?.is_some());
+    let _ = stop.send(());
+    server.await??;
     Ok(())
 }

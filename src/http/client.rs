@@ -337,6 +337,7 @@ impl HttpTransport {
             StatusCode::FORBIDDEN => RefusalCode::Forbidden,
             StatusCode::PAYLOAD_TOO_LARGE => RefusalCode::TooLarge,
             StatusCode::TOO_MANY_REQUESTS => RefusalCode::Busy,
+            StatusCode::INSUFFICIENT_STORAGE => RefusalCode::StorageFull,
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
                 RefusalCode::Unavailable
             }

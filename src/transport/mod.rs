@@ -127,6 +127,17 @@ pub trait Responder: Send + Sync {
     /// A [`Refusal`].
     fn scopes(&self) -> Result<Vec<Scope>, Refusal>;
 
+    /// The scopes in which a stored version refers to blob `hash` (a server serves a blob
+    /// to a token only if it may read one of them). The default, for responders that do
+    /// not track references, is none.
+    ///
+    /// # Errors
+    /// A [`Refusal`].
+    fn blob_scopes(&self, hash: &Hash) -> Result<Vec<Scope>, Refusal> {
+        let _ = hash;
+        Ok(Vec::new())
+    }
+
     /// The responder's change notifier, if it has one (watch needs it).
     fn notifier(&self) -> Option<&crate::notify::Notifier> {
         None
@@ -170,6 +181,10 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
         (**self).scopes()
     }
 
+    fn blob_scopes(&self, hash: &Hash) -> Result<Vec<Scope>, Refusal> {
+        (**self).blob_scopes(hash)
+    }
+
     fn notifier(&self) -> Option<&crate::notify::Notifier> {
         (**self).notifier()
     }
@@ -200,9 +215,34 @@ impl From<&Error> for Refusal {
                 b @ (crate::blob::BlobError::HashMismatch { .. }
                 | crate::blob::BlobError::SizeMismatch { .. }),
             ) => (RefusalCode::BadRequest, b.to_string()),
+            // The content's reader failed (an upload that broke off), not the storage.
+            Error::Blob(b @ crate::blob::BlobError::Source(_)) => {
+                (RefusalCode::BadRequest, crate::error::error_chain(b))
+            }
+            Error::Store(_) | Error::Blob(_) => storage_refusal(e),
             _ => (RefusalCode::Internal, "internal error".to_owned()),
         };
         Refusal { code, reason }
+    }
+}
+
+/// A storage failure as a peer is told it: a full disk is `StorageFull` (it clears once
+/// space is freed), another I/O failure or a store closed by one is `Unavailable` (the store
+/// reopens by itself), each naming the OS error; anything else (a damaged store) is internal.
+fn storage_refusal(e: &Error) -> (RefusalCode, String) {
+    if let Some(io) = crate::error::io_cause(e) {
+        // The OS error alone: paths on the server are none of the peer's business.
+        return if crate::error::is_storage_full(io) {
+            (RefusalCode::StorageFull, format!("storage is full: {io}"))
+        } else {
+            (RefusalCode::Unavailable, format!("storage failed: {io}"))
+        };
+    }
+    match e {
+        Error::Store(s @ crate::error::StoreError::Closed) => {
+            (RefusalCode::Unavailable, s.to_string())
+        }
+        _ => (RefusalCode::Internal, "internal error".to_owned()),
     }
 }
 

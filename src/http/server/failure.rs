@@ -65,6 +65,7 @@ impl Failure {
             413 => "too_large",
             429 => "busy",
             503 => "unavailable",
+            507 => "insufficient_storage",
             _ => "internal",
         };
         let body = json!({ "error": self.message, "code": code }).to_string();
@@ -94,7 +95,7 @@ impl From<Refusal> for Failure {
 impl From<&Error> for Failure {
     fn from(e: &Error) -> Failure {
         if !matches!(e, Error::Input(_) | Error::Wire(_) | Error::Protocol(_)) {
-            tracing::error!(error = %e, "request failed");
+            tracing::error!(error = %crate::error::error_chain(e), "request failed");
         }
         Refusal::from(e).into()
     }
@@ -115,6 +116,7 @@ pub fn refusal_status(code: RefusalCode) -> StatusCode {
         RefusalCode::Unauthorized => StatusCode::UNAUTHORIZED,
         RefusalCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         RefusalCode::Busy => StatusCode::TOO_MANY_REQUESTS,
+        RefusalCode::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
