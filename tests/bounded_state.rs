@@ -123,3 +123,32 @@ async fn made_up_origins_by_the_hundred_thousand_leave_the_node_bounded() -> Tes
     );
     server.stop().await
 }
+
+/// A page of more runs than the node takes versions per page is refused whole (413), even
+/// when every run is empty: the runs themselves cost the node work and memory.
+#[tokio::test]
+async fn a_page_of_more_runs_than_the_page_limit_is_refused() -> TestResult {
+    let server = Server::start_with(
+        EngineConfig::default(),
+        ServerConfig {
+            access: tokens(),
+            max_page_versions: 1_000,
+            ..ServerConfig::default()
+        },
+    )
+    .await?;
+    let before = server.snapshot()?;
+    let attacker = server.client(Some(APP_A))?;
+    let mut request = attack(NodeId::random(), server.engine.clock_time());
+    request.page.runs.truncate(1_001);
+    let refused = attacker
+        .exchange(request.clone())
+        .await
+        .expect_err("1001 runs over a limit of 1000");
+    assert!(refused.to_string().contains("1001 runs"), "{refused}");
+    assert_eq!(server.snapshot()?, before);
+    // At the limit the page is taken.
+    request.page.runs.truncate(1_000);
+    attacker.exchange(request).await?;
+    server.stop().await
+}

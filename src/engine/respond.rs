@@ -54,6 +54,11 @@ impl Responder for SyncEngine {
         SyncEngine::scopes(self).map_err(|e| Refusal::from(&e))
     }
 
+    fn blob_scopes(&self, hash: &Hash) -> std::result::Result<Vec<Scope>, Refusal> {
+        let scopes = || -> Result<Vec<Scope>> { Ok(self.inner.store.read()?.blob_scopes(hash)?) };
+        scopes().map_err(|e| Refusal::from(&e))
+    }
+
     fn audit(&self, request: AuditRequest) -> std::result::Result<AuditResponse, Refusal> {
         self.answer_audit(request)
             .map_err(|e: Error| Refusal::from(&e))

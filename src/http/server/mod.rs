@@ -28,6 +28,7 @@ mod listen;
 mod records;
 mod routes;
 mod sync;
+mod uploads;
 
 pub use self::failure::refusal_status;
 pub(super) use self::failure::Failure;
@@ -117,6 +118,8 @@ struct Inner {
     config: ServerConfig,
     /// Exchanges in progress, per token name.
     exchanges: Mutex<HashMap<String, usize>>,
+    /// Blobs each token uploaded recently (it may refer to them, and read them back).
+    uploads: uploads::Uploads,
     /// Set when the server shuts down: long polls return at once.
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -164,6 +167,7 @@ impl HighwaterService {
                 api,
                 config,
                 exchanges: Mutex::new(HashMap::new()),
+                uploads: uploads::Uploads::default(),
                 closing: tokio::sync::watch::channel(false).0,
             }),
         }

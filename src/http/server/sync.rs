@@ -35,6 +35,7 @@ impl HighwaterService {
     {
         let max_versions = self.inner.config.max_page_versions;
         let metrics = self.inner.config.metrics.clone();
+        let inner = self.inner.clone();
         self.sync_message(
             "exchange",
             grant,
@@ -50,8 +51,20 @@ impl HighwaterService {
                         close: false,
                     });
                 }
+                if request.page.runs.len() > max_versions.max(1) {
+                    return Err(Failure {
+                        status: StatusCode::PAYLOAD_TOO_LARGE,
+                        message: format!(
+                            "page of {} runs over the limit of {max_versions}",
+                            request.page.runs.len()
+                        ),
+                        close: false,
+                    });
+                }
                 let local = responder.scopes()?;
                 let request = authorize_exchange(grant, request, &local)?;
+                let pushed = request.page.versions().map(|(s, _, v)| (s, v));
+                inner.uploads.check_pushed(responder, grant, pushed)?;
                 let response = responder.respond(request)?;
                 metrics.count_versions("responder", "received", count);
                 metrics.count_versions("responder", "shipped", response.page.version_count());
@@ -69,6 +82,7 @@ impl HighwaterService {
     {
         let max_versions = self.inner.config.max_page_versions;
         let metrics = self.inner.config.metrics.clone();
+        let inner = self.inner.clone();
         self.sync_message(
             "audit",
             grant,
@@ -84,6 +98,8 @@ impl HighwaterService {
                 }
                 let local = responder.scopes()?;
                 let request = authorize_audit(grant, request, &local)?;
+                let pushed = shipped(&request.versions).map(|(s, _, v)| (s, v));
+                inner.uploads.check_pushed(responder, grant, pushed)?;
                 let response = responder.audit(request)?;
                 metrics.count_versions("responder", "received", count);
                 metrics.count_versions("responder", "shipped", shipped(&response.versions).count());
@@ -216,12 +232,23 @@ impl HighwaterService {
 
     pub(super) async fn get_blob(&self, grant: &Grant, hash: Hash, head: bool) -> Reply {
         Self::require_sync(grant)?;
-        let responder = self.inner.responder.clone();
-        let found = blocking(move || Ok(responder.open_blob(&hash)?)).await?;
+        let inner = self.inner.clone();
+        let grant = grant.clone();
+        let found = blocking(move || {
+            // A blob the token may not see is answered as one not stored: its hash says
+            // nothing about whether this node holds it.
+            if !inner.uploads.may_see(&*inner.responder, &grant, hash)? {
+                return Ok(None);
+            }
+            Ok(inner.responder.open_blob(&hash)?)
+        })
+        .await?;
         let Some((size, reader)) = found else {
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
-                format!("blob {hash} not stored here"),
+                format!(
+                    "blob {hash} not stored here, or no record this token may read refers to it"
+                ),
             ));
         };
         let body = if head {
@@ -266,6 +293,7 @@ impl HighwaterService {
         let (stored, pumped) = tokio::join!(store, pump);
         pumped.map_err(|e| Failure::body(e, size))?;
         stored?;
+        self.inner.uploads.uploaded(&grant.name, hash);
         Ok(json_response(
             StatusCode::OK,
             json!({ "hash": hash.to_string(), "size": size }),
