@@ -294,6 +294,7 @@ fn an_audit_fetches_the_files_a_node_lost_from_a_peer_that_holds_them() -> TestR
         .ok_or("the photo has a file")?;
     assert!(blobs.remove(&lost.hash)?, "B held the photo's file");
     assert_eq!(b.residency(&notes(), &photo)?, Residency::Staged);
+    assert_eq!(b.staged_files()?, 1, "the one lost file is counted");
     let out = block_on(b.exchange(&link(&a)))?;
     assert_eq!(
         (out.shipped, out.received),
@@ -311,6 +312,7 @@ fn an_audit_fetches_the_files_a_node_lost_from_a_peer_that_holds_them() -> TestR
         Some(b"the photo's bytes".to_vec())
     );
     assert_eq!(b.residency(&Scope::shared(), &doc)?, Residency::Resident);
+    assert_eq!(b.staged_files()?, 0);
     // Nothing is missing any more: a second audit finds nothing.
     let again = block_on(b.audit(&link(&a)))?;
     assert!(again.clean(), "{again:?}");

@@ -463,6 +463,25 @@ impl SyncEngine {
         matches!(found.await, Ok(Ok(true)))
     }
 
+    /// How many distinct files stored versions reference that the blob store lacks (their
+    /// records are Staged). Looks at every referenced blob (one lookup each): a blocking
+    /// call, for status and metrics rather than for every request.
+    ///
+    /// # Errors
+    /// A store or blob store failure.
+    pub fn staged_files(&self) -> Result<u64> {
+        let mut count = 0u64;
+        let mut after = None;
+        loop {
+            let (missing, last) = self.missing_referenced(after, 1024)?;
+            count += missing.len() as u64;
+            match last {
+                Some(last) => after = Some(last),
+                None => return Ok(count),
+            }
+        }
+    }
+
     /// Up to `limit` referenced blobs after `after` (in hash order) that the blob store
     /// lacks; and the last hash looked at, if more may follow.
     fn missing_referenced(

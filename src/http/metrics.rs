@@ -100,6 +100,9 @@ pub struct Metrics {
     halts: Family<HaltLabels, Counter>,
     files: Family<FileLabels, Counter>,
     store_bytes: Gauge,
+    staged_files: Gauge,
+    /// Counts the Staged files at a scrape, at most once a [`STAGED_EVERY`].
+    staged_source: Mutex<Option<StagedSource>>,
     /// The file whose length [`Metrics::render`] reports as the store's size.
     store_file: Mutex<Option<PathBuf>>,
     /// When each peer's round in progress started.
@@ -135,6 +138,8 @@ impl Metrics {
             halts: Family::default(),
             files: Family::default(),
             store_bytes: Gauge::default(),
+            staged_files: Gauge::default(),
+            staged_source: Mutex::new(None),
             store_file: Mutex::new(None),
             round_starts: Mutex::new(HashMap::new()),
         };
@@ -203,7 +208,23 @@ impl Metrics {
             "Size of the node's database file",
             self.store_bytes.clone(),
         );
+        r.register(
+            "staged_files",
+            "Files referenced by stored records that this node's blob store lacks (their records are Staged), counted at most once a minute",
+            self.staged_files.clone(),
+        );
         self
+    }
+
+    /// Reports what `count` returns as `highwater_staged_files` (files referenced by stored
+    /// records that the blob store lacks), counted at a scrape at most once a minute
+    /// ([`STAGED_EVERY`]): counting looks at every referenced blob. `None` from `count` (a
+    /// store failure) leaves the last figure.
+    pub fn watch_staged_files(&self, count: impl Fn() -> Option<u64> + Send + Sync + 'static) {
+        *lock(&self.staged_source) = Some(StagedSource {
+            count: Box::new(count),
+            last: None,
+        });
     }
 
     /// Reports the length of `path` (the node's database file) as `highwater_store_bytes`
@@ -331,11 +352,29 @@ impl Metrics {
         {
             self.store_bytes.set(i64::try_from(len).unwrap_or(i64::MAX));
         }
+        if let Some(source) = lock(&self.staged_source).as_mut() {
+            let due = source.last.is_none_or(|at| at.elapsed() >= STAGED_EVERY);
+            if due {
+                source.last = Some(Instant::now());
+                if let Some(n) = (source.count)() {
+                    self.staged_files.set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// How often a scrape counts the Staged files at most.
+pub const STAGED_EVERY: Duration = Duration::from_secs(60);
+
+/// Where the Staged files' count comes from, and when it was last taken.
+struct StagedSource {
+    count: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+    last: Option<Instant>,
 }
 
 /// `2xx`, `4xx`, `5xx`...
@@ -380,6 +419,22 @@ fn round_outcome(result: &Result<ExchangeOutcome, Error>) -> &'static str {
 mod tests {
     use super::*;
     use crate::hlc::NodeId;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn staged_files_are_counted_at_a_scrape_at_most_once_a_minute() {
+        let m = Metrics::new();
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        m.watch_staged_files(move || Some(3 + counted.fetch_add(1, Ordering::SeqCst)));
+        let first = m.render();
+        assert!(first.contains("highwater_staged_files 3\n"), "{first}");
+        // A second scrape within the minute shows the same figure without counting again.
+        let second = m.render();
+        assert!(second.contains("highwater_staged_files 3\n"), "{second}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn rounds_are_counted_by_peer_and_outcome_with_what_they_moved() {

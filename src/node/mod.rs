@@ -336,6 +336,11 @@ impl Node {
             source,
         })?;
         server.metrics.watch_store_file(options.data.join(DB_FILE));
+        // Weak: the metrics must not keep a stopped node's store open.
+        let counted = Arc::downgrade(&engine);
+        server
+            .metrics
+            .watch_staged_files(move || counted.upgrade()?.staged_files().ok());
         let (before_round, after_round) = round_hooks(&server.metrics);
         let scheduler = SchedulerConfig {
             interval: options.interval,
