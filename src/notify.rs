@@ -164,6 +164,18 @@ pub enum SyncEvent {
         /// The newest write by the old id the peer holds there.
         theirs: Hlc,
     },
+    /// The peer at an address now answers as another node (`peer_changed`): it was restored
+    /// from a backup with `serve --restored`, or replaced. The scheduler starts its rounds
+    /// with it afresh (its marks in full, no halts carried over), and reports the round that
+    /// found it as failed.
+    PeerChanged {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The node it was.
+        old: NodeId,
+        /// The node it is now.
+        new: NodeId,
+    },
 }
 
 impl SyncEvent {
@@ -171,6 +183,7 @@ impl SyncEvent {
     pub fn name(&self) -> &'static str {
         match self {
             SyncEvent::RestoreDetected { .. } => "restore_detected",
+            SyncEvent::PeerChanged { .. } => "peer_changed",
             SyncEvent::AuditCompleted { .. } => "audit_completed",
             SyncEvent::AuditFailed { .. } => "audit_failed",
             SyncEvent::Applied { .. } => "sync_applied",

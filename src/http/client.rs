@@ -430,6 +430,10 @@ impl Transport for HttpTransport {
         *lock(&self.peer)
     }
 
+    fn forget_peer(&self) {
+        *lock(&self.peer) = None;
+    }
+
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
         let response: ExchangeResponse = self.post_message("/v1/sync/exchange", &request).await?;
         self.learn_peer(response.from);

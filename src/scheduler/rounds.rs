@@ -11,7 +11,9 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use crate::engine::ExchangeOutcome;
-use crate::error::{error_chain, Error, TransportError};
+use crate::error::{error_chain, Error, ProtocolError, TransportError};
+use crate::exchange::Session;
+use crate::hlc::NodeId;
 use crate::notify::{Event, SyncEvent};
 use crate::transport::Transport;
 
@@ -213,6 +215,9 @@ pub(super) async fn run_round<T: Transport>(
         .engine
         .exchange_in(&mut session, transport, &config.options)
         .await;
+    if let Err(Error::Protocol(ProtocolError::UnexpectedPeer { expected, found })) = &result {
+        session = changed_peer(shared, peer, transport, *expected, *found);
+    }
     peer.status().session = session;
     if let Some(hook) = &config.after_round {
         if let Err(e) = hook(&peer.name, &result) {
@@ -238,6 +243,31 @@ pub(super) async fn run_round<T: Transport>(
             has_more: outcome.has_more,
         }));
     Ok(outcome)
+}
+
+/// The peer's address answers as node `new`, not `old`: it was restored with a fresh id or
+/// replaced. What this node knew of `old` (the session's held marks and halts, the id the
+/// transport learnt) says nothing of `new`, so both start afresh; the next round sends our
+/// marks in full and learns the new id. Returns the fresh session.
+fn changed_peer<T: Transport>(
+    shared: &Shared,
+    peer: &Peer,
+    transport: &T,
+    old: NodeId,
+    new: NodeId,
+) -> Session {
+    tracing::warn!(peer = %peer.name, %old, %new,
+        "the peer answers as another node now (restored from a backup, or replaced); starting afresh with it");
+    transport.forget_peer();
+    shared
+        .engine
+        .notifier()
+        .publish(Event::Sync(SyncEvent::PeerChanged {
+            peer: peer.name.clone(),
+            old,
+            new,
+        }));
+    Session::named(peer.name.clone())
 }
 
 /// Records and publishes a failed round; returns the delay before the retry.

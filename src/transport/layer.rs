@@ -139,6 +139,10 @@ impl<T: Transport, L: Layer> Transport for Layered<T, L> {
         self.inner.peer_id()
     }
 
+    fn forget_peer(&self) {
+        self.inner.forget_peer();
+    }
+
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
         self.layer.before(Call::Exchange(&request))?;
         self.inner.exchange(request).await
@@ -193,6 +197,10 @@ impl<T: Transport, L: Layer> Transport for Layered<T, L> {
 impl<T: Transport + ?Sized> Transport for &T {
     fn peer_id(&self) -> Option<NodeId> {
         (**self).peer_id()
+    }
+
+    fn forget_peer(&self) {
+        (**self).forget_peer();
     }
 
     fn exchange(

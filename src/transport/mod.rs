@@ -29,6 +29,11 @@ pub trait Transport: Send + Sync {
     /// The responder's id, once known (the engine ships nothing before it is).
     fn peer_id(&self) -> Option<NodeId>;
 
+    /// The node at this address is another one now (restored with a fresh id, or
+    /// replaced): forget the id learnt, so the next round learns the new one. Transports
+    /// that do not learn an id have nothing to forget.
+    fn forget_peer(&self) {}
+
     /// Sends one request and returns the response.
     fn exchange(
         &self,
