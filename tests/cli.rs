@@ -386,3 +386,40 @@ fn keys_and_values_from_the_store_reach_a_terminal_escaped() -> TestResult {
     assert_eq!(String::from_utf8(shown.stdout)?, r"\x1b[2Jcleared?\xff");
     Ok(())
 }
+
+#[test]
+fn serve_audits_each_peer_on_its_audit_interval_and_refuses_a_zero_one() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let b = ServeProcess::start(&dir.path().join("b"), &[])?;
+    let a = ServeProcess::start(
+        &dir.path().join("a"),
+        &[
+            "--peer",
+            &b.url,
+            "--interval",
+            "1h",
+            "--audit-interval",
+            "300ms",
+        ],
+    )?;
+    // Within a few intervals the node has audited its peer, and its status says so.
+    let audit = poll(DEADLINE, EVERY, "a's status shows an audit of b", || {
+        let status = status_json(&["--node", &a.url])?;
+        let audit = status["peers"][0]["last_audit"].clone();
+        Ok((!audit.is_null()).then_some(audit))
+    })?;
+    assert_eq!(audit["initiated"], Value::Bool(true), "{audit}");
+    assert_eq!(audit["received"], 0, "{audit}");
+
+    let zero = run(&[
+        "serve",
+        "--data",
+        arg(&dir.path().join("c")),
+        "--audit-interval",
+        "0s",
+    ])?;
+    assert!(!zero.status.success());
+    let said = String::from_utf8_lossy(&zero.stderr);
+    assert!(said.contains("use `off`"), "{said}");
+    Ok(())
+}

@@ -30,7 +30,7 @@ pub mod terminal;
 
 pub use self::records::{open_api, open_api_with, CommandError};
 pub use self::status::render_status;
-pub use self::sync::{sync_until_done, SyncTotals};
+pub use self::sync::{render_audit, sync_until_done, SyncTotals};
 /// The records API's types, where they were before [`crate::api`] held them.
 pub use crate::api::{Listed, RecordRead as RemoteRecord, Written};
 pub use crate::http::NodeClient;
@@ -97,6 +97,14 @@ pub struct NodeOptions {
     /// Connections the node keeps open at once (default [`DEFAULT_MAX_CONNECTIONS`]; see
     /// [`ServerConfig::max_connections`]).
     pub max_connections: usize,
+    /// Time between audits with each peer (`None`: no scheduled audits; a detected restore
+    /// still audits every peer at once). Default: [`SchedulerConfig`]'s, about an hour.
+    pub audit_interval: Option<Duration>,
+    /// Open the data directory as restored from a backup: the node takes a fresh id before
+    /// it issues any timestamp (see [`SyncEngine::open_restored`]). For an operator who
+    /// knows the directory came back from a backup; a restore is otherwise detected in the
+    /// first round with a peer that holds later writes.
+    pub restored: bool,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -115,6 +123,8 @@ impl std::fmt::Debug for NodeOptions {
             .field("ca_file", &self.ca_file)
             .field("insecure_http", &self.insecure_http)
             .field("max_connections", &self.max_connections)
+            .field("audit_interval", &self.audit_interval)
+            .field("restored", &self.restored)
             .finish()
     }
 }
@@ -136,6 +146,8 @@ impl NodeOptions {
             ca_file: None,
             insecure_http: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            audit_interval: SchedulerConfig::default().audit_interval,
+            restored: false,
         }
     }
 
@@ -248,7 +260,24 @@ impl From<TransportError> for NodeError {
 /// [`NodeError::DataDirInUse`] while another process (a running node) has it open;
 /// [`NodeError::Open`] for any other failure.
 pub fn open_data_dir(dir: &Path, config: EngineConfig) -> Result<SyncEngine, NodeError> {
-    match SyncEngine::open_with(dir, config) {
+    open_data_dir_as(dir, config, false)
+}
+
+/// [`open_data_dir`], or with `restored`, [`SyncEngine::open_restored`] (a fresh id first).
+///
+/// # Errors
+/// As for [`open_data_dir`].
+pub fn open_data_dir_as(
+    dir: &Path,
+    config: EngineConfig,
+    restored: bool,
+) -> Result<SyncEngine, NodeError> {
+    let opened = if restored {
+        SyncEngine::open_restored(dir, config)
+    } else {
+        SyncEngine::open_with(dir, config)
+    };
+    match opened {
         Ok(engine) => Ok(engine),
         Err(Error::Store(StoreError::Redb(e)))
             if matches!(*e, redb::Error::DatabaseAlreadyOpen) =>
@@ -326,7 +355,11 @@ impl Node {
             }
             peers.push(Arc::new(peer));
         }
-        let engine = Arc::new(open_data_dir(&options.data, options.engine_config())?);
+        let engine = Arc::new(open_data_dir_as(
+            &options.data,
+            options.engine_config(),
+            options.restored,
+        )?);
         let listener = bind(options.listen).map_err(|source| NodeError::Bind {
             addr: options.listen,
             source,
@@ -350,6 +383,7 @@ impl Node {
             },
             before_round: Some(before_round),
             after_round: Some(after_round),
+            audit_interval: options.audit_interval,
             ..SchedulerConfig::default()
         };
         let node = Node {

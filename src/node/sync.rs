@@ -2,13 +2,16 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use crate::engine::{ExchangeOptions, SyncEngine};
+use crate::engine::{AuditOutcome, ExchangeOptions, SyncEngine};
 use crate::error::{Result, TransportError};
 use crate::exchange::Halt;
 use crate::hlc::NodeId;
 use crate::record::BlobRef;
 use crate::transport::{Layer, Layered, Transport};
+
+use super::terminal::escape_line;
 
 /// What a one-shot sync moved so far (or in all, once it returns).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -68,6 +71,51 @@ pub async fn sync_until_done<T: Transport>(
             return Ok(totals);
         }
     }
+}
+
+/// What an audit found, for people: a summary line, then the keys it repaired here (at
+/// most `shown`, escaped for a terminal; the rest counted), then the streams halted.
+pub fn render_audit(outcome: &AuditOutcome, took: Duration, shown: usize) -> String {
+    let peer = outcome.peer.map(|p| p.to_string()).unwrap_or_default();
+    let mut out = format!(
+        "audited against {peer} in {} request{} ({:.1} s): ",
+        outcome.rounds,
+        if outcome.rounds == 1 { "" } else { "s" },
+        took.as_secs_f64()
+    );
+    if outcome.clean() {
+        out.push_str("the same live contents on both sides\n");
+    } else {
+        out.push_str(&format!(
+            "received {} versions ({} keys repaired here), sent {}; files: fetched {} ({} of \
+             Staged records here), sent {}\n",
+            outcome.received,
+            outcome.repaired.len(),
+            outcome.shipped,
+            outcome.blobs_fetched,
+            outcome.files_repaired,
+            outcome.blobs_pushed
+        ));
+    }
+    for (scope, key) in outcome.repaired.iter().take(shown) {
+        out.push_str(&format!(
+            "repaired: {scope} {}\n",
+            escape_line(key.as_bytes())
+        ));
+    }
+    if outcome.repaired.len() > shown {
+        out.push_str(&format!(
+            "repaired: and {} more\n",
+            outcome.repaired.len() - shown
+        ));
+    }
+    for halt in outcome.halts.iter().chain(&outcome.peer_halts) {
+        out.push_str(&format!(
+            "halted: scope {} origin {} ({:?}); the next audit retries it\n",
+            halt.scope, halt.origin, halt.reason
+        ));
+    }
+    out
 }
 
 /// Counts the file bytes moved through a transport it layers: each fetched blob's bytes as

@@ -33,8 +33,9 @@ pub struct ServeProcess {
 }
 
 impl ServeProcess {
-    /// Starts `highwater serve --data DATA --listen 127.0.0.1:0 ARGS...` and waits for its
-    /// `listening on URL` line. Its logs go to `DATA.log`.
+    /// Starts `highwater serve --data DATA --listen 127.0.0.1:0 ARGS...` (without the
+    /// `--listen` when ARGS has one) and waits for its `listening on URL` line. Its logs go to
+    /// `DATA.log`.
     pub fn start(data: &Path, args: &[&str]) -> TestResult<ServeProcess> {
         Self::start_with_env(data, args, &[])
     }
@@ -75,8 +76,13 @@ impl ServeProcess {
             .create(true)
             .append(true)
             .open(&log)?;
+        command.arg("serve");
+        // A port the OS picks, unless the test names the address.
+        if !args.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
         let mut child = command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg("--data")
             .arg(data)
             .args(args)
             .env_remove("HIGHWATER_PEER_TOKEN")

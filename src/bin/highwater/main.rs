@@ -126,6 +126,26 @@ enum Command {
         #[arg(long)]
         page_limit: Option<usize>,
     },
+    /// Audit a data directory against a peer once: compare their live contents (not their
+    /// watermarks), repair every difference both ways by last-write-wins, fetch the files of
+    /// Staged records the peer holds, then print what differed. Rounds find everything a
+    /// watermark says is missing; an audit also finds what none does (a restored backup,
+    /// a lost blob directory).
+    Audit {
+        /// The data directory (no node may be running on it).
+        #[arg(long)]
+        data: PathBuf,
+        /// The peer's root URL (`http://` or `https://`).
+        #[arg(long)]
+        peer: String,
+        /// The token to present to the peer.
+        #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
+        peer_token: Option<String>,
+        /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
+        /// trusted roots.
+        #[arg(long, env = "HIGHWATER_CA_FILE")]
+        ca_file: Option<PathBuf>,
+    },
     /// Run the demo: three nodes on loopback HTTP (a hub and two devices) write at once,
     /// one device goes offline, both sides edit (a conflict and a delete), a file transfer
     /// fails and heals, and all three converge. Exits 0 only if they did.
@@ -193,6 +213,32 @@ struct ServeArgs {
     /// way to a new one, which is refused (503) only when every connection is busy.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Time between audits with each peer, which compare live contents and repair what no
+    /// watermark shows missing (`30m`, `2h`; `off` for none). A detected restore audits
+    /// every peer at once either way.
+    #[arg(long, default_value = "1h", value_parser = interval_or_off)]
+    audit_interval: Every,
+    /// The data directory was restored from a backup: take a fresh node id before issuing
+    /// any timestamp. Not needed for a node that syncs with peers (it detects the restore in
+    /// its first round with one that holds its later writes); for a hub that only answers,
+    /// whose devices would otherwise see their later writes refused until they audit.
+    #[arg(long)]
+    restored: bool,
+}
+
+/// A period, or none (`off`).
+#[derive(Clone, Copy)]
+struct Every(Option<Duration>);
+
+fn interval_or_off(text: &str) -> Result<Every, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(Every(None));
+    }
+    let period = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if period.is_zero() {
+        return Err("use `off` for no audits, or a period above zero".to_owned());
+    }
+    Ok(Every(Some(period)))
 }
 
 /// Where a record command acts.
@@ -408,6 +454,19 @@ async fn run(command: Command) -> Result<(), CliError> {
             };
             sync(&data, &peer, client, page_limit).await
         }
+        Command::Audit {
+            data,
+            peer,
+            peer_token,
+            ca_file,
+        } => {
+            let client = ClientConfig {
+                token: peer_token,
+                ca_file,
+                ..ClientConfig::default()
+            };
+            audit(&data, &peer, client).await
+        }
         Command::Demo { .. } => unreachable!("handled in main"),
         Command::Status { target, json } => {
             let status = target.open()?.status(all_scopes()).await?;
@@ -433,6 +492,8 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         ca_file: args.ca_file,
         insecure_http: args.insecure_http,
         max_connections: args.max_connections,
+        audit_interval: args.audit_interval.0,
+        restored: args.restored,
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;
@@ -539,6 +600,29 @@ async fn sync(
     }
     Ok(())
 }
+
+async fn audit(data: &Path, peer: &str, client: ClientConfig) -> Result<(), CliError> {
+    let engine = node::open_data_dir(data, EngineConfig::default())?;
+    let transport = HttpTransport::with_config(peer, client).map_err(NodeError::from)?;
+    let started = Instant::now();
+    let result = tokio::select! {
+        r = engine.audit(&transport) => r,
+        () = node::termination() => {
+            engine.flush().map_err(NodeError::from)?;
+            return Err(CommandError::Interrupted.into());
+        }
+    };
+    engine.flush().map_err(NodeError::from)?;
+    let outcome = result.map_err(NodeError::from)?;
+    print!(
+        "{}",
+        node::render_audit(&outcome, started.elapsed(), REPAIRED_SHOWN)
+    );
+    Ok(())
+}
+
+/// Repaired keys `audit` lists before it only counts the rest.
+const REPAIRED_SHOWN: usize = 50;
 
 fn progress_line(t: &SyncTotals) -> String {
     format!(
