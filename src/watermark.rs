@@ -45,6 +45,11 @@ impl Watermarks {
         }
     }
 
+    /// Drops the mark of `origin` (a retired origin); returns the mark it had.
+    pub fn remove(&mut self, origin: NodeId) -> Option<Hlc> {
+        self.0.remove(&origin)
+    }
+
     /// Pointwise max with `other`.
     pub fn merge(&mut self, other: &Watermarks) {
         for hlc in other.0.values() {
@@ -162,6 +167,17 @@ impl ScopedWatermarks {
     /// Raises `scope`'s mark of `hlc.origin()` to `hlc`.
     pub fn observe(&mut self, scope: &Scope, hlc: Hlc) {
         self.scope_mut(scope).observe(hlc);
+    }
+
+    /// Drops `scope`'s mark of `origin` (a retired origin), and the scope if no mark is
+    /// left; returns the mark it had.
+    pub fn remove(&mut self, scope: &Scope, origin: NodeId) -> Option<Hlc> {
+        let marks = self.0.get_mut(scope)?;
+        let had = marks.remove(origin);
+        if marks.is_empty() {
+            self.0.remove(scope);
+        }
+        had
     }
 
     /// Pointwise max with `other`, scope by scope.

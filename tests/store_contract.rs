@@ -87,6 +87,9 @@ contract!(
     blob_references_are_counted_per_scope,
     blob_sizes_are_kept_per_scope,
     referenced_blobs_page_in_hash_order,
+    removals_take_out_exactly_the_named_version,
+    the_floor_refuses_old_versions_of_keys_not_held,
+    retired_marks_and_forgotten_peers_are_gone,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -207,6 +210,7 @@ fn report(applied: &[usize], advanced: &[bool]) -> BatchReport {
         applied: applied.to_vec(),
         advanced: advanced.to_vec(),
         unreferenced: Vec::new(),
+        ..BatchReport::default()
     }
 }
 
@@ -883,6 +887,146 @@ fn audit_items_and_fingerprints_follow_the_live_versions(store: &dyn Store) -> T
     assert_eq!(
         read.fingerprint(&scope("app/x/none"), &AuditRange::ALL)?,
         Fingerprint::EMPTY
+    );
+    Ok(())
+}
+
+/// A removal takes out the key's stored version with its index entry, its blob reference
+/// and its share of the fingerprints, only if the stored version is the one named.
+fn removals_take_out_exactly_the_named_version(store: &dyn Store) -> TestResult {
+    let s = Scope::shared();
+    let b = blob("purged", 10);
+    store.commit(&upserts(
+        &s,
+        &[
+            ("a", put(5, 1, "a")),
+            ("b", put_blob(6, 1, b)),
+            ("c", del(7, 2)),
+            ("d", del(8, 2)),
+        ],
+    ))?;
+    let mut batch = Batch::new(0, Durability::Immediate);
+    batch.removals = vec![
+        (s.clone(), key("b"), hlc(6, 1)),
+        (s.clone(), key("c"), hlc(7, 2)),
+        (s.clone(), key("d"), hlc(9, 2)),
+        (s.clone(), key("zz"), hlc(1, 1)),
+    ];
+    let report = store.commit(&batch)?;
+    assert_eq!(report.removed, 2, "{report:?}");
+    assert_eq!(
+        report.unreferenced,
+        vec![b.hash],
+        "the blob lost its last reference"
+    );
+    let read = store.read()?;
+    assert_eq!(read.get(&s, &key("b"))?, None);
+    assert_eq!(read.get(&s, &key("c"))?, None);
+    assert_eq!(
+        read.get(&s, &key("d"))?,
+        Some(del(8, 2)),
+        "another Hlc: kept"
+    );
+    assert_eq!(read.get(&s, &key("a"))?, Some(put(5, 1, "a")));
+    assert_eq!(
+        live(store, &s, 1, None, u64::MAX, 10)?,
+        vec![(key("a"), put(5, 1, "a"))]
+    );
+    assert_eq!(
+        live(store, &s, 2, None, u64::MAX, 10)?,
+        vec![(key("d"), del(8, 2))]
+    );
+    assert_eq!(refs_of(store, &b.hash)?, (0, vec![]));
+    let items = read.audit_items(&s, &AuditRange::ALL, 100)?;
+    assert_eq!(items, vec![(hlc(5, 1), key("a")), (hlc(8, 2), key("d"))]);
+    assert_eq!(read.fingerprint(&s, &AuditRange::ALL)?, fold(&items));
+    Ok(())
+}
+
+/// A version at or below its scope's floor is refused for a key the store does not hold,
+/// merged as ever for a key it holds; floors only rise and are per scope.
+fn the_floor_refuses_old_versions_of_keys_not_held(store: &dyn Store) -> TestResult {
+    let s = Scope::shared();
+    let other = scope("app/x/y");
+    store.commit(&upserts(&s, &[("held", put(3, 1, "old"))]))?;
+    let mut batch = Batch::new(0, Durability::Deferred);
+    batch.floors = vec![(s.clone(), 10)];
+    batch.upserts = vec![
+        (s.clone(), key("new"), put(9, 2, "below")),
+        (s.clone(), key("held"), put(8, 2, "newer")),
+        (s.clone(), key("edge"), put(10, 2, "at")),
+        (s.clone(), key("later"), put(11, 2, "above")),
+        (other.clone(), key("new"), put(9, 2, "elsewhere")),
+    ];
+    batch.advances = vec![Advance {
+        scope: s.clone(),
+        base: None,
+        top: hlc(11, 2),
+    }];
+    let report = store.commit(&batch)?;
+    assert_eq!(report.refused, vec![0, 2], "{report:?}");
+    assert_eq!(report.applied, vec![1, 3, 4]);
+    assert_eq!(
+        report.advanced,
+        vec![true],
+        "the mark moves past what was refused"
+    );
+    let read = store.read()?;
+    assert_eq!(read.get(&s, &key("new"))?, None);
+    assert_eq!(read.get(&s, &key("edge"))?, None);
+    assert_eq!(read.get(&s, &key("held"))?, Some(put(8, 2, "newer")));
+    assert_eq!(read.get(&other, &key("new"))?, Some(put(9, 2, "elsewhere")));
+    assert_eq!(read.floors()?, BTreeMap::from([(s.clone(), 10)]));
+    drop(read);
+    let mut lower = Batch::new(0, Durability::Deferred);
+    lower.floors = vec![(s.clone(), 4), (other.clone(), 0)];
+    store.commit(&lower)?;
+    assert_eq!(
+        store.read()?.floors()?,
+        BTreeMap::from([(s.clone(), 10)]),
+        "never lowered, no zero entry"
+    );
+    Ok(())
+}
+
+/// Retired marks and forgotten peers read back as never there; last-seen times only rise.
+fn retired_marks_and_forgotten_peers_are_gone(store: &dyn Store) -> TestResult {
+    let s = Scope::shared();
+    let other = scope("app/x/y");
+    store.commit(&advances(&[
+        (&s, None, hlc(5, 1)),
+        (&s, None, hlc(6, 2)),
+        (&other, None, hlc(7, 1)),
+    ]))?;
+    store.commit(&knowledge(7, ScopeFilter::All, marks(&[(&s, hlc(5, 1))])))?;
+    store.commit(&knowledge(8, ScopeFilter::All, marks(&[(&s, hlc(6, 2))])))?;
+    let mut seen = Batch::new(0, Durability::Deferred);
+    seen.seen = vec![(id(7), 100), (id(8), 50)];
+    store.commit(&seen)?;
+    seen.seen = vec![(id(7), 90)];
+    store.commit(&seen)?;
+    assert_eq!(store.read()?.peer_seen(id(7))?, Some(100), "never lowered");
+    // Knowledge recorded again keeps the time.
+    store.commit(&knowledge(7, ScopeFilter::All, marks(&[(&s, hlc(6, 1))])))?;
+    assert_eq!(store.read()?.peer_seen(id(7))?, Some(100));
+
+    let mut batch = Batch::new(0, Durability::Deferred);
+    batch.retire = vec![(s.clone(), id(1)), (other.clone(), id(1))];
+    batch.forget = vec![id(8)];
+    store.commit(&batch)?;
+    let read = store.read()?;
+    assert_eq!(read.watermarks()?, marks(&[(&s, hlc(6, 2))]));
+    assert_eq!(read.peers()?, vec![id(7)]);
+    assert_eq!(read.peer_watermarks(id(8))?, None);
+    assert_eq!(read.peer_seen(id(8))?, None);
+    assert_eq!(
+        read.peer_watermarks(id(7))?,
+        Some(marks(&[(&s, hlc(6, 1))]))
+    );
+    assert_eq!(
+        read.scopes()?,
+        vec![s.clone()],
+        "a scope left with nothing is gone"
     );
     Ok(())
 }
@@ -1601,8 +1745,19 @@ struct PeerSpec {
     marks: Vec<(usize, u8, u64)>,
 }
 
+/// What a batch forgets: floors, removals, retired marks, forgotten and seen peers.
+#[derive(Clone, Debug, Default)]
+struct ForgetSpec {
+    floors: Vec<(usize, u64)>,
+    removals: Vec<(usize, usize, u8, u64)>,
+    retire: Vec<(usize, u8)>,
+    forget: Vec<u8>,
+    seen: Vec<(u8, u64)>,
+}
+
 #[derive(Clone, Debug)]
 struct BatchSpec {
+    forget: ForgetSpec,
     upserts: Vec<UpsertSpec>,
     advances: Vec<AdvanceSpec>,
     peer: Option<PeerSpec>,
@@ -1641,20 +1796,39 @@ fn batch_spec() -> impl Strategy<Value = BatchSpec> {
         prop::collection::vec((0..3usize, 1..=3u8, 1..40u64), 0..4),
     )
         .prop_map(|(peer, only, marks)| PeerSpec { peer, only, marks });
+    let forget = (
+        prop::collection::vec((0..3usize, 0..30u64), 0..2),
+        prop::collection::vec((0..3usize, 0..KEYS.len(), 1..=3u8, 1..40u64), 0..3),
+        prop::collection::vec((0..3usize, 1..=3u8), 0..2),
+        prop::collection::vec(7..=8u8, 0..2),
+        prop::collection::vec((7..=8u8, 0..100u64), 0..2),
+    )
+        .prop_map(|(floors, removals, retire, forget, seen)| ForgetSpec {
+            floors,
+            removals,
+            retire,
+            forget,
+            seen,
+        });
+    let forget = prop_oneof![3 => Just(ForgetSpec::default()), 1 => forget];
     (
+        forget,
         prop::collection::vec(upsert, 0..6),
         prop::collection::vec(advance, 0..4),
         prop::option::of(peer),
         0..100u64,
         prop::bool::weighted(0.1),
     )
-        .prop_map(|(upserts, advances, peer, clock, immediate)| BatchSpec {
-            upserts,
-            advances,
-            peer,
-            clock,
-            immediate,
-        })
+        .prop_map(
+            |(forget, upserts, advances, peer, clock, immediate)| BatchSpec {
+                forget,
+                upserts,
+                advances,
+                peer,
+                clock,
+                immediate,
+            },
+        )
 }
 
 /// Builds the batch, dropping upserts that would give two keys of a scope the same Hlc
@@ -1669,6 +1843,16 @@ fn build(spec: &BatchSpec, used: &mut BTreeMap<(usize, u8, u64), usize>) -> Batc
             Durability::Deferred
         },
     );
+    let f = &spec.forget;
+    b.floors = f.floors.iter().map(|(sc, t)| (s(*sc), *t)).collect();
+    b.removals = f
+        .removals
+        .iter()
+        .map(|(sc, k, o, t)| (s(*sc), key(KEYS[*k]), hlc(*t, *o)))
+        .collect();
+    b.retire = f.retire.iter().map(|(sc, o)| (s(*sc), id(*o))).collect();
+    b.forget = f.forget.iter().map(|p| id(*p)).collect();
+    b.seen = f.seen.iter().map(|(p, t)| (id(*p), *t)).collect();
     for u in &spec.upserts {
         if *used.entry((u.scope, u.origin, u.time)).or_insert(u.key) != u.key {
             continue;
@@ -1711,6 +1895,8 @@ struct Observed {
     scopes: Vec<Scope>,
     peers: Vec<NodeId>,
     knowledge: Vec<Option<ScopedWatermarks>>,
+    seen: Vec<Option<u64>>,
+    floors: BTreeMap<Scope, u64>,
     clock: u64,
     scans: Vec<Vec<(Key, Version)>>,
     live: Vec<Vec<(Key, Version)>>,
@@ -1841,6 +2027,8 @@ fn observe(store: &dyn Store) -> Result<Observed, Box<dyn Error>> {
         scopes: read.scopes()?,
         peers: read.peers()?,
         knowledge: vec![read.peer_watermarks(id(7))?, read.peer_watermarks(id(8))?],
+        seen: vec![read.peer_seen(id(7))?, read.peer_seen(id(8))?],
+        floors: read.floors()?,
         clock: read.clock()?,
         scans,
         live,

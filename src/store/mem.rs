@@ -27,6 +27,10 @@ struct State {
     /// hash -> scope -> the scope's references to it: the model of `blob-refs-v2`. No
     /// empty inner map, no zero count.
     blob_refs: BTreeMap<Hash, BTreeMap<Scope, ScopeRefs>>,
+    /// scope -> purge floor; no zero entry.
+    floors: BTreeMap<Scope, u64>,
+    /// peer -> last seen; only peers in `peers`.
+    seen: BTreeMap<NodeId, u64>,
 }
 
 /// A store held in memory. Commits are atomic (applied under one write lock by infallible
@@ -239,6 +243,14 @@ impl StoreRead for Reader {
         Ok(self.0.clock)
     }
 
+    fn floors(&self) -> Result<BTreeMap<Scope, u64>, StoreError> {
+        Ok(self.0.floors.clone())
+    }
+
+    fn peer_seen(&self, peer: NodeId) -> Result<Option<u64>, StoreError> {
+        Ok(self.0.seen.get(&peer).copied())
+    }
+
     fn fingerprint(&self, scope: &Scope, range: &AuditRange) -> Result<Fingerprint, StoreError> {
         let mut f = Fingerprint::EMPTY;
         for (point, key) in self.0.audit_set(scope, range) {
@@ -302,6 +314,46 @@ impl TxnOps for State {
         Ok(self
             .records
             .insert((scope.clone(), key.clone()), version.clone()))
+    }
+
+    fn take_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
+        Ok(self.records.remove(&(scope.clone(), key.clone())))
+    }
+
+    fn has_record(&mut self, scope: &Scope, key: &Key) -> Result<bool, StoreError> {
+        Ok(self.records.contains_key(&(scope.clone(), key.clone())))
+    }
+
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError> {
+        Ok(self.floors.get(scope).copied().unwrap_or(0))
+    }
+
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError> {
+        if time > 0 {
+            self.floors.insert(scope.clone(), time);
+        }
+        Ok(())
+    }
+
+    fn remove_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<(), StoreError> {
+        self.marks.remove(scope, origin);
+        Ok(())
+    }
+
+    fn forget_peer(&mut self, peer: NodeId) -> Result<(), StoreError> {
+        self.peers.remove(&peer);
+        self.seen.remove(&peer);
+        Ok(())
+    }
+
+    fn raise_seen(&mut self, peer: NodeId, time: u64) -> Result<(), StoreError> {
+        // As in redb, a peer seen is a peer met.
+        self.peers.entry(peer).or_default();
+        if time > 0 {
+            let seen = self.seen.entry(peer).or_insert(time);
+            *seen = (*seen).max(time);
+        }
+        Ok(())
     }
 
     fn put_record(

@@ -38,6 +38,8 @@ pub use self::audit::{item_hash, AuditPoint, AuditRange, Fingerprint};
 pub use self::mem::MemStore;
 pub use self::redb::RedbStore;
 
+use std::collections::BTreeMap;
+
 use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
@@ -80,15 +82,31 @@ pub struct PeerKnowledge {
     pub marks: ScopedWatermarks,
 }
 
-/// Everything one transaction does.
+/// Everything one transaction does, in this order: floors raised, removals, upserts (each
+/// checked against the floor), watermark advances, retired marks, peer knowledge, forgotten
+/// peers, peers seen, the clock.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Batch {
-    /// Versions to merge, in order.
+    /// Purge floors to raise: `F[scope] := max(F[scope], time)` (see [`StoreRead::floors`]).
+    pub floors: Vec<(Scope, u64)>,
+    /// Stored versions to remove (a purge): the key's stored version goes, with its index
+    /// entry and blob reference, iff its Hlc is this one; otherwise nothing happens.
+    pub removals: Vec<(Scope, Key, Hlc)>,
+    /// Versions to merge, in order. A version whose time is at or below its scope's floor,
+    /// of a key this store does not hold, is refused ([`BatchReport::refused`]): it would
+    /// bring back a record whose delete was purged.
     pub upserts: Vec<(Scope, Key, Version)>,
     /// Watermark advances, evaluated after the upserts.
     pub advances: Vec<Advance>,
     /// Peer knowledge to record.
     pub peer: Option<PeerKnowledge>,
+    /// Marks to drop, `(scope, origin)`: origins retired from a scope (applied after the
+    /// advances, so a batch never advances a mark it retires).
+    pub retire: Vec<(Scope, NodeId)>,
+    /// Peers whose recorded knowledge, and last-seen time, is dropped (after `peer`).
+    pub forget: Vec<NodeId>,
+    /// Peers met at a time (NTP64): each peer's last-seen time is raised to it.
+    pub seen: Vec<(NodeId, u64)>,
     /// The clock's last time; the stored clock is raised to it, never lowered.
     pub clock: u64,
     /// How durable the commit must be.
@@ -99,9 +117,14 @@ impl Batch {
     /// An empty batch that only raises the clock.
     pub fn new(clock: u64, durability: Durability) -> Self {
         Batch {
+            floors: Vec::new(),
+            removals: Vec::new(),
             upserts: Vec::new(),
             advances: Vec::new(),
             peer: None,
+            retire: Vec::new(),
+            forget: Vec::new(),
+            seen: Vec::new(),
             clock,
             durability,
         }
@@ -117,6 +140,10 @@ pub struct BatchReport {
     pub advanced: Vec<bool>,
     /// Blobs that no stored version references any more after this batch.
     pub unreferenced: Vec<Hash>,
+    /// The upserts refused by their scope's purge floor, as indexes into `upserts`.
+    pub refused: Vec<usize>,
+    /// How many removals found their version and removed it.
+    pub removed: usize,
 }
 
 /// Which keys a scan returns.
@@ -218,6 +245,21 @@ pub trait StoreRead {
     /// # Errors
     /// A backend failure.
     fn clock(&self) -> Result<u64, StoreError>;
+
+    /// The purge floor of every scope that has one (NTP64 times, never 0): versions at or
+    /// below a scope's floor may have been purged here, so such a version of a key this
+    /// store does not hold is refused. A scope without an entry has floor 0.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn floors(&self) -> Result<BTreeMap<Scope, u64>, StoreError>;
+
+    /// When `peer` was last seen (NTP64), if this store recorded it: the time a round with
+    /// it last raised it ([`Batch::seen`]).
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn peer_seen(&self, peer: NodeId) -> Result<Option<u64>, StoreError>;
 
     /// The [`Fingerprint`] of the live versions of `scope` whose `(origin, time)` lies in
     /// `range`: their count and the wrapping sum of their [`item_hash`]es.
@@ -355,6 +397,21 @@ trait TxnOps {
         key: &Key,
         version: &Version,
     ) -> Result<Option<Version>, StoreError>;
+    /// Removes the key's stored version from the key index and returns it (its row in the
+    /// live-version index stays until `remove_live`).
+    fn take_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError>;
+    /// Whether the key has a stored version.
+    fn has_record(&mut self, scope: &Scope, key: &Key) -> Result<bool, StoreError>;
+    /// The scope's purge floor (0: none).
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError>;
+    /// Sets the scope's purge floor (never lowered: the caller passes a higher one).
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError>;
+    /// Drops `scope`'s mark of `origin`.
+    fn remove_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<(), StoreError>;
+    /// Drops everything recorded of `peer`.
+    fn forget_peer(&mut self, peer: NodeId) -> Result<(), StoreError>;
+    /// Raises `peer`'s last-seen time to `time`.
+    fn raise_seen(&mut self, peer: NodeId, time: u64) -> Result<(), StoreError>;
     /// Makes `version`, still stored, the key's version again (undoes a `swap_record`).
     fn put_record(&mut self, scope: &Scope, key: &Key, version: &Version)
         -> Result<(), StoreError>;
@@ -391,7 +448,45 @@ trait TxnOps {
 /// that cover them commit together or not at all.
 fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, StoreError> {
     let mut report = BatchReport::default();
+    let mut floors: BTreeMap<&Scope, u64> = BTreeMap::new();
+    for (scope, time) in &batch.floors {
+        let floor = ops.get_floor(scope)?;
+        if *time > floor {
+            ops.set_floor(scope, *time)?;
+        }
+    }
+    for (scope, key, hlc) in &batch.removals {
+        let Some(stored) = ops.take_record(scope, key)? else {
+            continue;
+        };
+        if stored.hlc != *hlc {
+            ops.put_record(scope, key, &stored)?;
+            continue;
+        }
+        ops.remove_live(scope, key, stored.hlc)?;
+        if let Some(b) = stored.blob() {
+            if ops.adjust_blob_refs(scope, b, -1)? == 0 {
+                report.unreferenced.push(b.hash);
+            }
+        }
+        report.removed += 1;
+    }
     for (i, (scope, key, version)) in batch.upserts.iter().enumerate() {
+        let floor = match floors.get(scope) {
+            Some(f) => *f,
+            None => {
+                let f = ops.get_floor(scope)?;
+                floors.insert(scope, f);
+                f
+            }
+        };
+        // IMPORTANT: a version at or below the floor of a key we do not hold may be the
+        // older write of a key whose delete was purged here: taking it would resurrect the
+        // record. Refused, in the same transaction as the floor it is checked against.
+        if version.hlc.time() <= floor && !ops.has_record(scope, key)? {
+            report.refused.push(i);
+            continue;
+        }
         // Hlcs are unique, so a stored version at this Hlc is this very version (delivered
         // again) or, under another key, proof that one of the two is forged or corrupt: the
         // incoming one is refused rather than let it displace a stored version.
@@ -441,8 +536,17 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
         }
         report.advanced.push(continues);
     }
+    for (scope, origin) in &batch.retire {
+        ops.remove_mark(scope, *origin)?;
+    }
     if let Some(knowledge) = &batch.peer {
         ops.replace_peer_marks(knowledge)?;
+    }
+    for peer in &batch.forget {
+        ops.forget_peer(*peer)?;
+    }
+    for (peer, time) in &batch.seen {
+        ops.raise_seen(*peer, *time)?;
     }
     ops.raise_clock(batch.clock)?;
     Ok(report)

@@ -259,6 +259,58 @@ fn stored_scopes(
     Ok(out)
 }
 
+/// The META key holding `scope`'s purge floor.
+pub(super) fn floor_key(scope: &Scope) -> String {
+    format!("{FLOOR_PREFIX}{scope}")
+}
+
+/// The prefix of the META keys holding purge floors: `floor/<scope>` -> u64 BE.
+pub(super) const FLOOR_PREFIX: &str = "floor/";
+
+pub(super) fn stored_floors(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<std::collections::BTreeMap<Scope, u64>, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: "purge floor",
+    };
+    let mut out = std::collections::BTreeMap::new();
+    // '0' follows '/' in ASCII: the range holds exactly the keys with the prefix.
+    for row in meta.range(FLOOR_PREFIX.."floor0")? {
+        let (k, v) = row?;
+        let scope: Scope = k.value()[FLOOR_PREFIX.len()..]
+            .parse()
+            .map_err(|_| corrupt())?;
+        let time = u64::from_be_bytes(v.value().try_into().map_err(|_| corrupt())?);
+        out.insert(scope, time);
+    }
+    Ok(out)
+}
+
+pub(super) fn stored_floor(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    scope: &Scope,
+) -> Result<u64, StoreError> {
+    match meta.get(floor_key(scope).as_str())? {
+        Some(v) => Ok(u64::from_be_bytes(v.value().try_into().map_err(|_| {
+            StoreError::Corrupt {
+                what: "purge floor",
+            }
+        })?)),
+        None => Ok(0),
+    }
+}
+
+/// A peer's last-seen time from its `peer -> seen` row (0: met, time unknown).
+fn seen_of(
+    peers: &impl ReadableTable<&'static [u8], u64>,
+    peer: NodeId,
+) -> Result<Option<u64>, StoreError> {
+    Ok(peers
+        .get(peer.to_bytes().as_slice())?
+        .map(|g| g.value())
+        .filter(|t| *t > 0))
+}
+
 pub(super) fn stored_clock(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<u64, StoreError> {
@@ -315,6 +367,14 @@ impl StoreRead for Reader {
 
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
         stored_scopes(&self.marks, &self.keys)
+    }
+
+    fn floors(&self) -> Result<std::collections::BTreeMap<Scope, u64>, StoreError> {
+        stored_floors(&self.meta)
+    }
+
+    fn peer_seen(&self, peer: NodeId) -> Result<Option<u64>, StoreError> {
+        seen_of(&self.peers, peer)
     }
 
     fn clock(&self) -> Result<u64, StoreError> {
@@ -418,6 +478,14 @@ impl StoreRead for GroupReader<'_> {
     fn scopes(&self) -> Result<Vec<Scope>, StoreError> {
         let txn = self.txn();
         stored_scopes(&txn.open_table(MARKS)?, &txn.open_table(KEYS)?)
+    }
+
+    fn floors(&self) -> Result<std::collections::BTreeMap<Scope, u64>, StoreError> {
+        stored_floors(&self.txn().open_table(META)?)
+    }
+
+    fn peer_seen(&self, peer: NodeId) -> Result<Option<u64>, StoreError> {
+        seen_of(&self.txn().open_table(PEER_MARKS)?, peer)
     }
 
     fn clock(&self) -> Result<u64, StoreError> {

@@ -12,7 +12,8 @@ use crate::store::audit::{AuditPoint, Fingerprint};
 /// when opened.
 pub const FORMAT: u32 = 3;
 
-/// "format" -> u32 BE; "node_id" -> 16 bytes; "clock" -> u64 BE (last issued or observed time).
+/// "format" -> u32 BE; "node_id" -> 16 bytes; "clock" -> u64 BE (last issued or observed time);
+/// "floor/<scope>" -> u64 BE (the scope's purge floor, absent = 0).
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-v1");
 /// scope | origin | time BE -> key length u16 BE | key | postcard(Version): every stored
 /// version (the latest of its key, tombstones included), in Hlc order per origin.
@@ -25,7 +26,8 @@ pub(super) const RECORDS_V1: TableDefinition<&[u8], &[u8]> = TableDefinition::ne
 pub(super) const LIVE_V1: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live-v1");
 /// scope | origin -> time: this node's watermarks.
 pub(super) const MARKS: TableDefinition<&[u8], u64> = TableDefinition::new("watermarks-v1");
-/// peer -> 0 (the peer was met), and peer | scope | origin -> time: what we learned of each
+/// peer -> last seen (NTP64; 0: met, time unknown), and peer | scope | origin -> time: what we
+/// learned of each
 /// peer's watermarks.
 pub(super) const PEER_MARKS: TableDefinition<&[u8], u64> =
     TableDefinition::new("peer-watermarks-v1");

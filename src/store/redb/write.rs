@@ -7,7 +7,7 @@ use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
 use super::blob_refs;
 use super::chunks::Changes;
-use super::read::{stored_clock, version_at, GroupReader, Reader, HELD};
+use super::read::{floor_key, stored_clock, stored_floor, version_at, GroupReader, Reader, HELD};
 use super::tables::{
     decode_row_key, decode_scope_origin, encode_row, live_key, origin_key, position, record_key,
     split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
@@ -144,6 +144,63 @@ impl TxnOps for Writer<'_> {
         }
     }
 
+    fn take_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError> {
+        let old = self.keys.remove(record_key(scope, key).as_slice())?;
+        match old {
+            Some(g) => version_at(&self.versions, scope, key.as_bytes(), g.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn has_record(&mut self, scope: &Scope, key: &Key) -> Result<bool, StoreError> {
+        Ok(self.keys.get(record_key(scope, key).as_slice())?.is_some())
+    }
+
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError> {
+        stored_floor(&self.meta, scope)
+    }
+
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError> {
+        if time > 0 {
+            self.meta
+                .insert(floor_key(scope).as_str(), time.to_be_bytes().as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn remove_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<(), StoreError> {
+        self.marks.remove(origin_key(scope, origin).as_slice())?;
+        Ok(())
+    }
+
+    fn forget_peer(&mut self, peer: NodeId) -> Result<(), StoreError> {
+        let id = peer.to_bytes();
+        let rows: Vec<Vec<u8>> = {
+            let mut out = Vec::new();
+            for row in self.peers.range(id.as_slice()..)? {
+                let (key, _) = row?;
+                if !key.value().starts_with(&id) {
+                    break;
+                }
+                out.push(key.value().to_vec());
+            }
+            out
+        };
+        for key in rows {
+            self.peers.remove(key.as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn raise_seen(&mut self, peer: NodeId, time: u64) -> Result<(), StoreError> {
+        let id = peer.to_bytes();
+        let current = self.peers.get(id.as_slice())?.map_or(0, |g| g.value());
+        if time > current || self.peers.get(id.as_slice())?.is_none() {
+            self.peers.insert(id.as_slice(), time.max(current))?;
+        }
+        Ok(())
+    }
+
     fn put_record(
         &mut self,
         scope: &Scope,
@@ -229,7 +286,10 @@ impl TxnOps for Writer<'_> {
         for key in stale {
             self.peers.remove(key.as_slice())?;
         }
-        self.peers.insert(id.as_slice(), 0)?;
+        // The `peer -> seen` row says the peer was met; its time is kept.
+        if self.peers.get(id.as_slice())?.is_none() {
+            self.peers.insert(id.as_slice(), 0)?;
+        }
         for (scope, marks) in k.marks.iter() {
             if !k.scopes.contains(scope) {
                 continue;
