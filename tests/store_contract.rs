@@ -943,47 +943,53 @@ fn removals_take_out_exactly_the_named_version(store: &dyn Store) -> TestResult 
     Ok(())
 }
 
-/// A version at or below its scope's floor is refused for a key the store does not hold,
-/// merged as ever for a key it holds; floors only rise and are per scope.
+/// A version at or below its scope's floor that the store's mark covers is refused for a
+/// key the store does not hold (its delete was purged), merged as ever for a key it holds
+/// or when the mark does not cover it (never had); floors only rise and are per scope.
 fn the_floor_refuses_old_versions_of_keys_not_held(store: &dyn Store) -> TestResult {
     let s = Scope::shared();
     let other = scope("app/x/y");
     store.commit(&upserts(&s, &[("held", put(3, 1, "old"))]))?;
+    store.commit(&advances(&[(&s, None, hlc(10, 2)), (&other, None, hlc(10, 2))]))?;
     let mut batch = Batch::new(0, Durability::Deferred);
-    batch.floors = vec![(s.clone(), 10)];
+    batch.floors = vec![(s.clone(), 10), (other.clone(), 3)];
     batch.upserts = vec![
         (s.clone(), key("new"), put(9, 2, "below")),
         (s.clone(), key("held"), put(8, 2, "newer")),
         (s.clone(), key("edge"), put(10, 2, "at")),
         (s.clone(), key("later"), put(11, 2, "above")),
-        (other.clone(), key("new"), put(9, 2, "elsewhere")),
+        (other.clone(), key("new"), put(9, 2, "above its floor")),
+        (s.clone(), key("unseen"), put(7, 3, "never had")),
     ];
     batch.advances = vec![Advance {
         scope: s.clone(),
-        base: None,
+        base: Some(hlc(10, 2)),
         top: hlc(11, 2),
     }];
     let report = store.commit(&batch)?;
     assert_eq!(report.refused, vec![0, 2], "{report:?}");
-    assert_eq!(report.applied, vec![1, 3, 4]);
-    assert_eq!(
-        report.advanced,
-        vec![true],
-        "the mark moves past what was refused"
-    );
+    assert_eq!(report.applied, vec![1, 3, 4, 5]);
+    assert_eq!(report.advanced, vec![true], "the mark moves past what was refused");
     let read = store.read()?;
     assert_eq!(read.get(&s, &key("new"))?, None);
     assert_eq!(read.get(&s, &key("edge"))?, None);
     assert_eq!(read.get(&s, &key("held"))?, Some(put(8, 2, "newer")));
-    assert_eq!(read.get(&other, &key("new"))?, Some(put(9, 2, "elsewhere")));
-    assert_eq!(read.floors()?, BTreeMap::from([(s.clone(), 10)]));
+    assert_eq!(
+        read.get(&other, &key("new"))?,
+        Some(put(9, 2, "above its floor"))
+    );
+    assert_eq!(read.get(&s, &key("unseen"))?, Some(put(7, 3, "never had")));
+    assert_eq!(
+        read.floors()?,
+        BTreeMap::from([(s.clone(), 10), (other.clone(), 3)])
+    );
     drop(read);
     let mut lower = Batch::new(0, Durability::Deferred);
-    lower.floors = vec![(s.clone(), 4), (other.clone(), 0)];
+    lower.floors = vec![(s.clone(), 4), (scope("app/x/z"), 0)];
     store.commit(&lower)?;
     assert_eq!(
         store.read()?.floors()?,
-        BTreeMap::from([(s.clone(), 10)]),
+        BTreeMap::from([(s.clone(), 10), (other.clone(), 3)]),
         "never lowered, no zero entry"
     );
     Ok(())

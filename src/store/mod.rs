@@ -92,9 +92,10 @@ pub struct Batch {
     /// Stored versions to remove (a purge): the key's stored version goes, with its index
     /// entry and blob reference, iff its Hlc is this one; otherwise nothing happens.
     pub removals: Vec<(Scope, Key, Hlc)>,
-    /// Versions to merge, in order. A version whose time is at or below its scope's floor,
-    /// of a key this store does not hold, is refused ([`BatchReport::refused`]): it would
-    /// bring back a record whose delete was purged.
+    /// Versions to merge, in order. A version at or below its scope's floor, which this
+    /// store's mark for its origin covers (as the batch found it), of a key this store does
+    /// not hold, is refused ([`BatchReport::refused`]): the store had that key and purged
+    /// its delete, and taking the version would bring the record back.
     pub upserts: Vec<(Scope, Key, Version)>,
     /// Watermark advances, evaluated after the upserts.
     pub advances: Vec<Advance>,
@@ -246,9 +247,9 @@ pub trait StoreRead {
     /// A backend failure.
     fn clock(&self) -> Result<u64, StoreError>;
 
-    /// The purge floor of every scope that has one (NTP64 times, never 0): versions at or
-    /// below a scope's floor may have been purged here, so such a version of a key this
-    /// store does not hold is refused. A scope without an entry has floor 0.
+    /// The purge floor of every scope that has one (NTP64 times, never 0): the newest
+    /// purged tombstone's time (see [`Batch::upserts`] for what it refuses). A scope without
+    /// an entry has floor 0.
     ///
     /// # Errors
     /// A backend failure or undecodable row.
@@ -480,10 +481,16 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
                 f
             }
         };
-        // IMPORTANT: a version at or below the floor of a key we do not hold may be the
-        // older write of a key whose delete was purged here: taking it would resurrect the
-        // record. Refused, in the same transaction as the floor it is checked against.
-        if version.hlc.time() <= floor && !ops.has_record(scope, key)? {
+        // IMPORTANT: our mark for its origin covers this version, yet we hold no version of
+        // its key: by the watermark invariant we held it or a newer version of the key, and
+        // only a purge removes a stored version (a tombstone, at or below the floor). Taking
+        // it would resurrect a deleted record; it is refused, in the same transaction as the
+        // floor and marks it is checked against. A version our marks do not cover is one we
+        // never had, and merges as ever.
+        if version.hlc.time() <= floor
+            && ops.get_mark(scope, version.hlc.origin())? >= Some(version.hlc)
+            && !ops.has_record(scope, key)?
+        {
             report.refused.push(i);
             continue;
         }
