@@ -26,8 +26,8 @@ pub mod wire;
 
 pub use crate::api::NodeApi;
 pub use crate::engine::{
-    EngineConfig, ExchangeOptions, ExchangeOutcome, Record, ResidencyCounts, RestoreDetection,
-    SyncEngine,
+    EngineConfig, ExchangeOptions, ExchangeOutcome, PurgeReport, Record, ResidencyCounts,
+    RestoreDetection, SyncEngine,
 };
 pub use crate::error::{Error, Result};
 pub use crate::exchange::{Halt, HaltReason, Session};

@@ -176,12 +176,27 @@ pub enum SyncEvent {
         /// The node it is now.
         new: NodeId,
     },
+    /// Versions refused below a purge floor (`floor_refused`): this node refused the
+    /// peer's versions of keys whose deletes it purged (`dropped: false`), or the peer
+    /// refused ours and this node dropped them (`dropped: true`). Either way the records
+    /// stay deleted; the keys name what an app may want to tell its user about.
+    FloorRefused {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The scope.
+        scope: Scope,
+        /// The keys of the versions refused.
+        keys: Vec<Key>,
+        /// Whether the versions were this node's, dropped because the peer refused them.
+        dropped: bool,
+    },
 }
 
 impl SyncEvent {
     /// The event's name.
     pub fn name(&self) -> &'static str {
         match self {
+            SyncEvent::FloorRefused { .. } => "floor_refused",
             SyncEvent::RestoreDetected { .. } => "restore_detected",
             SyncEvent::PeerChanged { .. } => "peer_changed",
             SyncEvent::AuditCompleted { .. } => "audit_completed",

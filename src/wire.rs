@@ -16,7 +16,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::WireError;
-pub use crate::exchange::audit::{AuditRequest, AuditResponse};
+pub use crate::exchange::audit::{AuditExt, AuditRequest, AuditResponse};
+use crate::exchange::audit::{Segment, Shipment, Wanted};
 pub use crate::exchange::{
     ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
 };
@@ -175,10 +176,84 @@ fn read_ext<E: DeserializeOwned + Default>(
 
 impl Message for AuditRequest {
     const KIND: u8 = 3;
+
+    fn version(&self) -> u16 {
+        if self.ext.is_empty() {
+            1
+        } else {
+            2
+        }
+    }
+
+    fn write_body(&self, version: u16, out: &mut Vec<u8>) {
+        let v1 = (
+            &self.from,
+            &self.scopes,
+            &self.opening,
+            &self.segments,
+            &self.versions,
+            &self.wanted,
+        );
+        write_versioned(out, v1, (version >= 2).then_some(&self.ext));
+    }
+
+    fn read_body(version: u16, body: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
+        type V1 = (NodeId, ScopeFilter, bool, Vec<Segment>, Shipment, Wanted);
+        let ((from, scopes, opening, segments, versions, wanted), rest) =
+            postcard::take_from_bytes::<V1>(body)?;
+        let (ext, rest) = read_ext(version, rest)?;
+        let request = AuditRequest {
+            from,
+            scopes,
+            opening,
+            segments,
+            versions,
+            wanted,
+            ext,
+        };
+        Ok((request, rest))
+    }
 }
 
 impl Message for AuditResponse {
     const KIND: u8 = 4;
+
+    fn version(&self) -> u16 {
+        if self.ext.is_empty() {
+            1
+        } else {
+            2
+        }
+    }
+
+    fn write_body(&self, version: u16, out: &mut Vec<u8>) {
+        let v1 = (
+            &self.from,
+            &self.segments,
+            &self.versions,
+            &self.wanted,
+            &self.offered,
+            &self.halts,
+        );
+        write_versioned(out, v1, (version >= 2).then_some(&self.ext));
+    }
+
+    fn read_body(version: u16, body: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
+        type V1 = (NodeId, Vec<Segment>, Shipment, Wanted, Wanted, Vec<Halt>);
+        let ((from, segments, versions, wanted, offered, halts), rest) =
+            postcard::take_from_bytes::<V1>(body)?;
+        let (ext, rest) = read_ext(version, rest)?;
+        let response = AuditResponse {
+            from,
+            segments,
+            versions,
+            wanted,
+            offered,
+            halts,
+            ext,
+        };
+        Ok((response, rest))
+    }
 }
 
 /// Encodes `msg` in an envelope of the lowest version that carries it

@@ -162,6 +162,7 @@ async fn a_pushed_record_cannot_claim_a_file_its_token_may_not_read() -> TestRes
         segments: Vec::new(),
         versions: vec![(app_a(), pushed.page.runs[0].versions.clone())],
         wanted: Vec::new(),
+        ext: Default::default(),
     };
     let refused = app
         .audit(audit)

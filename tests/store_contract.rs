@@ -950,7 +950,10 @@ fn the_floor_refuses_old_versions_of_keys_not_held(store: &dyn Store) -> TestRes
     let s = Scope::shared();
     let other = scope("app/x/y");
     store.commit(&upserts(&s, &[("held", put(3, 1, "old"))]))?;
-    store.commit(&advances(&[(&s, None, hlc(10, 2)), (&other, None, hlc(10, 2))]))?;
+    store.commit(&advances(&[
+        (&s, None, hlc(10, 2)),
+        (&other, None, hlc(10, 2)),
+    ]))?;
     let mut batch = Batch::new(0, Durability::Deferred);
     batch.floors = vec![(s.clone(), 10), (other.clone(), 3)];
     batch.upserts = vec![
@@ -969,7 +972,11 @@ fn the_floor_refuses_old_versions_of_keys_not_held(store: &dyn Store) -> TestRes
     let report = store.commit(&batch)?;
     assert_eq!(report.refused, vec![0, 2], "{report:?}");
     assert_eq!(report.applied, vec![1, 3, 4, 5]);
-    assert_eq!(report.advanced, vec![true], "the mark moves past what was refused");
+    assert_eq!(
+        report.advanced,
+        vec![true],
+        "the mark moves past what was refused"
+    );
     let read = store.read()?;
     assert_eq!(read.get(&s, &key("new"))?, None);
     assert_eq!(read.get(&s, &key("edge"))?, None);

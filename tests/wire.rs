@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::error::Error;
 
 use highwater::error::{ProtocolError, WireError};
-use highwater::exchange::audit::{AuditRequest, AuditResponse, Claim, Items, Part, Segment};
+use highwater::exchange::audit::{
+    AuditExt, AuditRequest, AuditResponse, Claim, Items, Part, Segment,
+};
 use highwater::exchange::{Page, Run};
 use highwater::store::{AuditPoint, Fingerprint};
 use highwater::watermark::MarksDigest;
@@ -1055,6 +1057,7 @@ fn golden_audit_request() -> AuditRequest {
             )],
         )],
         wanted: vec![(notes, Items(vec![Hlc::new(T + 2, b)]))],
+        ext: AuditExt::default(),
     }
 }
 
@@ -1067,6 +1070,7 @@ fn golden_audit_response() -> AuditResponse {
         wanted: vec![],
         offered: vec![],
         halts: vec![],
+        ext: AuditExt::default(),
     }
 }
 
@@ -1154,6 +1158,8 @@ fn golden_response_v2() -> ExchangeResponse {
     ExchangeResponse {
         ext: ResponseExt {
             remaining: Some(1000),
+            floors: vec![(Scope::shared(), T)],
+            refused: vec![],
         },
         ..golden_response_same()
     }
@@ -1169,7 +1175,55 @@ const GOLDEN_RESPONSE_V2: &str = concat!(
     "00", // halts: none
     "01",
     "e807", // ext: remaining Some(1000)
+    "01",
+    "06",
+    "736861726564",       // floors: 1, scope "shared"
+    "8080808080a0fca965", //   time T
+    "00",                 // refused: none
 );
+
+/// An audit response that reports a refusal below the floor: version 2.
+fn golden_audit_response_v2() -> AuditResponse {
+    AuditResponse {
+        ext: AuditExt {
+            floors: None,
+            refused: vec![(Scope::shared(), key("k"), Hlc::new(T, id(0x0a)))],
+        },
+        ..golden_audit_response()
+    }
+}
+
+#[test]
+fn an_audit_message_reporting_refusals_is_version_2() -> TestResult {
+    assert_eq!(wire::encode(&golden_audit_response())[4..6], [0, 1]);
+    let v2 = golden_audit_response_v2();
+    let bytes = wire::encode(&v2);
+    assert_eq!(bytes[4..6], [0, 2]);
+    let v1_len = wire::encode(&golden_audit_response()).len();
+    assert_eq!(
+        hex(&bytes[v1_len..]),
+        concat!(
+            "00", // floors: None
+            "01",
+            "06",
+            "736861726564", // refused: 1, scope "shared"
+            "01",
+            "6b", // key "k"
+            "8080808080a0fca965",
+            "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", // Hlc T, 0x0a
+        )
+    );
+    assert_eq!(
+        wire::decode_versioned::<AuditResponse>(&bytes)?,
+        (v2.clone(), 2)
+    );
+    assert_eq!(
+        wire::encode_as(&v2, 1),
+        wire::encode(&golden_audit_response()),
+        "left out for a version 1 peer"
+    );
+    Ok(())
+}
 
 #[test]
 fn a_message_goes_out_in_the_lowest_version_that_carries_it() -> TestResult {

@@ -9,7 +9,7 @@ use crate::api::LastAudit;
 use crate::blocking::run_blocking;
 use crate::error::{Error, ProtocolError, Result};
 use crate::exchange::apply::skew_reason;
-use crate::exchange::audit::{shipped, AuditRequest, AuditResponse, Auditor, Shipment};
+use crate::exchange::audit::{shipped, AuditExt, AuditRequest, AuditResponse, Auditor, Shipment};
 use crate::exchange::{Halt, HaltReason, RestoreEvidence};
 use crate::hlc::NodeId;
 use crate::notify::ChangeKind;
@@ -50,6 +50,11 @@ pub struct AuditOutcome {
     pub blobs_pushed: usize,
     /// Files of Staged records here that the audit fetched from the peer, by hash.
     pub files_repaired: usize,
+    /// Versions the peer sent that this node refused below its purge floor (their keys'
+    /// deletes were purged here); the peer was told and drops them.
+    pub refused: usize,
+    /// Versions of ours the peer refused below its floor, which this node dropped.
+    pub dropped: usize,
 }
 
 impl AuditOutcome {
@@ -65,6 +70,8 @@ pub(super) struct AppliedVersions {
     /// The keys whose stored version changed.
     pub(super) applied: Vec<(Scope, Key)>,
     pub(super) halts: Vec<Halt>,
+    /// Versions refused below the floor (their keys' deletes were purged here).
+    pub(super) refused: Vec<super::Refused>,
 }
 
 impl SyncEngine {
@@ -104,6 +111,10 @@ impl SyncEngine {
         })
         .await??;
         let mut outcome = AuditOutcome::default();
+        let mut refused_here = Vec::new();
+        let engine = self.handle();
+        let in_play = options.scopes.clone();
+        let floors = run_blocking(move || engine.floors_in_play(&in_play)).await??;
         loop {
             let engine = self.handle();
             let (back, request) = run_blocking(move || {
@@ -117,7 +128,27 @@ impl SyncEngine {
             })
             .await?;
             auditor = back;
-            let Some(request) = request? else { break };
+            // Versions of the last response we refused below our floor are reported with the
+            // next request, or with one of their own when the audit is otherwise done.
+            let refusals = AuditExt {
+                floors: Some(floors.clone()),
+                refused: std::mem::take(&mut refused_here),
+            };
+            let mut request = match request? {
+                Some(request) => request,
+                None if refusals.refused.is_empty() => break,
+                None => AuditRequest {
+                    from: me,
+                    scopes: options.scopes.clone(),
+                    opening: false,
+                    segments: Vec::new(),
+                    versions: Vec::new(),
+                    wanted: Vec::new(),
+                    ext: AuditExt::default(),
+                },
+            };
+            let closing = request.is_empty();
+            request.ext = refusals;
             outcome.rounds += 1;
             outcome.shipped += shipped(&request.versions).count();
             let blobs = blobs_of(shipped(&request.versions));
@@ -126,9 +157,23 @@ impl SyncEngine {
             check_responder(me, peer, &response)?;
             peer = Some(response.from);
             outcome.peer_halts.extend(response.halts.iter().cloned());
+            let label = response.from.to_string();
+            let engine = self.handle();
+            let in_play = options.scopes.clone();
+            let (response, dropped) = run_blocking(move || {
+                let dropped = engine.drop_refused(&label, &in_play, &response.ext.refused);
+                (response, dropped)
+            })
+            .await?;
+            outcome.dropped += dropped?.len();
+            if closing {
+                break;
+            }
             let (response, applied, fetched) = self
                 .take_audited(transport, response, &options.scopes)
                 .await?;
+            outcome.refused += applied.refused.len();
+            refused_here = applied.refused;
             let engine = self.handle();
             let (back, received) = run_blocking(move || {
                 let received = engine
@@ -199,6 +244,11 @@ impl SyncEngine {
         if from == me {
             return Err(ProtocolError::PeerIsSelf { node: me }.into());
         }
+        let label = from.to_string();
+        self.drop_refused(&label, &request.scopes, &request.ext.refused)?;
+        if let Some(floors) = &request.ext.floors {
+            self.heard_floors(from, floors);
+        }
         let adopt = self.inner.config.restore_detection == RestoreDetection::Any;
         let applied = self.apply_versions(
             &from.to_string(),
@@ -210,13 +260,14 @@ impl SyncEngine {
         self.note_exchange(from);
         let read = self.inner.store.read()?;
         let scopes = request.scopes.clone();
-        let response = crate::exchange::audit::respond(
+        let mut response = crate::exchange::audit::respond(
             self.node_id(),
             &*read,
             &request,
             &|s| scopes.contains(s),
             applied.halts,
         )?;
+        response.ext.refused = applied.refused;
         drop(read);
         let seen = AuditOutcome {
             received: applied.received,
@@ -280,6 +331,7 @@ impl SyncEngine {
                 received,
                 applied: Vec::new(),
                 halts: Vec::new(),
+                refused: Vec::new(),
             });
         }
         let own = self.inner.store.read()?.watermarks()?;
@@ -332,6 +384,7 @@ impl SyncEngine {
                 received,
                 applied: Vec::new(),
                 halts,
+                refused: Vec::new(),
             });
         }
         if let Some(max) = batch.upserts.iter().map(|(_, _, v)| v.hlc).max() {
@@ -364,10 +417,20 @@ impl SyncEngine {
             applied.iter().map(|(s, k)| (s, k)),
         );
         self.announce_halts(peer, &halts);
+        let refused: Vec<super::Refused> = report
+            .refused
+            .iter()
+            .map(|&i| {
+                let (s, k, v) = &batch.upserts[i];
+                (s.clone(), k.clone(), v.hlc)
+            })
+            .collect();
+        self.announce_refused(peer, &refused, false);
         Ok(AppliedVersions {
             received,
             applied,
             halts,
+            refused,
         })
     }
 }

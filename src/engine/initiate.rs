@@ -5,7 +5,7 @@ use crate::blocking::run_blocking;
 use crate::error::Result;
 use crate::exchange::plan::PageLimits;
 use crate::exchange::{
-    marks_in_play, ExchangeOptions, ExchangeOutcome, Initiation, Reply, Session,
+    marks_in_play, ExchangeOptions, ExchangeOutcome, Initiation, Reply, RequestExt, Session,
 };
 use crate::hlc::NodeId;
 use crate::notify::ChangeKind;
@@ -86,6 +86,18 @@ impl SyncEngine {
             )
         })
         .await??;
+        // Our floors go with the first request of a session and with any that carries
+        // versions or refusals: `Some` asks for the peer's floors and refusals in turn.
+        let refused = std::mem::take(&mut session.refused);
+        if !session.floors_heard || !round.request().page.runs.is_empty() || !refused.is_empty() {
+            let engine = self.handle();
+            let scopes = round.scopes().clone();
+            let floors = run_blocking(move || engine.floors_in_play(&scopes)).await??;
+            round.set_ext(RequestExt {
+                floors: Some(floors),
+                refused,
+            });
+        }
         let blobs_pushed = self
             .push_blobs(transport, blobs_of(round.request().page.versions()))
             .await?;
@@ -122,13 +134,17 @@ impl SyncEngine {
                     received.knowledge.clone(),
                 )
                 .and_then(|applied| {
+                    let dropped = engine.drop_refused(&peer, &scopes, &received.ext.refused)?;
                     let mine = marks_in_play(&*engine.inner.store.read()?, &scopes)?;
-                    Ok((applied, mine))
+                    Ok((applied, dropped, mine))
                 });
             (received, applied)
         })
         .await?;
-        let (applied, mine) = applied?;
+        let (mut applied, dropped, mine) = applied?;
+        let audit_wanted = self.heard_floors(received.peer, &received.ext.floors);
+        session.floors_heard |= round.request().ext.floors.is_some();
+        let refused = std::mem::take(&mut applied.refused);
         drop(fetched);
         self.announce_halts(&label, &applied.halts);
         self.announce(
@@ -140,6 +156,12 @@ impl SyncEngine {
         let mut outcome = round.finish(session, &received, applied.into(), &mine);
         outcome.blobs_pushed = blobs_pushed;
         outcome.blobs_fetched = blobs_fetched;
+        outcome.refused = refused.len();
+        outcome.dropped = dropped.len();
+        outcome.audit_wanted = audit_wanted;
+        // The refusals go out with the next request: one follows at once.
+        outcome.has_more |= !refused.is_empty();
+        session.refused = refused;
         self.note_exchange(outcome.peer);
         Ok(outcome)
     }

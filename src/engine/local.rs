@@ -401,6 +401,15 @@ impl SyncEngine {
         Ok(h.finalize().into())
     }
 
+    /// The purge floor of every scope that has one: the newest tombstone purged there (see
+    /// [`SyncEngine::purge`]).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub fn floors(&self) -> Result<std::collections::BTreeMap<Scope, u64>> {
+        Ok(self.inner.store.read()?.floors()?)
+    }
+
     /// This node's watermarks in every scope.
     ///
     /// # Errors

@@ -44,6 +44,7 @@ mod durability;
 mod identity;
 mod initiate;
 mod local;
+mod purge;
 mod receive;
 mod respond;
 
@@ -65,6 +66,7 @@ use self::blobs::BlobGuards;
 pub use self::blobs::TRANSFER_CONCURRENCY;
 use self::durability::Pending;
 pub use self::local::{Record, ResidencyCounts};
+pub use self::purge::{PurgeReport, Refused, PURGE_BATCH, PURGE_SCAN_BUDGET};
 pub use crate::exchange::{ExchangeOptions, ExchangeOutcome};
 use crate::exchange::{HeldMarks, Session};
 
@@ -132,7 +134,17 @@ pub struct EngineConfig {
     /// the sync right could otherwise make a node keep any number of made-up origins.
     /// Runs with versions, and pages of peers this node calls, are not bound by it.
     pub max_new_origins_per_request: usize,
+    /// How old a tombstone must be before [`SyncEngine::purge`] may remove it (default 30
+    /// days; `None`: never). A peer offline for longer than this may lose its oldest
+    /// unsent writes to a purge floor: see docs/protocol.md, "Forgetting".
+    pub tombstone_retention: Option<Duration>,
+    /// How long a peer may go unseen before its knowledge is dropped, so that purges no
+    /// longer wait for it (default 90 days; `None`: never).
+    pub peer_retirement: Option<Duration>,
 }
+
+/// One day: the default tombstone retention is 30 of them, the default peer retirement 90.
+pub(crate) const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Whose evidence of a restore makes a node take a fresh id at once (see
 /// [`crate::exchange::RestoreEvidence`] and docs/protocol.md, "Restores").
@@ -163,6 +175,8 @@ impl Default for EngineConfig {
             restore_detection: RestoreDetection::default(),
             max_origins_per_scope: 100_000,
             max_new_origins_per_request: 64,
+            tombstone_retention: Some(30 * DAY),
+            peer_retirement: Some(90 * DAY),
         }
     }
 }
@@ -182,6 +196,8 @@ impl std::fmt::Debug for EngineConfig {
                 "max_new_origins_per_request",
                 &self.max_new_origins_per_request,
             )
+            .field("tombstone_retention", &self.tombstone_retention)
+            .field("peer_retirement", &self.peer_retirement)
             .finish_non_exhaustive()
     }
 }
@@ -229,6 +245,8 @@ struct PeerMemory {
     audits: HashMap<NodeId, LastAudit>,
     /// When we last warned that a page named more new origins than the limits allow.
     bounded_warning: Option<Instant>,
+    /// The purge floors each peer told us, per scope.
+    floors_heard: HashMap<NodeId, std::collections::BTreeMap<crate::record::Scope, u64>>,
 }
 
 impl SyncEngine {

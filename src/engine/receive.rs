@@ -11,6 +11,10 @@ use crate::store::{Batch, Durability, PeerKnowledge};
 
 use super::{lock, RestoreDetection, SyncEngine};
 
+/// How stale a peer's stored last-seen time may get before a round records it again: one
+/// day, in NTP64 (upper 32 bits are seconds).
+const SEEN_RESOLUTION: u64 = (24 * 3600) << 32;
+
 impl From<Applied> for AppliedPage {
     fn from(a: Applied) -> AppliedPage {
         AppliedPage {
@@ -36,6 +40,8 @@ pub(super) struct Applied {
     pub(super) halts: Vec<Halt>,
     /// Whether any watermark may have moved.
     pub(super) changed_marks: bool,
+    /// Versions refused below the floor (their keys' deletes were purged here).
+    pub(super) refused: Vec<super::Refused>,
 }
 
 impl SyncEngine {
@@ -84,6 +90,13 @@ impl SyncEngine {
         let read = self.inner.store.read()?;
         let own = read.watermarks()?;
         let stored_knowledge = read.peer_watermarks(knowledge.peer)?;
+        let floors = read.floors()?;
+        let now = self.inner.config.time.now();
+        // The peer's last-seen time (for retiring peers not seen for months) is kept to the
+        // day: a quiet round commits nothing unless the stored time is a day old.
+        let seen_due = read
+            .peer_seen(knowledge.peer)?
+            .is_none_or(|t| now.saturating_sub(t) > SEEN_RESOLUTION);
         drop(read);
         // IMPORTANT: pinned from the presence check to the commit, so a blob found present
         // here cannot be removed before the version that references it is stored.
@@ -109,6 +122,15 @@ impl SyncEngine {
             per_scope: config.max_origins_per_scope,
             vacuous: (sender == Sender::Initiator).then_some(config.max_new_origins_per_request),
         };
+        // A run without versions of an origin we keep no mark for, ending at or below the
+        // floor, is a retired origin's (or one we never needed): no mark is created for it.
+        plan.advances.retain(|a| {
+            own.get(&a.scope, a.top.origin()).is_some()
+                || a.top.time() > floors.get(&a.scope).copied().unwrap_or(0)
+                || page.runs.iter().any(|r| {
+                    r.scope == a.scope && r.origin == a.top.origin() && !r.versions.is_empty()
+                })
+        });
         let dropped = apply::bound_new_marks(&mut plan, page, &own, limits);
         if !dropped.is_empty() {
             self.warn_of_bounded_marks(peer, &dropped);
@@ -135,12 +157,13 @@ impl SyncEngine {
         batch.advances = plan.advances;
         let received = page.version_count();
         let knowledge_peer = knowledge.peer;
-        if unchanged_knowledge {
+        if unchanged_knowledge && !seen_due {
             return Ok(Applied {
                 received,
                 applied: 0,
                 halts,
                 changed_marks: false,
+                refused: Vec::new(),
             });
         }
         if let Some(max) = batch.upserts.iter().map(|(_, _, v)| v.hlc).max() {
@@ -149,6 +172,7 @@ impl SyncEngine {
         }
         batch.clock = self.inner.clock.last();
         batch.peer = Some(knowledge);
+        batch.seen = vec![(knowledge_peer, now)];
         batch.durability = self.durability_for(page.more, batch.upserts.len());
         let report = self.inner.store.commit(&batch)?;
         lock(&self.inner.guards).referenced(
@@ -175,11 +199,21 @@ impl SyncEngine {
             batch.advances.iter().map(|a| &a.scope),
             Some(knowledge_peer),
         );
+        let refused: Vec<super::Refused> = report
+            .refused
+            .iter()
+            .map(|&i| {
+                let (s, k, v) = &batch.upserts[i];
+                (s.clone(), k.clone(), v.hlc)
+            })
+            .collect();
+        self.announce_refused(peer, &refused, false);
         Ok(Applied {
             received,
             applied: report.applied.len(),
             halts,
             changed_marks: !batch.advances.is_empty(),
+            refused,
         })
     }
 

@@ -76,7 +76,15 @@ impl SyncEngine {
     ///
     /// # Errors
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
-    pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
+    pub fn answer(&self, mut request: ExchangeRequest) -> Result<ExchangeResponse> {
+        let ext = std::mem::take(&mut request.ext);
+        let label = request.from.to_string();
+        // Our versions the initiator refused below its floor (reported with this request)
+        // go before we plan, so the answer does not send them back.
+        self.drop_refused(&label, &request.scopes, &ext.refused)?;
+        if let Some(floors) = &ext.floors {
+            self.heard_floors(request.from, floors);
+        }
         let limits = self.page_limits(self.inner.config.max_page_limit);
         let planned = Answer::plan(
             self.node_id(),
@@ -103,7 +111,12 @@ impl SyncEngine {
         };
         self.announce_halts(&from.to_string(), &applied.halts);
         self.note_exchange(from);
-        let (response, held) = answer.respond(applied.halts, marks);
+        let scopes = answer.scopes().clone();
+        let (mut response, held) = answer.respond(applied.halts, marks);
+        if ext.floors.is_some() {
+            response.ext.floors = self.floors_in_play(&scopes)?;
+        }
+        response.ext.refused = applied.refused;
         // The initiator records these marks of ours as its knowledge of us, so a round we
         // initiate next may send their digest alone (if the initiator does not record them,
         // that round costs one resend).

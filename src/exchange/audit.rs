@@ -110,6 +110,29 @@ pub struct AuditRequest {
     pub versions: Shipment,
     /// Versions the initiator lacks, by Hlc.
     pub wanted: Wanted,
+    /// What version 2 adds (empty: the message is version 1, byte for byte).
+    pub ext: AuditExt,
+}
+
+/// What an audit message carries beyond version 1 (see docs/protocol.md, "Versioning").
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct AuditExt {
+    /// The sender's purge floors in play. An initiator sends them with every request
+    /// (`Some`, even empty), which also says it reads version 2 answers: a response can
+    /// report refusals only to such a request.
+    pub floors: Option<Vec<(Scope, u64)>>,
+    /// Versions of the other side's last message that the sender refused below its purge
+    /// floor (their keys' deletes were purged there): the receiver drops them if they are
+    /// still its stored versions and older than its retention (as for an exchange's
+    /// [`crate::exchange::ResponseExt::refused`]).
+    pub refused: Vec<(Scope, Key, Hlc)>,
+}
+
+impl AuditExt {
+    /// Whether nothing here needs version 2.
+    pub fn is_empty(&self) -> bool {
+        *self == AuditExt::default()
+    }
 }
 
 /// The responder's message of an audit round (kind 4).
@@ -129,6 +152,8 @@ pub struct AuditResponse {
     /// Versions of the request the responder refused, by stream and reason (clock skew,
     /// its own id).
     pub halts: Vec<Halt>,
+    /// What version 2 adds (empty: the message is version 1, byte for byte).
+    pub ext: AuditExt,
 }
 
 impl AuditRequest {
@@ -219,6 +244,7 @@ impl Auditor {
             segments: take_parts(&mut self.pending, MAX_PARTS),
             versions,
             wanted: group(self.asked.iter().cloned()),
+            ext: AuditExt::default(),
         }))
     }
 
@@ -300,6 +326,7 @@ pub fn respond(
         wanted: group(answered.want),
         offered: group(rest),
         halts,
+        ext: AuditExt::default(),
     })
 }
 

@@ -10,7 +10,9 @@ use crate::store::{PeerKnowledge, StoreRead};
 use crate::watermark::ScopedWatermarks;
 
 use super::plan::{plan_page, PageLimits};
-use super::{held_after, marks_in_play, Halt, HeldMarks, Page, RequestExt, Session, Streams};
+use super::{
+    held_after, marks_in_play, Halt, HeldMarks, Page, RequestExt, ResponseExt, Session, Streams,
+};
 
 /// Options of one exchange round.
 #[derive(Clone, Debug, Default)]
@@ -42,6 +44,15 @@ pub struct ExchangeOutcome {
     pub blobs_pushed: usize,
     /// Blobs fetched from the peer.
     pub blobs_fetched: usize,
+    /// Versions the peer sent that this node refused below its purge floor (their keys'
+    /// deletes were purged here); the next request tells the peer.
+    pub refused: usize,
+    /// Versions of ours the peer refused below its floor, which this node dropped.
+    pub dropped: usize,
+    /// The peer's purge floor rose in a scope in play: it may have purged deletes this node
+    /// never received, so an audit with it should follow (the scheduler and `highwater
+    /// sync` run one).
+    pub audit_wanted: bool,
 }
 
 /// A round this node initiated, between its steps (see [`crate::exchange`]).
@@ -88,6 +99,8 @@ pub struct Received {
     /// The responder's marks in play, recorded as our knowledge of it in the page's
     /// transaction.
     pub knowledge: PeerKnowledge,
+    /// What the response carries beyond version 1 (floors, refusals).
+    pub ext: ResponseExt,
 }
 
 /// What applying the received page did (the driver's answer to [`Reply::Apply`]).
@@ -187,6 +200,12 @@ impl Initiation {
         &self.request
     }
 
+    /// Sets what the request carries beyond version 1 (the driver's floors and the
+    /// refusals it reports).
+    pub fn set_ext(&mut self, ext: RequestExt) {
+        self.request.ext = ext;
+    }
+
     /// The scopes in play.
     pub fn scopes(&self) -> &ScopeFilter {
         &self.scopes
@@ -241,6 +260,7 @@ impl Initiation {
                 scopes: self.scopes.clone(),
                 marks: theirs,
             },
+            ext: response.ext,
         }))
     }
 
@@ -297,6 +317,9 @@ impl Initiation {
             peer_halts: received.peer_halts.clone(),
             blobs_pushed: 0,
             blobs_fetched: 0,
+            refused: 0,
+            dropped: 0,
+            audit_wanted: false,
         }
     }
 

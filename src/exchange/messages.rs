@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::hlc::NodeId;
-use crate::record::{Scope, ScopeFilter};
+use crate::hlc::{Hlc, NodeId};
+use crate::record::{Key, Scope, ScopeFilter};
 use crate::watermark::{MarksDigest, ScopedWatermarks};
 
 use super::{Halt, Page};
@@ -49,7 +49,17 @@ pub struct ExchangeRequest {
 /// What a request carries beyond version 1 (see docs/protocol.md, "Versioning"). A request
 /// whose extension is empty is sent as version 1, byte for byte.
 #[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
-pub struct RequestExt {}
+pub struct RequestExt {
+    /// The initiator's purge floors in play (NTP64 times; see docs/protocol.md,
+    /// "Forgetting"), sent with the first request of a session, with every request that
+    /// carries versions or refusals, and `None` otherwise: `Some` (even empty) asks the
+    /// responder for its own floors and refusals, which it can only send in version 2.
+    pub floors: Option<Vec<(Scope, u64)>>,
+    /// Versions of the responder's last page that the initiator refused below its floor
+    /// (it purged their keys' deletes): the responder drops them if they are still its
+    /// stored versions and older than its own retention.
+    pub refused: Vec<(Scope, Key, Hlc)>,
+}
 
 impl RequestExt {
     /// Whether nothing here needs version 2.
@@ -66,6 +76,12 @@ pub struct ResponseExt {
     /// response's page, in the scopes in play (as far as the responder could count them:
     /// see `docs/protocol.md`); `None` when it did not count.
     pub remaining: Option<u64>,
+    /// The responder's purge floors in play, when the request asked
+    /// ([`RequestExt::floors`] is `Some`).
+    pub floors: Vec<(Scope, u64)>,
+    /// Versions of the request's page that the responder refused below its floor; the
+    /// initiator drops them as [`RequestExt::refused`] says.
+    pub refused: Vec<(Scope, Key, Hlc)>,
 }
 
 impl ResponseExt {

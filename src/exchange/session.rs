@@ -30,6 +30,11 @@ pub struct Session {
     /// Our marks as the peer recorded them at the end of the last round between us, if we
     /// can tell.
     pub(crate) held: Option<HeldMarks>,
+    /// Versions of the peer's last page this node refused below its purge floor, to report
+    /// in the next request (the peer drops them).
+    pub(crate) refused: Vec<(Scope, crate::record::Key, crate::hlc::Hlc)>,
+    /// Whether a round of this session heard the peer's purge floors.
+    pub(crate) floors_heard: bool,
 }
 
 /// Our marks in play as a peer recorded them at the end of the last round between us, as a

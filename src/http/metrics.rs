@@ -454,6 +454,9 @@ mod tests {
             peer_halts: Vec::new(),
             blobs_pushed: 1,
             blobs_fetched: 0,
+            refused: 0,
+            dropped: 0,
+            audit_wanted: false,
         };
         m.round_started("hub");
         m.round_ended("hub", &Ok(outcome));

@@ -37,6 +37,9 @@ pub struct SyncTotals {
     /// Streams halted in the last round, by either side (clock skew, a file that could not
     /// be had): they are retried by the next sync.
     pub halts: Vec<Halt>,
+    /// The peer's purge floor rose during the sync: an audit with it should follow (see
+    /// [`crate::ExchangeOutcome::audit_wanted`]); `highwater sync` runs one.
+    pub audit_wanted: bool,
 }
 
 /// Runs rounds with the peer behind `transport` while either side has more to send, calling
@@ -66,6 +69,7 @@ pub async fn sync_until_done<T: Transport>(
         totals.bytes_pushed = metered.layer().pushed.load(Ordering::Relaxed);
         totals.halts = outcome.halts;
         totals.halts.extend(outcome.peer_halts);
+        totals.audit_wanted |= outcome.audit_wanted;
         progress(&totals);
         if !outcome.has_more {
             return Ok(totals);

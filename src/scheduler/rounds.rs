@@ -67,6 +67,8 @@ pub(super) async fn round_loop<T: Transport>(
         peer.audit_wanted.store(true, Ordering::SeqCst);
     }
     let mut burst = 0usize;
+    // A round of this burst heard the peer's purge floor rise.
+    let mut recloning = false;
     // Rounds in a row that left a stream halted.
     let mut halted = 0u32;
     loop {
@@ -110,6 +112,11 @@ pub(super) async fn round_loop<T: Transport>(
         next = match result {
             Ok(outcome) => {
                 burst += 1;
+                if outcome.audit_wanted {
+                    // The peer's purge floor rose: audit with it once the burst ends, audits
+                    // on an interval or not, so deletes it purged reach us (the re-clone).
+                    recloning = true;
+                }
                 if outcome.has_more && burst < config.max_burst {
                     Next::AtOnce
                 } else {
@@ -121,7 +128,11 @@ pub(super) async fn round_loop<T: Transport>(
                     let wanted = peer.audit_wanted.swap(false, Ordering::SeqCst);
                     if wanted || next_audit.is_some_and(|at| at <= Instant::now()) {
                         next_audit = audit(shared, peer, transport, &mut rng).await;
+                    } else if recloning {
+                        // Not due, or audits are off: this one is for the re-clone alone.
+                        let _ = run_audit(shared, peer, transport).await;
                     }
+                    recloning = false;
                     let mut wait = config.interval;
                     if outcome.halts.is_empty() && outcome.peer_halts.is_empty() {
                         halted = 0;

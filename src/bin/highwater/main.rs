@@ -598,6 +598,18 @@ async fn sync(
             halt.scope, halt.origin, halt.reason
         );
     }
+    if totals.audit_wanted {
+        // The peer purged deletes since we last heard: compare contents with it, so that a
+        // record it deleted and purged does not live on here (the re-clone).
+        println!("the peer's purge floor rose: auditing against it");
+        let started = Instant::now();
+        let outcome = engine.audit(&transport).await.map_err(NodeError::from)?;
+        engine.flush().map_err(NodeError::from)?;
+        print!(
+            "{}",
+            node::render_audit(&outcome, started.elapsed(), REPAIRED_SHOWN)
+        );
+    }
     Ok(())
 }
 

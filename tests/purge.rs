@@ -1,0 +1,213 @@
+//! Forgetting safely: tombstones purged past the retention once every peer holds them, with
+//! a floor that refuses what would bring a purged delete back, peers not seen for months
+//! retired, and a peer that comes back after too long re-cloning through an audit: it keeps
+//! what nobody acknowledged and loses exactly the deleted records, with an event naming
+//! them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::rounds::{link, mem_node, sync, Node, TestResult};
+use futures_executor::block_on;
+use highwater::notify::{Event, Notice, Subscription, SyncEvent};
+use highwater::{Key, ManualTime, Scope};
+
+const T0: u32 = 1_700_000_000;
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn key(k: &str) -> Key {
+    Key::try_from(k).expect("a short key")
+}
+
+fn notes() -> Scope {
+    Scope::app("notes", "items").expect("a valid scope")
+}
+
+/// The keys of every `floor_refused` event waiting in `events`, with whether they were
+/// dropped here.
+fn refusals(events: &mut Subscription) -> Vec<(Vec<Key>, bool)> {
+    let mut out = Vec::new();
+    while let Some(notice) = events.try_recv() {
+        if let Notice::Event(Event::Sync(SyncEvent::FloorRefused { keys, dropped, .. })) = notice {
+            out.push((keys, dropped));
+        }
+    }
+    out
+}
+
+fn live_keys(node: &Node) -> TestResult<Vec<Key>> {
+    Ok(node
+        .versions(&notes())?
+        .into_iter()
+        .filter(|(_, v)| !matches!(v.op, highwater::Op::Delete))
+        .map(|(k, _)| k)
+        .collect())
+}
+
+#[test]
+fn a_tombstone_is_purged_only_past_the_retention_and_once_every_peer_holds_it() -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let hub = mem_node(&time)?;
+    let a = mem_node(&time)?;
+    let b = mem_node(&time)?;
+    a.put(&notes(), &key("k"), b"v".to_vec())?;
+    sync(&a, &link(&hub))?;
+    sync(&b, &link(&hub))?;
+    a.delete(&notes(), &key("k"))?;
+    sync(&a, &link(&hub))?;
+
+    // Not past the retention yet.
+    time.advance(29 * DAY);
+    assert_eq!(hub.purge()?.purged, 0);
+    // Past it, but b (which the hub knows) has not got the delete: not stable.
+    time.advance(2 * DAY);
+    let report = hub.purge()?;
+    assert_eq!(report.purged, 0, "{report:?}");
+    assert!(hub.get_version(&notes(), &key("k"))?.is_some());
+
+    // b takes the delete; now every peer the hub knows holds it.
+    sync(&b, &link(&hub))?;
+    let report = hub.purge()?;
+    assert_eq!(report.purged, 1, "{report:?}");
+    assert_eq!(hub.get_version(&notes(), &key("k"))?, None);
+    let floor = report.floors[&notes()];
+    assert!(floor > 0);
+    assert_eq!(hub.floors()?.get(&notes()), Some(&floor));
+    // A second pass finds nothing, and the devices purge on their own schedule.
+    assert_eq!(hub.purge()?.purged, 0);
+    assert_eq!(a.purge()?.purged, 1);
+    Ok(())
+}
+
+#[test]
+fn a_peer_back_after_too_long_reclones_keeps_its_own_writes_and_loses_the_deleted_ones(
+) -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let hub = mem_node(&time)?;
+    let a = mem_node(&time)?;
+    let b = mem_node(&time)?;
+    a.put(&notes(), &key("deleted"), b"old".to_vec())?;
+    a.put(&notes(), &key("kept"), b"kept".to_vec())?;
+    sync(&a, &link(&hub))?;
+    sync(&b, &link(&hub))?;
+
+    // b goes offline and writes; meanwhile a deletes, and the hub hears nothing of b.
+    b.put(&notes(), &key("offline"), b"b's own".to_vec())?;
+    a.delete(&notes(), &key("deleted"))?;
+    sync(&a, &link(&hub))?;
+    for _ in 0..4 {
+        time.advance(30 * DAY);
+        sync(&a, &link(&hub))?;
+    }
+    // 120 days: b is retired at the hub (a was seen since), so the purge waits for it no
+    // longer, and the tombstone goes.
+    let report = hub.purge()?;
+    assert_eq!(report.retired_peers, vec![b.node_id()], "{report:?}");
+    assert_eq!(report.purged, 1, "{report:?}");
+    assert_eq!(hub.get_version(&notes(), &key("deleted"))?, None);
+
+    // b comes back. Its exchange hears the hub's floor rise and asks for an audit; the audit
+    // ships b's copy of the deleted record, the hub refuses it below its floor, and b drops it.
+    let mut b_events = b.notifier().subscribe();
+    let mut hub_events = hub.notifier().subscribe();
+    let mut audit_wanted = false;
+    loop {
+        let out = block_on(b.exchange(&link(&hub)))?;
+        audit_wanted |= out.audit_wanted;
+        if !out.has_more {
+            break;
+        }
+    }
+    assert!(audit_wanted, "the hub's floor rose since b last heard");
+    let audit = block_on(b.audit(&link(&hub)))?;
+    assert_eq!(audit.dropped, 1, "{audit:?}");
+    assert_eq!(b.get_version(&notes(), &key("deleted"))?, None);
+    assert_eq!(refusals(&mut b_events), vec![(vec![key("deleted")], true)]);
+    assert_eq!(
+        refusals(&mut hub_events),
+        vec![(vec![key("deleted")], false)]
+    );
+
+    // b's own write, which nobody had acknowledged, is kept and now on the hub; nothing
+    // deleted came back anywhere, and a second audit finds nothing.
+    for node in [&hub, &b] {
+        assert_eq!(live_keys(node)?, vec![key("kept"), key("offline")]);
+    }
+    assert!(block_on(b.audit(&link(&hub)))?.clean());
+    sync(&a, &link(&hub))?;
+    assert_eq!(live_keys(&a)?, vec![key("kept"), key("offline")]);
+    Ok(())
+}
+
+#[test]
+fn a_peer_cannot_make_a_node_drop_recent_writes() -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let hub = mem_node(&time)?;
+    let a = mem_node(&time)?;
+    let written = a.put(&notes(), &key("fresh"), b"v".to_vec())?;
+    sync(&a, &link(&hub))?;
+    // A forged refusal of a recent version (as a token holder could send): kept.
+    let forged = highwater::wire::AuditRequest {
+        from: highwater::NodeId::random(),
+        scopes: highwater::ScopeFilter::All,
+        opening: false,
+        segments: Vec::new(),
+        versions: Vec::new(),
+        wanted: Vec::new(),
+        ext: highwater::wire::AuditExt {
+            floors: Some(vec![(notes(), u64::MAX)]),
+            refused: vec![(notes(), key("fresh"), written)],
+        },
+    };
+    hub.answer_audit(forged)?;
+    assert!(hub.get_version(&notes(), &key("fresh"))?.is_some());
+    Ok(())
+}
+
+#[test]
+fn retired_origins_lose_their_marks_and_are_not_recreated_by_empty_runs() -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let hub = mem_node(&time)?;
+    let devices: Vec<Node> = (0..20).map(|_| mem_node(&time)).collect::<Result<_, _>>()?;
+    for (i, d) in devices.iter().enumerate() {
+        let k = key(&format!("k{i}"));
+        d.put(&notes(), &k, b"v".to_vec())?;
+        d.delete(&notes(), &k)?;
+        sync(d, &link(&hub))?;
+    }
+    let keeper = mem_node(&time)?;
+    keeper.put(&notes(), &key("live"), b"v".to_vec())?;
+    sync(&keeper, &link(&hub))?;
+    let marks_before = hub.watermarks()?.mark_count();
+    assert_eq!(marks_before, 21);
+
+    // Months later only the keeper still syncs: the devices are retired, their tombstones
+    // purged, and their marks go, since nothing of theirs is left.
+    for _ in 0..4 {
+        time.advance(30 * DAY);
+        sync(&keeper, &link(&hub))?;
+    }
+    let mut total = highwater::PurgeReport::default();
+    loop {
+        let r = hub.purge()?;
+        total.purged += r.purged;
+        total.retired_peers.extend(r.retired_peers);
+        total.retired_origins.extend(r.retired_origins);
+        if !r.more {
+            break;
+        }
+    }
+    assert_eq!(total.retired_peers.len(), 20, "{total:?}");
+    assert_eq!(total.purged, 20);
+    assert_eq!(total.retired_origins.len(), 20);
+    assert_eq!(hub.watermarks()?.mark_count(), 1, "the keeper's mark only");
+
+    // The keeper purges too, and its rounds with the hub create no mark for a retired origin.
+    keeper.purge()?;
+    sync(&keeper, &link(&hub))?;
+    assert_eq!(hub.watermarks()?.mark_count(), 1);
+    assert_eq!(keeper.watermarks()?.mark_count(), 1);
+    assert_eq!(live_keys(&hub)?, vec![key("live")]);
+    Ok(())
+}
