@@ -179,6 +179,38 @@ fn record_commands_work_directly_on_a_free_data_dir() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn purge_removes_old_tombstones_from_a_data_dir() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().join("d");
+    let data = arg(&d);
+    ok(&["put", "--data", data, "app/notes/items", "gone", "v"])?;
+    ok(&["put", "--data", data, "app/notes/items", "kept", "v"])?;
+    ok(&["rm", "--data", data, "app/notes/items", "gone"])?;
+    // At the default retention (30 days) a fresh tombstone stays.
+    let out = String::from_utf8(ok(&["purge", "--data", data])?)?;
+    assert!(out.starts_with("purged 0 tombstones"), "{out}");
+    let status = status_json(&["--data", data])?;
+    assert_eq!(status["scopes"]["app/notes/items"]["residency"]["tombstoned"], 1);
+    // With no retention, and no peer to wait for, it goes; the live record stays.
+    let out = String::from_utf8(ok(&[
+        "purge",
+        "--data",
+        data,
+        "--tombstone-retention",
+        "0s",
+    ])?)?;
+    assert!(out.starts_with("purged 1 tombstone of"), "{out}");
+    assert!(out.contains("floor of app/notes/items: "), "{out}");
+    let status = status_json(&["--data", data])?;
+    assert_eq!(
+        status["scopes"]["app/notes/items"]["residency"],
+        serde_json::json!({"resident": 1, "staged": 0, "tombstoned": 0})
+    );
+    assert_eq!(ok(&["get", "--data", data, "app/notes/items", "kept"])?, b"v");
+    Ok(())
+}
+
 /// Writes `n` records (and one file) on a node's directory through the library.
 fn seed(dir: &Path, n: usize, file: &[u8]) -> TestResult<SyncEngine> {
     let engine = SyncEngine::open(dir)?;

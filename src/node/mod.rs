@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::engine::{EngineConfig, ExchangeOptions, SyncEngine, DB_FILE};
+use crate::engine::{EngineConfig, ExchangeOptions, PurgeReport, SyncEngine, DB_FILE};
 use crate::error::{Error, StoreError, TransportError};
 use crate::http::server::check_exposure;
 use crate::http::{
@@ -105,6 +105,12 @@ pub struct NodeOptions {
     /// knows the directory came back from a backup; a restore is otherwise detected in the
     /// first round with a peer that holds later writes.
     pub restored: bool,
+    /// Time between background purges (`None`: none). Default one hour.
+    pub purge_interval: Option<Duration>,
+    /// See [`EngineConfig::tombstone_retention`] (default 30 days).
+    pub tombstone_retention: Option<Duration>,
+    /// See [`EngineConfig::peer_retirement`] (default 90 days).
+    pub peer_retirement: Option<Duration>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -125,6 +131,9 @@ impl std::fmt::Debug for NodeOptions {
             .field("max_connections", &self.max_connections)
             .field("audit_interval", &self.audit_interval)
             .field("restored", &self.restored)
+            .field("purge_interval", &self.purge_interval)
+            .field("tombstone_retention", &self.tombstone_retention)
+            .field("peer_retirement", &self.peer_retirement)
             .finish()
     }
 }
@@ -148,6 +157,9 @@ impl NodeOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             audit_interval: SchedulerConfig::default().audit_interval,
             restored: false,
+            purge_interval: Some(PURGE_INTERVAL),
+            tombstone_retention: EngineConfig::default().tombstone_retention,
+            peer_retirement: EngineConfig::default().peer_retirement,
         }
     }
 
@@ -162,7 +174,11 @@ impl NodeOptions {
     }
 
     fn engine_config(&self) -> EngineConfig {
-        let mut config = EngineConfig::default();
+        let mut config = EngineConfig {
+            tombstone_retention: self.tombstone_retention,
+            peer_retirement: self.peer_retirement,
+            ..EngineConfig::default()
+        };
         if let Some(n) = self.page_limit {
             config.page_limit = n.max(1);
         }
@@ -307,6 +323,7 @@ pub struct Node {
     peers: Vec<Arc<HttpTransport>>,
     scheduler: SchedulerConfig,
     data: PathBuf,
+    purge_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for Node {
@@ -375,6 +392,7 @@ impl Node {
             .metrics
             .watch_staged_files(move || counted.upgrade()?.staged_files().ok());
         let (before_round, after_round) = round_hooks(&server.metrics);
+        let purge_interval = options.purge_interval;
         let scheduler = SchedulerConfig {
             interval: options.interval,
             options: ExchangeOptions {
@@ -394,6 +412,7 @@ impl Node {
             peers,
             scheduler,
             data: options.data,
+            purge_interval,
         };
         let url_file = node.data.join(URL_FILE);
         std::fs::write(&url_file, format!("{}\n", node.url())).map_err(|source| NodeError::Io {
@@ -451,6 +470,7 @@ impl Node {
             peers,
             scheduler,
             data,
+            purge_interval,
         } = self;
         tracing::info!(node = %engine.node_id(), %addr, data = %data.display(),
             peers = peers.len(), "node running");
@@ -458,6 +478,7 @@ impl Node {
         let mut server = tokio::spawn(serve(engine.clone(), listener, config, async move {
             let _ = stopped.await;
         }));
+        let purging = purge_interval.map(|every| tokio::spawn(purge_loop(engine.clone(), every)));
         let scheduler = Scheduler::start(engine.clone(), scheduler);
         for peer in peers {
             let name = peer.base_url().to_owned();
@@ -471,6 +492,10 @@ impl Node {
             ended = &mut server => Some(ended),
         };
         tracing::info!("stopping");
+        if let Some(task) = purging {
+            // A purge commits whole batches: stopping between or inside one loses nothing.
+            task.abort();
+        }
         let flushed = scheduler.shutdown().await;
         let served = match early {
             Some(ended) => ended,
@@ -488,6 +513,45 @@ impl Node {
                 tracing::error!(error = %e, "the server task failed");
                 Err(ServeError::Io(std::io::Error::other("server task failed")).into())
             }
+        }
+    }
+}
+
+/// Time between a node's background purges, by default.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Runs [`SyncEngine::purge`] until it has nothing more to look at, each call off the
+/// runtime's threads; returns the calls' totals.
+///
+/// # Errors
+/// A call failed (what earlier calls committed stays).
+pub async fn purge_all(engine: &SyncEngine) -> Result<PurgeReport, Error> {
+    let mut total = PurgeReport::default();
+    loop {
+        let handle = engine.handle();
+        let report = crate::blocking::run_blocking(move || handle.purge()).await??;
+        total.purged += report.purged;
+        total.scanned += report.scanned;
+        for (scope, floor) in report.floors {
+            let f = total.floors.entry(scope).or_default();
+            *f = (*f).max(floor);
+        }
+        total.retired_peers.extend(report.retired_peers);
+        total.retired_origins.extend(report.retired_origins);
+        if !report.more {
+            return Ok(total);
+        }
+    }
+}
+
+/// Purges every `every` (the first a tenth of it after start), logging failures.
+async fn purge_loop(engine: Arc<SyncEngine>, every: Duration) {
+    let mut next = tokio::time::Instant::now() + every / 10;
+    loop {
+        tokio::time::sleep_until(next).await;
+        next += every;
+        if let Err(e) = purge_all(&engine).await {
+            tracing::warn!(error = %crate::error::error_chain(&e), "purge failed; retried at the next interval");
         }
     }
 }

@@ -146,6 +146,21 @@ enum Command {
         #[arg(long, env = "HIGHWATER_CA_FILE")]
         ca_file: Option<PathBuf>,
     },
+    /// Purge a data directory once: remove tombstones older than the retention that every
+    /// peer it knows holds, retire peers not seen for the peer retirement and origins with
+    /// nothing left, then print what went. `serve` does the same in the background.
+    Purge {
+        /// The data directory (no node may be running on it).
+        #[arg(long)]
+        data: PathBuf,
+        /// How old a tombstone must be before it goes (`30d`, `720h`).
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        tombstone_retention: Duration,
+        /// How long a peer may go unseen before purges stop waiting for it (`90d`; `off`:
+        /// never).
+        #[arg(long, default_value = "90d", value_parser = interval_or_off)]
+        peer_retirement: Every,
+    },
     /// Run the demo: three nodes on loopback HTTP (a hub and two devices) write at once,
     /// one device goes offline, both sides edit (a conflict and a delete), a file transfer
     /// fails and heals, and all three converge. Exits 0 only if they did.
@@ -224,6 +239,17 @@ struct ServeArgs {
     /// whose devices would otherwise see their later writes refused until they audit.
     #[arg(long)]
     restored: bool,
+    /// Time between background purges of tombstones past the retention (`off`: none; run
+    /// `highwater purge` by hand instead).
+    #[arg(long, default_value = "1h", value_parser = interval_or_off)]
+    purge_interval: Every,
+    /// How old a tombstone must be before a purge removes it (`30d`). A peer offline for
+    /// longer loses its oldest unsent writes of keys deleted here (docs/protocol.md).
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    tombstone_retention: Duration,
+    /// How long a peer may go unseen before purges stop waiting for it (`off`: never).
+    #[arg(long, default_value = "90d", value_parser = interval_or_off)]
+    peer_retirement: Every,
 }
 
 /// A period, or none (`off`).
@@ -236,7 +262,7 @@ fn interval_or_off(text: &str) -> Result<Every, String> {
     }
     let period = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if period.is_zero() {
-        return Err("use `off` for no audits, or a period above zero".to_owned());
+        return Err("use `off` for none, or a period above zero".to_owned());
     }
     Ok(Every(Some(period)))
 }
@@ -467,6 +493,18 @@ async fn run(command: Command) -> Result<(), CliError> {
             };
             audit(&data, &peer, client).await
         }
+        Command::Purge {
+            data,
+            tombstone_retention,
+            peer_retirement,
+        } => {
+            let config = EngineConfig {
+                tombstone_retention: Some(tombstone_retention),
+                peer_retirement: peer_retirement.0,
+                ..EngineConfig::default()
+            };
+            purge(&data, config).await
+        }
         Command::Demo { .. } => unreachable!("handled in main"),
         Command::Status { target, json } => {
             let status = target.open()?.status(all_scopes()).await?;
@@ -493,6 +531,9 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         insecure_http: args.insecure_http,
         max_connections: args.max_connections,
         audit_interval: args.audit_interval.0,
+        purge_interval: args.purge_interval.0,
+        tombstone_retention: Some(args.tombstone_retention),
+        peer_retirement: args.peer_retirement.0,
         restored: args.restored,
         ..NodeOptions::new(args.data, args.listen)
     };
@@ -630,6 +671,29 @@ async fn audit(data: &Path, peer: &str, client: ClientConfig) -> Result<(), CliE
         "{}",
         node::render_audit(&outcome, started.elapsed(), REPAIRED_SHOWN)
     );
+    Ok(())
+}
+
+async fn purge(data: &Path, config: EngineConfig) -> Result<(), CliError> {
+    let engine = node::open_data_dir(data, config)?;
+    let started = Instant::now();
+    let total = node::purge_all(&engine).await.map_err(NodeError::from)?;
+    engine.flush().map_err(NodeError::from)?;
+    println!(
+        "purged {} tombstone{} of {} versions looked at ({:.1} s); retired {} peer{} and {} \
+         origin mark{}",
+        total.purged,
+        if total.purged == 1 { "" } else { "s" },
+        total.scanned,
+        started.elapsed().as_secs_f64(),
+        total.retired_peers.len(),
+        if total.retired_peers.len() == 1 { "" } else { "s" },
+        total.retired_origins.len(),
+        if total.retired_origins.len() == 1 { "" } else { "s" },
+    );
+    for (scope, floor) in &total.floors {
+        println!("floor of {scope}: {}", highwater::Hlc::new(*floor, engine.node_id()));
+    }
     Ok(())
 }
 
