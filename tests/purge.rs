@@ -166,7 +166,7 @@ fn a_peer_cannot_make_a_node_drop_recent_writes() -> TestResult {
 }
 
 #[test]
-fn retired_origins_lose_their_marks_and_are_not_recreated_by_empty_runs() -> TestResult {
+fn retired_origins_lose_their_marks_once_every_peer_retired_them() -> TestResult {
     let time = ManualTime::at_secs(T0);
     let hub = mem_node(&time)?;
     let devices: Vec<Node> = (0..20).map(|_| mem_node(&time)).collect::<Result<_, _>>()?;
@@ -203,7 +203,8 @@ fn retired_origins_lose_their_marks_and_are_not_recreated_by_empty_runs() -> Tes
     assert_eq!(total.retired_origins.len(), 20);
     assert_eq!(hub.watermarks()?.mark_count(), 1, "the keeper's mark only");
 
-    // The keeper purges too, and its rounds with the hub create no mark for a retired origin.
+    // The keeper purges too (retiring the same origins), so its rounds with the hub bring
+    // none of their marks back.
     keeper.purge()?;
     sync(&keeper, &link(&hub))?;
     assert_eq!(hub.watermarks()?.mark_count(), 1);
@@ -269,4 +270,170 @@ fn a_redb_node_that_keeps_writing_and_deleting_stays_the_same_size_once_it_purge
         "file sizes after each cycle: {sizes:?}"
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Random schedules with purges, long absences and retirements, against the oracle
+
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Step {
+    Put {
+        node: usize,
+        key: u8,
+        value: u8,
+    },
+    Delete {
+        node: usize,
+        key: u8,
+    },
+    Exchange {
+        from: usize,
+        to: usize,
+    },
+    Audit {
+        from: usize,
+        to: usize,
+    },
+    /// Days pass (past the retention with 31, past the peer retirement after three).
+    Days(u8),
+    Purge {
+        node: usize,
+    },
+}
+
+fn step(nodes: usize) -> impl Strategy<Value = Step> {
+    let node = 0..nodes;
+    let pair = (0..nodes, 1..nodes).prop_map(move |(a, d)| (a, (a + d) % nodes));
+    prop_oneof![
+        4 => (node.clone(), 0..6u8, any::<u8>())
+            .prop_map(|(node, key, value)| Step::Put { node, key, value }),
+        3 => (node.clone(), 0..6u8).prop_map(|(node, key)| Step::Delete { node, key }),
+        5 => pair.clone().prop_map(|(from, to)| Step::Exchange { from, to }),
+        1 => pair.prop_map(|(from, to)| Step::Audit { from, to }),
+        2 => prop_oneof![Just(1u8), Just(31u8), Just(45u8)].prop_map(Step::Days),
+        2 => node.prop_map(|node| Step::Purge { node }),
+    ]
+}
+
+/// What the schedule's nodes reported as refused and dropped below a floor, by key.
+fn reported(events: &mut [Subscription]) -> std::collections::BTreeSet<Key> {
+    let mut out = std::collections::BTreeSet::new();
+    for e in events {
+        for (keys, _) in refusals(e) {
+            out.extend(keys);
+        }
+    }
+    out
+}
+
+fn run_schedule(steps: &[Step]) -> TestResult {
+    use std::collections::BTreeMap;
+    const NODES: usize = 3;
+    let time = ManualTime::at_secs(T0);
+    let nodes: Vec<Node> = (0..NODES)
+        .map(|_| mem_node(&time))
+        .collect::<Result<_, _>>()?;
+    let mut events: Vec<Subscription> = nodes.iter().map(|n| n.notifier().subscribe()).collect();
+    // The last write of each key, by Hlc: what last-write-wins must end with.
+    let mut oracle: BTreeMap<Key, (highwater::Hlc, Option<u8>)> = BTreeMap::new();
+    let mut lost = std::collections::BTreeSet::new();
+    let mut note = |k: Key, hlc, value| {
+        if oracle.get(&k).is_none_or(|(h, _)| *h < hlc) {
+            oracle.insert(k, (hlc, value));
+        }
+    };
+    for s in steps {
+        match *s {
+            Step::Put {
+                node,
+                key: k,
+                value,
+            } => {
+                let k = key(&format!("k{k}"));
+                note(
+                    k.clone(),
+                    nodes[node].put(&notes(), &k, vec![value])?,
+                    Some(value),
+                );
+            }
+            Step::Delete { node, key: k } => {
+                let k = key(&format!("k{k}"));
+                note(k.clone(), nodes[node].delete(&notes(), &k)?, None);
+            }
+            Step::Exchange { from, to } => {
+                block_on(nodes[from].exchange(&link(&nodes[to])))?;
+            }
+            Step::Audit { from, to } => {
+                block_on(nodes[from].audit(&link(&nodes[to])))?;
+            }
+            Step::Days(d) => time.advance(u32::from(d) * DAY),
+            Step::Purge { node } => {
+                nodes[node].purge()?;
+            }
+        }
+        lost.extend(reported(&mut events));
+    }
+    // Everyone back online: rounds and audits both ways until nothing moves.
+    for _ in 0..3 {
+        for from in 0..NODES {
+            for to in (0..NODES).filter(|t| *t != from) {
+                sync(&nodes[from], &link(&nodes[to]))?;
+                block_on(nodes[from].audit(&link(&nodes[to])))?;
+            }
+        }
+    }
+    lost.extend(reported(&mut events));
+    for (i, node) in nodes.iter().enumerate() {
+        for (k, (hlc, value)) in &oracle {
+            let held = node.get_version(&notes(), k)?;
+            let live = held.as_ref().and_then(|v| match &v.op {
+                highwater::Op::Put { value, .. } => Some(value.clone()),
+                highwater::Op::Delete => None,
+            });
+            match value {
+                // No deleted key comes back.
+                None => assert_eq!(live, None, "node {i}: deleted {k:?} is live: {held:?}"),
+                // No write that is newest of its key is lost, unless a refusal said so.
+                Some(v) if !lost.contains(k) => assert_eq!(
+                    held.map(|h| h.hlc),
+                    Some(*hlc),
+                    "node {i}: {k:?} should hold {v} at {hlc}"
+                ),
+                Some(_) => {}
+            }
+        }
+        // Nothing the oracle never saw.
+        for (k, v) in node.versions(&notes())? {
+            assert!(
+                oracle.contains_key(&k),
+                "node {i} holds unknown {k:?} {v:?}"
+            );
+        }
+    }
+    // And the replicas agree on their live contents.
+    let first = live_keys(&nodes[0])?;
+    for node in &nodes[1..] {
+        assert_eq!(live_keys(node)?, first);
+    }
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("HIGHWATER_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn purges_and_long_absences_never_resurrect_and_never_lose_unreported_writes(
+        steps in prop::collection::vec(step(3), 1..60)
+    ) {
+        run_schedule(&steps).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
 }

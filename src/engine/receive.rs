@@ -90,7 +90,6 @@ impl SyncEngine {
         let read = self.inner.store.read()?;
         let own = read.watermarks()?;
         let stored_knowledge = read.peer_watermarks(knowledge.peer)?;
-        let floors = read.floors()?;
         let now = self.inner.config.time.now();
         // The peer's last-seen time (for retiring peers not seen for months) is kept to the
         // day: a quiet round commits nothing unless the stored time is a day old.
@@ -122,15 +121,6 @@ impl SyncEngine {
             per_scope: config.max_origins_per_scope,
             vacuous: (sender == Sender::Initiator).then_some(config.max_new_origins_per_request),
         };
-        // A run without versions of an origin we keep no mark for, ending at or below the
-        // floor, is a retired origin's (or one we never needed): no mark is created for it.
-        plan.advances.retain(|a| {
-            own.get(&a.scope, a.top.origin()).is_some()
-                || a.top.time() > floors.get(&a.scope).copied().unwrap_or(0)
-                || page.runs.iter().any(|r| {
-                    r.scope == a.scope && r.origin == a.top.origin() && !r.versions.is_empty()
-                })
-        });
         let dropped = apply::bound_new_marks(&mut plan, page, &own, limits);
         if !dropped.is_empty() {
             self.warn_of_bounded_marks(peer, &dropped);
