@@ -13,7 +13,9 @@ use std::sync::Arc;
 use common::rounds::{config, link, mem_node, sync, Node, TestResult};
 use futures_executor::block_on;
 use highwater::exchange::Page;
-use highwater::wire::{encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
+use highwater::wire::{
+    encode, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseMarks,
+};
 use highwater::{Key, ManualTime, Op, Scope, ScopeFilter, SyncEngine};
 
 /// The most a quiet round may cost, request and response together.
@@ -110,7 +112,8 @@ fn noop_round(from: &SyncEngine, to: &Node) -> TestResult<RoundSize> {
 }
 
 /// The size of a round from `from` to `to` that carries no version and both sides' marks
-/// in full: what a round costs when neither side can send a digest.
+/// in full: what a round costs when neither side can send a digest (a session's first,
+/// which also asks for the peer's purge floors).
 fn full_marks_round(from: &SyncEngine, to: &SyncEngine) -> TestResult<RoundSize> {
     let request = ExchangeRequest {
         from: from.node_id(),
@@ -120,7 +123,10 @@ fn full_marks_round(from: &SyncEngine, to: &SyncEngine) -> TestResult<RoundSize>
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
-        ext: Default::default(),
+        ext: RequestExt {
+            floors: Some(Vec::new()),
+            refused: Vec::new(),
+        },
     };
     let response = ExchangeResponse {
         from: to.node_id(),
@@ -139,6 +145,10 @@ fn full_marks_round(from: &SyncEngine, to: &SyncEngine) -> TestResult<RoundSize>
 fn measure(nodes: usize, scope_count: usize, records: usize) -> TestResult<(RoundSize, RoundSize)> {
     let all = converged(nodes, scope_count, records)?;
     let marks = all[0].watermarks()?.mark_count();
+    // The first request of a session also asks for the peer's purge floors (a few bytes of
+    // version 2): measure the rounds after it.
+    noop_round(&all[0], &all[1])?;
+    noop_round(&all[1], &all[0])?;
     let there = noop_round(&all[0], &all[1])?;
     let back = noop_round(&all[1], &all[0])?;
     let full = full_marks_round(&all[0], &all[1])?;
@@ -242,6 +252,8 @@ fn the_first_round_after_a_restart_of_either_side_converges() -> TestResult {
     write_records(&a, &scopes, "a", 30)?;
     write_records(&b, &scopes, "b", 30)?;
     sync(&a, &link(&b))?;
+    // Each side's first request of a session also asks for the other's purge floors.
+    sync(&b, &link(&a))?;
     let quiet = noop_round(&a, &b)?;
     assert!(quiet.total() <= QUIET_ROUND_MAX, "{quiet:?}");
     let full = full_marks_round(&a, &b)?;

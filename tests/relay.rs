@@ -6,7 +6,7 @@ mod common;
 use common::rounds::{link, mem_node, sync, sync_with, Link, Node, TestResult, Totals};
 use highwater::exchange::Page;
 use highwater::wire::{
-    encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, ScopeFilter,
+    encode, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseMarks, ScopeFilter,
 };
 use highwater::{ExchangeOptions, Key, ManualTime, Scope, SyncEngine};
 
@@ -33,6 +33,9 @@ struct MarksForm {
     request_digest: bool,
     known: bool,
     response_same: bool,
+    /// The initiator's first request of a session: it also asks for the responder's purge
+    /// floors (`RequestExt::floors`, a few bytes of version 2).
+    first_of_session: bool,
 }
 
 /// Both sides' marks in full: the first round between two nodes.
@@ -40,6 +43,7 @@ const FIRST: MarksForm = MarksForm {
     request_digest: false,
     known: false,
     response_same: false,
+    first_of_session: true,
 };
 
 /// The encoded size of a request from `from` to `to` that carries no version, its marks in
@@ -62,7 +66,10 @@ fn empty_request_len(from: &SyncEngine, to: &SyncEngine, form: MarksForm) -> Tes
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
-        ext: Default::default(),
+        ext: RequestExt {
+            floors: form.first_of_session.then(Vec::new),
+            refused: Vec::new(),
+        },
     };
     Ok(encode(&request).len() as u64)
 }
@@ -151,8 +158,17 @@ fn relay(options: &ExchangeOptions) -> TestResult<(Totals, Totals)> {
         request_digest: true,
         known: true,
         response_same: true,
+        first_of_session: false,
     };
-    assert_direct_round_is_empty(&c, &a, quiet)?;
+    // (C's first request to A.)
+    assert_direct_round_is_empty(
+        &c,
+        &a,
+        MarksForm {
+            first_of_session: true,
+            ..quiet
+        },
+    )?;
     assert_direct_round_is_empty(&a, &c, quiet)?;
     assert_direct_round_is_empty(&c, &a, quiet)?;
 

@@ -134,7 +134,10 @@ impl SyncEngine {
                 floors: Some(floors.clone()),
                 refused: std::mem::take(&mut refused_here),
             };
-            let mut request = match request? {
+            let request = request?;
+            // The audit is done but for telling the peer what we refused: one last request.
+            let closing = request.is_none();
+            let mut request = match request {
                 Some(request) => request,
                 None if refusals.refused.is_empty() => break,
                 None => AuditRequest {
@@ -147,7 +150,6 @@ impl SyncEngine {
                     ext: AuditExt::default(),
                 },
             };
-            let closing = request.is_empty();
             request.ext = refusals;
             outcome.rounds += 1;
             outcome.shipped += shipped(&request.versions).count();
