@@ -1,5 +1,5 @@
 //! End-to-end benchmark of highwater: record and blob sync between redb nodes, no-op and
-//! delta rounds, write-to-visible latency, the limits the figures are compared with (redb
+//! delta rounds, the audit round, write-to-visible latency, the limits the figures are compared with (redb
 //! bulk insert, postcard, blake3, disk writes, raw loopback HTTP with hyper), and the
 //! automerge peer (`bench-peer/`), all in one run on the same generated records.
 //!
@@ -22,6 +22,7 @@
 //!
 //! Cases: see [`Case`].
 
+mod audit;
 mod blobs;
 mod child;
 mod fixture;
@@ -57,6 +58,9 @@ pub enum Case {
     Delta,
     /// A no-op round with 2, 10 and 100 origins.
     Noop,
+    /// The audit round between a node of every record and its replica: equal, then 100 keys
+    /// differing.
+    Audit,
     /// Blob sync in-process, in small and in large files.
     Blob,
     /// The same over loopback HTTP (receiver in a child).
@@ -71,12 +75,13 @@ pub enum Case {
 
 /// Latency cases run before the blob cases: deleting a few GiB of blob directories slowed
 /// the fsyncs that follow for a while (write-to-visible p99 went from 2 ms to 33 ms).
-const ALL: [Case; 10] = [
+const ALL: [Case; 11] = [
     Case::Limits,
     Case::Initial,
     Case::InitialHttp,
     Case::Delta,
     Case::Noop,
+    Case::Audit,
     Case::Visible,
     Case::VisibleHttp,
     Case::Blob,
@@ -92,6 +97,7 @@ impl Case {
             Case::InitialHttp => "initial-http",
             Case::Delta => "delta",
             Case::Noop => "noop",
+            Case::Audit => "audit",
             Case::Blob => "blob",
             Case::BlobHttp => "blob-http",
             Case::Visible => "visible",
@@ -107,6 +113,7 @@ impl Case {
             Case::InitialHttp => http::initial(fx),
             Case::Delta => sync::delta(fx),
             Case::Noop => sync::noop(fx),
+            Case::Audit => audit::run(fx),
             Case::Blob => blobs::run(fx),
             Case::BlobHttp => http::blobs(fx),
             Case::Visible => visible::run(fx),
@@ -133,6 +140,8 @@ pub struct Sizes {
     pub noop_origins: Vec<usize>,
     /// No-op rounds per origin count.
     pub noop_rounds: usize,
+    /// Audits of each kind (equal replicas, 100 keys differing).
+    pub audit_reps: usize,
     /// Bytes of files per blob case.
     pub blob_total: u64,
     /// File sizes of the blob cases.
@@ -159,6 +168,7 @@ impl Sizes {
                 delta_reps: 5,
                 noop_origins: vec![2, 10, 100],
                 noop_rounds: 11,
+                audit_reps: 5,
                 blob_total: 16 * MIB,
                 blob_files: vec![MIB, 8 * MIB],
                 visible_writes: 100,
@@ -175,6 +185,7 @@ impl Sizes {
                 delta_reps: 10,
                 noop_origins: vec![2, 10, 100],
                 noop_rounds: 21,
+                audit_reps: 10,
                 blob_total: 1024 * MIB,
                 blob_files: vec![MIB, 256 * MIB],
                 visible_writes: 1000,
@@ -208,7 +219,7 @@ const USAGE: &str = "usage: cargo bench --bench e2e -- [--quick] [--case NAME]..
 [--runs N] [--automerge BIN]
   --quick          small sizes (CI); targets are not judged
   --case NAME      run only these cases (repeatable): limits initial initial-http delta noop
-                   blob blob-http visible visible-http automerge
+                   audit visible visible-http blob blob-http automerge
   --records N      records of the initial sync and of the largest delta store
   --runs N         runs of each multi-second figure (default 3; quick peer 1)
   --automerge BIN  the automerge peer (default: target/release/highwater-bench-automerge,
