@@ -219,7 +219,8 @@ fn db_size(dir: &std::path::Path) -> TestResult<u64> {
 }
 
 #[test]
-fn a_redb_node_that_keeps_writing_and_deleting_stays_the_same_size_once_it_purges() -> TestResult {
+fn a_redb_node_that_keeps_writing_and_deleting_stays_the_same_size_once_it_purges(
+) -> TestResult {
     const KEYS: usize = 20_000;
     let time = ManualTime::at_secs(T0);
     let dir = tempfile::tempdir()?;
@@ -230,24 +231,18 @@ fn a_redb_node_that_keeps_writing_and_deleting_stays_the_same_size_once_it_purge
         for chunk in (0..KEYS).collect::<Vec<_>>().chunks(5000) {
             node.write_batch(chunk.iter().map(|i| {
                 let k = key(&format!("c{cycle}-{i:06}"));
-                (
-                    notes(),
-                    k,
-                    highwater::Op::Put {
-                        value: vec![7u8; 120],
-                        blob: None,
-                    },
-                )
+                (notes(), k, highwater::Op::Put {
+                    value: vec![7u8; 120],
+                    blob: None,
+                })
             }))?;
         }
         for chunk in (0..KEYS).collect::<Vec<_>>().chunks(5000) {
-            node.write_batch(chunk.iter().map(|i| {
-                (
-                    notes(),
-                    key(&format!("c{cycle}-{i:06}")),
-                    highwater::Op::Delete,
-                )
-            }))?;
+            node.write_batch(
+                chunk
+                    .iter()
+                    .map(|i| (notes(), key(&format!("c{cycle}-{i:06}")), highwater::Op::Delete)),
+            )?;
         }
         time.advance(31 * DAY);
         let mut purged = 0;

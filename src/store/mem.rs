@@ -6,8 +6,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::audit::{item_hash, split_positions, AuditPoint, AuditRange, Fingerprint};
 use super::{
-    apply_batch, Batch, BatchReport, Floor, KeyRange, PeerKnowledge, ScopeRefs, Store, StoreRead,
-    TxnOps,
+    apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, ScopeRefs, Store, StoreRead, TxnOps,
 };
 use crate::error::StoreError;
 use crate::hash::Hash;
@@ -30,8 +29,6 @@ struct State {
     blob_refs: BTreeMap<Hash, BTreeMap<Scope, ScopeRefs>>,
     /// scope -> purge floor; no zero entry.
     floors: BTreeMap<Scope, u64>,
-    /// scope -> the newest mark retired there; no zero entry.
-    retired: BTreeMap<Scope, u64>,
     /// peer -> last seen; only peers in `peers`.
     seen: BTreeMap<NodeId, u64>,
 }
@@ -327,21 +324,13 @@ impl TxnOps for State {
         Ok(self.records.contains_key(&(scope.clone(), key.clone())))
     }
 
-    fn get_floor(&mut self, kind: Floor, scope: &Scope) -> Result<u64, StoreError> {
-        let floors = match kind {
-            Floor::Purge => &self.floors,
-            Floor::Retired => &self.retired,
-        };
-        Ok(floors.get(scope).copied().unwrap_or(0))
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError> {
+        Ok(self.floors.get(scope).copied().unwrap_or(0))
     }
 
-    fn set_floor(&mut self, kind: Floor, scope: &Scope, time: u64) -> Result<(), StoreError> {
-        let floors = match kind {
-            Floor::Purge => &mut self.floors,
-            Floor::Retired => &mut self.retired,
-        };
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError> {
         if time > 0 {
-            floors.insert(scope.clone(), time);
+            self.floors.insert(scope.clone(), time);
         }
         Ok(())
     }

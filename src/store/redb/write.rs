@@ -18,8 +18,7 @@ use crate::hlc::{Hlc, NodeId};
 use crate::record::ScopeFilter;
 use crate::record::{BlobRef, Key, Scope, Version};
 use crate::store::{
-    apply_batch, item_hash, Batch, BatchReport, Durability, Floor, PeerKnowledge, Store, StoreRead,
-    TxnOps,
+    apply_batch, item_hash, Batch, BatchReport, Durability, PeerKnowledge, Store, StoreRead, TxnOps,
 };
 
 impl RedbStore {
@@ -157,16 +156,14 @@ impl TxnOps for Writer<'_> {
         Ok(self.keys.get(record_key(scope, key).as_slice())?.is_some())
     }
 
-    fn get_floor(&mut self, kind: Floor, scope: &Scope) -> Result<u64, StoreError> {
-        stored_floor(&self.meta, kind, scope)
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError> {
+        stored_floor(&self.meta, scope)
     }
 
-    fn set_floor(&mut self, kind: Floor, scope: &Scope, time: u64) -> Result<(), StoreError> {
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError> {
         if time > 0 {
-            self.meta.insert(
-                floor_key(kind, scope).as_str(),
-                time.to_be_bytes().as_slice(),
-            )?;
+            self.meta
+                .insert(floor_key(scope).as_str(), time.to_be_bytes().as_slice())?;
         }
         Ok(())
     }
