@@ -191,7 +191,10 @@ fn purge_removes_old_tombstones_from_a_data_dir() -> TestResult {
     let out = String::from_utf8(ok(&["purge", "--data", data])?)?;
     assert!(out.starts_with("purged 0 tombstones"), "{out}");
     let status = status_json(&["--data", data])?;
-    assert_eq!(status["scopes"]["app/notes/items"]["residency"]["tombstoned"], 1);
+    assert_eq!(
+        status["scopes"]["app/notes/items"]["residency"]["tombstoned"],
+        1
+    );
     // With no retention, and no peer to wait for, it goes; the live record stays.
     let out = String::from_utf8(ok(&[
         "purge",
@@ -207,7 +210,10 @@ fn purge_removes_old_tombstones_from_a_data_dir() -> TestResult {
         status["scopes"]["app/notes/items"]["residency"],
         serde_json::json!({"resident": 1, "staged": 0, "tombstoned": 0})
     );
-    assert_eq!(ok(&["get", "--data", data, "app/notes/items", "kept"])?, b"v");
+    assert_eq!(
+        ok(&["get", "--data", data, "app/notes/items", "kept"])?,
+        b"v"
+    );
     Ok(())
 }
 

@@ -943,15 +943,17 @@ fn removals_take_out_exactly_the_named_version(store: &dyn Store) -> TestResult 
     Ok(())
 }
 
-/// A version at or below its scope's floor that the store's mark covers is refused for a
-/// key the store does not hold (its delete was purged), merged as ever for a key it holds
-/// or when the mark does not cover it (never had); floors only rise and are per scope.
+/// A version at or below its scope's floor that the store's mark covers (or of an origin
+/// without a mark) is refused for a key the store does not hold (its delete was purged),
+/// merged as ever for a key it holds or when the mark does not cover it (never had); floors
+/// only rise and are per scope.
 fn the_floor_refuses_old_versions_of_keys_not_held(store: &dyn Store) -> TestResult {
     let s = Scope::shared();
     let other = scope("app/x/y");
     store.commit(&upserts(&s, &[("held", put(3, 1, "old"))]))?;
     store.commit(&advances(&[
         (&s, None, hlc(10, 2)),
+        (&s, None, hlc(5, 3)),
         (&other, None, hlc(10, 2)),
     ]))?;
     let mut batch = Batch::new(0, Durability::Deferred);
@@ -963,6 +965,11 @@ fn the_floor_refuses_old_versions_of_keys_not_held(store: &dyn Store) -> TestRes
         (s.clone(), key("later"), put(11, 2, "above")),
         (other.clone(), key("new"), put(9, 2, "above its floor")),
         (s.clone(), key("unseen"), put(7, 3, "never had")),
+        (
+            s.clone(),
+            key("stranger"),
+            put(7, 4, "an origin without a mark"),
+        ),
     ];
     batch.advances = vec![Advance {
         scope: s.clone(),
@@ -970,7 +977,7 @@ fn the_floor_refuses_old_versions_of_keys_not_held(store: &dyn Store) -> TestRes
         top: hlc(11, 2),
     }];
     let report = store.commit(&batch)?;
-    assert_eq!(report.refused, vec![0, 2], "{report:?}");
+    assert_eq!(report.refused, vec![0, 2, 6], "{report:?}");
     assert_eq!(report.applied, vec![1, 3, 4, 5]);
     assert_eq!(
         report.advanced,

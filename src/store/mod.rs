@@ -92,10 +92,11 @@ pub struct Batch {
     /// Stored versions to remove (a purge): the key's stored version goes, with its index
     /// entry and blob reference, iff its Hlc is this one; otherwise nothing happens.
     pub removals: Vec<(Scope, Key, Hlc)>,
-    /// Versions to merge, in order. A version at or below its scope's floor, which this
-    /// store's mark for its origin covers (as the batch found it), of a key this store does
-    /// not hold, is refused ([`BatchReport::refused`]): the store had that key and purged
-    /// its delete, and taking the version would bring the record back.
+    /// Versions to merge, in order. A version at or below its scope's floor, of a key this
+    /// store does not hold, whose origin's mark here covers it or is absent (as the batch
+    /// found it), is refused ([`BatchReport::refused`]): the store had that key and purged
+    /// its delete (or, without a mark, cannot tell), and taking the version could bring the
+    /// record back.
     pub upserts: Vec<(Scope, Key, Version)>,
     /// Watermark advances, evaluated after the upserts.
     pub advances: Vec<Advance>,
@@ -485,10 +486,14 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
         // its key: by the watermark invariant we held it or a newer version of the key, and
         // only a purge removes a stored version (a tombstone, at or below the floor). Taking
         // it would resurrect a deleted record; it is refused, in the same transaction as the
-        // floor and marks it is checked against. A version our marks do not cover is one we
-        // never had, and merges as ever.
+        // floor and marks it is checked against. So is one of an origin we keep no mark for
+        // (never heard of, or retired): we cannot tell whether it is the older write of a key
+        // whose delete we purged, and it is older than the floor, hence than the retention.
+        // A version our mark does not cover is one we never had, and merges as ever.
         if version.hlc.time() <= floor
-            && ops.get_mark(scope, version.hlc.origin())? >= Some(version.hlc)
+            && ops
+                .get_mark(scope, version.hlc.origin())?
+                .is_none_or(|mark| mark >= version.hlc)
             && !ops.has_record(scope, key)?
         {
             report.refused.push(i);

@@ -687,12 +687,23 @@ async fn purge(data: &Path, config: EngineConfig) -> Result<(), CliError> {
         total.scanned,
         started.elapsed().as_secs_f64(),
         total.retired_peers.len(),
-        if total.retired_peers.len() == 1 { "" } else { "s" },
+        if total.retired_peers.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
         total.retired_origins.len(),
-        if total.retired_origins.len() == 1 { "" } else { "s" },
+        if total.retired_origins.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
     );
     for (scope, floor) in &total.floors {
-        println!("floor of {scope}: {}", highwater::Hlc::new(*floor, engine.node_id()));
+        println!(
+            "floor of {scope}: {}",
+            highwater::Hlc::new(*floor, engine.node_id())
+        );
     }
     Ok(())
 }
