@@ -189,15 +189,7 @@ impl SyncEngine {
             batch.advances.iter().map(|a| &a.scope),
             Some(knowledge_peer),
         );
-        let refused: Vec<super::Refused> = report
-            .refused
-            .iter()
-            .map(|&i| {
-                let (s, k, v) = &batch.upserts[i];
-                (s.clone(), k.clone(), v.hlc)
-            })
-            .collect();
-        self.announce_refused(peer, &refused, false);
+        let refused = self.refused_in(peer, &batch, &report.refused);
         Ok(Applied {
             received,
             applied: report.applied.len(),
