@@ -116,8 +116,8 @@ fn a_peer_back_after_too_long_reclones_keeps_its_own_writes_and_loses_the_delete
     // floor ("early", older than the purged delete) is refused, as an older write of a
     // purged key would be, and b is told; the later one is taken. The audit then ships b's
     // copy of the deleted record, the hub refuses it, and b drops it.
-    let mut b_events = b.notifier().subscribe();
-    let mut hub_events = hub.notifier().subscribe();
+    let b_events = b.notifier().subscribe();
+    let hub_events = hub.notifier().subscribe();
     let (mut audit_wanted, mut dropped) = (false, 0);
     loop {
         let out = block_on(b.exchange(&link(&hub)))?;
