@@ -159,6 +159,26 @@ impl TryFrom<&[u8]> for Key {
     }
 }
 
+impl fmt::Display for Key {
+    /// The key as text: UTF-8 as it is, with control characters escaped (`\n`, `\u{1b}`),
+    /// so a printed key cannot drive a terminal; a key that is not UTF-8 as `0x` and hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(s) => s.chars().try_for_each(|c| {
+                if c.is_control() {
+                    write!(f, "{}", c.escape_default())
+                } else {
+                    write!(f, "{c}")
+                }
+            }),
+            Err(_) => {
+                f.write_str("0x")?;
+                self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+        }
+    }
+}
+
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match std::str::from_utf8(&self.0) {
@@ -295,6 +315,16 @@ impl Residency {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_prints_as_text_with_controls_escaped_or_as_hex() {
+        assert_eq!(Key::new("notes/1").unwrap().to_string(), "notes/1");
+        assert_eq!(
+            Key::new("a\x1b[2Jb\n").unwrap().to_string(),
+            "a\\u{1b}[2Jb\\n"
+        );
+        assert_eq!(Key::new(vec![0xff, 0x00]).unwrap().to_string(), "0xff00");
+    }
 
     #[test]
     fn scopes_parse_strictly() {

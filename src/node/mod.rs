@@ -28,7 +28,7 @@ mod status;
 mod sync;
 pub mod terminal;
 
-pub use self::records::{open_api, open_api_with, CommandError};
+pub use self::records::{open_api, open_api_reading, open_api_with, CommandError};
 pub use self::status::render_status;
 pub use self::sync::{render_audit, sync_until_done, SyncTotals};
 /// The records API's types, where they were before [`crate::api`] held them.
@@ -183,6 +183,12 @@ pub enum NodeError {
         /// The running node's URL, if it wrote one.
         url: Option<String>,
     },
+    /// A command that only reads was given a data directory that does not exist.
+    #[error("no data directory at {}: a command that only reads does not create one (check --data)", dir.display())]
+    NoDataDir {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// The data directory could not be opened.
     #[error("cannot open data directory {}", dir.display())]
     Open {
@@ -261,6 +267,20 @@ impl From<TransportError> for NodeError {
 /// [`NodeError::Open`] for any other failure.
 pub fn open_data_dir(dir: &Path, config: EngineConfig) -> Result<SyncEngine, NodeError> {
     open_data_dir_as(dir, config, false)
+}
+
+/// Refuses a data directory that does not exist (for commands that only read).
+///
+/// # Errors
+/// [`NodeError::NoDataDir`] when `dir` is not a directory.
+pub fn require_data_dir(dir: &Path) -> Result<(), NodeError> {
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(NodeError::NoDataDir {
+            dir: dir.to_owned(),
+        })
+    }
 }
 
 /// [`open_data_dir`], or with `restored`, [`SyncEngine::open_restored`] (a fresh id first).
@@ -354,6 +374,20 @@ impl Node {
                 return Err(NodeError::DuplicatePeer { url: url.clone() });
             }
             peers.push(Arc::new(peer));
+        }
+        // Bound before the data directory is opened, so a port in use leaves no directory
+        // behind (opening creates a missing one).
+        let listener = bind(options.listen).map_err(|source| NodeError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let mut accept_new = Vec::new();
+        for url in &options.accept_new_peer_ids {
+            let base = HttpTransport::new(url, None)?.base_url().to_owned();
+            if !peers.iter().any(|p| p.base_url() == base) {
+                return Err(NodeError::NotAPeer { url: url.clone() });
+            }
+            accept_new.push(base);
         }
         let engine = Arc::new(open_data_dir_as(
             &options.data,

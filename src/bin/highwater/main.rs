@@ -14,6 +14,7 @@ mod demo;
 use clap::{Args, Parser, Subcommand};
 use highwater::api::{all_scopes, Listed, NodeApi};
 use highwater::engine::EngineConfig;
+use highwater::error::{RefusalCode, TransportError};
 use highwater::http::{ClientConfig, HttpTransport, DEFAULT_MAX_CONNECTIONS};
 use highwater::node::terminal::{escape_line, escape_text, EscapingWriter};
 use highwater::node::{
@@ -115,8 +116,13 @@ enum Command {
         /// The peer's root URL (`http://` or `https://`).
         #[arg(long)]
         peer: String,
-        /// The token to present to the peer.
-        #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
+        /// The token to present to the peer (`--peer-token` is the same option).
+        #[arg(
+            long = "token",
+            visible_alias = "peer-token",
+            env = "HIGHWATER_PEER_TOKEN",
+            hide_env_values = true
+        )]
         peer_token: Option<String>,
         /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
         /// trusted roots.
@@ -138,8 +144,13 @@ enum Command {
         /// The peer's root URL (`http://` or `https://`).
         #[arg(long)]
         peer: String,
-        /// The token to present to the peer.
-        #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
+        /// The token to present to the peer (`--peer-token` is the same option).
+        #[arg(
+            long = "token",
+            visible_alias = "peer-token",
+            env = "HIGHWATER_PEER_TOKEN",
+            hide_env_values = true
+        )]
         peer_token: Option<String>,
         /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
         /// trusted roots.
@@ -261,13 +272,24 @@ struct Target {
 }
 
 impl Target {
-    fn open(&self) -> Result<Box<dyn NodeApi>, NodeError> {
-        let client = ClientConfig {
+    fn client(&self) -> ClientConfig {
+        ClientConfig {
             token: self.token.clone(),
             ca_file: self.ca_file.clone(),
             ..ClientConfig::default()
-        };
-        node::open_api_with(&self.node, client, self.data.as_deref())
+        }
+    }
+
+    /// The node or data directory, for a command that writes (a missing directory is
+    /// created).
+    fn open(&self) -> Result<Box<dyn NodeApi>, NodeError> {
+        node::open_api_with(&self.node, self.client(), self.data.as_deref())
+    }
+
+    /// The node or data directory, for a command that only reads (a missing directory is
+    /// an error, never created).
+    fn read(&self) -> Result<Box<dyn NodeApi>, NodeError> {
+        node::open_api_reading(&self.node, self.client(), self.data.as_deref())
     }
 }
 
@@ -279,6 +301,23 @@ enum CliError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// The peer of `sync` or `audit` refused our token (401).
+    #[error("the peer {peer} refused the token: {reason} (give the peer's token with --token or HIGHWATER_PEER_TOKEN)")]
+    PeerUnauthorized { peer: String, reason: String },
+}
+
+/// A failed `sync` or `audit` with `peer`: a refused token names the option to give it with.
+fn peer_failed(peer: &str, e: highwater::Error) -> CliError {
+    match e {
+        highwater::Error::Transport(TransportError::Refused {
+            code: RefusalCode::Unauthorized,
+            reason,
+        }) => CliError::PeerUnauthorized {
+            peer: peer.to_owned(),
+            reason,
+        },
+        other => NodeError::from(other).into(),
+    }
 }
 
 impl From<highwater::Error> for CliError {
@@ -391,7 +430,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             scope,
             key: k,
         } => {
-            let record = records::get(&*target.open()?, &scope, &key(&k)?).await?;
+            let record = records::get(&*target.read()?, &scope, &key(&k)?).await?;
             let mut out = std::io::stdout().lock();
             let value = if out.is_terminal() {
                 escape_text(&record.value).into_bytes()
@@ -417,7 +456,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             prefix,
             limit,
         } => {
-            let api = target.open()?;
+            let api = target.read()?;
             let mut out = std::io::stdout().lock();
             records::list(&*api, &scope, prefix.as_bytes(), limit, |item| {
                 writeln!(out, "{}", listed_line(item)).map_err(io_error(Path::new("stdout")))
@@ -439,7 +478,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             scope,
             key: k,
             path,
-        } => Ok(get_file(&*target.open()?, &scope, &key(&k)?, &path).await?),
+        } => Ok(get_file(&*target.read()?, &scope, &key(&k)?, &path).await?),
         Command::Sync {
             data,
             peer,
@@ -469,7 +508,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         }
         Command::Demo { .. } => unreachable!("handled in main"),
         Command::Status { target, json } => {
-            let status = target.open()?.status(all_scopes()).await?;
+            let status = target.read()?.status(all_scopes()).await?;
             if json {
                 println!("{:#}", status.to_json());
             } else {
@@ -583,7 +622,7 @@ async fn sync(
     };
     bar.finish_and_clear();
     engine.flush().map_err(NodeError::from)?;
-    let totals = result.map_err(NodeError::from)?;
+    let totals = result.map_err(|e| peer_failed(peer, e))?;
     println!(
         "synced with {} in {} round{} ({:.1} s): {}",
         totals.peer.map(|p| p.to_string()).unwrap_or_default(),
@@ -613,7 +652,7 @@ async fn audit(data: &Path, peer: &str, client: ClientConfig) -> Result<(), CliE
         }
     };
     engine.flush().map_err(NodeError::from)?;
-    let outcome = result.map_err(NodeError::from)?;
+    let outcome = result.map_err(|e| peer_failed(peer, e))?;
     print!(
         "{}",
         node::render_audit(&outcome, started.elapsed(), REPAIRED_SHOWN)
