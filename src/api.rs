@@ -251,6 +251,11 @@ pub struct Status {
     pub scopes: BTreeMap<Scope, ScopeStatus>,
     /// Every peer the node has completed a round with, in either role.
     pub peers: Vec<PeerLag>,
+    /// Every peer this node is configured to sync with (its scheduler's peers, by the name
+    /// each was added under: a node's are its `--peer` URLs), from the start, before any
+    /// round succeeded. Empty for a node that runs no scheduler.
+    #[serde(default)]
+    pub configured_peers: Vec<PeerLink>,
     /// The blob store's totals.
     pub blobs: BlobTotals,
 }
@@ -301,6 +306,65 @@ pub struct PeerLag {
     /// The last audit with the peer since the node started, in either role, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_audit: Option<LastAudit>,
+}
+
+/// A peer this node syncs with, as its scheduler sees it (see [`crate::PeerStatus`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLink {
+    /// The name the peer was added under (a node's peers: their URLs).
+    pub name: String,
+    /// The peer's node id, once known.
+    #[serde(default, with = "text_option")]
+    pub id: Option<NodeId>,
+    /// Whether the last round with the peer succeeded (false before the first one ended).
+    pub connected: bool,
+    /// When the last round succeeded.
+    pub last_success_unix_ms: Option<u64>,
+    /// Why the last failed round failed, with its causes (kept after later successes).
+    pub last_error: Option<String>,
+    /// Failed rounds since the last success.
+    pub consecutive_failures: u32,
+    /// Live versions written on this node that the peer had not acknowledged as of the last
+    /// round (counted up to [`UNACKNOWLEDGED_COUNTED`] per scope).
+    pub unacknowledged: u64,
+    /// Streams this node halted, waiting for a file the peer could not give.
+    pub files_missing: u64,
+    /// Streams halted either way, and why, as of the last round.
+    pub halted: Vec<HaltedStream>,
+    /// The last audit the scheduler ran with the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_audit: Option<LastAudit>,
+}
+
+/// The most unacknowledged writes [`PeerLink::unacknowledged`] counts per scope: the count
+/// is a scan, and beyond this the number says "many".
+pub const UNACKNOWLEDGED_COUNTED: usize = 10_000;
+
+/// A stream (scope and origin) that one side of a round halted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaltedStream {
+    /// The scope.
+    pub scope: Scope,
+    /// The origin.
+    #[serde(with = "text")]
+    pub origin: NodeId,
+    /// `here` (this node refused what the peer sent) or `peer` (the peer refused ours).
+    pub by: HaltSide,
+    /// `clock_skew`, `own_origin` or `blob_unavailable`.
+    pub reason: String,
+    /// For a clock skew: how far ahead the origin's clock was, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ahead_by_ms: Option<u64>,
+}
+
+/// Which side halted a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HaltSide {
+    /// This node.
+    Here,
+    /// The peer.
+    Peer,
 }
 
 /// What the last audit with a peer found (see [`crate::SyncEngine::audit`]).
@@ -468,6 +532,7 @@ mod tests {
                 behind: Vec::new(),
                 last_audit: None,
             }],
+            configured_peers: Vec::new(),
             blobs: BlobTotals { count: 2, bytes: 9 },
         };
         let json = status.to_json();
@@ -486,6 +551,7 @@ mod tests {
                                "ours": "7000000000000000000/aa", "theirs": null}],
                     "behind": [],
                 }],
+                "configured_peers": [],
                 "blobs": {"count": 2, "bytes": 9},
             })
         );

@@ -224,6 +224,16 @@ pub enum ProtocolError {
         /// The node that answered.
         found: NodeId,
     },
+    /// The response came from another node than the one expected, which says it is that
+    /// node under a fresh id (it was restored from a backup and vouches for its previous
+    /// id). Nothing of the response was applied.
+    #[error("expected peer {old}, but {new} answered, which says it was {old} before it took a fresh id")]
+    PeerRestored {
+        /// The node we expected.
+        old: NodeId,
+        /// The node that answered.
+        new: NodeId,
+    },
     /// A run whose versions are not strictly ascending, or lie outside `(base, top]`.
     #[error("malformed run for scope {scope}, origin {origin}: {reason}")]
     MalformedRun {

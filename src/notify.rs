@@ -164,10 +164,46 @@ pub enum SyncEvent {
         /// The newest write by the old id the peer holds there.
         theirs: Hlc,
     },
-    /// The peer at an address now answers as another node (`peer_changed`): it was restored
-    /// from a backup with `serve --restored`, or replaced. The scheduler starts its rounds
-    /// with it afresh (its marks in full, no halts carried over), and reports the round that
-    /// found it as failed.
+    /// The node at a peer's address is not the one this node syncs with, and nothing
+    /// vouches for the change (`peer_refused`): the round is refused and nothing is sent to
+    /// it until the operator accepts the new identity
+    /// ([`crate::Scheduler::accept_new_identity`], `serve --accept-new-peer-id`).
+    PeerRefused {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The node this node syncs with there.
+        expected: NodeId,
+        /// The node that answered.
+        found: NodeId,
+    },
+    /// A round with `peer` succeeded after none had or after a failure (`connected`), or
+    /// failed after a success (not connected) (`connectivity_changed`). Published by the
+    /// scheduler.
+    ConnectivityChanged {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// Whether the last round succeeded.
+        connected: bool,
+    },
+    /// The peer refused versions this node sent because their clock is too far ahead of
+    /// the peer's (`clock_skew_at_peer`): the other side of the peer's `clock_skew`. That
+    /// origin's stream to the peer halts until the clocks agree. Published by the scheduler.
+    SkewAtPeer {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The scope.
+        scope: Scope,
+        /// The origin whose clock is ahead (this node, or one whose writes it relays).
+        origin: NodeId,
+        /// How far ahead, in milliseconds, as the peer measured it.
+        ahead_by_ms: u64,
+    },
+    /// The peer at an address now answers as another node, and the change is accepted
+    /// (`peer_changed`): the new node vouches that it was the old one before it took a
+    /// fresh id (restored from a backup), or the operator accepted it
+    /// ([`crate::Scheduler::accept_new_identity`]). The scheduler starts its rounds with it
+    /// afresh (its marks in full, no halts carried over, an audit after the next round),
+    /// and reports the round that found it as failed.
     PeerChanged {
         /// The peer (see [`SyncEvent::Applied::peer`]).
         peer: String,
@@ -184,6 +220,9 @@ impl SyncEvent {
         match self {
             SyncEvent::RestoreDetected { .. } => "restore_detected",
             SyncEvent::PeerChanged { .. } => "peer_changed",
+            SyncEvent::ConnectivityChanged { .. } => "connectivity_changed",
+            SyncEvent::PeerRefused { .. } => "peer_refused",
+            SyncEvent::SkewAtPeer { .. } => "clock_skew_at_peer",
             SyncEvent::AuditCompleted { .. } => "audit_completed",
             SyncEvent::AuditFailed { .. } => "audit_failed",
             SyncEvent::Applied { .. } => "sync_applied",

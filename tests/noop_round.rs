@@ -13,7 +13,9 @@ use std::sync::Arc;
 use common::rounds::{config, link, mem_node, sync, Node, TestResult};
 use futures_executor::block_on;
 use highwater::exchange::Page;
-use highwater::wire::{encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
+use highwater::wire::{
+    encode, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseMarks,
+};
 use highwater::{Key, ManualTime, Op, Scope, ScopeFilter, SyncEngine};
 
 /// The most a quiet round may cost, request and response together.
@@ -120,7 +122,10 @@ fn full_marks_round(from: &SyncEngine, to: &SyncEngine) -> TestResult<RoundSize>
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
-        ext: Default::default(),
+        // A request with marks in full names the node it is for.
+        ext: RequestExt {
+            to: Some(to.node_id()),
+        },
     };
     let response = ExchangeResponse {
         from: to.node_id(),

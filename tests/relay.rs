@@ -6,7 +6,7 @@ mod common;
 use common::rounds::{link, mem_node, sync, sync_with, Link, Node, TestResult, Totals};
 use highwater::exchange::Page;
 use highwater::wire::{
-    encode, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks, ScopeFilter,
+    encode, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseMarks, ScopeFilter,
 };
 use highwater::{ExchangeOptions, Key, ManualTime, Scope, SyncEngine};
 
@@ -62,7 +62,10 @@ fn empty_request_len(from: &SyncEngine, to: &SyncEngine, form: MarksForm) -> Tes
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
-        ext: Default::default(),
+        // A request with its marks in full names the node it is for.
+        ext: RequestExt {
+            to: (!form.request_digest).then(|| to.node_id()),
+        },
     };
     Ok(encode(&request).len() as u64)
 }

@@ -13,8 +13,8 @@ use highwater::exchange::{Page, Run};
 use highwater::store::{AuditPoint, Fingerprint};
 use highwater::watermark::MarksDigest;
 use highwater::wire::{
-    self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseExt, ResponseMarks, MAGIC,
-    MAX_MESSAGE_LEN,
+    self, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
+    MAGIC, MAX_MESSAGE_LEN,
 };
 use highwater::{
     BlobRef, EngineConfig, Error as HwError, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId,
@@ -1154,6 +1154,7 @@ fn golden_response_v2() -> ExchangeResponse {
     ExchangeResponse {
         ext: ResponseExt {
             remaining: Some(1000),
+            previous: None,
         },
         ..golden_response_same()
     }
@@ -1169,7 +1170,31 @@ const GOLDEN_RESPONSE_V2: &str = concat!(
     "00", // halts: none
     "01",
     "e807", // ext: remaining Some(1000)
+    "00",   // ext: previous None
 );
+
+/// A quiet round's request addressed to the node it expects: version 2.
+#[test]
+fn a_request_naming_its_responder_is_version_2_with_the_id_after_the_v1_body() -> TestResult {
+    let addressed = ExchangeRequest {
+        ext: RequestExt { to: Some(id(0x0b)) },
+        ..golden_request_quiet()
+    };
+    let bytes = wire::encode(&addressed);
+    let v1 = wire::encode(&golden_request_quiet());
+    assert_eq!(bytes[4..6], [0, 2]);
+    assert_eq!(
+        bytes[6..6 + v1.len() - 6],
+        v1[6..],
+        "the version 1 body, unchanged"
+    );
+    assert_eq!(
+        hex(&bytes[v1.len()..]),
+        "010b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b" // ext: to Some(0x0b)
+    );
+    assert_eq!(wire::decode::<ExchangeRequest>(&bytes)?, addressed);
+    Ok(())
+}
 
 #[test]
 fn a_message_goes_out_in_the_lowest_version_that_carries_it() -> TestResult {

@@ -225,11 +225,36 @@ struct PeerMemory {
     last_exchange: HashMap<NodeId, SystemTime>,
     /// When we last warned of restore evidence an initiator showed us, per initiator.
     warned: HashMap<NodeId, Instant>,
+    /// When we last warned that an origin's versions were too far ahead of our clock.
+    skew_warned: HashMap<NodeId, Instant>,
     /// The last audit with each peer, in either role.
     audits: HashMap<NodeId, LastAudit>,
     /// When we last warned that a page named more new origins than the limits allow.
     bounded_warning: Option<Instant>,
+    /// The id this node had before it last took a fresh one (stored as a note), which it
+    /// vouches for when a request is addressed to it.
+    previous: Option<NodeId>,
+    /// Where the status document finds the peers a scheduler runs rounds with (weak: a
+    /// scheduler that is gone shows none).
+    links: Option<std::sync::Weak<LinkSource>>,
 }
+
+/// The note holding the id a node had before it took a fresh one.
+const PREVIOUS_ID_NOTE: &str = "previous_id";
+
+/// Takes a fresh node id in `store`, noting the id it replaces first (a crash between the
+/// two leaves the note naming the id still in use, which vouches for nothing).
+fn take_fresh_id(store: &dyn Store) -> Result<NodeId> {
+    let old = store.identity(NodeId::random())?;
+    store.set_note(PREVIOUS_ID_NOTE, Some(&old.to_bytes()))?;
+    let new = NodeId::random();
+    store.replace_identity(new)?;
+    Ok(old)
+}
+
+/// What a scheduler tells the status document of its peers (see [`crate::api::PeerLink`];
+/// the engine fills in what its store knows).
+pub(crate) type LinkSource = dyn Fn() -> Vec<crate::api::PeerLink> + Send + Sync;
 
 impl SyncEngine {
     /// Opens (or creates) a node in directory `dir` with default settings.
@@ -271,7 +296,7 @@ impl SyncEngine {
     fn open_dir(dir: &Path, config: EngineConfig, fresh_identity: bool) -> Result<Self> {
         let store = RedbStore::open_with_cache(dir.join(DB_FILE), config.cache_bytes)?;
         if fresh_identity {
-            store.replace_identity(NodeId::random())?;
+            take_fresh_id(&store)?;
         }
         let blobs = Arc::new(FsBlobStore::open(dir.join(BLOB_DIR))?);
         Self::with_stores(Box::new(store), blobs, config)
@@ -282,7 +307,7 @@ impl SyncEngine {
     /// # Errors
     /// A store failure, or `config.max_drift` out of range.
     pub fn with_fresh_identity(store: Box<dyn Store>, config: EngineConfig) -> Result<Self> {
-        store.replace_identity(NodeId::random())?;
+        take_fresh_id(&*store)?;
         Self::with_store(store, config)
     }
 
@@ -323,6 +348,10 @@ impl SyncEngine {
         // A page must fit a message with room for one maximal value and the watermarks.
         config.page_bytes = config.page_bytes.clamp(1, MAX_PAGE_BYTES);
         let id = store.identity(NodeId::random())?;
+        let previous = store
+            .note(PREVIOUS_ID_NOTE)?
+            .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+            .and_then(NodeId::from_bytes);
         let clock = Clock::new(id, config.time.clone(), config.max_drift)?;
         clock.restore(store.read()?.clock()?);
         let inner = Inner {
@@ -331,7 +360,10 @@ impl SyncEngine {
             config,
             local_writes: Mutex::new(()),
             pending: Mutex::new(Pending::default()),
-            peers: Mutex::new(PeerMemory::default()),
+            peers: Mutex::new(PeerMemory {
+                previous,
+                ..PeerMemory::default()
+            }),
             blobs,
             guards: Mutex::new(BlobGuards::default()),
             notifier: Notifier::new(),
@@ -356,6 +388,54 @@ impl SyncEngine {
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The id the peer called `name` is expected to answer with (see
+    /// [`SyncEngine::expect_peer`]), if one is noted.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn expected_peer(&self, name: &str) -> Result<Option<NodeId>> {
+        let note = self.inner.store.note(&format!("peer/{name}"))?;
+        Ok(note
+            .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+            .and_then(NodeId::from_bytes))
+    }
+
+    /// Notes, durably, that the peer called `name` (the scheduler's name for it: a node's
+    /// peers are their URLs) is node `id` (`None`: forget it), so that rounds with it after
+    /// a restart are addressed to that node and refused by any other (see
+    /// `docs/scheduling.md`, "A peer that changed its id").
+    ///
+    /// # Errors
+    /// The store failed; the old note stands.
+    pub fn expect_peer(&self, name: &str, id: Option<NodeId>) -> Result<()> {
+        let bytes = id.map(|id| id.to_bytes());
+        self.inner.store.set_note(
+            &format!("peer/{name}"),
+            bytes.as_ref().map(|b| b.as_slice()),
+        )?;
+        Ok(())
+    }
+
+    /// The id this node had before it last took a fresh one, if it ever did.
+    pub fn previous_id(&self) -> Option<NodeId> {
+        lock(&self.inner.peers).previous
+    }
+
+    /// Makes the status document list the peers `source` names (the last scheduler started
+    /// on this engine; see [`crate::api::Status::configured_peers`]).
+    pub(crate) fn show_links(&self, source: std::sync::Weak<LinkSource>) {
+        lock(&self.inner.peers).links = Some(source);
+    }
+
+    /// The peers the scheduler runs rounds with, as it sees them.
+    fn links(&self) -> Vec<crate::api::PeerLink> {
+        let source = lock(&self.inner.peers).links.clone();
+        source
+            .and_then(|s| s.upgrade())
+            .map(|s| s())
+            .unwrap_or_default()
     }
 
     /// The node's event notifier: subscribe to changes and sync events.

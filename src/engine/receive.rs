@@ -238,12 +238,15 @@ impl SyncEngine {
     pub(super) fn announce_halts(&self, peer: &str, halts: &[Halt]) {
         for h in halts {
             let event = match &h.reason {
-                HaltReason::ClockSkew { ahead_by_ms } => SyncEvent::ClockSkew {
+                HaltReason::ClockSkew { ahead_by_ms } => {
+                    self.warn_of_skew(peer, h, *ahead_by_ms);
+                    SyncEvent::ClockSkew {
                     peer: peer.to_owned(),
                     scope: h.scope.clone(),
                     origin: h.origin,
                     ahead_by_ms: *ahead_by_ms,
-                },
+                    }
+                }
                 HaltReason::BlobUnavailable { hash } => SyncEvent::BlobStaged {
                     peer: peer.to_owned(),
                     scope: h.scope.clone(),
@@ -254,5 +257,28 @@ impl SyncEngine {
             };
             self.inner.notifier.publish(Event::Sync(event));
         }
+    }
+
+    /// Logs (at most once a minute per origin) that versions of `halt`'s origin were
+    /// refused as too far ahead of this node's clock.
+    fn warn_of_skew(&self, peer: &str, halt: &Halt, ahead_by_ms: u64) {
+        const QUIET: std::time::Duration = std::time::Duration::from_secs(60);
+        {
+            let mut peers = super::lock(&self.inner.peers);
+            let last = peers.skew_warned.get(&halt.origin);
+            if last.is_some_and(|t| t.elapsed() < QUIET) {
+                return;
+            }
+            peers
+                .skew_warned
+                .insert(halt.origin, std::time::Instant::now());
+        }
+        tracing::warn!(
+            %peer, scope = %halt.scope, origin = %halt.origin, ahead_by_ms,
+            max_drift = ?self.inner.config.max_drift,
+            "versions of this origin are ahead of this node's clock by more than the max \
+             drift: its stream halts until the clocks agree (fix the clock of the node that \
+             wrote them, or this node's if it is behind)"
+        );
     }
 }

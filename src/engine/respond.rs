@@ -78,6 +78,7 @@ impl SyncEngine {
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
     pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
         let limits = self.page_limits(self.inner.config.max_page_limit);
+        let to = request.ext.to;
         let planned = Answer::plan(
             self.node_id(),
             &*self.inner.store.read()?,
@@ -86,7 +87,13 @@ impl SyncEngine {
             &|b: &BlobRef| self.has_blob(b),
         )?;
         let answer = match planned {
-            Answering::Resend(response) => return Ok(response),
+            Answering::Resend(mut response) => {
+                // Addressed to the id we had before a fresh one: vouch that we were it.
+                if to.is_some() && to != Some(response.from) && to == self.previous_id() {
+                    response.ext.previous = to;
+                }
+                return Ok(response);
+            }
             Answering::Apply(answer) => answer,
         };
         let from = answer.from();

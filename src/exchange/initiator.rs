@@ -159,6 +159,12 @@ impl Initiation {
             }
             _ => RequestMarks::Full(mine.clone()),
         };
+        // A request that carries versions or our marks in full names the node it is for,
+        // which refuses it unless it is that node: nothing reaches a node that replaced the
+        // expected one at its address. A quiet request (a digest, no versions) changes
+        // nothing on a node that did not record our marks, and stays version 1.
+        let to =
+            expected.filter(|_| !page.runs.is_empty() || matches!(marks, RequestMarks::Full(_)));
         let request = ExchangeRequest {
             from: me,
             scopes: scopes.clone(),
@@ -167,7 +173,7 @@ impl Initiation {
             page,
             limit: u32::try_from(limits.versions).unwrap_or(u32::MAX),
             deferred: ours.iter().cloned().collect(),
-            ext: RequestExt::default(),
+            ext: RequestExt { to },
         };
         Ok(Initiation {
             me,
@@ -205,6 +211,13 @@ impl Initiation {
             return Err(ProtocolError::PeerIsSelf { node: self.me }.into());
         }
         if let Some(expected) = self.expected.filter(|e| *e != peer) {
+            if response.ext.previous == Some(expected) {
+                return Err(ProtocolError::PeerRestored {
+                    old: expected,
+                    new: peer,
+                }
+                .into());
+            }
             return Err(ProtocolError::UnexpectedPeer {
                 expected,
                 found: peer,
@@ -229,6 +242,7 @@ impl Initiation {
                     .into());
                 }
                 self.request.marks = RequestMarks::Full(self.mine.clone());
+                self.request.ext.to = self.expected;
                 return Ok(Reply::Resend(self.request.clone()));
             }
         };

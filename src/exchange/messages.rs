@@ -49,7 +49,14 @@ pub struct ExchangeRequest {
 /// What a request carries beyond version 1 (see docs/protocol.md, "Versioning"). A request
 /// whose extension is empty is sent as version 1, byte for byte.
 #[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
-pub struct RequestExt {}
+pub struct RequestExt {
+    /// The node the initiator means to reach, named in a request that carries versions or
+    /// the initiator's marks in full (`None` in a quiet request, or before the initiator
+    /// knows its peer). A responder with another id answers [`ExchangeResponse::elsewhere`]
+    /// and applies and records nothing of the request, so nothing is pushed to a node that
+    /// replaced the one expected at an address before its identity is checked.
+    pub to: Option<NodeId>,
+}
 
 impl RequestExt {
     /// Whether nothing here needs version 2.
@@ -66,6 +73,10 @@ pub struct ResponseExt {
     /// response's page, in the scopes in play (as far as the responder could count them:
     /// see `docs/protocol.md`); `None` when it did not count.
     pub remaining: Option<u64>,
+    /// The id the responder had before it took a fresh one (restored from a backup, see
+    /// `SyncEngine::open_restored`), sent when a request was addressed to that id: the
+    /// responder vouches that it is the node the initiator expected, under a new id.
+    pub previous: Option<NodeId>,
 }
 
 impl ResponseExt {
@@ -106,6 +117,19 @@ pub struct ExchangeResponse {
 }
 
 impl ExchangeResponse {
+    /// The answer to a request addressed to another node ([`RequestExt::to`]): it names
+    /// the responder and carries nothing else (no marks, no page). The initiator finds the
+    /// id is not the one it expected and applies nothing.
+    pub fn elsewhere(from: NodeId) -> Self {
+        ExchangeResponse {
+            from,
+            marks: ResponseMarks::Full(ScopedWatermarks::default()),
+            page: Page::default(),
+            halts: Vec::new(),
+            ext: ResponseExt::default(),
+        }
+    }
+
     /// The answer to a request whose marks digest the responder cannot resolve.
     pub fn resend(from: NodeId) -> Self {
         ExchangeResponse {

@@ -105,6 +105,11 @@ pub struct NodeOptions {
     /// knows the directory came back from a backup; a restore is otherwise detected in the
     /// first round with a peer that holds later writes.
     pub restored: bool,
+    /// Peers (URLs among [`NodeOptions::peers`]) whose node this node accepts as another
+    /// one than before, once: the node at that address was replaced on purpose (see
+    /// [`Scheduler::accept_new_identity`]). Without it a node that answers with another id
+    /// than the one noted for its address is refused.
+    pub accept_new_peer_ids: Vec<String>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -125,6 +130,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("max_connections", &self.max_connections)
             .field("audit_interval", &self.audit_interval)
             .field("restored", &self.restored)
+            .field("accept_new_peer_ids", &self.accept_new_peer_ids)
             .finish()
     }
 }
@@ -148,6 +154,7 @@ impl NodeOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             audit_interval: SchedulerConfig::default().audit_interval,
             restored: false,
+            accept_new_peer_ids: Vec::new(),
         }
     }
 
@@ -232,6 +239,12 @@ pub enum NodeError {
     /// The HTTP server could not run.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// `--accept-new-peer-id` named a URL that is not one of the node's peers.
+    #[error("--accept-new-peer-id {url}: not one of the node's --peer URLs")]
+    NotAPeer {
+        /// The URL.
+        url: String,
+    },
     /// A peer was given twice.
     #[error("peer {url} given twice")]
     DuplicatePeer {
@@ -326,6 +339,8 @@ pub struct Node {
     server: ServerConfig,
     peers: Vec<Arc<HttpTransport>>,
     scheduler: SchedulerConfig,
+    /// Peers (base URLs) whose new identity is accepted once.
+    accept_new: Vec<String>,
     data: PathBuf,
 }
 
@@ -394,10 +409,6 @@ impl Node {
             options.engine_config(),
             options.restored,
         )?);
-        let listener = bind(options.listen).map_err(|source| NodeError::Bind {
-            addr: options.listen,
-            source,
-        })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Bind {
             addr: options.listen,
             source,
@@ -427,6 +438,7 @@ impl Node {
             server,
             peers,
             scheduler,
+            accept_new,
             data: options.data,
         };
         let url_file = node.data.join(URL_FILE);
@@ -484,6 +496,7 @@ impl Node {
             server: config,
             peers,
             scheduler,
+            accept_new,
             data,
         } = self;
         tracing::info!(node = %engine.node_id(), %addr, data = %data.display(),
@@ -498,6 +511,12 @@ impl Node {
             // Names are the peers' distinct URLs (checked in `start`), so this cannot fail.
             if let Err(e) = scheduler.add_peer(name, peer) {
                 tracing::error!(error = %e, "peer not scheduled");
+            }
+        }
+        for name in &accept_new {
+            // Checked in `start` to be one of the peers just added.
+            if let Err(e) = scheduler.accept_new_identity(name) {
+                tracing::error!(error = %e, "new identity not accepted");
             }
         }
         let early = tokio::select! {

@@ -82,9 +82,10 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::engine::{AuditOutcome, ExchangeOptions, ExchangeOutcome, SyncEngine};
+use crate::api::{HaltSide, HaltedStream, PeerLink};
+use crate::engine::{AuditOutcome, ExchangeOptions, ExchangeOutcome, LinkSource, SyncEngine};
 use crate::error::Error;
-use crate::exchange::Session;
+use crate::exchange::{Halt, HaltReason, Session};
 use crate::hlc::NodeId;
 use crate::poison::lock;
 use crate::transport::Transport;
@@ -187,6 +188,9 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// Failures since the last success.
     pub consecutive_failures: u32,
+    /// Whether the last round succeeded (false until one ended); its changes publish
+    /// `connectivity_changed`.
+    pub connected: bool,
     /// Rounds that succeeded.
     pub rounds: u64,
     /// When the next round is due if nothing triggers one sooner (`None` while a round runs
@@ -210,6 +214,12 @@ pub enum SchedulerError {
         /// The name.
         name: String,
     },
+    /// No peer of that name is scheduled.
+    #[error("no peer {name:?} is scheduled")]
+    UnknownPeer {
+        /// The name.
+        name: String,
+    },
 }
 
 /// One scheduled peer, as its task and the scheduler's other tasks see it.
@@ -222,6 +232,12 @@ pub(super) struct Peer {
     force: Notify,
     /// An audit is wanted at the next idle moment (a restore was detected).
     audit_wanted: AtomicBool,
+    /// The operator accepted a new identity for this peer: the next round that finds
+    /// another node at its address re-attaches to it ([`Scheduler::accept_new_identity`]).
+    accept_new: AtomicBool,
+    /// The last failure logged at WARN and when: a peer that keeps failing the same way is
+    /// logged once a minute, not every retry.
+    warned: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl Peer {
@@ -229,9 +245,63 @@ impl Peer {
         lock(&self.status)
     }
 
+    /// The peer as the status document shows it (the engine adds what its store knows).
+    fn link(&self) -> PeerLink {
+        let status = self.status();
+        let unix_ms = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .ok()
+        };
+        let here = status.session.halted_here();
+        let files_missing = here
+            .iter()
+            .filter(|h| matches!(h.reason, HaltReason::BlobUnavailable { .. }))
+            .count() as u64;
+        let mut halted: Vec<HaltedStream> = here
+            .into_iter()
+            .map(|h| halted_stream(h, HaltSide::Here))
+            .collect();
+        halted.extend(
+            status
+                .session
+                .halted_by_peer()
+                .into_iter()
+                .map(|h| halted_stream(h, HaltSide::Peer)),
+        );
+        PeerLink {
+            name: status.name.clone(),
+            id: status.peer,
+            connected: status.connected,
+            last_success_unix_ms: status.last_success.and_then(unix_ms),
+            last_error: status.last_error.clone(),
+            consecutive_failures: status.consecutive_failures,
+            unacknowledged: 0,
+            files_missing,
+            halted,
+            last_audit: None,
+        }
+    }
+
     /// Whether versions applied from `source` (`None`: a local change) are news to this peer.
     fn is_news(&self, source: Option<NodeId>) -> bool {
         source.is_none() || source != self.status().peer
+    }
+}
+
+/// A halted stream as the status document shows it.
+fn halted_stream(halt: Halt, by: HaltSide) -> HaltedStream {
+    let (reason, ahead_by_ms) = match halt.reason {
+        HaltReason::ClockSkew { ahead_by_ms } => ("clock_skew", Some(ahead_by_ms)),
+        HaltReason::OwnOrigin => ("own_origin", None),
+        HaltReason::BlobUnavailable { .. } => ("blob_unavailable", None),
+    };
+    HaltedStream {
+        scope: halt.scope,
+        origin: halt.origin,
+        by,
+        reason: reason.to_owned(),
+        ahead_by_ms,
     }
 }
 
@@ -245,6 +315,8 @@ pub(super) struct Shared {
 /// Runs exchange rounds with each peer when they are due (see the [module docs](self)).
 pub struct Scheduler {
     shared: Arc<Shared>,
+    /// What the engine's status document shows of the peers (it holds a weak reference).
+    _links: Arc<LinkSource>,
     stop: watch::Sender<bool>,
     /// IMPORTANT: dropping the set aborts every task still in it (the drop guard).
     tasks: Mutex<JoinSet<()>>,
@@ -276,8 +348,17 @@ impl Scheduler {
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn_on(listen(shared.clone(), changes, stopped), &runtime);
+        let links: Arc<LinkSource> = {
+            let shared = Arc::downgrade(&shared);
+            Arc::new(move || match shared.upgrade() {
+                Some(shared) => lock(&shared.peers).iter().map(|p| p.link()).collect(),
+                None => Vec::new(),
+            })
+        };
+        shared.engine.show_links(Arc::downgrade(&links));
         Scheduler {
             shared,
+            _links: links,
             stop,
             tasks: Mutex::new(tasks),
             runtime,
@@ -307,6 +388,7 @@ impl Scheduler {
                     last_success: None,
                     last_error: None,
                     consecutive_failures: 0,
+                    connected: false,
                     rounds: 0,
                     next_attempt: None,
                     session: Session::named(name.clone()),
@@ -316,12 +398,38 @@ impl Scheduler {
                 trigger: Notify::new(),
                 force: Notify::new(),
                 audit_wanted: AtomicBool::new(false),
+                warned: Mutex::new(None),
+                accept_new: AtomicBool::new(false),
             });
             peers.push(peer.clone());
             peer
         };
         let task = run_peer(self.shared.clone(), peer, transport, self.stop.subscribe());
         lock(&self.tasks).spawn_on(task, &self.runtime);
+        Ok(())
+    }
+
+    /// Accepts that the peer called `name` is now another node (the one at its address
+    /// was replaced): the next round that finds a node other than the one expected
+    /// re-attaches to it instead of refusing it. What this node knew of the old node is
+    /// dropped, the new id is noted, and an audit (a full comparison of contents) follows
+    /// the round. One change is accepted; a later one is refused again. Starts a round at
+    /// once. See `docs/scheduling.md`, "A peer that changed its id".
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownPeer`] if no peer is called `name`.
+    pub fn accept_new_identity(&self, name: &str) -> Result<(), SchedulerError> {
+        let peers = lock(&self.shared.peers);
+        let peer =
+            peers
+                .iter()
+                .find(|p| p.name == name)
+                .ok_or_else(|| SchedulerError::UnknownPeer {
+                    name: name.to_owned(),
+                })?;
+        peer.accept_new
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        peer.force.notify_one();
         Ok(())
     }
 

@@ -235,6 +235,12 @@ struct ServeArgs {
     /// whose devices would otherwise see their later writes refused until they audit.
     #[arg(long)]
     restored: bool,
+    /// Accept, once, that the node at this --peer URL is another node than before (it was
+    /// replaced on purpose): without this, a peer that answers with another id than the one
+    /// this node noted for its URL is refused and nothing is sent to it. A node restored
+    /// from a backup with --restored vouches for its old id and needs none of this.
+    #[arg(long = "accept-new-peer-id", value_name = "URL")]
+    accept_new_peer_ids: Vec<String>,
 }
 
 /// A period, or none (`off`).
@@ -533,6 +539,7 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         max_connections: args.max_connections,
         audit_interval: args.audit_interval.0,
         restored: args.restored,
+        accept_new_peer_ids: args.accept_new_peer_ids,
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;
