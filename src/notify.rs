@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
-use crate::record::{Key, Scope};
+use crate::record::{Key, Scope, Version};
 
 /// How many events a subscriber may fall behind before it misses some.
 pub const EVENT_BUFFER: usize = 1024;
@@ -62,8 +62,12 @@ pub struct Change {
     pub scope: Scope,
     /// The affected keys, in the order they were written or sent.
     pub keys: Vec<Key>,
-    /// The peer involved (none for a local write).
+    /// The peer involved (none for a local write): for a remote update the one that sent
+    /// the versions, which may only have relayed them.
     pub peer: Option<NodeId>,
+    /// The timestamp of each key's version, in `keys` order: its origin is the node that
+    /// wrote it.
+    pub versions: Vec<Hlc>,
 }
 
 /// Something that happened to a node's sync.
@@ -176,6 +180,31 @@ pub enum SyncEvent {
         /// The node that answered.
         found: NodeId,
     },
+    /// A version from a peer replaced a write of this node that the peer had not
+    /// acknowledged before the round (`overwritten`): a concurrent edit elsewhere won
+    /// last-write-wins over a local one. Carries the losing version, so an application can
+    /// show the conflict or write it again.
+    Overwritten {
+        /// The peer that sent the winning version (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The scope.
+        scope: Scope,
+        /// The key.
+        key: Key,
+        /// This node's version that lost.
+        lost: Version,
+        /// The winning version's timestamp (its origin wrote it).
+        winner: Hlc,
+    },
+    /// A file that records here referenced but this node lacked arrived and was verified
+    /// (`content_ready`): records of these scopes that point at `hash` went from Staged to
+    /// Resident and their files can be read now.
+    ContentReady {
+        /// The file's hash (records point at it in their [`crate::BlobRef`]).
+        hash: Hash,
+        /// The scopes with records that reference it.
+        scopes: Vec<Scope>,
+    },
     /// A round with `peer` succeeded after none had or after a failure (`connected`), or
     /// failed after a success (not connected) (`connectivity_changed`). Published by the
     /// scheduler.
@@ -222,6 +251,8 @@ impl SyncEvent {
             SyncEvent::PeerChanged { .. } => "peer_changed",
             SyncEvent::ConnectivityChanged { .. } => "connectivity_changed",
             SyncEvent::PeerRefused { .. } => "peer_refused",
+            SyncEvent::Overwritten { .. } => "overwritten",
+            SyncEvent::ContentReady { .. } => "content_ready",
             SyncEvent::SkewAtPeer { .. } => "clock_skew_at_peer",
             SyncEvent::AuditCompleted { .. } => "audit_completed",
             SyncEvent::AuditFailed { .. } => "audit_failed",

@@ -120,6 +120,7 @@ impl SyncEngine {
                     &received.page,
                     &scopes,
                     received.knowledge.clone(),
+                    None,
                 )
                 .and_then(|applied| {
                     let mine = marks_in_play(&*engine.inner.store.read()?, &scopes)?;

@@ -12,7 +12,7 @@ use crate::hlc::NodeId;
 use crate::notify::Notifier;
 use crate::record::{BlobRef, Scope};
 use crate::transport::{Refusal, Responder};
-use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
+use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, RequestMarks};
 
 use super::receive::Sender;
 use super::{lock, SyncEngine};
@@ -45,8 +45,27 @@ impl Responder for SyncEngine {
         blob: &BlobRef,
         content: &mut dyn Read,
     ) -> std::result::Result<(), Refusal> {
+        let had = self.inner.blobs.contains(&blob.hash).unwrap_or(true);
         write_blob(&*self.inner.blobs, content, Some(blob)).map_err(Refusal::from)?;
         lock(&self.inner.guards).uploaded(blob.hash);
+        if !had && self.inner.notifier.has_subscribers() {
+            // Records here that pointed at it were Staged; they are Resident now.
+            if let Ok(scopes) = self
+                .inner
+                .store
+                .read()
+                .and_then(|r| r.blob_scopes(&blob.hash))
+            {
+                if !scopes.is_empty() {
+                    self.inner.notifier.publish(crate::notify::Event::Sync(
+                        crate::notify::SyncEvent::ContentReady {
+                            hash: blob.hash,
+                            scopes,
+                        },
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -79,6 +98,15 @@ impl SyncEngine {
     pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
         let limits = self.page_limits(self.inner.config.max_page_limit);
         let to = request.ext.to;
+        // What the initiator had seen of our writes when it wrote its page (for
+        // `overwritten`): its marks when it sent them in full; a digest stands for the marks
+        // we recorded of it, which the apply reads itself.
+        let seen = match &request.marks {
+            RequestMarks::Full(marks) if self.inner.notifier.has_subscribers() => {
+                Some(marks.clone())
+            }
+            _ => None,
+        };
         let planned = Answer::plan(
             self.node_id(),
             &*self.inner.store.read()?,
@@ -103,6 +131,7 @@ impl SyncEngine {
             answer.incoming(),
             answer.scopes(),
             answer.knowledge().clone(),
+            seen.as_ref(),
         )?;
         let marks = match applied.changed_marks {
             true => Some(marks_in_play(&*self.inner.store.read()?, answer.scopes())?),

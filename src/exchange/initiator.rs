@@ -318,7 +318,7 @@ impl Initiation {
     pub fn delivered<'a>(
         &'a self,
         received: &'a Received,
-    ) -> impl Iterator<Item = (&'a Scope, &'a crate::record::Key)> + 'a {
+    ) -> impl Iterator<Item = (&'a Scope, &'a crate::record::Key, crate::hlc::Hlc)> + 'a {
         self.request
             .page
             .runs
@@ -329,6 +329,6 @@ impl Initiation {
                     .iter()
                     .any(|h| h.scope == r.scope && h.origin == r.origin)
             })
-            .flat_map(|r| r.versions.iter().map(move |(k, _)| (&r.scope, k)))
+            .flat_map(|r| r.versions.iter().map(move |(k, v)| (&r.scope, k, v.hlc)))
     }
 }
