@@ -256,6 +256,15 @@ pub struct Status {
     /// round succeeded. Empty for a node that runs no scheduler.
     #[serde(default)]
     pub configured_peers: Vec<PeerLink>,
+    /// How far the node's clock (the last time it issued or observed) is ahead of its wall
+    /// clock, in milliseconds (0 when it is not). Beyond `max_drift_ms` its new writes are
+    /// refused by peers whose clocks are right, until its wall clock catches up.
+    #[serde(default)]
+    pub clock_ahead_ms: u64,
+    /// The node's max drift: how far ahead of its clock it accepts a version, in
+    /// milliseconds (what its peers likely allow too).
+    #[serde(default)]
+    pub max_drift_ms: u64,
     /// The blob store's totals.
     pub blobs: BlobTotals,
 }
@@ -533,6 +542,8 @@ mod tests {
                 last_audit: None,
             }],
             configured_peers: Vec::new(),
+            clock_ahead_ms: 0,
+            max_drift_ms: 5000,
             blobs: BlobTotals { count: 2, bytes: 9 },
         };
         let json = status.to_json();
@@ -552,6 +563,8 @@ mod tests {
                     "behind": [],
                 }],
                 "configured_peers": [],
+                "clock_ahead_ms": 0,
+                "max_drift_ms": 5000,
                 "blobs": {"count": 2, "bytes": 9},
             })
         );

@@ -355,6 +355,19 @@ impl Clock {
         self.time.now()
     }
 
+    /// How far the clock (its last time issued or observed) is ahead of the physical time:
+    /// beyond the drift bound, the timestamps it issues are refused by peers whose clocks
+    /// agree with this one's time source.
+    pub fn ahead(&self) -> Duration {
+        let last = self.last();
+        ntp64_to_duration(last.saturating_sub(self.time.now()))
+    }
+
+    /// The drift bound.
+    pub fn max_drift(&self) -> Duration {
+        self.max_drift_duration
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The guarded value is plain data, valid whatever a panicking holder did.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -380,6 +393,16 @@ mod tests {
     }
 
     #[test]
+    fn an_hlc_reads_back_as_the_wall_clock_time_it_was_issued_at() {
+        let t = ManualTime::at_secs(1_700_000_000);
+        let hlc = clock(&t).issue().unwrap();
+        let at = hlc.to_system_time();
+        let since = at.duration_since(std::time::UNIX_EPOCH).unwrap();
+        // NTP64 keeps 32 bits of fraction: nanoseconds round.
+        assert!(since.abs_diff(Duration::from_secs(1_700_000_000)) < Duration::from_micros(1));
+    }
+
+    #[test]
     fn issue_is_strictly_monotonic_even_when_time_goes_back() {
         let t = ManualTime::at_secs(1_000);
         let c = clock(&t);
@@ -388,16 +411,6 @@ mod tests {
         let b = c.issue().unwrap();
         assert!(b > a);
         assert_eq!(b.time(), a.time() + 1);
-    }
-
-    #[test]
-    fn an_hlc_reads_back_as_the_wall_clock_time_it_was_issued_at() {
-        let t = ManualTime::at_secs(1_700_000_000);
-        let hlc = clock(&t).issue().unwrap();
-        let at = hlc.to_system_time();
-        let since = at.duration_since(std::time::UNIX_EPOCH).unwrap();
-        // NTP64 keeps 32 bits of fraction: nanoseconds round.
-        assert!(since.abs_diff(Duration::from_secs(1_700_000_000)) < Duration::from_micros(1));
     }
 
     #[test]

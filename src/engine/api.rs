@@ -208,6 +208,8 @@ impl SyncEngine {
             scopes,
             peers,
             configured_peers,
+            clock_ahead_ms: millis(self.clock_ahead()),
+            max_drift_ms: millis(self.inner.config.max_drift),
             blobs: BlobTotals {
                 count: blobs.len() as u64,
                 bytes: blobs.iter().map(|(_, n)| n).sum(),
@@ -258,4 +260,8 @@ fn ahead<'a>(
                 (theirs < Some(mark)).then(|| (scope.clone(), mark.origin(), mark, theirs))
             })
         })
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

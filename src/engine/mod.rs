@@ -239,6 +239,22 @@ struct PeerMemory {
     links: Option<std::sync::Weak<LinkSource>>,
 }
 
+/// Logs loudly when the stored clock is further ahead of the time source than the drift
+/// bound: the node stamps its writes that far ahead, and peers refuse them (`clock_skew`)
+/// until its time source catches up (see docs/protocol.md, "The clock").
+fn warn_if_ahead(clock: &Clock) {
+    let ahead = clock.ahead();
+    if ahead > clock.max_drift() {
+        tracing::warn!(
+            ahead = ?ahead, max_drift = ?clock.max_drift(),
+            "this node's stored clock is ahead of its wall clock by more than the max drift \
+             (the wall clock was set back, or ran ahead before): its writes carry timestamps \
+             that far ahead and peers refuse them until the wall clock catches up; the status \
+             shows how far (clock_ahead_ms)"
+        );
+    }
+}
+
 /// The note holding the id a node had before it took a fresh one.
 const PREVIOUS_ID_NOTE: &str = "previous_id";
 
@@ -354,6 +370,7 @@ impl SyncEngine {
             .and_then(NodeId::from_bytes);
         let clock = Clock::new(id, config.time.clone(), config.max_drift)?;
         clock.restore(store.read()?.clock()?);
+        warn_if_ahead(&clock);
         let inner = Inner {
             clock,
             store,
@@ -416,6 +433,13 @@ impl SyncEngine {
             bytes.as_ref().map(|b| b.as_slice()),
         )?;
         Ok(())
+    }
+
+    /// How far this node's clock (the last time it issued or observed) is ahead of its
+    /// time source. Beyond [`EngineConfig::max_drift`] its new writes are refused by peers
+    /// with a correct clock until the time source catches up.
+    pub fn clock_ahead(&self) -> Duration {
+        self.inner.clock.ahead()
     }
 
     /// The id this node had before it last took a fresh one, if it ever did.

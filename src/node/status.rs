@@ -14,6 +14,15 @@ pub fn render_status(status: &Status) -> String {
     let now = SystemTime::now();
     let mut out = String::new();
     let _ = writeln!(out, "node   {}", status.node);
+    if status.clock_ahead_ms > status.max_drift_ms {
+        let _ = writeln!(
+            out,
+            "clock  {} ahead of this machine's clock (beyond the max drift of {} ms): peers \
+             refuse this node's new writes until the wall clock catches up",
+            age(Duration::from_millis(status.clock_ahead_ms)),
+            status.max_drift_ms
+        );
+    }
     let _ = writeln!(
         out,
         "files  {} ({})",
