@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::hlc::{Hlc, NodeId};
-use crate::record::{BlobRef, Key, Residency, Scope};
+use crate::record::{BlobRef, Hydration, Key, Residency, Scope};
 
 /// The records a listing returns when the query does not say.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
@@ -284,6 +284,9 @@ pub struct ScopeStatus {
     pub watermarks: BTreeMap<NodeId, Hlc>,
     /// How many of the scope's records stand where.
     pub residency: ResidencyTotals,
+    /// How far the node has pulled the scope from its peers.
+    #[serde(default)]
+    pub hydration: Hydration,
 }
 
 /// Records of a scope by residency.
@@ -532,6 +535,7 @@ mod tests {
                         staged: 1,
                         tombstoned: 2,
                     },
+                    hydration: Hydration::Ready,
                 },
             )]),
             peers: vec![PeerLag {
@@ -554,6 +558,7 @@ mod tests {
                 "scopes": {"shared": {
                     "watermarks": {"aa": "7000000000000000000/aa"},
                     "residency": {"resident": 3, "staged": 1, "tombstoned": 2},
+                    "hydration": "ready",
                 }},
                 "peers": [{
                     "id": "bb",

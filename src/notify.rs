@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
-use crate::record::{Key, Scope, Version};
+use crate::record::{Hydration, Key, Scope, Version};
 
 /// How many events a subscriber may fall behind before it misses some.
 pub const EVENT_BUFFER: usize = 1024;
@@ -205,6 +205,14 @@ pub enum SyncEvent {
         /// The scopes with records that reference it.
         scopes: Vec<Scope>,
     },
+    /// A scope's hydration changed (`hydration_changed`): a pull of it began, or a round
+    /// pulled it completely. Published by the scheduler, after that round's `sync_applied`.
+    HydrationChanged {
+        /// The scope.
+        scope: Scope,
+        /// Its state now.
+        state: Hydration,
+    },
     /// A round with `peer` succeeded after none had or after a failure (`connected`), or
     /// failed after a success (not connected) (`connectivity_changed`). Published by the
     /// scheduler.
@@ -250,6 +258,7 @@ impl SyncEvent {
             SyncEvent::RestoreDetected { .. } => "restore_detected",
             SyncEvent::PeerChanged { .. } => "peer_changed",
             SyncEvent::ConnectivityChanged { .. } => "connectivity_changed",
+            SyncEvent::HydrationChanged { .. } => "hydration_changed",
             SyncEvent::PeerRefused { .. } => "peer_refused",
             SyncEvent::Overwritten { .. } => "overwritten",
             SyncEvent::ContentReady { .. } => "content_ready",

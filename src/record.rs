@@ -275,6 +275,34 @@ impl Version {
     }
 }
 
+/// How far a node has pulled a scope from its peers (see `docs/scheduling.md`, "Hydration").
+#[derive(
+    Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Hydration {
+    /// No pull of the scope has begun since the node was created.
+    #[default]
+    NotStarted,
+    /// A pull of the scope is under way: a round with it in play reported more to come or
+    /// left a stream halted.
+    Hydrating,
+    /// A round with a peer pulled the scope completely: nothing more to come, no halts.
+    /// Durable: a node stays ready after a restart.
+    Ready,
+}
+
+impl Hydration {
+    /// The state's name (`not_started`, `hydrating`, `ready`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hydration::NotStarted => "not_started",
+            Hydration::Hydrating => "hydrating",
+            Hydration::Ready => "ready",
+        }
+    }
+}
+
 /// Where a record stands on a node. Derived from the row and the blob store, never stored.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
 pub enum Residency {

@@ -151,11 +151,13 @@ impl SyncEngine {
                 staged: counts.staged as u64,
                 tombstoned: counts.tombstoned as u64,
             };
+            let hydration = self.hydration(&scope)?;
             scopes.insert(
                 scope,
                 ScopeStatus {
                     watermarks,
                     residency,
+                    hydration,
                 },
             );
         }

@@ -58,6 +58,7 @@ use crate::error::Result;
 use crate::hlc::{Clock, NodeId, TimeSource, WallClock};
 use crate::notify::Notifier;
 use crate::poison::lock;
+use crate::record::{Hydration, Scope};
 use crate::store::{MemStore, RedbStore, Store};
 
 pub use self::audit::{AuditOptions, AuditOutcome};
@@ -227,6 +228,8 @@ struct PeerMemory {
     warned: HashMap<NodeId, Instant>,
     /// When we last warned that an origin's versions were too far ahead of our clock.
     skew_warned: HashMap<NodeId, Instant>,
+    /// Scopes a pull is under way for (see [`SyncEngine::hydration`]).
+    hydrating: std::collections::BTreeSet<Scope>,
     /// The last audit with each peer, in either role.
     audits: HashMap<NodeId, LastAudit>,
     /// When we last warned that a page named more new origins than the limits allow.
@@ -253,6 +256,11 @@ fn warn_if_ahead(clock: &Clock) {
              shows how far (clock_ahead_ms)"
         );
     }
+}
+
+/// The note that says `scope` was pulled completely once.
+fn hydration_note(scope: &Scope) -> String {
+    format!("hydrated/{scope}")
 }
 
 /// The note holding the id a node had before it took a fresh one.
@@ -440,6 +448,50 @@ impl SyncEngine {
     /// with a correct clock until the time source catches up.
     pub fn clock_ahead(&self) -> Duration {
         self.inner.clock.ahead()
+    }
+
+    /// How far this node has pulled `scope` from its peers: ready once a round pulled it
+    /// completely (noted durably), hydrating while a pull is under way (memory), else not
+    /// started.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn hydration(&self, scope: &Scope) -> Result<Hydration> {
+        if self.inner.store.note(&hydration_note(scope))?.is_some() {
+            return Ok(Hydration::Ready);
+        }
+        Ok(if lock(&self.inner.peers).hydrating.contains(scope) {
+            Hydration::Hydrating
+        } else {
+            Hydration::NotStarted
+        })
+    }
+
+    /// Records that a pull of `scope` is under way (`Hydrating`) or complete (`Ready`,
+    /// durably); returns whether the state changed. A ready scope stays ready.
+    ///
+    /// # Errors
+    /// The store failed; the state is unchanged.
+    pub fn set_hydration(&self, scope: &Scope, state: Hydration) -> Result<bool> {
+        let was = self.hydration(scope)?;
+        if was == Hydration::Ready || was == state {
+            return Ok(false);
+        }
+        match state {
+            Hydration::Ready => {
+                self.inner
+                    .store
+                    .set_note(&hydration_note(scope), Some(b"ready"))?;
+                lock(&self.inner.peers).hydrating.remove(scope);
+            }
+            Hydration::Hydrating => {
+                lock(&self.inner.peers).hydrating.insert(scope.clone());
+            }
+            Hydration::NotStarted => {
+                lock(&self.inner.peers).hydrating.remove(scope);
+            }
+        }
+        Ok(true)
     }
 
     /// The id this node had before it last took a fresh one, if it ever did.

@@ -37,8 +37,11 @@ pub fn render_status(status: &Status) -> String {
         let r = &scope.residency;
         let _ = writeln!(
             out,
-            "  {name}: {} resident, {} staged, {} tombstoned",
-            r.resident, r.staged, r.tombstoned
+            "  {name}: {} resident, {} staged, {} tombstoned; {}",
+            r.resident,
+            r.staged,
+            r.tombstoned,
+            scope.hydration.as_str().replace('_', " ")
         );
         for (origin, mark) in &scope.watermarks {
             let _ = writeln!(
@@ -258,7 +261,7 @@ mod tests {
         let status: Status = serde_json::from_value(status).unwrap();
         let text = render_status(&status);
         assert!(
-            text.contains("shared: 3 resident, 1 staged, 2 tombstoned"),
+            text.contains("shared: 3 resident, 1 staged, 2 tombstoned; not started"),
             "{text}"
         );
         assert!(text.contains("origin aa  up to 2"), "{text}");

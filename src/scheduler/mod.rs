@@ -71,6 +71,7 @@ mod backoff;
 mod rounds;
 mod triggers;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -88,6 +89,7 @@ use crate::error::Error;
 use crate::exchange::{Halt, HaltReason, Session};
 use crate::hlc::NodeId;
 use crate::poison::lock;
+use crate::record::{Hydration, Scope, ScopeFilter};
 use crate::transport::Transport;
 
 pub use self::backoff::Backoff;
@@ -137,6 +139,11 @@ pub struct SchedulerConfig {
     /// runs with every peer soon after the node detects it was restored from a backup. See
     /// [`SyncEngine::audit`].
     pub audit_interval: Option<Duration>,
+    /// The hydration plan's boot scopes (default none: no plan). While any of them is not
+    /// [`Hydration::Ready`], rounds pull only them; then rounds pull what
+    /// [`SchedulerConfig::options`] says (the background). [`Scheduler::ready`] resolves
+    /// once they are all ready.
+    pub boot_scopes: BTreeSet<Scope>,
 }
 
 impl Default for SchedulerConfig {
@@ -153,6 +160,7 @@ impl Default for SchedulerConfig {
             before_round: None,
             after_round: None,
             audit_interval: Some(Duration::from_secs(3600)),
+            boot_scopes: BTreeSet::new(),
         }
     }
 }
@@ -171,6 +179,7 @@ impl fmt::Debug for SchedulerConfig {
             .field("before_round", &self.before_round.is_some())
             .field("after_round", &self.after_round.is_some())
             .field("audit_interval", &self.audit_interval)
+            .field("boot_scopes", &self.boot_scopes)
             .finish()
     }
 }
@@ -310,6 +319,22 @@ pub(super) struct Shared {
     engine: Arc<SyncEngine>,
     config: SchedulerConfig,
     peers: Mutex<Vec<Arc<Peer>>>,
+    /// Whether every boot scope is ready (true when there are none).
+    boot_ready: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// The options of the next round: the boot scopes alone until they are ready, then the
+    /// configured ones.
+    pub(super) fn round_options(&self) -> ExchangeOptions {
+        if *self.boot_ready.borrow() {
+            return self.config.options.clone();
+        }
+        ExchangeOptions {
+            scopes: ScopeFilter::Only(self.config.boot_scopes.clone()),
+            ..self.config.options.clone()
+        }
+    }
 }
 
 /// Runs exchange rounds with each peer when they are due (see the [module docs](self)).
@@ -340,10 +365,15 @@ impl Scheduler {
     pub fn start(engine: Arc<SyncEngine>, config: SchedulerConfig) -> Scheduler {
         let runtime = tokio::runtime::Handle::current();
         let changes = engine.notifier().subscribe();
+        let boot_ready = config.boot_scopes.iter().all(|scope| {
+            // A failed read counts as not ready: the first round finds out.
+            matches!(engine.hydration(scope), Ok(Hydration::Ready))
+        });
         let shared = Arc::new(Shared {
             engine,
             config,
             peers: Mutex::new(Vec::new()),
+            boot_ready: watch::channel(boot_ready).0,
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -431,6 +461,24 @@ impl Scheduler {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         peer.force.notify_one();
         Ok(())
+    }
+
+    /// Resolves once every boot scope of the hydration plan
+    /// ([`SchedulerConfig::boot_scopes`]) is ready: pulled completely from a peer, now or
+    /// before a restart. At once when there are none. Background scopes do not hold it up.
+    pub fn ready(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut ready = self.shared.boot_ready.subscribe();
+        async move {
+            // An error means the scheduler is gone: nothing will become ready.
+            if ready.wait_for(|r| *r).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Whether every boot scope is ready (see [`Scheduler::ready`]).
+    pub fn is_ready(&self) -> bool {
+        *self.shared.boot_ready.borrow()
     }
 
     /// Starts a round with every peer now, even one that is backing off.

@@ -11,12 +11,13 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use crate::blocking::run_blocking;
-use crate::engine::ExchangeOutcome;
+use crate::engine::{ExchangeOptions, ExchangeOutcome};
 use crate::error::{error_chain, Error, ProtocolError, TransportError};
 use crate::exchange::{Halt, HaltReason, Session};
 use crate::hlc::NodeId;
 use crate::notify::{Event, SyncEvent};
 use crate::poison::lock;
+use crate::record::{Hydration, Scope, ScopeFilter};
 use crate::transport::Transport;
 
 use super::triggers::watch_loop;
@@ -308,9 +309,10 @@ pub(super) async fn run_round<T: Transport>(
     // The round works on a copy of the session, written back whether it succeeds or not
     // (a failed round leaves the session without held marks: its next request is in full).
     let mut session = peer.status().session.clone();
+    let options = shared.round_options();
     let result = shared
         .engine
-        .exchange_in(&mut session, transport, &config.options)
+        .exchange_in(&mut session, transport, &options)
         .await;
     match &result {
         Err(Error::Protocol(ProtocolError::PeerRestored { old, new })) => {
@@ -379,7 +381,63 @@ pub(super) async fn run_round<T: Transport>(
         applied: outcome.applied,
         has_more: outcome.has_more,
     }));
+    hydrate(shared, &options, &outcome).await;
     Ok(outcome)
+}
+
+/// Moves the hydration of the scopes a round had in play: ready when it pulled them
+/// completely (nothing more to come, no stream halted either way), else hydrating; publishes
+/// each change, and opens [`super::Scheduler::ready`] once every boot scope is ready.
+async fn hydrate(shared: &Shared, options: &ExchangeOptions, outcome: &ExchangeOutcome) {
+    let complete = !outcome.has_more && outcome.halts.is_empty() && outcome.peer_halts.is_empty();
+    let state = if complete {
+        Hydration::Ready
+    } else {
+        Hydration::Hydrating
+    };
+    let (engine, scopes) = (shared.engine.handle(), options.scopes.clone());
+    let changed = run_blocking(move || -> Result<Vec<Scope>, Error> {
+        let in_play: Vec<Scope> = match scopes {
+            ScopeFilter::Only(set) => set.into_iter().collect(),
+            ScopeFilter::All => engine.scopes()?,
+        };
+        let mut changed = Vec::new();
+        for scope in in_play {
+            if engine.set_hydration(&scope, state)? {
+                changed.push(scope);
+            }
+        }
+        Ok(changed)
+    })
+    .await;
+    let changed = match changed {
+        Ok(Ok(changed)) => changed,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %error_chain(&e), "cannot record the scopes' hydration");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the scopes' hydration");
+            return;
+        }
+    };
+    let notifier = shared.engine.notifier();
+    for scope in changed {
+        notifier.publish(Event::Sync(SyncEvent::HydrationChanged { scope, state }));
+    }
+    if state == Hydration::Ready && !*shared.boot_ready.borrow() {
+        let boot = shared.config.boot_scopes.clone();
+        let engine = shared.engine.handle();
+        let all = run_blocking(move || {
+            boot.iter()
+                .all(|s| matches!(engine.hydration(s), Ok(Hydration::Ready)))
+        })
+        .await
+        .unwrap_or(false);
+        if all {
+            shared.boot_ready.send_replace(true);
+        }
+    }
 }
 
 /// Notes, durably, that the peer is node `id`, so rounds after a restart are addressed to
