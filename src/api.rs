@@ -336,6 +336,9 @@ pub struct PeerLink {
     pub last_error: Option<String>,
     /// Failed rounds since the last success.
     pub consecutive_failures: u32,
+    /// Whether syncing is paused ([`crate::Scheduler::pause`]).
+    #[serde(default)]
+    pub paused: bool,
     /// Live versions written on this node that the peer had not acknowledged as of the last
     /// round (counted up to [`UNACKNOWLEDGED_COUNTED`] per scope).
     pub unacknowledged: u64,

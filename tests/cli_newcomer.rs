@@ -176,3 +176,55 @@ fn a_device_whose_token_is_refused_logs_which_option_gives_it() -> TestResult {
     assert!(error.contains("401"), "{error}");
     Ok(())
 }
+
+#[test]
+fn serve_syncs_only_the_scopes_given_for_a_peer() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let hub = ServeProcess::start(&dir.path().join("hub"), &[])?;
+    let scopes = format!("{}=app/notes/items", hub.url);
+    let interval = format!("{}=200ms", hub.url);
+    let device = ServeProcess::start(
+        &dir.path().join("device"),
+        &[
+            "--peer",
+            &hub.url,
+            "--peer-scopes",
+            &scopes,
+            "--peer-interval",
+            &interval,
+        ],
+    )?;
+    for (scope, k) in [("app/notes/items", "n"), ("shared", "s")] {
+        let out = run(&["put", "--node", &device.url, scope, k, "v"])?;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    poll(DEADLINE, EVERY, "the note on the hub", || {
+        let out = run(&["get", "--node", &hub.url, "app/notes/items", "n"])?;
+        Ok(out.status.success().then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_millis(600));
+    let shared = run(&["get", "--node", &hub.url, "shared", "s"])?;
+    assert!(
+        !shared.status.success(),
+        "a scope not given for the peer was synced"
+    );
+
+    let other = run(&[
+        "serve",
+        "--data",
+        arg(&dir.path().join("x")),
+        "--listen",
+        "127.0.0.1:0",
+        "--peer",
+        &hub.url,
+        "--peer-interval",
+        "http://127.0.0.1:9=5s",
+    ])?;
+    assert!(!other.status.success());
+    assert!(
+        stderr(&other).contains("not one of the node's --peer URLs"),
+        "{}",
+        stderr(&other)
+    );
+    Ok(())
+}

@@ -35,6 +35,7 @@ pub use self::sync::{render_audit, sync_until_done, SyncTotals};
 pub use crate::api::{Listed, RecordRead as RemoteRecord, Written};
 pub use crate::http::NodeClient;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -51,7 +52,7 @@ use crate::http::{
     ServerTls, TlsError, DEFAULT_MAX_CONNECTIONS,
 };
 use crate::scheduler::{AfterRound, BeforeRound};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{PeerOptions, Scheduler, SchedulerConfig};
 
 /// The address a node listens on, and client commands reach, by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
@@ -110,6 +111,9 @@ pub struct NodeOptions {
     /// [`Scheduler::accept_new_identity`]). Without it a node that answers with another id
     /// than the one noted for its address is refused.
     pub accept_new_peer_ids: Vec<String>,
+    /// Per-peer scopes and intervals, by URL (one of [`NodeOptions::peers`]); peers not
+    /// named use the node's.
+    pub peer_options: BTreeMap<String, PeerOptions>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -131,6 +135,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("audit_interval", &self.audit_interval)
             .field("restored", &self.restored)
             .field("accept_new_peer_ids", &self.accept_new_peer_ids)
+            .field("peer_options", &self.peer_options)
             .finish()
     }
 }
@@ -155,6 +160,7 @@ impl NodeOptions {
             audit_interval: SchedulerConfig::default().audit_interval,
             restored: false,
             accept_new_peer_ids: Vec::new(),
+            peer_options: BTreeMap::new(),
         }
     }
 
@@ -239,9 +245,11 @@ pub enum NodeError {
     /// The HTTP server could not run.
     #[error(transparent)]
     Serve(#[from] ServeError),
-    /// `--accept-new-peer-id` named a URL that is not one of the node's peers.
-    #[error("--accept-new-peer-id {url}: not one of the node's --peer URLs")]
+    /// An option for one peer named a URL that is not one of the node's peers.
+    #[error("{option} {url}: not one of the node's --peer URLs")]
     NotAPeer {
+        /// The option (`--accept-new-peer-id`, `--peer-scopes`, `--peer-interval`).
+        option: &'static str,
         /// The URL.
         url: String,
     },
@@ -341,6 +349,8 @@ pub struct Node {
     scheduler: SchedulerConfig,
     /// Peers (base URLs) whose new identity is accepted once.
     accept_new: Vec<String>,
+    /// Per-peer options, by base URL.
+    peer_options: BTreeMap<String, PeerOptions>,
     data: PathBuf,
 }
 
@@ -396,13 +406,23 @@ impl Node {
             addr: options.listen,
             source,
         })?;
-        let mut accept_new = Vec::new();
-        for url in &options.accept_new_peer_ids {
+        let base_of = |option: &'static str, url: &str| -> Result<String, NodeError> {
             let base = HttpTransport::new(url, None)?.base_url().to_owned();
             if !peers.iter().any(|p| p.base_url() == base) {
-                return Err(NodeError::NotAPeer { url: url.clone() });
+                return Err(NodeError::NotAPeer {
+                    option,
+                    url: url.to_owned(),
+                });
             }
-            accept_new.push(base);
+            Ok(base)
+        };
+        let mut accept_new = Vec::new();
+        for url in &options.accept_new_peer_ids {
+            accept_new.push(base_of("--accept-new-peer-id", url)?);
+        }
+        let mut peer_options = BTreeMap::new();
+        for (url, o) in &options.peer_options {
+            peer_options.insert(base_of("--peer-scopes/--peer-interval", url)?, o.clone());
         }
         let engine = Arc::new(open_data_dir_as(
             &options.data,
@@ -439,6 +459,7 @@ impl Node {
             peers,
             scheduler,
             accept_new,
+            peer_options,
             data: options.data,
         };
         let url_file = node.data.join(URL_FILE);
@@ -497,6 +518,7 @@ impl Node {
             peers,
             scheduler,
             accept_new,
+            peer_options,
             data,
         } = self;
         tracing::info!(node = %engine.node_id(), %addr, data = %data.display(),
@@ -509,7 +531,8 @@ impl Node {
         for peer in peers {
             let name = peer.base_url().to_owned();
             // Names are the peers' distinct URLs (checked in `start`), so this cannot fail.
-            if let Err(e) = scheduler.add_peer(name, peer) {
+            let options = peer_options.get(&name).cloned().unwrap_or_default();
+            if let Err(e) = scheduler.add_peer_with(name, peer, options) {
                 tracing::error!(error = %e, "peer not scheduled");
             }
         }

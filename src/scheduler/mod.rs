@@ -184,6 +184,18 @@ impl fmt::Debug for SchedulerConfig {
     }
 }
 
+/// What one peer's rounds do differently from the scheduler's defaults
+/// ([`Scheduler::add_peer_with`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerOptions {
+    /// The scopes synced with this peer (`None`: [`SchedulerConfig::options`]'s). A peer
+    /// with its own scopes is outside the hydration plan: its rounds always pull these.
+    pub scopes: Option<ScopeFilter>,
+    /// Time between rounds with this peer when nothing triggers one sooner (`None`:
+    /// [`SchedulerConfig::interval`]).
+    pub interval: Option<Duration>,
+}
+
 /// Where the scheduler stands with one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerStatus {
@@ -200,6 +212,9 @@ pub struct PeerStatus {
     /// Whether the last round succeeded (false until one ended); its changes publish
     /// `connectivity_changed`.
     pub connected: bool,
+    /// Whether the scheduler is paused ([`Scheduler::pause`]): no round, watch or audit
+    /// runs until it resumes.
+    pub paused: bool,
     /// Rounds that succeeded.
     pub rounds: u64,
     /// When the next round is due if nothing triggers one sooner (`None` while a round runs
@@ -234,6 +249,10 @@ pub enum SchedulerError {
 /// One scheduled peer, as its task and the scheduler's other tasks see it.
 pub(super) struct Peer {
     name: String,
+    /// This peer's own scopes and interval.
+    options: PeerOptions,
+    /// Stops this peer's tasks ([`Scheduler::remove_peer`], or the scheduler's shutdown).
+    stop: watch::Sender<bool>,
     status: Mutex<PeerStatus>,
     /// Changes and watch news: ignored while backing off.
     trigger: Notify,
@@ -282,6 +301,7 @@ impl Peer {
             name: status.name.clone(),
             id: status.peer,
             connected: status.connected,
+            paused: status.paused,
             last_success_unix_ms: status.last_success.and_then(unix_ms),
             last_error: status.last_error.clone(),
             consecutive_failures: status.consecutive_failures,
@@ -321,12 +341,20 @@ pub(super) struct Shared {
     peers: Mutex<Vec<Arc<Peer>>>,
     /// Whether every boot scope is ready (true when there are none).
     boot_ready: watch::Sender<bool>,
+    /// Whether rounds are paused ([`Scheduler::pause`]).
+    paused: watch::Sender<bool>,
 }
 
 impl Shared {
     /// The options of the next round: the boot scopes alone until they are ready, then the
     /// configured ones.
-    pub(super) fn round_options(&self) -> ExchangeOptions {
+    pub(super) fn round_options(&self, peer: &Peer) -> ExchangeOptions {
+        if let Some(scopes) = &peer.options.scopes {
+            return ExchangeOptions {
+                scopes: scopes.clone(),
+                ..self.config.options.clone()
+            };
+        }
         if *self.boot_ready.borrow() {
             return self.config.options.clone();
         }
@@ -374,6 +402,7 @@ impl Scheduler {
             config,
             peers: Mutex::new(Vec::new()),
             boot_ready: watch::channel(boot_ready).0,
+            paused: watch::channel(false).0,
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -405,7 +434,21 @@ impl Scheduler {
         name: impl Into<String>,
         transport: Arc<T>,
     ) -> Result<(), SchedulerError> {
+        self.add_peer_with(name, transport, PeerOptions::default())
+    }
+
+    /// As [`Scheduler::add_peer`], with the peer's own scopes and interval.
+    ///
+    /// # Errors
+    /// [`SchedulerError::DuplicatePeer`] if `name` is taken.
+    pub fn add_peer_with<T: Transport + 'static>(
+        &self,
+        name: impl Into<String>,
+        transport: Arc<T>,
+        options: PeerOptions,
+    ) -> Result<(), SchedulerError> {
         let name = name.into();
+        let (stop, stopped) = watch::channel(*self.stop.borrow());
         let peer = {
             let mut peers = lock(&self.shared.peers);
             if peers.iter().any(|p| p.name == name) {
@@ -419,12 +462,15 @@ impl Scheduler {
                     last_error: None,
                     consecutive_failures: 0,
                     connected: false,
+                    paused: *self.shared.paused.borrow(),
                     rounds: 0,
                     next_attempt: None,
                     session: Session::named(name.clone()),
                     last_audit: None,
                 }),
                 name,
+                options,
+                stop,
                 trigger: Notify::new(),
                 force: Notify::new(),
                 audit_wanted: AtomicBool::new(false),
@@ -434,7 +480,7 @@ impl Scheduler {
             peers.push(peer.clone());
             peer
         };
-        let task = run_peer(self.shared.clone(), peer, transport, self.stop.subscribe());
+        let task = run_peer(self.shared.clone(), peer, transport, stopped);
         lock(&self.tasks).spawn_on(task, &self.runtime);
         Ok(())
     }
@@ -481,6 +527,44 @@ impl Scheduler {
         *self.shared.boot_ready.borrow()
     }
 
+    /// Stops syncing with the peer called `name`: its tasks end at their next await point (a
+    /// round in flight is abandoned safely, see the [module docs](self)) and it leaves
+    /// [`Scheduler::peers`] and the status. The id noted for it stays: added again under the
+    /// same name, it expects the same node.
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownPeer`] if no peer is called `name`.
+    pub fn remove_peer(&self, name: &str) -> Result<(), SchedulerError> {
+        let mut peers = lock(&self.shared.peers);
+        let at = peers.iter().position(|p| p.name == name).ok_or_else(|| {
+            SchedulerError::UnknownPeer {
+                name: name.to_owned(),
+            }
+        })?;
+        let peer = peers.remove(at);
+        peer.stop.send_replace(true);
+        Ok(())
+    }
+
+    /// Pauses syncing (going offline on purpose): no round, watch call or audit starts with
+    /// any peer until [`Scheduler::resume`]; a round in flight finishes. Local writes go on
+    /// and are synced after resuming.
+    pub fn pause(&self) {
+        self.shared.paused.send_replace(true);
+        for peer in lock(&self.shared.peers).iter() {
+            peer.status().paused = true;
+        }
+    }
+
+    /// Resumes syncing after [`Scheduler::pause`], with a round with every peer at once.
+    pub fn resume(&self) {
+        self.shared.paused.send_replace(false);
+        for peer in lock(&self.shared.peers).iter() {
+            peer.status().paused = false;
+            peer.force.notify_one();
+        }
+    }
+
     /// Starts a round with every peer now, even one that is backing off.
     pub fn sync_now(&self) {
         for peer in lock(&self.shared.peers).iter() {
@@ -504,6 +588,9 @@ impl Scheduler {
     /// The final [`SyncEngine::flush`] failed.
     pub async fn shutdown(self) -> Result<(), Error> {
         self.stop.send_replace(true);
+        for peer in lock(&self.shared.peers).iter() {
+            peer.stop.send_replace(true);
+        }
         let mut tasks = std::mem::take(&mut *lock(&self.tasks));
         while let Some(ended) = tasks.join_next().await {
             if let Err(e) = ended {
@@ -519,6 +606,19 @@ impl Drop for Scheduler {
         // Tasks still running see the signal at their next await; the JoinSet, dropped right
         // after, aborts them in any case.
         self.stop.send_replace(true);
+        for peer in lock(&self.shared.peers).iter() {
+            peer.stop.send_replace(true);
+        }
+    }
+}
+
+/// Resolves once rounds are not paused; `false` if the scheduler stopped first.
+pub(super) async fn unpaused(shared: &Shared, stop: &mut watch::Receiver<bool>) -> bool {
+    let mut paused = shared.paused.subscribe();
+    tokio::select! {
+        biased;
+        () = stopped(stop) => false,
+        resumed = paused.wait_for(|p| !*p) => resumed.is_ok(),
     }
 }
 

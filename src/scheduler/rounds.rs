@@ -21,7 +21,7 @@ use crate::record::{Hydration, Scope, ScopeFilter};
 use crate::transport::Transport;
 
 use super::triggers::watch_loop;
-use super::{peer_rng, stopped, Peer, Shared};
+use super::{peer_rng, stopped, unpaused, Peer, Shared};
 
 pub(super) async fn run_peer<T: Transport + 'static>(
     shared: Arc<Shared>,
@@ -89,7 +89,11 @@ pub(super) async fn round_loop<T: Transport>(
     let mut burst = 0usize;
     // Rounds in a row that left a stream halted.
     let mut halted = 0u32;
+    let interval = peer.options.interval.unwrap_or(config.interval);
     loop {
+        if !unpaused(shared, &mut stop).await {
+            return;
+        }
         match next {
             Next::AtOnce => {
                 // A burst of rounds over a transport that never waits must still let other
@@ -113,6 +117,10 @@ pub(super) async fn round_loop<T: Transport>(
                     () = sleep_until(audit_at.unwrap_or(at)) => audit_at.is_some(),
                 };
                 peer.status().next_attempt = None;
+                if *shared.paused.borrow() {
+                    // Paused while waiting: the round waits for the resume.
+                    continue;
+                }
                 if audit_due {
                     next_audit = audit(shared, peer, transport, &mut rng).await;
                     continue;
@@ -142,7 +150,7 @@ pub(super) async fn round_loop<T: Transport>(
                     if wanted || next_audit.is_some_and(|at| at <= Instant::now()) {
                         next_audit = audit(shared, peer, transport, &mut rng).await;
                     }
-                    let mut wait = config.interval;
+                    let mut wait = interval;
                     if outcome.halts.is_empty() && outcome.peer_halts.is_empty() {
                         halted = 0;
                     } else {
@@ -309,7 +317,7 @@ pub(super) async fn run_round<T: Transport>(
     // The round works on a copy of the session, written back whether it succeeds or not
     // (a failed round leaves the session without held marks: its next request is in full).
     let mut session = peer.status().session.clone();
-    let options = shared.round_options();
+    let options = shared.round_options(peer);
     let result = shared
         .engine
         .exchange_in(&mut session, transport, &options)

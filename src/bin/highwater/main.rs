@@ -3,6 +3,7 @@
 //! This file parses arguments, sets up logging (`RUST_LOG`, default `info`, to stderr) and
 //! calls [`highwater::node`]; the logic lives there. `demo.rs` is the `demo` command.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use highwater::node::{
     self, records, render_status, sync_until_done, CommandError, Node, NodeError, NodeOptions,
     SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
 };
-use highwater::{ExchangeOptions, Key, Scope};
+use highwater::{ExchangeOptions, Key, PeerOptions, Scope, ScopeFilter};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
@@ -241,6 +242,33 @@ struct ServeArgs {
     /// from a backup with --restored vouches for its old id and needs none of this.
     #[arg(long = "accept-new-peer-id", value_name = "URL")]
     accept_new_peer_ids: Vec<String>,
+    /// Sync only these scopes with one peer: `URL=SCOPE[,SCOPE...]` (repeat for several
+    /// peers); other peers sync every scope.
+    #[arg(long = "peer-scopes", value_name = "URL=SCOPES", value_parser = peer_scopes)]
+    peer_scopes: Vec<(String, Vec<Scope>)>,
+    /// Time between rounds with one peer: `URL=DURATION` (`URL=5s`; repeat for several);
+    /// other peers use --interval.
+    #[arg(long = "peer-interval", value_name = "URL=DURATION", value_parser = peer_interval)]
+    peer_intervals: Vec<(String, Duration)>,
+}
+
+/// `URL=SCOPE[,SCOPE...]`.
+fn peer_scopes(text: &str) -> Result<(String, Vec<Scope>), String> {
+    let (url, scopes) = text
+        .split_once('=')
+        .ok_or("expected URL=SCOPE[,SCOPE...]")?;
+    let scopes = scopes
+        .split(',')
+        .map(|s| s.parse::<Scope>().map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((url.to_owned(), scopes))
+}
+
+/// `URL=DURATION`.
+fn peer_interval(text: &str) -> Result<(String, Duration), String> {
+    let (url, every) = text.split_once('=').ok_or("expected URL=DURATION")?;
+    let every = humantime::parse_duration(every).map_err(|e| e.to_string())?;
+    Ok((url.to_owned(), every))
 }
 
 /// A period, or none (`off`).
@@ -526,6 +554,14 @@ async fn run(command: Command) -> Result<(), CliError> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), NodeError> {
+    let mut peer_options: BTreeMap<String, PeerOptions> = BTreeMap::new();
+    for (url, scopes) in args.peer_scopes {
+        peer_options.entry(url).or_default().scopes =
+            Some(ScopeFilter::Only(scopes.into_iter().collect()));
+    }
+    for (url, every) in args.peer_intervals {
+        peer_options.entry(url).or_default().interval = Some(every);
+    }
     let options = NodeOptions {
         peers: args.peers,
         peer_token: args.peer_token,
@@ -540,6 +576,7 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         audit_interval: args.audit_interval.0,
         restored: args.restored,
         accept_new_peer_ids: args.accept_new_peer_ids,
+        peer_options,
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;
