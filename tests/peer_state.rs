@@ -133,6 +133,11 @@ async fn a_configured_peer_is_listed_from_the_start_with_its_failures_and_what_i
     assert_eq!(link.consecutive_failures, 0);
     assert!(link.last_success_unix_ms.is_some());
     assert_eq!(link.unacknowledged, 0);
+    // The node found there is noted, even though this transport knew its id all along.
+    assert_eq!(
+        device.expected_peer("http://hub.example:7447")?,
+        Some(hub.node_id())
+    );
 
     // Down again; two local writes the hub has not acknowledged.
     cable.down.store(true, Ordering::SeqCst);

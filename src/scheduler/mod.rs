@@ -260,6 +260,9 @@ pub(super) struct Peer {
     force: Notify,
     /// An audit is wanted at the next idle moment (a restore was detected).
     audit_wanted: AtomicBool,
+    /// The id noted in the store for this peer (what rounds after a restart expect), as
+    /// far as this scheduler wrote or read it.
+    noted: Mutex<Option<NodeId>>,
     /// The operator accepted a new identity for this peer: the next round that finds
     /// another node at its address re-attaches to it ([`Scheduler::accept_new_identity`]).
     accept_new: AtomicBool,
@@ -476,6 +479,7 @@ impl Scheduler {
                 audit_wanted: AtomicBool::new(false),
                 warned: Mutex::new(None),
                 accept_new: AtomicBool::new(false),
+                noted: Mutex::new(None),
             });
             peers.push(peer.clone());
             peer

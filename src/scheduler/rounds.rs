@@ -75,6 +75,7 @@ pub(super) async fn round_loop<T: Transport>(
     let engine = shared.engine.handle();
     match run_blocking(move || engine.expected_peer(&name)).await {
         Ok(Ok(Some(id))) => {
+            *lock(&peer.noted) = Some(id);
             let mut status = peer.status();
             status.peer = Some(id);
             status.session = Session::named_expecting(peer.name.clone(), Some(id));
@@ -361,14 +362,16 @@ pub(super) async fn run_round<T: Transport>(
         text: error_chain(&e),
         hint: hint(&e, &peer.name),
     })?;
-    let (reconnected, learnt) = {
+    // Compared with the note, not the status: a transport may know its peer's id before
+    // any round (in process), and the note must still be written once.
+    let learnt = *lock(&peer.noted) != Some(outcome.peer);
+    let reconnected = {
         let mut status = peer.status();
-        let learnt = status.peer != Some(outcome.peer);
         status.peer = Some(outcome.peer);
         status.last_success = Some(SystemTime::now());
         status.consecutive_failures = 0;
         status.rounds += 1;
-        (!std::mem::replace(&mut status.connected, true), learnt)
+        !std::mem::replace(&mut status.connected, true)
     };
     if learnt {
         note_peer(shared, peer, outcome.peer).await;
@@ -453,7 +456,7 @@ async fn hydrate(shared: &Shared, options: &ExchangeOptions, outcome: &ExchangeO
 async fn note_peer(shared: &Shared, peer: &Peer, id: NodeId) {
     let (engine, name) = (shared.engine.handle(), peer.name.clone());
     match run_blocking(move || engine.expect_peer(&name, Some(id))).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => *lock(&peer.noted) = Some(id),
         Ok(Err(e)) => {
             tracing::warn!(peer = %peer.name, error = %error_chain(&e), "cannot note the peer's id")
         }
