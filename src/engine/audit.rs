@@ -416,7 +416,10 @@ impl SyncEngine {
         self.announce(
             ChangeKind::RemoteUpdateAvailable,
             Some(from),
-            applied.iter().map(|(s, k)| (s, k)),
+            report.applied.iter().map(|&i| {
+                let (s, k, v) = &batch.upserts[i];
+                (s, k, v.hlc)
+            }),
         );
         self.announce_halts(peer, &halts);
         let refused = self.refused_in(peer, &batch, &report.refused);

@@ -31,6 +31,8 @@ struct State {
     floors: BTreeMap<Scope, u64>,
     /// peer -> last seen; only peers in `peers`.
     seen: BTreeMap<NodeId, u64>,
+    /// The engine's notes (`Store::note`).
+    notes: BTreeMap<String, Vec<u8>>,
 }
 
 /// A store held in memory. Commits are atomic (applied under one write lock by infallible
@@ -462,6 +464,20 @@ impl Store for MemStore {
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
         Arc::make_mut(&mut self.write_lock()).identity = Some(id);
+        Ok(())
+    }
+
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.read_lock().notes.get(name).cloned())
+    }
+
+    fn set_note(&self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut state = self.write_lock();
+        let notes = &mut Arc::make_mut(&mut state).notes;
+        match value {
+            Some(v) => notes.insert(name.to_owned(), v.to_vec()),
+            None => notes.remove(name),
+        };
         Ok(())
     }
 

@@ -327,6 +327,19 @@ pub trait Store: Send + Sync {
     /// A backend failure.
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError>;
 
+    /// The small value the engine keeps under `name` beside the data (the id a named peer
+    /// is expected to answer with, the id this node had before it took a fresh one), if any.
+    ///
+    /// # Errors
+    /// A backend failure.
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores `value` under `name` (`None`: removes it), durably.
+    ///
+    /// # Errors
+    /// A backend failure; the old value then stands.
+    fn set_note(&self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError>;
+
     /// Applies `batch` atomically. See the module docs.
     ///
     /// # Errors
@@ -351,6 +364,14 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
         (**self).replace_identity(id)
+    }
+
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).note(name)
+    }
+
+    fn set_note(&self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        (**self).set_note(name, value)
     }
 
     fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
