@@ -28,12 +28,16 @@ type TestResult = Result<(), Box<dyn Error>>;
 struct Fixture {
     store: Box<dyn Store>,
     _dir: Option<tempfile::TempDir>,
+    #[cfg(feature = "postgres")]
+    _schema: Option<common::pg::Schema>,
 }
 
 fn mem() -> Result<Fixture, Box<dyn Error>> {
     Ok(Fixture {
         store: Box::new(MemStore::new()),
         _dir: None,
+        #[cfg(feature = "postgres")]
+        _schema: None,
     })
 }
 
@@ -43,7 +47,23 @@ fn redb() -> Result<Fixture, Box<dyn Error>> {
     Ok(Fixture {
         store: Box::new(store),
         _dir: Some(dir),
+        #[cfg(feature = "postgres")]
+        _schema: None,
     })
+}
+
+/// A PostgreSQL store in a fresh schema, or `None` (with a note) without
+/// `HIGHWATER_PG_URL`.
+#[cfg(feature = "postgres")]
+fn pg(test: &str) -> Result<Option<Fixture>, Box<dyn Error>> {
+    let Some(schema) = common::pg::Schema::fresh(test)? else {
+        return Ok(None);
+    };
+    Ok(Some(Fixture {
+        store: Box::new(schema.open()?),
+        _dir: None,
+        _schema: Some(schema),
+    }))
 }
 
 /// Instantiates every contract case once per store.
@@ -62,6 +82,18 @@ macro_rules! contract {
                 #[test]
                 fn $case() -> super::TestResult {
                     super::$case(&*super::redb()?.store)
+                }
+            )*
+        }
+        #[cfg(feature = "postgres")]
+        mod pg_store {
+            $(
+                #[test]
+                fn $case() -> super::TestResult {
+                    match super::pg(stringify!($case))? {
+                        Some(fixture) => super::$case(&*fixture.store),
+                        None => Ok(()),
+                    }
                 }
             )*
         }
@@ -1434,6 +1466,83 @@ fn redb_failed_commit_applies_nothing() -> TestResult {
 // ---------------------------------------------------------------------------------------
 // Deferred commits gathered in one redb write transaction
 
+/// On PostgreSQL too, a batch whose last step (raising the clock) fails after its upserts,
+/// advances and peer knowledge were written inside the transaction applies nothing: a CHECK
+/// constraint refuses a clock past 40, and only the clock reaches it.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_failed_commit_applies_nothing() -> TestResult {
+    let Some(schema) = common::pg::Schema::fresh("pg_failed_commit_applies_nothing")? else {
+        return Ok(());
+    };
+    let store = schema.open()?;
+    let s = Scope::shared();
+    let mut seed = upserts(&s, &[("k", put(1, 1, "old"))]);
+    seed.advances.push(Advance {
+        scope: s.clone(),
+        base: None,
+        top: hlc(1, 1),
+    });
+    store.commit(&seed)?;
+    // The clock is stored with its sign bit flipped: 40 is i64::MIN + 40.
+    let mut client = schema.client()?;
+    client.batch_execute(
+        "ALTER TABLE highwater_meta ADD CONSTRAINT clock_below_40
+         CHECK (name <> 'clock' OR num < -9223372036854775808 + 40)",
+    )?;
+    let before = (
+        store.read()?.watermarks()?,
+        store.read()?.scopes()?,
+        scan(&store, &s, "", None, 100)?,
+    );
+    let mut batch = upserts(&s, &[("k", put(2, 1, "new")), ("j", put(3, 1, "j"))]);
+    batch
+        .upserts
+        .push((scope("app/x/y"), key("k"), put(4, 1, "x")));
+    batch.advances.push(Advance {
+        scope: s.clone(),
+        base: Some(hlc(1, 1)),
+        top: hlc(3, 1),
+    });
+    batch.peer = Some(PeerKnowledge {
+        peer: id(9),
+        scopes: ScopeFilter::All,
+        marks: marks(&[(&s, hlc(3, 1))]),
+    });
+    batch.seen = vec![(id(9), 30)];
+    batch.clock = 50;
+    assert!(
+        store.commit(&batch).is_err(),
+        "the commit must fail on the clock's constraint"
+    );
+
+    let read = store.read()?;
+    assert_eq!(read.get(&s, &key("k"))?, Some(put(1, 1, "old")));
+    assert_eq!(read.get(&s, &key("j"))?, None);
+    assert_eq!(
+        (
+            read.watermarks()?,
+            read.scopes()?,
+            scan(&store, &s, "", None, 100)?
+        ),
+        before
+    );
+    assert_eq!(
+        read.live_range(&s, id(1), None, hlc(u64::MAX, 1), 10)?,
+        vec![(key("k"), put(1, 1, "old"))]
+    );
+    assert_eq!(read.peer_watermarks(id(9))?, None);
+    assert_eq!(read.peers()?, vec![]);
+    assert_eq!(read.clock()?, 0);
+    drop(read);
+
+    // The same batch commits once the constraint is gone: only the failure stopped it.
+    client.batch_execute("ALTER TABLE highwater_meta DROP CONSTRAINT clock_below_40")?;
+    assert_eq!(store.commit(&batch)?, report(&[0, 1, 2], &[true]));
+    assert_eq!(store.read()?.clock()?, 50);
+    Ok(())
+}
+
 fn deferred_with_mark(s: &Scope, k: &str, time: u64) -> Batch {
     let mut b = upserts(s, &[(k, put(time, 1, k))]);
     b.advances.push(Advance {
@@ -2069,19 +2178,22 @@ fn observe(store: &dyn Store) -> Result<Observed, Box<dyn Error>> {
 
 fn equivalent(specs: &[BatchSpec]) -> Result<(), TestCaseError> {
     let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
-    let model = MemStore::new();
     let dir = tempfile::tempdir().map_err(|e| fail(e.into()))?;
     let real = RedbStore::open(dir.path().join("store.redb")).map_err(|e| fail(e.into()))?;
+    equivalent_on(&real, specs)
+}
+
+/// Commits `specs` to `real` and to the model, comparing every report and every read.
+fn equivalent_on(real: &dyn Store, specs: &[BatchSpec]) -> Result<(), TestCaseError> {
+    let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+    let model = MemStore::new();
     let mut used = BTreeMap::new();
     for spec in specs {
         let batch = build(spec, &mut used);
         let expected = model.commit(&batch).map_err(|e| fail(e.into()))?;
         let got = real.commit(&batch).map_err(|e| fail(e.into()))?;
         prop_assert_eq!(&got, &expected, "reports differ for {:?}", batch);
-        prop_assert_eq!(
-            observe(&real).map_err(fail)?,
-            observe(&model).map_err(fail)?
-        );
+        prop_assert_eq!(observe(real).map_err(fail)?, observe(&model).map_err(fail)?);
     }
     Ok(())
 }
@@ -2092,6 +2204,25 @@ proptest! {
     #[test]
     fn redb_store_matches_the_in_memory_model(specs in prop::collection::vec(batch_spec(), 1..8)) {
         equivalent(&specs)?;
+    }
+}
+
+#[cfg(feature = "postgres")]
+proptest! {
+    // Few cases: each makes a schema and commits over the network.
+    #![proptest_config(ProptestConfig {
+        cases: (common::cases(96) / 12).max(1),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn pg_store_matches_the_in_memory_model(specs in prop::collection::vec(batch_spec(), 1..8)) {
+        let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+        if let Some(schema) = common::pg::Schema::fresh("pg_store_matches_the_in_memory_model")
+            .map_err(fail)?
+        {
+            equivalent_on(&schema.open().map_err(fail)?, &specs)?;
+        }
     }
 }
 

@@ -32,10 +32,14 @@
 
 mod audit;
 mod mem;
+#[cfg(feature = "postgres")]
+mod pg;
 mod redb;
 
 pub use self::audit::{item_hash, AuditPoint, AuditRange, Fingerprint};
 pub use self::mem::MemStore;
+#[cfg(feature = "postgres")]
+pub use self::pg::{PgOptions, PgStore, SCHEMA_VERSION as PG_SCHEMA_VERSION};
 pub use self::redb::RedbStore;
 
 use std::collections::BTreeMap;
