@@ -106,7 +106,7 @@ impl PgStore {
     }
 
     /// Opens the store at `url` with `options`, creating the schema and the tables if
-    /// missing and migrating older ones ([`migrations`]).
+    /// missing and migrating older ones (docs/storage.md, "Schema").
     ///
     /// # Errors
     /// As [`PgStore::open`].
