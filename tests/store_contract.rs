@@ -2746,8 +2746,22 @@ fn audit_batch(
 
 fn audit_equivalent(steps: &[AuditStep], ranges: &[AuditRange]) -> Result<(), TestCaseError> {
     let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
-    let model = MemStore::new();
     let (real, _dir) = small_chunks().map_err(fail)?;
+    audit_equivalent_on(&real, steps, ranges, &|| {
+        chunks_hold(&real, SMALL_CHUNKS).map(|_| ())
+    })
+}
+
+/// Runs `steps` on `real` and on the model, checking `real` with `check` and comparing the
+/// audit reads of every range after each step.
+fn audit_equivalent_on(
+    real: &dyn Store,
+    steps: &[AuditStep],
+    ranges: &[AuditRange],
+    check: &dyn Fn() -> TestResult,
+) -> Result<(), TestCaseError> {
+    let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+    let model = MemStore::new();
     let (mut used, mut next) = (BTreeMap::new(), BTreeMap::new());
     for step in steps {
         match audit_batch(step, &mut used, &mut next) {
@@ -2758,7 +2772,7 @@ fn audit_equivalent(steps: &[AuditStep], ranges: &[AuditRange]) -> Result<(), Te
             }
             None => real.flush().map_err(|e| fail(e.into()))?,
         }
-        chunks_hold(&real, SMALL_CHUNKS).map_err(fail)?;
+        check().map_err(fail)?;
         let (r, m) = (
             real.read().map_err(|e| fail(e.into()))?,
             model.read().map_err(|e| fail(e.into()))?,
@@ -2820,5 +2834,30 @@ proptest! {
         ranges in prop::collection::vec(audit_range(), 6),
     ) {
         audit_equivalent(&steps, &ranges)?;
+    }
+}
+
+#[cfg(feature = "postgres")]
+proptest! {
+    // Few cases: each makes a schema and commits row by row over the network.
+    #![proptest_config(ProptestConfig {
+        cases: (common::cases(48) / 12).max(1),
+        ..ProptestConfig::default()
+    })]
+
+    /// The PostgreSQL store's audit reads (folds and cuts over its rows) are the model's
+    /// under the same random histories.
+    #[test]
+    fn pg_audit_reads_match_the_in_memory_model(
+        steps in prop::collection::vec(audit_step(), 1..12),
+        ranges in prop::collection::vec(audit_range(), 6),
+    ) {
+        let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+        if let Some(schema) = common::pg::Schema::fresh("pg_audit_reads_match_the_in_memory_model")
+            .map_err(fail)?
+        {
+            let real = schema.open().map_err(fail)?;
+            audit_equivalent_on(&real, &steps, &ranges, &|| Ok(()))?;
+        }
     }
 }
