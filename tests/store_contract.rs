@@ -1543,6 +1543,38 @@ fn pg_failed_commit_applies_nothing() -> TestResult {
     Ok(())
 }
 
+/// A call that finds no pooled connection free within the timeout fails with
+/// `StoreError::Pool` (what a hub answers as 503) and leaves nothing half done; the same
+/// call succeeds once a connection is free.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_exhausted_pool_fails_the_call() -> TestResult {
+    let Some(schema) = common::pg::Schema::fresh("pg_exhausted_pool_fails_the_call")? else {
+        return Ok(());
+    };
+    let url = std::env::var(common::pg::URL_VAR)?;
+    let store = highwater::store::PgStore::open_with(
+        &url,
+        &highwater::store::PgOptions {
+            schema: Some(schema.name().to_owned()),
+            pool_size: 1,
+            connect_timeout: Duration::from_millis(300),
+        },
+    )?;
+    let s = Scope::shared();
+    let batch = upserts(&s, &[("k", put(1, 1, "v"))]);
+    let reader = store.read()?;
+    match store.commit(&batch) {
+        Err(highwater::error::StoreError::Pool(_)) => {}
+        other => return Err(format!("expected a pool error, got {other:?}").into()),
+    }
+    assert_eq!(reader.get(&s, &key("k"))?, None);
+    drop(reader);
+    assert_eq!(store.commit(&batch)?, report(&[0], &[]));
+    assert_eq!(store.read()?.get(&s, &key("k"))?, Some(put(1, 1, "v")));
+    Ok(())
+}
+
 fn deferred_with_mark(s: &Scope, k: &str, time: u64) -> Batch {
     let mut b = upserts(s, &[(k, put(time, 1, k))]);
     b.advances.push(Advance {
