@@ -17,10 +17,11 @@
 //! advance, the reference counts) see every earlier commit under READ COMMITTED. Readers
 //! take a REPEATABLE READ snapshot and never wait for a commit.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, Statement};
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -34,8 +35,53 @@ pub use self::migrations::SCHEMA_VERSION;
 mod read;
 mod write;
 
-type Manager = PostgresConnectionManager<NoTls>;
 type Conn = PooledConnection<Manager>;
+
+/// A connection and the statements prepared on it, by their SQL text: a statement run
+/// through its prepared form is one round trip instead of two (prepare, then execute).
+pub(super) struct PgConn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// The statement for `sql`, prepared on this session once (prepared statements outlive
+/// the transactions they were prepared in).
+fn prepared(
+    client: &mut impl postgres::GenericClient,
+    statements: &mut HashMap<&'static str, Statement>,
+    sql: &'static str,
+) -> Result<Statement, StoreError> {
+    if let Some(statement) = statements.get(sql) {
+        return Ok(statement.clone());
+    }
+    let statement = client.prepare(sql).map_err(pg)?;
+    statements.insert(sql, statement.clone());
+    Ok(statement)
+}
+
+/// r2d2_postgres's manager, with a statement cache per connection.
+#[derive(Debug)]
+struct Manager(PostgresConnectionManager<NoTls>);
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<PgConn, postgres::Error> {
+        Ok(PgConn {
+            client: self.0.connect()?,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
+        self.0.is_valid(&mut conn.client)
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        self.0.has_broken(&mut conn.client)
+    }
+}
 
 /// A store in a PostgreSQL database (one schema per store), reached through a pool of
 /// connections.
@@ -80,9 +126,10 @@ impl Default for PgOptions {
 #[derive(Debug)]
 struct SearchPath(String);
 
-impl r2d2::CustomizeConnection<Client, postgres::Error> for SearchPath {
-    fn on_acquire(&self, conn: &mut Client) -> Result<(), postgres::Error> {
-        conn.batch_execute(&format!("SET search_path TO {}", quote_ident(&self.0)))
+impl r2d2::CustomizeConnection<PgConn, postgres::Error> for SearchPath {
+    fn on_acquire(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
+        conn.client
+            .batch_execute(&format!("SET search_path TO {}", quote_ident(&self.0)))
     }
 }
 
@@ -130,13 +177,13 @@ impl PgStore {
             builder = builder.connection_customizer(Box::new(SearchPath(schema.clone())));
         }
         let pool = builder
-            .build(PostgresConnectionManager::new(config, NoTls))
+            .build(Manager(PostgresConnectionManager::new(config, NoTls)))
             .map_err(StoreError::Pool)?;
         let store = PgStore {
             pool,
             deferred: AtomicBool::new(false),
         };
-        migrations::migrate(&mut *store.conn()?)?;
+        migrations::migrate(&mut store.conn()?.client)?;
         Ok(store)
     }
 

@@ -8,7 +8,8 @@ use postgres::types::ToSql;
 use postgres::Row;
 
 use super::{
-    decode_version, from_sql, key_of, limit_sql, node_id, pg, scope_of, to_sql, Conn, PgStore,
+    decode_version, from_sql, key_of, limit_sql, node_id, pg, prepared, scope_of, to_sql, Conn,
+    PgStore,
 };
 use crate::error::StoreError;
 use crate::hash::Hash;
@@ -29,11 +30,12 @@ impl PgStore {
         let mut conn = self.conn()?;
         // A REPEATABLE READ transaction takes its snapshot at its first query, not at BEGIN:
         // the SELECT pins it here, so a commit that returns after `read` is not in it.
-        conn.batch_execute(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+        conn.client
+            .batch_execute(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
              SELECT num FROM highwater_meta WHERE name = 'clock';",
-        )
-        .map_err(pg)?;
+            )
+            .map_err(pg)?;
         Ok(Reader {
             conn: RefCell::new(conn),
         })
@@ -43,16 +45,26 @@ impl PgStore {
 impl Drop for Reader {
     fn drop(&mut self) {
         // A connection that cannot roll back is broken; the pool discards closed ones.
-        if let Err(e) = self.conn.get_mut().batch_execute("ROLLBACK") {
+        if let Err(e) = self.conn.get_mut().client.batch_execute("ROLLBACK") {
             tracing::warn!(error = %e, "could not end a PostgreSQL read transaction");
         }
     }
 }
 
-/// The rows of a range of the audit order, `[lo, hi)` within a scope: parameters `$2..$5`.
-const RANGE: &str = "scope = $1
-    AND ($2::bytea IS NULL OR (origin, time) >= ($2, $3))
-    AND ($4::bytea IS NULL OR (origin, time) < ($4, $5))";
+/// The rows of a range of the audit order, `[lo, hi)` within a scope (parameters `$2..$5`),
+/// in that order, at most `$6`, with these columns.
+macro_rules! audit_rows {
+    ($columns:literal) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM highwater_versions WHERE scope = $1
+              AND ($2::bytea IS NULL OR (origin, time) >= ($2, $3))
+              AND ($4::bytea IS NULL OR (origin, time) < ($4, $5))
+              ORDER BY origin, time LIMIT $6"
+        )
+    };
+}
 
 fn point_of(row: &Row) -> Result<AuditPoint, StoreError> {
     Ok(AuditPoint {
@@ -107,16 +119,26 @@ fn marks_of(rows: &[Row]) -> Result<ScopedWatermarks, StoreError> {
 }
 
 impl Reader {
-    fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
-        self.conn.borrow_mut().query(sql, params).map_err(pg)
+    fn query(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut conn = self.conn.borrow_mut();
+        let conn = &mut **conn;
+        let statement = prepared(&mut conn.client, &mut conn.statements, sql)?;
+        conn.client.query(&statement, params).map_err(pg)
     }
 
     fn query_opt(
         &self,
-        sql: &str,
+        sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, StoreError> {
-        self.conn.borrow_mut().query_opt(sql, params).map_err(pg)
+        let mut conn = self.conn.borrow_mut();
+        let conn = &mut **conn;
+        let statement = prepared(&mut conn.client, &mut conn.statements, sql)?;
+        conn.client.query_opt(&statement, params).map_err(pg)
     }
 
     /// The points of the range in audit order, with their keys if `keys`, at most `limit`.
@@ -129,16 +151,13 @@ impl Reader {
     ) -> Result<Vec<Row>, StoreError> {
         let (lo, lo_time) = bound(range.lo);
         let (hi, hi_time) = bound(range.hi);
-        let columns = if keys {
-            "origin, time, key"
+        let sql = if keys {
+            audit_rows!("origin, time, key")
         } else {
-            "origin, time"
+            audit_rows!("origin, time")
         };
         self.query(
-            &format!(
-                "SELECT {columns} FROM highwater_versions WHERE {RANGE}
-                 ORDER BY origin, time LIMIT $6"
-            ),
+            sql,
             &[
                 &scope.as_str(),
                 &lo,

@@ -4,7 +4,11 @@
 use postgres::types::ToSql;
 use postgres::{IsolationLevel, Row, Transaction};
 
-use super::{decode_version, encode_version, from_sql, pg, to_sql, PgStore};
+use std::collections::HashMap;
+
+use postgres::Statement;
+
+use super::{decode_version, encode_version, from_sql, pg, prepared, to_sql, PgStore};
 use crate::error::StoreError;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{BlobRef, Key, Scope, ScopeFilter, Version};
@@ -16,6 +20,7 @@ use crate::store::{
 /// The row operations of one transaction that holds the store's commit lock.
 struct Writer<'a, 'c> {
     txn: &'a mut Transaction<'c>,
+    statements: &'a mut HashMap<&'static str, Statement>,
 }
 
 /// Begins a READ COMMITTED transaction and takes the store's commit lock.
@@ -59,16 +64,22 @@ fn stored_of(key: &Key, row: Option<Row>) -> Result<Option<Version>, StoreError>
 }
 
 impl Writer<'_, '_> {
-    fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
-        self.txn.execute(sql, params).map_err(pg)
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let statement = prepared(self.txn, self.statements, sql)?;
+        self.txn.execute(&statement, params).map_err(pg)
     }
 
     fn query_opt(
         &mut self,
-        sql: &str,
+        sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, StoreError> {
-        self.txn.query_opt(sql, params).map_err(pg)
+        let statement = prepared(self.txn, self.statements, sql)?;
+        self.txn.query_opt(&statement, params).map_err(pg)
     }
 
     fn set_position(&mut self, scope: &Scope, key: &Key, hlc: Hlc) -> Result<(), StoreError> {
@@ -378,7 +389,7 @@ impl Store for PgStore {
 
     fn identity(&self, fresh: NodeId) -> Result<NodeId, StoreError> {
         let mut conn = self.conn()?;
-        let mut txn = begin(&mut conn)?;
+        let mut txn = begin(&mut conn.client)?;
         txn.execute(
             "INSERT INTO highwater_meta (name, bytes) VALUES ('node_id', $1)
              ON CONFLICT (name) DO NOTHING",
@@ -399,7 +410,7 @@ impl Store for PgStore {
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
-        let mut txn = begin(&mut conn)?;
+        let mut txn = begin(&mut conn.client)?;
         txn.execute(
             "INSERT INTO highwater_meta (name, bytes) VALUES ('node_id', $1)
              ON CONFLICT (name) DO UPDATE SET bytes = EXCLUDED.bytes",
@@ -411,10 +422,17 @@ impl Store for PgStore {
 
     fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
         let mut conn = self.conn()?;
-        let mut txn = begin(&mut conn)?;
+        let super::PgConn { client, statements } = &mut *conn;
+        let mut txn = begin(client)?;
         // IMPORTANT: the data and the watermark advances that cover it share this
         // transaction; an error drops `txn`, which rolls all of it back.
-        let report = apply_batch(&mut Writer { txn: &mut txn }, batch)?;
+        let report = apply_batch(
+            &mut Writer {
+                txn: &mut txn,
+                statements,
+            },
+            batch,
+        )?;
         let deferred = batch.durability == Durability::Deferred;
         if deferred {
             // Atomic and visible at commit, on disk within a moment: WAL is written in
@@ -436,7 +454,7 @@ impl Store for PgStore {
         // which follows every deferred commit made before it.
         let flushed = (|| {
             let mut conn = self.conn()?;
-            let mut txn = begin(&mut conn)?;
+            let mut txn = begin(&mut conn.client)?;
             txn.execute(
                 "UPDATE highwater_meta SET num = num WHERE name = 'clock'",
                 &[],
