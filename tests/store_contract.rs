@@ -1575,6 +1575,54 @@ fn pg_exhausted_pool_fails_the_call() -> TestResult {
     Ok(())
 }
 
+/// Two handles on one schema (as two hub processes would have) committing at once lose no
+/// update: every commit reads the reference count and the mark it writes under the store's
+/// commit lock, so 4 threads x 10 commits, each adding a version that references one blob
+/// and advancing the mark from the one it read, end with all 40 references and the mark of
+/// the newest version.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_commits_from_two_handles_lose_no_update() -> TestResult {
+    let Some(schema) = common::pg::Schema::fresh("pg_commits_from_two_handles_lose_no_update")?
+    else {
+        return Ok(());
+    };
+    let handles = [schema.open()?, schema.open()?];
+    let s = Scope::shared();
+    let shared_blob = blob("shared", 10);
+    std::thread::scope(|threads| {
+        let mut running = Vec::new();
+        for t in 0..4u64 {
+            let (store, s, shared_blob) = (&handles[(t % 2) as usize], &s, &shared_blob);
+            running.push(threads.spawn(move || -> Result<(), String> {
+                for i in 0..10u64 {
+                    let time = 1 + t * 10 + i;
+                    let mut batch = upserts(
+                        s,
+                        &[(&format!("k{time}"), put_blob(time, 1, shared_blob.clone()))],
+                    );
+                    // Unconditional: the mark only rises, whichever order commits land in.
+                    batch.advances.push(Advance {
+                        scope: s.clone(),
+                        base: None,
+                        top: hlc(time, 1),
+                    });
+                    store.commit(&batch).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }));
+        }
+        running
+            .into_iter()
+            .try_for_each(|r| r.join().map_err(|_| "a thread panicked".to_owned())?)
+    })?;
+    let read = handles[0].read()?;
+    assert_eq!(read.blob_refs(&shared_blob.hash)?, 40);
+    assert_eq!(read.watermarks()?, marks(&[(&s, hlc(40, 1))]));
+    assert_eq!(scan(&handles[1], &s, "", None, 100)?.len(), 40);
+    Ok(())
+}
+
 fn deferred_with_mark(s: &Scope, k: &str, time: u64) -> Batch {
     let mut b = upserts(s, &[(k, put(time, 1, k))]);
     b.advances.push(Advance {
