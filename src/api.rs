@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::hlc::{Hlc, NodeId};
-use crate::record::{BlobRef, Key, Residency, Scope};
+use crate::record::{BlobRef, Hydration, Key, Residency, Scope};
 
 /// The records a listing returns when the query does not say.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
@@ -251,6 +251,20 @@ pub struct Status {
     pub scopes: BTreeMap<Scope, ScopeStatus>,
     /// Every peer the node has completed a round with, in either role.
     pub peers: Vec<PeerLag>,
+    /// Every peer this node is configured to sync with (its scheduler's peers, by the name
+    /// each was added under: a node's are its `--peer` URLs), from the start, before any
+    /// round succeeded. Empty for a node that runs no scheduler.
+    #[serde(default)]
+    pub configured_peers: Vec<PeerLink>,
+    /// How far the node's clock (the last time it issued or observed) is ahead of its wall
+    /// clock, in milliseconds (0 when it is not). Beyond `max_drift_ms` its new writes are
+    /// refused by peers whose clocks are right, until its wall clock catches up.
+    #[serde(default)]
+    pub clock_ahead_ms: u64,
+    /// The node's max drift: how far ahead of its clock it accepts a version, in
+    /// milliseconds (what its peers likely allow too).
+    #[serde(default)]
+    pub max_drift_ms: u64,
     /// The blob store's totals.
     pub blobs: BlobTotals,
 }
@@ -270,6 +284,9 @@ pub struct ScopeStatus {
     pub watermarks: BTreeMap<NodeId, Hlc>,
     /// How many of the scope's records stand where.
     pub residency: ResidencyTotals,
+    /// How far the node has pulled the scope from its peers.
+    #[serde(default)]
+    pub hydration: Hydration,
 }
 
 /// Records of a scope by residency.
@@ -301,6 +318,68 @@ pub struct PeerLag {
     /// The last audit with the peer since the node started, in either role, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_audit: Option<LastAudit>,
+}
+
+/// A peer this node syncs with, as its scheduler sees it (see [`crate::PeerStatus`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLink {
+    /// The name the peer was added under (a node's peers: their URLs).
+    pub name: String,
+    /// The peer's node id, once known.
+    #[serde(default, with = "text_option")]
+    pub id: Option<NodeId>,
+    /// Whether the last round with the peer succeeded (false before the first one ended).
+    pub connected: bool,
+    /// When the last round succeeded.
+    pub last_success_unix_ms: Option<u64>,
+    /// Why the last failed round failed, with its causes (kept after later successes).
+    pub last_error: Option<String>,
+    /// Failed rounds since the last success.
+    pub consecutive_failures: u32,
+    /// Whether syncing is paused ([`crate::Scheduler::pause`]).
+    #[serde(default)]
+    pub paused: bool,
+    /// Live versions written on this node that the peer had not acknowledged as of the last
+    /// round (counted up to [`UNACKNOWLEDGED_COUNTED`] per scope).
+    pub unacknowledged: u64,
+    /// Streams this node halted, waiting for a file the peer could not give.
+    pub files_missing: u64,
+    /// Streams halted either way, and why, as of the last round.
+    pub halted: Vec<HaltedStream>,
+    /// The last audit the scheduler ran with the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_audit: Option<LastAudit>,
+}
+
+/// The most unacknowledged writes [`PeerLink::unacknowledged`] counts per scope: the count
+/// is a scan, and beyond this the number says "many".
+pub const UNACKNOWLEDGED_COUNTED: usize = 10_000;
+
+/// A stream (scope and origin) that one side of a round halted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaltedStream {
+    /// The scope.
+    pub scope: Scope,
+    /// The origin.
+    #[serde(with = "text")]
+    pub origin: NodeId,
+    /// `here` (this node refused what the peer sent) or `peer` (the peer refused ours).
+    pub by: HaltSide,
+    /// `clock_skew`, `own_origin` or `blob_unavailable`.
+    pub reason: String,
+    /// For a clock skew: how far ahead the origin's clock was, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ahead_by_ms: Option<u64>,
+}
+
+/// Which side halted a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HaltSide {
+    /// This node.
+    Here,
+    /// The peer.
+    Peer,
 }
 
 /// What the last audit with a peer found (see [`crate::SyncEngine::audit`]).
@@ -459,6 +538,7 @@ mod tests {
                         staged: 1,
                         tombstoned: 2,
                     },
+                    hydration: Hydration::Ready,
                 },
             )]),
             peers: vec![PeerLag {
@@ -468,6 +548,9 @@ mod tests {
                 behind: Vec::new(),
                 last_audit: None,
             }],
+            configured_peers: Vec::new(),
+            clock_ahead_ms: 0,
+            max_drift_ms: 5000,
             blobs: BlobTotals { count: 2, bytes: 9 },
         };
         let json = status.to_json();
@@ -478,6 +561,7 @@ mod tests {
                 "scopes": {"shared": {
                     "watermarks": {"aa": "7000000000000000000/aa"},
                     "residency": {"resident": 3, "staged": 1, "tombstoned": 2},
+                    "hydration": "ready",
                 }},
                 "peers": [{
                     "id": "bb",
@@ -486,6 +570,9 @@ mod tests {
                                "ours": "7000000000000000000/aa", "theirs": null}],
                     "behind": [],
                 }],
+                "configured_peers": [],
+                "clock_ahead_ms": 0,
+                "max_drift_ms": 5000,
                 "blobs": {"count": 2, "bytes": 9},
             })
         );

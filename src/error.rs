@@ -13,32 +13,36 @@ use crate::record::Scope;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Any error highwater returns.
+///
+/// Each variant's text is its area's name, then the error of that area (`storage error: the
+/// redb database failed: Database already open`), so printing an error with `{}` says what
+/// went wrong; [`error_chain`] adds the causes the text does not already end with.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A clock error: skew beyond the bound, or the timestamp space is exhausted.
-    #[error("clock error")]
+    #[error("clock error: {0}")]
     Clock(#[from] ClockError),
     /// A scope, key or value that does not satisfy the model's rules.
-    #[error("invalid input")]
+    #[error("invalid input: {0}")]
     Input(#[from] InputError),
     /// Bytes that do not decode as a version-1 message.
-    #[error("wire format error")]
+    #[error("wire format error: {0}")]
     Wire(#[from] WireError),
     /// The storage backend failed.
-    #[error("storage error")]
+    #[error("storage error: {0}")]
     Store(#[from] StoreError),
     /// A peer sent a message that decodes but breaks the protocol's rules.
-    #[error("protocol error")]
+    #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
     /// The transport could not complete a round.
-    #[error("transport error")]
+    #[error("transport error: {0}")]
     Transport(#[from] TransportError),
     /// The blob store failed, or content did not match its hash.
-    #[error("blob error")]
+    #[error("blob error: {0}")]
     Blob(#[from] crate::blob::BlobError),
     /// The async runtime shut down before blocking work could run.
-    #[error("interrupted")]
+    #[error("interrupted: {0}")]
     Interrupted(#[from] crate::blocking::Interrupted),
 }
 
@@ -158,10 +162,10 @@ pub enum WireError {
 #[non_exhaustive]
 pub enum StoreError {
     /// The redb database failed (the cause is the error's source).
-    #[error("the redb database failed")]
+    #[error("the redb database failed: {0}")]
     Redb(#[source] Box<redb::Error>),
     /// Filesystem error around the store (creating its directory...).
-    #[error("i/o error on {path}")]
+    #[error("i/o error on {}: {source}", path.display())]
     Io {
         /// The path involved.
         path: std::path::PathBuf,
@@ -229,6 +233,16 @@ pub enum ProtocolError {
         expected: NodeId,
         /// The node that answered.
         found: NodeId,
+    },
+    /// The response came from another node than the one expected, which says it is that
+    /// node under a fresh id (it was restored from a backup and vouches for its previous
+    /// id). Nothing of the response was applied.
+    #[error("expected peer {old}, but {new} answered, which says it was {old} before it took a fresh id")]
+    PeerRestored {
+        /// The node we expected.
+        old: NodeId,
+        /// The node that answered.
+        new: NodeId,
     },
     /// A run whose versions are not strictly ascending, or lie outside `(base, top]`.
     #[error("malformed run for scope {scope}, origin {origin}: {reason}")]
@@ -316,7 +330,7 @@ pub enum TransportError {
         reason: String,
     },
     /// The peer's answer is not a valid message.
-    #[error("peer sent an invalid message")]
+    #[error("peer sent an invalid message: {0}")]
     BadResponse(#[source] WireError),
     /// The peer does not hold the blob asked for.
     #[error("peer does not have blob {hash}")]
@@ -373,12 +387,18 @@ pub enum TransportError {
 
 /// An error and its sources, as one line (`outer: inner: innermost`), for logs and for
 /// messages that cross a boundary as text.
+///
+/// A cause whose text the line already ends with (an error that prints its source in its
+/// own text, as [`Error`] does) is not repeated.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
+        let next = e.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
         source = e.source();
     }
     text
@@ -427,6 +447,28 @@ mod tests {
         assert!(
             chain.starts_with("storage error: the redb database failed: "),
             "{chain}"
+        );
+    }
+
+    #[test]
+    fn an_error_prints_its_cause() {
+        let error = Error::Store(StoreError::from(redb::Error::DatabaseAlreadyOpen));
+        let inner = redb::Error::DatabaseAlreadyOpen.to_string();
+        assert_eq!(
+            error.to_string(),
+            format!("storage error: the redb database failed: {inner}")
+        );
+        let refused = Error::Transport(TransportError::Unreachable {
+            reason: "connection refused".into(),
+        });
+        assert_eq!(
+            refused.to_string(),
+            "transport error: peer unreachable: connection refused"
+        );
+        let input = Error::Input(InputError::KeyLength { len: 0, max: 4 });
+        assert_eq!(
+            input.to_string(),
+            "invalid input: key length 0 is outside 1..=4"
         );
     }
 }

@@ -113,6 +113,12 @@ impl Hlc {
         &self.0
     }
 
+    /// The wall-clock time this timestamp stands for (its NTP64 time, counted from the Unix
+    /// epoch as this crate's clocks count it), to show when a version was written.
+    pub fn to_system_time(&self) -> std::time::SystemTime {
+        self.0.get_time().to_system_time()
+    }
+
     /// 24 bytes whose byte order is the Hlc order: time big-endian, then the id bytes.
     pub fn to_sort_key(self) -> [u8; 24] {
         let mut out = [0u8; 24];
@@ -349,6 +355,19 @@ impl Clock {
         self.time.now()
     }
 
+    /// How far the clock (its last time issued or observed) is ahead of the physical time:
+    /// beyond the drift bound, the timestamps it issues are refused by peers whose clocks
+    /// agree with this one's time source.
+    pub fn ahead(&self) -> Duration {
+        let last = self.last();
+        ntp64_to_duration(last.saturating_sub(self.time.now()))
+    }
+
+    /// The drift bound.
+    pub fn max_drift(&self) -> Duration {
+        self.max_drift_duration
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The guarded value is plain data, valid whatever a panicking holder did.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -371,6 +390,16 @@ mod tests {
 
     fn clock(t: &Arc<ManualTime>) -> Clock {
         Clock::new(NodeId::random(), t.clone(), Duration::from_secs(5)).expect("5 s fits NTP64")
+    }
+
+    #[test]
+    fn an_hlc_reads_back_as_the_wall_clock_time_it_was_issued_at() {
+        let t = ManualTime::at_secs(1_700_000_000);
+        let hlc = clock(&t).issue().unwrap();
+        let at = hlc.to_system_time();
+        let since = at.duration_since(std::time::UNIX_EPOCH).unwrap();
+        // NTP64 keeps 32 bits of fraction: nanoseconds round.
+        assert!(since.abs_diff(Duration::from_secs(1_700_000_000)) < Duration::from_micros(1));
     }
 
     #[test]

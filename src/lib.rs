@@ -34,7 +34,9 @@ pub use crate::exchange::{Halt, HaltReason, Session};
 pub use crate::hash::Hash;
 pub use crate::hlc::{Hlc, ManualTime, NodeId, TimeSource};
 pub use crate::record::ScopeFilter;
-pub use crate::record::{BlobRef, Key, Op, Residency, Scope, Version};
-pub use crate::scheduler::{Backoff, PeerStatus, Scheduler, SchedulerConfig, SchedulerError};
+pub use crate::record::{BlobRef, Hydration, Key, Op, Residency, Scope, Version};
+pub use crate::scheduler::{
+    Backoff, PeerOptions, PeerStatus, Scheduler, SchedulerConfig, SchedulerError,
+};
 pub use crate::transport::{InProcess, Refusal, Responder, Transport, WatchReply};
 pub use crate::watermark::{ScopedWatermarks, Watermarks};

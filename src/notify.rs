@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
-use crate::record::{Key, Scope};
+use crate::record::{Hydration, Key, Scope, Version};
 
 /// How many events a subscriber may fall behind before it misses some.
 pub const EVENT_BUFFER: usize = 1024;
@@ -62,8 +62,12 @@ pub struct Change {
     pub scope: Scope,
     /// The affected keys, in the order they were written or sent.
     pub keys: Vec<Key>,
-    /// The peer involved (none for a local write).
+    /// The peer involved (none for a local write): for a remote update the one that sent
+    /// the versions, which may only have relayed them.
     pub peer: Option<NodeId>,
+    /// The timestamp of each key's version, in `keys` order: its origin is the node that
+    /// wrote it.
+    pub versions: Vec<Hlc>,
 }
 
 /// Something that happened to a node's sync.
@@ -164,10 +168,79 @@ pub enum SyncEvent {
         /// The newest write by the old id the peer holds there.
         theirs: Hlc,
     },
-    /// The peer at an address now answers as another node (`peer_changed`): it was restored
-    /// from a backup with `serve --restored`, or replaced. The scheduler starts its rounds
-    /// with it afresh (its marks in full, no halts carried over), and reports the round that
-    /// found it as failed.
+    /// The node at a peer's address is not the one this node syncs with, and nothing
+    /// vouches for the change (`peer_refused`): the round is refused and nothing is sent to
+    /// it until the operator accepts the new identity
+    /// ([`crate::Scheduler::accept_new_identity`], `serve --accept-new-peer-id`).
+    PeerRefused {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The node this node syncs with there.
+        expected: NodeId,
+        /// The node that answered.
+        found: NodeId,
+    },
+    /// A version from a peer replaced a write of this node that the peer had not
+    /// acknowledged before the round (`overwritten`): a concurrent edit elsewhere won
+    /// last-write-wins over a local one. Carries the losing version, so an application can
+    /// show the conflict or write it again.
+    Overwritten {
+        /// The peer that sent the winning version (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The scope.
+        scope: Scope,
+        /// The key.
+        key: Key,
+        /// This node's version that lost.
+        lost: Version,
+        /// The winning version's timestamp (its origin wrote it).
+        winner: Hlc,
+    },
+    /// A file that records here referenced but this node lacked arrived and was verified
+    /// (`content_ready`): records of these scopes that point at `hash` went from Staged to
+    /// Resident and their files can be read now.
+    ContentReady {
+        /// The file's hash (records point at it in their [`crate::BlobRef`]).
+        hash: Hash,
+        /// The scopes with records that reference it.
+        scopes: Vec<Scope>,
+    },
+    /// A scope's hydration changed (`hydration_changed`): a pull of it began, or a round
+    /// pulled it completely. Published by the scheduler, after that round's `sync_applied`.
+    HydrationChanged {
+        /// The scope.
+        scope: Scope,
+        /// Its state now.
+        state: Hydration,
+    },
+    /// A round with `peer` succeeded after none had or after a failure (`connected`), or
+    /// failed after a success (not connected) (`connectivity_changed`). Published by the
+    /// scheduler.
+    ConnectivityChanged {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// Whether the last round succeeded.
+        connected: bool,
+    },
+    /// The peer refused versions this node sent because their clock is too far ahead of
+    /// the peer's (`clock_skew_at_peer`): the other side of the peer's `clock_skew`. That
+    /// origin's stream to the peer halts until the clocks agree. Published by the scheduler.
+    SkewAtPeer {
+        /// The peer (see [`SyncEvent::Applied::peer`]).
+        peer: String,
+        /// The scope.
+        scope: Scope,
+        /// The origin whose clock is ahead (this node, or one whose writes it relays).
+        origin: NodeId,
+        /// How far ahead, in milliseconds, as the peer measured it.
+        ahead_by_ms: u64,
+    },
+    /// The peer at an address now answers as another node, and the change is accepted
+    /// (`peer_changed`): the new node vouches that it was the old one before it took a
+    /// fresh id (restored from a backup), or the operator accepted it
+    /// ([`crate::Scheduler::accept_new_identity`]). The scheduler starts its rounds with it
+    /// afresh (its marks in full, no halts carried over, an audit after the next round),
+    /// and reports the round that found it as failed.
     PeerChanged {
         /// The peer (see [`SyncEvent::Applied::peer`]).
         peer: String,
@@ -199,6 +272,12 @@ impl SyncEvent {
             SyncEvent::FloorRefused { .. } => "floor_refused",
             SyncEvent::RestoreDetected { .. } => "restore_detected",
             SyncEvent::PeerChanged { .. } => "peer_changed",
+            SyncEvent::ConnectivityChanged { .. } => "connectivity_changed",
+            SyncEvent::HydrationChanged { .. } => "hydration_changed",
+            SyncEvent::PeerRefused { .. } => "peer_refused",
+            SyncEvent::Overwritten { .. } => "overwritten",
+            SyncEvent::ContentReady { .. } => "content_ready",
+            SyncEvent::SkewAtPeer { .. } => "clock_skew_at_peer",
             SyncEvent::AuditCompleted { .. } => "audit_completed",
             SyncEvent::AuditFailed { .. } => "audit_failed",
             SyncEvent::Applied { .. } => "sync_applied",

@@ -159,6 +159,26 @@ impl TryFrom<&[u8]> for Key {
     }
 }
 
+impl fmt::Display for Key {
+    /// The key as text: UTF-8 as it is, with control characters escaped (`\n`, `\u{1b}`),
+    /// so a printed key cannot drive a terminal; a key that is not UTF-8 as `0x` and hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(s) => s.chars().try_for_each(|c| {
+                if c.is_control() {
+                    write!(f, "{}", c.escape_default())
+                } else {
+                    write!(f, "{c}")
+                }
+            }),
+            Err(_) => {
+                f.write_str("0x")?;
+                self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+        }
+    }
+}
+
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match std::str::from_utf8(&self.0) {
@@ -255,6 +275,34 @@ impl Version {
     }
 }
 
+/// How far a node has pulled a scope from its peers (see `docs/scheduling.md`, "Hydration").
+#[derive(
+    Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Hydration {
+    /// No pull of the scope has begun since the node was created.
+    #[default]
+    NotStarted,
+    /// A pull of the scope is under way: a round with it in play reported more to come or
+    /// left a stream halted.
+    Hydrating,
+    /// A round with a peer pulled the scope completely: nothing more to come, no halts.
+    /// Durable: a node stays ready after a restart.
+    Ready,
+}
+
+impl Hydration {
+    /// The state's name (`not_started`, `hydrating`, `ready`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hydration::NotStarted => "not_started",
+            Hydration::Hydrating => "hydrating",
+            Hydration::Ready => "ready",
+        }
+    }
+}
+
 /// Where a record stands on a node. Derived from the row and the blob store, never stored.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
 pub enum Residency {
@@ -295,6 +343,16 @@ impl Residency {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_prints_as_text_with_controls_escaped_or_as_hex() {
+        assert_eq!(Key::new("notes/1").unwrap().to_string(), "notes/1");
+        assert_eq!(
+            Key::new("a\x1b[2Jb\n").unwrap().to_string(),
+            "a\\u{1b}[2Jb\\n"
+        );
+        assert_eq!(Key::new(vec![0xff, 0x00]).unwrap().to_string(), "0xff00");
+    }
 
     #[test]
     fn scopes_parse_strictly() {

@@ -76,11 +76,7 @@ impl Message for ExchangeRequest {
     const KIND: u8 = 1;
 
     fn version(&self) -> u16 {
-        if self.ext.is_empty() {
-            1
-        } else {
-            2
-        }
+        lowest_version(self.ext.is_empty())
     }
 
     fn write_body(&self, version: u16, out: &mut Vec<u8>) {
@@ -127,11 +123,7 @@ impl Message for ExchangeResponse {
     const KIND: u8 = 2;
 
     fn version(&self) -> u16 {
-        if self.ext.is_empty() {
-            1
-        } else {
-            2
-        }
+        lowest_version(self.ext.is_empty())
     }
 
     fn write_body(&self, version: u16, out: &mut Vec<u8>) {
@@ -151,6 +143,15 @@ impl Message for ExchangeResponse {
             ext,
         };
         Ok((response, rest))
+    }
+}
+
+/// The lowest version that carries a message: 1 unless its extension is used.
+fn lowest_version(ext_is_empty: bool) -> u16 {
+    if ext_is_empty {
+        1
+    } else {
+        2
     }
 }
 
@@ -178,11 +179,7 @@ impl Message for AuditRequest {
     const KIND: u8 = 3;
 
     fn version(&self) -> u16 {
-        if self.ext.is_empty() {
-            1
-        } else {
-            2
-        }
+        lowest_version(self.ext.is_empty())
     }
 
     fn write_body(&self, version: u16, out: &mut Vec<u8>) {
@@ -219,11 +216,7 @@ impl Message for AuditResponse {
     const KIND: u8 = 4;
 
     fn version(&self) -> u16 {
-        if self.ext.is_empty() {
-            1
-        } else {
-            2
-        }
+        lowest_version(self.ext.is_empty())
     }
 
     fn write_body(&self, version: u16, out: &mut Vec<u8>) {

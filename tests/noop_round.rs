@@ -123,9 +123,12 @@ fn full_marks_round(from: &SyncEngine, to: &SyncEngine) -> TestResult<RoundSize>
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
+        // A session's first request asks for the peer's floors, and one with marks in full
+        // names the node it is for.
         ext: RequestExt {
             floors: Some(Vec::new()),
             refused: Vec::new(),
+            to: Some(to.node_id()),
         },
     };
     let response = ExchangeResponse {

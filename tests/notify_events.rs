@@ -43,11 +43,16 @@ fn drain(sub: &mut Subscription) -> Vec<Notice> {
 }
 
 /// The change events among `notices`.
+/// The change events among `notices`, without their versions (compared on their own in
+/// `a_change_carries_the_origin_of_each_version`).
 fn changes(notices: &[Notice]) -> Vec<Change> {
     notices
         .iter()
         .filter_map(|n| match n {
-            Notice::Event(Event::Change(c)) => Some(c.clone()),
+            Notice::Event(Event::Change(c)) => Some(Change {
+                versions: Vec::new(),
+                ..c.clone()
+            }),
             _ => None,
         })
         .collect()
@@ -70,6 +75,7 @@ fn change(kind: ChangeKind, scope: &Scope, ks: &[&str], peer: Option<NodeId>) ->
         scope: scope.clone(),
         keys: keys(ks),
         peer,
+        versions: Vec::new(),
     }
 }
 
@@ -232,11 +238,89 @@ fn a_file_that_could_not_be_fetched_is_announced_as_staged() -> TestResult {
     assert_eq!(staged[0].name(), "blob_staged");
     assert_eq!(b.residency(&notes(), &key("f"))?, Residency::Staged);
 
-    // Once the file arrives, nothing is staged any more.
+    // Once the file arrives, nothing is staged any more, and the record is announced as
+    // readable.
     to_a.heal();
     block_on(b.exchange(&to_a))?;
-    assert_eq!(sync_events(&drain(&mut on_b)), []);
+    let ready = sync_events(&drain(&mut on_b));
+    assert_eq!(
+        ready,
+        [SyncEvent::ContentReady {
+            hash: Hash::of(&bytes),
+            scopes: vec![notes()],
+        }]
+    );
+    assert_eq!(ready[0].name(), "content_ready");
     assert_eq!(b.residency(&notes(), &key("f"))?, Residency::Resident);
+    Ok(())
+}
+
+#[test]
+fn a_change_carries_the_origin_of_each_version_not_only_the_relay() -> TestResult {
+    let (a, b, c) = (at(T0)?, at(T0)?, at(T0)?);
+    let written = a.put(&notes(), &key("k"), b"from a".to_vec())?;
+    sync(&b, &link(&a))?;
+    let mut on_c = c.notifier().subscribe();
+    sync(&c, &link(&b))?;
+    let updates: Vec<Change> = drain(&mut on_c)
+        .into_iter()
+        .filter_map(|n| match n {
+            Notice::Event(Event::Change(c)) if c.kind == ChangeKind::RemoteUpdateAvailable => {
+                Some(c)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    assert_eq!(updates[0].peer, Some(b.node_id()), "relayed by b");
+    assert_eq!(updates[0].versions, [written], "written by a");
+    assert_eq!(updates[0].versions[0].origin(), a.node_id());
+    Ok(())
+}
+
+#[test]
+fn a_local_write_the_hub_had_not_seen_that_loses_is_announced_as_overwritten() -> TestResult {
+    // e's clock is ahead, so its write of "k" wins over d's, made offline: the hub h
+    // holds e's when d syncs.
+    let (d, h, e) = (at(T0)?, at(T0)?, at(T0 + 2)?);
+    let lost = d.put(&notes(), &key("k"), b"d's, offline".to_vec())?;
+    let winner = e.put(&notes(), &key("k"), b"e's".to_vec())?;
+    sync(&e, &link(&h))?;
+    let mut on_d = d.notifier().subscribe();
+    sync(&d, &link(&h))?;
+    let events = sync_events(&drain(&mut on_d));
+    assert_eq!(
+        events,
+        [SyncEvent::Overwritten {
+            peer: h.node_id().to_string(),
+            scope: notes(),
+            key: key("k"),
+            lost: highwater::Version {
+                hlc: lost,
+                op: Op::Put {
+                    value: b"d's, offline".to_vec(),
+                    blob: None
+                },
+            },
+            winner,
+        }]
+    );
+    assert_eq!(events[0].name(), "overwritten");
+    assert_eq!(winner.origin(), e.node_id(), "the winner names its writer");
+
+    // An edit made after the hub acknowledged d's write is no conflict.
+    d.put(&notes(), &key("j"), b"d's".to_vec())?;
+    sync(&d, &link(&h))?;
+    sync(&e, &link(&h))?;
+    e.put(&notes(), &key("j"), b"e's edit of it".to_vec())?;
+    sync(&e, &link(&h))?;
+    let mut on_d = d.notifier().subscribe();
+    sync(&d, &link(&h))?;
+    assert_eq!(
+        d.get(&notes(), &key("j"))?.map(|r| r.hlc.origin()),
+        Some(e.node_id())
+    );
+    assert_eq!(sync_events(&drain(&mut on_d)), []);
     Ok(())
 }
 
@@ -286,15 +370,13 @@ fn a_subscriber_that_never_reads_holds_nothing_up_and_learns_what_it_missed() ->
         "and ends with the newest"
     );
     // Later events reach it as usual.
-    a.put(&notes(), &key("later"), b"v".to_vec())?;
+    let later = a.put(&notes(), &key("later"), b"v".to_vec())?;
     assert_eq!(
         block_on(idle.recv()),
-        Some(Notice::Event(Event::Change(change(
-            ChangeKind::LocalChangeRecorded,
-            &notes(),
-            &["later"],
-            None
-        ))))
+        Some(Notice::Event(Event::Change(Change {
+            versions: vec![later],
+            ..change(ChangeKind::LocalChangeRecorded, &notes(), &["later"], None)
+        })))
     );
     Ok(())
 }

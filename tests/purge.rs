@@ -92,13 +92,17 @@ fn a_peer_back_after_too_long_reclones_keeps_its_own_writes_and_loses_the_delete
     sync(&a, &link(&hub))?;
     sync(&b, &link(&hub))?;
 
-    // b goes offline and writes; meanwhile a deletes, and the hub hears nothing of b.
-    b.put(&notes(), &key("offline"), b"b's own".to_vec())?;
+    // b goes offline and writes at once; a deletes, and the hub hears nothing of b again.
+    b.put(&notes(), &key("early"), b"b's, before the delete".to_vec())?;
     a.delete(&notes(), &key("deleted"))?;
     sync(&a, &link(&hub))?;
-    for _ in 0..4 {
+    for month in 0..4 {
         time.advance(30 * DAY);
         sync(&a, &link(&hub))?;
+        if month == 1 {
+            // Two months in, b writes again: after every delete the hub will purge.
+            b.put(&notes(), &key("later"), b"b's, after the delete".to_vec())?;
+        }
     }
     // 120 days: b is retired at the hub (a was seen since), so the purge waits for it no
     // longer, and the tombstone goes.
@@ -107,36 +111,53 @@ fn a_peer_back_after_too_long_reclones_keeps_its_own_writes_and_loses_the_delete
     assert_eq!(report.purged, 1, "{report:?}");
     assert_eq!(hub.get_version(&notes(), &key("deleted"))?, None);
 
-    // b comes back. Its exchange hears the hub's floor rise and asks for an audit; the audit
-    // ships b's copy of the deleted record, the hub refuses it below its floor, and b drops it.
-    let mut b_events = b.notifier().subscribe();
-    let mut hub_events = hub.notifier().subscribe();
-    let mut audit_wanted = false;
+    // b comes back. Its exchange hears the hub's floor rise and asks for an audit. b's own
+    // writes go to the hub: the hub never heard of b as a writer, so the one at or below its
+    // floor ("early", older than the purged delete) is refused, as an older write of a
+    // purged key would be, and b is told; the later one is taken. The audit then ships b's
+    // copy of the deleted record, the hub refuses it, and b drops it.
+    let b_events = b.notifier().subscribe();
+    let hub_events = hub.notifier().subscribe();
+    let (mut audit_wanted, mut dropped) = (false, 0);
     loop {
         let out = block_on(b.exchange(&link(&hub)))?;
         audit_wanted |= out.audit_wanted;
+        dropped += out.dropped;
         if !out.has_more {
             break;
         }
     }
     assert!(audit_wanted, "the hub's floor rose since b last heard");
     let audit = block_on(b.audit(&link(&hub)))?;
-    assert_eq!(audit.dropped, 1, "{audit:?}");
+    dropped += audit.dropped;
+    assert_eq!(dropped, 2, "{audit:?}");
     assert_eq!(b.get_version(&notes(), &key("deleted"))?, None);
-    assert_eq!(refusals(&mut b_events), vec![(vec![key("deleted")], true)]);
+    let keys = |mut events| {
+        let mut all: Vec<(Key, bool)> = refusals(&mut events)
+            .into_iter()
+            .flat_map(|(keys, dropped)| keys.into_iter().map(move |k| (k, dropped)))
+            .collect();
+        all.sort();
+        all
+    };
     assert_eq!(
-        refusals(&mut hub_events),
-        vec![(vec![key("deleted")], false)]
+        keys(b_events),
+        vec![(key("deleted"), true), (key("early"), true)],
+        "b is told of every version it lost, by key"
+    );
+    assert_eq!(
+        keys(hub_events),
+        vec![(key("deleted"), false), (key("early"), false)]
     );
 
-    // b's own write, which nobody had acknowledged, is kept and now on the hub; nothing
-    // deleted came back anywhere, and a second audit finds nothing.
+    // Nothing deleted came back anywhere, b's later write is everywhere, and a second audit
+    // finds nothing.
     for node in [&hub, &b] {
-        assert_eq!(live_keys(node)?, vec![key("kept"), key("offline")]);
+        assert_eq!(live_keys(node)?, vec![key("kept"), key("later")]);
     }
     assert!(block_on(b.audit(&link(&hub)))?.clean());
     sync(&a, &link(&hub))?;
-    assert_eq!(live_keys(&a)?, vec![key("kept"), key("offline")]);
+    assert_eq!(live_keys(&a)?, vec![key("kept"), key("later")]);
     Ok(())
 }
 
@@ -420,15 +441,8 @@ fn run_schedule(steps: &[Step]) -> TestResult {
     Ok(())
 }
 
-fn cases() -> u32 {
-    std::env::var("HIGHWATER_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(common::cases(64)))]
 
     #[test]
     fn purges_and_long_absences_never_resurrect_and_never_lose_unreported_writes(
@@ -436,4 +450,55 @@ proptest! {
     ) {
         run_schedule(&steps).map_err(|e| TestCaseError::fail(e.to_string()))?;
     }
+}
+
+/// The re-clone over HTTP: the floor travels in a version 2 response, the refusal in a
+/// version 2 audit response, and the device drops what the hub purged the delete of.
+#[tokio::test]
+async fn a_device_back_after_too_long_reclones_over_http() -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let hub = common::http::Server::start_with(
+        common::rounds::config(&time),
+        highwater::http::ServerConfig::default(),
+    )
+    .await?;
+    let a = mem_node(&time)?;
+    let device = mem_node(&time)?;
+    let (to_hub_a, to_hub_d) = (hub.client(None)?, hub.client(None)?);
+    a.put(&notes(), &key("k"), b"v".to_vec())?;
+    while a.exchange(&to_hub_a).await?.has_more {}
+    while device.exchange(&to_hub_d).await?.has_more {}
+    assert!(device.get(&notes(), &key("k"))?.is_some());
+    a.delete(&notes(), &key("k"))?;
+    for _ in 0..5 {
+        while a.exchange(&to_hub_a).await?.has_more {}
+        time.advance(30 * DAY);
+    }
+    let engine = hub.engine.clone();
+    let report = tokio::task::spawn_blocking(move || engine.purge()).await??;
+    assert_eq!(
+        (report.purged, report.retired_peers.len()),
+        (1, 1),
+        "{report:?}"
+    );
+
+    let (mut wanted, mut dropped) = (false, 0);
+    let to_hub_d = hub.client(None)?;
+    loop {
+        let out = device.exchange(&to_hub_d).await?;
+        wanted |= out.audit_wanted;
+        dropped += out.dropped;
+        if !out.has_more {
+            break;
+        }
+    }
+    assert!(wanted, "the hub's floor reached the device");
+    // Here the hub had also retired the writer's origin (nothing of it left), so the device
+    // shipped its old copy in the exchange and the refusal came back at once; otherwise the
+    // audit finds it.
+    dropped += device.audit(&to_hub_d).await?.dropped;
+    assert_eq!(dropped, 1);
+    assert_eq!(device.get_version(&notes(), &key("k"))?, None);
+    assert_eq!(hub.engine.get_version(&notes(), &key("k"))?, None);
+    hub.stop().await
 }

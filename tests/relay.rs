@@ -66,9 +66,12 @@ fn empty_request_len(from: &SyncEngine, to: &SyncEngine, form: MarksForm) -> Tes
         page: Page::default(),
         limit: u32::try_from(from.config().page_limit)?,
         deferred: Vec::new(),
+        // A session's first request asks for the peer's floors, and one with its marks in
+        // full names the node it is for.
         ext: RequestExt {
             floors: form.first_of_session.then(Vec::new),
             refused: Vec::new(),
+            to: (!form.request_digest).then(|| to.node_id()),
         },
     };
     Ok(encode(&request).len() as u64)

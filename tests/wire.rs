@@ -15,8 +15,8 @@ use highwater::exchange::{Page, Run};
 use highwater::store::{AuditPoint, Fingerprint};
 use highwater::watermark::MarksDigest;
 use highwater::wire::{
-    self, ExchangeRequest, ExchangeResponse, RequestMarks, ResponseExt, ResponseMarks, MAGIC,
-    MAX_MESSAGE_LEN,
+    self, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
+    MAGIC, MAX_MESSAGE_LEN,
 };
 use highwater::{
     BlobRef, EngineConfig, Error as HwError, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId,
@@ -1160,6 +1160,7 @@ fn golden_response_v2() -> ExchangeResponse {
             remaining: Some(1000),
             floors: vec![(Scope::shared(), T)],
             refused: vec![],
+            previous: None,
         },
         ..golden_response_same()
     }
@@ -1180,6 +1181,7 @@ const GOLDEN_RESPONSE_V2: &str = concat!(
     "736861726564",       // floors: 1, scope "shared"
     "8080808080a0fca965", //   time T
     "00",                 // refused: none
+    "00",                 // previous: None
 );
 
 /// An audit response that reports a refusal below the floor: version 2.
@@ -1222,6 +1224,36 @@ fn an_audit_message_reporting_refusals_is_version_2() -> TestResult {
         wire::encode(&golden_audit_response()),
         "left out for a version 1 peer"
     );
+    Ok(())
+}
+
+/// A quiet round's request addressed to the node it expects: version 2.
+#[test]
+fn a_request_naming_its_responder_is_version_2_with_the_id_after_the_v1_body() -> TestResult {
+    let addressed = ExchangeRequest {
+        ext: RequestExt {
+            to: Some(id(0x0b)),
+            ..RequestExt::default()
+        },
+        ..golden_request_quiet()
+    };
+    let bytes = wire::encode(&addressed);
+    let v1 = wire::encode(&golden_request_quiet());
+    assert_eq!(bytes[4..6], [0, 2]);
+    assert_eq!(
+        bytes[6..6 + v1.len() - 6],
+        v1[6..],
+        "the version 1 body, unchanged"
+    );
+    assert_eq!(
+        hex(&bytes[v1.len()..]),
+        concat!(
+            "00",                                 // ext: floors None
+            "00",                                 // refused: none
+            "010b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", // to: Some(0x0b)
+        )
+    );
+    assert_eq!(wire::decode::<ExchangeRequest>(&bytes)?, addressed);
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use crate::records::{self, KEY_LEN, VALUE_LEN};
 use crate::{measure, Result, Sizes};
 
 /// Records per `write_batch` when a node is filled.
-const WRITE_BATCH: usize = 10_000;
+pub const WRITE_BATCH: usize = 10_000;
 
 /// Rounds a sync may take before the bench calls it a livelock.
 pub const MAX_ROUNDS: usize = 100_000;

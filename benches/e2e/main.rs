@@ -30,6 +30,7 @@ mod http;
 mod limits;
 mod measure;
 mod peer;
+mod purge;
 mod rawhttp;
 mod records;
 mod report;
@@ -61,6 +62,9 @@ pub enum Case {
     /// The audit round between a node of every record and its replica: equal, then 100 keys
     /// differing.
     Audit,
+    /// Tombstone purge: a node after every record was put and deleted, and a hub of retired
+    /// devices.
+    Purge,
     /// Blob sync in-process, in small and in large files.
     Blob,
     /// The same over loopback HTTP (receiver in a child).
@@ -75,13 +79,14 @@ pub enum Case {
 
 /// Latency cases run before the blob cases: deleting a few GiB of blob directories slowed
 /// the fsyncs that follow for a while (write-to-visible p99 went from 2 ms to 33 ms).
-const ALL: [Case; 11] = [
+const ALL: [Case; 12] = [
     Case::Limits,
     Case::Initial,
     Case::InitialHttp,
     Case::Delta,
     Case::Noop,
     Case::Audit,
+    Case::Purge,
     Case::Visible,
     Case::VisibleHttp,
     Case::Blob,
@@ -98,6 +103,7 @@ impl Case {
             Case::Delta => "delta",
             Case::Noop => "noop",
             Case::Audit => "audit",
+            Case::Purge => "purge",
             Case::Blob => "blob",
             Case::BlobHttp => "blob-http",
             Case::Visible => "visible",
@@ -114,6 +120,7 @@ impl Case {
             Case::Delta => sync::delta(fx),
             Case::Noop => sync::noop(fx),
             Case::Audit => audit::run(fx),
+            Case::Purge => purge::run(fx),
             Case::Blob => blobs::run(fx),
             Case::BlobHttp => http::blobs(fx),
             Case::Visible => visible::run(fx),
@@ -219,7 +226,7 @@ const USAGE: &str = "usage: cargo bench --bench e2e -- [--quick] [--case NAME]..
 [--runs N] [--automerge BIN]
   --quick          small sizes (CI); targets are not judged
   --case NAME      run only these cases (repeatable): limits initial initial-http delta noop
-                   audit visible visible-http blob blob-http automerge
+                   audit purge visible visible-http blob blob-http automerge
   --records N      records of the initial sync and of the largest delta store
   --runs N         runs of each multi-second figure (default 3; quick peer 1)
   --automerge BIN  the automerge peer (default: target/release/highwater-bench-automerge,

@@ -25,7 +25,7 @@ use crate::record::BlobRef;
 #[non_exhaustive]
 pub enum BlobError {
     /// Filesystem error.
-    #[error("i/o error on {path}")]
+    #[error("i/o error on {}: {source}", path.display())]
     Io {
         /// The path involved.
         path: PathBuf,
@@ -52,7 +52,7 @@ pub enum BlobError {
         actual: u64,
     },
     /// Reading the source of the blob's bytes failed.
-    #[error("reading blob content failed")]
+    #[error("reading blob content failed: {0}")]
     Source(#[source] std::io::Error),
 }
 

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use super::SyncEngine;
 use crate::api::{
     BlobTotals, FileRead, Gap, ListQuery, Listed, Listing, Lookup, NodeApi, PeerLag, RecordRead,
-    ResidencyTotals, ScopeStatus, Status, Visible, Written, MAX_LIST_LIMIT,
+    ResidencyTotals, ScopeStatus, Status, Visible, Written, MAX_LIST_LIMIT, UNACKNOWLEDGED_COUNTED,
 };
 use crate::blocking::run_blocking;
 use crate::error::Result;
@@ -151,11 +151,13 @@ impl SyncEngine {
                 staged: counts.staged as u64,
                 tombstoned: counts.tombstoned as u64,
             };
+            let hydration = self.hydration(&scope)?;
             scopes.insert(
                 scope,
                 ScopeStatus {
                     watermarks,
                     residency,
+                    hydration,
                 },
             );
         }
@@ -193,16 +195,55 @@ impl SyncEngine {
                 last_audit: audits.get(&peer).copied(),
             });
         }
+        let mut configured_peers = self.links();
+        for link in &mut configured_peers {
+            if let Some(peer) = link.id {
+                let known = self.peer_watermarks(peer)?.unwrap_or_default();
+                link.unacknowledged = self.unacknowledged(&marks, &known, visible)?;
+                link.last_audit = audits.get(&peer).copied();
+            }
+            link.halted.retain(|h| visible(&h.scope));
+        }
         let blobs = self.inner.blobs.list()?;
         Ok(Status {
             node: self.node_id(),
             scopes,
             peers,
+            configured_peers,
+            clock_ahead_ms: millis(self.clock_ahead()),
+            max_drift_ms: millis(self.inner.config.max_drift),
             blobs: BlobTotals {
                 count: blobs.len() as u64,
                 bytes: blobs.iter().map(|(_, n)| n).sum(),
             },
         })
+    }
+}
+
+impl SyncEngine {
+    /// Live versions of this node's own writes in the visible scopes above what a peer's
+    /// `known` marks cover (at most [`UNACKNOWLEDGED_COUNTED`] per scope).
+    fn unacknowledged(
+        &self,
+        marks: &ScopedWatermarks,
+        known: &ScopedWatermarks,
+        visible: &(dyn Fn(&Scope) -> bool + Send + Sync),
+    ) -> Result<u64> {
+        let me = self.node_id();
+        let mut count = 0u64;
+        for (scope, _) in marks.iter().filter(|(s, _)| visible(s)) {
+            let Some(ours) = marks.get(scope, me) else {
+                continue;
+            };
+            let theirs = known.get(scope, me);
+            if theirs >= Some(ours) {
+                continue;
+            }
+            let read = self.inner.store.read()?;
+            let rows = read.live_range(scope, me, theirs, ours, UNACKNOWLEDGED_COUNTED)?;
+            count += rows.len() as u64;
+        }
+        Ok(count)
     }
 }
 
@@ -221,4 +262,8 @@ fn ahead<'a>(
                 (theirs < Some(mark)).then(|| (scope.clone(), mark.origin(), mark, theirs))
             })
         })
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

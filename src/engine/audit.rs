@@ -416,18 +416,13 @@ impl SyncEngine {
         self.announce(
             ChangeKind::RemoteUpdateAvailable,
             Some(from),
-            applied.iter().map(|(s, k)| (s, k)),
+            report.applied.iter().map(|&i| {
+                let (s, k, v) = &batch.upserts[i];
+                (s, k, v.hlc)
+            }),
         );
         self.announce_halts(peer, &halts);
-        let refused: Vec<super::Refused> = report
-            .refused
-            .iter()
-            .map(|&i| {
-                let (s, k, v) = &batch.upserts[i];
-                (s.clone(), k.clone(), v.hlc)
-            })
-            .collect();
-        self.announce_refused(peer, &refused, false);
+        let refused = self.refused_in(peer, &batch, &report.refused);
         Ok(AppliedVersions {
             received,
             applied,

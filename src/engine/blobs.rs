@@ -24,6 +24,7 @@ use crate::blocking::run_blocking;
 use crate::error::TransportError;
 use crate::hash::Hash;
 use crate::hlc::Hlc;
+use crate::notify::{Event, SyncEvent};
 use crate::record::{BlobRef, Key, Scope, Version};
 use crate::transport::Transport;
 
@@ -268,7 +269,32 @@ impl SyncEngine {
         transport.fetch_blob(blob, &mut writer).await?;
         // IMPORTANT: verified before it becomes visible; a mismatch stores nothing.
         finish_blob(writer.inner, blob).await?;
+        self.announce_content(blob.hash).await;
         Ok(())
+    }
+
+    /// Publishes `content_ready` for a blob that just arrived if stored records already
+    /// pointed at it (they were Staged, and are Resident now).
+    async fn announce_content(&self, hash: Hash) {
+        if !self.inner.notifier.has_subscribers() {
+            return;
+        }
+        let engine = self.handle();
+        let scopes = run_blocking(move || engine.inner.store.read()?.blob_scopes(&hash)).await;
+        match scopes {
+            Ok(Ok(scopes)) if !scopes.is_empty() => {
+                self.inner
+                    .notifier
+                    .publish(Event::Sync(SyncEvent::ContentReady { hash, scopes }));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%hash, error = %e, "cannot tell which records a fetched file serves")
+            }
+            Err(e) => {
+                tracing::debug!(%hash, error = %e, "cannot tell which records a fetched file serves")
+            }
+        }
     }
 
     /// The (scope, key, Hlc) of `versions` whose needed blob is not local: they will be

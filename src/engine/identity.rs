@@ -34,7 +34,11 @@ impl SyncEngine {
             return Ok(old);
         }
         let new = NodeId::random();
+        self.inner
+            .store
+            .set_note(super::PREVIOUS_ID_NOTE, Some(&old.to_bytes()))?;
         self.inner.store.replace_identity(new)?;
+        lock(&self.inner.peers).previous = Some(old);
         self.inner.clock.rotate(new, evidence.theirs.time());
         tracing::warn!(
             %peer, old = %old, new = %new, scope = %evidence.scope,

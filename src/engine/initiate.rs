@@ -5,7 +5,7 @@ use crate::blocking::run_blocking;
 use crate::error::Result;
 use crate::exchange::plan::PageLimits;
 use crate::exchange::{
-    marks_in_play, ExchangeOptions, ExchangeOutcome, Initiation, Reply, RequestExt, Session,
+    marks_in_play, ExchangeOptions, ExchangeOutcome, Initiation, Reply, Session,
 };
 use crate::hlc::NodeId;
 use crate::notify::ChangeKind;
@@ -93,10 +93,7 @@ impl SyncEngine {
             let engine = self.handle();
             let scopes = round.scopes().clone();
             let floors = run_blocking(move || engine.floors_in_play(&scopes)).await??;
-            round.set_ext(RequestExt {
-                floors: Some(floors),
-                refused,
-            });
+            round.set_floors(floors, refused);
         }
         let blobs_pushed = self
             .push_blobs(transport, blobs_of(round.request().page.versions()))
@@ -132,6 +129,7 @@ impl SyncEngine {
                     &received.page,
                     &scopes,
                     received.knowledge.clone(),
+                    None,
                 )
                 .and_then(|applied| {
                     let dropped = engine.drop_refused(&peer, &scopes, &received.ext.refused)?;

@@ -291,7 +291,7 @@ impl SyncEngine {
         self.announce(
             ChangeKind::LocalChangeRecorded,
             None,
-            batch.upserts.iter().map(|(s, k, _)| (s, k)),
+            batch.upserts.iter().map(|(s, k, v)| (s, k, v.hlc)),
         );
         self.inner
             .notifier

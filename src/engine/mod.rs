@@ -59,6 +59,7 @@ use crate::error::Result;
 use crate::hlc::{Clock, NodeId, TimeSource, WallClock};
 use crate::notify::Notifier;
 use crate::poison::lock;
+use crate::record::{Hydration, Scope};
 use crate::store::{MemStore, RedbStore, Store};
 
 pub use self::audit::{AuditOptions, AuditOutcome};
@@ -241,13 +242,61 @@ struct PeerMemory {
     last_exchange: HashMap<NodeId, SystemTime>,
     /// When we last warned of restore evidence an initiator showed us, per initiator.
     warned: HashMap<NodeId, Instant>,
+    /// When we last warned that an origin's versions were too far ahead of our clock.
+    skew_warned: HashMap<NodeId, Instant>,
+    /// Scopes a pull is under way for (see [`SyncEngine::hydration`]).
+    hydrating: std::collections::BTreeSet<Scope>,
     /// The last audit with each peer, in either role.
     audits: HashMap<NodeId, LastAudit>,
     /// When we last warned that a page named more new origins than the limits allow.
     bounded_warning: Option<Instant>,
     /// The purge floors each peer told us, per scope.
     floors_heard: HashMap<NodeId, std::collections::BTreeMap<crate::record::Scope, u64>>,
+    /// The id this node had before it last took a fresh one (stored as a note), which it
+    /// vouches for when a request is addressed to it.
+    previous: Option<NodeId>,
+    /// Where the status document finds the peers a scheduler runs rounds with (weak: a
+    /// scheduler that is gone shows none).
+    links: Option<std::sync::Weak<LinkSource>>,
 }
+
+/// Logs loudly when the stored clock is further ahead of the time source than the drift
+/// bound: the node stamps its writes that far ahead, and peers refuse them (`clock_skew`)
+/// until its time source catches up (see docs/protocol.md, "The clock").
+fn warn_if_ahead(clock: &Clock) {
+    let ahead = clock.ahead();
+    if ahead > clock.max_drift() {
+        tracing::warn!(
+            ahead = ?ahead, max_drift = ?clock.max_drift(),
+            "this node's stored clock is ahead of its wall clock by more than the max drift \
+             (the wall clock was set back, or ran ahead before): its writes carry timestamps \
+             that far ahead and peers refuse them until the wall clock catches up; the status \
+             shows how far (clock_ahead_ms)"
+        );
+    }
+}
+
+/// The note that says `scope` was pulled completely once.
+fn hydration_note(scope: &Scope) -> String {
+    format!("hydrated/{scope}")
+}
+
+/// The note holding the id a node had before it took a fresh one.
+const PREVIOUS_ID_NOTE: &str = "previous_id";
+
+/// Takes a fresh node id in `store`, noting the id it replaces first (a crash between the
+/// two leaves the note naming the id still in use, which vouches for nothing).
+fn take_fresh_id(store: &dyn Store) -> Result<NodeId> {
+    let old = store.identity(NodeId::random())?;
+    store.set_note(PREVIOUS_ID_NOTE, Some(&old.to_bytes()))?;
+    let new = NodeId::random();
+    store.replace_identity(new)?;
+    Ok(old)
+}
+
+/// What a scheduler tells the status document of its peers (see [`crate::api::PeerLink`];
+/// the engine fills in what its store knows).
+pub(crate) type LinkSource = dyn Fn() -> Vec<crate::api::PeerLink> + Send + Sync;
 
 impl SyncEngine {
     /// Opens (or creates) a node in directory `dir` with default settings.
@@ -289,7 +338,7 @@ impl SyncEngine {
     fn open_dir(dir: &Path, config: EngineConfig, fresh_identity: bool) -> Result<Self> {
         let store = RedbStore::open_with_cache(dir.join(DB_FILE), config.cache_bytes)?;
         if fresh_identity {
-            store.replace_identity(NodeId::random())?;
+            take_fresh_id(&store)?;
         }
         let blobs = Arc::new(FsBlobStore::open(dir.join(BLOB_DIR))?);
         Self::with_stores(Box::new(store), blobs, config)
@@ -300,7 +349,7 @@ impl SyncEngine {
     /// # Errors
     /// A store failure, or `config.max_drift` out of range.
     pub fn with_fresh_identity(store: Box<dyn Store>, config: EngineConfig) -> Result<Self> {
-        store.replace_identity(NodeId::random())?;
+        take_fresh_id(&*store)?;
         Self::with_store(store, config)
     }
 
@@ -341,15 +390,23 @@ impl SyncEngine {
         // A page must fit a message with room for one maximal value and the watermarks.
         config.page_bytes = config.page_bytes.clamp(1, MAX_PAGE_BYTES);
         let id = store.identity(NodeId::random())?;
+        let previous = store
+            .note(PREVIOUS_ID_NOTE)?
+            .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+            .and_then(NodeId::from_bytes);
         let clock = Clock::new(id, config.time.clone(), config.max_drift)?;
         clock.restore(store.read()?.clock()?);
+        warn_if_ahead(&clock);
         let inner = Inner {
             clock,
             store,
             config,
             local_writes: Mutex::new(()),
             pending: Mutex::new(Pending::default()),
-            peers: Mutex::new(PeerMemory::default()),
+            peers: Mutex::new(PeerMemory {
+                previous,
+                ..PeerMemory::default()
+            }),
             blobs,
             guards: Mutex::new(BlobGuards::default()),
             notifier: Notifier::new(),
@@ -374,6 +431,105 @@ impl SyncEngine {
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The id the peer called `name` is expected to answer with (see
+    /// [`SyncEngine::expect_peer`]), if one is noted.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn expected_peer(&self, name: &str) -> Result<Option<NodeId>> {
+        let note = self.inner.store.note(&format!("peer/{name}"))?;
+        Ok(note
+            .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+            .and_then(NodeId::from_bytes))
+    }
+
+    /// Notes, durably, that the peer called `name` (the scheduler's name for it: a node's
+    /// peers are their URLs) is node `id` (`None`: forget it), so that rounds with it after
+    /// a restart are addressed to that node and refused by any other (see
+    /// `docs/scheduling.md`, "A peer that changed its id").
+    ///
+    /// # Errors
+    /// The store failed; the old note stands.
+    pub fn expect_peer(&self, name: &str, id: Option<NodeId>) -> Result<()> {
+        let bytes = id.map(|id| id.to_bytes());
+        self.inner.store.set_note(
+            &format!("peer/{name}"),
+            bytes.as_ref().map(|b| b.as_slice()),
+        )?;
+        Ok(())
+    }
+
+    /// How far this node's clock (the last time it issued or observed) is ahead of its
+    /// time source. Beyond [`EngineConfig::max_drift`] its new writes are refused by peers
+    /// with a correct clock until the time source catches up.
+    pub fn clock_ahead(&self) -> Duration {
+        self.inner.clock.ahead()
+    }
+
+    /// How far this node has pulled `scope` from its peers: ready once a round pulled it
+    /// completely (noted durably), hydrating while a pull is under way (memory), else not
+    /// started.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn hydration(&self, scope: &Scope) -> Result<Hydration> {
+        if self.inner.store.note(&hydration_note(scope))?.is_some() {
+            return Ok(Hydration::Ready);
+        }
+        Ok(if lock(&self.inner.peers).hydrating.contains(scope) {
+            Hydration::Hydrating
+        } else {
+            Hydration::NotStarted
+        })
+    }
+
+    /// Records that a pull of `scope` is under way (`Hydrating`) or complete (`Ready`,
+    /// durably); returns whether the state changed. A ready scope stays ready.
+    ///
+    /// # Errors
+    /// The store failed; the state is unchanged.
+    pub fn set_hydration(&self, scope: &Scope, state: Hydration) -> Result<bool> {
+        let was = self.hydration(scope)?;
+        if was == Hydration::Ready || was == state {
+            return Ok(false);
+        }
+        match state {
+            Hydration::Ready => {
+                self.inner
+                    .store
+                    .set_note(&hydration_note(scope), Some(b"ready"))?;
+                lock(&self.inner.peers).hydrating.remove(scope);
+            }
+            Hydration::Hydrating => {
+                lock(&self.inner.peers).hydrating.insert(scope.clone());
+            }
+            Hydration::NotStarted => {
+                lock(&self.inner.peers).hydrating.remove(scope);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The id this node had before it last took a fresh one, if it ever did.
+    pub fn previous_id(&self) -> Option<NodeId> {
+        lock(&self.inner.peers).previous
+    }
+
+    /// Makes the status document list the peers `source` names (the last scheduler started
+    /// on this engine; see [`crate::api::Status::configured_peers`]).
+    pub(crate) fn show_links(&self, source: std::sync::Weak<LinkSource>) {
+        lock(&self.inner.peers).links = Some(source);
+    }
+
+    /// The peers the scheduler runs rounds with, as it sees them.
+    fn links(&self) -> Vec<crate::api::PeerLink> {
+        let source = lock(&self.inner.peers).links.clone();
+        source
+            .and_then(|s| s.upgrade())
+            .map(|s| s())
+            .unwrap_or_default()
     }
 
     /// The node's event notifier: subscribe to changes and sync events.

@@ -327,6 +327,20 @@ impl SyncEngine {
         Ok(dropped)
     }
 
+    /// The upserts of `batch` that its commit refused below the floor (`indexes`, from
+    /// [`crate::store::BatchReport::refused`]), announced as refused from `peer`.
+    pub(super) fn refused_in(&self, peer: &str, batch: &Batch, indexes: &[usize]) -> Vec<Refused> {
+        let refused: Vec<Refused> = indexes
+            .iter()
+            .map(|&i| {
+                let (s, k, v) = &batch.upserts[i];
+                (s.clone(), k.clone(), v.hlc)
+            })
+            .collect();
+        self.announce_refused(peer, &refused, false);
+        refused
+    }
+
     /// Logs and publishes `floor_refused` for `refused`, grouped by scope.
     pub(super) fn announce_refused(&self, label: &str, refused: &[Refused], dropped: bool) {
         if refused.is_empty() {

@@ -3,11 +3,14 @@
 use crate::error::Result;
 use crate::exchange::{apply, evidence_in_marks, evidence_in_page, AppliedPage};
 use crate::exchange::{Halt, HaltReason, Page};
-use crate::hlc::NodeId;
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::hlc::{Hlc, NodeId};
 use crate::notify::{Change, ChangeKind, Event, SyncEvent};
 use crate::record::ScopeFilter;
-use crate::record::{Key, Scope};
+use crate::record::{Key, Scope, Version};
 use crate::store::{Batch, Durability, PeerKnowledge};
+use crate::watermark::ScopedWatermarks;
 
 use super::{lock, RestoreDetection, SyncEngine};
 
@@ -57,6 +60,7 @@ impl SyncEngine {
         page: &Page,
         scopes: &ScopeFilter,
         knowledge: PeerKnowledge,
+        seen: Option<&ScopedWatermarks>,
     ) -> Result<Applied> {
         apply::validate_page(page, scopes)?;
         let me = self.node_id();
@@ -68,16 +72,17 @@ impl SyncEngine {
         match evidence {
             Some(evidence) if adopt => {
                 let me = self.take_fresh_identity(peer, &evidence)?;
-                self.apply_page_as(me, peer, sender, page, scopes, knowledge)
+                self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen)
             }
             Some(evidence) => {
                 self.warn_of_evidence(peer, knowledge.peer, &evidence);
-                self.apply_page_as(me, peer, sender, page, scopes, knowledge)
+                self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen)
             }
-            None => self.apply_page_as(me, peer, sender, page, scopes, knowledge),
+            None => self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen),
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // apply_page's arguments, and the id to apply as
     fn apply_page_as(
         &self,
         me: NodeId,
@@ -86,6 +91,7 @@ impl SyncEngine {
         page: &Page,
         scopes: &ScopeFilter,
         mut knowledge: PeerKnowledge,
+        seen: Option<&ScopedWatermarks>,
     ) -> Result<Applied> {
         let read = self.inner.store.read()?;
         let own = read.watermarks()?;
@@ -137,7 +143,7 @@ impl SyncEngine {
                     .any(|a| a.scope == *scope && a.top.origin() == mark.origin())
         });
         let unchanged_knowledge = page.runs.is_empty()
-            && stored_knowledge.is_some_and(|mut k| {
+            && stored_knowledge.clone().is_some_and(|mut k| {
                 k.retain(|s| scopes.contains(s));
                 k == knowledge.marks
             });
@@ -160,6 +166,13 @@ impl SyncEngine {
             // Every accepted version passed the drift check in plan_run.
             self.inner.clock.raise(max);
         }
+        // Our own writes the sender had not acknowledged that this page may replace.
+        let mut unacknowledged = self.unacknowledged_writes(
+            me,
+            &own,
+            seen.or(stored_knowledge.as_ref()),
+            &batch.upserts,
+        )?;
         batch.clock = self.inner.clock.last();
         batch.peer = Some(knowledge);
         batch.seen = vec![(knowledge_peer, now)];
@@ -181,23 +194,32 @@ impl SyncEngine {
             ChangeKind::RemoteUpdateAvailable,
             Some(knowledge_peer),
             report.applied.iter().map(|&i| {
-                let (s, k, _) = &batch.upserts[i];
-                (s, k)
+                let (s, k, v) = &batch.upserts[i];
+                (s, k, v.hlc)
             }),
         );
+        for &i in &report.applied {
+            let (scope, key, winner) = &batch.upserts[i];
+            if winner.hlc.origin() == me {
+                continue;
+            }
+            if let Some(lost) = unacknowledged.remove(&(scope.clone(), key.clone())) {
+                self.inner
+                    .notifier
+                    .publish(Event::Sync(SyncEvent::Overwritten {
+                        peer: peer.to_owned(),
+                        scope: scope.clone(),
+                        key: key.clone(),
+                        lost,
+                        winner: winner.hlc,
+                    }));
+            }
+        }
         self.inner.notifier.scopes_changed(
             batch.advances.iter().map(|a| &a.scope),
             Some(knowledge_peer),
         );
-        let refused: Vec<super::Refused> = report
-            .refused
-            .iter()
-            .map(|&i| {
-                let (s, k, v) = &batch.upserts[i];
-                (s.clone(), k.clone(), v.hlc)
-            })
-            .collect();
-        self.announce_refused(peer, &refused, false);
+        let refused = self.refused_in(peer, &batch, &report.refused);
         Ok(Applied {
             received,
             applied: report.applied.len(),
@@ -235,20 +257,24 @@ impl SyncEngine {
         &self,
         kind: ChangeKind,
         peer: Option<NodeId>,
-        keys: impl IntoIterator<Item = (&'a Scope, &'a Key)>,
+        keys: impl IntoIterator<Item = (&'a Scope, &'a Key, Hlc)>,
     ) {
         if !self.inner.notifier.has_subscribers() {
             return;
         }
         let mut by_scope: Vec<Change> = Vec::new();
-        for (scope, key) in keys {
+        for (scope, key, hlc) in keys {
             match by_scope.iter_mut().find(|c| c.scope == *scope) {
-                Some(c) => c.keys.push(key.clone()),
+                Some(c) => {
+                    c.keys.push(key.clone());
+                    c.versions.push(hlc);
+                }
                 None => by_scope.push(Change {
                     kind,
                     scope: scope.clone(),
                     keys: vec![key.clone()],
                     peer,
+                    versions: vec![hlc],
                 }),
             }
         }
@@ -262,12 +288,15 @@ impl SyncEngine {
     pub(super) fn announce_halts(&self, peer: &str, halts: &[Halt]) {
         for h in halts {
             let event = match &h.reason {
-                HaltReason::ClockSkew { ahead_by_ms } => SyncEvent::ClockSkew {
-                    peer: peer.to_owned(),
-                    scope: h.scope.clone(),
-                    origin: h.origin,
-                    ahead_by_ms: *ahead_by_ms,
-                },
+                HaltReason::ClockSkew { ahead_by_ms } => {
+                    self.warn_of_skew(peer, h, *ahead_by_ms);
+                    SyncEvent::ClockSkew {
+                        peer: peer.to_owned(),
+                        scope: h.scope.clone(),
+                        origin: h.origin,
+                        ahead_by_ms: *ahead_by_ms,
+                    }
+                }
                 HaltReason::BlobUnavailable { hash } => SyncEvent::BlobStaged {
                     peer: peer.to_owned(),
                     scope: h.scope.clone(),
@@ -279,4 +308,65 @@ impl SyncEngine {
             self.inner.notifier.publish(Event::Sync(event));
         }
     }
+
+    /// Logs (at most once a minute per origin) that versions of `halt`'s origin were
+    /// refused as too far ahead of this node's clock.
+    fn warn_of_skew(&self, peer: &str, halt: &Halt, ahead_by_ms: u64) {
+        const QUIET: std::time::Duration = std::time::Duration::from_secs(60);
+        {
+            let mut peers = super::lock(&self.inner.peers);
+            let last = peers.skew_warned.get(&halt.origin);
+            if last.is_some_and(|t| t.elapsed() < QUIET) {
+                return;
+            }
+            peers
+                .skew_warned
+                .insert(halt.origin, std::time::Instant::now());
+        }
+        tracing::warn!(
+            %peer, scope = %halt.scope, origin = %halt.origin, ahead_by_ms,
+            max_drift = ?self.inner.config.max_drift,
+            "versions of this origin are ahead of this node's clock by more than the max \
+             drift: its stream halts until the clocks agree (fix the clock of the node that \
+             wrote them, or this node's if it is behind)"
+        );
+    }
+
+    /// This node's own live versions, in the scopes of `upserts`, above what `known` (the
+    /// sender's marks as last learned) says the sender holds of our origin: the local writes
+    /// an incoming version would overwrite unseen. Only when someone listens, and only
+    /// scopes where such writes exist (at most [`UNACKNOWLEDGED_SCANNED`] each).
+    fn unacknowledged_writes(
+        &self,
+        me: NodeId,
+        own: &ScopedWatermarks,
+        known: Option<&ScopedWatermarks>,
+        upserts: &[(Scope, Key, Version)],
+    ) -> Result<BTreeMap<(Scope, Key), Version>> {
+        let mut found = BTreeMap::new();
+        if !self.inner.notifier.has_subscribers() || upserts.is_empty() {
+            return Ok(found);
+        }
+        let scopes: BTreeSet<&Scope> = upserts.iter().map(|(s, _, _)| s).collect();
+        let read = self.inner.store.read()?;
+        for scope in scopes {
+            let Some(ours) = own.get(scope, me) else {
+                continue;
+            };
+            let theirs = known.and_then(|k| k.get(scope, me));
+            if theirs >= Some(ours) {
+                continue;
+            }
+            for (key, version) in
+                read.live_range(scope, me, theirs, ours, UNACKNOWLEDGED_SCANNED)?
+            {
+                found.insert((scope.clone(), key), version);
+            }
+        }
+        Ok(found)
+    }
 }
+
+/// The most unacknowledged local writes per scope that a page is checked against for
+/// `overwritten`.
+const UNACKNOWLEDGED_SCANNED: usize = 10_000;

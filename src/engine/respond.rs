@@ -12,7 +12,7 @@ use crate::hlc::NodeId;
 use crate::notify::Notifier;
 use crate::record::{BlobRef, Scope};
 use crate::transport::{Refusal, Responder};
-use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
+use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, RequestMarks};
 
 use super::receive::Sender;
 use super::{lock, SyncEngine};
@@ -45,8 +45,27 @@ impl Responder for SyncEngine {
         blob: &BlobRef,
         content: &mut dyn Read,
     ) -> std::result::Result<(), Refusal> {
+        let had = self.inner.blobs.contains(&blob.hash).unwrap_or(true);
         write_blob(&*self.inner.blobs, content, Some(blob)).map_err(Refusal::from)?;
         lock(&self.inner.guards).uploaded(blob.hash);
+        if !had && self.inner.notifier.has_subscribers() {
+            // Records here that pointed at it were Staged; they are Resident now.
+            if let Ok(scopes) = self
+                .inner
+                .store
+                .read()
+                .and_then(|r| r.blob_scopes(&blob.hash))
+            {
+                if !scopes.is_empty() {
+                    self.inner.notifier.publish(crate::notify::Event::Sync(
+                        crate::notify::SyncEvent::ContentReady {
+                            hash: blob.hash,
+                            scopes,
+                        },
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -77,15 +96,29 @@ impl SyncEngine {
     /// # Errors
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
     pub fn answer(&self, mut request: ExchangeRequest) -> Result<ExchangeResponse> {
-        let ext = std::mem::take(&mut request.ext);
-        let label = request.from.to_string();
-        // Our versions the initiator refused below its floor (reported with this request)
-        // go before we plan, so the answer does not send them back.
-        self.drop_refused(&label, &request.scopes, &ext.refused)?;
-        if let Some(floors) = &ext.floors {
-            self.heard_floors(request.from, floors);
+        let to = request.ext.to;
+        let asked_floors = request.ext.floors.take();
+        let refused = std::mem::take(&mut request.ext.refused);
+        // Nothing of a request meant for another node is acted on (see `Answer::plan`).
+        if to.is_none_or(|to| to == self.node_id()) {
+            let label = request.from.to_string();
+            // Our versions the initiator refused below its floor (reported with this
+            // request) go before we plan, so the answer does not send them back.
+            self.drop_refused(&label, &request.scopes, &refused)?;
+            if let Some(floors) = &asked_floors {
+                self.heard_floors(request.from, floors);
+            }
         }
         let limits = self.page_limits(self.inner.config.max_page_limit);
+        // What the initiator had seen of our writes when it wrote its page (for
+        // `overwritten`): its marks when it sent them in full; a digest stands for the marks
+        // we recorded of it, which the apply reads itself.
+        let seen = match &request.marks {
+            RequestMarks::Full(marks) if self.inner.notifier.has_subscribers() => {
+                Some(marks.clone())
+            }
+            _ => None,
+        };
         let planned = Answer::plan(
             self.node_id(),
             &*self.inner.store.read()?,
@@ -94,7 +127,13 @@ impl SyncEngine {
             &|b: &BlobRef| self.has_blob(b),
         )?;
         let answer = match planned {
-            Answering::Resend(response) => return Ok(response),
+            Answering::Resend(mut response) => {
+                // Addressed to the id we had before a fresh one: vouch that we were it.
+                if to.is_some() && to != Some(response.from) && to == self.previous_id() {
+                    response.ext.previous = to;
+                }
+                return Ok(response);
+            }
             Answering::Apply(answer) => answer,
         };
         let from = answer.from();
@@ -104,6 +143,7 @@ impl SyncEngine {
             answer.incoming(),
             answer.scopes(),
             answer.knowledge().clone(),
+            seen.as_ref(),
         )?;
         let marks = match applied.changed_marks {
             true => Some(marks_in_play(&*self.inner.store.read()?, answer.scopes())?),
@@ -113,7 +153,7 @@ impl SyncEngine {
         self.note_exchange(from);
         let scopes = answer.scopes().clone();
         let (mut response, held) = answer.respond(applied.halts, marks);
-        if ext.floors.is_some() {
+        if asked_floors.is_some() {
             response.ext.floors = self.floors_in_play(&scopes)?;
         }
         response.ext.refused = applied.refused;

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use super::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 use crate::error::{ProtocolError, Result};
 use crate::hlc::NodeId;
-use crate::record::{BlobRef, Scope, ScopeFilter};
+use crate::record::{BlobRef, Key, Scope, ScopeFilter};
 use crate::store::{PeerKnowledge, StoreRead};
 use crate::watermark::ScopedWatermarks;
 
@@ -13,6 +13,9 @@ use super::plan::{plan_page, PageLimits};
 use super::{
     held_after, marks_in_play, Halt, HeldMarks, Page, RequestExt, ResponseExt, Session, Streams,
 };
+
+/// A version refused below a purge floor: its scope, key and Hlc.
+type Refused = (Scope, Key, crate::hlc::Hlc);
 
 /// Options of one exchange round.
 #[derive(Clone, Debug, Default)]
@@ -172,6 +175,12 @@ impl Initiation {
             }
             _ => RequestMarks::Full(mine.clone()),
         };
+        // A request that carries versions or our marks in full names the node it is for,
+        // which refuses it unless it is that node: nothing reaches a node that replaced the
+        // expected one at its address. A quiet request (a digest, no versions) changes
+        // nothing on a node that did not record our marks, and stays version 1.
+        let to =
+            expected.filter(|_| !page.runs.is_empty() || matches!(marks, RequestMarks::Full(_)));
         let request = ExchangeRequest {
             from: me,
             scopes: scopes.clone(),
@@ -180,7 +189,10 @@ impl Initiation {
             page,
             limit: u32::try_from(limits.versions).unwrap_or(u32::MAX),
             deferred: ours.iter().cloned().collect(),
-            ext: RequestExt::default(),
+            ext: RequestExt {
+                to,
+                ..RequestExt::default()
+            },
         };
         Ok(Initiation {
             me,
@@ -200,10 +212,11 @@ impl Initiation {
         &self.request
     }
 
-    /// Sets what the request carries beyond version 1 (the driver's floors and the
-    /// refusals it reports).
-    pub fn set_ext(&mut self, ext: RequestExt) {
-        self.request.ext = ext;
+    /// Adds what the driver's purge work puts in the request beyond version 1: our floors
+    /// (which also ask for the responder's) and the refusals we report.
+    pub fn set_floors(&mut self, floors: Vec<(Scope, u64)>, refused: Vec<Refused>) {
+        self.request.ext.floors = Some(floors);
+        self.request.ext.refused = refused;
     }
 
     /// The scopes in play.
@@ -224,6 +237,13 @@ impl Initiation {
             return Err(ProtocolError::PeerIsSelf { node: self.me }.into());
         }
         if let Some(expected) = self.expected.filter(|e| *e != peer) {
+            if response.ext.previous == Some(expected) {
+                return Err(ProtocolError::PeerRestored {
+                    old: expected,
+                    new: peer,
+                }
+                .into());
+            }
             return Err(ProtocolError::UnexpectedPeer {
                 expected,
                 found: peer,
@@ -248,6 +268,7 @@ impl Initiation {
                     .into());
                 }
                 self.request.marks = RequestMarks::Full(self.mine.clone());
+                self.request.ext.to = self.expected;
                 return Ok(Reply::Resend(self.request.clone()));
             }
         };
@@ -327,7 +348,7 @@ impl Initiation {
     pub fn delivered<'a>(
         &'a self,
         received: &'a Received,
-    ) -> impl Iterator<Item = (&'a Scope, &'a crate::record::Key)> + 'a {
+    ) -> impl Iterator<Item = (&'a Scope, &'a crate::record::Key, crate::hlc::Hlc)> + 'a {
         self.request
             .page
             .runs
@@ -338,6 +359,6 @@ impl Initiation {
                     .iter()
                     .any(|h| h.scope == r.scope && h.origin == r.origin)
             })
-            .flat_map(|r| r.versions.iter().map(move |(k, _)| (&r.scope, k)))
+            .flat_map(|r| r.versions.iter().map(move |(k, v)| (&r.scope, k, v.hlc)))
     }
 }

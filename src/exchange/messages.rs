@@ -59,6 +59,12 @@ pub struct RequestExt {
     /// (it purged their keys' deletes): the responder drops them if they are still its
     /// stored versions and older than its own retention.
     pub refused: Vec<(Scope, Key, Hlc)>,
+    /// The node the initiator means to reach, named in a request that carries versions or
+    /// the initiator's marks in full (`None` in a quiet request, or before the initiator
+    /// knows its peer). A responder with another id answers [`ExchangeResponse::elsewhere`]
+    /// and applies and records nothing of the request, so nothing is pushed to a node that
+    /// replaced the one expected at an address before its identity is checked.
+    pub to: Option<NodeId>,
 }
 
 impl RequestExt {
@@ -82,6 +88,10 @@ pub struct ResponseExt {
     /// Versions of the request's page that the responder refused below its floor; the
     /// initiator drops them as [`RequestExt::refused`] says.
     pub refused: Vec<(Scope, Key, Hlc)>,
+    /// The id the responder had before it took a fresh one (restored from a backup, see
+    /// `SyncEngine::open_restored`), sent when a request was addressed to that id: the
+    /// responder vouches that it is the node the initiator expected, under a new id.
+    pub previous: Option<NodeId>,
 }
 
 impl ResponseExt {
@@ -122,6 +132,19 @@ pub struct ExchangeResponse {
 }
 
 impl ExchangeResponse {
+    /// The answer to a request addressed to another node ([`RequestExt::to`]): it names
+    /// the responder and carries nothing else (no marks, no page). The initiator finds the
+    /// id is not the one it expected and applies nothing.
+    pub fn elsewhere(from: NodeId) -> Self {
+        ExchangeResponse {
+            from,
+            marks: ResponseMarks::Full(ScopedWatermarks::default()),
+            page: Page::default(),
+            halts: Vec::new(),
+            ext: ResponseExt::default(),
+        }
+    }
+
     /// The answer to a request whose marks digest the responder cannot resolve.
     pub fn resend(from: NodeId) -> Self {
         ExchangeResponse {

@@ -34,8 +34,9 @@ pub struct Answer {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per request, moved once
 pub enum Answering {
-    /// The request's marks digest does not match what we recorded of the initiator: answer
-    /// this ([`ExchangeResponse::resend`]) and change nothing.
+    /// Answer this and change nothing: the request's marks digest does not match what we
+    /// recorded of the initiator ([`ExchangeResponse::resend`]), or the request is addressed
+    /// to another node ([`ExchangeResponse::elsewhere`]).
     Resend(ExchangeResponse),
     /// Apply [`Answer::incoming`] with [`Answer::knowledge`] in one transaction, then
     /// [`Answer::respond`].
@@ -68,10 +69,14 @@ impl Answer {
             page: incoming,
             limit,
             deferred,
-            ext: _,
+            ext,
         } = request;
         if from == me {
             return Err(ProtocolError::PeerIsSelf { node: me }.into());
+        }
+        // IMPORTANT: before anything of the request is read or applied.
+        if ext.to.is_some_and(|to| to != me) {
+            return Ok(Answering::Resend(ExchangeResponse::elsewhere(me)));
         }
         let Some(theirs) = initiator_marks(read, from, &scopes, marks)? else {
             return Ok(Answering::Resend(ExchangeResponse::resend(me)));

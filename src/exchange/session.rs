@@ -63,6 +63,17 @@ impl Session {
         }
     }
 
+    /// A session with the peer `name`, which a round before this one (or a note that
+    /// outlived a restart) found to be node `peer`: requests are addressed to it, and a
+    /// response from any other node is refused.
+    pub fn named_expecting(name: impl Into<String>, peer: Option<NodeId>) -> Session {
+        Session {
+            name: Some(name.into()),
+            peer,
+            ..Session::default()
+        }
+    }
+
     /// What events call the peer: the session's name, else the peer's node id in hex once
     /// known.
     pub fn label(&self) -> Option<String> {

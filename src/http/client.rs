@@ -141,6 +141,13 @@ impl HttpTransport {
         let uri: Uri = base_url.parse().map_err(|_| bad("not a URL"))?;
         let scheme = match uri.scheme_str() {
             Some(s @ ("http" | "https")) => s,
+            // `127.0.0.1:7447` parses as a bare authority: say what to write rather than
+            // guess between http and https.
+            None if uri.authority().is_some() => {
+                return Err(bad(&format!(
+                    "no scheme; write http://{base_url} (or https://{base_url} for a node with TLS)"
+                )))
+            }
             _ => return Err(bad("only http:// and https:// are supported")),
         };
         let authority = uri.authority().ok_or_else(|| bad("no host"))?;
@@ -579,5 +586,16 @@ mod tests {
             HttpTransport::new("http://host:1", Some("a\nb".into())),
             Err(TransportError::InvalidToken)
         ));
+    }
+
+    #[test]
+    fn an_address_without_a_scheme_is_told_what_to_write() {
+        match HttpTransport::new("127.0.0.1:7448", None) {
+            Err(e @ TransportError::InvalidUrl { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("write http://127.0.0.1:7448"), "{text}");
+            }
+            other => panic!("expected InvalidUrl, got {other:?}"),
+        }
     }
 }

@@ -28,13 +28,14 @@ mod status;
 mod sync;
 pub mod terminal;
 
-pub use self::records::{open_api, open_api_with, CommandError};
+pub use self::records::{open_api, open_api_reading, open_api_with, CommandError};
 pub use self::status::render_status;
 pub use self::sync::{render_audit, sync_until_done, SyncTotals};
 /// The records API's types, where they were before [`crate::api`] held them.
 pub use crate::api::{Listed, RecordRead as RemoteRecord, Written};
 pub use crate::http::NodeClient;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -51,7 +52,7 @@ use crate::http::{
     ServerTls, TlsError, DEFAULT_MAX_CONNECTIONS,
 };
 use crate::scheduler::{AfterRound, BeforeRound};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{PeerOptions, Scheduler, SchedulerConfig};
 
 /// The address a node listens on, and client commands reach, by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
@@ -111,6 +112,14 @@ pub struct NodeOptions {
     pub tombstone_retention: Option<Duration>,
     /// See [`EngineConfig::peer_retirement`] (default 90 days).
     pub peer_retirement: Option<Duration>,
+    /// Peers (URLs among [`NodeOptions::peers`]) whose node this node accepts as another
+    /// one than before, once: the node at that address was replaced on purpose (see
+    /// [`Scheduler::accept_new_identity`]). Without it a node that answers with another id
+    /// than the one noted for its address is refused.
+    pub accept_new_peer_ids: Vec<String>,
+    /// Per-peer scopes and intervals, by URL (one of [`NodeOptions::peers`]); peers not
+    /// named use the node's.
+    pub peer_options: BTreeMap<String, PeerOptions>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -134,6 +143,8 @@ impl std::fmt::Debug for NodeOptions {
             .field("purge_interval", &self.purge_interval)
             .field("tombstone_retention", &self.tombstone_retention)
             .field("peer_retirement", &self.peer_retirement)
+            .field("accept_new_peer_ids", &self.accept_new_peer_ids)
+            .field("peer_options", &self.peer_options)
             .finish()
     }
 }
@@ -160,6 +171,8 @@ impl NodeOptions {
             purge_interval: Some(PURGE_INTERVAL),
             tombstone_retention: EngineConfig::default().tombstone_retention,
             peer_retirement: EngineConfig::default().peer_retirement,
+            accept_new_peer_ids: Vec::new(),
+            peer_options: BTreeMap::new(),
         }
     }
 
@@ -198,6 +211,12 @@ pub enum NodeError {
         dir: PathBuf,
         /// The running node's URL, if it wrote one.
         url: Option<String>,
+    },
+    /// A command that only reads was given a data directory that does not exist.
+    #[error("no data directory at {}: a command that only reads does not create one (check --data)", dir.display())]
+    NoDataDir {
+        /// The directory.
+        dir: PathBuf,
     },
     /// The data directory could not be opened.
     #[error("cannot open data directory {}", dir.display())]
@@ -242,6 +261,14 @@ pub enum NodeError {
     /// The HTTP server could not run.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// An option for one peer named a URL that is not one of the node's peers.
+    #[error("{option} {url}: not one of the node's --peer URLs")]
+    NotAPeer {
+        /// The option (`--accept-new-peer-id`, `--peer-scopes`, `--peer-interval`).
+        option: &'static str,
+        /// The URL.
+        url: String,
+    },
     /// A peer was given twice.
     #[error("peer {url} given twice")]
     DuplicatePeer {
@@ -277,6 +304,20 @@ impl From<TransportError> for NodeError {
 /// [`NodeError::Open`] for any other failure.
 pub fn open_data_dir(dir: &Path, config: EngineConfig) -> Result<SyncEngine, NodeError> {
     open_data_dir_as(dir, config, false)
+}
+
+/// Refuses a data directory that does not exist (for commands that only read).
+///
+/// # Errors
+/// [`NodeError::NoDataDir`] when `dir` is not a directory.
+pub fn require_data_dir(dir: &Path) -> Result<(), NodeError> {
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(NodeError::NoDataDir {
+            dir: dir.to_owned(),
+        })
+    }
 }
 
 /// [`open_data_dir`], or with `restored`, [`SyncEngine::open_restored`] (a fresh id first).
@@ -322,6 +363,10 @@ pub struct Node {
     server: ServerConfig,
     peers: Vec<Arc<HttpTransport>>,
     scheduler: SchedulerConfig,
+    /// Peers (base URLs) whose new identity is accepted once.
+    accept_new: Vec<String>,
+    /// Per-peer options, by base URL.
+    peer_options: BTreeMap<String, PeerOptions>,
     data: PathBuf,
     purge_interval: Option<Duration>,
 }
@@ -372,15 +417,35 @@ impl Node {
             }
             peers.push(Arc::new(peer));
         }
+        // Bound before the data directory is opened, so a port in use leaves no directory
+        // behind (opening creates a missing one).
+        let listener = bind(options.listen).map_err(|source| NodeError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let base_of = |option: &'static str, url: &str| -> Result<String, NodeError> {
+            let base = HttpTransport::new(url, None)?.base_url().to_owned();
+            if !peers.iter().any(|p| p.base_url() == base) {
+                return Err(NodeError::NotAPeer {
+                    option,
+                    url: url.to_owned(),
+                });
+            }
+            Ok(base)
+        };
+        let mut accept_new = Vec::new();
+        for url in &options.accept_new_peer_ids {
+            accept_new.push(base_of("--accept-new-peer-id", url)?);
+        }
+        let mut peer_options = BTreeMap::new();
+        for (url, o) in &options.peer_options {
+            peer_options.insert(base_of("--peer-scopes/--peer-interval", url)?, o.clone());
+        }
         let engine = Arc::new(open_data_dir_as(
             &options.data,
             options.engine_config(),
             options.restored,
         )?);
-        let listener = bind(options.listen).map_err(|source| NodeError::Bind {
-            addr: options.listen,
-            source,
-        })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Bind {
             addr: options.listen,
             source,
@@ -411,6 +476,8 @@ impl Node {
             server,
             peers,
             scheduler,
+            accept_new,
+            peer_options,
             data: options.data,
             purge_interval,
         };
@@ -469,6 +536,8 @@ impl Node {
             server: config,
             peers,
             scheduler,
+            accept_new,
+            peer_options,
             data,
             purge_interval,
         } = self;
@@ -483,8 +552,15 @@ impl Node {
         for peer in peers {
             let name = peer.base_url().to_owned();
             // Names are the peers' distinct URLs (checked in `start`), so this cannot fail.
-            if let Err(e) = scheduler.add_peer(name, peer) {
+            let options = peer_options.get(&name).cloned().unwrap_or_default();
+            if let Err(e) = scheduler.add_peer_with(name, peer, options) {
                 tracing::error!(error = %e, "peer not scheduled");
+            }
+        }
+        for name in &accept_new {
+            // Checked in `start` to be one of the peers just added.
+            if let Err(e) = scheduler.accept_new_identity(name) {
+                tracing::error!(error = %e, "new identity not accepted");
             }
         }
         let early = tokio::select! {

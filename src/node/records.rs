@@ -11,7 +11,7 @@ use crate::api::{FileRead, ListQuery, Listed, NodeApi, RecordRead, Written, MAX_
 use crate::blob::{copy_chunks, CopyError};
 use crate::blocking::run_blocking;
 use crate::engine::EngineConfig;
-use crate::error::{Error, TransportError, WireError};
+use crate::error::{Error, RefusalCode, TransportError, WireError};
 use crate::http::{ClientConfig, NodeClient};
 use crate::record::{Key, Scope};
 
@@ -58,6 +58,12 @@ pub enum CommandError {
         /// The status and the node's message.
         reason: String,
     },
+    /// The node refused the request's token, or the request carried none (401).
+    #[error("the node refused the token: {reason} (give the node's token with --token or HIGHWATER_TOKEN)")]
+    Unauthorized {
+        /// The node's message.
+        reason: String,
+    },
     /// The node answered something this client does not understand.
     #[error("the node sent a bad response: {reason}")]
     BadResponse {
@@ -96,6 +102,10 @@ impl From<Error> for CommandError {
             Error::Transport(TransportError::Unreachable { reason }) => {
                 CommandError::Unreachable { reason }
             }
+            Error::Transport(TransportError::Refused {
+                code: RefusalCode::Unauthorized,
+                reason,
+            }) => CommandError::Unauthorized { reason },
             Error::Transport(TransportError::Refused { reason, .. }) => {
                 CommandError::Refused { reason }
             }
@@ -145,6 +155,23 @@ pub fn open_api_with(
         Some(dir) => Box::new(super::open_data_dir(dir, EngineConfig::default())?),
         None => Box::new(NodeClient::with_config(url, client)?),
     })
+}
+
+/// As [`open_api_with`], for commands that only read: a data directory that does not exist
+/// is refused ([`NodeError::NoDataDir`]) rather than created, so a mistyped `--data` says
+/// so instead of showing an empty node.
+///
+/// # Errors
+/// As for [`open_api_with`], and [`NodeError::NoDataDir`].
+pub fn open_api_reading(
+    url: &str,
+    client: ClientConfig,
+    data: Option<&Path>,
+) -> Result<Box<dyn NodeApi>, NodeError> {
+    if let Some(dir) = data {
+        super::require_data_dir(dir)?;
+    }
+    open_api_with(url, client, data)
 }
 
 /// A scope and key as text for an error message (the key escaped for a terminal).

@@ -3,7 +3,8 @@
 use std::fmt::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::api::{PeerLag, Status};
+use super::terminal::escape_line;
+use crate::api::{HaltSide, PeerLag, PeerLink, Status};
 use crate::hlc::Hlc;
 
 /// Renders a status document as a human-readable report: the node, its files, each scope's
@@ -13,6 +14,15 @@ pub fn render_status(status: &Status) -> String {
     let now = SystemTime::now();
     let mut out = String::new();
     let _ = writeln!(out, "node   {}", status.node);
+    if status.clock_ahead_ms > status.max_drift_ms {
+        let _ = writeln!(
+            out,
+            "clock  {} ahead of this machine's clock (beyond the max drift of {} ms): peers \
+             refuse this node's new writes until the wall clock catches up",
+            age(Duration::from_millis(status.clock_ahead_ms)),
+            status.max_drift_ms
+        );
+    }
     let _ = writeln!(
         out,
         "files  {} ({})",
@@ -27,8 +37,11 @@ pub fn render_status(status: &Status) -> String {
         let r = &scope.residency;
         let _ = writeln!(
             out,
-            "  {name}: {} resident, {} staged, {} tombstoned",
-            r.resident, r.staged, r.tombstoned
+            "  {name}: {} resident, {} staged, {} tombstoned; {}",
+            r.resident,
+            r.staged,
+            r.tombstoned,
+            scope.hydration.as_str().replace('_', " ")
         );
         for (origin, mark) in &scope.watermarks {
             let _ = writeln!(
@@ -39,16 +52,96 @@ pub fn render_status(status: &Status) -> String {
         }
     }
     let _ = writeln!(out, "\npeers");
-    if status.peers.is_empty() {
+    if status.peers.is_empty() && status.configured_peers.is_empty() {
         out.push_str("  (none)\n");
     }
+    for link in &status.configured_peers {
+        let lag = status.peers.iter().find(|p| Some(p.id) == link.id);
+        render_link(&mut out, link, lag, now);
+    }
     for peer in &status.peers {
-        render_peer(&mut out, peer, now);
+        if !status
+            .configured_peers
+            .iter()
+            .any(|l| l.id == Some(peer.id))
+        {
+            render_peer(&mut out, &peer.id.to_string(), peer, now);
+        }
     }
     out
 }
 
-fn render_peer(out: &mut String, peer: &PeerLag, now: SystemTime) {
+/// A peer this node syncs with: its URL and state, then its lag if a round has met it.
+fn render_link(out: &mut String, link: &PeerLink, lag: Option<&PeerLag>, now: SystemTime) {
+    let since = |ms: u64| {
+        age(now
+            .duration_since(UNIX_EPOCH + Duration::from_millis(ms))
+            .unwrap_or_default())
+    };
+    let state = match (link.connected, link.last_success_unix_ms) {
+        (true, Some(ms)) => format!("connected, last success {} ago", since(ms)),
+        (false, Some(ms)) => format!("not connected, last success {} ago", since(ms)),
+        (_, None) if link.consecutive_failures > 0 => "not connected, never synced".to_owned(),
+        (_, None) => "not synced yet".to_owned(),
+    };
+    let id = link
+        .id
+        .map(|id| format!("  (node {id})"))
+        .unwrap_or_default();
+    let lag_state = lag
+        .map(|l| format!("  {}", lag_summary(l)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  {}  {state}{id}{lag_state}",
+        escape_line(link.name.as_bytes())
+    );
+    if let Some(error) = &link.last_error {
+        let failures = match link.consecutive_failures {
+            0 => "since recovered".to_owned(),
+            n => format!("{n} failure{} in a row", if n == 1 { "" } else { "s" }),
+        };
+        let _ = writeln!(
+            out,
+            "    last error ({failures}): {}",
+            escape_line(error.as_bytes())
+        );
+    }
+    if link.unacknowledged > 0 {
+        let _ = writeln!(
+            out,
+            "    {} local write(s) it has not acknowledged yet",
+            link.unacknowledged
+        );
+    }
+    if link.files_missing > 0 {
+        let _ = writeln!(
+            out,
+            "    {} stream(s) waiting for a file from it",
+            link.files_missing
+        );
+    }
+    for h in &link.halted {
+        let who = match h.by {
+            HaltSide::Here => "halted here",
+            HaltSide::Peer => "halted by the peer",
+        };
+        let skew = h
+            .ahead_by_ms
+            .map(|ms| format!(" ({ms} ms ahead)"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "    {who}: {} from origin {}: {}{skew}",
+            h.scope, h.origin, h.reason
+        );
+    }
+    if let Some(lag) = lag {
+        render_lag(out, lag, now);
+    }
+}
+
+fn render_peer(out: &mut String, name: &str, peer: &PeerLag, now: SystemTime) {
     let last = match peer.last_exchange_unix_ms {
         Some(ms) => {
             let at = UNIX_EPOCH + Duration::from_millis(ms);
@@ -59,16 +152,25 @@ fn render_peer(out: &mut String, peer: &PeerLag, now: SystemTime) {
         }
         None => "no round since it started".to_owned(),
     };
+    let _ = writeln!(out, "  {name}  {last}  {}", lag_summary(peer));
+    render_lag(out, peer, now);
+}
+
+/// "in sync", or how many streams either side lacks, as of the last round.
+fn lag_summary(peer: &PeerLag) -> String {
     let (lacks, behind) = (peer.lacks.len(), peer.behind.len());
-    let state = if lacks == 0 && behind == 0 {
+    if lacks == 0 && behind == 0 {
         "in sync".to_owned()
     } else {
         format!(
             "it lacks {lacks} stream{} of ours; we lack {behind} of its",
             if lacks == 1 { "" } else { "s" }
         )
-    };
-    let _ = writeln!(out, "  {}  {last}  {state}", peer.id);
+    }
+}
+
+/// A peer's last audit and the streams either side lacks.
+fn render_lag(out: &mut String, peer: &PeerLag, now: SystemTime) {
     if let Some(audit) = &peer.last_audit {
         let at = UNIX_EPOCH + Duration::from_millis(audit.at_unix_ms);
         let found = if audit.received + audit.shipped + audit.files_repaired == 0 {
@@ -159,7 +261,7 @@ mod tests {
         let status: Status = serde_json::from_value(status).unwrap();
         let text = render_status(&status);
         assert!(
-            text.contains("shared: 3 resident, 1 staged, 2 tombstoned"),
+            text.contains("shared: 3 resident, 1 staged, 2 tombstoned; not started"),
             "{text}"
         );
         assert!(text.contains("origin aa  up to 2"), "{text}");

@@ -71,6 +71,7 @@ mod backoff;
 mod rounds;
 mod triggers;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -82,11 +83,13 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::engine::{AuditOutcome, ExchangeOptions, ExchangeOutcome, SyncEngine};
+use crate::api::{HaltSide, HaltedStream, PeerLink};
+use crate::engine::{AuditOutcome, ExchangeOptions, ExchangeOutcome, LinkSource, SyncEngine};
 use crate::error::Error;
-use crate::exchange::Session;
+use crate::exchange::{Halt, HaltReason, Session};
 use crate::hlc::NodeId;
 use crate::poison::lock;
+use crate::record::{Hydration, Scope, ScopeFilter};
 use crate::transport::Transport;
 
 pub use self::backoff::Backoff;
@@ -136,6 +139,11 @@ pub struct SchedulerConfig {
     /// runs with every peer soon after the node detects it was restored from a backup. See
     /// [`SyncEngine::audit`].
     pub audit_interval: Option<Duration>,
+    /// The hydration plan's boot scopes (default none: no plan). While any of them is not
+    /// [`Hydration::Ready`], rounds pull only them; then rounds pull what
+    /// [`SchedulerConfig::options`] says (the background). [`Scheduler::ready`] resolves
+    /// once they are all ready.
+    pub boot_scopes: BTreeSet<Scope>,
 }
 
 impl Default for SchedulerConfig {
@@ -152,6 +160,7 @@ impl Default for SchedulerConfig {
             before_round: None,
             after_round: None,
             audit_interval: Some(Duration::from_secs(3600)),
+            boot_scopes: BTreeSet::new(),
         }
     }
 }
@@ -170,8 +179,21 @@ impl fmt::Debug for SchedulerConfig {
             .field("before_round", &self.before_round.is_some())
             .field("after_round", &self.after_round.is_some())
             .field("audit_interval", &self.audit_interval)
+            .field("boot_scopes", &self.boot_scopes)
             .finish()
     }
+}
+
+/// What one peer's rounds do differently from the scheduler's defaults
+/// ([`Scheduler::add_peer_with`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerOptions {
+    /// The scopes synced with this peer (`None`: [`SchedulerConfig::options`]'s). A peer
+    /// with its own scopes is outside the hydration plan: its rounds always pull these.
+    pub scopes: Option<ScopeFilter>,
+    /// Time between rounds with this peer when nothing triggers one sooner (`None`:
+    /// [`SchedulerConfig::interval`]).
+    pub interval: Option<Duration>,
 }
 
 /// Where the scheduler stands with one peer.
@@ -187,6 +209,12 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// Failures since the last success.
     pub consecutive_failures: u32,
+    /// Whether the last round succeeded (false until one ended); its changes publish
+    /// `connectivity_changed`.
+    pub connected: bool,
+    /// Whether the scheduler is paused ([`Scheduler::pause`]): no round, watch or audit
+    /// runs until it resumes.
+    pub paused: bool,
     /// Rounds that succeeded.
     pub rounds: u64,
     /// When the next round is due if nothing triggers one sooner (`None` while a round runs
@@ -210,11 +238,21 @@ pub enum SchedulerError {
         /// The name.
         name: String,
     },
+    /// No peer of that name is scheduled.
+    #[error("no peer {name:?} is scheduled")]
+    UnknownPeer {
+        /// The name.
+        name: String,
+    },
 }
 
 /// One scheduled peer, as its task and the scheduler's other tasks see it.
 pub(super) struct Peer {
     name: String,
+    /// This peer's own scopes and interval.
+    options: PeerOptions,
+    /// Stops this peer's tasks ([`Scheduler::remove_peer`], or the scheduler's shutdown).
+    stop: watch::Sender<bool>,
     status: Mutex<PeerStatus>,
     /// Changes and watch news: ignored while backing off.
     trigger: Notify,
@@ -222,11 +260,59 @@ pub(super) struct Peer {
     force: Notify,
     /// An audit is wanted at the next idle moment (a restore was detected).
     audit_wanted: AtomicBool,
+    /// The id noted in the store for this peer (what rounds after a restart expect), as
+    /// far as this scheduler wrote or read it.
+    noted: Mutex<Option<NodeId>>,
+    /// The operator accepted a new identity for this peer: the next round that finds
+    /// another node at its address re-attaches to it ([`Scheduler::accept_new_identity`]).
+    accept_new: AtomicBool,
+    /// The last failure logged at WARN and when: a peer that keeps failing the same way is
+    /// logged once a minute, not every retry.
+    warned: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl Peer {
     fn status(&self) -> MutexGuard<'_, PeerStatus> {
         lock(&self.status)
+    }
+
+    /// The peer as the status document shows it (the engine adds what its store knows).
+    fn link(&self) -> PeerLink {
+        let status = self.status();
+        let unix_ms = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .ok()
+        };
+        let here = status.session.halted_here();
+        let files_missing = here
+            .iter()
+            .filter(|h| matches!(h.reason, HaltReason::BlobUnavailable { .. }))
+            .count() as u64;
+        let mut halted: Vec<HaltedStream> = here
+            .into_iter()
+            .map(|h| halted_stream(h, HaltSide::Here))
+            .collect();
+        halted.extend(
+            status
+                .session
+                .halted_by_peer()
+                .into_iter()
+                .map(|h| halted_stream(h, HaltSide::Peer)),
+        );
+        PeerLink {
+            name: status.name.clone(),
+            id: status.peer,
+            connected: status.connected,
+            paused: status.paused,
+            last_success_unix_ms: status.last_success.and_then(unix_ms),
+            last_error: status.last_error.clone(),
+            consecutive_failures: status.consecutive_failures,
+            unacknowledged: 0,
+            files_missing,
+            halted,
+            last_audit: None,
+        }
     }
 
     /// Whether versions applied from `source` (`None`: a local change) are news to this peer.
@@ -235,16 +321,58 @@ impl Peer {
     }
 }
 
+/// A halted stream as the status document shows it.
+fn halted_stream(halt: Halt, by: HaltSide) -> HaltedStream {
+    let (reason, ahead_by_ms) = match halt.reason {
+        HaltReason::ClockSkew { ahead_by_ms } => ("clock_skew", Some(ahead_by_ms)),
+        HaltReason::OwnOrigin => ("own_origin", None),
+        HaltReason::BlobUnavailable { .. } => ("blob_unavailable", None),
+    };
+    HaltedStream {
+        scope: halt.scope,
+        origin: halt.origin,
+        by,
+        reason: reason.to_owned(),
+        ahead_by_ms,
+    }
+}
+
 /// What the scheduler's tasks share.
 pub(super) struct Shared {
     engine: Arc<SyncEngine>,
     config: SchedulerConfig,
     peers: Mutex<Vec<Arc<Peer>>>,
+    /// Whether every boot scope is ready (true when there are none).
+    boot_ready: watch::Sender<bool>,
+    /// Whether rounds are paused ([`Scheduler::pause`]).
+    paused: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// The options of the next round: the boot scopes alone until they are ready, then the
+    /// configured ones.
+    pub(super) fn round_options(&self, peer: &Peer) -> ExchangeOptions {
+        if let Some(scopes) = &peer.options.scopes {
+            return ExchangeOptions {
+                scopes: scopes.clone(),
+                ..self.config.options.clone()
+            };
+        }
+        if *self.boot_ready.borrow() {
+            return self.config.options.clone();
+        }
+        ExchangeOptions {
+            scopes: ScopeFilter::Only(self.config.boot_scopes.clone()),
+            ..self.config.options.clone()
+        }
+    }
 }
 
 /// Runs exchange rounds with each peer when they are due (see the [module docs](self)).
 pub struct Scheduler {
     shared: Arc<Shared>,
+    /// What the engine's status document shows of the peers (it holds a weak reference).
+    _links: Arc<LinkSource>,
     stop: watch::Sender<bool>,
     /// IMPORTANT: dropping the set aborts every task still in it (the drop guard).
     tasks: Mutex<JoinSet<()>>,
@@ -268,16 +396,31 @@ impl Scheduler {
     pub fn start(engine: Arc<SyncEngine>, config: SchedulerConfig) -> Scheduler {
         let runtime = tokio::runtime::Handle::current();
         let changes = engine.notifier().subscribe();
+        let boot_ready = config.boot_scopes.iter().all(|scope| {
+            // A failed read counts as not ready: the first round finds out.
+            matches!(engine.hydration(scope), Ok(Hydration::Ready))
+        });
         let shared = Arc::new(Shared {
             engine,
             config,
             peers: Mutex::new(Vec::new()),
+            boot_ready: watch::channel(boot_ready).0,
+            paused: watch::channel(false).0,
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn_on(listen(shared.clone(), changes, stopped), &runtime);
+        let links: Arc<LinkSource> = {
+            let shared = Arc::downgrade(&shared);
+            Arc::new(move || match shared.upgrade() {
+                Some(shared) => lock(&shared.peers).iter().map(|p| p.link()).collect(),
+                None => Vec::new(),
+            })
+        };
+        shared.engine.show_links(Arc::downgrade(&links));
         Scheduler {
             shared,
+            _links: links,
             stop,
             tasks: Mutex::new(tasks),
             runtime,
@@ -294,7 +437,21 @@ impl Scheduler {
         name: impl Into<String>,
         transport: Arc<T>,
     ) -> Result<(), SchedulerError> {
+        self.add_peer_with(name, transport, PeerOptions::default())
+    }
+
+    /// As [`Scheduler::add_peer`], with the peer's own scopes and interval.
+    ///
+    /// # Errors
+    /// [`SchedulerError::DuplicatePeer`] if `name` is taken.
+    pub fn add_peer_with<T: Transport + 'static>(
+        &self,
+        name: impl Into<String>,
+        transport: Arc<T>,
+        options: PeerOptions,
+    ) -> Result<(), SchedulerError> {
         let name = name.into();
+        let (stop, stopped) = watch::channel(*self.stop.borrow());
         let peer = {
             let mut peers = lock(&self.shared.peers);
             if peers.iter().any(|p| p.name == name) {
@@ -307,22 +464,109 @@ impl Scheduler {
                     last_success: None,
                     last_error: None,
                     consecutive_failures: 0,
+                    connected: false,
+                    paused: *self.shared.paused.borrow(),
                     rounds: 0,
                     next_attempt: None,
                     session: Session::named(name.clone()),
                     last_audit: None,
                 }),
                 name,
+                options,
+                stop,
                 trigger: Notify::new(),
                 force: Notify::new(),
                 audit_wanted: AtomicBool::new(false),
+                warned: Mutex::new(None),
+                accept_new: AtomicBool::new(false),
+                noted: Mutex::new(None),
             });
             peers.push(peer.clone());
             peer
         };
-        let task = run_peer(self.shared.clone(), peer, transport, self.stop.subscribe());
+        let task = run_peer(self.shared.clone(), peer, transport, stopped);
         lock(&self.tasks).spawn_on(task, &self.runtime);
         Ok(())
+    }
+
+    /// Accepts that the peer called `name` is now another node (the one at its address
+    /// was replaced): the next round that finds a node other than the one expected
+    /// re-attaches to it instead of refusing it. What this node knew of the old node is
+    /// dropped, the new id is noted, and an audit (a full comparison of contents) follows
+    /// the round. One change is accepted; a later one is refused again. Starts a round at
+    /// once. See `docs/scheduling.md`, "A peer that changed its id".
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownPeer`] if no peer is called `name`.
+    pub fn accept_new_identity(&self, name: &str) -> Result<(), SchedulerError> {
+        let peers = lock(&self.shared.peers);
+        let peer =
+            peers
+                .iter()
+                .find(|p| p.name == name)
+                .ok_or_else(|| SchedulerError::UnknownPeer {
+                    name: name.to_owned(),
+                })?;
+        peer.accept_new
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        peer.force.notify_one();
+        Ok(())
+    }
+
+    /// Resolves once every boot scope of the hydration plan
+    /// ([`SchedulerConfig::boot_scopes`]) is ready: pulled completely from a peer, now or
+    /// before a restart. At once when there are none. Background scopes do not hold it up.
+    pub fn ready(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut ready = self.shared.boot_ready.subscribe();
+        async move {
+            // An error means the scheduler is gone: nothing will become ready.
+            if ready.wait_for(|r| *r).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Whether every boot scope is ready (see [`Scheduler::ready`]).
+    pub fn is_ready(&self) -> bool {
+        *self.shared.boot_ready.borrow()
+    }
+
+    /// Stops syncing with the peer called `name`: its tasks end at their next await point (a
+    /// round in flight is abandoned safely, see the [module docs](self)) and it leaves
+    /// [`Scheduler::peers`] and the status. The id noted for it stays: added again under the
+    /// same name, it expects the same node.
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownPeer`] if no peer is called `name`.
+    pub fn remove_peer(&self, name: &str) -> Result<(), SchedulerError> {
+        let mut peers = lock(&self.shared.peers);
+        let at = peers.iter().position(|p| p.name == name).ok_or_else(|| {
+            SchedulerError::UnknownPeer {
+                name: name.to_owned(),
+            }
+        })?;
+        let peer = peers.remove(at);
+        peer.stop.send_replace(true);
+        Ok(())
+    }
+
+    /// Pauses syncing (going offline on purpose): no round, watch call or audit starts with
+    /// any peer until [`Scheduler::resume`]; a round in flight finishes. Local writes go on
+    /// and are synced after resuming.
+    pub fn pause(&self) {
+        self.shared.paused.send_replace(true);
+        for peer in lock(&self.shared.peers).iter() {
+            peer.status().paused = true;
+        }
+    }
+
+    /// Resumes syncing after [`Scheduler::pause`], with a round with every peer at once.
+    pub fn resume(&self) {
+        self.shared.paused.send_replace(false);
+        for peer in lock(&self.shared.peers).iter() {
+            peer.status().paused = false;
+            peer.force.notify_one();
+        }
     }
 
     /// Starts a round with every peer now, even one that is backing off.
@@ -348,6 +592,9 @@ impl Scheduler {
     /// The final [`SyncEngine::flush`] failed.
     pub async fn shutdown(self) -> Result<(), Error> {
         self.stop.send_replace(true);
+        for peer in lock(&self.shared.peers).iter() {
+            peer.stop.send_replace(true);
+        }
         let mut tasks = std::mem::take(&mut *lock(&self.tasks));
         while let Some(ended) = tasks.join_next().await {
             if let Err(e) = ended {
@@ -363,6 +610,19 @@ impl Drop for Scheduler {
         // Tasks still running see the signal at their next await; the JoinSet, dropped right
         // after, aborts them in any case.
         self.stop.send_replace(true);
+        for peer in lock(&self.shared.peers).iter() {
+            peer.stop.send_replace(true);
+        }
+    }
+}
+
+/// Resolves once rounds are not paused; `false` if the scheduler stopped first.
+pub(super) async fn unpaused(shared: &Shared, stop: &mut watch::Receiver<bool>) -> bool {
+    let mut paused = shared.paused.subscribe();
+    tokio::select! {
+        biased;
+        () = stopped(stop) => false,
+        resumed = paused.wait_for(|p| !*p) => resumed.is_ok(),
     }
 }
 

@@ -12,7 +12,7 @@ use crate::hlc::NodeId;
 use crate::notify::{ChangeKind, Event, Notice, Subscription, SyncEvent};
 use crate::transport::Transport;
 
-use super::{lock, peer_rng, stopped, Peer, Shared};
+use super::{lock, peer_rng, stopped, unpaused, Peer, Shared};
 
 /// Waits on the peer's watch and triggers a round when it reports news.
 pub(super) async fn watch_loop<T: Transport>(
@@ -31,6 +31,9 @@ pub(super) async fn watch_loop<T: Transport>(
             biased;
             () = stopped(&mut stop) => return,
             () = sleep_until(next) => {}
+        }
+        if !unpaused(shared, &mut stop).await {
+            return;
         }
         let started = Instant::now();
         let reply = tokio::select! {

@@ -6,8 +6,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::audit::{item_hash, split_positions, AuditPoint, AuditRange, Fingerprint};
 use super::{
-    apply_batch, Batch, BatchReport, Floor, KeyRange, PeerKnowledge, ScopeRefs, Store, StoreRead,
-    TxnOps,
+    apply_batch, Batch, BatchReport, KeyRange, PeerKnowledge, ScopeRefs, Store, StoreRead, TxnOps,
 };
 use crate::error::StoreError;
 use crate::hash::Hash;
@@ -30,10 +29,10 @@ struct State {
     blob_refs: BTreeMap<Hash, BTreeMap<Scope, ScopeRefs>>,
     /// scope -> purge floor; no zero entry.
     floors: BTreeMap<Scope, u64>,
-    /// scope -> the newest mark retired there; no zero entry.
-    retired: BTreeMap<Scope, u64>,
     /// peer -> last seen; only peers in `peers`.
     seen: BTreeMap<NodeId, u64>,
+    /// The engine's notes (`Store::note`).
+    notes: BTreeMap<String, Vec<u8>>,
 }
 
 /// A store held in memory. Commits are atomic (applied under one write lock by infallible
@@ -327,21 +326,13 @@ impl TxnOps for State {
         Ok(self.records.contains_key(&(scope.clone(), key.clone())))
     }
 
-    fn get_floor(&mut self, kind: Floor, scope: &Scope) -> Result<u64, StoreError> {
-        let floors = match kind {
-            Floor::Purge => &self.floors,
-            Floor::Retired => &self.retired,
-        };
-        Ok(floors.get(scope).copied().unwrap_or(0))
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError> {
+        Ok(self.floors.get(scope).copied().unwrap_or(0))
     }
 
-    fn set_floor(&mut self, kind: Floor, scope: &Scope, time: u64) -> Result<(), StoreError> {
-        let floors = match kind {
-            Floor::Purge => &mut self.floors,
-            Floor::Retired => &mut self.retired,
-        };
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError> {
         if time > 0 {
-            floors.insert(scope.clone(), time);
+            self.floors.insert(scope.clone(), time);
         }
         Ok(())
     }
@@ -473,6 +464,20 @@ impl Store for MemStore {
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
         Arc::make_mut(&mut self.write_lock()).identity = Some(id);
+        Ok(())
+    }
+
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.read_lock().notes.get(name).cloned())
+    }
+
+    fn set_note(&self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut state = self.write_lock();
+        let notes = &mut Arc::make_mut(&mut state).notes;
+        match value {
+            Some(v) => notes.insert(name.to_owned(), v.to_vec()),
+            None => notes.remove(name),
+        };
         Ok(())
     }
 

@@ -98,18 +98,17 @@ pub struct Batch {
     /// entry and blob reference, iff its Hlc is this one; otherwise nothing happens.
     pub removals: Vec<(Scope, Key, Hlc)>,
     /// Versions to merge, in order. A version at or below its scope's floor, of a key this
-    /// store does not hold, whose origin's mark here covers it (or, for an origin without a
-    /// mark, that is at or below the newest mark retired in the scope), is refused
-    /// ([`BatchReport::refused`]): the store had that key and purged its delete, and taking
-    /// the version would bring the record back.
+    /// store does not hold, whose origin's mark here covers it or is absent (as the batch
+    /// found it), is refused ([`BatchReport::refused`]): the store had that key and purged
+    /// its delete (or, without a mark, cannot tell), and taking the version could bring the
+    /// record back.
     pub upserts: Vec<(Scope, Key, Version)>,
     /// Watermark advances, evaluated after the upserts.
     pub advances: Vec<Advance>,
     /// Peer knowledge to record.
     pub peer: Option<PeerKnowledge>,
     /// Marks to drop, `(scope, origin)`: origins retired from a scope (applied after the
-    /// advances, so a batch never advances a mark it retires). The scope remembers the
-    /// newest mark it retired, for the refusals of [`Batch::upserts`].
+    /// advances, so a batch never advances a mark it retires).
     pub retire: Vec<(Scope, NodeId)>,
     /// Peers whose recorded knowledge, and last-seen time, is dropped (after `peer`).
     pub forget: Vec<NodeId>,
@@ -333,6 +332,19 @@ pub trait Store: Send + Sync {
     /// A backend failure.
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError>;
 
+    /// The small value the engine keeps under `name` beside the data (the id a named peer
+    /// is expected to answer with, the id this node had before it took a fresh one), if any.
+    ///
+    /// # Errors
+    /// A backend failure.
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores `value` under `name` (`None`: removes it), durably.
+    ///
+    /// # Errors
+    /// A backend failure; the old value then stands.
+    fn set_note(&self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError>;
+
     /// Applies `batch` atomically. See the module docs.
     ///
     /// # Errors
@@ -357,6 +369,14 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn replace_identity(&self, id: NodeId) -> Result<(), StoreError> {
         (**self).replace_identity(id)
+    }
+
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).note(name)
+    }
+
+    fn set_note(&self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        (**self).set_note(name, value)
     }
 
     fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
@@ -393,16 +413,6 @@ impl ScopeRefs {
     }
 }
 
-/// The two floors a store keeps per scope.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Floor {
-    /// The newest purged tombstone's time ([`StoreRead::floors`]).
-    Purge,
-    /// The newest mark of an origin retired from the scope: a version at or below it, of an
-    /// origin without a mark, may be a retired origin's that this store had.
-    Retired,
-}
-
 /// The row-level operations a write transaction offers; [`apply_batch`] is written once
 /// against them so both stores share the merge, index and watermark logic.
 trait TxnOps {
@@ -420,10 +430,10 @@ trait TxnOps {
     fn take_record(&mut self, scope: &Scope, key: &Key) -> Result<Option<Version>, StoreError>;
     /// Whether the key has a stored version.
     fn has_record(&mut self, scope: &Scope, key: &Key) -> Result<bool, StoreError>;
-    /// The scope's floor of that kind (0: none).
-    fn get_floor(&mut self, kind: Floor, scope: &Scope) -> Result<u64, StoreError>;
-    /// Sets the scope's floor of that kind (never lowered: the caller passes a higher one).
-    fn set_floor(&mut self, kind: Floor, scope: &Scope, time: u64) -> Result<(), StoreError>;
+    /// The scope's purge floor (0: none).
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError>;
+    /// Sets the scope's purge floor (never lowered: the caller passes a higher one).
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError>;
     /// Drops `scope`'s mark of `origin`.
     fn remove_mark(&mut self, scope: &Scope, origin: NodeId) -> Result<(), StoreError>;
     /// Drops everything recorded of `peer`.
@@ -466,10 +476,11 @@ trait TxnOps {
 /// that cover them commit together or not at all.
 fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, StoreError> {
     let mut report = BatchReport::default();
-    let mut floors: BTreeMap<&Scope, (u64, u64)> = BTreeMap::new();
+    let mut floors: BTreeMap<&Scope, u64> = BTreeMap::new();
     for (scope, time) in &batch.floors {
-        if *time > ops.get_floor(Floor::Purge, scope)? {
-            ops.set_floor(Floor::Purge, scope, *time)?;
+        let floor = ops.get_floor(scope)?;
+        if *time > floor {
+            ops.set_floor(scope, *time)?;
         }
     }
     for (scope, key, hlc) in &batch.removals {
@@ -489,13 +500,10 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
         report.removed += 1;
     }
     for (i, (scope, key, version)) in batch.upserts.iter().enumerate() {
-        let (floor, retired) = match floors.get(scope) {
+        let floor = match floors.get(scope) {
             Some(f) => *f,
             None => {
-                let f = (
-                    ops.get_floor(Floor::Purge, scope)?,
-                    ops.get_floor(Floor::Retired, scope)?,
-                );
+                let f = ops.get_floor(scope)?;
                 floors.insert(scope, f);
                 f
             }
@@ -504,17 +512,14 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
         // its key: by the watermark invariant we held it or a newer version of the key, and
         // only a purge removes a stored version (a tombstone, at or below the floor). Taking
         // it would resurrect a deleted record; it is refused, in the same transaction as the
-        // floor and marks it is checked against. So is one of an origin we keep no mark for,
-        // at or below the newest mark we retired in the scope: it may be a retired origin's,
-        // which we cannot tell from one we never had. A version our mark does not cover (or
-        // of an origin never heard of, above every retired mark) is one we never had, and
-        // merges as ever.
-        let t = version.hlc.time();
-        if t <= floor
-            && match ops.get_mark(scope, version.hlc.origin())? {
-                Some(mark) => mark >= version.hlc,
-                None => t <= retired,
-            }
+        // floor and marks it is checked against. So is one of an origin we keep no mark for
+        // (never heard of, or retired): we cannot tell whether it is the older write of a key
+        // whose delete we purged, and it is older than the floor, hence than the retention.
+        // A version our mark does not cover is one we never had, and merges as ever.
+        if version.hlc.time() <= floor
+            && ops
+                .get_mark(scope, version.hlc.origin())?
+                .is_none_or(|mark| mark >= version.hlc)
             && !ops.has_record(scope, key)?
         {
             report.refused.push(i);
@@ -570,12 +575,7 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
         report.advanced.push(continues);
     }
     for (scope, origin) in &batch.retire {
-        if let Some(mark) = ops.get_mark(scope, *origin)? {
-            if mark.time() > ops.get_floor(Floor::Retired, scope)? {
-                ops.set_floor(Floor::Retired, scope, mark.time())?;
-            }
-            ops.remove_mark(scope, *origin)?;
-        }
+        ops.remove_mark(scope, *origin)?;
     }
     if let Some(knowledge) = &batch.peer {
         ops.replace_peer_marks(knowledge)?;

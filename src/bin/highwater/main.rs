@@ -3,6 +3,7 @@
 //! This file parses arguments, sets up logging (`RUST_LOG`, default `info`, to stderr) and
 //! calls [`highwater::node`]; the logic lives there. `demo.rs` is the `demo` command.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,13 +15,14 @@ mod demo;
 use clap::{Args, Parser, Subcommand};
 use highwater::api::{all_scopes, Listed, NodeApi};
 use highwater::engine::EngineConfig;
+use highwater::error::{RefusalCode, TransportError};
 use highwater::http::{ClientConfig, HttpTransport, DEFAULT_MAX_CONNECTIONS};
 use highwater::node::terminal::{escape_line, escape_text, EscapingWriter};
 use highwater::node::{
     self, records, render_status, sync_until_done, CommandError, Node, NodeError, NodeOptions,
     SyncTotals, DEFAULT_LISTEN, DEFAULT_NODE_URL,
 };
-use highwater::{ExchangeOptions, Key, Scope};
+use highwater::{ExchangeOptions, Key, PeerOptions, Scope, ScopeFilter};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
@@ -115,8 +117,13 @@ enum Command {
         /// The peer's root URL (`http://` or `https://`).
         #[arg(long)]
         peer: String,
-        /// The token to present to the peer.
-        #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
+        /// The token to present to the peer (`--peer-token` is the same option).
+        #[arg(
+            long = "token",
+            visible_alias = "peer-token",
+            env = "HIGHWATER_PEER_TOKEN",
+            hide_env_values = true
+        )]
         peer_token: Option<String>,
         /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
         /// trusted roots.
@@ -138,8 +145,13 @@ enum Command {
         /// The peer's root URL (`http://` or `https://`).
         #[arg(long)]
         peer: String,
-        /// The token to present to the peer.
-        #[arg(long, env = "HIGHWATER_PEER_TOKEN", hide_env_values = true)]
+        /// The token to present to the peer (`--peer-token` is the same option).
+        #[arg(
+            long = "token",
+            visible_alias = "peer-token",
+            env = "HIGHWATER_PEER_TOKEN",
+            hide_env_values = true
+        )]
         peer_token: Option<String>,
         /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
         /// trusted roots.
@@ -250,6 +262,39 @@ struct ServeArgs {
     /// How long a peer may go unseen before purges stop waiting for it (`off`: never).
     #[arg(long, default_value = "90d", value_parser = interval_or_off)]
     peer_retirement: Every,
+    /// Accept, once, that the node at this --peer URL is another node than before (it was
+    /// replaced on purpose): without this, a peer that answers with another id than the one
+    /// this node noted for its URL is refused and nothing is sent to it. A node restored
+    /// from a backup with --restored vouches for its old id and needs none of this.
+    #[arg(long = "accept-new-peer-id", value_name = "URL")]
+    accept_new_peer_ids: Vec<String>,
+    /// Sync only these scopes with one peer: `URL=SCOPE[,SCOPE...]` (repeat for several
+    /// peers); other peers sync every scope.
+    #[arg(long = "peer-scopes", value_name = "URL=SCOPES", value_parser = peer_scopes)]
+    peer_scopes: Vec<(String, Vec<Scope>)>,
+    /// Time between rounds with one peer: `URL=DURATION` (`URL=5s`; repeat for several);
+    /// other peers use --interval.
+    #[arg(long = "peer-interval", value_name = "URL=DURATION", value_parser = peer_interval)]
+    peer_intervals: Vec<(String, Duration)>,
+}
+
+/// `URL=SCOPE[,SCOPE...]`.
+fn peer_scopes(text: &str) -> Result<(String, Vec<Scope>), String> {
+    let (url, scopes) = text
+        .split_once('=')
+        .ok_or("expected URL=SCOPE[,SCOPE...]")?;
+    let scopes = scopes
+        .split(',')
+        .map(|s| s.parse::<Scope>().map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((url.to_owned(), scopes))
+}
+
+/// `URL=DURATION`.
+fn peer_interval(text: &str) -> Result<(String, Duration), String> {
+    let (url, every) = text.split_once('=').ok_or("expected URL=DURATION")?;
+    let every = humantime::parse_duration(every).map_err(|e| e.to_string())?;
+    Ok((url.to_owned(), every))
 }
 
 /// A period, or none (`off`).
@@ -287,13 +332,24 @@ struct Target {
 }
 
 impl Target {
-    fn open(&self) -> Result<Box<dyn NodeApi>, NodeError> {
-        let client = ClientConfig {
+    fn client(&self) -> ClientConfig {
+        ClientConfig {
             token: self.token.clone(),
             ca_file: self.ca_file.clone(),
             ..ClientConfig::default()
-        };
-        node::open_api_with(&self.node, client, self.data.as_deref())
+        }
+    }
+
+    /// The node or data directory, for a command that writes (a missing directory is
+    /// created).
+    fn open(&self) -> Result<Box<dyn NodeApi>, NodeError> {
+        node::open_api_with(&self.node, self.client(), self.data.as_deref())
+    }
+
+    /// The node or data directory, for a command that only reads (a missing directory is
+    /// an error, never created).
+    fn read(&self) -> Result<Box<dyn NodeApi>, NodeError> {
+        node::open_api_reading(&self.node, self.client(), self.data.as_deref())
     }
 }
 
@@ -305,6 +361,23 @@ enum CliError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// The peer of `sync` or `audit` refused our token (401).
+    #[error("the peer {peer} refused the token: {reason} (give the peer's token with --token or HIGHWATER_PEER_TOKEN)")]
+    PeerUnauthorized { peer: String, reason: String },
+}
+
+/// A failed `sync` or `audit` with `peer`: a refused token names the option to give it with.
+fn peer_failed(peer: &str, e: highwater::Error) -> CliError {
+    match e {
+        highwater::Error::Transport(TransportError::Refused {
+            code: RefusalCode::Unauthorized,
+            reason,
+        }) => CliError::PeerUnauthorized {
+            peer: peer.to_owned(),
+            reason,
+        },
+        other => NodeError::from(other).into(),
+    }
 }
 
 impl From<highwater::Error> for CliError {
@@ -417,7 +490,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             scope,
             key: k,
         } => {
-            let record = records::get(&*target.open()?, &scope, &key(&k)?).await?;
+            let record = records::get(&*target.read()?, &scope, &key(&k)?).await?;
             let mut out = std::io::stdout().lock();
             let value = if out.is_terminal() {
                 escape_text(&record.value).into_bytes()
@@ -443,7 +516,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             prefix,
             limit,
         } => {
-            let api = target.open()?;
+            let api = target.read()?;
             let mut out = std::io::stdout().lock();
             records::list(&*api, &scope, prefix.as_bytes(), limit, |item| {
                 writeln!(out, "{}", listed_line(item)).map_err(io_error(Path::new("stdout")))
@@ -465,7 +538,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             scope,
             key: k,
             path,
-        } => Ok(get_file(&*target.open()?, &scope, &key(&k)?, &path).await?),
+        } => Ok(get_file(&*target.read()?, &scope, &key(&k)?, &path).await?),
         Command::Sync {
             data,
             peer,
@@ -507,7 +580,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         }
         Command::Demo { .. } => unreachable!("handled in main"),
         Command::Status { target, json } => {
-            let status = target.open()?.status(all_scopes()).await?;
+            let status = target.read()?.status(all_scopes()).await?;
             if json {
                 println!("{:#}", status.to_json());
             } else {
@@ -519,6 +592,14 @@ async fn run(command: Command) -> Result<(), CliError> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), NodeError> {
+    let mut peer_options: BTreeMap<String, PeerOptions> = BTreeMap::new();
+    for (url, scopes) in args.peer_scopes {
+        peer_options.entry(url).or_default().scopes =
+            Some(ScopeFilter::Only(scopes.into_iter().collect()));
+    }
+    for (url, every) in args.peer_intervals {
+        peer_options.entry(url).or_default().interval = Some(every);
+    }
     let options = NodeOptions {
         peers: args.peers,
         peer_token: args.peer_token,
@@ -535,6 +616,8 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         tombstone_retention: Some(args.tombstone_retention),
         peer_retirement: args.peer_retirement.0,
         restored: args.restored,
+        accept_new_peer_ids: args.accept_new_peer_ids,
+        peer_options,
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;
@@ -624,7 +707,7 @@ async fn sync(
     };
     bar.finish_and_clear();
     engine.flush().map_err(NodeError::from)?;
-    let totals = result.map_err(NodeError::from)?;
+    let totals = result.map_err(|e| peer_failed(peer, e))?;
     println!(
         "synced with {} in {} round{} ({:.1} s): {}",
         totals.peer.map(|p| p.to_string()).unwrap_or_default(),
@@ -666,7 +749,7 @@ async fn audit(data: &Path, peer: &str, client: ClientConfig) -> Result<(), CliE
         }
     };
     engine.flush().map_err(NodeError::from)?;
-    let outcome = result.map_err(NodeError::from)?;
+    let outcome = result.map_err(|e| peer_failed(peer, e))?;
     print!(
         "{}",
         node::render_audit(&outcome, started.elapsed(), REPAIRED_SHOWN)

@@ -16,7 +16,7 @@ use crate::error::StoreError;
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{BlobRef, Key, Scope, Version};
-use crate::store::{AuditPoint, AuditRange, Fingerprint, Floor, KeyRange, StoreRead};
+use crate::store::{AuditPoint, AuditRange, Fingerprint, KeyRange, StoreRead};
 use crate::watermark::ScopedWatermarks;
 
 /// A reader on a committed snapshot (redb's MVCC): used while no group is open.
@@ -259,12 +259,9 @@ fn stored_scopes(
     Ok(out)
 }
 
-/// The META key holding `scope`'s floor of that kind.
-pub(super) fn floor_key(kind: Floor, scope: &Scope) -> String {
-    match kind {
-        Floor::Purge => format!("{FLOOR_PREFIX}{scope}"),
-        Floor::Retired => format!("retired/{scope}"),
-    }
+/// The META key holding `scope`'s purge floor.
+pub(super) fn floor_key(scope: &Scope) -> String {
+    format!("{FLOOR_PREFIX}{scope}")
 }
 
 /// The prefix of the META keys holding purge floors: `floor/<scope>` -> u64 BE.
@@ -291,10 +288,9 @@ pub(super) fn stored_floors(
 
 pub(super) fn stored_floor(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
-    kind: Floor,
     scope: &Scope,
 ) -> Result<u64, StoreError> {
-    match meta.get(floor_key(kind, scope).as_str())? {
+    match meta.get(floor_key(scope).as_str())? {
         Some(v) => Ok(u64::from_be_bytes(v.value().try_into().map_err(|_| {
             StoreError::Corrupt {
                 what: "purge floor",

@@ -14,6 +14,7 @@ pub const FORMAT: u32 = 3;
 
 /// "format" -> u32 BE; "node_id" -> 16 bytes; "clock" -> u64 BE (last issued or observed time);
 /// "floor/<scope>" -> u64 BE (the scope's purge floor, absent = 0).
+/// "note/<name>" -> bytes: the engine's notes (`Store::note`), present only once written.
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-v1");
 /// scope | origin | time BE -> key length u16 BE | key | postcard(Version): every stored
 /// version (the latest of its key, tombstones included), in Hlc order per origin.

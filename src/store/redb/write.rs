@@ -18,8 +18,7 @@ use crate::hlc::{Hlc, NodeId};
 use crate::record::ScopeFilter;
 use crate::record::{BlobRef, Key, Scope, Version};
 use crate::store::{
-    apply_batch, item_hash, Batch, BatchReport, Durability, Floor, PeerKnowledge, Store, StoreRead,
-    TxnOps,
+    apply_batch, item_hash, Batch, BatchReport, Durability, PeerKnowledge, Store, StoreRead, TxnOps,
 };
 
 impl RedbStore {
@@ -157,16 +156,14 @@ impl TxnOps for Writer<'_> {
         Ok(self.keys.get(record_key(scope, key).as_slice())?.is_some())
     }
 
-    fn get_floor(&mut self, kind: Floor, scope: &Scope) -> Result<u64, StoreError> {
-        stored_floor(&self.meta, kind, scope)
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError> {
+        stored_floor(&self.meta, scope)
     }
 
-    fn set_floor(&mut self, kind: Floor, scope: &Scope, time: u64) -> Result<(), StoreError> {
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError> {
         if time > 0 {
-            self.meta.insert(
-                floor_key(kind, scope).as_str(),
-                time.to_be_bytes().as_slice(),
-            )?;
+            self.meta
+                .insert(floor_key(scope).as_str(), time.to_be_bytes().as_slice())?;
         }
         Ok(())
     }
@@ -391,6 +388,37 @@ impl Store for RedbStore {
         })
     }
 
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = note_key(name);
+        // Read only: through the open group if there is one (a snapshot would miss its
+        // deferred commits), else a snapshot. A read commits nothing.
+        self.recovering(|_, writes| {
+            if let Some(group) = writes.group.as_ref() {
+                let meta = group.open_table(META)?;
+                let value = meta.get(key.as_str())?.map(|g| g.value().to_vec());
+                return Ok(value);
+            }
+            let txn = writes.db()?.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let value = meta.get(key.as_str())?.map(|g| g.value().to_vec());
+            Ok(value)
+        })
+    }
+
+    fn set_note(&self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        self.recovering(|store, writes| {
+            let txn = store.write_txn(writes)?;
+            {
+                let mut meta = txn.open_table(META)?;
+                match value {
+                    Some(v) => drop(meta.insert(note_key(name).as_str(), v)?),
+                    None => drop(meta.remove(note_key(name).as_str())?),
+                }
+            }
+            store.commit_durably(writes, txn)
+        })
+    }
+
     fn commit(&self, batch: &Batch) -> Result<BatchReport, StoreError> {
         self.recovering(|store, writes| store.commit_batch(writes, batch))
     }
@@ -421,4 +449,9 @@ impl Drop for RedbStore {
             }
         }
     }
+}
+
+/// The `meta-v1` row of the note `name`: `note/<name>`, apart from the format's own rows.
+fn note_key(name: &str) -> String {
+    format!("note/{name}")
 }
