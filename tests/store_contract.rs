@@ -122,6 +122,7 @@ contract!(
     removals_take_out_exactly_the_named_version,
     the_floor_refuses_old_versions_of_keys_not_held,
     retired_marks_and_forgotten_peers_are_gone,
+    notes_are_kept_replaced_and_removed,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -286,6 +287,22 @@ fn keys(list: &[&str]) -> Vec<Key> {
 
 // ---------------------------------------------------------------------------------------
 // Contract cases
+
+/// A note reads back as last set, an empty value included, until it is removed; notes are
+/// independent of each other.
+fn notes_are_kept_replaced_and_removed(store: &dyn Store) -> TestResult {
+    assert_eq!(store.note("peer/a")?, None);
+    store.set_note("peer/a", Some(b"one"))?;
+    store.set_note("peer/a", Some(b"two"))?;
+    store.set_note("b", Some(b""))?;
+    assert_eq!(store.note("peer/a")?, Some(b"two".to_vec()));
+    assert_eq!(store.note("b")?, Some(Vec::new()));
+    store.set_note("peer/a", None)?;
+    store.set_note("never set", None)?;
+    assert_eq!(store.note("peer/a")?, None);
+    assert_eq!(store.note("b")?, Some(Vec::new()));
+    Ok(())
+}
 
 fn identity_is_assigned_once_and_can_be_replaced(store: &dyn Store) -> TestResult {
     assert_eq!(

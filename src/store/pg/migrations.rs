@@ -24,7 +24,8 @@ pub(super) const MIGRATIONS: &[&str] = &[V1];
 /// Version 1. Each table: key columns -> value columns.
 const V1: &str = r#"
 -- name -> num | bytes: 'schema_version' -> num; 'clock' -> num (flipped time, the clock's
--- last issued or observed time); 'node_id' -> bytes (16).
+-- last issued or observed time); 'node_id' -> bytes (16); 'note/<name>' -> bytes (the
+-- engine's notes, Store::note).
 -- highwater_meta itself is created before the migrations run (it holds their version).
 
 -- scope | origin | time -> key | postcard(Version): every stored version (the latest of
@@ -81,13 +82,11 @@ CREATE TABLE highwater_blob_refs (
     PRIMARY KEY (hash, scope)
 );
 
--- scope | kind -> time (flipped, never 0): 'purge' the newest purged tombstone's time,
--- 'retired' the newest mark retired in the scope.
+-- scope -> time (flipped, never 0: no row): the purge floor, the newest purged
+-- tombstone's time.
 CREATE TABLE highwater_floors (
-    scope text COLLATE "C" NOT NULL,
-    kind text NOT NULL CHECK (kind IN ('purge', 'retired')),
-    time bigint NOT NULL,
-    PRIMARY KEY (scope, kind)
+    scope text COLLATE "C" PRIMARY KEY,
+    time bigint NOT NULL
 );
 "#;
 

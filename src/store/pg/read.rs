@@ -348,18 +348,15 @@ impl StoreRead for Reader {
     }
 
     fn floors(&self) -> Result<BTreeMap<Scope, u64>, StoreError> {
-        self.query(
-            "SELECT scope, time FROM highwater_floors WHERE kind = 'purge'",
-            &[],
-        )?
-        .iter()
-        .map(|r| {
-            Ok((
-                scope_of(r.try_get(0).map_err(pg)?)?,
-                from_sql(r.try_get(1).map_err(pg)?),
-            ))
-        })
-        .collect()
+        self.query("SELECT scope, time FROM highwater_floors", &[])?
+            .iter()
+            .map(|r| {
+                Ok((
+                    scope_of(r.try_get(0).map_err(pg)?)?,
+                    from_sql(r.try_get(1).map_err(pg)?),
+                ))
+            })
+            .collect()
     }
 
     fn peer_seen(&self, peer: NodeId) -> Result<Option<u64>, StoreError> {

@@ -13,8 +13,7 @@ use crate::error::StoreError;
 use crate::hlc::{Hlc, NodeId};
 use crate::record::{BlobRef, Key, Scope, ScopeFilter, Version};
 use crate::store::{
-    apply_batch, Batch, BatchReport, Durability, Floor, PeerKnowledge, ScopeRefs, Store, StoreRead,
-    TxnOps,
+    apply_batch, Batch, BatchReport, Durability, PeerKnowledge, ScopeRefs, Store, StoreRead, TxnOps,
 };
 
 /// The row operations of one transaction that holds the store's commit lock.
@@ -41,13 +40,6 @@ fn begin(conn: &mut postgres::Client) -> Result<Transaction<'_>, StoreError> {
     )
     .map_err(pg)?;
     Ok(txn)
-}
-
-fn floor_kind(kind: Floor) -> &'static str {
-    match kind {
-        Floor::Purge => "purge",
-        Floor::Retired => "retired",
-    }
 }
 
 /// A stored version from a `(key, version)` join of the key index, checking it is `key`'s.
@@ -147,10 +139,10 @@ impl TxnOps for Writer<'_, '_> {
             .is_some())
     }
 
-    fn get_floor(&mut self, kind: Floor, scope: &Scope) -> Result<u64, StoreError> {
+    fn get_floor(&mut self, scope: &Scope) -> Result<u64, StoreError> {
         let row = self.query_opt(
-            "SELECT time FROM highwater_floors WHERE scope = $1 AND kind = $2",
-            &[&scope.as_str(), &floor_kind(kind)],
+            "SELECT time FROM highwater_floors WHERE scope = $1",
+            &[&scope.as_str()],
         )?;
         match row {
             Some(r) => Ok(from_sql(r.try_get(0).map_err(pg)?)),
@@ -158,12 +150,12 @@ impl TxnOps for Writer<'_, '_> {
         }
     }
 
-    fn set_floor(&mut self, kind: Floor, scope: &Scope, time: u64) -> Result<(), StoreError> {
+    fn set_floor(&mut self, scope: &Scope, time: u64) -> Result<(), StoreError> {
         if time > 0 {
             self.execute(
-                "INSERT INTO highwater_floors (scope, kind, time) VALUES ($1, $2, $3)
-                 ON CONFLICT (scope, kind) DO UPDATE SET time = EXCLUDED.time",
-                &[&scope.as_str(), &floor_kind(kind), &to_sql(time)],
+                "INSERT INTO highwater_floors (scope, time) VALUES ($1, $2)
+                 ON CONFLICT (scope) DO UPDATE SET time = EXCLUDED.time",
+                &[&scope.as_str(), &to_sql(time)],
             )?;
         }
         Ok(())
@@ -416,6 +408,39 @@ impl Store for PgStore {
              ON CONFLICT (name) DO UPDATE SET bytes = EXCLUDED.bytes",
             &[&id.to_bytes().as_slice()],
         )
+        .map_err(pg)?;
+        txn.commit().map_err(pg)
+    }
+
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = self
+            .conn()?
+            .client
+            .query_opt(
+                "SELECT bytes FROM highwater_meta WHERE name = 'note/' || $1",
+                &[&name],
+            )
+            .map_err(pg)?;
+        match row {
+            Some(r) => r.try_get(0).map_err(pg),
+            None => Ok(None),
+        }
+    }
+
+    fn set_note(&self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let mut txn = begin(&mut conn.client)?;
+        match value {
+            Some(v) => txn.execute(
+                "INSERT INTO highwater_meta (name, bytes) VALUES ('note/' || $1, $2)
+                 ON CONFLICT (name) DO UPDATE SET bytes = EXCLUDED.bytes",
+                &[&name, &v],
+            ),
+            None => txn.execute(
+                "DELETE FROM highwater_meta WHERE name = 'note/' || $1",
+                &[&name],
+            ),
+        }
         .map_err(pg)?;
         txn.commit().map_err(pg)
     }
