@@ -1605,10 +1605,8 @@ fn pg_commits_from_two_handles_lose_no_update() -> TestResult {
             running.push(threads.spawn(move || -> Result<(), String> {
                 for i in 0..10u64 {
                     let time = 1 + t * 10 + i;
-                    let mut batch = upserts(
-                        s,
-                        &[(&format!("k{time}"), put_blob(time, 1, shared_blob.clone()))],
-                    );
+                    let mut batch =
+                        upserts(s, &[(&format!("k{time}"), put_blob(time, 1, *shared_blob))]);
                     // Unconditional: the mark only rises, whichever order commits land in.
                     batch.advances.push(Advance {
                         scope: s.clone(),
