@@ -190,6 +190,16 @@ pub enum StoreError {
     /// (the cause was reported by the call that failed); the next call tries again.
     #[error("the store is closed after an I/O failure; it reopens once the cause is fixed")]
     Closed,
+    /// The PostgreSQL database failed (the cause is the error's source): a lost
+    /// connection, a statement it refused. Nothing of the call's transaction was applied.
+    #[cfg(feature = "postgres")]
+    #[error("the PostgreSQL database failed")]
+    Postgres(#[source] Box<postgres::Error>),
+    /// No PostgreSQL connection became free (or could be opened) in time: the pool is
+    /// exhausted or the database is unreachable.
+    #[cfg(feature = "postgres")]
+    #[error("no PostgreSQL connection became available")]
+    Pool(#[source] r2d2::Error),
     /// The store is in another on-disk format than the one this build reads and writes.
     #[error("store format {found} is not supported (this build reads {supported})")]
     UnsupportedFormat {

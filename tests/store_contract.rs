@@ -28,12 +28,16 @@ type TestResult = Result<(), Box<dyn Error>>;
 struct Fixture {
     store: Box<dyn Store>,
     _dir: Option<tempfile::TempDir>,
+    #[cfg(feature = "postgres")]
+    _schema: Option<common::pg::Schema>,
 }
 
 fn mem() -> Result<Fixture, Box<dyn Error>> {
     Ok(Fixture {
         store: Box::new(MemStore::new()),
         _dir: None,
+        #[cfg(feature = "postgres")]
+        _schema: None,
     })
 }
 
@@ -43,7 +47,23 @@ fn redb() -> Result<Fixture, Box<dyn Error>> {
     Ok(Fixture {
         store: Box::new(store),
         _dir: Some(dir),
+        #[cfg(feature = "postgres")]
+        _schema: None,
     })
+}
+
+/// A PostgreSQL store in a fresh schema, or `None` (with a note) without
+/// `HIGHWATER_PG_URL`.
+#[cfg(feature = "postgres")]
+fn pg(test: &str) -> Result<Option<Fixture>, Box<dyn Error>> {
+    let Some(schema) = common::pg::Schema::fresh(test)? else {
+        return Ok(None);
+    };
+    Ok(Some(Fixture {
+        store: Box::new(schema.open()?),
+        _dir: None,
+        _schema: Some(schema),
+    }))
 }
 
 /// Instantiates every contract case once per store.
@@ -62,6 +82,18 @@ macro_rules! contract {
                 #[test]
                 fn $case() -> super::TestResult {
                     super::$case(&*super::redb()?.store)
+                }
+            )*
+        }
+        #[cfg(feature = "postgres")]
+        mod pg_store {
+            $(
+                #[test]
+                fn $case() -> super::TestResult {
+                    match super::pg(stringify!($case))? {
+                        Some(fixture) => super::$case(&*fixture.store),
+                        None => Ok(()),
+                    }
                 }
             )*
         }
@@ -90,6 +122,7 @@ contract!(
     removals_take_out_exactly_the_named_version,
     the_floor_refuses_old_versions_of_keys_not_held,
     retired_marks_and_forgotten_peers_are_gone,
+    notes_are_kept_replaced_and_removed,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -254,6 +287,22 @@ fn keys(list: &[&str]) -> Vec<Key> {
 
 // ---------------------------------------------------------------------------------------
 // Contract cases
+
+/// A note reads back as last set, an empty value included, until it is removed; notes are
+/// independent of each other.
+fn notes_are_kept_replaced_and_removed(store: &dyn Store) -> TestResult {
+    assert_eq!(store.note("peer/a")?, None);
+    store.set_note("peer/a", Some(b"one"))?;
+    store.set_note("peer/a", Some(b"two"))?;
+    store.set_note("b", Some(b""))?;
+    assert_eq!(store.note("peer/a")?, Some(b"two".to_vec()));
+    assert_eq!(store.note("b")?, Some(Vec::new()));
+    store.set_note("peer/a", None)?;
+    store.set_note("never set", None)?;
+    assert_eq!(store.note("peer/a")?, None);
+    assert_eq!(store.note("b")?, Some(Vec::new()));
+    Ok(())
+}
 
 fn identity_is_assigned_once_and_can_be_replaced(store: &dyn Store) -> TestResult {
     assert_eq!(
@@ -1425,6 +1474,161 @@ fn redb_failed_commit_applies_nothing() -> TestResult {
 // ---------------------------------------------------------------------------------------
 // Deferred commits gathered in one redb write transaction
 
+/// On PostgreSQL too, a batch whose last step (raising the clock) fails after its upserts,
+/// advances and peer knowledge were written inside the transaction applies nothing: a CHECK
+/// constraint refuses a clock past 40, and only the clock reaches it.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_failed_commit_applies_nothing() -> TestResult {
+    let Some(schema) = common::pg::Schema::fresh("pg_failed_commit_applies_nothing")? else {
+        return Ok(());
+    };
+    let store = schema.open()?;
+    let s = Scope::shared();
+    let mut seed = upserts(&s, &[("k", put(1, 1, "old"))]);
+    seed.advances.push(Advance {
+        scope: s.clone(),
+        base: None,
+        top: hlc(1, 1),
+    });
+    store.commit(&seed)?;
+    // The clock is stored with its sign bit flipped: 40 is i64::MIN + 40.
+    let mut client = schema.client()?;
+    client.batch_execute(
+        "ALTER TABLE highwater_meta ADD CONSTRAINT clock_below_40
+         CHECK (name <> 'clock' OR num < -9223372036854775808 + 40)",
+    )?;
+    let before = (
+        store.read()?.watermarks()?,
+        store.read()?.scopes()?,
+        scan(&store, &s, "", None, 100)?,
+    );
+    let mut batch = upserts(&s, &[("k", put(2, 1, "new")), ("j", put(3, 1, "j"))]);
+    batch
+        .upserts
+        .push((scope("app/x/y"), key("k"), put(4, 1, "x")));
+    batch.advances.push(Advance {
+        scope: s.clone(),
+        base: Some(hlc(1, 1)),
+        top: hlc(3, 1),
+    });
+    batch.peer = Some(PeerKnowledge {
+        peer: id(9),
+        scopes: ScopeFilter::All,
+        marks: marks(&[(&s, hlc(3, 1))]),
+    });
+    batch.seen = vec![(id(9), 30)];
+    batch.clock = 50;
+    assert!(
+        store.commit(&batch).is_err(),
+        "the commit must fail on the clock's constraint"
+    );
+
+    let read = store.read()?;
+    assert_eq!(read.get(&s, &key("k"))?, Some(put(1, 1, "old")));
+    assert_eq!(read.get(&s, &key("j"))?, None);
+    assert_eq!(
+        (
+            read.watermarks()?,
+            read.scopes()?,
+            scan(&store, &s, "", None, 100)?
+        ),
+        before
+    );
+    assert_eq!(
+        read.live_range(&s, id(1), None, hlc(u64::MAX, 1), 10)?,
+        vec![(key("k"), put(1, 1, "old"))]
+    );
+    assert_eq!(read.peer_watermarks(id(9))?, None);
+    assert_eq!(read.peers()?, vec![]);
+    assert_eq!(read.clock()?, 0);
+    drop(read);
+
+    // The same batch commits once the constraint is gone: only the failure stopped it.
+    client.batch_execute("ALTER TABLE highwater_meta DROP CONSTRAINT clock_below_40")?;
+    assert_eq!(store.commit(&batch)?, report(&[0, 1, 2], &[true]));
+    assert_eq!(store.read()?.clock()?, 50);
+    Ok(())
+}
+
+/// A call that finds no pooled connection free within the timeout fails with
+/// `StoreError::Pool` (what a hub answers as 503) and leaves nothing half done; the same
+/// call succeeds once a connection is free.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_exhausted_pool_fails_the_call() -> TestResult {
+    let Some(schema) = common::pg::Schema::fresh("pg_exhausted_pool_fails_the_call")? else {
+        return Ok(());
+    };
+    let url = std::env::var(common::pg::URL_VAR)?;
+    let store = highwater::store::PgStore::open_with(
+        &url,
+        &highwater::store::PgOptions {
+            schema: Some(schema.name().to_owned()),
+            pool_size: 1,
+            connect_timeout: Duration::from_millis(300),
+        },
+    )?;
+    let s = Scope::shared();
+    let batch = upserts(&s, &[("k", put(1, 1, "v"))]);
+    let reader = store.read()?;
+    match store.commit(&batch) {
+        Err(highwater::error::StoreError::Pool(_)) => {}
+        other => return Err(format!("expected a pool error, got {other:?}").into()),
+    }
+    assert_eq!(reader.get(&s, &key("k"))?, None);
+    drop(reader);
+    assert_eq!(store.commit(&batch)?, report(&[0], &[]));
+    assert_eq!(store.read()?.get(&s, &key("k"))?, Some(put(1, 1, "v")));
+    Ok(())
+}
+
+/// Two handles on one schema (as two hub processes would have) committing at once lose no
+/// update: every commit reads the reference count and the mark it writes under the store's
+/// commit lock, so 4 threads x 10 commits, each adding a version that references one blob
+/// and advancing the mark from the one it read, end with all 40 references and the mark of
+/// the newest version.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_commits_from_two_handles_lose_no_update() -> TestResult {
+    let Some(schema) = common::pg::Schema::fresh("pg_commits_from_two_handles_lose_no_update")?
+    else {
+        return Ok(());
+    };
+    let handles = [schema.open()?, schema.open()?];
+    let s = Scope::shared();
+    let shared_blob = blob("shared", 10);
+    std::thread::scope(|threads| {
+        let mut running = Vec::new();
+        for t in 0..4u64 {
+            let (store, s, shared_blob) = (&handles[(t % 2) as usize], &s, &shared_blob);
+            running.push(threads.spawn(move || -> Result<(), String> {
+                for i in 0..10u64 {
+                    let time = 1 + t * 10 + i;
+                    let mut batch =
+                        upserts(s, &[(&format!("k{time}"), put_blob(time, 1, *shared_blob))]);
+                    // Unconditional: the mark only rises, whichever order commits land in.
+                    batch.advances.push(Advance {
+                        scope: s.clone(),
+                        base: None,
+                        top: hlc(time, 1),
+                    });
+                    store.commit(&batch).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }));
+        }
+        running
+            .into_iter()
+            .try_for_each(|r| r.join().map_err(|_| "a thread panicked".to_owned())?)
+    })?;
+    let read = handles[0].read()?;
+    assert_eq!(read.blob_refs(&shared_blob.hash)?, 40);
+    assert_eq!(read.watermarks()?, marks(&[(&s, hlc(40, 1))]));
+    assert_eq!(scan(&handles[1], &s, "", None, 100)?.len(), 40);
+    Ok(())
+}
+
 fn deferred_with_mark(s: &Scope, k: &str, time: u64) -> Batch {
     let mut b = upserts(s, &[(k, put(time, 1, k))]);
     b.advances.push(Advance {
@@ -2060,19 +2264,22 @@ fn observe(store: &dyn Store) -> Result<Observed, Box<dyn Error>> {
 
 fn equivalent(specs: &[BatchSpec]) -> Result<(), TestCaseError> {
     let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
-    let model = MemStore::new();
     let dir = tempfile::tempdir().map_err(|e| fail(e.into()))?;
     let real = RedbStore::open(dir.path().join("store.redb")).map_err(|e| fail(e.into()))?;
+    equivalent_on(&real, specs)
+}
+
+/// Commits `specs` to `real` and to the model, comparing every report and every read.
+fn equivalent_on(real: &dyn Store, specs: &[BatchSpec]) -> Result<(), TestCaseError> {
+    let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+    let model = MemStore::new();
     let mut used = BTreeMap::new();
     for spec in specs {
         let batch = build(spec, &mut used);
         let expected = model.commit(&batch).map_err(|e| fail(e.into()))?;
         let got = real.commit(&batch).map_err(|e| fail(e.into()))?;
         prop_assert_eq!(&got, &expected, "reports differ for {:?}", batch);
-        prop_assert_eq!(
-            observe(&real).map_err(fail)?,
-            observe(&model).map_err(fail)?
-        );
+        prop_assert_eq!(observe(real).map_err(fail)?, observe(&model).map_err(fail)?);
     }
     Ok(())
 }
@@ -2083,6 +2290,25 @@ proptest! {
     #[test]
     fn redb_store_matches_the_in_memory_model(specs in prop::collection::vec(batch_spec(), 1..8)) {
         equivalent(&specs)?;
+    }
+}
+
+#[cfg(feature = "postgres")]
+proptest! {
+    // Few cases: each makes a schema and commits over the network.
+    #![proptest_config(ProptestConfig {
+        cases: (common::cases(96) / 12).max(1),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn pg_store_matches_the_in_memory_model(specs in prop::collection::vec(batch_spec(), 1..8)) {
+        let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+        if let Some(schema) = common::pg::Schema::fresh("pg_store_matches_the_in_memory_model")
+            .map_err(fail)?
+        {
+            equivalent_on(&schema.open().map_err(fail)?, &specs)?;
+        }
     }
 }
 
@@ -2606,8 +2832,22 @@ fn audit_batch(
 
 fn audit_equivalent(steps: &[AuditStep], ranges: &[AuditRange]) -> Result<(), TestCaseError> {
     let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
-    let model = MemStore::new();
     let (real, _dir) = small_chunks().map_err(fail)?;
+    audit_equivalent_on(&real, steps, ranges, &|| {
+        chunks_hold(&real, SMALL_CHUNKS).map(|_| ())
+    })
+}
+
+/// Runs `steps` on `real` and on the model, checking `real` with `check` and comparing the
+/// audit reads of every range after each step.
+fn audit_equivalent_on(
+    real: &dyn Store,
+    steps: &[AuditStep],
+    ranges: &[AuditRange],
+    check: &dyn Fn() -> TestResult,
+) -> Result<(), TestCaseError> {
+    let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+    let model = MemStore::new();
     let (mut used, mut next) = (BTreeMap::new(), BTreeMap::new());
     for step in steps {
         match audit_batch(step, &mut used, &mut next) {
@@ -2618,7 +2858,7 @@ fn audit_equivalent(steps: &[AuditStep], ranges: &[AuditRange]) -> Result<(), Te
             }
             None => real.flush().map_err(|e| fail(e.into()))?,
         }
-        chunks_hold(&real, SMALL_CHUNKS).map_err(fail)?;
+        check().map_err(fail)?;
         let (r, m) = (
             real.read().map_err(|e| fail(e.into()))?,
             model.read().map_err(|e| fail(e.into()))?,
@@ -2680,5 +2920,30 @@ proptest! {
         ranges in prop::collection::vec(audit_range(), 6),
     ) {
         audit_equivalent(&steps, &ranges)?;
+    }
+}
+
+#[cfg(feature = "postgres")]
+proptest! {
+    // Few cases: each makes a schema and commits row by row over the network.
+    #![proptest_config(ProptestConfig {
+        cases: (common::cases(48) / 12).max(1),
+        ..ProptestConfig::default()
+    })]
+
+    /// The PostgreSQL store's audit reads (folds and cuts over its rows) are the model's
+    /// under the same random histories.
+    #[test]
+    fn pg_audit_reads_match_the_in_memory_model(
+        steps in prop::collection::vec(audit_step(), 1..12),
+        ranges in prop::collection::vec(audit_range(), 6),
+    ) {
+        let fail = |e: Box<dyn Error>| TestCaseError::fail(e.to_string());
+        if let Some(schema) = common::pg::Schema::fresh("pg_audit_reads_match_the_in_memory_model")
+            .map_err(fail)?
+        {
+            let real = schema.open().map_err(fail)?;
+            audit_equivalent_on(&real, &steps, &ranges, &|| Ok(()))?;
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Storage: one trait, two implementations ([`MemStore`], [`RedbStore`]).
+//! Storage: one trait, three implementations ([`MemStore`], [`RedbStore`], and `PgStore` on
+//! PostgreSQL with the feature `postgres`).
 //!
 //! # Contract
 //!
@@ -27,15 +28,19 @@
 //!   store answers `fingerprint`, `audit_items`, `audit_split` and `version_at` alike for
 //!   the same contents.
 //!
-//! The in-memory store is both the test double and the model the redb store is checked
-//! against: the same contract suite (`tests/store_contract.rs`) runs on both.
+//! The in-memory store is both the test double and the model the other stores are checked
+//! against: the same contract suite (`tests/store_contract.rs`) runs on all three.
 
 mod audit;
 mod mem;
+#[cfg(feature = "postgres")]
+mod pg;
 mod redb;
 
 pub use self::audit::{item_hash, AuditPoint, AuditRange, Fingerprint};
 pub use self::mem::MemStore;
+#[cfg(feature = "postgres")]
+pub use self::pg::{PgOptions, PgStore, SCHEMA_VERSION as PG_SCHEMA_VERSION};
 pub use self::redb::RedbStore;
 
 use std::collections::BTreeMap;

@@ -247,7 +247,35 @@ fn storage_refusal(e: &Error) -> (RefusalCode, String) {
         Error::Store(s @ crate::error::StoreError::Closed) => {
             (RefusalCode::Unavailable, s.to_string())
         }
+        // The database failed (restarting, a lost connection) or no pooled connection came
+        // free in time: the peer's retry may find it back. Damaged rows are `Corrupt`.
+        #[cfg(feature = "postgres")]
+        Error::Store(
+            s @ (crate::error::StoreError::Postgres(_) | crate::error::StoreError::Pool(_)),
+        ) => (RefusalCode::Unavailable, s.to_string()),
         _ => (RefusalCode::Internal, "internal error".to_owned()),
+    }
+}
+
+#[cfg(all(test, feature = "postgres"))]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{PgOptions, PgStore};
+
+    #[test]
+    fn a_database_out_of_reach_is_unavailable_not_internal() {
+        // Nothing listens on port 1: the pool gives up after its timeout.
+        let options = PgOptions {
+            connect_timeout: Duration::from_millis(200),
+            ..PgOptions::default()
+        };
+        let Err(e) = PgStore::open_with("postgres://root@127.0.0.1:1/test", &options) else {
+            panic!("a store opened with no database");
+        };
+        let refusal = Refusal::from(&Error::Store(e));
+        assert_eq!(refusal.code, RefusalCode::Unavailable, "{refusal:?}");
     }
 }
 

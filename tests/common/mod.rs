@@ -12,3 +12,5 @@ pub fn cases(default: u32) -> u32 {
 }
 pub mod certs;
 pub mod http;
+#[cfg(feature = "postgres")]
+pub mod pg;

@@ -42,7 +42,7 @@ enum Command {
     ///
     /// Prints `listening on http://HOST:PORT` (`https://` with --tls-cert) on stdout once it
     /// accepts connections; logs go to stderr. Stops cleanly on Ctrl-C or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a record (the value from the argument, or from stdin without one).
     Put {
         #[command(flatten)]
@@ -468,7 +468,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CommandError + '_ {
 
 async fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Serve(args) => Ok(serve(args).await?),
+        Command::Serve(args) => Ok(serve(*args).await?),
         Command::Put {
             target,
             scope,

@@ -1,0 +1,122 @@
+//! A `SyncEngine` on a PostgreSQL store syncs with one on redb: writes, deletes, conflicts
+//! and a file on both sides converge both ways, an audit then finds nothing, and the
+//! PostgreSQL node reopened from its schema keeps its id and clock and has nothing to do.
+//! Skips (with a note) without `HIGHWATER_PG_URL`.
+
+mod common;
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::pg::Schema;
+use common::rounds::{config, link, sync, TestResult};
+use futures_executor::block_on;
+use highwater::{Key, ManualTime, Scope, SyncEngine};
+
+const T0: u32 = 1_700_000_000;
+
+fn key(k: &str) -> Key {
+    Key::try_from(k).expect("a short key")
+}
+
+fn notes() -> Scope {
+    Scope::app("notes", "items").expect("a valid scope")
+}
+
+/// Every scope's stored versions, and the marks, are the same on both.
+fn same(a: &SyncEngine, b: &SyncEngine) -> TestResult {
+    assert_eq!(a.scopes()?, b.scopes()?);
+    for scope in a.scopes()? {
+        assert_eq!(a.versions(&scope)?, b.versions(&scope)?, "scope {scope}");
+    }
+    assert_eq!(a.watermarks()?, b.watermarks()?);
+    assert_eq!(a.digest()?, b.digest()?);
+    Ok(())
+}
+
+fn file_of(node: &SyncEngine, k: &str) -> TestResult<Option<Vec<u8>>> {
+    let Some((_, mut reader)) = node.open_file(&notes(), &key(k))? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out)?;
+    Ok(Some(out))
+}
+
+#[test]
+fn a_postgres_node_and_a_redb_node_converge() -> TestResult {
+    let Some(schema) = Schema::fresh("a_postgres_node_and_a_redb_node_converge")? else {
+        return Ok(());
+    };
+    let time = ManualTime::at_secs(T0);
+    let dir = tempfile::tempdir()?;
+    let r = Arc::new(SyncEngine::open_with(dir.path(), config(&time))?);
+    let p = Arc::new(SyncEngine::with_store(
+        Box::new(schema.open()?),
+        config(&time),
+    )?);
+    let (shared, s) = (Scope::shared(), notes());
+
+    for i in 0..60 {
+        p.put(&s, &key(&format!("p{i}")), format!("p{i}").into_bytes())?;
+    }
+    for i in 0..25 {
+        r.put(&s, &key(&format!("r{i}")), format!("r{i}").into_bytes())?;
+    }
+    p.put(&shared, &key("both"), "from p")?;
+    p.delete(&s, &key("p5"))?;
+    p.put_file_bytes(
+        &s,
+        &key("doc"),
+        "a file",
+        b"file written on the PostgreSQL node",
+    )?;
+    time.advance(Duration::from_millis(5));
+    // The later write wins on both, whichever side initiates.
+    r.put(&shared, &key("both"), "from r")?;
+
+    sync(&p, &link(&r))?;
+    sync(&r, &link(&p))?;
+    same(&p, &r)?;
+    assert_eq!(
+        r.get(&shared, &key("both"))?.map(|rec| rec.value),
+        Some(b"from r".to_vec())
+    );
+    assert!(r.get(&s, &key("p5"))?.is_none(), "the delete travelled");
+    assert_eq!(
+        file_of(&r, "doc")?,
+        Some(b"file written on the PostgreSQL node".to_vec())
+    );
+
+    // More changes from both, the redb node initiating.
+    time.advance(Duration::from_millis(5));
+    r.delete(&s, &key("p7"))?;
+    p.put(&s, &key("r3"), "rewritten on p")?;
+    p.put_file_bytes(&s, &key("doc"), "a file", b"second revision")?;
+    sync(&r, &link(&p))?;
+    sync(&p, &link(&r))?;
+    same(&p, &r)?;
+    assert_eq!(file_of(&r, "doc")?, Some(b"second revision".to_vec()));
+
+    // The audits compare live contents (fingerprints from PostgreSQL): nothing to repair.
+    let out = block_on(p.audit(&link(&r)))?;
+    assert!(out.clean(), "{out:?}");
+    let out = block_on(r.audit(&link(&p)))?;
+    assert!(out.clean(), "{out:?}");
+
+    // Reopened from its schema, the node is the same node with nothing to do.
+    let id = p.node_id();
+    let clock = p.clock_time();
+    drop(p);
+    let p = Arc::new(SyncEngine::with_store(
+        Box::new(schema.open()?),
+        config(&time),
+    )?);
+    assert_eq!(p.node_id(), id);
+    assert!(p.clock_time() >= clock);
+    let out = block_on(p.exchange(&link(&r)))?;
+    assert_eq!((out.shipped, out.received, out.has_more), (0, 0, false));
+    same(&p, &r)?;
+    Ok(())
+}
