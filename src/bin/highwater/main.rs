@@ -35,8 +35,6 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-// Parsed once per process and moved once: the size of `serve`'s options costs nothing.
-#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run a node: serve a data directory over HTTP (or HTTPS) and sync it with every --peer.
     ///
