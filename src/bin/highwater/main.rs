@@ -111,24 +111,8 @@ enum Command {
     /// Sync a data directory with a peer once: exchange until neither side has anything
     /// left, then print a summary.
     Sync {
-        /// The data directory (no node may be running on it).
-        #[arg(long)]
-        data: PathBuf,
-        /// The peer's root URL (`http://` or `https://`).
-        #[arg(long)]
-        peer: String,
-        /// The token to present to the peer (`--peer-token` is the same option).
-        #[arg(
-            long = "token",
-            visible_alias = "peer-token",
-            env = "HIGHWATER_PEER_TOKEN",
-            hide_env_values = true
-        )]
-        peer_token: Option<String>,
-        /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
-        /// trusted roots.
-        #[arg(long, env = "HIGHWATER_CA_FILE")]
-        ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        with: WithPeer,
         /// Versions per page.
         #[arg(long)]
         page_limit: Option<usize>,
@@ -139,24 +123,8 @@ enum Command {
     /// watermark says is missing; an audit also finds what none does (a restored backup,
     /// a lost blob directory).
     Audit {
-        /// The data directory (no node may be running on it).
-        #[arg(long)]
-        data: PathBuf,
-        /// The peer's root URL (`http://` or `https://`).
-        #[arg(long)]
-        peer: String,
-        /// The token to present to the peer (`--peer-token` is the same option).
-        #[arg(
-            long = "token",
-            visible_alias = "peer-token",
-            env = "HIGHWATER_PEER_TOKEN",
-            hide_env_values = true
-        )]
-        peer_token: Option<String>,
-        /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
-        /// trusted roots.
-        #[arg(long, env = "HIGHWATER_CA_FILE")]
-        ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        with: WithPeer,
     },
     /// Purge a data directory once: remove tombstones older than the retention that every
     /// peer it knows holds, retire peers not seen for the peer retirement and origins with
@@ -310,6 +278,40 @@ fn interval_or_off(text: &str) -> Result<Every, String> {
         return Err("use `off` for none, or a period above zero".to_owned());
     }
     Ok(Every(Some(period)))
+}
+
+/// A data directory and the peer a one-shot command (`sync`, `audit`) works with.
+#[derive(Args)]
+struct WithPeer {
+    /// The data directory (no node may be running on it).
+    #[arg(long)]
+    data: PathBuf,
+    /// The peer's root URL (`http://` or `https://`).
+    #[arg(long)]
+    peer: String,
+    /// The token to present to the peer (`--peer-token` is the same option).
+    #[arg(
+        long = "token",
+        visible_alias = "peer-token",
+        env = "HIGHWATER_PEER_TOKEN",
+        hide_env_values = true
+    )]
+    peer_token: Option<String>,
+    /// A PEM file of CA certificates to trust for an `https://` peer, besides the system's
+    /// trusted roots.
+    #[arg(long, env = "HIGHWATER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl WithPeer {
+    /// The client settings for the peer.
+    fn client(&self) -> ClientConfig {
+        ClientConfig {
+            token: self.peer_token.clone(),
+            ca_file: self.ca_file.clone(),
+            ..ClientConfig::default()
+        }
+    }
 }
 
 /// Where a record command acts.
@@ -539,33 +541,10 @@ async fn run(command: Command) -> Result<(), CliError> {
             key: k,
             path,
         } => Ok(get_file(&*target.read()?, &scope, &key(&k)?, &path).await?),
-        Command::Sync {
-            data,
-            peer,
-            peer_token,
-            ca_file,
-            page_limit,
-        } => {
-            let client = ClientConfig {
-                token: peer_token,
-                ca_file,
-                ..ClientConfig::default()
-            };
-            sync(&data, &peer, client, page_limit).await
+        Command::Sync { with, page_limit } => {
+            sync(&with.data, &with.peer, with.client(), page_limit).await
         }
-        Command::Audit {
-            data,
-            peer,
-            peer_token,
-            ca_file,
-        } => {
-            let client = ClientConfig {
-                token: peer_token,
-                ca_file,
-                ..ClientConfig::default()
-            };
-            audit(&data, &peer, client).await
-        }
+        Command::Audit { with } => audit(&with.data, &with.peer, with.client()).await,
         Command::Purge {
             data,
             tombstone_retention,
