@@ -13,6 +13,7 @@ use crate::record::BlobRef;
 use crate::transport::Transport;
 
 use super::blobs::blobs_of;
+use super::purge::floors_in;
 use super::receive::Sender;
 use super::{lock, SyncEngine};
 
@@ -74,25 +75,31 @@ impl SyncEngine {
         session.held = None;
         let engine = self.handle();
         let plan_options = options.clone();
-        let mut round = run_blocking(move || {
-            Initiation::plan(
+        let (mut round, floors) = run_blocking(move || -> crate::Result<_> {
+            let read = engine.inner.store.read()?;
+            let round = Initiation::plan(
                 engine.node_id(),
-                &*engine.inner.store.read()?,
+                &*read,
                 &mut planning,
                 expected,
                 &plan_options,
                 limits,
                 &|b: &BlobRef| engine.has_blob(b),
-            )
+            )?;
+            // Our floors go with the first request of a session and with any that carries
+            // versions or refusals: `Some` asks for the peer's floors and refusals in turn.
+            let tell = !planning.floors_heard
+                || !planning.refused.is_empty()
+                || !round.request().page.runs.is_empty();
+            let floors = match tell {
+                true => Some(floors_in(&*read, round.scopes())?),
+                false => None,
+            };
+            Ok((round, floors))
         })
         .await??;
-        // Our floors go with the first request of a session and with any that carries
-        // versions or refusals: `Some` asks for the peer's floors and refusals in turn.
         let refused = std::mem::take(&mut session.refused);
-        if !session.floors_heard || !round.request().page.runs.is_empty() || !refused.is_empty() {
-            let engine = self.handle();
-            let scopes = round.scopes().clone();
-            let floors = run_blocking(move || engine.floors_in_play(&scopes)).await??;
+        if let Some(floors) = floors {
             round.set_floors(floors, refused);
         }
         let blobs_pushed = self

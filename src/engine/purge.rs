@@ -244,14 +244,7 @@ impl SyncEngine {
 impl SyncEngine {
     /// Our floors in play.
     pub(super) fn floors_in_play(&self, scopes: &ScopeFilter) -> Result<Vec<(Scope, u64)>> {
-        Ok(self
-            .inner
-            .store
-            .read()?
-            .floors()?
-            .into_iter()
-            .filter(|(s, _)| scopes.contains(s))
-            .collect())
+        floors_in(&*self.inner.store.read()?, scopes)
     }
 
     /// Records the floors `peer` told us; returns whether any rose past what it told
@@ -368,6 +361,15 @@ impl SyncEngine {
                 }));
         }
     }
+}
+
+/// The floors of `read` in the scopes in play.
+pub(super) fn floors_in(read: &dyn StoreRead, scopes: &ScopeFilter) -> Result<Vec<(Scope, u64)>> {
+    Ok(read
+        .floors()?
+        .into_iter()
+        .filter(|(s, _)| scopes.contains(s))
+        .collect())
 }
 
 /// Whether the store holds any version of `origin` in `scope`.
