@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::rounds::{link, mem_node, sync, Node, TestResult};
 use futures_executor::block_on;
 use highwater::notify::{Event, Notice, Subscription, SyncEvent};
-use highwater::{Key, ManualTime, Scope};
+use highwater::{Halt, HaltReason, Key, ManualTime, Scope};
 
 const T0: u32 = 1_700_000_000;
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -118,19 +118,32 @@ fn a_peer_back_after_too_long_reclones_keeps_its_own_writes_and_loses_the_delete
     // copy of the deleted record, the hub refuses it, and b drops it.
     let b_events = b.notifier().subscribe();
     let hub_events = hub.notifier().subscribe();
-    let (mut audit_wanted, mut dropped) = (false, 0);
+    let (mut audit_wanted, mut dropped, mut peer_halts) = (false, 0, Vec::new());
     loop {
         let out = block_on(b.exchange(&link(&hub)))?;
         audit_wanted |= out.audit_wanted;
         dropped += out.dropped;
+        peer_halts.extend(out.peer_halts);
+        assert!(out.halts.is_empty(), "b refused nothing: {:?}", out.halts);
         if !out.has_more {
             break;
         }
     }
     assert!(audit_wanted, "the hub's floor rose since b last heard");
+    // b learns each refusal as a halt of its own reason, which held nothing: its later write
+    // of the same stream went through.
+    let below_floor = |origin, versions| Halt {
+        scope: notes(),
+        origin,
+        reason: HaltReason::BelowFloor { versions },
+    };
+    assert_eq!(peer_halts, vec![below_floor(b.node_id(), 1)]);
+    assert!(!peer_halts[0].holds_stream());
+    assert!(hub.get_version(&notes(), &key("later"))?.is_some());
     let audit = block_on(b.audit(&link(&hub)))?;
     dropped += audit.dropped;
     assert_eq!(dropped, 2, "{audit:?}");
+    assert_eq!(audit.peer_halts, vec![below_floor(a.node_id(), 1)]);
     assert_eq!(b.get_version(&notes(), &key("deleted"))?, None);
     let keys = |mut events| {
         let mut all: Vec<(Key, bool)> = refusals(&mut events)
@@ -349,6 +362,68 @@ fn reported(events: &mut [Subscription]) -> std::collections::BTreeSet<Key> {
     out
 }
 
+/// How many versions `halts` report refused below a floor.
+fn below_floor(halts: &[Halt]) -> u64 {
+    halts
+        .iter()
+        .map(|h| match h.reason {
+            HaltReason::BelowFloor { versions } => versions,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// A write of the schedule: its key, its Hlc, and whether it was a delete.
+type Write = (Key, highwater::Hlc, bool);
+
+/// The watermark invariant (docs/protocol.md, "What a watermark claims, precisely", in its
+/// newest-version reading), as purging leaves it: a node whose mark covers the newest write
+/// of a key holds that write; or holds nothing of the key when that write is a delete at or
+/// below a floor (purged: marks travel, a purged tombstone does not, and the purging node's
+/// floor refuses every older version of the key), or an older tombstone of it; or a
+/// refusal below a floor was reported for the key. A round that hears a peer's floor rose
+/// is followed by its audit (the re-clone), as the scheduler and `highwater sync` do: until
+/// then a node back after too long may still hold what a purged delete superseded.
+fn marks_hold(
+    nodes: &[Node],
+    writes: &[Write],
+    lost: &std::collections::BTreeSet<Key>,
+) -> TestResult {
+    let mut floor = 0;
+    for node in nodes {
+        floor = floor.max(node.floors()?.get(&notes()).copied().unwrap_or(0));
+    }
+    let mut newest: std::collections::BTreeMap<&Key, (highwater::Hlc, bool)> = Default::default();
+    for (k, hlc, delete) in writes {
+        if newest.get(k).is_none_or(|(h, _)| h < hlc) {
+            newest.insert(k, (*hlc, *delete));
+        }
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let marks = node.watermarks()?;
+        for (k, (hlc, delete)) in &newest {
+            if marks.get(&notes(), hlc.origin()).is_none_or(|m| m < *hlc) || lost.contains(*k) {
+                continue;
+            }
+            let held = node.get_version(&notes(), k)?;
+            // A purged delete: the key reads as deleted, from an older tombstone or nothing.
+            let purged = *delete && hlc.time() <= floor;
+            let ok = match &held {
+                Some(v) => v.hlc == *hlc || (purged && matches!(v.op, highwater::Op::Delete)),
+                None => purged,
+            };
+            if !ok {
+                return Err(format!(
+                    "node {i}: its marks cover {k:?}@{hlc}, the newest write of the key, but \
+                     it holds {held:?} (highest floor {floor})"
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run_schedule(steps: &[Step]) -> TestResult {
     use std::collections::BTreeMap;
     const NODES: usize = 3;
@@ -360,12 +435,14 @@ fn run_schedule(steps: &[Step]) -> TestResult {
     // The last write of each key, by Hlc: what last-write-wins must end with.
     let mut oracle: BTreeMap<Key, (highwater::Hlc, Option<u8>)> = BTreeMap::new();
     let mut lost = std::collections::BTreeSet::new();
-    let mut note = |k: Key, hlc, value| {
-        if oracle.get(&k).is_none_or(|(h, _)| *h < hlc) {
-            oracle.insert(k, (hlc, value));
-        }
-    };
+    let mut writes: Vec<Write> = Vec::new();
     for s in steps {
+        let mut note = |k: Key, hlc, value: Option<u8>| {
+            writes.push((k.clone(), hlc, value.is_none()));
+            if oracle.get(&k).is_none_or(|(h, _)| *h < hlc) {
+                oracle.insert(k, (hlc, value));
+            }
+        };
         match *s {
             Step::Put {
                 node,
@@ -384,10 +461,34 @@ fn run_schedule(steps: &[Step]) -> TestResult {
                 note(k.clone(), nodes[node].delete(&notes(), &k)?, None);
             }
             Step::Exchange { from, to } => {
-                block_on(nodes[from].exchange(&link(&nodes[to])))?;
+                // Rounds until nothing more is due at once, then the audit any of them asked
+                // for: what the scheduler and `highwater sync` do.
+                let mut audit_wanted = false;
+                for _ in 0..20 {
+                    let out = block_on(nodes[from].exchange(&link(&nodes[to])))?;
+                    // Every refusal here is a halt of its own reason in the outcome.
+                    assert_eq!(below_floor(&out.halts), out.refused as u64, "{out:?}");
+                    assert!(
+                        below_floor(&out.peer_halts) >= out.dropped as u64,
+                        "{out:?}"
+                    );
+                    audit_wanted |= out.audit_wanted;
+                    if !out.has_more {
+                        break;
+                    }
+                }
+                if audit_wanted {
+                    let out = block_on(nodes[from].audit(&link(&nodes[to])))?;
+                    assert_eq!(below_floor(&out.halts), out.refused as u64, "{out:?}");
+                }
             }
             Step::Audit { from, to } => {
-                block_on(nodes[from].audit(&link(&nodes[to])))?;
+                let out = block_on(nodes[from].audit(&link(&nodes[to])))?;
+                assert_eq!(below_floor(&out.halts), out.refused as u64, "{out:?}");
+                assert!(
+                    below_floor(&out.peer_halts) >= out.dropped as u64,
+                    "{out:?}"
+                );
             }
             Step::Days(d) => time.advance(u32::from(d) * DAY),
             Step::Purge { node } => {
@@ -395,6 +496,7 @@ fn run_schedule(steps: &[Step]) -> TestResult {
             }
         }
         lost.extend(reported(&mut events));
+        marks_hold(&nodes, &writes, &lost).map_err(|e| format!("after {s:?}: {e}"))?;
     }
     // Everyone back online: rounds and audits both ways until nothing moves.
     for _ in 0..3 {
@@ -406,6 +508,7 @@ fn run_schedule(steps: &[Step]) -> TestResult {
         }
     }
     lost.extend(reported(&mut events));
+    marks_hold(&nodes, &writes, &lost)?;
     for (i, node) in nodes.iter().enumerate() {
         for (k, (hlc, value)) in &oracle {
             let held = node.get_version(&notes(), k)?;

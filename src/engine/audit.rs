@@ -40,7 +40,8 @@ pub struct AuditOutcome {
     pub repaired: Vec<(Scope, Key)>,
     /// Versions this node sent (it held them and the peer did not).
     pub shipped: usize,
-    /// Versions the peer sent that this node refused (clock skew, its own id).
+    /// Versions the peer sent that this node refused (clock skew, its own id, below its
+    /// purge floor).
     pub halts: Vec<Halt>,
     /// Versions this node sent that the peer refused.
     pub peer_halts: Vec<Halt>,
@@ -158,7 +159,12 @@ impl SyncEngine {
             let response = transport.audit(request).await?;
             check_responder(me, peer, &response)?;
             peer = Some(response.from);
-            outcome.peer_halts.extend(response.halts.iter().cloned());
+            outcome.peer_halts.extend(
+                (response.halts.iter())
+                    .filter(|h| h.holds_stream())
+                    .cloned()
+                    .chain(Halt::below_floor(&response.ext.refused)),
+            );
             let label = response.from.to_string();
             let engine = self.handle();
             let in_play = options.scopes.clone();
@@ -175,6 +181,7 @@ impl SyncEngine {
                 .take_audited(transport, response, &options.scopes)
                 .await?;
             outcome.refused += applied.refused.len();
+            outcome.halts.extend(Halt::below_floor(&applied.refused));
             refused_here = applied.refused;
             let engine = self.handle();
             let (back, received) = run_blocking(move || {
@@ -195,6 +202,14 @@ impl SyncEngine {
             outcome.halts.extend(applied.halts);
         }
         outcome.peer = peer;
+        let halted = (outcome.halts.iter())
+            .chain(&outcome.peer_halts)
+            .any(Halt::holds_stream);
+        if let Some(p) = peer.filter(|_| !halted) {
+            let engine = self.handle();
+            let scopes = options.scopes.clone();
+            run_blocking(move || engine.adopt_floors(p, &scopes)).await??;
+        }
         outcome.files_repaired = self.repair_staged(transport).await?;
         if let Some(p) = peer {
             self.note_exchange(p);

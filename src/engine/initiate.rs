@@ -5,15 +5,15 @@ use crate::blocking::run_blocking;
 use crate::error::Result;
 use crate::exchange::plan::PageLimits;
 use crate::exchange::{
-    marks_in_play, ExchangeOptions, ExchangeOutcome, Initiation, Reply, Session,
+    marks_in_play, ExchangeOptions, ExchangeOutcome, Halt, Initiation, Reply, Session,
 };
-use crate::hlc::NodeId;
+use crate::hlc::{duration_to_ntp64, NodeId};
 use crate::notify::ChangeKind;
 use crate::record::BlobRef;
 use crate::transport::Transport;
 
 use super::blobs::blobs_of;
-use super::purge::floors_in;
+use super::purge::{crosses, floors_in, FLOORS_FRESH};
 use super::receive::Sender;
 use super::{lock, SyncEngine};
 
@@ -86,9 +86,12 @@ impl SyncEngine {
                 limits,
                 &|b: &BlobRef| engine.has_blob(b),
             )?;
-            // Our floors go with the first request of a session and with any that carries
-            // versions or refusals: `Some` asks for the peer's floors and refusals in turn.
-            let tell = !planning.floors_heard
+            // Our floors go with the first request of a session, with one at least every
+            // `FLOORS_FRESH`, and with any that carries versions or refusals: `Some` asks for
+            // the peer's floors and refusals in turn.
+            let stale = (engine.inner.config.time.now())
+                .saturating_sub(duration_to_ntp64(FLOORS_FRESH).unwrap_or(u64::MAX));
+            let tell = planning.floors_heard.is_none_or(|at| at < stale)
                 || !planning.refused.is_empty()
                 || !round.request().page.runs.is_empty();
             let floors = match tell {
@@ -147,8 +150,17 @@ impl SyncEngine {
         })
         .await?;
         let (mut applied, dropped, mine) = applied?;
-        let audit_wanted = self.heard_floors(received.peer, &received.ext.floors);
-        session.floors_heard |= round.request().ext.floors.is_some();
+        let mut audit_wanted = self.heard_floors(received.peer, &received.ext.floors);
+        // A run whose base lies below its sender's floor may have skipped tombstones the
+        // sender purged, which supersede versions the receiver still holds: the two compare
+        // contents (the re-clone), whichever side received it.
+        audit_wanted |= self.crosses_floor(received.peer, &received.page);
+        if let Some(floors) = &round.request().ext.floors {
+            audit_wanted |= crosses(&round.request().page, floors.iter().cloned());
+        }
+        if round.request().ext.floors.is_some() {
+            session.floors_heard = Some(self.inner.config.time.now());
+        }
         let refused = std::mem::take(&mut applied.refused);
         drop(fetched);
         self.announce_halts(&label, &applied.halts);
@@ -164,6 +176,11 @@ impl SyncEngine {
         outcome.refused = refused.len();
         outcome.dropped = dropped.len();
         outcome.audit_wanted = audit_wanted;
+        // Refusals below a floor, either way, are halts of their own reason that hold nothing.
+        outcome.halts.extend(Halt::below_floor(&refused));
+        outcome
+            .peer_halts
+            .extend(Halt::below_floor(&received.ext.refused));
         // The refusals go out with the next request: one follows at once.
         outcome.has_more |= !refused.is_empty();
         session.refused = refused;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::error::Result;
+use crate::exchange::Page;
 use crate::hlc::{duration_to_ntp64, Hlc, NodeId};
 use crate::notify::{Event, SyncEvent};
 use crate::record::{Key, Op, Scope, ScopeFilter};
@@ -263,10 +264,57 @@ impl SyncEngine {
         rose
     }
 
+    /// Raises our floors in `scopes` to those `peer` last told us of, after an audit with it
+    /// that left nothing halted: our live contents there now hold every version it holds,
+    /// so what its floor refuses (an older version of a key neither of us holds) ours may
+    /// refuse too. A node that takes marks from us past its own floor region then re-clones
+    /// against us as it would against `peer` (see [`crosses`]): the floor travels with the
+    /// marks it answers for, one audit at a time. Returns the floors raised.
+    pub(super) fn adopt_floors(
+        &self,
+        peer: NodeId,
+        scopes: &ScopeFilter,
+    ) -> Result<Vec<(Scope, u64)>> {
+        let heard: Vec<(Scope, u64)> = {
+            let peers = lock(&self.inner.peers);
+            let Some(heard) = peers.floors_heard.get(&peer) else {
+                return Ok(Vec::new());
+            };
+            (heard.iter())
+                .filter(|(s, _)| scopes.contains(s))
+                .map(|(s, f)| (s.clone(), *f))
+                .collect()
+        };
+        let ours = self.inner.store.read()?.floors()?;
+        let raised: Vec<(Scope, u64)> = heard
+            .into_iter()
+            .filter(|(s, f)| ours.get(s).is_none_or(|o| o < f))
+            .collect();
+        if raised.is_empty() {
+            return Ok(raised);
+        }
+        let mut batch = Batch::new(self.inner.clock.last(), Durability::Immediate);
+        batch.floors = raised.clone();
+        self.inner.store.commit(&batch)?;
+        self.inner.note_commit(Durability::Immediate, 0, Vec::new());
+        tracing::info!(peer = %peer, floors = ?raised, "purge floors adopted after an audit");
+        Ok(raised)
+    }
+
+    /// Whether a run of `page`, sent by `peer`, starts below the floor `peer` last told us
+    /// of in its scope (see [`crosses`]).
+    pub(super) fn crosses_floor(&self, peer: NodeId, page: &Page) -> bool {
+        let peers = lock(&self.inner.peers);
+        let heard = peers.floors_heard.get(&peer);
+        heard.is_some_and(|h| crosses(page, h.iter().map(|(s, f)| (s.clone(), *f))))
+    }
+
     /// Drops our versions that `peer` (called `label` in events) refused below its floor:
     /// each only if it is still our stored version, its scope is in play, and it is older
     /// than our own tombstone retention (30 days if purging is off), so that a peer cannot
-    /// make this node drop recent writes. Returns what was dropped.
+    /// make this node drop recent writes; never a tombstone (the record is deleted either
+    /// way, and the tombstone keeps older writes of its key from coming back here). Returns
+    /// what was dropped.
     pub(super) fn drop_refused(
         &self,
         label: &str,
@@ -285,13 +333,23 @@ impl SyncEngine {
             .saturating_sub(duration_to_ntp64(retention).unwrap_or(u64::MAX));
         let mut batch = Batch::new(self.inner.clock.last(), Durability::Immediate);
         let mut ignored = 0usize;
+        let read = self.inner.store.read()?;
         for (scope, key, hlc) in refused {
-            if scopes.contains(scope) && hlc.time() <= limit {
-                batch.removals.push((scope.clone(), key.clone(), *hlc));
-            } else {
+            if !scopes.contains(scope) || hlc.time() > limit {
                 ignored += 1;
+                continue;
+            }
+            // A refused delete stays: it brings nothing back, and dropping it would leave the
+            // key without the tombstone that makes an older write of it lose here (our floor
+            // knows nothing of it). Our own purge takes it once it is stable.
+            let tombstone = read
+                .get(scope, key)?
+                .is_some_and(|v| v.hlc == *hlc && matches!(v.op, Op::Delete));
+            if !tombstone {
+                batch.removals.push((scope.clone(), key.clone(), *hlc));
             }
         }
+        drop(read);
         if ignored > 0 {
             tracing::warn!(
                 peer = %label, ignored,
@@ -361,6 +419,27 @@ impl SyncEngine {
                 }));
         }
     }
+}
+
+/// How long a session goes on with the peer's floors it heard before a request asks again:
+/// a run that crosses a floor raised since then is found with the next request that asks
+/// (the floor rose: an audit), at most this much later.
+pub(crate) const FLOORS_FRESH: Duration = Duration::from_secs(600);
+
+/// Whether a run of `page` starts below its sender's `floors` (its base's time, or 0 for a
+/// run from the start, is below the floor of its scope). The sender may have purged
+/// tombstones in between, which its run skips (they are gone) while they supersede versions
+/// the receiver may still hold, of any origin: a receiver back after longer than the
+/// retention, a new node that took older versions by an audit, a node whose mark for a quiet
+/// origin is older than the floor. Only an audit tells: the receiver's versions at or below
+/// the floor that the sender lacks are refused there and dropped here.
+pub(super) fn crosses(page: &Page, floors: impl IntoIterator<Item = (Scope, u64)>) -> bool {
+    let floors: BTreeMap<Scope, u64> = floors.into_iter().collect();
+    page.runs.iter().any(|run| {
+        floors
+            .get(&run.scope)
+            .is_some_and(|floor| run.base.map_or(0, |b| b.time()) < *floor)
+    })
 }
 
 /// The floors of `read` in the scopes in play.

@@ -39,9 +39,11 @@ pub struct ExchangeOutcome {
     pub applied: usize,
     /// Whether another round would move more (call again at once).
     pub has_more: bool,
-    /// Origins whose streams this node halted (clock skew, own id, blob unavailable).
+    /// Origins whose streams this node halted (clock skew, own id, blob unavailable), and
+    /// those whose versions it refused below its purge floor (a halt that holds nothing:
+    /// [`Halt::holds_stream`]).
     pub halts: Vec<Halt>,
-    /// Origins whose streams the peer halted.
+    /// Origins whose streams the peer halted, or whose versions it refused below its floor.
     pub peer_halts: Vec<Halt>,
     /// Blobs uploaded to the peer.
     pub blobs_pushed: usize,
@@ -272,10 +274,14 @@ impl Initiation {
                 return Ok(Reply::Resend(self.request.clone()));
             }
         };
+        // A reason that holds nothing is never sent as a halt (see `HaltReason::BelowFloor`):
+        // one that comes anyway is not taken for a halted stream.
+        let mut peer_halts = response.halts;
+        peer_halts.retain(Halt::holds_stream);
         Ok(Reply::Apply(Received {
             peer,
             page: response.page,
-            peer_halts: response.halts,
+            peer_halts,
             knowledge: PeerKnowledge {
                 peer,
                 scopes: self.scopes.clone(),

@@ -1,6 +1,6 @@
 //! What travels in a round: runs, pages, and the halts that stop a stream.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -109,7 +109,8 @@ impl Page {
 }
 
 /// Why a receiver stopped applying one origin's run: the origin's stream halts there, its
-/// watermark stays below the refused version, and the next round retries.
+/// watermark stays below the refused version, and the next round retries. One reason is
+/// final instead, and holds nothing: [`HaltReason::BelowFloor`] (see [`Halt::holds_stream`]).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Halt {
     /// The run's scope.
@@ -139,6 +140,42 @@ pub enum HaltReason {
         /// The blob.
         hash: crate::hash::Hash,
     },
+    /// Versions of keys whose deletes the receiver purged, at or below its purge floor: the
+    /// receiver refused them for good (applying them would bring deleted records back) and
+    /// the sender dropped them from its store (see docs/protocol.md, "Forgetting"). Unlike the
+    /// other reasons this one holds nothing: the rest of the run applied and the watermark
+    /// moved past the refused versions. It never travels in a version 1 message's halts: both
+    /// sides build it from the refusals that wire version 2 carries (`refused`), and an app
+    /// learns the keys from the `floor_refused` event.
+    BelowFloor {
+        /// How many versions of the stream were refused.
+        versions: u64,
+    },
+}
+
+impl Halt {
+    /// Whether the stream waits at this halt until a later round applies it: true for every
+    /// reason but [`HaltReason::BelowFloor`], whose refusal is final and holds nothing.
+    pub fn holds_stream(&self) -> bool {
+        !matches!(self.reason, HaltReason::BelowFloor { .. })
+    }
+
+    /// The refusals below a purge floor as halts, one per stream (scope, origin of the
+    /// versions), in stream order.
+    pub fn below_floor(refused: &[(Scope, Key, Hlc)]) -> Vec<Halt> {
+        let mut streams: BTreeMap<(&Scope, NodeId), u64> = BTreeMap::new();
+        for (scope, _, hlc) in refused {
+            *streams.entry((scope, hlc.origin())).or_default() += 1;
+        }
+        streams
+            .into_iter()
+            .map(|((scope, origin), versions)| Halt {
+                scope: scope.clone(),
+                origin,
+                reason: HaltReason::BelowFloor { versions },
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -33,8 +33,9 @@ pub struct Session {
     /// Versions of the peer's last page this node refused below its purge floor, to report
     /// in the next request (the peer drops them).
     pub(crate) refused: Vec<(Scope, crate::record::Key, crate::hlc::Hlc)>,
-    /// Whether a round of this session heard the peer's purge floors.
-    pub(crate) floors_heard: bool,
+    /// When (the engine's time source, NTP64) a round of this session last heard the peer's
+    /// purge floors.
+    pub(crate) floors_heard: Option<u64>,
 }
 
 /// Our marks in play as a peer recorded them at the end of the last round between us, as a

@@ -393,6 +393,7 @@ fn halt_reason(reason: &HaltReason) -> &'static str {
         HaltReason::ClockSkew { .. } => "clock_skew",
         HaltReason::OwnOrigin => "own_origin",
         HaltReason::BlobUnavailable { .. } => "blob_unavailable",
+        HaltReason::BelowFloor { .. } => "below_floor",
     }
 }
 

@@ -30,7 +30,7 @@ pub mod terminal;
 
 pub use self::records::{open_api, open_api_reading, open_api_with, CommandError};
 pub use self::status::render_status;
-pub use self::sync::{render_audit, sync_until_done, SyncTotals};
+pub use self::sync::{halt_line, render_audit, sync_until_done, SyncTotals};
 /// The records API's types, where they were before [`crate::api`] held them.
 pub use crate::api::{Listed, RecordRead as RemoteRecord, Written};
 pub use crate::http::NodeClient;

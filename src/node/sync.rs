@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::engine::{AuditOutcome, ExchangeOptions, SyncEngine};
 use crate::error::{Result, TransportError};
-use crate::exchange::Halt;
+use crate::exchange::{Halt, HaltReason};
 use crate::hlc::NodeId;
 use crate::record::BlobRef;
 use crate::transport::{Layer, Layered, Transport};
@@ -114,12 +114,28 @@ pub fn render_audit(outcome: &AuditOutcome, took: Duration, shown: usize) -> Str
         ));
     }
     for halt in outcome.halts.iter().chain(&outcome.peer_halts) {
-        out.push_str(&format!(
-            "halted: scope {} origin {} ({:?}); the next audit retries it\n",
-            halt.scope, halt.origin, halt.reason
-        ));
+        out.push_str(&halt_line(halt, "audit"));
+        out.push('\n');
     }
     out
+}
+
+/// A halt, for people: what stopped and whether the next `round` (`sync`, `audit`) retries
+/// it; a refusal below a purge floor is final and says so.
+pub fn halt_line(halt: &Halt, round: &str) -> String {
+    match halt.reason {
+        HaltReason::BelowFloor { versions } => format!(
+            "refused below a purge floor: scope {} origin {}, {versions} version{} of deleted \
+             records (their deletes were purged; they stay deleted)",
+            halt.scope,
+            halt.origin,
+            if versions == 1 { "" } else { "s" }
+        ),
+        ref reason => format!(
+            "halted: scope {} origin {} ({reason:?}); the next {round} retries it",
+            halt.scope, halt.origin
+        ),
+    }
 }
 
 /// Counts the file bytes moved through a transport it layers: each fetched blob's bytes as

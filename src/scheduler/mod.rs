@@ -327,6 +327,7 @@ fn halted_stream(halt: Halt, by: HaltSide) -> HaltedStream {
         HaltReason::ClockSkew { ahead_by_ms } => ("clock_skew", Some(ahead_by_ms)),
         HaltReason::OwnOrigin => ("own_origin", None),
         HaltReason::BlobUnavailable { .. } => ("blob_unavailable", None),
+        HaltReason::BelowFloor { .. } => ("below_floor", None),
     };
     HaltedStream {
         scope: halt.scope,

@@ -163,7 +163,12 @@ pub(super) async fn round_loop<T: Transport>(
                     }
                     recloning = false;
                     let mut wait = interval;
-                    if outcome.halts.is_empty() && outcome.peer_halts.is_empty() {
+                    if !outcome
+                        .halts
+                        .iter()
+                        .chain(&outcome.peer_halts)
+                        .any(Halt::holds_stream)
+                    {
                         halted = 0;
                     } else {
                         halted = halted.saturating_add(1);
@@ -411,7 +416,13 @@ pub(super) async fn run_round<T: Transport>(
 /// completely (nothing more to come, no stream halted either way), else hydrating; publishes
 /// each change, and opens [`super::Scheduler::ready`] once every boot scope is ready.
 async fn hydrate(shared: &Shared, options: &ExchangeOptions, outcome: &ExchangeOutcome) {
-    let complete = !outcome.has_more && outcome.halts.is_empty() && outcome.peer_halts.is_empty();
+    // Refusals below a purge floor hold nothing: a pull that met them is complete.
+    let complete = !outcome.has_more
+        && !outcome
+            .halts
+            .iter()
+            .chain(&outcome.peer_halts)
+            .any(Halt::holds_stream);
     let state = if complete {
         Hydration::Ready
     } else {

@@ -98,10 +98,9 @@ pub struct Batch {
     /// entry and blob reference, iff its Hlc is this one; otherwise nothing happens.
     pub removals: Vec<(Scope, Key, Hlc)>,
     /// Versions to merge, in order. A version at or below its scope's floor, of a key this
-    /// store does not hold, whose origin's mark here covers it or is absent (as the batch
-    /// found it), is refused ([`BatchReport::refused`]): the store had that key and purged
-    /// its delete (or, without a mark, cannot tell), and taking the version could bring the
-    /// record back.
+    /// store does not hold (as the batch found it), is refused ([`BatchReport::refused`]):
+    /// the store may have purged a newer delete of that key, and taking the version could
+    /// bring the record back (see docs/protocol.md, "Tombstone purge and the floor").
     pub upserts: Vec<(Scope, Key, Version)>,
     /// Watermark advances, evaluated after the upserts.
     pub advances: Vec<Advance>,
@@ -508,20 +507,17 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
                 f
             }
         };
-        // IMPORTANT: our mark for its origin covers this version, yet we hold no version of
-        // its key: by the watermark invariant we held it or a newer version of the key, and
-        // only a purge removes a stored version (a tombstone, at or below the floor). Taking
-        // it would resurrect a deleted record; it is refused, in the same transaction as the
-        // floor and marks it is checked against. So is one of an origin we keep no mark for
-        // (never heard of, or retired): we cannot tell whether it is the older write of a key
-        // whose delete we purged, and it is older than the floor, hence than the retention.
-        // A version our mark does not cover is one we never had, and merges as ever.
-        if version.hlc.time() <= floor
-            && ops
-                .get_mark(scope, version.hlc.origin())?
-                .is_none_or(|mark| mark >= version.hlc)
-            && !ops.has_record(scope, key)?
-        {
+        // IMPORTANT: a version at or below the floor of a key we hold no version of is
+        // refused, in the same transaction as the floor it is checked against. If our mark
+        // for its origin covers it, by the watermark invariant we held it or a newer version
+        // of the key, and only a purge removes a stored version (a tombstone, at or below the
+        // floor): taking it would resurrect a deleted record. If our mark does not cover it
+        // (or we keep none for its origin), we never had it: it was written before the floor,
+        // hence before the retention, by a node whose stream we have not heard past it, and
+        // we cannot tell whether it is the older write of a key whose delete we purged (the
+        // purge waited for the peers we knew, not for one retired or never met). It is
+        // refused too, and reported: a resurrection cannot be undone, a reported refusal can.
+        if version.hlc.time() <= floor && !ops.has_record(scope, key)? {
             report.refused.push(i);
             continue;
         }

@@ -294,7 +294,12 @@ impl Simulation {
         if (marks(from)?, marks(to)?) != before {
             return Err(format!("audit {from}->{to} moved a mark: {out:?}"));
         }
-        if !out.halts.is_empty() || !out.peer_halts.is_empty() {
+        if out
+            .halts
+            .iter()
+            .chain(&out.peer_halts)
+            .any(crate::Halt::holds_stream)
+        {
             return Err(format!("audit {from}->{to} refused versions: {out:?}"));
         }
         if self.state_of(from)? != self.state_of(to)? {
@@ -335,7 +340,11 @@ impl Simulation {
         let out = block_on(self.node(from).exchange_with(&transport, options))
             .map_err(|e| format!("exchange {from}->{to}: {e:?}"))?;
         self.rounds += 1;
-        let faulty = |h: &crate::Halt| matches!(h.reason, HaltReason::BlobUnavailable { hash } if self.faults.contains_key(&hash));
+        let faulty = |h: &crate::Halt| match h.reason {
+            HaltReason::BlobUnavailable { hash } => self.faults.contains_key(&hash),
+            HaltReason::BelowFloor { .. } => true,
+            _ => false,
+        };
         if !out.halts.iter().chain(&out.peer_halts).all(faulty) {
             return Err(format!(
                 "unexpected halts in {from}->{to}: {:?} {:?} (faults {:?})",

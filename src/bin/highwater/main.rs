@@ -696,10 +696,7 @@ async fn sync(
         progress_line(&totals)
     );
     for halt in &totals.halts {
-        println!(
-            "halted: scope {} origin {} ({:?}); the next sync retries it",
-            halt.scope, halt.origin, halt.reason
-        );
+        println!("{}", node::halt_line(halt, "sync"));
     }
     if totals.audit_wanted {
         // The peer purged deletes since we last heard: compare contents with it, so that a
