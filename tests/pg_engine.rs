@@ -120,3 +120,82 @@ fn a_postgres_node_and_a_redb_node_converge() -> TestResult {
     same(&p, &r)?;
     Ok(())
 }
+
+/// The PostgreSQL node's server connections are killed again and again while a device pushes
+/// to it and it writes locally (as a database restart or a failover would cut them): rounds
+/// and writes fail with an error, never a panic; once the connections are left alone the
+/// pool reconnects, every write that was acknowledged on either side is on both, the two
+/// hold the same versions and marks, and an audit finds nothing.
+#[test]
+fn killed_database_connections_fail_rounds_and_lose_nothing_acknowledged() -> TestResult {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let Some(schema) =
+        Schema::fresh("killed_database_connections_fail_rounds_and_lose_nothing_acknowledged")?
+    else {
+        return Ok(());
+    };
+    let time = ManualTime::at_secs(T0);
+    let p = Arc::new(SyncEngine::with_store(
+        Box::new(schema.open_as(schema.name())?),
+        config(&time),
+    )?);
+    let d = common::rounds::mem_node(&time)?;
+    let s = notes();
+
+    // Kills this store's connections (and only these: they carry the schema's name as
+    // their application name) every few milliseconds until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (stop, mut client, name) = (stop.clone(), schema.client()?, schema.name().to_owned());
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut killed = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let rows = client
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE application_name = $1",
+                        &[&name],
+                    )
+                    .map_err(|e| e.to_string())?;
+                killed += rows.len() as u64;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            Ok(killed)
+        })
+    };
+
+    let (mut acked_on_p, mut failures) = (Vec::new(), 0);
+    for i in 0..150 {
+        d.put(&s, &key(&format!("d{i}")), format!("d{i}").into_bytes())?;
+        match p.put(&s, &key(&format!("p{i}")), format!("p{i}").into_bytes()) {
+            Ok(_) => acked_on_p.push(format!("p{i}")),
+            Err(_) => failures += 1,
+        }
+        if block_on(d.exchange(&link(&p))).is_err() {
+            failures += 1;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let killed = killer.join().map_err(|_| "the killer panicked")??;
+    assert!(
+        killed > 0 && failures > 0,
+        "killed {killed}, failures {failures}"
+    );
+
+    // Left alone, the pool reconnects and both sides converge with nothing acknowledged lost.
+    sync(&d, &link(&p))?;
+    sync(&p, &link(&d))?;
+    same(&p, &d)?;
+    for i in 0..150 {
+        assert!(p.get(&s, &key(&format!("d{i}")))?.is_some(), "d{i} on p");
+    }
+    for k in &acked_on_p {
+        assert!(
+            d.get(&s, &key(k))?.is_some(),
+            "{k}, acknowledged on p, on d"
+        );
+    }
+    assert!(block_on(d.audit(&link(&p)))?.clean());
+    Ok(())
+}

@@ -64,6 +64,23 @@ impl Schema {
         )?)
     }
 
+    /// A store in this schema whose connections carry `application` as their application
+    /// name (so that a test can find them in `pg_stat_activity`).
+    ///
+    /// # Errors
+    /// The store cannot be opened.
+    pub fn open_as(&self, application: &str) -> Result<PgStore, Box<dyn Error>> {
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        Ok(PgStore::open_with(
+            &format!("{}{sep}application_name={application}", self.url),
+            &PgOptions {
+                schema: Some(self.name.clone()),
+                pool_size: 4,
+                ..PgOptions::default()
+            },
+        )?)
+    }
+
     /// A plain connection whose search path is this schema, to look at or damage rows.
     ///
     /// # Errors
