@@ -112,7 +112,7 @@ impl SyncEngine {
                 Reply::Apply(received) => break received,
             }
         };
-        // A page that references no file needs no trip to the storage thread to ask.
+        // A page that references no file needs no trip to the storage lane to ask.
         let files = received.page.versions().any(|(_, _, v)| v.blob().is_some());
         let (received, needed) = match files {
             false => (received, Vec::new()),

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::api::LastAudit;
 use crate::blob::{BlobStore, FsBlobStore, MemBlobStore};
-use crate::blocking::{Interrupted, StorageThread};
+use crate::blocking::{Interrupted, StorageLane};
 use crate::error::Result;
 use crate::hlc::{Clock, NodeId, TimeSource, WallClock};
 use crate::notify::Notifier;
@@ -230,7 +230,7 @@ struct Inner {
     notifier: Notifier,
     /// Where the store work of the rounds and audits this node initiates runs (see
     /// [`crate::blocking`]).
-    storage: StorageThread,
+    storage: StorageLane,
 }
 
 /// What the engine keeps of its peers, in memory: after a restart the first round with each
@@ -414,7 +414,7 @@ impl SyncEngine {
             blobs,
             guards: Mutex::new(BlobGuards::default()),
             notifier: Notifier::new(),
-            storage: StorageThread::new(),
+            storage: StorageLane::new(),
         };
         Ok(SyncEngine {
             inner: Arc::new(inner),
@@ -428,8 +428,8 @@ impl SyncEngine {
         }
     }
 
-    /// Runs `work` on this engine's storage thread inside a tokio runtime, inline otherwise
-    /// ([`StorageThread::run`]).
+    /// Runs `work` on this engine's storage lane inside a tokio runtime, inline otherwise
+    /// ([`StorageLane::run`]).
     pub(crate) async fn on_storage<T, F>(&self, work: F) -> std::result::Result<T, Interrupted>
     where
         F: FnOnce() -> T + Send + 'static,
