@@ -253,7 +253,7 @@ mod tests {
             let second = storage.run(move || counted.fetch_add(1, Ordering::SeqCst));
             tokio::pin!(first);
             assert!(futures_util::FutureExt::now_or_never(first.as_mut()).is_none());
-            drop(futures_util::FutureExt::now_or_never(second));
+            let _ = futures_util::FutureExt::now_or_never(second);
             gate.send(()).expect("the first job waits");
             assert_eq!(first.await, Ok(true));
             // Jobs run in order: once a third has run, the dropped one has too.
