@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::api::LastAudit;
-use crate::blocking::run_blocking;
 use crate::error::{Error, ProtocolError, Result};
 use crate::exchange::apply::skew_reason;
 use crate::exchange::audit::{shipped, AuditExt, AuditRequest, AuditResponse, Auditor, Shipment};
@@ -105,29 +104,33 @@ impl SyncEngine {
         }
         let engine = self.handle();
         let scopes = options.scopes.clone();
-        let mut auditor = run_blocking(move || -> Result<Auditor> {
-            let read = engine.inner.store.read()?;
-            let local = read.scopes()?;
-            Ok(Auditor::start(engine.node_id(), &*read, &scopes, &local)?)
-        })
-        .await??;
+        let mut auditor = self
+            .on_storage(move || -> Result<Auditor> {
+                let read = engine.inner.store.read()?;
+                let local = read.scopes()?;
+                Ok(Auditor::start(engine.node_id(), &*read, &scopes, &local)?)
+            })
+            .await??;
         let mut outcome = AuditOutcome::default();
         let mut refused_here = Vec::new();
         let engine = self.handle();
         let in_play = options.scopes.clone();
-        let floors = run_blocking(move || engine.floors_in_play(&in_play)).await??;
+        let floors = self
+            .on_storage(move || engine.floors_in_play(&in_play))
+            .await??;
         loop {
             let engine = self.handle();
-            let (back, request) = run_blocking(move || {
-                let request = engine
-                    .inner
-                    .store
-                    .read()
-                    .map_err(Error::from)
-                    .and_then(|read| Ok(auditor.request(&*read)?));
-                (auditor, request)
-            })
-            .await?;
+            let (back, request) = self
+                .on_storage(move || {
+                    let request = engine
+                        .inner
+                        .store
+                        .read()
+                        .map_err(Error::from)
+                        .and_then(|read| Ok(auditor.request(&*read)?));
+                    (auditor, request)
+                })
+                .await?;
             auditor = back;
             // Versions of the last response we refused below our floor are reported with the
             // next request, or with one of their own when the audit is otherwise done.
@@ -168,11 +171,12 @@ impl SyncEngine {
             let label = response.from.to_string();
             let engine = self.handle();
             let in_play = options.scopes.clone();
-            let (response, dropped) = run_blocking(move || {
-                let dropped = engine.drop_refused(&label, &in_play, &response.ext.refused);
-                (response, dropped)
-            })
-            .await?;
+            let (response, dropped) = self
+                .on_storage(move || {
+                    let dropped = engine.drop_refused(&label, &in_play, &response.ext.refused);
+                    (response, dropped)
+                })
+                .await?;
             outcome.dropped += dropped?.len();
             if closing {
                 break;
@@ -184,16 +188,17 @@ impl SyncEngine {
             outcome.halts.extend(Halt::below_floor(&applied.refused));
             refused_here = applied.refused;
             let engine = self.handle();
-            let (back, received) = run_blocking(move || {
-                let received = engine
-                    .inner
-                    .store
-                    .read()
-                    .map_err(Error::from)
-                    .and_then(|read| Ok(auditor.receive(&*read, &response)?));
-                (auditor, received)
-            })
-            .await?;
+            let (back, received) = self
+                .on_storage(move || {
+                    let received = engine
+                        .inner
+                        .store
+                        .read()
+                        .map_err(Error::from)
+                        .and_then(|read| Ok(auditor.receive(&*read, &response)?));
+                    (auditor, received)
+                })
+                .await?;
             auditor = back;
             received?;
             outcome.blobs_fetched += fetched;
@@ -208,7 +213,8 @@ impl SyncEngine {
         if let Some(p) = peer.filter(|_| !halted) {
             let engine = self.handle();
             let scopes = options.scopes.clone();
-            run_blocking(move || engine.adopt_floors(p, &scopes)).await??;
+            self.on_storage(move || engine.adopt_floors(p, &scopes))
+                .await??;
         }
         outcome.files_repaired = self.repair_staged(transport).await?;
         if let Some(p) = peer {
@@ -230,22 +236,29 @@ impl SyncEngine {
         scopes: &ScopeFilter,
     ) -> Result<(AuditResponse, AppliedVersions, usize)> {
         let engine = self.handle();
-        let (response, needed) = run_blocking(move || {
-            let needed = engine.needed_blobs(shipped(&response.versions));
-            (response, needed)
-        })
-        .await?;
+        let (response, needed) = self
+            .on_storage(move || {
+                let needed = engine.needed_blobs(shipped(&response.versions));
+                (response, needed)
+            })
+            .await?;
         // Pins keep fetched blobs alive until the versions that reference them commit.
         let fetched = self.fetch_blobs(transport, needed?).await;
         let engine = self.handle();
         let scopes = scopes.clone();
-        let (response, applied) = run_blocking(move || {
-            let from = response.from;
-            let applied =
-                engine.apply_versions(&from.to_string(), from, true, &response.versions, &scopes);
-            (response, applied)
-        })
-        .await?;
+        let (response, applied) = self
+            .on_storage(move || {
+                let from = response.from;
+                let applied = engine.apply_versions(
+                    &from.to_string(),
+                    from,
+                    true,
+                    &response.versions,
+                    &scopes,
+                );
+                (response, applied)
+            })
+            .await?;
         Ok((response, applied?, fetched.len()))
     }
 
@@ -497,8 +510,9 @@ impl SyncEngine {
         let mut repaired = 0;
         loop {
             let engine = self.handle();
-            let (missing, last) =
-                run_blocking(move || engine.missing_referenced(after, 1024)).await??;
+            let (missing, last) = self
+                .on_storage(move || engine.missing_referenced(after, 1024))
+                .await??;
             if !missing.is_empty() {
                 let present = transport
                     .blobs_present(missing.iter().map(|b| b.hash).collect())
@@ -522,7 +536,7 @@ impl SyncEngine {
     /// store failure counts as none missing.
     pub async fn missing_files(&self) -> bool {
         let engine = self.handle();
-        let found = run_blocking(move || -> Result<bool> {
+        let found = self.on_storage(move || -> Result<bool> {
             let mut after = None;
             loop {
                 let (missing, last) = engine.missing_referenced(after, 1024)?;

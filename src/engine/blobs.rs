@@ -212,10 +212,16 @@ impl SyncEngine {
         &self,
         versions: impl IntoIterator<Item = Item<'a>>,
     ) -> crate::Result<Vec<(Scope, Key, Hlc, BlobRef)>> {
-        let read = self.inner.store.read()?;
+        // Opened at the first version with a file: a page without any (most pages) costs
+        // no read transaction.
+        let mut read = None;
         let mut out = Vec::new();
         for (scope, key, v) in versions {
             let Some(blob) = v.blob() else { continue };
+            let read = match &mut read {
+                Some(read) => read,
+                None => read.insert(self.inner.store.read()?),
+            };
             let keeps = read.get(scope, key)?.is_none_or(|s| v.hlc >= s.hlc);
             if keeps && !self.inner.blobs.contains(&blob.hash)? {
                 out.push((scope.clone(), key.clone(), v.hlc, *blob));

@@ -1,7 +1,6 @@
 //! The initiator's half of a round: the driver around [`Initiation`], which plans and
 //! finishes the round, while this file does its IO (store, transport, blobs, events).
 
-use crate::blocking::run_blocking;
 use crate::error::Result;
 use crate::exchange::plan::PageLimits;
 use crate::exchange::{
@@ -75,32 +74,33 @@ impl SyncEngine {
         session.held = None;
         let engine = self.handle();
         let plan_options = options.clone();
-        let (mut round, floors) = run_blocking(move || -> crate::Result<_> {
-            let read = engine.inner.store.read()?;
-            let round = Initiation::plan(
-                engine.node_id(),
-                &*read,
-                &mut planning,
-                expected,
-                &plan_options,
-                limits,
-                &|b: &BlobRef| engine.has_blob(b),
-            )?;
-            // Our floors go with the first request of a session, with one at least every
-            // `FLOORS_FRESH`, and with any that carries versions or refusals: `Some` asks for
-            // the peer's floors and refusals in turn.
-            let stale = (engine.inner.config.time.now())
-                .saturating_sub(duration_to_ntp64(FLOORS_FRESH).unwrap_or(u64::MAX));
-            let tell = planning.floors_heard.is_none_or(|at| at < stale)
-                || !planning.refused.is_empty()
-                || !round.request().page.runs.is_empty();
-            let floors = match tell {
-                true => Some(floors_in(&*read, round.scopes())?),
-                false => None,
-            };
-            Ok((round, floors))
-        })
-        .await??;
+        let (mut round, floors) = self
+            .on_storage(move || -> crate::Result<_> {
+                let read = engine.inner.store.read()?;
+                let round = Initiation::plan(
+                    engine.node_id(),
+                    &*read,
+                    &mut planning,
+                    expected,
+                    &plan_options,
+                    limits,
+                    &|b: &BlobRef| engine.has_blob(b),
+                )?;
+                // Our floors go with the first request of a session, with one at least every
+                // `FLOORS_FRESH`, and with any that carries versions or refusals: `Some` asks
+                // for the peer's floors and refusals in turn.
+                let stale = (engine.inner.config.time.now())
+                    .saturating_sub(duration_to_ntp64(FLOORS_FRESH).unwrap_or(u64::MAX));
+                let tell = planning.floors_heard.is_none_or(|at| at < stale)
+                    || !planning.refused.is_empty()
+                    || !round.request().page.runs.is_empty();
+                let floors = match tell {
+                    true => Some(floors_in(&*read, round.scopes())?),
+                    false => None,
+                };
+                Ok((round, floors))
+            })
+            .await??;
         let refused = std::mem::take(&mut session.refused);
         if let Some(floors) = floors {
             round.set_floors(floors, refused);
@@ -115,14 +115,23 @@ impl SyncEngine {
                 Reply::Apply(received) => break received,
             }
         };
-        let engine = self.handle();
-        let (received, needed) = run_blocking(move || {
-            let needed = engine.needed_blobs(received.page.versions());
-            (received, needed)
-        })
-        .await?;
+        // A page that references no file needs no trip to the storage lane to ask.
+        let files = received.page.versions().any(|(_, _, v)| v.blob().is_some());
+        let (received, needed) = match files {
+            false => (received, Vec::new()),
+            true => {
+                let engine = self.handle();
+                let (received, needed) = self
+                    .on_storage(move || {
+                        let needed = engine.needed_blobs(received.page.versions());
+                        (received, needed)
+                    })
+                    .await?;
+                (received, needed?)
+            }
+        };
         // Pins keep fetched blobs alive until the page that references them is committed.
-        let fetched = self.fetch_blobs(transport, needed?).await;
+        let fetched = self.fetch_blobs(transport, needed).await;
         let fetched_count = fetched.len();
         let engine = self.handle();
         let scopes = round.scopes().clone();
@@ -131,24 +140,25 @@ impl SyncEngine {
             .clone()
             .unwrap_or_else(|| received.peer.to_string());
         let peer = label.clone();
-        let (received, applied) = run_blocking(move || {
-            let applied = engine
-                .apply_page(
-                    &peer,
-                    Sender::Responder,
-                    &received.page,
-                    &scopes,
-                    received.knowledge.clone(),
-                    None,
-                )
-                .and_then(|applied| {
-                    let dropped = engine.drop_refused(&peer, &scopes, &received.ext.refused)?;
-                    let mine = marks_in_play(&*engine.inner.store.read()?, &scopes)?;
-                    Ok((applied, dropped, mine))
-                });
-            (received, applied)
-        })
-        .await?;
+        let (received, applied) = self
+            .on_storage(move || {
+                let applied = engine
+                    .apply_page(
+                        &peer,
+                        Sender::Responder,
+                        &received.page,
+                        &scopes,
+                        received.knowledge.clone(),
+                        None,
+                    )
+                    .and_then(|applied| {
+                        let dropped = engine.drop_refused(&peer, &scopes, &received.ext.refused)?;
+                        let mine = marks_in_play(&*engine.inner.store.read()?, &scopes)?;
+                        Ok((applied, dropped, mine))
+                    });
+                (received, applied)
+            })
+            .await?;
         let (mut applied, dropped, mine) = applied?;
         let mut audit_wanted = self.heard_floors(received.peer, &received.ext.floors);
         // A run whose base lies below its sender's floor may have skipped tombstones the

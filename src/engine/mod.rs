@@ -55,6 +55,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::api::LastAudit;
 use crate::blob::{BlobStore, FsBlobStore, MemBlobStore};
+use crate::blocking::{Interrupted, StorageLane};
 use crate::error::Result;
 use crate::hlc::{Clock, NodeId, TimeSource, WallClock};
 use crate::notify::Notifier;
@@ -227,6 +228,9 @@ struct Inner {
     /// What keeps blobs from removal while they are in use.
     guards: Mutex<BlobGuards>,
     notifier: Notifier,
+    /// Where the store work of the rounds and audits this node initiates runs (see
+    /// [`crate::blocking`]).
+    storage: StorageLane,
 }
 
 /// What the engine keeps of its peers, in memory: after a restart the first round with each
@@ -410,6 +414,7 @@ impl SyncEngine {
             blobs,
             guards: Mutex::new(BlobGuards::default()),
             notifier: Notifier::new(),
+            storage: StorageLane::new(),
         };
         Ok(SyncEngine {
             inner: Arc::new(inner),
@@ -421,6 +426,16 @@ impl SyncEngine {
         SyncEngine {
             inner: self.inner.clone(),
         }
+    }
+
+    /// Runs `work` on this engine's storage lane inside a tokio runtime, inline otherwise
+    /// ([`StorageLane::run`]).
+    pub(crate) async fn on_storage<T, F>(&self, work: F) -> std::result::Result<T, Interrupted>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.inner.storage.run(work).await
     }
 
     /// This node's id.

@@ -37,6 +37,14 @@ pub(super) enum Sender {
     Initiator,
 }
 
+/// What applying a page reads before it plans: this node's marks, what it recorded of the
+/// sender's, and when it last saw the sender (one snapshot).
+struct Before {
+    own: ScopedWatermarks,
+    knowledge: Option<ScopedWatermarks>,
+    seen: Option<u64>,
+}
+
 pub(super) struct Applied {
     pub(super) received: usize,
     pub(super) applied: usize,
@@ -64,25 +72,38 @@ impl SyncEngine {
     ) -> Result<Applied> {
         apply::validate_page(page, scopes)?;
         let me = self.node_id();
-        let own = self.inner.store.read()?.watermarks()?;
-        let evidence = evidence_in_marks(me, &own, &knowledge.marks)
-            .or_else(|| evidence_in_page(me, &own, page));
+        let before = self.stored_before(knowledge.peer)?;
+        let evidence = evidence_in_marks(me, &before.own, &knowledge.marks)
+            .or_else(|| evidence_in_page(me, &before.own, page));
         let adopt = sender == Sender::Responder
             || self.inner.config.restore_detection == RestoreDetection::Any;
         match evidence {
             Some(evidence) if adopt => {
                 let me = self.take_fresh_identity(peer, &evidence)?;
-                self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen)
+                // Read again: the state after the new id was taken.
+                let before = self.stored_before(knowledge.peer)?;
+                self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen, before)
             }
             Some(evidence) => {
                 self.warn_of_evidence(peer, knowledge.peer, &evidence);
-                self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen)
+                self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen, before)
             }
-            None => self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen),
+            None => self.apply_page_as(me, peer, sender, page, scopes, knowledge, seen, before),
         }
     }
 
-    #[allow(clippy::too_many_arguments)] // apply_page's arguments, and the id to apply as
+    /// What applying a page from `peer` reads first, from one snapshot of the store.
+    fn stored_before(&self, peer: NodeId) -> Result<Before> {
+        let read = self.inner.store.read()?;
+        Ok(Before {
+            own: read.watermarks()?,
+            knowledge: read.peer_watermarks(peer)?,
+            seen: read.peer_seen(peer)?,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // apply_page's arguments, the id to apply as, and
+                                         // what was read before
     fn apply_page_as(
         &self,
         me: NodeId,
@@ -92,17 +113,17 @@ impl SyncEngine {
         scopes: &ScopeFilter,
         mut knowledge: PeerKnowledge,
         seen: Option<&ScopedWatermarks>,
+        before: Before,
     ) -> Result<Applied> {
-        let read = self.inner.store.read()?;
-        let own = read.watermarks()?;
-        let stored_knowledge = read.peer_watermarks(knowledge.peer)?;
+        let Before {
+            own,
+            knowledge: stored_knowledge,
+            seen: seen_at,
+        } = before;
         let now = self.inner.config.time.now();
         // The peer's last-seen time (for retiring peers not seen for months) is kept to the
         // day: a quiet round commits nothing unless the stored time is a day old.
-        let seen_due = read
-            .peer_seen(knowledge.peer)?
-            .is_none_or(|t| now.saturating_sub(t) > SEEN_RESOLUTION);
-        drop(read);
+        let seen_due = seen_at.is_none_or(|t| now.saturating_sub(t) > SEEN_RESOLUTION);
         // IMPORTANT: pinned from the presence check to the commit, so a blob found present
         // here cannot be removed before the version that references it is stored.
         let _pins: Vec<_> = page
