@@ -349,6 +349,39 @@ pub struct PeerLink {
     /// The last audit the scheduler ran with the peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_audit: Option<LastAudit>,
+    /// The current or last pull from the peer (a burst of rounds while it had more), once
+    /// a round succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullProgress>,
+}
+
+/// How far a pull from a peer has come: the rounds in a row that found more to pull, up to
+/// and including the one that found nothing more.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullProgress {
+    /// Versions received in this pull so far.
+    pub received: u64,
+    /// Versions the peer still holds for this node, as its last answer counted them
+    /// ([`crate::ExchangeOutcome::remaining`]); `None` if it did not count (a version 1
+    /// peer). `received + remaining` is the pull's total.
+    pub remaining: Option<u64>,
+}
+
+impl PullProgress {
+    /// The pull's total, `received + remaining`, when the peer counted.
+    pub fn total(&self) -> Option<u64> {
+        self.remaining.map(|r| self.received.saturating_add(r))
+    }
+
+    /// The progress after one more round that received `received` versions and whose
+    /// answer counted `remaining`; `first`: the round starts a new pull.
+    pub fn after_round(self, first: bool, received: u64, remaining: Option<u64>) -> Self {
+        let before = if first { 0 } else { self.received };
+        PullProgress {
+            received: before.saturating_add(received),
+            remaining,
+        }
+    }
 }
 
 /// The most unacknowledged writes [`PeerLink::unacknowledged`] counts per scope: the count

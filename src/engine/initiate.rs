@@ -86,11 +86,14 @@ impl SyncEngine {
                 limits,
                 &|b: &BlobRef| engine.has_blob(b),
             )?;
-            // Our floors go with the first request of a session and with any that carries
-            // versions or refusals: `Some` asks for the peer's floors and refusals in turn.
+            // Our floors go with the first request of a session, with any that carries
+            // versions or refusals, and with each while we pull (the last page was cut):
+            // `Some` asks for the peer's floors and refusals in turn, and makes the request
+            // version 2, whose answer says how many versions remain.
             let tell = !planning.floors_heard
                 || !planning.refused.is_empty()
-                || !round.request().page.runs.is_empty();
+                || !round.request().page.runs.is_empty()
+                || planning.pulling;
             let floors = match tell {
                 true => Some(floors_in(&*read, round.scopes())?),
                 false => None,

@@ -83,7 +83,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::api::{HaltSide, HaltedStream, PeerLink};
+use crate::api::{HaltSide, HaltedStream, PeerLink, PullProgress};
 use crate::engine::{AuditOutcome, ExchangeOptions, ExchangeOutcome, LinkSource, SyncEngine};
 use crate::error::Error;
 use crate::exchange::{Halt, HaltReason, Session};
@@ -226,6 +226,10 @@ pub struct PeerStatus {
     /// The last audit this scheduler ran with the peer: when it ended, and what it found
     /// or why it failed.
     pub last_audit: Option<(SystemTime, Result<AuditOutcome, String>)>,
+    /// The current or last pull from the peer: versions received in the rounds in a row
+    /// that had more, and how many the peer's last answer said remain (see
+    /// [`PullProgress`]). `None` until a round succeeded.
+    pub pull: Option<PullProgress>,
 }
 
 /// Errors of the scheduler.
@@ -312,6 +316,7 @@ impl Peer {
             files_missing,
             halted,
             last_audit: None,
+            pull: status.pull,
         }
     }
 
@@ -470,6 +475,7 @@ impl Scheduler {
                     next_attempt: None,
                     session: Session::named(name.clone()),
                     last_audit: None,
+                    pull: None,
                 }),
                 name,
                 options,

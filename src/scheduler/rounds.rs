@@ -136,7 +136,7 @@ pub(super) async fn round_loop<T: Transport>(
         let result = tokio::select! {
             biased;
             () = stopped(&mut stop) => return,
-            result = run_round(shared, peer, transport) => result,
+            result = run_round(shared, peer, transport, burst == 0) => result,
         };
         next = match result {
             Ok(outcome) => {
@@ -313,11 +313,13 @@ fn warn_now(peer: &Peer, what: &str) -> bool {
     }
 }
 
-/// Runs one round with its hooks, and records and publishes its success.
+/// Runs one round with its hooks, and records and publishes its success; `first`: the
+/// round starts a burst (a new pull).
 pub(super) async fn run_round<T: Transport>(
     shared: &Shared,
     peer: &Peer,
     transport: &T,
+    first: bool,
 ) -> Result<ExchangeOutcome, Failure> {
     let config = &shared.config;
     if let Some(hook) = &config.before_round {
@@ -382,6 +384,8 @@ pub(super) async fn run_round<T: Transport>(
         status.last_success = Some(SystemTime::now());
         status.consecutive_failures = 0;
         status.rounds += 1;
+        let pull = status.pull.unwrap_or_default();
+        status.pull = Some(pull.after_round(first, outcome.received as u64, outcome.remaining));
         !std::mem::replace(&mut status.connected, true)
     };
     if learnt {
@@ -402,6 +406,7 @@ pub(super) async fn run_round<T: Transport>(
         received: outcome.received,
         applied: outcome.applied,
         has_more: outcome.has_more,
+        remaining: outcome.remaining,
     }));
     hydrate(shared, &options, &outcome).await;
     Ok(outcome)
