@@ -267,6 +267,8 @@ struct PeerMemory {
     /// Where the status document finds the peers a scheduler runs rounds with (weak: a
     /// scheduler that is gone shows none).
     links: Option<std::sync::Weak<LinkSource>>,
+    /// Where routed reads find the peer that hydrates a scope (weak, as `links`).
+    routes: Option<std::sync::Weak<RouteSource>>,
 }
 
 /// Logs loudly when the stored clock is further ahead of the time source than the drift
@@ -306,6 +308,11 @@ fn take_fresh_id(store: &dyn Store) -> Result<NodeId> {
 /// What a scheduler tells the status document of its peers (see [`crate::api::PeerLink`];
 /// the engine fills in what its store knows).
 pub(crate) type LinkSource = dyn Fn() -> Vec<crate::api::PeerLink> + Send + Sync;
+
+/// Where a scheduler pulls a scope from: the name and records API of the peer that
+/// hydrates it, if one can be read from (see [`crate::api::NodeApi::get_routed`]).
+pub(crate) type RouteSource =
+    dyn Fn(&Scope) -> Option<(String, Arc<dyn crate::api::NodeApi>)> + Send + Sync;
 
 impl SyncEngine {
     /// Opens (or creates) a node in directory `dir` with default settings.
@@ -530,6 +537,18 @@ impl SyncEngine {
     /// on this engine; see [`crate::api::Status::configured_peers`]).
     pub(crate) fn show_links(&self, source: std::sync::Weak<LinkSource>) {
         lock(&self.inner.peers).links = Some(source);
+    }
+
+    /// Makes routed reads ask the peers `source` names (the last scheduler started on this
+    /// engine).
+    pub(crate) fn route_reads(&self, source: std::sync::Weak<RouteSource>) {
+        lock(&self.inner.peers).routes = Some(source);
+    }
+
+    /// The peer a routed read of `scope` asks, if a scheduler names one.
+    fn route(&self, scope: &Scope) -> Option<(String, Arc<dyn crate::api::NodeApi>)> {
+        let source = lock(&self.inner.peers).routes.clone();
+        source.and_then(|s| s.upgrade()).and_then(|s| s(scope))
     }
 
     /// The peers the scheduler runs rounds with, as it sees them.

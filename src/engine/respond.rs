@@ -86,6 +86,10 @@ impl Responder for SyncEngine {
     fn notifier(&self) -> Option<&Notifier> {
         Some(&self.inner.notifier)
     }
+
+    fn records(&self) -> Option<std::sync::Arc<dyn crate::api::NodeApi>> {
+        Some(std::sync::Arc::new(self.handle()))
+    }
 }
 
 impl SyncEngine {
