@@ -400,6 +400,9 @@ pub(super) async fn run_round<T: Transport>(
         }));
     }
     report_peer_halts(shared, peer, &outcome.peer_halts);
+    // IMPORTANT: read before `sync_applied` is published: a listener that writes to a new
+    // scope when it hears of the round must not find that scope counted as pulled by it.
+    let in_play = scopes_in_play(shared, &options).await;
     notifier.publish(Event::Sync(SyncEvent::Applied {
         peer: peer.name.clone(),
         shipped: outcome.shipped,
@@ -408,26 +411,49 @@ pub(super) async fn run_round<T: Transport>(
         has_more: outcome.has_more,
         remaining: outcome.remaining,
     }));
-    hydrate(shared, &options, &outcome).await;
+    if let Some(in_play) = in_play {
+        hydrate(shared, in_play, &outcome).await;
+    }
     Ok(outcome)
+}
+
+/// The scopes a round had in play: those its options name, or with
+/// [`ScopeFilter::All`] the scopes the node holds after it (`None`, logged, if they cannot
+/// be read: the hydration is then left as it was).
+async fn scopes_in_play(shared: &Shared, options: &ExchangeOptions) -> Option<Vec<Scope>> {
+    let (engine, scopes) = (shared.engine.handle(), options.scopes.clone());
+    let read = run_blocking(move || -> Result<Vec<Scope>, Error> {
+        Ok(match scopes {
+            ScopeFilter::Only(set) => set.into_iter().collect(),
+            ScopeFilter::All => engine.scopes()?,
+        })
+    })
+    .await;
+    match read {
+        Ok(Ok(scopes)) => Some(scopes),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %error_chain(&e), "cannot record the scopes' hydration");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the scopes' hydration");
+            None
+        }
+    }
 }
 
 /// Moves the hydration of the scopes a round had in play: ready when it pulled them
 /// completely (nothing more to come, no stream halted either way), else hydrating; publishes
 /// each change, and opens [`super::Scheduler::ready`] once every boot scope is ready.
-async fn hydrate(shared: &Shared, options: &ExchangeOptions, outcome: &ExchangeOutcome) {
+async fn hydrate(shared: &Shared, in_play: Vec<Scope>, outcome: &ExchangeOutcome) {
     let complete = !outcome.has_more && outcome.halts.is_empty() && outcome.peer_halts.is_empty();
     let state = if complete {
         Hydration::Ready
     } else {
         Hydration::Hydrating
     };
-    let (engine, scopes) = (shared.engine.handle(), options.scopes.clone());
+    let engine = shared.engine.handle();
     let changed = run_blocking(move || -> Result<Vec<Scope>, Error> {
-        let in_play: Vec<Scope> = match scopes {
-            ScopeFilter::Only(set) => set.into_iter().collect(),
-            ScopeFilter::All => engine.scopes()?,
-        };
         let mut changed = Vec::new();
         for scope in in_play {
             if engine.set_hydration(&scope, state)? {
