@@ -216,3 +216,29 @@ async fn a_hub_out_of_reach_leaves_the_answer_local_and_not_ready() -> TestResul
     scheduler.shutdown().await?;
     device.stop().await
 }
+
+#[tokio::test]
+async fn a_hub_that_does_not_answer_in_time_leaves_the_answer_local() -> TestResult {
+    let device = Arc::new(SyncEngine::in_memory()?);
+    device.put(&items(), &key(1), b"written here".to_vec())?;
+    // Accepts connections (the kernel does) and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", silent.local_addr()?);
+    let scheduler = Scheduler::start(device.clone(), config());
+    scheduler.add_peer(url.clone(), Arc::new(HttpTransport::new(&url, None)?))?;
+    let started = std::time::Instant::now();
+    let read = scheduler.get_routed(items(), key(1)).await?;
+    let waited = started.elapsed();
+    assert_eq!(read.source, Source::Local);
+    assert_eq!(
+        read.value.found().map(|r| r.value),
+        Some(b"written here".to_vec())
+    );
+    assert!(
+        waited >= highwater::engine::ROUTED_READ_TIMEOUT && waited < Duration::from_secs(30),
+        "{waited:?}"
+    );
+    drop(silent);
+    drop(scheduler);
+    Ok(())
+}

@@ -81,7 +81,7 @@ impl NodeApi for SyncEngine {
                 let (_, value) = here.await?;
                 return Ok(routed(value, Source::Local, hydration));
             };
-            let remote = api.get(scope.clone(), key).await;
+            let remote = ask(api.get(scope.clone(), key)).await;
             let (local_hlc, local) = here.await?;
             let remote = match remote {
                 Ok(remote) => remote,
@@ -120,7 +120,7 @@ impl NodeApi for SyncEngine {
                 return Ok(routed(here.await?, Source::Local, hydration));
             };
             let limit = query.limit.clamp(1, MAX_LIST_LIMIT);
-            let remote = api.list(scope.clone(), query).await;
+            let remote = ask(api.list(scope.clone(), query)).await;
             let local = here.await?;
             Ok(match remote {
                 Ok(remote) => routed(
@@ -134,6 +134,24 @@ impl NodeApi for SyncEngine {
                 }
             })
         })
+    }
+}
+
+/// How long a routed read waits for the peer before it answers from this node instead.
+pub const ROUTED_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The peer's answer to a routed read, or an error once [`ROUTED_READ_TIMEOUT`] passed
+/// (inside a tokio runtime: a peer that is slow to answer must not hold up a screen).
+async fn ask<T>(read: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return read.await;
+    }
+    match tokio::time::timeout(ROUTED_READ_TIMEOUT, read).await {
+        Ok(answer) => answer,
+        Err(_) => Err(crate::error::TransportError::Unreachable {
+            reason: format!("no answer within {ROUTED_READ_TIMEOUT:?}"),
+        }
+        .into()),
     }
 }
 

@@ -62,6 +62,7 @@ use crate::poison::lock;
 use crate::record::{Hydration, Scope};
 use crate::store::{MemStore, RedbStore, Store};
 
+pub use self::api::ROUTED_READ_TIMEOUT;
 pub use self::audit::{AuditOptions, AuditOutcome};
 use self::blobs::BlobGuards;
 pub use self::blobs::TRANSFER_CONCURRENCY;
