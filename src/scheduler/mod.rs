@@ -580,8 +580,9 @@ impl Scheduler {
     /// [`Hydration::Ready`], before that from the peer that hydrates it (the first added
     /// that pulls the scope and can be read from, connected ones first), with this node's
     /// newer version where it has one; from this node if no peer can answer. The answer
-    /// says which ([`Source`](crate::api::Source)). The same as the engine's [`NodeApi::get_routed`] while
-    /// this scheduler runs. See docs/scheduling.md, "Routed reads".
+    /// says which ([`Source`](crate::api::Source)). The same as the engine's
+    /// [`NodeApi::get_routed`] while this scheduler runs. See docs/scheduling.md, "Routed
+    /// reads".
     ///
     /// # Errors
     /// This node's store failed (a peer that cannot answer is not an error).
