@@ -111,6 +111,89 @@ pub trait NodeApi: Send + Sync {
     /// # Errors
     /// As for [`NodeApi::get`].
     fn status(&self, visible: Visible) -> BoxFuture<'_, Result<Status>>;
+
+    /// As [`NodeApi::get`], routed while the scope hydrates: a node whose scheduler pulls a
+    /// scope that is not [`Hydration::Ready`] from a peer it can read from asks that peer,
+    /// and says where the answer came from (see docs/scheduling.md, "Routed reads"). The
+    /// default answers [`NodeApi::get`], from here.
+    ///
+    /// # Errors
+    /// As for [`NodeApi::get`] (a peer that cannot answer is not an error: the answer is
+    /// then this node's own).
+    fn get_routed(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Routed<Lookup>>> {
+        Box::pin(async move { Ok(Routed::here(self.get(scope, key).await?)) })
+    }
+
+    /// As [`NodeApi::list`], routed as [`NodeApi::get_routed`] is.
+    ///
+    /// # Errors
+    /// As for [`NodeApi::get_routed`].
+    fn list_routed(
+        &self,
+        scope: Scope,
+        query: ListQuery,
+    ) -> BoxFuture<'_, Result<Routed<Listing>>> {
+        Box::pin(async move { Ok(Routed::here(self.list(scope, query).await?)) })
+    }
+}
+
+/// Where a routed read's answer came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The node's own store.
+    Local,
+    /// The peer that hydrates the scope, by the name it was added under (a node's: its
+    /// URL), asked with this node's token for it.
+    Remote {
+        /// The peer's name.
+        peer: String,
+    },
+}
+
+impl Source {
+    /// `local`, or `remote <peer>`: the `Highwater-Source` header's value.
+    pub fn to_header(&self) -> String {
+        match self {
+            Source::Local => "local".to_owned(),
+            Source::Remote { peer } => format!("remote {peer}"),
+        }
+    }
+
+    /// The inverse of [`Source::to_header`]; `None` for anything else.
+    pub fn from_header(value: &str) -> Option<Source> {
+        match value.split_once(' ') {
+            None if value == "local" => Some(Source::Local),
+            Some(("remote", peer)) if !peer.is_empty() => Some(Source::Remote {
+                peer: peer.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A routed read's answer ([`NodeApi::get_routed`]): the value, where it came from, and
+/// the scope's hydration on the node asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routed<T> {
+    /// The answer.
+    pub value: T,
+    /// Where it came from.
+    pub source: Source,
+    /// The scope's hydration on the node that was asked (not on the peer): an answer from
+    /// [`Source::Local`] while it is not [`Hydration::Ready`] may lack what the peer holds.
+    pub hydration: Hydration,
+}
+
+impl<T> Routed<T> {
+    /// An answer from this node's store, whose scope's hydration the default methods do not
+    /// know: they say [`Hydration::Ready`] (an implementation that routes knows better).
+    pub fn here(value: T) -> Routed<T> {
+        Routed {
+            value,
+            source: Source::Local,
+            hydration: Hydration::Ready,
+        }
+    }
 }
 
 /// A write's acknowledgement.
@@ -349,6 +432,39 @@ pub struct PeerLink {
     /// The last audit the scheduler ran with the peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_audit: Option<LastAudit>,
+    /// The current or last pull from the peer (a burst of rounds while it had more), once
+    /// a round succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullProgress>,
+}
+
+/// How far a pull from a peer has come: the rounds in a row that found more to pull, up to
+/// and including the one that found nothing more.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullProgress {
+    /// Versions received in this pull so far.
+    pub received: u64,
+    /// Versions the peer still holds for this node, as its last answer counted them
+    /// ([`crate::ExchangeOutcome::remaining`]); `None` if it did not count (a version 1
+    /// peer). `received + remaining` is the pull's total.
+    pub remaining: Option<u64>,
+}
+
+impl PullProgress {
+    /// The pull's total, `received + remaining`, when the peer counted.
+    pub fn total(&self) -> Option<u64> {
+        self.remaining.map(|r| self.received.saturating_add(r))
+    }
+
+    /// The progress after one more round that received `received` versions and whose
+    /// answer counted `remaining`; `first`: the round starts a new pull.
+    pub fn after_round(self, first: bool, received: u64, remaining: Option<u64>) -> Self {
+        let before = if first { 0 } else { self.received };
+        PullProgress {
+            received: before.saturating_add(received),
+            remaining,
+        }
+    }
 }
 
 /// The most unacknowledged writes [`PeerLink::unacknowledged`] counts per scope: the count

@@ -87,6 +87,9 @@ pub enum SyncEvent {
         applied: usize,
         /// Whether another round will follow at once.
         has_more: bool,
+        /// How many versions the peer still holds for this node beyond the round's page,
+        /// as it counted them ([`crate::ExchangeOutcome::remaining`]); `None` if it did not.
+        remaining: Option<u64>,
     },
     /// A round with `peer` failed (`sync_failed`).
     Failed {

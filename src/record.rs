@@ -301,6 +301,17 @@ impl Hydration {
             Hydration::Ready => "ready",
         }
     }
+
+    /// The state named `name` ([`Hydration::as_str`]), if any.
+    pub fn parse(name: &str) -> Option<Hydration> {
+        [
+            Hydration::NotStarted,
+            Hydration::Hydrating,
+            Hydration::Ready,
+        ]
+        .into_iter()
+        .find(|h| h.as_str() == name)
+    }
 }
 
 /// Where a record stands on a node. Derived from the row and the blob store, never stored.

@@ -6,7 +6,8 @@ mod common;
 use common::rounds::{link, mem_node, sync, sync_with, Link, Node, TestResult, Totals};
 use highwater::exchange::Page;
 use highwater::wire::{
-    encode, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseMarks, ScopeFilter,
+    encode, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt,
+    ResponseMarks, ScopeFilter,
 };
 use highwater::{ExchangeOptions, Key, ManualTime, Scope, SyncEngine};
 
@@ -34,7 +35,8 @@ struct MarksForm {
     known: bool,
     response_same: bool,
     /// The initiator's first request of a session: it also asks for the responder's purge
-    /// floors (`RequestExt::floors`, a few bytes of version 2).
+    /// floors (`RequestExt::floors`, a few bytes of version 2), and the version 2 answer
+    /// says how many versions remain (`ResponseExt::remaining`: none).
     first_of_session: bool,
 }
 
@@ -87,7 +89,10 @@ fn empty_response_len(node: &SyncEngine, form: MarksForm) -> TestResult<u64> {
         },
         page: Page::default(),
         halts: Vec::new(),
-        ext: Default::default(),
+        ext: ResponseExt {
+            remaining: form.first_of_session.then_some(0),
+            ..ResponseExt::default()
+        },
     };
     Ok(encode(&response).len() as u64)
 }

@@ -448,6 +448,32 @@ fn live_range_holds_exactly_the_live_versions(store: &dyn Store) -> TestResult {
         expect_1[1..2].to_vec()
     );
     assert_eq!(live(store, &s, 1, None, all, 0)?, vec![]);
+
+    // live_count counts what live_range returns, up to the cap.
+    let count = |origin: u8, after: Option<u64>, upto: u64, cap: u64| {
+        store.read()?.live_count(
+            &s,
+            id(origin),
+            after.map(|t| hlc(t, origin)),
+            hlc(upto, origin),
+            cap,
+        )
+    };
+    assert_eq!(count(1, None, all, u64::MAX)?, 3);
+    assert_eq!(count(2, None, all, u64::MAX)?, 2);
+    assert_eq!(
+        count(3, None, all, u64::MAX)?,
+        0,
+        "an origin with nothing live"
+    );
+    assert_eq!(count(1, Some(4), 7, u64::MAX)?, 2);
+    assert_eq!(count(1, Some(3), 5, u64::MAX)?, 2);
+    assert_eq!(count(1, None, 4, u64::MAX)?, 1);
+    assert_eq!(count(1, Some(5), 5, u64::MAX)?, 0, "empty range");
+    assert_eq!(count(1, Some(7), all, u64::MAX)?, 0);
+    assert_eq!(count(1, Some(7), 3, u64::MAX)?, 0, "after above upto");
+    assert_eq!(count(1, None, all, 2)?, 2, "the cap");
+    assert_eq!(count(1, None, all, 0)?, 0);
     Ok(())
 }
 
@@ -2449,6 +2475,35 @@ fn same_audit(real: &RedbStore, model: &MemStore, s: &Scope) -> TestResult {
             assert_eq!(r.audit_items(s, &range, usize::MAX)?, items, "{range:?}");
             assert_eq!(r.fingerprint(s, &range)?, fold(&items), "{range:?}");
             assert_eq!(m.fingerprint(s, &range)?, fold(&items), "{range:?}");
+        }
+    }
+    // live_count over the chunks: every origin's (after, upto] with bounds on and between
+    // items, under caps that stop the count inside a chunk and between chunks.
+    for origin in [1u8, 2, 3] {
+        let times: Vec<u64> = all
+            .iter()
+            .filter(|(h, _)| h.origin() == id(origin))
+            .map(|(h, _)| h.time())
+            .collect();
+        let mut edges: Vec<Option<u64>> = vec![None, Some(0)];
+        edges.extend(
+            times
+                .iter()
+                .step_by(29)
+                .flat_map(|t| [Some(*t), Some(t + 1)]),
+        );
+        for after in &edges {
+            for upto in edges.iter().flatten().chain([&u64::MAX]).step_by(2) {
+                let (after_h, upto_h) = (after.map(|t| hlc(t, origin)), hlc(*upto, origin));
+                let n = m
+                    .live_range(s, id(origin), after_h, upto_h, usize::MAX)?
+                    .len() as u64;
+                for cap in [u64::MAX, 0, 1, 5, 63, 130] {
+                    let got = r.live_count(s, id(origin), after_h, upto_h, cap)?;
+                    assert_eq!(got, n.min(cap), "{origin} ({after:?}, {upto}] cap {cap}");
+                    assert_eq!(m.live_count(s, id(origin), after_h, upto_h, cap)?, got);
+                }
+            }
         }
     }
     for parts in [2, 3, 16] {

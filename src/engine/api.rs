@@ -12,12 +12,13 @@ use futures_util::future::BoxFuture;
 use super::SyncEngine;
 use crate::api::{
     BlobTotals, FileRead, Gap, ListQuery, Listed, Listing, Lookup, NodeApi, PeerLag, RecordRead,
-    ResidencyTotals, ScopeStatus, Status, Visible, Written, MAX_LIST_LIMIT, UNACKNOWLEDGED_COUNTED,
+    ResidencyTotals, Routed, ScopeStatus, Source, Status, Visible, Written, MAX_LIST_LIMIT,
+    UNACKNOWLEDGED_COUNTED,
 };
 use crate::blocking::run_blocking;
 use crate::error::Result;
 use crate::hlc::{Hlc, NodeId};
-use crate::record::{Key, Op, Scope};
+use crate::record::{Hydration, Key, Op, Scope};
 use crate::watermark::ScopedWatermarks;
 
 impl NodeApi for SyncEngine {
@@ -68,6 +69,135 @@ impl NodeApi for SyncEngine {
     fn status(&self, visible: Visible) -> BoxFuture<'_, Result<Status>> {
         blocking(self, move |e| e.status_of(&*visible))
     }
+
+    fn get_routed(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Routed<Lookup>>> {
+        Box::pin(async move {
+            let (hydration, route) = self.routing(&scope).await?;
+            let here = {
+                let (scope, key) = (scope.clone(), key.clone());
+                blocking(self, move |e| e.lookup_versioned(&scope, &key))
+            };
+            let Some((peer, api)) = route else {
+                let (_, value) = here.await?;
+                return Ok(routed(value, Source::Local, hydration));
+            };
+            let remote = ask(api.get(scope.clone(), key)).await;
+            let (local_hlc, local) = here.await?;
+            let remote = match remote {
+                Ok(remote) => remote,
+                Err(e) => {
+                    unrouted(&peer, &scope, &e);
+                    return Ok(routed(local, Source::Local, hydration));
+                }
+            };
+            // This node's own version wins where it is newer than the peer's (a write not
+            // pushed yet): the answer the next rounds converge to.
+            let ours_newer = match (&remote, local_hlc) {
+                (Lookup::Found(theirs), Some(ours)) => ours > theirs.hlc,
+                (Lookup::Missing, Some(_)) => true,
+                // The peer's delete: its time is not in the answer, so the peer's stands.
+                (Lookup::Deleted, _) | (_, None) => false,
+            };
+            Ok(match ours_newer {
+                true => routed(local, Source::Local, hydration),
+                false => routed(remote, Source::Remote { peer }, hydration),
+            })
+        })
+    }
+
+    fn list_routed(
+        &self,
+        scope: Scope,
+        query: ListQuery,
+    ) -> BoxFuture<'_, Result<Routed<Listing>>> {
+        Box::pin(async move {
+            let (hydration, route) = self.routing(&scope).await?;
+            let here = {
+                let (scope, query) = (scope.clone(), query.clone());
+                blocking(self, move |e| e.listing(&scope, &query))
+            };
+            let Some((peer, api)) = route else {
+                return Ok(routed(here.await?, Source::Local, hydration));
+            };
+            let limit = query.limit.clamp(1, MAX_LIST_LIMIT);
+            let remote = ask(api.list(scope.clone(), query)).await;
+            let local = here.await?;
+            Ok(match remote {
+                Ok(remote) => routed(
+                    merge_listings(remote, local, limit),
+                    Source::Remote { peer },
+                    hydration,
+                ),
+                Err(e) => {
+                    unrouted(&peer, &scope, &e);
+                    routed(local, Source::Local, hydration)
+                }
+            })
+        })
+    }
+}
+
+/// How long a routed read waits for the peer before it answers from this node instead.
+pub const ROUTED_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The peer's answer to a routed read, or an error once [`ROUTED_READ_TIMEOUT`] passed
+/// (inside a tokio runtime: a peer that is slow to answer must not hold up a screen).
+async fn ask<T>(read: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return read.await;
+    }
+    match tokio::time::timeout(ROUTED_READ_TIMEOUT, read).await {
+        Ok(answer) => answer,
+        Err(_) => Err(crate::error::TransportError::Unreachable {
+            reason: format!("no answer within {ROUTED_READ_TIMEOUT:?}"),
+        }
+        .into()),
+    }
+}
+
+fn routed<T>(value: T, source: Source, hydration: Hydration) -> Routed<T> {
+    Routed {
+        value,
+        source,
+        hydration,
+    }
+}
+
+/// A routed read that the peer could not answer, answered from here instead.
+fn unrouted(peer: &str, scope: &Scope, e: &crate::Error) {
+    tracing::debug!(%peer, %scope, error = %crate::error::error_chain(e),
+        "the peer hydrating the scope cannot answer a read; answering from this node");
+}
+
+/// A page of the peer's listing and the same page of ours, merged: per key the newer
+/// version (ours where the peer lacks it or holds an older one), the first `limit` keys.
+/// Either page being full means more may follow: the merged page then names its last key
+/// to go on after, and a key either side left beyond it comes in the next page.
+fn merge_listings(remote: Listing, local: Listing, limit: usize) -> Listing {
+    let more = remote.next_after.is_some() || local.next_after.is_some();
+    let mut merged: BTreeMap<Key, Listed> = remote
+        .records
+        .into_iter()
+        .map(|r| (r.key.clone(), r))
+        .collect();
+    for ours in local.records {
+        match merged.get(&ours.key) {
+            Some(theirs) if theirs.hlc >= ours.hlc => {}
+            _ => {
+                merged.insert(ours.key.clone(), ours);
+            }
+        }
+    }
+    let cut = merged.len() > limit;
+    let records: Vec<Listed> = merged.into_values().take(limit).collect();
+    let next_after = records
+        .last()
+        .filter(|_| cut || more)
+        .map(|last| last.key.clone());
+    Listing {
+        records,
+        next_after,
+    }
 }
 
 /// Runs `work` on a handle of `engine` off the async runtime's threads.
@@ -81,18 +211,44 @@ fn blocking<T: Send + 'static>(
 
 impl SyncEngine {
     fn lookup(&self, scope: &Scope, key: &Key) -> Result<Lookup> {
+        Ok(self.lookup_versioned(scope, key)?.1)
+    }
+
+    /// The lookup, with the Hlc of the stored version (a tombstone's too).
+    fn lookup_versioned(&self, scope: &Scope, key: &Key) -> Result<(Option<Hlc>, Lookup)> {
         let Some(version) = self.get_version(scope, key)? else {
-            return Ok(Lookup::Missing);
+            return Ok((None, Lookup::Missing));
         };
         let residency = self.residency_of(Some(&version))?;
-        Ok(match version.op {
-            Op::Put { value, .. } => Lookup::Found(RecordRead {
-                value,
-                hlc: version.hlc,
-                residency,
-            }),
-            Op::Delete => Lookup::Deleted,
-        })
+        let hlc = version.hlc;
+        Ok((
+            Some(hlc),
+            match version.op {
+                Op::Put { value, .. } => Lookup::Found(RecordRead {
+                    value,
+                    hlc,
+                    residency,
+                }),
+                Op::Delete => Lookup::Deleted,
+            },
+        ))
+    }
+
+    /// A routed read's scope: its hydration here, and the peer to ask while it is not
+    /// ready (if a scheduler names one).
+    async fn routing(
+        &self,
+        scope: &Scope,
+    ) -> Result<(Hydration, Option<(String, std::sync::Arc<dyn NodeApi>)>)> {
+        let hydration = {
+            let scope = scope.clone();
+            blocking(self, move |e| e.hydration(&scope)).await?
+        };
+        let route = match hydration {
+            Hydration::Ready => None,
+            Hydration::NotStarted | Hydration::Hydrating => self.route(scope),
+        };
+        Ok((hydration, route))
     }
 
     fn listing(&self, scope: &Scope, query: &ListQuery) -> Result<Listing> {

@@ -87,13 +87,16 @@ impl SyncEngine {
                     &|b: &BlobRef| engine.has_blob(b),
                 )?;
                 // Our floors go with the first request of a session, with one at least every
-                // `FLOORS_FRESH`, and with any that carries versions or refusals: `Some` asks
-                // for the peer's floors and refusals in turn.
+                // `FLOORS_FRESH`, with any that carries versions or refusals, and with each
+                // while we pull (the last page was cut): `Some` asks for the peer's floors and
+                // refusals in turn, and makes the request version 2, whose answer says how
+                // many versions remain.
                 let stale = (engine.inner.config.time.now())
                     .saturating_sub(duration_to_ntp64(FLOORS_FRESH).unwrap_or(u64::MAX));
                 let tell = planning.floors_heard.is_none_or(|at| at < stale)
                     || !planning.refused.is_empty()
-                    || !round.request().page.runs.is_empty();
+                    || !round.request().page.runs.is_empty()
+                    || planning.pulling;
                 let floors = match tell {
                     true => Some(floors_in(&*read, round.scopes())?),
                     false => None,

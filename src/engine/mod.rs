@@ -63,6 +63,7 @@ use crate::poison::lock;
 use crate::record::{Hydration, Scope};
 use crate::store::{MemStore, RedbStore, Store};
 
+pub use self::api::ROUTED_READ_TIMEOUT;
 pub use self::audit::{AuditOptions, AuditOutcome};
 use self::blobs::BlobGuards;
 pub use self::blobs::TRANSFER_CONCURRENCY;
@@ -114,6 +115,14 @@ pub struct EngineConfig {
     pub page_bytes: usize,
     /// The largest page limit this node grants a requester (default 10 000).
     pub max_page_limit: usize,
+    /// How far this node, as responder, counts the versions an initiator still lacks beyond
+    /// the page it answers (`remaining` in a version 2 response; default 100 000; 0: it
+    /// does not count). A count that reaches the cap reports the cap. Its cost is
+    /// [`crate::store::StoreRead::live_count`]'s for each stream the page leaves unfinished:
+    /// on redb about `cap / 64` rows at most (0.3 ms at the default, about half the read of
+    /// a 1000-version page), on PostgreSQL and in memory `cap` index entries (see
+    /// docs/protocol.md, "Progress").
+    pub remaining_cap: u64,
     /// Versions further ahead of the local clock are refused (default 5 s).
     pub max_drift: Duration,
     /// The physical time source (default: the system clock).
@@ -170,6 +179,7 @@ impl Default for EngineConfig {
             page_limit: 1000,
             page_bytes: 4 << 20,
             max_page_limit: 10_000,
+            remaining_cap: 100_000,
             max_drift: Duration::from_secs(5),
             time: Arc::new(WallClock),
             checkpoint: Checkpoint::default(),
@@ -189,6 +199,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("page_limit", &self.page_limit)
             .field("page_bytes", &self.page_bytes)
             .field("max_page_limit", &self.max_page_limit)
+            .field("remaining_cap", &self.remaining_cap)
             .field("max_drift", &self.max_drift)
             .field("checkpoint", &self.checkpoint)
             .field("cache_bytes", &self.cache_bytes)
@@ -262,6 +273,8 @@ struct PeerMemory {
     /// Where the status document finds the peers a scheduler runs rounds with (weak: a
     /// scheduler that is gone shows none).
     links: Option<std::sync::Weak<LinkSource>>,
+    /// Where routed reads find the peer that hydrates a scope (weak, as `links`).
+    routes: Option<std::sync::Weak<RouteSource>>,
 }
 
 /// Logs loudly when the stored clock is further ahead of the time source than the drift
@@ -301,6 +314,11 @@ fn take_fresh_id(store: &dyn Store) -> Result<NodeId> {
 /// What a scheduler tells the status document of its peers (see [`crate::api::PeerLink`];
 /// the engine fills in what its store knows).
 pub(crate) type LinkSource = dyn Fn() -> Vec<crate::api::PeerLink> + Send + Sync;
+
+/// Where a scheduler pulls a scope from: the name and records API of the peer that
+/// hydrates it, if one can be read from (see [`crate::api::NodeApi::get_routed`]).
+pub(crate) type RouteSource =
+    dyn Fn(&Scope) -> Option<(String, Arc<dyn crate::api::NodeApi>)> + Send + Sync;
 
 impl SyncEngine {
     /// Opens (or creates) a node in directory `dir` with default settings.
@@ -536,6 +554,18 @@ impl SyncEngine {
     /// on this engine; see [`crate::api::Status::configured_peers`]).
     pub(crate) fn show_links(&self, source: std::sync::Weak<LinkSource>) {
         lock(&self.inner.peers).links = Some(source);
+    }
+
+    /// Makes routed reads ask the peers `source` names (the last scheduler started on this
+    /// engine).
+    pub(crate) fn route_reads(&self, source: std::sync::Weak<RouteSource>) {
+        lock(&self.inner.peers).routes = Some(source);
+    }
+
+    /// The peer a routed read of `scope` asks, if a scheduler names one.
+    fn route(&self, scope: &Scope) -> Option<(String, Arc<dyn crate::api::NodeApi>)> {
+        let source = lock(&self.inner.peers).routes.clone();
+        source.and_then(|s| s.upgrade()).and_then(|s| s(scope))
     }
 
     /// The peers the scheduler runs rounds with, as it sees them.

@@ -86,6 +86,10 @@ impl Responder for SyncEngine {
     fn notifier(&self) -> Option<&Notifier> {
         Some(&self.inner.notifier)
     }
+
+    fn records(&self) -> Option<std::sync::Arc<dyn crate::api::NodeApi>> {
+        Some(std::sync::Arc::new(self.handle()))
+    }
 }
 
 impl SyncEngine {
@@ -96,6 +100,12 @@ impl SyncEngine {
     /// # Errors
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
     pub fn answer(&self, mut request: ExchangeRequest) -> Result<ExchangeResponse> {
+        // Only a version 2 request can hear how many versions remain, and only then do we
+        // pay for counting them.
+        let remaining_cap = match request.ext.is_empty() {
+            true => 0,
+            false => self.inner.config.remaining_cap,
+        };
         let to = request.ext.to;
         let asked_floors = request.ext.floors.take();
         let refused = std::mem::take(&mut request.ext.refused);
@@ -124,6 +134,7 @@ impl SyncEngine {
             &*self.inner.store.read()?,
             request,
             limits,
+            remaining_cap,
             &|b: &BlobRef| self.has_blob(b),
         )?;
         let answer = match planned {

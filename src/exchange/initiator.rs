@@ -58,6 +58,12 @@ pub struct ExchangeOutcome {
     /// never received, so an audit with it should follow (the scheduler and `highwater
     /// sync` run one).
     pub audit_wanted: bool,
+    /// How many versions the peer holds that this node lacks beyond this round's page, in
+    /// the scopes in play, as the peer counted them (`ResponseExt::remaining`; a count at
+    /// the peer's cap is a lower bound). `None` when the peer did not count: a version 1
+    /// peer, or a quiet request that went out in version 1 (no round of the session had
+    /// more to pull before it).
+    pub remaining: Option<u64>,
 }
 
 /// A round this node initiated, between its steps (see [`crate::exchange`]).
@@ -304,6 +310,7 @@ impl Initiation {
         let peer = received.peer;
         let shipped = &self.request.page;
         session.peer = Some(peer);
+        session.pulling = received.page.more;
         session.remember_halts(
             shipped,
             &received.page,
@@ -347,6 +354,7 @@ impl Initiation {
             refused: 0,
             dropped: 0,
             audit_wanted: false,
+            remaining: received.ext.remaining,
         }
     }
 

@@ -94,7 +94,7 @@
 //!     let mut round = Initiation::plan(
 //!         id_a, &*a.read()?, &mut session, Some(id_b), &options, limits, &|_| true,
 //!     )?;
-//!     let response = match Answer::plan(id_b, &*b.read()?, round.request().clone(), limits, &|_| true)? {
+//!     let response = match Answer::plan(id_b, &*b.read()?, round.request().clone(), limits, 0, &|_| true)? {
 //!         Answering::Resend(response) => response,
 //!         Answering::Apply(answer) => {
 //!             let applied = apply(&b, id_b, answer.incoming(), answer.knowledge().clone())?;

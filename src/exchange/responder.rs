@@ -28,6 +28,8 @@ pub struct Answer {
     incoming: Page,
     /// What the initiator will hold once it applies our page.
     knowledge: PeerKnowledge,
+    /// How many versions the initiator lacks beyond our page, if we counted.
+    remaining: Option<u64>,
 }
 
 /// How a request is answered.
@@ -52,6 +54,10 @@ impl Answer {
     /// IMPORTANT: we plan from the initiator's true marks, never from a guess: a digest
     /// stands for the marks we recorded of it only if those hash to it.
     ///
+    /// The answer says how many versions the initiator lacks beyond our page, counted up
+    /// to `remaining_cap` (0: not counted; the caller counts only for a version 2 request,
+    /// the only kind whose answer can carry it); see [`ResponseExt::remaining`].
+    ///
     /// # Errors
     /// The request comes from ourselves, or a store read failed.
     pub fn plan(
@@ -59,6 +65,7 @@ impl Answer {
         read: &dyn StoreRead,
         request: ExchangeRequest,
         limits: PageLimits,
+        remaining_cap: u64,
         has_blob: &dyn Fn(&BlobRef) -> bool,
     ) -> Result<Answering> {
         let ExchangeRequest {
@@ -105,6 +112,10 @@ impl Answer {
             scopes: scopes.clone(),
             marks: held_after(theirs, &page),
         };
+        let remaining = match remaining_cap {
+            0 => None,
+            cap => Some(remaining(read, &marks, &knowledge.marks, cap)?),
+        };
         Ok(Answering::Apply(Answer {
             me,
             from,
@@ -114,6 +125,7 @@ impl Answer {
             page,
             incoming,
             knowledge,
+            remaining,
         }))
     }
 
@@ -162,10 +174,38 @@ impl Answer {
             marks,
             page: self.page,
             halts,
-            ext: ResponseExt::default(),
+            ext: ResponseExt {
+                remaining: self.remaining,
+                ..ResponseExt::default()
+            },
         };
         (response, held)
     }
+}
+
+/// How many live versions under our marks `mine` lie above `held` (the initiator's marks
+/// once it applies our page), counted up to `cap`: one [`StoreRead::live_count`] per stream
+/// the page did not finish, so a page that ends every stream costs no read at all.
+fn remaining(
+    read: &dyn StoreRead,
+    mine: &ScopedWatermarks,
+    held: &ScopedWatermarks,
+    cap: u64,
+) -> Result<u64> {
+    let mut n = 0u64;
+    for (scope, marks) in mine.iter() {
+        for top in marks.iter() {
+            let base = held.get(scope, top.origin());
+            if base >= Some(top) {
+                continue;
+            }
+            n += read.live_count(scope, top.origin(), base, top, cap - n)?;
+            if n >= cap {
+                return Ok(cap);
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// The initiator's marks in play: those the request carries in full, or, for a digest, what

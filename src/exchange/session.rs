@@ -36,6 +36,9 @@ pub struct Session {
     /// When (the engine's time source, NTP64) a round of this session last heard the peer's
     /// purge floors.
     pub(crate) floors_heard: Option<u64>,
+    /// Whether the peer's last page was cut by its limit (more to pull): the next request
+    /// goes in version 2, so that the answer says how many versions remain.
+    pub(crate) pulling: bool,
 }
 
 /// Our marks in play as a peer recorded them at the end of the last round between us, as a

@@ -82,6 +82,9 @@ pub struct HttpTransport {
     auth: Option<HeaderValue>,
     config: ClientConfig,
     peer: Mutex<Option<NodeId>>,
+    /// Every request asks the node not to route reads ([`super::HEADER_ROUTE`]): this
+    /// transport carries reads a node routes to its peer.
+    route_local: bool,
 }
 
 impl std::fmt::Debug for HttpTransport {
@@ -191,6 +194,7 @@ impl HttpTransport {
             auth,
             config,
             peer: Mutex::new(None),
+            route_local: false,
         })
     }
 
@@ -267,6 +271,9 @@ impl HttpTransport {
         let headers = req.headers_mut();
         if let Some(a) = &self.auth {
             headers.insert(header::AUTHORIZATION, a.clone());
+        }
+        if self.route_local {
+            headers.insert(super::HEADER_ROUTE, HeaderValue::from_static("local"));
         }
         if let Some(n) = content_length {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
@@ -435,6 +442,14 @@ impl Body for Counted {
 impl Transport for HttpTransport {
     fn peer_id(&self) -> Option<NodeId> {
         *lock(&self.peer)
+    }
+
+    /// The peer's records API over HTTP, with this transport's settings (its token too),
+    /// asking the peer to answer from its own store: a read routed to it goes no further.
+    fn records(&self) -> Option<std::sync::Arc<dyn crate::api::NodeApi>> {
+        let mut http = HttpTransport::with_config(&self.base, self.config.clone()).ok()?;
+        http.route_local = true;
+        Some(std::sync::Arc::new(super::NodeClient::over(http)))
     }
 
     fn forget_peer(&self) {

@@ -458,6 +458,7 @@ mod tests {
             refused: 0,
             dropped: 0,
             audit_wanted: false,
+            remaining: None,
         };
         m.round_started("hub");
         m.round_ended("hub", &Ok(outcome));

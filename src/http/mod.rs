@@ -48,6 +48,15 @@ pub const HEADER_HLC: &str = "x-highwater-hlc";
 pub const HEADER_ORIGIN: &str = "x-highwater-origin";
 /// Response header: the record's residency (`resident`, `staged`, ...).
 pub const HEADER_RESIDENCY: &str = "x-highwater-residency";
+/// Response header of a record read or listing: where the answer came from, `local` or
+/// `remote <peer URL>` (a read routed to the peer hydrating the scope; see docs/http.md).
+pub const HEADER_SOURCE: &str = "x-highwater-source";
+/// Response header of a record read or listing: the scope's hydration on the node asked
+/// (`not_started`, `hydrating`, `ready`).
+pub const HEADER_HYDRATION: &str = "x-highwater-hydration";
+/// Request header of a record read or listing: `local` asks the node to answer from its own
+/// store and route nothing (a node routing a read to its peer sends it).
+pub const HEADER_ROUTE: &str = "x-highwater-route";
 /// The message of a 404 for a key without any version.
 const NO_SUCH_RECORD: &str = "no such record";
 /// The message of a 404 for a key whose latest version is a delete.

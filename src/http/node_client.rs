@@ -12,8 +12,8 @@ use percent_encoding::{percent_decode_str, percent_encode, NON_ALPHANUMERIC};
 use tokio::sync::mpsc;
 
 use crate::api::{
-    FileRead, ListQuery, Listed, Listing, Lookup, NodeApi, RecordRead, Status, Visible, Written,
-    MAX_LIST_LIMIT,
+    FileRead, ListQuery, Listed, Listing, Lookup, NodeApi, RecordRead, Routed, Source, Status,
+    Visible, Written, MAX_LIST_LIMIT,
 };
 use crate::blob::CHUNK;
 use crate::error::{Result, TransportError, WireError};
@@ -21,9 +21,10 @@ use crate::hash::Hash;
 use crate::hlc::Hlc;
 use crate::http::body::{empty, full, stream_reader, ChannelReader, Piece};
 use crate::http::{
-    encode_key, ClientConfig, HttpTransport, HEADER_HLC, HEADER_RESIDENCY, NO_FILE, RECORD_DELETED,
+    encode_key, ClientConfig, HttpTransport, HEADER_HLC, HEADER_HYDRATION, HEADER_RESIDENCY,
+    HEADER_SOURCE, NO_FILE, RECORD_DELETED,
 };
-use crate::record::{BlobRef, Key, Residency, Scope, MAX_VALUE_LEN};
+use crate::record::{BlobRef, Hydration, Key, Residency, Scope, MAX_VALUE_LEN};
 
 /// The most of a JSON answer read.
 const JSON_LIMIT: usize = 16 << 20;
@@ -67,6 +68,11 @@ impl NodeClient {
         })
     }
 
+    /// A client over `http` as it is set up.
+    pub(crate) fn over(http: HttpTransport) -> NodeClient {
+        NodeClient { http }
+    }
+
     /// The node's root URL.
     pub fn url(&self) -> &str {
         self.http.base_url()
@@ -82,27 +88,33 @@ impl NodeClient {
         written(expect_ok(resp).await?).await
     }
 
-    async fn lookup(&self, scope: Scope, key: Key) -> Result<Lookup> {
+    async fn lookup(&self, scope: Scope, key: Key) -> Result<Routed<Lookup>> {
         let resp = self
             .http
             .call(Method::GET, &record_path(&scope, &key), empty(), None)
             .await?;
+        let (source, hydration) = source_headers(&resp)?;
+        let routed = |value| Routed {
+            value,
+            source,
+            hydration,
+        };
         if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(match refusal_reason(resp).await {
+            return Ok(routed(match refusal_reason(resp).await {
                 Some(reason) if reason.ends_with(RECORD_DELETED) => Lookup::Deleted,
                 _ => Lookup::Missing,
-            });
+            }));
         }
         let resp = expect_ok(resp).await?;
         let hlc = version_header(&resp)?;
         let residency = parse_residency(header(&resp, HEADER_RESIDENCY)?)
             .ok_or_else(|| bad("unknown residency"))?;
         let value = read_limited(resp, MAX_VALUE_LEN).await?;
-        Ok(Lookup::Found(RecordRead {
+        Ok(routed(Lookup::Found(RecordRead {
             value: value.to_vec(),
             hlc,
             residency,
-        }))
+        })))
     }
 
     async fn tombstone(&self, scope: Scope, key: Key) -> Result<Written> {
@@ -113,7 +125,7 @@ impl NodeClient {
         written(expect_ok(resp).await?).await
     }
 
-    async fn listing(&self, scope: Scope, query: ListQuery) -> Result<Listing> {
+    async fn listing(&self, scope: Scope, query: ListQuery) -> Result<Routed<Listing>> {
         let mut path = format!(
             "/v1/records/{scope}?limit={}&prefix={}",
             query.limit.clamp(1, MAX_LIST_LIMIT),
@@ -133,9 +145,26 @@ impl NodeClient {
             Some(k) => Some(parse_key(k).ok_or_else(|| bad("listing with an invalid next key"))?),
             None => None,
         };
-        Ok(Listing {
-            records: items.iter().map(listed).collect::<Result<_>>()?,
-            next_after,
+        // A node older than routed reads says nothing: its answers are its own.
+        let source = match v.get("source").and_then(|s| s.as_str()) {
+            Some(s) => {
+                Source::from_header(s).ok_or_else(|| bad("listing with an unknown source"))?
+            }
+            None => Source::Local,
+        };
+        let hydration = match v.get("hydration").and_then(|h| h.as_str()) {
+            Some(h) => {
+                Hydration::parse(h).ok_or_else(|| bad("listing with an unknown hydration"))?
+            }
+            None => Hydration::Ready,
+        };
+        Ok(Routed {
+            value: Listing {
+                records: items.iter().map(listed).collect::<Result<_>>()?,
+                next_after,
+            },
+            source,
+            hydration,
         })
     }
 
@@ -208,13 +237,45 @@ impl NodeClient {
     }
 }
 
+/// Where a record read's answer came from and the scope's hydration, from the response's
+/// headers (a node older than routed reads sends neither: its answers are its own).
+fn source_headers<B>(resp: &hyper::Response<B>) -> Result<(Source, Hydration)> {
+    let text = |name: &str| resp.headers().get(name).map(|v| v.to_str().ok());
+    let source = match text(HEADER_SOURCE) {
+        None => Source::Local,
+        Some(v) => v
+            .and_then(Source::from_header)
+            .ok_or_else(|| bad("unknown source header"))?,
+    };
+    let hydration = match text(HEADER_HYDRATION) {
+        None => Hydration::Ready,
+        Some(v) => v
+            .and_then(Hydration::parse)
+            .ok_or_else(|| bad("unknown hydration header"))?,
+    };
+    Ok((source, hydration))
+}
+
 impl NodeApi for NodeClient {
     fn put(&self, scope: Scope, key: Key, value: Vec<u8>) -> BoxFuture<'_, Result<Written>> {
         Box::pin(self.put_value(scope, key, value))
     }
 
     fn get(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Lookup>> {
+        Box::pin(async move { Ok(self.lookup(scope, key).await?.value) })
+    }
+
+    /// The node routes the read itself and says where the answer came from.
+    fn get_routed(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Routed<Lookup>>> {
         Box::pin(self.lookup(scope, key))
+    }
+
+    fn list_routed(
+        &self,
+        scope: Scope,
+        query: ListQuery,
+    ) -> BoxFuture<'_, Result<Routed<Listing>>> {
+        Box::pin(self.listing(scope, query))
     }
 
     fn delete(&self, scope: Scope, key: Key) -> BoxFuture<'_, Result<Written>> {
@@ -222,7 +283,7 @@ impl NodeApi for NodeClient {
     }
 
     fn list(&self, scope: Scope, query: ListQuery) -> BoxFuture<'_, Result<Listing>> {
-        Box::pin(self.listing(scope, query))
+        Box::pin(async move { Ok(self.listing(scope, query).await?.value) })
     }
 
     fn put_file(

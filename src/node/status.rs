@@ -107,6 +107,14 @@ fn render_link(out: &mut String, link: &PeerLink, lag: Option<&PeerLag>, now: Sy
             escape_line(error.as_bytes())
         );
     }
+    if let Some(pull) = link.pull.filter(|p| p.remaining.is_some_and(|r| r > 0)) {
+        let _ = writeln!(
+            out,
+            "    pulling: {} of {} versions received",
+            pull.received,
+            pull.total().unwrap_or_default()
+        );
+    }
     if link.unacknowledged > 0 {
         let _ = writeln!(
             out,

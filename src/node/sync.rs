@@ -40,6 +40,18 @@ pub struct SyncTotals {
     /// The peer's purge floor rose during the sync: an audit with it should follow (see
     /// [`crate::ExchangeOutcome::audit_wanted`]); `highwater sync` runs one.
     pub audit_wanted: bool,
+    /// Versions the peer still held for this node after the last round, as it counted them
+    /// ([`crate::ExchangeOutcome::remaining`]); `None` if it did not (a version 1 peer).
+    pub remaining: Option<u64>,
+}
+
+impl SyncTotals {
+    /// The sync's total of versions to receive, `received + remaining`, when the peer
+    /// counted (a progress bar's length); `None` otherwise (a spinner).
+    pub fn total(&self) -> Option<u64> {
+        self.remaining
+            .map(|r| (self.received as u64).saturating_add(r))
+    }
 }
 
 /// Runs rounds with the peer behind `transport` while either side has more to send, calling
@@ -70,6 +82,7 @@ pub async fn sync_until_done<T: Transport>(
         totals.halts = outcome.halts;
         totals.halts.extend(outcome.peer_halts);
         totals.audit_wanted |= outcome.audit_wanted;
+        totals.remaining = outcome.remaining;
         progress(&totals);
         if !outcome.has_more {
             return Ok(totals);
@@ -222,9 +235,19 @@ mod tests {
             ..ExchangeOptions::default()
         };
         let mut calls = 0;
-        let totals = sync_until_done(&a, &InProcess::new(b.clone()), &options, |_| calls += 1)
-            .await
-            .unwrap();
+        let mut bars = Vec::new();
+        let totals = sync_until_done(&a, &InProcess::new(b.clone()), &options, |t| {
+            calls += 1;
+            bars.push((t.received as u64, t.total()));
+        })
+        .await
+        .unwrap();
+        // Every round knows the total: 251 versions to receive (the file's record too).
+        assert!(
+            bars.iter().all(|(_, total)| *total == Some(251)),
+            "{bars:?}"
+        );
+        assert_eq!(bars.last(), Some(&(251, Some(251))));
         assert_eq!(a.digest().unwrap(), b.digest().unwrap());
         assert_eq!(totals.received, 251);
         assert_eq!((totals.blobs_fetched, totals.bytes_fetched), (1, 30_000));

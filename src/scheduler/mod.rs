@@ -83,13 +83,17 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::api::{HaltSide, HaltedStream, PeerLink};
-use crate::engine::{AuditOutcome, ExchangeOptions, ExchangeOutcome, LinkSource, SyncEngine};
+use crate::api::{
+    HaltSide, HaltedStream, ListQuery, Listing, Lookup, NodeApi, PeerLink, PullProgress, Routed,
+};
+use crate::engine::{
+    AuditOutcome, ExchangeOptions, ExchangeOutcome, LinkSource, RouteSource, SyncEngine,
+};
 use crate::error::Error;
 use crate::exchange::{Halt, HaltReason, Session};
 use crate::hlc::NodeId;
 use crate::poison::lock;
-use crate::record::{Hydration, Scope, ScopeFilter};
+use crate::record::{Hydration, Key, Scope, ScopeFilter};
 use crate::transport::Transport;
 
 pub use self::backoff::Backoff;
@@ -226,6 +230,10 @@ pub struct PeerStatus {
     /// The last audit this scheduler ran with the peer: when it ended, and what it found
     /// or why it failed.
     pub last_audit: Option<(SystemTime, Result<AuditOutcome, String>)>,
+    /// The current or last pull from the peer: versions received in the rounds in a row
+    /// that had more, and how many the peer's last answer said remain (see
+    /// [`PullProgress`]). `None` until a round succeeded.
+    pub pull: Option<PullProgress>,
 }
 
 /// Errors of the scheduler.
@@ -269,6 +277,9 @@ pub(super) struct Peer {
     /// The last failure logged at WARN and when: a peer that keeps failing the same way is
     /// logged once a minute, not every retry.
     warned: Mutex<Option<(std::time::Instant, String)>>,
+    /// The peer's records API, as its transport reaches it: reads of a scope this peer
+    /// hydrates go there until the scope is ready.
+    reads: Option<Arc<dyn NodeApi>>,
 }
 
 impl Peer {
@@ -312,6 +323,7 @@ impl Peer {
             files_missing,
             halted,
             last_audit: None,
+            pull: status.pull,
         }
     }
 
@@ -350,6 +362,29 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The peer a read of `scope` goes to while the scope hydrates: the first added that
+    /// pulls the scope and whose records can be read, connected ones first.
+    fn route(&self, scope: &Scope) -> Option<(String, Arc<dyn NodeApi>)> {
+        let peers = lock(&self.peers);
+        let pulls = |p: &Peer| match &p.options.scopes {
+            Some(own) => own.contains(scope),
+            None => {
+                self.config.options.scopes.contains(scope)
+                    || self.config.boot_scopes.contains(scope)
+            }
+        };
+        let candidates = || {
+            peers
+                .iter()
+                .filter(|p| pulls(p))
+                .filter_map(|p| p.reads.clone().map(|api| (p, api)))
+        };
+        candidates()
+            .find(|(p, _)| p.status().connected)
+            .or_else(|| candidates().next())
+            .map(|(p, api)| (p.name.clone(), api))
+    }
+
     /// The options of the next round: the boot scopes alone until they are ready, then the
     /// configured ones.
     pub(super) fn round_options(&self, peer: &Peer) -> ExchangeOptions {
@@ -374,6 +409,8 @@ pub struct Scheduler {
     shared: Arc<Shared>,
     /// What the engine's status document shows of the peers (it holds a weak reference).
     _links: Arc<LinkSource>,
+    /// Where the engine's routed reads find a scope's peer (it holds a weak reference).
+    _routes: Arc<RouteSource>,
     stop: watch::Sender<bool>,
     /// IMPORTANT: dropping the set aborts every task still in it (the drop guard).
     tasks: Mutex<JoinSet<()>>,
@@ -419,9 +456,15 @@ impl Scheduler {
             })
         };
         shared.engine.show_links(Arc::downgrade(&links));
+        let routes: Arc<RouteSource> = {
+            let shared = Arc::downgrade(&shared);
+            Arc::new(move |scope: &Scope| shared.upgrade().and_then(|s| s.route(scope)))
+        };
+        shared.engine.route_reads(Arc::downgrade(&routes));
         Scheduler {
             shared,
             _links: links,
+            _routes: routes,
             stop,
             tasks: Mutex::new(tasks),
             runtime,
@@ -471,6 +514,7 @@ impl Scheduler {
                     next_attempt: None,
                     session: Session::named(name.clone()),
                     last_audit: None,
+                    pull: None,
                 }),
                 name,
                 options,
@@ -481,6 +525,7 @@ impl Scheduler {
                 warned: Mutex::new(None),
                 accept_new: AtomicBool::new(false),
                 noted: Mutex::new(None),
+                reads: transport.records(),
             });
             peers.push(peer.clone());
             peer
@@ -530,6 +575,33 @@ impl Scheduler {
     /// Whether every boot scope is ready (see [`Scheduler::ready`]).
     pub fn is_ready(&self) -> bool {
         *self.shared.boot_ready.borrow()
+    }
+
+    /// Reads `key` where it is best read now: from this node once `scope` is
+    /// [`Hydration::Ready`], before that from the peer that hydrates it (the first added
+    /// that pulls the scope and can be read from, connected ones first), with this node's
+    /// newer version where it has one; from this node if no peer can answer. The answer
+    /// says which ([`Source`](crate::api::Source)). The same as the engine's
+    /// [`NodeApi::get_routed`] while this scheduler runs. See docs/scheduling.md, "Routed
+    /// reads".
+    ///
+    /// # Errors
+    /// This node's store failed (a peer that cannot answer is not an error).
+    pub async fn get_routed(&self, scope: Scope, key: Key) -> Result<Routed<Lookup>, Error> {
+        NodeApi::get_routed(&*self.shared.engine, scope, key).await
+    }
+
+    /// Lists `scope` as [`Scheduler::get_routed`] reads: from the peer while the scope
+    /// hydrates (merged with this node's newer versions), from here once it is ready.
+    ///
+    /// # Errors
+    /// As for [`Scheduler::get_routed`].
+    pub async fn list_routed(
+        &self,
+        scope: Scope,
+        query: ListQuery,
+    ) -> Result<Routed<Listing>, Error> {
+        NodeApi::list_routed(&*self.shared.engine, scope, query).await
     }
 
     /// Stops syncing with the peer called `name`: its tasks end at their next await point (a

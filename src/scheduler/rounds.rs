@@ -136,7 +136,7 @@ pub(super) async fn round_loop<T: Transport>(
         let result = tokio::select! {
             biased;
             () = stopped(&mut stop) => return,
-            result = run_round(shared, peer, transport) => result,
+            result = run_round(shared, peer, transport, burst == 0) => result,
         };
         next = match result {
             Ok(outcome) => {
@@ -318,11 +318,13 @@ fn warn_now(peer: &Peer, what: &str) -> bool {
     }
 }
 
-/// Runs one round with its hooks, and records and publishes its success.
+/// Runs one round with its hooks, and records and publishes its success; `first`: the
+/// round starts a burst (a new pull).
 pub(super) async fn run_round<T: Transport>(
     shared: &Shared,
     peer: &Peer,
     transport: &T,
+    first: bool,
 ) -> Result<ExchangeOutcome, Failure> {
     let config = &shared.config;
     if let Some(hook) = &config.before_round {
@@ -387,6 +389,8 @@ pub(super) async fn run_round<T: Transport>(
         status.last_success = Some(SystemTime::now());
         status.consecutive_failures = 0;
         status.rounds += 1;
+        let pull = status.pull.unwrap_or_default();
+        status.pull = Some(pull.after_round(first, outcome.received as u64, outcome.remaining));
         !std::mem::replace(&mut status.connected, true)
     };
     if learnt {
@@ -401,21 +405,52 @@ pub(super) async fn run_round<T: Transport>(
         }));
     }
     report_peer_halts(shared, peer, &outcome.peer_halts);
+    // IMPORTANT: read before `sync_applied` is published: a listener that writes to a new
+    // scope when it hears of the round must not find that scope counted as pulled by it.
+    let in_play = scopes_in_play(shared, &options).await;
     notifier.publish(Event::Sync(SyncEvent::Applied {
         peer: peer.name.clone(),
         shipped: outcome.shipped,
         received: outcome.received,
         applied: outcome.applied,
         has_more: outcome.has_more,
+        remaining: outcome.remaining,
     }));
-    hydrate(shared, &options, &outcome).await;
+    if let Some(in_play) = in_play {
+        hydrate(shared, in_play, &outcome).await;
+    }
     Ok(outcome)
+}
+
+/// The scopes a round had in play: those its options name, or with
+/// [`ScopeFilter::All`] the scopes the node holds after it (`None`, logged, if they cannot
+/// be read: the hydration is then left as it was).
+async fn scopes_in_play(shared: &Shared, options: &ExchangeOptions) -> Option<Vec<Scope>> {
+    let (engine, scopes) = (shared.engine.handle(), options.scopes.clone());
+    let read = run_blocking(move || -> Result<Vec<Scope>, Error> {
+        Ok(match scopes {
+            ScopeFilter::Only(set) => set.into_iter().collect(),
+            ScopeFilter::All => engine.scopes()?,
+        })
+    })
+    .await;
+    match read {
+        Ok(Ok(scopes)) => Some(scopes),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %error_chain(&e), "cannot record the scopes' hydration");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the scopes' hydration");
+            None
+        }
+    }
 }
 
 /// Moves the hydration of the scopes a round had in play: ready when it pulled them
 /// completely (nothing more to come, no stream halted either way), else hydrating; publishes
 /// each change, and opens [`super::Scheduler::ready`] once every boot scope is ready.
-async fn hydrate(shared: &Shared, options: &ExchangeOptions, outcome: &ExchangeOutcome) {
+async fn hydrate(shared: &Shared, in_play: Vec<Scope>, outcome: &ExchangeOutcome) {
     // Refusals below a purge floor hold nothing: a pull that met them is complete.
     let complete = !outcome.has_more
         && !outcome
@@ -428,12 +463,8 @@ async fn hydrate(shared: &Shared, options: &ExchangeOptions, outcome: &ExchangeO
     } else {
         Hydration::Hydrating
     };
-    let (engine, scopes) = (shared.engine.handle(), options.scopes.clone());
+    let engine = shared.engine.handle();
     let changed = run_blocking(move || -> Result<Vec<Scope>, Error> {
-        let in_play: Vec<Scope> = match scopes {
-            ScopeFilter::Only(set) => set.into_iter().collect(),
-            ScopeFilter::All => engine.scopes()?,
-        };
         let mut changed = Vec::new();
         for scope in in_play {
             if engine.set_hydration(&scope, state)? {

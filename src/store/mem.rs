@@ -186,6 +186,26 @@ impl StoreRead for Reader {
         Ok(out)
     }
 
+    fn live_count(
+        &self,
+        scope: &Scope,
+        origin: NodeId,
+        after: Option<Hlc>,
+        upto: Hlc,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        if after.is_some_and(|a| a >= upto) {
+            return Ok(0);
+        }
+        let lower = match after {
+            Some(a) => Bound::Excluded((scope.clone(), origin, a.time())),
+            None => Bound::Included((scope.clone(), origin, 0)),
+        };
+        let upper = Bound::Included((scope.clone(), origin, upto.time()));
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+        Ok(self.0.live.range((lower, upper)).take(cap).count() as u64)
+    }
+
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
         Ok(self.0.blob_refs.get(hash).map_or(0, total))
     }

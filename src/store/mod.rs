@@ -209,6 +209,25 @@ pub trait StoreRead {
         limit: usize,
     ) -> Result<Vec<(Key, Version)>, StoreError>;
 
+    /// How many live versions from `origin` in `scope` have `after < hlc <= upto` (the ones
+    /// [`StoreRead::live_range`] returns without a limit), counted up to `cap`: the answer is
+    /// `min(count, cap)`. A responder counts what an initiator still lacks with it.
+    ///
+    /// Cost: redb adds up its audit chunks' counts, about `min(count, cap) / 64 + 128`
+    /// rows; the in-memory store and PostgreSQL step through the index, `min(count, cap)`
+    /// entries.
+    ///
+    /// # Errors
+    /// A backend failure or undecodable row.
+    fn live_count(
+        &self,
+        scope: &Scope,
+        origin: NodeId,
+        after: Option<Hlc>,
+        upto: Hlc,
+        cap: u64,
+    ) -> Result<u64, StoreError>;
+
     /// How many stored versions reference the blob `hash`, over all scopes (0: none, and the
     /// blob may be removed).
     ///

@@ -263,7 +263,7 @@ impl CoreModel {
             bytes: 1 << 20,
         };
         let planned =
-            Answer::plan(responder.id, &*read, request, limits, &|_| true).map_err(err)?;
+            Answer::plan(responder.id, &*read, request, limits, 0, &|_| true).map_err(err)?;
         drop(read);
         let response = match planned {
             Answering::Resend(response) => response,

@@ -164,6 +164,10 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
             .await
     }
 
+    fn records(&self) -> Option<std::sync::Arc<dyn crate::api::NodeApi>> {
+        self.peer.records()
+    }
+
     async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
         self.blob_queries.fetch_add(1, Ordering::Relaxed);
         let peer = self.peer.clone();

@@ -189,6 +189,10 @@ impl<T: Transport, L: Layer> Transport for Layered<T, L> {
         self.layer.before(Call::Audit(&request))?;
         self.inner.audit(request).await
     }
+
+    fn records(&self) -> Option<std::sync::Arc<dyn crate::api::NodeApi>> {
+        self.inner.records()
+    }
 }
 
 /// A borrowed transport is a transport, so a layer can wrap one its caller keeps (the CLI
@@ -247,6 +251,10 @@ impl<T: Transport + ?Sized> Transport for &T {
         request: AuditRequest,
     ) -> impl Future<Output = Result<AuditResponse, TransportError>> + Send {
         (**self).audit(request)
+    }
+
+    fn records(&self) -> Option<std::sync::Arc<dyn crate::api::NodeApi>> {
+        (**self).records()
     }
 }
 

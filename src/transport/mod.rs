@@ -17,6 +17,9 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 pub use crate::error::RefusalCode;
+use std::sync::Arc;
+
+use crate::api::NodeApi;
 use crate::error::{Error, TransportError};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
@@ -84,6 +87,14 @@ pub trait Transport: Send + Sync {
     ) -> impl Future<Output = Result<AuditResponse, TransportError>> + Send {
         let _ = request;
         async { Err(TransportError::Unsupported { what: "audit" }) }
+    }
+
+    /// The peer's records API, reached as this transport reaches the peer (over HTTP with
+    /// the same token), for reads routed to it while a scope hydrates
+    /// ([`crate::api::NodeApi::get_routed`]); `None` (the default) if this transport cannot
+    /// read records.
+    fn records(&self) -> Option<Arc<dyn NodeApi>> {
+        None
     }
 }
 
@@ -159,6 +170,12 @@ pub trait Responder: Send + Sync {
             reason: "this node does not answer audits".to_owned(),
         })
     }
+
+    /// The responder's records API, for reads routed to it (see [`Transport::records`]);
+    /// `None` (the default) for a responder that has none.
+    fn records(&self) -> Option<Arc<dyn NodeApi>> {
+        None
+    }
 }
 
 impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
@@ -196,6 +213,10 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
 
     fn audit(&self, request: AuditRequest) -> Result<AuditResponse, Refusal> {
         (**self).audit(request)
+    }
+
+    fn records(&self) -> Option<Arc<dyn NodeApi>> {
+        (**self).records()
     }
 }
 

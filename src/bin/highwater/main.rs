@@ -668,16 +668,32 @@ async fn sync(
         page_limit,
         ..ExchangeOptions::default()
     };
-    // Drawn on stderr, and only when it is a terminal.
+    // Drawn on stderr, and only when it is a terminal: a spinner until the peer says how
+    // many versions remain, then a bar (a version 1 peer never does: a spinner to the end).
     let bar = ProgressBar::new_spinner();
     bar.set_style(
         ProgressStyle::with_template("{spinner} {elapsed} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
+    let show = |t: &SyncTotals| {
+        if let Some(total) = t.total() {
+            if bar.length().is_none() {
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{elapsed} [{wide_bar}] {pos}/{len} versions ({eta} left)\n{msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+            }
+            bar.set_length(total);
+            bar.set_position(t.received as u64);
+        }
+        bar.set_message(progress_line(t));
+    };
     let started = Instant::now();
     let result = tokio::select! {
-        r = sync_until_done(&engine, &transport, &options, |t| bar.set_message(progress_line(t))) => r,
+        r = sync_until_done(&engine, &transport, &options, show) => r,
         () = node::termination() => {
             bar.abandon_with_message("interrupted");
             engine.flush().map_err(NodeError::from)?;

@@ -246,7 +246,10 @@ impl HighwaterService {
             }
             (Route::Blob(hash), Method::PUT) => self.put_blob(&grant, hash, req).await,
             (Route::Blob(_), _) => allow("HEAD, GET, PUT"),
-            (Route::Record(scope, key), Method::GET) => self.get_record(&grant, scope, key).await,
+            (Route::Record(scope, key), Method::GET) => {
+                self.get_record(&grant, scope, key, records::routes(&req))
+                    .await
+            }
             (Route::Record(scope, key), Method::PUT) => {
                 self.put_record(&grant, scope, key, req).await
             }
@@ -254,7 +257,10 @@ impl HighwaterService {
                 self.delete_record(&grant, scope, key).await
             }
             (Route::Record(..), _) => allow("GET, PUT, DELETE"),
-            (Route::Records(scope), Method::GET) => self.list(&grant, scope, query(&req)).await,
+            (Route::Records(scope), Method::GET) => {
+                self.list(&grant, scope, query(&req), records::routes(&req))
+                    .await
+            }
             (Route::Records(_), _) => allow("GET"),
             (Route::File(scope, key), Method::GET) => self.get_file(&grant, scope, key).await,
             (Route::File(scope, key), Method::PUT) => self.put_file(&grant, scope, key, req).await,

@@ -12,24 +12,43 @@ use serde_json::json;
 use super::failure::json_response;
 use super::routes::check_declared;
 use super::{Failure, HighwaterService, Reply};
-use crate::api::{FileRead, ListQuery, Lookup, Visible, Written, MAX_LIST_LIMIT};
+use crate::api::{FileRead, ListQuery, Lookup, Routed, Source, Visible, Written, MAX_LIST_LIMIT};
 use crate::blob::CHUNK;
 use crate::http::access::Grant;
 use crate::http::body::{collect_limited, full, pump_body, stream_reader, ChannelReader};
 use crate::http::{
-    decode_query, encode_key, HEADER_HLC, HEADER_ORIGIN, HEADER_RESIDENCY, NO_FILE, NO_SUCH_RECORD,
-    RECORD_DELETED,
+    decode_query, encode_key, HEADER_HLC, HEADER_HYDRATION, HEADER_ORIGIN, HEADER_RESIDENCY,
+    HEADER_ROUTE, HEADER_SOURCE, NO_FILE, NO_SUCH_RECORD, RECORD_DELETED,
 };
-use crate::record::{Key, Residency, Scope};
+use crate::record::{Hydration, Key, Residency, Scope};
 
 impl HighwaterService {
-    pub(super) async fn get_record(&self, grant: &Grant, scope: Scope, key: Key) -> Reply {
+    pub(super) async fn get_record(
+        &self,
+        grant: &Grant,
+        scope: Scope,
+        key: Key,
+        route: bool,
+    ) -> Reply {
+        // IMPORTANT: the caller's grant is checked here, before a read is routed to a peer
+        // with this node's own token for it.
         Self::require_read(grant, &scope)?;
-        let found = self.inner.api.get(scope, key).await.map_err(failed)?;
-        let read = match found {
+        let api = &self.inner.api;
+        let routed = match route {
+            true => api.get_routed(scope, key).await,
+            false => api.get(scope, key).await.map(Routed::here),
+        };
+        let routed = routed.map_err(failed)?;
+        let (source, hydration) = (routed.source, route.then_some(routed.hydration));
+        let missing = |message| {
+            let mut resp = Failure::new(StatusCode::NOT_FOUND, message).into_response();
+            put_source_headers(resp.headers_mut(), &source, hydration);
+            Ok(resp)
+        };
+        let read = match routed.value {
             Lookup::Found(read) => read,
-            Lookup::Deleted => return Err(Failure::new(StatusCode::NOT_FOUND, RECORD_DELETED)),
-            Lookup::Missing => return Err(Failure::new(StatusCode::NOT_FOUND, NO_SUCH_RECORD)),
+            Lookup::Deleted => return missing(RECORD_DELETED),
+            Lookup::Missing => return missing(NO_SUCH_RECORD),
         };
         let mut resp = Response::new(full(read.value));
         let headers = resp.headers_mut();
@@ -38,6 +57,7 @@ impl HighwaterService {
             HeaderValue::from_static("application/octet-stream"),
         );
         put_version_headers(headers, &read.hlc, read.residency);
+        put_source_headers(headers, &source, hydration);
         Ok(resp)
     }
 
@@ -75,7 +95,13 @@ impl HighwaterService {
         ))
     }
 
-    pub(super) async fn list(&self, grant: &Grant, scope: Scope, query: String) -> Reply {
+    pub(super) async fn list(
+        &self,
+        grant: &Grant,
+        scope: Scope,
+        query: String,
+        route: bool,
+    ) -> Reply {
         Self::require_read(grant, &scope)?;
         let mut list = ListQuery::default();
         for (name, value) in decode_query(&query)? {
@@ -92,7 +118,14 @@ impl HighwaterService {
                 other => return Err(Failure::bad(format!("unknown parameter {other:?}"))),
             }
         }
-        let listing = self.inner.api.list(scope, list).await.map_err(failed)?;
+        let api = &self.inner.api;
+        let routed = match route {
+            true => api.list_routed(scope, list).await,
+            false => api.list(scope, list).await.map(Routed::here),
+        };
+        let routed = routed.map_err(failed)?;
+        let hydration = route.then_some(routed.hydration);
+        let listing = routed.value;
         let items: Vec<_> = listing
             .records
             .iter()
@@ -109,10 +142,17 @@ impl HighwaterService {
             })
             .collect();
         let next = listing.next_after.as_ref().map(encode_key);
-        Ok(json_response(
-            StatusCode::OK,
-            json!({ "records": items, "next_after": next }),
-        ))
+        let mut body = json!({
+            "records": items,
+            "next_after": next,
+            "source": routed.source.to_header(),
+        });
+        if let Some(h) = hydration {
+            body["hydration"] = json!(h.as_str());
+        }
+        let mut resp = json_response(StatusCode::OK, body);
+        put_source_headers(resp.headers_mut(), &routed.source, hydration);
+        Ok(resp)
     }
 
     pub(super) async fn put_file<B>(
@@ -199,6 +239,30 @@ fn written(w: &Written) -> serde_json::Value {
         out["size"] = json!(b.size);
     }
     out
+}
+
+/// Whether a record read may be routed to a peer: not when the caller is itself a node
+/// routing a read here (its request says `x-highwater-route: local`), so that two nodes
+/// hydrating from each other never pass a read back and forth.
+pub(super) fn routes<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(HEADER_ROUTE)
+        .is_none_or(|v| v.as_bytes() != b"local")
+}
+
+/// Where a read's answer came from, and the scope's hydration here (when it was routed).
+fn put_source_headers(
+    headers: &mut hyper::HeaderMap,
+    source: &Source,
+    hydration: Option<Hydration>,
+) {
+    // A peer's name is its URL, which is a valid header value; one that is not is left out.
+    if let Ok(v) = HeaderValue::from_str(&source.to_header()) {
+        headers.insert(HEADER_SOURCE, v);
+    }
+    if let Some(h) = hydration {
+        headers.insert(HEADER_HYDRATION, HeaderValue::from_static(h.as_str()));
+    }
 }
 
 fn put_version_headers(

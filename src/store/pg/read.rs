@@ -266,6 +266,37 @@ impl StoreRead for Reader {
             .collect()
     }
 
+    fn live_count(
+        &self,
+        scope: &Scope,
+        origin: NodeId,
+        after: Option<Hlc>,
+        upto: Hlc,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        if cap == 0 {
+            return Ok(0);
+        }
+        // O(min(count, cap)) index entries: the LIMIT stops the scan at the cap.
+        let row = self.query_opt(
+            "SELECT count(*) FROM (SELECT 1 FROM highwater_versions
+             WHERE scope = $1 AND origin = $2 AND ($3::bigint IS NULL OR time > $3) AND time <= $4
+             LIMIT $5) AS counted",
+            &[
+                &scope.as_str(),
+                &origin.to_bytes().as_slice(),
+                &after.map(|a| to_sql(a.time())),
+                &to_sql(upto.time()),
+                &limit_sql(usize::try_from(cap).unwrap_or(usize::MAX)),
+            ],
+        )?;
+        let n: i64 = match row {
+            Some(r) => r.try_get(0).map_err(pg)?,
+            None => 0,
+        };
+        u64::try_from(n).map_err(|_| StoreError::Corrupt { what: "count" })
+    }
+
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
         let row = self.query_opt(
             "SELECT COALESCE(sum(count), 0)::bigint FROM highwater_blob_refs WHERE hash = $1",

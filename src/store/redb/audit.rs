@@ -70,12 +70,12 @@ enum Segment {
     },
 }
 
-/// Visits the range's segments in order.
+/// Visits the range's segments in order, until `visit` returns `false`.
 fn segments(
     chunks: &impl ReadableTable<Bytes, Bytes>,
     scope: &Scope,
     w: &Window,
-    mut visit: impl FnMut(Segment) -> Result<(), StoreError>,
+    mut visit: impl FnMut(Segment) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
     // The chunk holding `lo`, if `lo` falls after its first version.
     if let Some(lo) = w.range.lo {
@@ -87,13 +87,16 @@ fn segments(
             let (k, v) = row?;
             let chunk = decode_chunk(k.value(), v.value())?;
             if chunk.last >= lo.time {
-                visit(Segment::Cut {
+                let go_on = visit(Segment::Cut {
                     from: w.lo.clone(),
                     upto: Some(AuditPoint {
                         origin: lo.origin,
                         time: chunk.last,
                     }),
                 })?;
+                if !go_on {
+                    return Ok(());
+                }
             }
         }
     }
@@ -110,7 +113,9 @@ fn segments(
             time: chunk.last,
         };
         if w.range.hi.is_none_or(|hi| last < hi) {
-            visit(Segment::Whole(first, chunk))?;
+            if !visit(Segment::Whole(first, chunk))? {
+                break;
+            }
         } else {
             // The chunk holding `hi`: the chunks after it start after `hi`.
             visit(Segment::Cut {
@@ -169,14 +174,47 @@ pub(super) fn fingerprint(
     segments(chunks, scope, &w, |segment| match segment {
         Segment::Whole(_, chunk) => {
             fp = fp.combine(chunk.fp);
-            Ok(())
-        }
-        Segment::Cut { from, upto } => each_item(versions, &w, &from, upto, |point, key| {
-            fp.add(hash(point, key));
             Ok(true)
-        }),
+        }
+        Segment::Cut { from, upto } => {
+            each_item(versions, &w, &from, upto, |point, key| {
+                fp.add(hash(point, key));
+                Ok(true)
+            })?;
+            Ok(true)
+        }
     })?;
     Ok(fp)
+}
+
+/// How many versions the range holds, counting up to `cap`: the chunks' stored counts,
+/// plus the versions of the (at most two) chunks its ends cut. Costs one row per chunk
+/// counted and at most a chunk's versions per end: about `min(n, cap) / B + 2 B` rows.
+pub(super) fn count(
+    versions: &impl ReadableTable<Bytes, Bytes>,
+    chunks: &impl ReadableTable<Bytes, Bytes>,
+    scope: &Scope,
+    range: &AuditRange,
+    cap: u64,
+) -> Result<u64, StoreError> {
+    let Some(w) = Window::new(scope, range) else {
+        return Ok(0);
+    };
+    let mut n = 0u64;
+    if cap == 0 {
+        return Ok(0);
+    }
+    segments(chunks, scope, &w, |segment| {
+        match segment {
+            Segment::Whole(_, chunk) => n = n.saturating_add(chunk.fp.count),
+            Segment::Cut { from, upto } => each_item(versions, &w, &from, upto, |_, _| {
+                n += 1;
+                Ok(n < cap)
+            })?,
+        }
+        Ok(n < cap)
+    })?;
+    Ok(n.min(cap))
 }
 
 /// The live versions of the range, at most `limit`, in order.
@@ -233,7 +271,7 @@ pub(super) fn split(
             }
         };
         counted.push((segment, count));
-        Ok(())
+        Ok(true)
     })?;
     let items = counted.iter().map(|(_, n)| n).sum();
     let mut cuts = split_positions(items, parts).peekable();

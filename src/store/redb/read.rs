@@ -225,6 +225,36 @@ fn live_versions(
     Ok(out)
 }
 
+/// [`StoreRead::live_count`] from the audit chunks: the live versions of one origin in
+/// `(after, upto]` are the audit range `[(origin, after + 1), (origin, upto + 1))`.
+fn live_count(
+    versions: &impl ReadableTable<Bytes, Bytes>,
+    chunks: &impl ReadableTable<Bytes, Bytes>,
+    scope: &Scope,
+    origin: NodeId,
+    after: Option<Hlc>,
+    upto: Hlc,
+    cap: u64,
+) -> Result<u64, StoreError> {
+    let from = match after {
+        Some(a) => match a.time().checked_add(1) {
+            Some(t) => t,
+            None => return Ok(0),
+        },
+        None => 0,
+    };
+    let Some(past) = upto.time().checked_add(1) else {
+        // No range end past the last time there is: count the versions themselves.
+        let limit = usize::try_from(cap).unwrap_or(usize::MAX);
+        return Ok(live_versions(versions, scope, origin, after, upto, limit)?.len() as u64);
+    };
+    let range = AuditRange {
+        lo: Some(AuditPoint { origin, time: from }),
+        hi: Some(AuditPoint { origin, time: past }),
+    };
+    audit::count(versions, chunks, scope, &range, cap)
+}
+
 fn stored_scopes(
     marks: &impl ReadableTable<&'static [u8], u64>,
     keys: &impl ReadableTable<Bytes, Bytes>,
@@ -349,6 +379,25 @@ impl StoreRead for Reader {
         live_versions(&self.versions, scope, origin, after, upto, limit)
     }
 
+    fn live_count(
+        &self,
+        scope: &Scope,
+        origin: NodeId,
+        after: Option<Hlc>,
+        upto: Hlc,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        live_count(
+            &self.versions,
+            &self.chunks,
+            scope,
+            origin,
+            after,
+            upto,
+            cap,
+        )
+    }
+
     fn blob_refs(&self, hash: &Hash) -> Result<u64, StoreError> {
         blob_refs::total(&self.blob_refs, hash)
     }
@@ -456,6 +505,26 @@ impl StoreRead for GroupReader<'_> {
             after,
             upto,
             limit,
+        )
+    }
+
+    fn live_count(
+        &self,
+        scope: &Scope,
+        origin: NodeId,
+        after: Option<Hlc>,
+        upto: Hlc,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let txn = self.txn();
+        live_count(
+            &txn.open_table(VERSIONS)?,
+            &txn.open_table(CHUNKS)?,
+            scope,
+            origin,
+            after,
+            upto,
+            cap,
         )
     }
 

@@ -1,0 +1,248 @@
+//! Progress with a total (issue 18, item 2): a responder answering a version 2 request says
+//! how many versions the initiator still lacks beyond the page (`ResponseExt::remaining`),
+//! the initiator's round outcome carries it, `highwater sync`'s totals turn it into a bar's
+//! length, and the scheduler shows it per peer. A version 1 peer says nothing: `None`, and
+//! the bar stays a spinner.
+
+mod common;
+
+use std::io::Read;
+use std::sync::Arc;
+
+use highwater::blob::BlobReader;
+use highwater::hash::Hash;
+use highwater::http::ServerConfig;
+use highwater::node::{sync_until_done, SyncTotals};
+use highwater::notify::{Event, Notice, SyncEvent};
+use highwater::store::MemStore;
+use highwater::wire::{ExchangeRequest, ExchangeResponse, RequestExt};
+use highwater::{
+    BlobRef, EngineConfig, ExchangeOptions, InProcess, Key, Op, Refusal, Responder, Scheduler,
+    SchedulerConfig, Scope, SyncEngine, Transport,
+};
+
+use common::http::Server;
+
+type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// Live versions the hub holds (see [`fill_hub`]).
+const LIVE: u64 = 1000;
+const PAGE: usize = 100;
+
+fn key(prefix: &str, i: usize) -> Key {
+    Key::try_from(format!("{prefix}{i:04}").as_str()).expect("a valid key")
+}
+
+fn put(scope: &Scope, key: Key, value: &str) -> (Scope, Key, Op) {
+    (
+        scope.clone(),
+        key,
+        Op::Put {
+            value: value.as_bytes().to_vec(),
+            blob: None,
+        },
+    )
+}
+
+/// Fills `hub` with 1000 live versions of two origins in two scopes, some of whose stored
+/// versions were superseded (they are not live and must not be counted): a writer's 300
+/// keys of `a`, 50 of them deleted on the hub (the tombstones are live), and the hub's own
+/// 700 keys of `b`, 100 of them written twice.
+async fn fill_hub(hub: &Arc<SyncEngine>) -> TestResult {
+    let (a, b) = scopes();
+    let writer = SyncEngine::in_memory()?;
+    writer.write_batch((0..300).map(|i| put(&a, key("w", i), "from the writer")))?;
+    let to_hub = InProcess::new(hub.clone());
+    while writer.exchange(&to_hub).await?.has_more {}
+    hub.write_batch((0..700).map(|i| put(&b, key("h", i), "first")))?;
+    hub.write_batch((0..100).map(|i| put(&b, key("h", i * 7), "second")))?;
+    for i in 0..50 {
+        hub.delete(&a, &key("w", i * 3))?;
+    }
+    Ok(())
+}
+
+fn scopes() -> (Scope, Scope) {
+    (
+        Scope::app("notes", "a").expect("a valid scope"),
+        Scope::app("notes", "b").expect("a valid scope"),
+    )
+}
+
+fn pages() -> ExchangeOptions {
+    ExchangeOptions {
+        page_limit: Some(PAGE),
+        ..ExchangeOptions::default()
+    }
+}
+
+/// Pulls everything from the peer behind `transport` in pages of [`PAGE`]; returns each
+/// round's (versions received so far, remaining as the peer counted).
+async fn pull<T: Transport>(
+    device: &SyncEngine,
+    transport: &T,
+) -> TestResult<Vec<(u64, Option<u64>)>> {
+    let mut seen = Vec::new();
+    let mut received = 0u64;
+    loop {
+        let outcome = device.exchange_with(transport, &pages()).await?;
+        received += outcome.received as u64;
+        seen.push((received, outcome.remaining));
+        if !outcome.has_more {
+            return Ok(seen);
+        }
+        if seen.len() > 100 {
+            return Err(format!("no end in sight: {seen:?}").into());
+        }
+    }
+}
+
+/// Each round's remaining is exactly what the device still lacks: 900, 800, ... 0.
+fn assert_exact(seen: &[(u64, Option<u64>)]) {
+    let expected: Vec<(u64, Option<u64>)> = (1..=LIVE / PAGE as u64)
+        .map(|round| (round * PAGE as u64, Some(LIVE - round * PAGE as u64)))
+        .collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn in_process_remaining_decreases_exactly_to_zero() -> TestResult {
+    let hub = Arc::new(SyncEngine::in_memory()?);
+    fill_hub(&hub).await?;
+    let device = SyncEngine::in_memory()?;
+    let seen = pull(&device, &InProcess::new(hub.clone())).await?;
+    assert_exact(&seen);
+    assert_eq!(device.digest()?, hub.digest()?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn over_http_a_redb_hub_counts_exactly_from_its_audit_chunks() -> TestResult {
+    let server = Server::start(ServerConfig::default()).await?;
+    fill_hub(&server.engine).await?;
+    let device = SyncEngine::in_memory()?;
+    let seen = pull(&device, &server.client(None)?).await?;
+    assert_exact(&seen);
+    assert_eq!(device.digest()?, server.engine.digest()?);
+    server.stop().await
+}
+
+#[tokio::test]
+async fn a_count_at_the_cap_reports_the_cap() -> TestResult {
+    let hub = Arc::new(SyncEngine::with_store(
+        Box::new(MemStore::new()),
+        EngineConfig {
+            remaining_cap: 250,
+            ..EngineConfig::default()
+        },
+    )?);
+    fill_hub(&hub).await?;
+    let device = SyncEngine::in_memory()?;
+    let seen = pull(&device, &InProcess::new(hub.clone())).await?;
+    let remaining: Vec<Option<u64>> = seen.iter().map(|(_, r)| *r).collect();
+    let capped = [250, 250, 250, 250, 250, 250, 250, 200, 100, 0];
+    assert_eq!(remaining, capped.map(Some));
+    Ok(())
+}
+
+/// A responder that speaks version 1 only: it never sees a request's extension and never
+/// sends one.
+struct V1Peer(Arc<SyncEngine>);
+
+impl Responder for V1Peer {
+    fn node_id(&self) -> highwater::NodeId {
+        Responder::node_id(&*self.0)
+    }
+
+    fn respond(&self, mut request: ExchangeRequest) -> Result<ExchangeResponse, Refusal> {
+        request.ext = RequestExt::default();
+        let mut response = Responder::respond(&*self.0, request)?;
+        response.ext = Default::default();
+        Ok(response)
+    }
+
+    fn blobs_present(&self, hashes: &[Hash]) -> Result<Vec<bool>, Refusal> {
+        Responder::blobs_present(&*self.0, hashes)
+    }
+
+    fn open_blob(&self, hash: &Hash) -> Result<Option<BlobReader>, Refusal> {
+        Responder::open_blob(&*self.0, hash)
+    }
+
+    fn accept_blob(&self, blob: &BlobRef, content: &mut dyn Read) -> Result<(), Refusal> {
+        Responder::accept_blob(&*self.0, blob, content)
+    }
+
+    fn scopes(&self) -> Result<Vec<Scope>, Refusal> {
+        Responder::scopes(&*self.0)
+    }
+}
+
+#[tokio::test]
+async fn a_version_1_peer_counts_nothing_and_the_bar_stays_a_spinner() -> TestResult {
+    let hub = Arc::new(SyncEngine::in_memory()?);
+    fill_hub(&hub).await?;
+    let device = SyncEngine::in_memory()?;
+    let transport = InProcess::new(Arc::new(V1Peer(hub.clone())));
+    let mut totals: Vec<Option<u64>> = Vec::new();
+    let done = sync_until_done(&device, &transport, &pages(), |t: &SyncTotals| {
+        totals.push(t.total())
+    })
+    .await?;
+    assert_eq!(done.received as u64, LIVE);
+    assert_eq!(done.remaining, None);
+    assert_eq!(totals, vec![None; 10], "no total: a spinner, never a bar");
+
+    // The same pull from a version 2 peer: a bar of 1000 from the first round on.
+    let device = SyncEngine::in_memory()?;
+    let mut totals: Vec<Option<u64>> = Vec::new();
+    sync_until_done(&device, &InProcess::new(hub.clone()), &pages(), |t| {
+        totals.push(t.total())
+    })
+    .await?;
+    assert_eq!(totals, vec![Some(LIVE); 10]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_scheduler_shows_the_pull_and_publishes_remaining() -> TestResult {
+    let hub = Arc::new(SyncEngine::in_memory()?);
+    fill_hub(&hub).await?;
+    let device = Arc::new(SyncEngine::in_memory()?);
+    let mut events = SyncEngine::notifier(&device).subscribe();
+    let scheduler = Scheduler::start(
+        device.clone(),
+        SchedulerConfig {
+            watch: false,
+            audit_interval: None,
+            options: pages(),
+            ..SchedulerConfig::default()
+        },
+    );
+    scheduler.add_peer("hub", Arc::new(InProcess::new(hub.clone())))?;
+    let mut remaining = Vec::new();
+    while let Some(notice) = events.recv().await {
+        if let Notice::Event(Event::Sync(SyncEvent::Applied {
+            remaining: r,
+            has_more,
+            ..
+        })) = notice
+        {
+            remaining.push(r);
+            if !has_more {
+                break;
+            }
+        }
+    }
+    let expected: Vec<Option<u64>> = (1..=10).rev().map(|i| Some((i - 1) * 100)).collect();
+    assert_eq!(remaining, expected);
+    let pull = scheduler.peers()[0].pull.ok_or("no pull shown")?;
+    assert_eq!((pull.received, pull.remaining), (LIVE, Some(0)));
+    assert_eq!(pull.total(), Some(LIVE));
+    let status = highwater::api::NodeApi::status(&*device, highwater::api::all_scopes()).await?;
+    let json = status.to_json();
+    assert_eq!(json["configured_peers"][0]["pull"]["received"], LIVE);
+    assert_eq!(json["configured_peers"][0]["pull"]["remaining"], 0);
+    scheduler.shutdown().await?;
+    Ok(())
+}
