@@ -17,8 +17,8 @@ use std::thread::{self, ThreadId};
 use futures_executor::block_on;
 use highwater::blob::BlobReader;
 use highwater::engine::AuditOutcome;
-use highwater::notify::Notifier;
 use highwater::exchange::audit::{Claim, Items, Segment};
+use highwater::notify::Notifier;
 use highwater::wire::{self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
 use highwater::{BlobRef, Hash, InProcess, Key, NodeId, Refusal, Responder, Scope, SyncEngine};
 
@@ -372,6 +372,9 @@ fn rows(case: &str, samples: &[Sample], bytes: f64, cpu: f64) -> Vec<Row> {
     ]
 }
 
+/// A figure of [`Traffic`]: its name, unit and how to read it.
+type Figure = (&'static str, Unit, fn(Traffic) -> usize);
+
 /// Where the bytes went, each way: ranges (cut points and fingerprints), item lists,
 /// versions, wants and offers; and how many parts and items the ranges told.
 fn traffic_rows(case: &str, samples: &[Sample]) -> Vec<Row> {
@@ -383,20 +386,25 @@ fn traffic_rows(case: &str, samples: &[Sample]) -> Vec<Row> {
         ),
         ("responder to initiator", |s: &Sample| s.responses),
     ] {
-        let of = |f: &dyn Fn(Traffic) -> usize| {
-            Summary::of(&samples.iter().map(|s| f(pick(s)) as f64).collect::<Vec<_>>())
+        let of = |f: fn(Traffic) -> usize| {
+            Summary::of(
+                &samples
+                    .iter()
+                    .map(|s| f(pick(s)) as f64)
+                    .collect::<Vec<_>>(),
+            )
         };
-        let figures: [(&str, Unit, &dyn Fn(Traffic) -> usize); 6] = [
-            ("bytes in ranges: cut points and fingerprints", Unit::Bytes, &|t| {
-                t.ranges - t.items
-            }),
-            ("parts told by fingerprint", Unit::Count, &|t| {
-                t.fingerprints
-            }),
-            ("bytes in item lists", Unit::Bytes, &|t| t.items),
-            ("items listed", Unit::Count, &|t| t.listed),
-            ("bytes in versions", Unit::Bytes, &|t| t.versions),
-            ("bytes in wanted and offered items", Unit::Bytes, &|t| t.asks),
+        let figures: [Figure; 6] = [
+            (
+                "bytes in ranges: cut points and fingerprints",
+                Unit::Bytes,
+                |t| t.ranges - t.items,
+            ),
+            ("parts told by fingerprint", Unit::Count, |t| t.fingerprints),
+            ("bytes in item lists", Unit::Bytes, |t| t.items),
+            ("items listed", Unit::Count, |t| t.listed),
+            ("bytes in versions", Unit::Bytes, |t| t.versions),
+            ("bytes in wanted and offered items", Unit::Bytes, |t| t.asks),
         ];
         for (figure, unit, f) in figures {
             out.push(Row::new(case, format!("{way}: {figure}"), unit, of(f)));
