@@ -318,3 +318,28 @@ fn an_audit_fetches_the_files_a_node_lost_from_a_peer_that_holds_them() -> TestR
     assert!(again.clean(), "{again:?}");
     Ok(())
 }
+
+#[test]
+fn an_initiator_ships_none_of_the_versions_that_the_ones_it_receives_replace() -> TestResult {
+    let time = ManualTime::at_secs(T0);
+    let (a, _) = replica(&time)?;
+    let (b, _) = replica(&time)?;
+    for i in 0..10 {
+        a.put(&notes(), &key(&format!("n{i}")), vec![0; 40])?;
+    }
+    sync(&b, &link(&a))?;
+    for i in 0..5 {
+        a.put(&notes(), &key(&format!("n{i}")), vec![1; 40])?;
+    }
+    // B's five old versions are items A lacks, and A's five new ones items B lacks: B asks
+    // for A's, which replace its own, so it has nothing left to ship.
+    let out = block_on(b.audit(&link(&a)))?;
+    assert_eq!(
+        (out.received, out.repaired.len(), out.shipped),
+        (5, 5, 0),
+        "{out:?}"
+    );
+    assert_eq!(a.digest()?, b.digest()?);
+    assert!(block_on(b.audit(&link(&a)))?.clean());
+    Ok(())
+}
