@@ -321,26 +321,33 @@ fn an_audit_fetches_the_files_a_node_lost_from_a_peer_that_holds_them() -> TestR
 
 #[test]
 fn an_initiator_ships_none_of_the_versions_that_the_ones_it_receives_replace() -> TestResult {
-    let time = ManualTime::at_secs(T0);
-    let (a, _) = replica(&time)?;
-    let (b, _) = replica(&time)?;
-    for i in 0..10 {
-        a.put(&notes(), &key(&format!("n{i}")), vec![0; 40])?;
+    // Sizes at which the initiator compares the items of a range holding an old version
+    // before, with or after the range holding the new ones.
+    for n in [10, 300, 2_000, 6_000] {
+        let time = ManualTime::at_secs(T0);
+        let (a, _) = replica(&time)?;
+        let (b, _) = replica(&time)?;
+        let put = |i: u64, v: u8| {
+            let op = Op::Put {
+                value: vec![v; 8],
+                blob: None,
+            };
+            (notes(), key(&format!("n{i}")), op)
+        };
+        a.write_batch((0..n).map(|i| put(i, 0)))?;
+        sync(&b, &link(&a))?;
+        a.write_batch((0..5).map(|j| put(j * n / 5, 1)))?;
+        // B's five old versions are items A lacks, and A's five new ones items B lacks: B
+        // receives A's, which replace its own, so it has nothing left to ship.
+        let out = block_on(b.audit(&link(&a)))?;
+        assert_eq!(
+            (out.received, out.repaired.len(), out.shipped),
+            (5, 5, 0),
+            "{n} records: {out:?}"
+        );
+        assert_eq!(a.digest()?, b.digest()?);
+        assert!(block_on(b.audit(&link(&a)))?.clean());
     }
-    sync(&b, &link(&a))?;
-    for i in 0..5 {
-        a.put(&notes(), &key(&format!("n{i}")), vec![1; 40])?;
-    }
-    // B's five old versions are items A lacks, and A's five new ones items B lacks: B asks
-    // for A's, which replace its own, so it has nothing left to ship.
-    let out = block_on(b.audit(&link(&a)))?;
-    assert_eq!(
-        (out.received, out.repaired.len(), out.shipped),
-        (5, 5, 0),
-        "{out:?}"
-    );
-    assert_eq!(a.digest()?, b.digest()?);
-    assert!(block_on(b.audit(&link(&a)))?.clean());
     Ok(())
 }
 

@@ -246,15 +246,16 @@ impl Auditor {
     /// [`MAX_PARTS`]), the versions the responder lacks (at most [`MAX_VERSIONS`]) and the
     /// items we lack. The first request is always sent (it carries the roots).
     ///
-    /// While a request asks for versions, it ships none: the versions we receive may replace
-    /// ones we would ship. A key updated on the other side shows on each side as an item the
-    /// other lacks (our replaced version, its new one); once its version has replaced ours,
-    /// ours is no longer live and is not shipped (see [`collect`]).
+    /// Versions are shipped only once no range is open and nothing is asked for: until then
+    /// the versions we receive may replace ones we would ship. A key updated on the other
+    /// side shows on each side as an item the other lacks (our replaced version, its new
+    /// one), found in different ranges at different times; once its version has replaced
+    /// ours, ours is no longer live and is not shipped (see [`collect`]).
     ///
     /// # Errors
     /// A store read failure.
     pub fn request(&mut self, read: &dyn StoreRead) -> Result<Option<AuditRequest>, StoreError> {
-        let versions = if self.want.is_empty() {
+        let versions = if self.want.is_empty() && self.pending.is_empty() {
             let (versions, rest) = collect(read, std::mem::take(&mut self.ship), MAX_VERSIONS)?;
             self.ship = rest;
             versions
