@@ -17,7 +17,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::WireError;
 pub use crate::exchange::audit::{AuditExt, AuditRequest, AuditResponse};
-use crate::exchange::audit::{Segment, Shipment, Wanted};
+use crate::exchange::audit::{Shipment, Wanted};
+use crate::exchange::ranges::{RangesIn, RangesOut};
 pub use crate::exchange::{
     ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
 };
@@ -187,7 +188,7 @@ impl Message for AuditRequest {
             &self.from,
             &self.scopes,
             &self.opening,
-            &self.segments,
+            RangesOut(&self.segments),
             &self.versions,
             &self.wanted,
         );
@@ -195,8 +196,8 @@ impl Message for AuditRequest {
     }
 
     fn read_body(version: u16, body: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
-        type V1 = (NodeId, ScopeFilter, bool, Vec<Segment>, Shipment, Wanted);
-        let ((from, scopes, opening, segments, versions, wanted), rest) =
+        type V1 = (NodeId, ScopeFilter, bool, RangesIn, Shipment, Wanted);
+        let ((from, scopes, opening, RangesIn(segments), versions, wanted), rest) =
             postcard::take_from_bytes::<V1>(body)?;
         let (ext, rest) = read_ext(version, rest)?;
         let request = AuditRequest {
@@ -222,7 +223,7 @@ impl Message for AuditResponse {
     fn write_body(&self, version: u16, out: &mut Vec<u8>) {
         let v1 = (
             &self.from,
-            &self.segments,
+            RangesOut(&self.segments),
             &self.versions,
             &self.wanted,
             &self.offered,
@@ -232,8 +233,8 @@ impl Message for AuditResponse {
     }
 
     fn read_body(version: u16, body: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
-        type V1 = (NodeId, Vec<Segment>, Shipment, Wanted, Wanted, Vec<Halt>);
-        let ((from, segments, versions, wanted, offered, halts), rest) =
+        type V1 = (NodeId, RangesIn, Shipment, Wanted, Wanted, Vec<Halt>);
+        let ((from, RangesIn(segments), versions, wanted, offered, halts), rest) =
             postcard::take_from_bytes::<V1>(body)?;
         let (ext, rest) = read_ext(version, rest)?;
         let response = AuditResponse {

@@ -318,3 +318,118 @@ fn an_audit_fetches_the_files_a_node_lost_from_a_peer_that_holds_them() -> TestR
     assert!(again.clean(), "{again:?}");
     Ok(())
 }
+
+#[test]
+fn an_initiator_ships_none_of_the_versions_that_the_ones_it_receives_replace() -> TestResult {
+    // Sizes at which the initiator compares the items of a range holding an old version
+    // before, with or after the range holding the new ones.
+    for n in [10, 300, 2_000, 6_000] {
+        let time = ManualTime::at_secs(T0);
+        let (a, _) = replica(&time)?;
+        let (b, _) = replica(&time)?;
+        let put = |i: u64, v: u8| {
+            let op = Op::Put {
+                value: vec![v; 8],
+                blob: None,
+            };
+            (notes(), key(&format!("n{i}")), op)
+        };
+        a.write_batch((0..n).map(|i| put(i, 0)))?;
+        sync(&b, &link(&a))?;
+        a.write_batch((0..5).map(|j| put(j * n / 5, 1)))?;
+        // B's five old versions are items A lacks, and A's five new ones items B lacks: B
+        // receives A's, which replace its own, so it has nothing left to ship.
+        let out = block_on(b.audit(&link(&a)))?;
+        assert_eq!(
+            (out.received, out.repaired.len(), out.shipped),
+            (5, 5, 0),
+            "{n} records: {out:?}"
+        );
+        assert_eq!(a.digest()?, b.digest()?);
+        assert!(block_on(b.audit(&link(&a)))?.clean());
+    }
+    Ok(())
+}
+
+/// What an audit of `d` keys updated on one side among `n` records of one origin may move
+/// each way, from the layout of its messages (docs/protocol.md, "Costs"), with the times of
+/// a manual clock (consecutive versions one time unit apart):
+///
+/// - ranges: a differing range of more than `ITEMS_AT` items is split into `FANOUT` parts,
+///   level by level, until a part holds at most `ITEMS_AT`. At level `k`, where a range
+///   holds `s = n / FANOUT^k` items, at most `d + d / s + 1` ranges differ (rounded up): the
+///   `d` replaced versions may each lie in a range of their own, the `d` new ones follow each
+///   other at the end of the origin. A part costs its count (3 bytes up to 2^20 items), its
+///   8-byte sum and its end as a time delta (3 bytes up to 2^19 units); a segment adds its
+///   start and part count (4 bytes);
+/// - item lists: as many ranges at the last level, each of at most `ITEMS_AT` items, one
+///   byte per item (a delta of one unit), 2 bytes of head;
+/// - versions: `d` (key, value, a 16-byte origin, a 10-byte time, 4 bytes of lengths and tags);
+/// - wants: one point per version, 3 bytes;
+/// - every message names the scope and the origin once, about 64 bytes.
+fn audit_bytes_bound(n: u64, d: u64, key_len: u64, value_len: u64) -> u64 {
+    use highwater::exchange::audit::{FANOUT, ITEMS_AT};
+    let fanout = FANOUT as u64;
+    let differing = |level: u32, size: u64| fanout.pow(level).min(d + d.div_ceil(size) + 1);
+    let (mut level, mut size, mut split) = (0u32, n, 0u64);
+    while size > ITEMS_AT {
+        split += differing(level, size);
+        level += 1;
+        size = size.div_ceil(fanout);
+    }
+    let parts = split * (fanout * (3 + 8 + 3) + 4);
+    let items = differing(level, size) * (ITEMS_AT + 2);
+    let versions = d * (key_len + value_len + 16 + 10 + 4);
+    let wants = 3 * d;
+    let messages = 2 * (u64::from(level) + 3) * 64;
+    parts + items + versions + wants + messages
+}
+
+#[test]
+fn an_audit_of_100_updates_among_20_000_records_moves_what_its_layout_allows() -> TestResult {
+    const N: u64 = 20_000;
+    const D: u64 = 100;
+    let time = ManualTime::at_secs(T0);
+    let (a, _) = replica(&time)?;
+    let (b, _) = replica(&time)?;
+    let put = |i: u64, v: u8| {
+        (
+            notes(),
+            key(&format!("r{i:05}")),
+            Op::Put {
+                value: vec![v; 8],
+                blob: None,
+            },
+        )
+    };
+    for batch in (0..N).collect::<Vec<_>>().chunks(1000) {
+        a.write_batch(batch.iter().map(|&i| put(i, 0)))?;
+    }
+    sync(&b, &link(&a))?;
+    // D keys spread over the store, updated on A only: their old versions lie spread over
+    // B's order, their new ones at the end of A's.
+    let updated: Vec<u64> = (0..D).map(|j| j * (N / D) + 7).collect();
+    a.write_batch(updated.iter().map(|&i| put(i, 1)))?;
+
+    let to_a = link(&a);
+    let out = block_on(b.audit(&to_a))?;
+    let mut want: Vec<_> = updated
+        .iter()
+        .map(|i| (notes(), key(&format!("r{i:05}"))))
+        .collect();
+    want.sort();
+    let mut repaired = out.repaired.clone();
+    repaired.sort();
+    assert_eq!(repaired, want);
+    assert_eq!(a.digest()?, b.digest()?);
+    let stats = to_a.stats();
+    let bound = audit_bytes_bound(N, D, 6, 8);
+    assert!(
+        stats.bytes_sent <= bound && stats.bytes_received <= bound,
+        "{} bytes sent, {} received: more than the {bound} the layout allows",
+        stats.bytes_sent,
+        stats.bytes_received
+    );
+    assert!(block_on(b.audit(&to_a))?.clean());
+    Ok(())
+}

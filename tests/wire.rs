@@ -9,10 +9,10 @@ use std::error::Error;
 
 use highwater::error::{ProtocolError, WireError};
 use highwater::exchange::audit::{
-    AuditExt, AuditRequest, AuditResponse, Claim, Items, Part, Segment,
+    AuditExt, AuditRequest, AuditResponse, Claim, Items, Part, Print, Segment,
 };
 use highwater::exchange::{Page, Run};
-use highwater::store::{AuditPoint, Fingerprint};
+use highwater::store::AuditPoint;
 use highwater::watermark::MarksDigest;
 use highwater::wire::{
     self, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
@@ -1038,7 +1038,7 @@ fn golden_audit_request() -> AuditRequest {
             parts: vec![
                 Part {
                     hi: Some(mid),
-                    claim: Claim::Fingerprint(Fingerprint { count: 2, sum: 5 }),
+                    claim: Claim::Fingerprint(Print { count: 2, sum: 5 }),
                 },
                 Part {
                     hi: None,
@@ -1080,25 +1080,20 @@ const GOLDEN_AUDIT_REQUEST: &str = concat!(
     "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", // from 0x0a
     "00",                               // scopes: All
     "00",                               // opening: false
-    "01",                               // 1 segment
+    "39",                               // ranges: 57 bytes, 1 segment
+    "01",                               //   head: lo None (kind 0), a scope follows (tag 1)
     "0f",
     "6170702f6e6f7465732f6974656d73", //   scope "app/notes/items"
-    "00",                             //   lo: None
     "02",                             //   2 parts
-    "01",
-    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",
-    "8380808080a0fca965", // hi Some(0x0a, T+3)
-    "00",
-    "02",
-    "05", //     Fingerprint { count 2, sum 5 }
-    "00", //     hi: None
-    "01",
-    "01",
-    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", //     Items: 1 origin group, 0x0a
-    "02",
-    "8380808080a0fca965",
-    "01", //       2 times: T+3, then +1
-    "01", // versions: 1 scope
+    "04",
+    "0500000000000000", //     Fingerprint: count 2 << 1 | 0, sum 5 (u64 LE)
+    "8f8080808080f1a79503",
+    "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", //     hi: (T+3) << 2 | 3 (another origin), 0x0a
+    "05",                               //     Items: 2 << 1 | 1
+    "01",                               //       T+3: the last point's origin, + 0
+    "05",                               //       T+4: + 1 (1 << 2 | 1)
+    "00",                               //     hi: None
+    "01",                               // versions: 1 scope
     "0f",
     "6170702f6e6f7465732f6974656d73", //   scope "app/notes/items"
     "01",

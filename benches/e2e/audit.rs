@@ -11,14 +11,15 @@
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
 
 use futures_executor::block_on;
 use highwater::blob::BlobReader;
 use highwater::engine::AuditOutcome;
+use highwater::exchange::audit::{Claim, Items, Segment};
 use highwater::notify::Notifier;
-use highwater::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
+use highwater::wire::{self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
 use highwater::{BlobRef, Hash, InProcess, Key, NodeId, Refusal, Responder, Scope, SyncEngine};
 
 use crate::fixture::{pull, put, scope, Fixture};
@@ -45,6 +46,11 @@ struct Timed {
     initiator: ThreadId,
     /// Answers that ran on another thread.
     elsewhere: Arc<AtomicU64>,
+    /// Where the bytes of each message went, in order (request, response, request, ...).
+    traffic: Arc<Mutex<Vec<Traffic>>>,
+    /// Nanoseconds of thread CPU spent taking messages apart for `traffic` (not the
+    /// initiator's: subtracted from its figure).
+    tally_nanos: Arc<AtomicU64>,
 }
 
 impl Timed {
@@ -54,7 +60,19 @@ impl Timed {
             cpu_nanos: Arc::new(AtomicU64::new(0)),
             initiator: thread::current().id(),
             elsewhere: Arc::new(AtomicU64::new(0)),
+            traffic: Arc::new(Mutex::new(Vec::new())),
+            tally_nanos: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Seconds of thread CPU the tally took so far.
+    fn tally_secs(&self) -> f64 {
+        self.tally_nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// The traffic of the messages since the last call.
+    fn take_traffic(&self) -> Vec<Traffic> {
+        std::mem::take(&mut *self.traffic.lock().expect("not poisoned"))
     }
 
     /// Seconds of thread CPU the answers took so far.
@@ -105,11 +123,145 @@ impl Responder for Timed {
             self.elsewhere.fetch_add(1, Ordering::Relaxed);
         }
         let started = measure::thread_cpu_secs();
+        let asked = request.clone();
+        let cloned = measure::thread_cpu_secs() - started;
+        let started = measure::thread_cpu_secs();
         let answer = Responder::audit(&*self.engine, request);
         let took = measure::thread_cpu_secs() - started;
         self.cpu_nanos
             .fetch_add((took * 1e9).round() as u64, Ordering::Relaxed);
+        let started = measure::thread_cpu_secs();
+        let mut traffic = vec![Traffic::of_request(&asked)];
+        if let Ok(answer) = &answer {
+            traffic.push(Traffic::of_response(answer));
+        }
+        self.traffic.lock().expect("not poisoned").extend(traffic);
+        let took = measure::thread_cpu_secs() - started + cloned;
+        self.tally_nanos
+            .fetch_add((took * 1e9).round() as u64, Ordering::Relaxed);
         answer
+    }
+}
+
+/// Where one message's bytes went: each figure is the encoded message's length less the
+/// length of the same message without that part, so it holds for any encoding.
+#[derive(Clone, Copy, Debug, Default)]
+struct Traffic {
+    /// The whole message, encoded.
+    total: usize,
+    /// The ranges: cut points, fingerprints and item lists.
+    ranges: usize,
+    /// The item lists inside the ranges.
+    items: usize,
+    /// Parts told by a fingerprint.
+    fingerprints: usize,
+    /// Items listed.
+    listed: usize,
+    /// The versions shipped.
+    versions: usize,
+    /// How many versions.
+    shipped: usize,
+    /// Items wanted and offered, by Hlc.
+    asks: usize,
+}
+
+/// `segments` with every item list emptied.
+fn without_items(segments: &[Segment]) -> Vec<Segment> {
+    let mut out = segments.to_vec();
+    for part in out.iter_mut().flat_map(|s| s.parts.iter_mut()) {
+        if let Claim::Items(items) = &mut part.claim {
+            *items = Items::default();
+        }
+    }
+    out
+}
+
+/// Fingerprint parts and listed items of `segments`.
+fn claims(segments: &[Segment]) -> (usize, usize) {
+    let parts = segments.iter().flat_map(|s| s.parts.iter());
+    parts.fold((0, 0), |(f, l), p| match &p.claim {
+        Claim::Fingerprint(_) => (f + 1, l),
+        Claim::Items(items) => (f, l + items.0.len()),
+    })
+}
+
+impl Traffic {
+    fn of_request(m: &AuditRequest) -> Traffic {
+        let total = wire::encode(m).len();
+        let less = |f: &dyn Fn(&mut AuditRequest)| {
+            let mut m = m.clone();
+            f(&mut m);
+            total - wire::encode(&m).len()
+        };
+        let (fingerprints, listed) = claims(&m.segments);
+        Traffic {
+            total,
+            ranges: less(&|m| m.segments.clear()),
+            items: less(&|m| m.segments = without_items(&m.segments)),
+            fingerprints,
+            listed,
+            versions: less(&|m| m.versions.clear()),
+            shipped: m.versions.iter().map(|(_, v)| v.len()).sum(),
+            asks: less(&|m| m.wanted.clear()),
+        }
+    }
+
+    fn of_response(m: &AuditResponse) -> Traffic {
+        let total = wire::encode(m).len();
+        let less = |f: &dyn Fn(&mut AuditResponse)| {
+            let mut m = m.clone();
+            f(&mut m);
+            total - wire::encode(&m).len()
+        };
+        let (fingerprints, listed) = claims(&m.segments);
+        Traffic {
+            total,
+            ranges: less(&|m| m.segments.clear()),
+            items: less(&|m| m.segments = without_items(&m.segments)),
+            fingerprints,
+            listed,
+            versions: less(&|m| m.versions.clear()),
+            shipped: m.versions.iter().map(|(_, v)| v.len()).sum(),
+            asks: less(&|m| {
+                m.wanted.clear();
+                m.offered.clear();
+            }),
+        }
+    }
+
+    /// The sum of `messages`' figures.
+    fn sum(messages: &[Traffic]) -> Traffic {
+        messages.iter().fold(Traffic::default(), |a, t| Traffic {
+            total: a.total + t.total,
+            ranges: a.ranges + t.ranges,
+            items: a.items + t.items,
+            fingerprints: a.fingerprints + t.fingerprints,
+            listed: a.listed + t.listed,
+            versions: a.versions + t.versions,
+            shipped: a.shipped + t.shipped,
+            asks: a.asks + t.asks,
+        })
+    }
+}
+
+/// Prints one audit's messages, one line each, to stderr: where the bytes went, message by
+/// message (the messages of an audit go one level of ranges deeper each).
+fn print_traffic(label: &str, messages: &[Traffic]) {
+    eprintln!("{label}: message | bytes | ranges (cut points, fingerprints) | fingerprint parts | item lists | items | versions | shipped | wanted and offered");
+    for (i, t) in messages.iter().enumerate() {
+        let dir = if i % 2 == 0 { "request" } else { "response" };
+        eprintln!(
+            "  {dir} {} | {} | {} | {} | {} | {} | {} | {} | {}",
+            i / 2 + 1,
+            t.total,
+            t.ranges - t.items,
+            t.fingerprints,
+            t.items,
+            t.listed,
+            t.versions,
+            t.shipped,
+            t.asks
+        );
     }
 }
 
@@ -121,12 +273,20 @@ struct Sample {
     responder_cpu: f64,
     sent: f64,
     received: f64,
+    /// The initiator's messages, summed.
+    requests: Traffic,
+    /// The responder's messages, summed.
+    responses: Traffic,
+    /// Every message, in order.
+    messages: Vec<Traffic>,
 }
 
 /// Runs one audit from `node` over `link` and measures it.
 fn audit_once(node: &SyncEngine, link: &InProcess<Timed>) -> Result<Sample> {
     let before = link.stats();
     let responder_before = link.peer().cpu_secs();
+    let tally_before = link.peer().tally_secs();
+    link.peer().take_traffic();
     let cpu_before = measure::thread_cpu_secs();
     let (out, secs) = measure::timed(|| block_on(node.audit(link)));
     let cpu = measure::thread_cpu_secs() - cpu_before;
@@ -136,16 +296,25 @@ fn audit_once(node: &SyncEngine, link: &InProcess<Timed>) -> Result<Sample> {
         return Err("the responder answered on another thread: the CPU split does not hold".into());
     }
     let responder_cpu = link.peer().cpu_secs() - responder_before;
+    let tally = link.peer().tally_secs() - tally_before;
+    let messages = link.peer().take_traffic();
+    let side = |parity: usize| {
+        let mine: Vec<Traffic> = messages.iter().skip(parity).step_by(2).copied().collect();
+        Traffic::sum(&mine)
+    };
     if !out.halts.is_empty() || !out.peer_halts.is_empty() {
         return Err(format!("an audit halted streams: {out:?}").into());
     }
     Ok(Sample {
         out,
         secs,
-        initiator_cpu: cpu - responder_cpu,
+        initiator_cpu: cpu - responder_cpu - tally,
         responder_cpu,
         sent: (after.bytes_sent - before.bytes_sent) as f64,
         received: (after.bytes_received - before.bytes_received) as f64,
+        requests: side(0),
+        responses: side(1),
+        messages,
     })
 }
 
@@ -201,6 +370,47 @@ fn rows(case: &str, samples: &[Sample], bytes: f64, cpu: f64) -> Vec<Row> {
             of(|s| s.out.shipped as f64),
         ),
     ]
+}
+
+/// A figure of [`Traffic`]: its name, unit and how to read it.
+type Figure = (&'static str, Unit, fn(Traffic) -> usize);
+
+/// Where the bytes went, each way: ranges (cut points and fingerprints), item lists,
+/// versions, wants and offers; and how many parts and items the ranges told.
+fn traffic_rows(case: &str, samples: &[Sample]) -> Vec<Row> {
+    let mut out = Vec::new();
+    for (way, pick) in [
+        (
+            "initiator to responder",
+            (|s: &Sample| s.requests) as fn(&Sample) -> Traffic,
+        ),
+        ("responder to initiator", |s: &Sample| s.responses),
+    ] {
+        let of = |f: fn(Traffic) -> usize| {
+            Summary::of(
+                &samples
+                    .iter()
+                    .map(|s| f(pick(s)) as f64)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let figures: [Figure; 6] = [
+            (
+                "bytes in ranges: cut points and fingerprints",
+                Unit::Bytes,
+                |t| t.ranges - t.items,
+            ),
+            ("parts told by fingerprint", Unit::Count, |t| t.fingerprints),
+            ("bytes in item lists", Unit::Bytes, |t| t.items),
+            ("items listed", Unit::Count, |t| t.listed),
+            ("bytes in versions", Unit::Bytes, |t| t.versions),
+            ("bytes in wanted and offered items", Unit::Bytes, |t| t.asks),
+        ];
+        for (figure, unit, f) in figures {
+            out.push(Row::new(case, format!("{way}: {figure}"), unit, of(f)));
+        }
+    }
+    out
 }
 
 /// The records the `rep`-th repairing audit updates: 100 spread over the store, next to the
@@ -304,5 +514,9 @@ pub fn run(fx: &mut Fixture) -> Result {
         TARGET_DIFF_BYTES,
         TARGET_DIFF_CPU,
     ));
+    out.extend(traffic_rows(&diff_case, &differing));
+    if let Some(last) = differing.last() {
+        print_traffic(&diff_case, &last.messages);
+    }
     Ok(out)
 }

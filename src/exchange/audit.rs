@@ -46,22 +46,43 @@ pub const MAX_VERSIONS: usize = 1000;
 pub const MAX_PARTS: usize = 1024;
 
 /// What one side says of a range of a scope's live items.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// The sender's fingerprint of the range.
-    Fingerprint(Fingerprint),
+    Fingerprint(Print),
     /// Every item the sender holds in the range.
     Items(Items),
 }
 
+/// A [`Fingerprint`] as audit messages carry it: the item count and the low 64 bits of the
+/// sum. Two sets that differ by accident have equal prints with probability about 2^-64
+/// (docs/protocol.md, "What is compared").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Print {
+    /// The number of items.
+    pub count: u64,
+    /// The sum of the items' hashes, modulo 2^64.
+    pub sum: u64,
+}
+
+impl From<Fingerprint> for Print {
+    fn from(f: Fingerprint) -> Print {
+        Print {
+            count: f.count,
+            // IMPORTANT: the low 64 bits of a sum modulo 2^128 are the sum modulo 2^64.
+            sum: f.sum as u64,
+        }
+    }
+}
+
 /// Items of a range, by their Hlcs, in `(origin, time)` order. Encoded grouped by origin,
-/// with time deltas.
+/// with time deltas (inside ranges, as points: see [`super::ranges`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Items(pub Vec<Hlc>);
 
 /// Consecutive parts of one scope's audit order: the first starts at `lo`, each ends where
-/// the next starts, at its `hi`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// the next starts, at its `hi`. Travels as [`super::ranges`] has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Segment {
     /// The scope.
     pub scope: Scope,
@@ -72,7 +93,7 @@ pub struct Segment {
 }
 
 /// One range of a [`Segment`] and what the sender says of it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Part {
     /// Where the range ends, exclusive (`None`: at the end).
     pub hi: Option<AuditPoint>,
@@ -105,6 +126,7 @@ pub struct AuditRequest {
     /// not hold).
     pub opening: bool,
     /// Ranges still open, as the initiator sees them.
+    #[serde(with = "super::ranges")]
     pub segments: Vec<Segment>,
     /// Versions the responder lacks.
     pub versions: Shipment,
@@ -141,6 +163,7 @@ pub struct AuditResponse {
     /// The responder.
     pub from: NodeId,
     /// Ranges still open, as the responder sees them.
+    #[serde(with = "super::ranges")]
     pub segments: Vec<Segment>,
     /// Versions the initiator lacks.
     pub versions: Shipment,
@@ -223,19 +246,28 @@ impl Auditor {
     /// [`MAX_PARTS`]), the versions the responder lacks (at most [`MAX_VERSIONS`]) and the
     /// items we lack. The first request is always sent (it carries the roots).
     ///
+    /// Versions are shipped only once no range is open and nothing is asked for: until then
+    /// the versions we receive may replace ones we would ship. A key updated on the other
+    /// side shows on each side as an item the other lacks (our replaced version, its new
+    /// one), found in different ranges at different times; once its version has replaced
+    /// ours, ours is no longer live and is not shipped (see [`collect`]).
+    ///
     /// # Errors
     /// A store read failure.
     pub fn request(&mut self, read: &dyn StoreRead) -> Result<Option<AuditRequest>, StoreError> {
-        if self.rounds > 0
-            && self.pending.is_empty()
-            && self.ship.is_empty()
-            && self.want.is_empty()
+        let versions = if self.want.is_empty() && self.pending.is_empty() {
+            let (versions, rest) = collect(read, std::mem::take(&mut self.ship), MAX_VERSIONS)?;
+            self.ship = rest;
+            versions
+        } else {
+            Vec::new()
+        };
+        // Nothing shipped with nothing asked means nothing is left to ship.
+        if self.rounds > 0 && self.pending.is_empty() && versions.is_empty() && self.want.is_empty()
         {
             return Ok(None);
         }
         self.rounds += 1;
-        let (versions, rest) = collect(read, std::mem::take(&mut self.ship), MAX_VERSIONS)?;
-        self.ship = rest;
         self.asked = std::mem::take(&mut self.want);
         Ok(Some(AuditRequest {
             from: self.me,
@@ -362,7 +394,7 @@ pub fn open(read: &dyn StoreRead, scopes: &[Scope]) -> Result<Vec<Segment>, Stor
                 lo: None,
                 parts: vec![Part {
                     hi: None,
-                    claim: Claim::Fingerprint(fingerprint),
+                    claim: Claim::Fingerprint(fingerprint.into()),
                 }],
             })
         })
@@ -408,7 +440,7 @@ fn answer_part(
     match claim {
         Claim::Fingerprint(theirs) => {
             let mine = read.fingerprint(scope, &range)?;
-            if mine == *theirs {
+            if Print::from(mine) == *theirs {
                 return Ok(());
             }
             if mine.count <= ITEMS_AT {
@@ -464,8 +496,11 @@ fn compare_items(
             hi: range.hi,
         };
         let fingerprint = read.fingerprint(scope, &rest)?;
-        out.segments
-            .push(one_part(scope, rest, Claim::Fingerprint(fingerprint)));
+        out.segments.push(one_part(
+            scope,
+            rest,
+            Claim::Fingerprint(fingerprint.into()),
+        ));
     }
     Ok(())
 }
@@ -479,7 +514,7 @@ fn split(read: &dyn StoreRead, scope: &Scope, range: AuditRange) -> Result<Segme
         let fingerprint = read.fingerprint(scope, &AuditRange { lo, hi })?;
         parts.push(Part {
             hi,
-            claim: Claim::Fingerprint(fingerprint),
+            claim: Claim::Fingerprint(fingerprint.into()),
         });
         lo = hi;
     }

@@ -128,6 +128,7 @@ mod initiator;
 mod messages;
 mod page;
 pub mod plan;
+pub mod ranges;
 mod responder;
 mod restore;
 mod session;
