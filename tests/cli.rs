@@ -461,3 +461,50 @@ fn serve_audits_each_peer_on_its_audit_interval_and_refuses_a_zero_one() -> Test
     assert!(said.contains("use `off`"), "{said}");
     Ok(())
 }
+
+/// `serve --paused` starts offline on purpose: it serves, takes writes and starts no round;
+/// SIGUSR2 resumes syncing (the hub's record arrives) and SIGUSR1 pauses it again, as the
+/// status document shows.
+#[cfg(unix)]
+#[test]
+fn serve_starts_paused_and_signals_pause_and_resume_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let hub = ServeProcess::start(&dir.path().join("hub"), &[])?;
+    ok(&["put", "--node", &hub.url, "shared", "k", "from the hub"])?;
+    let device = ServeProcess::start(
+        &dir.path().join("device"),
+        &["--interval", "100ms", "--paused", "--peer", &hub.url],
+    )?;
+    let peer = |url: &str| -> TestResult<Value> {
+        Ok(status_json(&["--node", url])?["configured_peers"][0].clone())
+    };
+    let first = peer(&device.url)?;
+    assert_eq!(first["paused"], Value::Bool(true), "{first}");
+    assert_eq!(
+        first["last_success_unix_ms"],
+        Value::Null,
+        "no round ran: {first}"
+    );
+    // It takes writes while paused.
+    ok(&["put", "--node", &device.url, "shared", "mine", "offline"])?;
+
+    let signal = |name: &str| -> TestResult {
+        let status = std::process::Command::new("kill")
+            .args([name, &device.pid().to_string()])
+            .status()?;
+        assert!(status.success(), "kill {name}");
+        Ok(())
+    };
+    signal("-USR2")?;
+    assert_eq!(
+        get_eventually(&device.url, "shared", "k", &[])?,
+        b"from the hub"
+    );
+    assert_eq!(get_eventually(&hub.url, "shared", "mine", &[])?, b"offline");
+    assert_eq!(peer(&device.url)?["paused"], Value::Bool(false));
+    signal("-USR1")?;
+    poll(DEADLINE, EVERY, "paused again", || {
+        Ok((peer(&device.url)?["paused"] == Value::Bool(true)).then_some(()))
+    })?;
+    Ok(())
+}

@@ -120,6 +120,10 @@ pub struct NodeOptions {
     /// Per-peer scopes and intervals, by URL (one of [`NodeOptions::peers`]); peers not
     /// named use the node's.
     pub peer_options: BTreeMap<String, PeerOptions>,
+    /// Start with syncing paused (offline on purpose, [`Scheduler::pause`]): the node serves
+    /// and takes writes, and starts no round until resumed. On Unix, SIGUSR1 pauses a
+    /// running node and SIGUSR2 resumes it.
+    pub paused: bool,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -145,6 +149,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("peer_retirement", &self.peer_retirement)
             .field("accept_new_peer_ids", &self.accept_new_peer_ids)
             .field("peer_options", &self.peer_options)
+            .field("paused", &self.paused)
             .finish()
     }
 }
@@ -173,6 +178,7 @@ impl NodeOptions {
             peer_retirement: EngineConfig::default().peer_retirement,
             accept_new_peer_ids: Vec::new(),
             peer_options: BTreeMap::new(),
+            paused: false,
         }
     }
 
@@ -369,6 +375,8 @@ pub struct Node {
     peer_options: BTreeMap<String, PeerOptions>,
     data: PathBuf,
     purge_interval: Option<Duration>,
+    /// Start with syncing paused.
+    paused: bool,
 }
 
 impl std::fmt::Debug for Node {
@@ -480,6 +488,7 @@ impl Node {
             peer_options,
             data: options.data,
             purge_interval,
+            paused: options.paused,
         };
         let url_file = node.data.join(URL_FILE);
         std::fs::write(&url_file, format!("{}\n", node.url())).map_err(|source| NodeError::Io {
@@ -540,6 +549,7 @@ impl Node {
             peer_options,
             data,
             purge_interval,
+            paused,
         } = self;
         tracing::info!(node = %engine.node_id(), %addr, data = %data.display(),
             peers = peers.len(), "node running");
@@ -549,6 +559,11 @@ impl Node {
         }));
         let purging = purge_interval.map(|every| tokio::spawn(purge_loop(engine.clone(), every)));
         let scheduler = Scheduler::start(engine.clone(), scheduler);
+        if paused {
+            // Before any peer is added: no round starts.
+            scheduler.pause();
+            tracing::info!("syncing paused (SIGUSR2 resumes it)");
+        }
         for peer in peers {
             let name = peer.base_url().to_owned();
             // Names are the peers' distinct URLs (checked in `start`), so this cannot fail.
@@ -563,9 +578,23 @@ impl Node {
                 tracing::error!(error = %e, "new identity not accepted");
             }
         }
-        let early = tokio::select! {
-            () = shutdown => None,
-            ended = &mut server => Some(ended),
+        let mut control = ControlSignals::new();
+        let shutdown = std::pin::pin!(shutdown);
+        let mut shutdown = shutdown;
+        let early = loop {
+            tokio::select! {
+                () = &mut shutdown => break None,
+                ended = &mut server => break Some(ended),
+                pause = control.next() => {
+                    if pause {
+                        scheduler.pause();
+                        tracing::info!("syncing paused (SIGUSR1); SIGUSR2 resumes it");
+                    } else {
+                        scheduler.resume();
+                        tracing::info!("syncing resumed (SIGUSR2)");
+                    }
+                }
+            }
         };
         tracing::info!("stopping");
         if let Some(task) = purging {
@@ -666,6 +695,48 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// SIGUSR1 (pause syncing) and SIGUSR2 (resume) for a running node, on Unix; never on
+/// other systems, or when the signals cannot be listened for (logged).
+struct ControlSignals {
+    #[cfg(unix)]
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl ControlSignals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signals = match (
+                signal(SignalKind::user_defined1()),
+                signal(SignalKind::user_defined2()),
+            ) {
+                (Ok(pause), Ok(resume)) => Some((pause, resume)),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGUSR1/SIGUSR2: no pause by signal");
+                    None
+                }
+            };
+            ControlSignals { signals }
+        }
+        #[cfg(not(unix))]
+        ControlSignals {}
+    }
+
+    /// The next request: `true` to pause, `false` to resume.
+    async fn next(&mut self) -> bool {
+        #[cfg(unix)]
+        if let Some((pause, resume)) = self.signals.as_mut() {
+            tokio::select! {
+                Some(()) = pause.recv() => return true,
+                Some(()) = resume.recv() => return false,
+                else => {}
+            }
+        }
+        std::future::pending().await
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM: the shutdown future for a node run

@@ -244,6 +244,10 @@ struct ServeArgs {
     /// other peers use --interval.
     #[arg(long = "peer-interval", value_name = "URL=DURATION", value_parser = peer_interval)]
     peer_intervals: Vec<(String, Duration)>,
+    /// Start with syncing paused (offline on purpose): serve and take writes, start no round.
+    /// SIGUSR1 pauses a running node, SIGUSR2 resumes it.
+    #[arg(long)]
+    paused: bool,
 }
 
 /// `URL=SCOPE[,SCOPE...]`.
@@ -596,6 +600,7 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         peer_retirement: args.peer_retirement.0,
         restored: args.restored,
         accept_new_peer_ids: args.accept_new_peer_ids,
+        paused: args.paused,
         peer_options,
         ..NodeOptions::new(args.data, args.listen)
     };
