@@ -87,7 +87,7 @@ impl SyncEngine {
         sender: Sender,
         page: &Page,
         scopes: &ScopeFilter,
-        knowledge: PeerKnowledge,
+        knowledge: &PeerKnowledge,
         seen: Option<&ScopedWatermarks>,
     ) -> Result<Applied> {
         apply::validate_page(page, scopes)?;
@@ -131,7 +131,7 @@ impl SyncEngine {
         sender: Sender,
         page: &Page,
         scopes: &ScopeFilter,
-        mut knowledge: PeerKnowledge,
+        knowledge: &PeerKnowledge,
         seen: Option<&ScopedWatermarks>,
         before: Before,
     ) -> Result<Applied> {
@@ -186,13 +186,15 @@ impl SyncEngine {
         };
         // A quiet round's knowledge is most often what was stored (a digest stands for it):
         // when it is, and bounding would keep all of it, it is neither copied nor bounded.
-        let unchanged_knowledge = if quiet
+        // Otherwise the bounded copy is what gets recorded.
+        let (bounded, unchanged_knowledge) = if quiet
             && same_as_stored(&knowledge.marks)
             && within_own(&knowledge.marks, &own, sender_id)
         {
-            true
+            (None, true)
         } else {
-            knowledge.marks.retain_marks(|scope, mark| {
+            let mut marks = knowledge.marks.clone();
+            marks.retain_marks(|scope, mark| {
                 mark.origin() == sender_id
                     || own.get(scope, mark.origin()).is_some()
                     || plan
@@ -200,7 +202,8 @@ impl SyncEngine {
                         .iter()
                         .any(|a| a.scope == *scope && a.top.origin() == mark.origin())
             });
-            quiet && same_as_stored(&knowledge.marks)
+            let unchanged = quiet && same_as_stored(&marks);
+            (Some(marks), unchanged)
         };
         let halts = plan.halts;
         let mut batch = Batch::new(0, Durability::Deferred);
@@ -229,7 +232,11 @@ impl SyncEngine {
             &batch.upserts,
         )?;
         batch.clock = self.inner.clock.last();
-        batch.peer = Some(knowledge);
+        batch.peer = Some(PeerKnowledge {
+            peer: knowledge.peer,
+            scopes: knowledge.scopes.clone(),
+            marks: bounded.unwrap_or_else(|| knowledge.marks.clone()),
+        });
         batch.seen = vec![(knowledge_peer, now)];
         batch.durability = self.durability_for(page.more, batch.upserts.len());
         let report = self.inner.store.commit(&batch)?;
