@@ -214,6 +214,12 @@ impl ScopedWatermarks {
         self.retain_nonempty();
     }
 
+    /// Whether `self`, kept to the scopes `in_play` accepts, equals `other`: what
+    /// `retain(in_play)` then `==` would say, without a copy.
+    pub fn equals_in(&self, mut in_play: impl FnMut(&Scope) -> bool, other: &Self) -> bool {
+        self.0.iter().filter(|(s, _)| in_play(s)).eq(other.0.iter())
+    }
+
     /// Drops scopes without marks.
     pub fn retain_nonempty(&mut self) {
         self.0.retain(|_, w| !w.is_empty());

@@ -151,7 +151,7 @@ impl SyncEngine {
                         Sender::Responder,
                         &received.page,
                         &scopes,
-                        received.knowledge.clone(),
+                        &received.knowledge,
                         None,
                     )
                     .and_then(|applied| {

@@ -55,6 +55,26 @@ pub(super) struct Applied {
     pub(super) refused: Vec<super::Refused>,
 }
 
+/// Whether every mark of `marks` is of `sender` or of an origin `own` holds a mark for in
+/// its scope, and no scope of `marks` is empty: whether bounding knowledge of the sender to
+/// what this node holds (with no advance planned) would leave it as it is. One ordered walk
+/// per scope.
+fn within_own(marks: &ScopedWatermarks, own: &ScopedWatermarks, sender: NodeId) -> bool {
+    marks.iter().all(|(scope, theirs)| {
+        let mut held = own
+            .scope(scope)
+            .into_iter()
+            .flat_map(|w| w.iter())
+            .peekable();
+        !theirs.is_empty()
+            && theirs.iter().all(|mark| {
+                let origin = mark.origin();
+                while held.next_if(|h| h.origin() < origin).is_some() {}
+                origin == sender || held.peek().is_some_and(|h| h.origin() == origin)
+            })
+    })
+}
+
 impl SyncEngine {
     /// Applies a received page in one transaction, with the sender's watermarks as knowledge.
     /// `peer` is what events call the sender. If the sender shows writes by our own id that
@@ -67,7 +87,7 @@ impl SyncEngine {
         sender: Sender,
         page: &Page,
         scopes: &ScopeFilter,
-        knowledge: PeerKnowledge,
+        knowledge: &PeerKnowledge,
         seen: Option<&ScopedWatermarks>,
     ) -> Result<Applied> {
         apply::validate_page(page, scopes)?;
@@ -111,7 +131,7 @@ impl SyncEngine {
         sender: Sender,
         page: &Page,
         scopes: &ScopeFilter,
-        mut knowledge: PeerKnowledge,
+        knowledge: &PeerKnowledge,
         seen: Option<&ScopedWatermarks>,
         before: Before,
     ) -> Result<Applied> {
@@ -148,26 +168,43 @@ impl SyncEngine {
             per_scope: config.max_origins_per_scope,
             vacuous: (sender == Sender::Initiator).then_some(config.max_new_origins_per_request),
         };
-        let dropped = apply::bound_new_marks(&mut plan, page, &own, limits);
-        if !dropped.is_empty() {
-            self.warn_of_bounded_marks(peer, &dropped);
+        // A page without runs (a quiet round) plans no advance: nothing to bound.
+        let quiet = page.runs.is_empty();
+        if !quiet {
+            let dropped = apply::bound_new_marks(&mut plan, page, &own, limits);
+            if !dropped.is_empty() {
+                self.warn_of_bounded_marks(peer, &dropped);
+            }
         }
         // The sender's own origin stays too: it is the one origin it speaks for, and the
         // first pages between two nodes carry it before this node has a mark for it.
         let sender_id = knowledge.peer;
-        knowledge.marks.retain_marks(|scope, mark| {
-            mark.origin() == sender_id
-                || own.get(scope, mark.origin()).is_some()
-                || plan
-                    .advances
-                    .iter()
-                    .any(|a| a.scope == *scope && a.top.origin() == mark.origin())
-        });
-        let unchanged_knowledge = page.runs.is_empty()
-            && stored_knowledge.clone().is_some_and(|mut k| {
-                k.retain(|s| scopes.contains(s));
-                k == knowledge.marks
+        let same_as_stored = |marks: &ScopedWatermarks| {
+            stored_knowledge
+                .as_ref()
+                .is_some_and(|k| k.equals_in(|s| scopes.contains(s), marks))
+        };
+        // A quiet round's knowledge is most often what was stored (a digest stands for it):
+        // when it is, and bounding would keep all of it, it is neither copied nor bounded.
+        // Otherwise the bounded copy is what gets recorded.
+        let (bounded, unchanged_knowledge) = if quiet
+            && same_as_stored(&knowledge.marks)
+            && within_own(&knowledge.marks, &own, sender_id)
+        {
+            (None, true)
+        } else {
+            let mut marks = knowledge.marks.clone();
+            marks.retain_marks(|scope, mark| {
+                mark.origin() == sender_id
+                    || own.get(scope, mark.origin()).is_some()
+                    || plan
+                        .advances
+                        .iter()
+                        .any(|a| a.scope == *scope && a.top.origin() == mark.origin())
             });
+            let unchanged = quiet && same_as_stored(&marks);
+            (Some(marks), unchanged)
+        };
         let halts = plan.halts;
         let mut batch = Batch::new(0, Durability::Deferred);
         batch.upserts = plan.upserts;
@@ -195,7 +232,11 @@ impl SyncEngine {
             &batch.upserts,
         )?;
         batch.clock = self.inner.clock.last();
-        batch.peer = Some(knowledge);
+        batch.peer = Some(PeerKnowledge {
+            peer: knowledge.peer,
+            scopes: knowledge.scopes.clone(),
+            marks: bounded.unwrap_or_else(|| knowledge.marks.clone()),
+        });
         batch.seen = vec![(knowledge_peer, now)];
         batch.durability = self.durability_for(page.more, batch.upserts.len());
         let report = self.inner.store.commit(&batch)?;
@@ -391,3 +432,82 @@ impl SyncEngine {
 /// The most unacknowledged local writes per scope that a page is checked against for
 /// `overwritten`.
 const UNACKNOWLEDGED_SCANNED: usize = 10_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 16]).unwrap()
+    }
+
+    fn marks(of: &[(&Scope, u8, u64)]) -> ScopedWatermarks {
+        let mut m = ScopedWatermarks::new();
+        for (scope, origin, t) in of {
+            m.observe(scope, Hlc::new(*t, id(*origin)));
+        }
+        m
+    }
+
+    /// The quiet round's shortcut (compare with what was stored, then check the bound holds
+    /// all of it) says "unchanged" exactly when bounding the knowledge and comparing does,
+    /// and then the knowledge is what bounding leaves.
+    #[test]
+    fn quiet_shortcut_agrees_with_bounding_then_comparing() {
+        let (a, b, c) = (
+            Scope::shared(),
+            Scope::app("x", "y").unwrap(),
+            Scope::app("x", "z").unwrap(),
+        );
+        let in_play = |s: &Scope| *s != c;
+        let sender = 9;
+        let own = marks(&[(&a, 1, 5), (&a, 3, 5), (&a, 5, 5), (&b, 2, 5)]);
+        let mut with_empty = marks(&[(&a, 1, 4)]);
+        with_empty.scope_mut(&b);
+        let cases = [
+            // (knowledge, stored)
+            (
+                marks(&[(&a, 1, 4), (&a, 5, 2)]),
+                marks(&[(&a, 1, 4), (&a, 5, 2)]),
+            ),
+            // the sender's own origin is kept though this node holds no mark of it
+            (
+                marks(&[(&a, 9, 4), (&b, 2, 1)]),
+                marks(&[(&a, 9, 4), (&b, 2, 1)]),
+            ),
+            // a stored scope out of play is left out of the comparison
+            (marks(&[(&a, 3, 4)]), marks(&[(&a, 3, 4), (&c, 7, 1)])),
+            // an origin this node holds no mark of (any more): bounding drops it
+            (
+                marks(&[(&a, 1, 4), (&a, 4, 2)]),
+                marks(&[(&a, 1, 4), (&a, 4, 2)]),
+            ),
+            (marks(&[(&b, 1, 4)]), marks(&[(&b, 1, 4)])),
+            (marks(&[(&a, 1, 4), (&a, 4, 2)]), marks(&[(&a, 1, 4)])),
+            // a scope without marks: bounding drops it
+            (with_empty.clone(), with_empty),
+            // knowledge that moved
+            (marks(&[(&a, 1, 6)]), marks(&[(&a, 1, 4)])),
+            (marks(&[(&a, 1, 4)]), ScopedWatermarks::new()),
+        ];
+        let mut shortcuts = 0;
+        for (i, (knowledge, stored)) in cases.into_iter().enumerate() {
+            let mut bounded = knowledge.clone();
+            bounded
+                .retain_marks(|s, m| m.origin() == id(sender) || own.get(s, m.origin()).is_some());
+            let mut kept = stored.clone();
+            kept.retain(in_play);
+            let unchanged = kept == bounded;
+            let shortcut =
+                stored.equals_in(in_play, &knowledge) && within_own(&knowledge, &own, id(sender));
+            assert!(!shortcut || unchanged, "case {i}: shortcut but changed");
+            assert!(
+                !shortcut || bounded == knowledge,
+                "case {i}: bounding would change it"
+            );
+            assert_eq!(stored.equals_in(in_play, &bounded), unchanged, "case {i}");
+            shortcuts += usize::from(shortcut);
+        }
+        assert_eq!(shortcuts, 3, "the first three cases take the shortcut");
+    }
+}

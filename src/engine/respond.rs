@@ -153,7 +153,7 @@ impl SyncEngine {
             Sender::Initiator,
             answer.incoming(),
             answer.scopes(),
-            answer.knowledge().clone(),
+            answer.knowledge(),
             seen.as_ref(),
         )?;
         let marks = match applied.changed_marks {
