@@ -167,7 +167,14 @@ impl SyncEngine {
         // A run whose base lies below its sender's floor may have skipped tombstones the
         // sender purged, which supersede versions the receiver still holds: the two compare
         // contents (the re-clone), whichever side received it.
-        audit_wanted |= self.crosses_floor(received.peer, &received.page);
+        if self.crosses_floor(received.peer, &received.page) {
+            audit_wanted = true;
+            // Our marks now cover what its floor answers for: so does ours.
+            let (engine, scopes) = (self.handle(), round.scopes().clone());
+            let peer = received.peer;
+            self.on_storage(move || engine.adopt_floors(peer, &scopes))
+                .await??;
+        }
         if let Some(floors) = &round.request().ext.floors {
             audit_wanted |= crosses(&round.request().page, floors.iter().cloned());
         }

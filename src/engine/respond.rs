@@ -14,6 +14,7 @@ use crate::record::{BlobRef, Scope};
 use crate::transport::{Refusal, Responder};
 use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, RequestMarks};
 
+use super::purge::crosses;
 use super::receive::Sender;
 use super::{lock, SyncEngine};
 
@@ -129,13 +130,21 @@ impl SyncEngine {
             }
             _ => None,
         };
-        let planned = Answer::plan(
+        // An initiator that speaks version 2 (it told us its floors before) but did not ask
+        // for ours this time gets no run that crosses our floor in this answer: its next
+        // request asks, and hears the floor with the run (the re-clone's trigger).
+        let withhold = asked_floors.is_none()
+            && lock(&self.inner.peers)
+                .floors_heard
+                .contains_key(&request.from);
+        let planned = Answer::plan_withholding(
             self.node_id(),
             &*self.inner.store.read()?,
             request,
             limits,
             remaining_cap,
             &|b: &BlobRef| self.has_blob(b),
+            withhold,
         )?;
         let answer = match planned {
             Answering::Resend(mut response) => {
@@ -148,6 +157,10 @@ impl SyncEngine {
             Answering::Apply(answer) => answer,
         };
         let from = answer.from();
+        // A run that starts below the initiator's floor claims past tombstones it purged:
+        // once our marks cover them, its floor answers for them here too.
+        let crossing = (asked_floors.as_ref())
+            .is_some_and(|floors| crosses(answer.incoming(), floors.iter().cloned()));
         let applied = self.apply_page(
             &from.to_string(),
             Sender::Initiator,
@@ -162,6 +175,9 @@ impl SyncEngine {
         };
         self.announce_halts(&from.to_string(), &applied.halts);
         self.note_exchange(from);
+        if crossing {
+            self.adopt_floors(from, answer.scopes())?;
+        }
         let scopes = answer.scopes().clone();
         let (mut response, held) = answer.respond(applied.halts, marks);
         if asked_floors.is_some() {

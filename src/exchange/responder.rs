@@ -68,6 +68,26 @@ impl Answer {
         remaining_cap: u64,
         has_blob: &dyn Fn(&BlobRef) -> bool,
     ) -> Result<Answering> {
+        Self::plan_withholding(me, read, request, limits, remaining_cap, has_blob, false)
+    }
+
+    /// Plans as [`Answer::plan`]; with `withhold`, leaves out of the page every run that
+    /// starts below our purge floor in its scope and says there is more (`Page::more`). The
+    /// driver withholds from an initiator that speaks version 2 but did not ask for our
+    /// floors this time: its next request, pulling, asks, and gets those runs with the
+    /// floors they cross, so it can tell it must audit (the re-clone, docs/protocol.md).
+    ///
+    /// # Errors
+    /// As for [`Answer::plan`].
+    pub fn plan_withholding(
+        me: NodeId,
+        read: &dyn StoreRead,
+        request: ExchangeRequest,
+        limits: PageLimits,
+        remaining_cap: u64,
+        has_blob: &dyn Fn(&BlobRef) -> bool,
+        withhold: bool,
+    ) -> Result<Answering> {
         let ExchangeRequest {
             from,
             scopes,
@@ -96,7 +116,7 @@ impl Answer {
             bytes: limits.bytes,
         };
         let deferred = deferred.into_iter().collect();
-        let page = plan_page(
+        let mut page = plan_page(
             read,
             &marks,
             &theirs,
@@ -105,6 +125,15 @@ impl Answer {
             has_blob,
             &mut BTreeSet::new(),
         )?;
+        if withhold && !page.runs.is_empty() {
+            let floors = read.floors()?;
+            let before = page.runs.len();
+            page.runs.retain(|run| {
+                let base = run.base.map_or(0, |b| b.time());
+                floors.get(&run.scope).is_none_or(|floor| base >= *floor)
+            });
+            page.more |= page.runs.len() < before;
+        }
         // What the initiator will hold once it applies our page; if it does not (a halt, a
         // lost response), this knowledge is stale-high, which costs one round, never a gap.
         let knowledge = PeerKnowledge {
