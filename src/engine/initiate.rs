@@ -12,7 +12,7 @@ use crate::record::BlobRef;
 use crate::transport::Transport;
 
 use super::blobs::blobs_of;
-use super::purge::{crosses, floors_in, FLOORS_FRESH};
+use super::purge::{crosses, floor_in, floors_in, FLOORS_FRESH};
 use super::receive::Sender;
 use super::{lock, SyncEngine};
 
@@ -176,9 +176,7 @@ impl SyncEngine {
                 .await??;
         }
         if let Some(floors) = &round.request().ext.floors {
-            audit_wanted |= crosses(&round.request().page, floors.iter().cloned());
-        }
-        if round.request().ext.floors.is_some() {
+            audit_wanted |= crosses(&round.request().page, |s| floor_in(floors, s));
             session.floors_heard = Some(self.inner.config.time.now());
         }
         let refused = std::mem::take(&mut applied.refused);

@@ -264,12 +264,13 @@ impl SyncEngine {
         rose
     }
 
-    /// Raises our floors in `scopes` to those `peer` last told us of, after an audit with it
-    /// that left nothing halted: our live contents there now hold every version it holds,
-    /// so what its floor refuses (an older version of a key neither of us holds) ours may
-    /// refuse too. A node that takes marks from us past its own floor region then re-clones
-    /// against us as it would against `peer` (see [`crosses`]): the floor travels with the
-    /// marks it answers for, one audit at a time. Returns the floors raised.
+    /// Raises our floors in `scopes` to those `peer` last told us of: when our marks came to
+    /// cover its purged tombstones (a run that [`crosses`] its floor, in either role), or
+    /// after an audit with it that left nothing halted (our live contents there hold every
+    /// version it holds). What its floor refuses (an older version of a key neither of us
+    /// holds) ours then refuses too, and a node that takes marks from us past that floor
+    /// re-clones against us as it would against `peer`: the floor travels with the marks it
+    /// answers for. Returns the floors raised.
     pub(super) fn adopt_floors(
         &self,
         peer: NodeId,
@@ -297,7 +298,7 @@ impl SyncEngine {
         batch.floors = raised.clone();
         self.inner.store.commit(&batch)?;
         self.inner.note_commit(Durability::Immediate, 0, Vec::new());
-        tracing::info!(peer = %peer, floors = ?raised, "purge floors adopted after an audit");
+        tracing::info!(peer = %peer, floors = ?raised, "purge floors adopted from a peer");
         Ok(raised)
     }
 
@@ -306,7 +307,7 @@ impl SyncEngine {
     pub(super) fn crosses_floor(&self, peer: NodeId, page: &Page) -> bool {
         let peers = lock(&self.inner.peers);
         let heard = peers.floors_heard.get(&peer);
-        heard.is_some_and(|h| crosses(page, h.iter().map(|(s, f)| (s.clone(), *f))))
+        heard.is_some_and(|h| crosses(page, |s| h.get(s).copied()))
     }
 
     /// Drops our versions that `peer` (called `label` in events) refused below its floor:
@@ -433,13 +434,13 @@ pub(crate) const FLOORS_FRESH: Duration = Duration::from_secs(600);
 /// retention, a new node that took older versions by an audit, a node whose mark for a quiet
 /// origin is older than the floor. Only an audit tells: the receiver's versions at or below
 /// the floor that the sender lacks are refused there and dropped here.
-pub(super) fn crosses(page: &Page, floors: impl IntoIterator<Item = (Scope, u64)>) -> bool {
-    let floors: BTreeMap<Scope, u64> = floors.into_iter().collect();
-    page.runs.iter().any(|run| {
-        floors
-            .get(&run.scope)
-            .is_some_and(|floor| run.base.map_or(0, |b| b.time()) < *floor)
-    })
+pub(super) fn crosses(page: &Page, floor_of: impl Fn(&Scope) -> Option<u64>) -> bool {
+    (page.runs.iter()).any(|run| floor_of(&run.scope).is_some_and(|f| run.starts_below(f)))
+}
+
+/// The floor of `scope` in a list of floors, as messages carry them.
+pub(super) fn floor_in(floors: &[(Scope, u64)], scope: &Scope) -> Option<u64> {
+    floors.iter().find(|(s, _)| s == scope).map(|(_, f)| *f)
 }
 
 /// The floors of `read` in the scopes in play.

@@ -14,7 +14,7 @@ use crate::record::{BlobRef, Scope};
 use crate::transport::{Refusal, Responder};
 use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, RequestMarks};
 
-use super::purge::crosses;
+use super::purge::{crosses, floor_in};
 use super::receive::Sender;
 use super::{lock, SyncEngine};
 
@@ -160,7 +160,7 @@ impl SyncEngine {
         // A run that starts below the initiator's floor claims past tombstones it purged:
         // once our marks cover them, its floor answers for them here too.
         let crossing = (asked_floors.as_ref())
-            .is_some_and(|floors| crosses(answer.incoming(), floors.iter().cloned()));
+            .is_some_and(|floors| crosses(answer.incoming(), |s| floor_in(floors, s)));
         let applied = self.apply_page(
             &from.to_string(),
             Sender::Initiator,

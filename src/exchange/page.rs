@@ -27,6 +27,12 @@ pub struct Run {
 }
 
 impl Run {
+    /// Whether the run starts below `floor` (its base's time, or 0 for a run from the
+    /// start): it may claim past tombstones its sender purged at or below that floor.
+    pub fn starts_below(&self, floor: u64) -> bool {
+        self.base.map_or(0, |b| b.time()) < floor
+    }
+
     /// Checks the run's shape: `top` and every version from `origin`, versions strictly
     /// ascending and inside `(base, top]`.
     ///

@@ -128,10 +128,8 @@ impl Answer {
         if withhold && !page.runs.is_empty() {
             let floors = read.floors()?;
             let before = page.runs.len();
-            page.runs.retain(|run| {
-                let base = run.base.map_or(0, |b| b.time());
-                floors.get(&run.scope).is_none_or(|floor| base >= *floor)
-            });
+            page.runs
+                .retain(|run| !floors.get(&run.scope).is_some_and(|f| run.starts_below(*f)));
             page.more |= page.runs.len() < before;
         }
         // What the initiator will hold once it applies our page; if it does not (a halt, a
