@@ -20,7 +20,8 @@ pub use crate::exchange::audit::{AuditExt, AuditRequest, AuditResponse};
 use crate::exchange::audit::{Shipment, Wanted};
 use crate::exchange::ranges::{RangesIn, RangesOut};
 pub use crate::exchange::{
-    ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
+    ExchangeRequest, ExchangeResponse, PageFrame, RequestExt, RequestMarks, ResponseExt,
+    ResponseMarks,
 };
 use crate::exchange::{Halt, Page, Run};
 use crate::hlc::{Hlc, NodeId};
@@ -144,6 +145,15 @@ impl Message for ExchangeResponse {
             ext,
         };
         Ok((response, rest))
+    }
+}
+
+/// A frame exists only in version 2 (a streamed pull): its body is the struct's fields.
+impl Message for PageFrame {
+    const KIND: u8 = 5;
+
+    fn version(&self) -> u16 {
+        2
     }
 }
 
@@ -447,5 +457,74 @@ impl<'de> Deserialize<'de> for Page {
             runs: p.runs,
             more: p.more,
         })
+    }
+}
+
+/// The length prefix of one message in a stream: 4 bytes, big-endian.
+const FRAME_PREFIX: usize = 4;
+
+/// Encodes `msg` in protocol `version` at most (as [`encode_as`]) for a stream of messages:
+/// its envelope's length as 4 bytes big-endian, then the envelope. A streamed pull's body
+/// over HTTP is such messages back to back (docs/protocol.md, "Streamed pulls").
+pub fn encode_framed<M: Message>(msg: &M, version: u16) -> Vec<u8> {
+    let envelope = encode_as(msg, version);
+    let len = u32::try_from(envelope.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(FRAME_PREFIX + envelope.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&envelope);
+    out
+}
+
+/// Splits a stream of length-prefixed envelopes ([`encode_framed`]) back into envelopes, as
+/// the bytes arrive in chunks of any size. Holds at most one message and the start of the
+/// next: a prefix that announces more than `max` bytes is refused before they are read.
+#[derive(Debug)]
+pub struct Unframer {
+    buf: bytes::BytesMut,
+    max: usize,
+}
+
+impl Unframer {
+    /// An unframer that refuses messages over `max` bytes (at most [`MAX_MESSAGE_LEN`]).
+    pub fn new(max: usize) -> Unframer {
+        Unframer {
+            buf: bytes::BytesMut::new(),
+            max: max.min(MAX_MESSAGE_LEN),
+        }
+    }
+
+    /// Adds the next bytes of the stream.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next whole envelope, or `None` until more bytes arrive.
+    ///
+    /// # Errors
+    /// [`WireError::TooLarge`] for a prefix over the limit, [`WireError::Truncated`] for an
+    /// empty message. The stream cannot be read further after either.
+    pub fn next_message(&mut self) -> Result<Option<bytes::Bytes>, WireError> {
+        let Some(prefix) = self.buf.first_chunk::<FRAME_PREFIX>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if len > self.max {
+            return Err(WireError::TooLarge { len, max: self.max });
+        }
+        if len == 0 {
+            return Err(WireError::Truncated);
+        }
+        if self.buf.len() < FRAME_PREFIX + len {
+            self.buf.reserve(FRAME_PREFIX + len - self.buf.len());
+            return Ok(None);
+        }
+        let _ = self.buf.split_to(FRAME_PREFIX);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    /// Whether no part of a message is buffered: a stream that ends here ended between
+    /// messages, anywhere else it was cut inside one.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
     }
 }

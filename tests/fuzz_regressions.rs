@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use highwater::testing::{
-    fuzz_audit_responder, fuzz_decode_envelope, fuzz_exchange_core, fuzz_exchange_model,
-    fuzz_merge_laws,
+    fuzz_audit_responder, fuzz_decode_envelope, fuzz_decode_stream, fuzz_exchange_core,
+    fuzz_exchange_model, fuzz_merge_laws,
 };
 use highwater::wire::{self, ExchangeRequest, ExchangeResponse};
 
@@ -50,6 +50,11 @@ fn merge_laws_inputs_pass() -> TestResult {
 #[test]
 fn audit_responder_inputs_pass() -> TestResult {
     replay("audit_responder", fuzz_audit_responder)
+}
+
+#[test]
+fn decode_stream_inputs_pass() -> TestResult {
+    replay("decode_stream", fuzz_decode_stream)
 }
 
 #[test]

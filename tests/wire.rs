@@ -15,8 +15,8 @@ use highwater::exchange::{Page, Run};
 use highwater::store::AuditPoint;
 use highwater::watermark::MarksDigest;
 use highwater::wire::{
-    self, ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
-    MAGIC, MAX_MESSAGE_LEN,
+    self, ExchangeRequest, ExchangeResponse, PageFrame, RequestExt, RequestMarks, ResponseExt,
+    ResponseMarks, MAGIC, MAX_MESSAGE_LEN,
 };
 use highwater::{
     BlobRef, EngineConfig, Error as HwError, Halt, HaltReason, Hash, Hlc, Key, ManualTime, NodeId,
@@ -1287,5 +1287,117 @@ fn a_message_goes_out_in_the_lowest_version_that_carries_it() -> TestResult {
             .to_string(),
         "unsupported protocol version 3; supported: [1, 2]"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Streamed pulls: the frames after a response (kind 5, version 2 only), length-prefixed
+// ---------------------------------------------------------------------------------------
+
+/// A frame of a streamed pull: the third, with one empty run, more to come.
+fn golden_frame() -> PageFrame {
+    let b = id(0x0b);
+    PageFrame {
+        seq: 3,
+        page: Page {
+            runs: vec![Run {
+                scope: Scope::shared(),
+                origin: b,
+                base: Some(Hlc::new(T + 1, b)),
+                top: Hlc::new(T + 5, b),
+                versions: vec![],
+            }],
+            more: true,
+        },
+        remaining: Some(1000),
+        end: false,
+    }
+}
+
+const GOLDEN_FRAME: &str = concat!(
+    "48575359",
+    "0002",
+    "05", // header: magic, version 2, frame
+    "03", // seq 3
+    "01", // page: 1 run
+    "06",
+    "736861726564",                     //   scope "shared"
+    "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b", //   origin 0x0b
+    "01",
+    "8180808080a0fca965", //   base Some(T+1)
+    "8580808080a0fca965", //   top T+5
+    "00",                 //   no versions
+    "01",                 //   more: true
+    "01",
+    "e807", // remaining Some(1000)
+    "00",   // end: false
+);
+
+#[test]
+fn golden_frame_is_pinned() -> TestResult {
+    let bytes = wire::encode(&golden_frame());
+    assert_eq!(hex(&bytes), GOLDEN_FRAME);
+    assert_eq!(
+        wire::decode_versioned::<PageFrame>(&bytes)?,
+        (golden_frame(), 2)
+    );
+    // A frame is not a response, nor the other way round.
+    assert!(matches!(
+        wire::decode::<ExchangeResponse>(&bytes),
+        Err(WireError::UnexpectedKind {
+            found: 5,
+            expected: 2
+        })
+    ));
+    Ok(())
+}
+
+/// A streamed body: each message's length in 4 bytes big-endian, then the message; split
+/// back the same whatever the sizes of the pieces it arrives in.
+#[test]
+fn a_stream_splits_back_into_its_messages_whatever_its_pieces() -> TestResult {
+    let response = wire::encode_framed(&golden_response(), 1);
+    let frame = wire::encode_framed(&golden_frame(), 2);
+    let plain = wire::encode(&golden_response());
+    assert_eq!(
+        response[..4],
+        u32::try_from(plain.len())?.to_be_bytes(),
+        "the length prefix"
+    );
+    assert_eq!(response[4..], plain[..]);
+    let stream = [response.clone(), frame.clone()].concat();
+    for piece in 1..=stream.len() {
+        let mut unframer = wire::Unframer::new(wire::MAX_MESSAGE_LEN);
+        let mut messages = Vec::new();
+        for chunk in stream.chunks(piece) {
+            unframer.push(chunk);
+            while let Some(message) = unframer.next_message()? {
+                messages.push(message);
+            }
+        }
+        assert!(unframer.is_empty(), "ended between messages");
+        assert_eq!(messages.len(), 2, "pieces of {piece}");
+        assert_eq!(
+            wire::decode::<ExchangeResponse>(&messages[0])?,
+            golden_response()
+        );
+        assert_eq!(wire::decode::<PageFrame>(&messages[1])?, golden_frame());
+    }
+    // A stream cut inside a message is told from one that ended between two.
+    let mut unframer = wire::Unframer::new(wire::MAX_MESSAGE_LEN);
+    unframer.push(&stream[..response.len() + 3]);
+    assert!(unframer.next_message()?.is_some());
+    assert_eq!(unframer.next_message()?, None);
+    assert!(!unframer.is_empty());
+    // A prefix over the limit is refused before its bytes are read; so is an empty message.
+    let mut unframer = wire::Unframer::new(100);
+    unframer.push(&101u32.to_be_bytes());
+    assert_eq!(
+        unframer.next_message(),
+        Err(WireError::TooLarge { len: 101, max: 100 })
+    );
+    let mut unframer = wire::Unframer::new(100);
+    unframer.push(&[0, 0, 0, 0]);
+    assert_eq!(unframer.next_message(), Err(WireError::Truncated));
     Ok(())
 }

@@ -11,7 +11,8 @@ use crate::watermark::ScopedWatermarks;
 
 use super::plan::{plan_page, PageLimits};
 use super::{
-    held_after, marks_in_play, Halt, HeldMarks, Page, RequestExt, ResponseExt, Session, Streams,
+    held_after, marks_in_play, Halt, HeldMarks, Page, PageFrame, RequestExt, ResponseExt, Run,
+    Session, Streams,
 };
 
 /// A version refused below a purge floor: its scope, key and Hlc.
@@ -84,6 +85,13 @@ pub struct Initiation {
     /// Our knowledge of the peer's marks in play, whose digest the request carries.
     known: Option<ScopedWatermarks>,
     request: ExchangeRequest,
+    /// Frames of a streamed pull received after the response: how many, the streams their
+    /// pages carried, and the last page (its last run, without versions, and `more`) with
+    /// its count of what remains.
+    frames: u32,
+    ended: bool,
+    streamed: Streams,
+    last: Option<(Page, Option<u64>)>,
 }
 
 /// What to do with a response.
@@ -212,6 +220,10 @@ impl Initiation {
             mine,
             known,
             request,
+            frames: 0,
+            ended: false,
+            streamed: Streams::new(),
+            last: None,
         })
     }
 
@@ -297,6 +309,57 @@ impl Initiation {
         }))
     }
 
+    /// Reads the next frame of a streamed pull that followed the response read as
+    /// `received`: the frame's page to apply as that response's was (with the same knowledge
+    /// of the peer). Frames must come in order, 1, 2, ..., and none after the one that ends
+    /// the transfer.
+    ///
+    /// # Errors
+    /// [`ProtocolError::FrameOutOfOrder`]: nothing of the frame may be applied, and the
+    /// transfer stops (the pages applied before it stay).
+    pub fn frame(&mut self, received: &Received, frame: PageFrame) -> Result<Received> {
+        let due = self.frames + 1;
+        if self.ended || frame.seq != due {
+            return Err(ProtocolError::FrameOutOfOrder {
+                peer: received.peer,
+                expected: if self.ended { 0 } else { due },
+                found: frame.seq,
+            }
+            .into());
+        }
+        self.frames = due;
+        self.ended = frame.end;
+        for (scope, origin) in frame.page.streams() {
+            self.streamed.insert((scope.clone(), origin));
+        }
+        let last = Page {
+            runs: (frame.page.runs.last())
+                .map(|r| Run {
+                    versions: Vec::new(),
+                    ..r.clone()
+                })
+                .into_iter()
+                .collect(),
+            more: frame.page.more,
+        };
+        self.last = Some((last, frame.remaining));
+        Ok(Received {
+            peer: received.peer,
+            page: frame.page,
+            peer_halts: Vec::new(),
+            knowledge: received.knowledge.clone(),
+            ext: ResponseExt {
+                remaining: frame.remaining,
+                ..ResponseExt::default()
+            },
+        })
+    }
+
+    /// Whether a streamed pull's last frame was read.
+    pub fn stream_ended(&self) -> bool {
+        self.ended
+    }
+
     /// Finishes the round once the received page was applied (`applied`), with our marks in
     /// play as they stand after it (`mine`): updates the session (halts in both directions,
     /// the marks the peer now holds of ours) and says whether another round would move more.
@@ -309,14 +372,28 @@ impl Initiation {
     ) -> ExchangeOutcome {
         let peer = received.peer;
         let shipped = &self.request.page;
+        // After a streamed pull, what is left to pull is what its last page left.
+        let (last, remaining) = match &self.last {
+            Some((page, remaining)) => (page, *remaining),
+            None => (&received.page, received.ext.remaining),
+        };
         session.peer = Some(peer);
-        session.pulling = received.page.more;
+        session.pulling = last.more;
         session.remember_halts(
             shipped,
             &received.page,
             &received.peer_halts,
             &applied.halts,
         );
+        // A stream sent again in a frame and not halted this time applied: it is no longer
+        // halted here (`applied.halts` holds the halts of every page of the round).
+        for stream in &self.streamed {
+            let halted =
+                (applied.halts.iter()).any(|h| h.scope == stream.0 && h.origin == stream.1);
+            if !halted {
+                session.ours.remove(stream);
+            }
+        }
         // After a halt our marks stay below what the peer recorded: no digest next time.
         if applied.halts.is_empty() {
             let held = held_after(self.mine.clone(), &received.page);
@@ -344,7 +421,7 @@ impl Initiation {
             shipped: shipped.version_count(),
             received: applied.received,
             applied: applied.applied,
-            has_more: received.page.more_beyond(&applied.halts, &self.ours)
+            has_more: last.more_beyond(&applied.halts, &self.ours)
                 || shipped.more_beyond(&received.peer_halts, &self.theirs)
                 || peer_lacks,
             halts: applied.halts,
@@ -354,7 +431,7 @@ impl Initiation {
             refused: 0,
             dropped: 0,
             audit_wanted: false,
-            remaining: received.ext.remaining,
+            remaining,
         }
     }
 

@@ -131,6 +131,24 @@ pub struct ExchangeResponse {
     pub ext: ResponseExt,
 }
 
+/// One page of a streamed pull after the response (kind 5, protocol version 2 only): the
+/// responder's next page, planned from the initiator's marks raised to the tops of every page
+/// before it (see docs/protocol.md, "Streamed pulls"). The initiator applies each as it
+/// arrives, in order, each in its own transaction.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PageFrame {
+    /// The frame's place in the transfer: 1 for the first frame after the response, then one
+    /// more each. A frame out of this order is refused.
+    pub seq: u32,
+    /// Versions the initiator lacks, with each run's `(base, top]`.
+    pub page: Page,
+    /// As [`ResponseExt::remaining`]: what the initiator lacks beyond this page.
+    pub remaining: Option<u64>,
+    /// The last frame of the transfer: nothing follows. A transfer that ends without one
+    /// was cut.
+    pub end: bool,
+}
+
 impl ExchangeResponse {
     /// The answer to a request addressed to another node ([`RequestExt::to`]): it names
     /// the responder and carries nothing else (no marks, no page). The initiator finds the

@@ -128,6 +128,7 @@ mod initiator;
 mod messages;
 mod page;
 pub mod plan;
+mod pull;
 pub mod ranges;
 mod responder;
 mod restore;
@@ -137,9 +138,11 @@ pub use self::initiator::{
     AppliedPage, ExchangeOptions, ExchangeOutcome, Initiation, Received, Reply,
 };
 pub use self::messages::{
-    ExchangeRequest, ExchangeResponse, RequestExt, RequestMarks, ResponseExt, ResponseMarks,
+    ExchangeRequest, ExchangeResponse, PageFrame, RequestExt, RequestMarks, ResponseExt,
+    ResponseMarks,
 };
 pub use self::page::{Halt, HaltReason, Page, Run, Streams};
+pub use self::pull::PullCursor;
 pub use self::responder::{Answer, Answering};
 pub use self::restore::{evidence_in_marks, evidence_in_page, RestoreEvidence};
 pub use self::session::{HeldMarks, Session};

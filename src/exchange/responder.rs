@@ -6,12 +6,13 @@ use std::collections::BTreeSet;
 use super::{ExchangeRequest, ExchangeResponse, RequestMarks, ResponseMarks};
 use crate::error::{ProtocolError, Result};
 use crate::hlc::NodeId;
-use crate::record::{BlobRef, ScopeFilter};
+use crate::record::{BlobRef, Scope, ScopeFilter};
 use crate::store::{PeerKnowledge, StoreRead};
 use crate::watermark::{MarksDigest, ScopedWatermarks};
 
 use super::plan::{plan_page, PageLimits};
-use super::{held_after, marks_in_play, Halt, HeldMarks, Page, ResponseExt};
+use super::pull::PullCursor;
+use super::{held_after, marks_in_play, Halt, HeldMarks, Page, ResponseExt, Streams};
 
 /// A request being answered, between its steps.
 #[derive(Debug)]
@@ -30,6 +31,11 @@ pub struct Answer {
     knowledge: PeerKnowledge,
     /// How many versions the initiator lacks beyond our page, if we counted.
     remaining: Option<u64>,
+    /// The page limits granted, the streams planned last and the count's cap: what a
+    /// streamed pull plans its next pages with.
+    limits: PageLimits,
+    deferred: Streams,
+    remaining_cap: u64,
 }
 
 /// How a request is answered.
@@ -115,7 +121,7 @@ impl Answer {
                 .clamp(1, limits.versions),
             bytes: limits.bytes,
         };
-        let deferred = deferred.into_iter().collect();
+        let deferred: Streams = deferred.into_iter().collect();
         let mut page = plan_page(
             read,
             &marks,
@@ -153,7 +159,27 @@ impl Answer {
             incoming,
             knowledge,
             remaining,
+            limits,
+            deferred,
+            remaining_cap,
         }))
+    }
+
+    /// The cursor of a streamed pull that continues after this answer, if its page was cut
+    /// (more to send): at most `frames` more pages, planned from the initiator's marks raised
+    /// to this page's tops. `floors` are our purge floors in play, as the response tells them.
+    pub fn pull(&self, floors: Vec<(Scope, u64)>, frames: u32) -> Option<PullCursor> {
+        (self.page.more && frames > 0).then(|| PullCursor {
+            from: self.from,
+            scopes: self.scopes.clone(),
+            held: self.knowledge.marks.clone(),
+            deferred: self.deferred.clone(),
+            limits: self.limits,
+            floors,
+            seq: 0,
+            left: frames,
+            remaining_cap: self.remaining_cap,
+        })
     }
 
     /// The initiator.
@@ -213,7 +239,7 @@ impl Answer {
 /// How many live versions under our marks `mine` lie above `held` (the initiator's marks
 /// once it applies our page), counted up to `cap`: one [`StoreRead::live_count`] per stream
 /// the page did not finish, so a page that ends every stream costs no read at all.
-fn remaining(
+pub(super) fn remaining(
     read: &dyn StoreRead,
     mine: &ScopedWatermarks,
     held: &ScopedWatermarks,

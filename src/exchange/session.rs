@@ -39,6 +39,9 @@ pub struct Session {
     /// Whether the peer's last page was cut by its limit (more to pull): the next request
     /// goes in version 2, so that the answer says how many versions remain.
     pub(crate) pulling: bool,
+    /// The peer (or the transport to it) cannot stream a pull: this session pulls in
+    /// rounds.
+    pub(crate) no_stream: bool,
 }
 
 /// Our marks in play as a peer recorded them at the end of the last round between us, as a

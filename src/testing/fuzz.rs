@@ -98,6 +98,57 @@ pub fn fuzz_decode_envelope(data: &[u8]) -> Result<(), String> {
     round_trips::<AuditResponse>(&input)
 }
 
+/// Fuzz target `decode_stream`: the rest of `data` is a streamed pull's body (length-prefixed
+/// messages, `wire::Unframer`), fed in pieces of `1 + first byte % 64` bytes. It never panics
+/// nor holds more than one message's worth beyond the limit (1 MiB here), it splits the same
+/// messages out of the pieces as out of the bytes in one piece (up to the same error), and
+/// each message that decodes (the first as a response, the rest as frames) round-trips.
+///
+/// # Errors
+/// A description of the broken invariant.
+pub fn fuzz_decode_stream(data: &[u8]) -> Result<(), String> {
+    use crate::wire::{ExchangeResponse, PageFrame, Unframer};
+    const MAX: usize = 1 << 20;
+    let Some((&first, rest)) = data.split_first() else {
+        return Ok(());
+    };
+    let split = |pieces: &mut dyn Iterator<Item = &[u8]>| {
+        let mut unframer = Unframer::new(MAX);
+        let mut messages = Vec::new();
+        for piece in pieces {
+            unframer.push(piece);
+            loop {
+                match unframer.next_message() {
+                    Ok(Some(m)) => messages.push(m),
+                    Ok(None) => break,
+                    Err(e) => return (messages, Some(e)),
+                }
+            }
+        }
+        (messages, None)
+    };
+    let piece = 1 + usize::from(first) % 64;
+    let (messages, error) = split(&mut rest.chunks(piece));
+    let (whole, whole_error) = split(&mut std::iter::once(rest));
+    if (&messages, &error) != (&whole, &whole_error) {
+        return Err(format!(
+            "pieces of {piece} split {} messages ({error:?}), one piece {} ({whole_error:?})",
+            messages.len(),
+            whole.len()
+        ));
+    }
+    if let Some(m) = messages.iter().find(|m| m.len() > MAX) {
+        return Err(format!("a message of {} bytes over the limit", m.len()));
+    }
+    for (i, message) in messages.iter().enumerate() {
+        match i {
+            0 => round_trips::<ExchangeResponse>(message)?,
+            _ => round_trips::<PageFrame>(message)?,
+        }
+    }
+    Ok(())
+}
+
 /// `data` behind a valid header when its first byte is odd (the kind is 1 plus the next two
 /// bits, the protocol version 1 plus the bit after them), else as it is.
 pub fn framed(data: &[u8]) -> Vec<u8> {

@@ -27,10 +27,10 @@ mod sim;
 pub use self::action::{file_content, scope, Action};
 pub use self::backends::{copy_blobs, Backend, MemBackend, RedbBackend};
 pub use self::core::{fuzz_exchange_core, CoreModel, CoreStep};
-pub use self::faults::{Faults, FaultyTransport, Hook};
+pub use self::faults::{Faults, FaultyTransport, Hook, PullFault};
 pub use self::fuzz::{
     check_merge_laws, decode_versions, framed, fuzz_audit_responder, fuzz_decode_envelope,
-    fuzz_exchange_model, fuzz_merge_laws,
+    fuzz_decode_stream, fuzz_exchange_model, fuzz_merge_laws,
 };
 pub use self::power_loss::{DiskHandle, PowerLossBackend, PowerLossDisk};
 pub use self::sim::{sim_config, sim_time, Simulation};
