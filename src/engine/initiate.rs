@@ -1,19 +1,24 @@
 //! The initiator's half of a round: the driver around [`Initiation`], which plans and
 //! finishes the round, while this file does its IO (store, transport, blobs, events).
 
-use crate::error::Result;
+use crate::error::{Result, TransportError};
 use crate::exchange::plan::PageLimits;
 use crate::exchange::{
-    marks_in_play, ExchangeOptions, ExchangeOutcome, Halt, Initiation, Reply, Session,
+    marks_in_play, AppliedPage, ExchangeOptions, ExchangeOutcome, Halt, Initiation, Received,
+    Reply, Session,
 };
 use crate::hlc::{duration_to_ntp64, NodeId};
 use crate::notify::ChangeKind;
 use crate::record::BlobRef;
+use crate::record::ScopeFilter;
+use crate::transport::Pull;
 use crate::transport::Transport;
+use crate::wire::ExchangeRequest;
+use futures_util::StreamExt;
 
 use super::blobs::blobs_of;
 use super::purge::{crosses, floor_in, floors_in, FLOORS_FRESH};
-use super::receive::Sender;
+use super::receive::{Applied, Sender};
 use super::{lock, SyncEngine};
 
 impl SyncEngine {
@@ -108,16 +113,128 @@ impl SyncEngine {
         if let Some(floors) = floors {
             round.set_floors(floors, refused);
         }
+        // A streamed pull is asked for while we pull and on a session's first round (both
+        // carry our floors, against which the responder plans its frames).
+        let stream = self.inner.config.pull_frames > 0
+            && !session.no_stream
+            && round.request().ext.floors.is_some()
+            && (session.pulling || session.floors_heard.is_none());
         let blobs_pushed = self
             .push_blobs(transport, blobs_of(round.request().page.versions()))
             .await?;
-        let mut response = transport.exchange(round.request().clone()).await?;
-        let received = loop {
-            match round.receive(response)? {
-                Reply::Resend(request) => response = transport.exchange(request).await?,
-                Reply::Apply(received) => break received,
+        let mut sent = self
+            .send(transport, round.request().clone(), stream, session)
+            .await?;
+        let (received, frames) = loop {
+            match round.receive(sent.response)? {
+                Reply::Resend(request) => {
+                    sent = self.send(transport, request, stream, session).await?;
+                }
+                Reply::Apply(received) => break (received, sent.frames),
             }
         };
+        let label = session
+            .name
+            .clone()
+            .unwrap_or_else(|| received.peer.to_string());
+        let scopes = round.scopes().clone();
+        let mut audit_wanted = self.heard_floors(received.peer, &received.ext.floors);
+        let (received, mut taken) = self.take_page(transport, &label, &scopes, received).await?;
+        // The frames of a streamed pull, each applied as the first page was, in its own
+        // transaction, while the responder plans the next ones.
+        let mut cut = None;
+        if let Some(mut frames) = frames {
+            while !round.stream_ended() {
+                let frame = match frames.next().await {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => {
+                        cut = Some(e);
+                        break;
+                    }
+                    None => {
+                        cut = Some(TransportError::Unreachable {
+                            reason: "the streamed pull ended before its last frame".to_owned(),
+                        });
+                        break;
+                    }
+                };
+                let next = round.frame(&received, frame)?;
+                let (_, more) = self.take_page(transport, &label, &scopes, next).await?;
+                taken.absorb(more);
+            }
+        }
+        audit_wanted |= taken.crossed;
+        if let Some(floors) = &round.request().ext.floors {
+            audit_wanted |= crosses(&round.request().page, |s| floor_in(floors, s));
+            session.floors_heard = Some(self.inner.config.time.now());
+        }
+        let refused = std::mem::take(&mut taken.applied.refused);
+        self.announce(
+            ChangeKind::LocalDataSynced,
+            Some(received.peer),
+            round.delivered(&received),
+        );
+        let applied = AppliedPage {
+            received: taken.applied.received,
+            applied: taken.applied.applied,
+            halts: taken.applied.halts,
+        };
+        let mut outcome = round.finish(session, &received, applied, &taken.mine);
+        outcome.blobs_pushed = blobs_pushed;
+        outcome.blobs_fetched = taken.fetched;
+        outcome.refused = refused.len();
+        outcome.dropped = taken.dropped;
+        outcome.audit_wanted = audit_wanted;
+        // Refusals below a floor, either way, are halts of their own reason that hold nothing.
+        outcome.halts.extend(Halt::below_floor(&refused));
+        outcome
+            .peer_halts
+            .extend(Halt::below_floor(&received.ext.refused));
+        // The refusals go out with the next request: one follows at once.
+        outcome.has_more |= !refused.is_empty();
+        session.refused = refused;
+        self.note_exchange(outcome.peer);
+        match cut {
+            // The pages applied before the cut stay applied, and the session remembers
+            // them; the round reports the cut, and the next one resumes from the marks.
+            Some(e) => Err(e.into()),
+            None => Ok(outcome),
+        }
+    }
+
+    /// Sends `request`: as a streamed pull if `stream` and the transport can carry one
+    /// (else, remembered in `session`, as one round), or as one round.
+    async fn send<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        request: ExchangeRequest,
+        stream: bool,
+        session: &mut Session,
+    ) -> Result<Pull> {
+        if stream && !session.no_stream {
+            match transport.pull(request.clone()).await {
+                Err(TransportError::Unsupported { .. }) => session.no_stream = true,
+                pulled => return Ok(pulled?),
+            }
+        }
+        let response = transport.exchange(request).await?;
+        Ok(Pull {
+            response,
+            frames: None,
+        })
+    }
+
+    /// Takes one received page (a response's, or a streamed pull's frame's): fetches the
+    /// files it needs, applies it with its knowledge of the peer in one transaction, drops
+    /// the versions the peer refused, and adopts the peer's floors if the page crossed one.
+    /// Returns the page and what taking it did.
+    async fn take_page<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        label: &str,
+        scopes: &ScopeFilter,
+        received: Received,
+    ) -> Result<(Received, Taken)> {
         // A page that references no file needs no trip to the storage lane to ask.
         let files = received.page.versions().any(|(_, _, v)| v.blob().is_some());
         let (received, needed) = match files {
@@ -137,12 +254,7 @@ impl SyncEngine {
         let fetched = self.fetch_blobs(transport, needed).await;
         let fetched_count = fetched.len();
         let engine = self.handle();
-        let scopes = round.scopes().clone();
-        let label = session
-            .name
-            .clone()
-            .unwrap_or_else(|| received.peer.to_string());
-        let peer = label.clone();
+        let (peer, in_play) = (label.to_owned(), scopes.clone());
         let (received, applied) = self
             .on_storage(move || {
                 let applied = engine
@@ -150,60 +262,41 @@ impl SyncEngine {
                         &peer,
                         Sender::Responder,
                         &received.page,
-                        &scopes,
+                        &in_play,
                         &received.knowledge,
                         None,
                     )
                     .and_then(|applied| {
-                        let dropped = engine.drop_refused(&peer, &scopes, &received.ext.refused)?;
-                        let mine = marks_in_play(&*engine.inner.store.read()?, &scopes)?;
+                        let dropped =
+                            engine.drop_refused(&peer, &in_play, &received.ext.refused)?;
+                        let mine = marks_in_play(&*engine.inner.store.read()?, &in_play)?;
                         Ok((applied, dropped, mine))
                     });
                 (received, applied)
             })
             .await?;
-        let (mut applied, dropped, mine) = applied?;
-        let mut audit_wanted = self.heard_floors(received.peer, &received.ext.floors);
+        let (applied, dropped, mine) = applied?;
+        drop(fetched);
         // A run whose base lies below its sender's floor may have skipped tombstones the
         // sender purged, which supersede versions the receiver still holds: the two compare
         // contents (the re-clone), whichever side received it.
-        if self.crosses_floor(received.peer, &received.page) {
-            audit_wanted = true;
+        let crossed = self.crosses_floor(received.peer, &received.page);
+        if crossed {
             // Our marks now cover what its floor answers for: so does ours.
-            let (engine, scopes) = (self.handle(), round.scopes().clone());
+            let (engine, scopes) = (self.handle(), scopes.clone());
             let peer = received.peer;
             self.on_storage(move || engine.adopt_floors(peer, &scopes))
                 .await??;
         }
-        if let Some(floors) = &round.request().ext.floors {
-            audit_wanted |= crosses(&round.request().page, |s| floor_in(floors, s));
-            session.floors_heard = Some(self.inner.config.time.now());
-        }
-        let refused = std::mem::take(&mut applied.refused);
-        drop(fetched);
-        self.announce_halts(&label, &applied.halts);
-        self.announce(
-            ChangeKind::LocalDataSynced,
-            Some(received.peer),
-            round.delivered(&received),
-        );
-        let blobs_fetched = fetched_count;
-        let mut outcome = round.finish(session, &received, applied.into(), &mine);
-        outcome.blobs_pushed = blobs_pushed;
-        outcome.blobs_fetched = blobs_fetched;
-        outcome.refused = refused.len();
-        outcome.dropped = dropped.len();
-        outcome.audit_wanted = audit_wanted;
-        // Refusals below a floor, either way, are halts of their own reason that hold nothing.
-        outcome.halts.extend(Halt::below_floor(&refused));
-        outcome
-            .peer_halts
-            .extend(Halt::below_floor(&received.ext.refused));
-        // The refusals go out with the next request: one follows at once.
-        outcome.has_more |= !refused.is_empty();
-        session.refused = refused;
-        self.note_exchange(outcome.peer);
-        Ok(outcome)
+        self.announce_halts(label, &applied.halts);
+        let taken = Taken {
+            applied,
+            dropped: dropped.len(),
+            mine,
+            fetched: fetched_count,
+            crossed,
+        };
+        Ok((received, taken))
     }
 
     pub(super) fn page_limits(&self, versions: usize) -> PageLimits {
@@ -233,5 +326,34 @@ impl SyncEngine {
         if let Some(held) = peer.and_then(|p| lock(&self.inner.peers).answered.remove(&p)) {
             session.held = Some(held);
         }
+    }
+}
+
+/// What taking one received page did (see `SyncEngine::take_page`), summed over the pages
+/// of a round.
+struct Taken {
+    applied: Applied,
+    /// Versions of ours the peer refused below its floor, which we dropped.
+    dropped: usize,
+    /// Our marks in play after the page.
+    mine: crate::watermark::ScopedWatermarks,
+    /// Files fetched for it.
+    fetched: usize,
+    /// Whether a run crossed the peer's floor.
+    crossed: bool,
+}
+
+impl Taken {
+    /// Adds what taking a later page of the round did; its marks are the latest.
+    fn absorb(&mut self, later: Taken) {
+        self.applied.received += later.applied.received;
+        self.applied.applied += later.applied.applied;
+        self.applied.halts.extend(later.applied.halts);
+        self.applied.changed_marks |= later.applied.changed_marks;
+        self.applied.refused.extend(later.applied.refused);
+        self.dropped += later.dropped;
+        self.mine = later.mine;
+        self.fetched += later.fetched;
+        self.crossed |= later.crossed;
     }
 }

@@ -123,6 +123,13 @@ pub struct EngineConfig {
     /// a 1000-version page), on PostgreSQL and in memory `cap` index entries (see
     /// docs/protocol.md, "Progress").
     pub remaining_cap: u64,
+    /// The most pages a streamed pull sends after its response, in either role (default
+    /// 256; 0: this node neither asks for nor sends streamed pulls, and pulls in rounds). As
+    /// initiator, a round whose last page was cut, or the first of a session, asks for a
+    /// stream when the transport can carry one; as responder, a transfer ends after this many
+    /// pages and the initiator's next round opens another (docs/protocol.md, "Streamed
+    /// pulls").
+    pub pull_frames: u32,
     /// Versions further ahead of the local clock are refused (default 5 s).
     pub max_drift: Duration,
     /// The physical time source (default: the system clock).
@@ -180,6 +187,7 @@ impl Default for EngineConfig {
             page_bytes: 4 << 20,
             max_page_limit: 10_000,
             remaining_cap: 100_000,
+            pull_frames: 256,
             max_drift: Duration::from_secs(5),
             time: Arc::new(WallClock),
             checkpoint: Checkpoint::default(),
@@ -200,6 +208,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("page_bytes", &self.page_bytes)
             .field("max_page_limit", &self.max_page_limit)
             .field("remaining_cap", &self.remaining_cap)
+            .field("pull_frames", &self.pull_frames)
             .field("max_drift", &self.max_drift)
             .field("checkpoint", &self.checkpoint)
             .field("cache_bytes", &self.cache_bytes)

@@ -6,13 +6,15 @@ use std::time::SystemTime;
 
 use crate::blob::write_blob;
 use crate::error::{Error, Result};
-use crate::exchange::{marks_in_play, Answer, Answering};
+use crate::exchange::{marks_in_play, Answer, Answering, PullCursor};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::notify::Notifier;
 use crate::record::{BlobRef, Scope};
 use crate::transport::{Refusal, Responder};
-use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, RequestMarks};
+use crate::wire::{
+    AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, PageFrame, RequestMarks,
+};
 
 use super::purge::{crosses, floor_in};
 use super::receive::Sender;
@@ -25,6 +27,22 @@ impl Responder for SyncEngine {
 
     fn respond(&self, request: ExchangeRequest) -> std::result::Result<ExchangeResponse, Refusal> {
         self.answer(request).map_err(|e: Error| Refusal::from(&e))
+    }
+
+    fn respond_pull(
+        &self,
+        request: ExchangeRequest,
+    ) -> std::result::Result<(ExchangeResponse, Option<PullCursor>), Refusal> {
+        self.answer_pull(request, self.inner.config.pull_frames)
+            .map_err(|e: Error| Refusal::from(&e))
+    }
+
+    fn next_frame(&self, cursor: &mut PullCursor) -> std::result::Result<PageFrame, Refusal> {
+        let mut frame = || -> Result<PageFrame> {
+            let read = self.inner.store.read()?;
+            cursor.next_frame(&*read, &|b: &BlobRef| self.has_blob(b))
+        };
+        frame().map_err(|e| Refusal::from(&e))
     }
 
     fn blobs_present(&self, hashes: &[Hash]) -> std::result::Result<Vec<bool>, Refusal> {
@@ -100,7 +118,22 @@ impl SyncEngine {
     ///
     /// # Errors
     /// The request breaks the protocol (nothing of it is applied), or the store failed.
-    pub fn answer(&self, mut request: ExchangeRequest) -> Result<ExchangeResponse> {
+    pub fn answer(&self, request: ExchangeRequest) -> Result<ExchangeResponse> {
+        Ok(self.answer_pull(request, 0)?.0)
+    }
+
+    /// Answers a request that opens a streamed pull: as [`SyncEngine::answer`], and, when
+    /// the answer's page was cut and the request asked for our floors (the transfer's frames
+    /// are planned against the floors the response tells), the cursor of at most `frames`
+    /// pages to send after it ([`PullCursor::next_frame`]).
+    ///
+    /// # Errors
+    /// As for [`SyncEngine::answer`].
+    pub fn answer_pull(
+        &self,
+        mut request: ExchangeRequest,
+        frames: u32,
+    ) -> Result<(ExchangeResponse, Option<PullCursor>)> {
         // Only a version 2 request can hear how many versions remain, and only then do we
         // pay for counting them.
         let remaining_cap = match request.ext.is_empty() {
@@ -152,7 +185,7 @@ impl SyncEngine {
                 if to.is_some() && to != Some(response.from) && to == self.previous_id() {
                     response.ext.previous = to;
                 }
-                return Ok(response);
+                return Ok((response, None));
             }
             Answering::Apply(answer) => answer,
         };
@@ -179,16 +212,19 @@ impl SyncEngine {
             self.adopt_floors(from, answer.scopes())?;
         }
         let scopes = answer.scopes().clone();
+        let floors = match asked_floors {
+            Some(_) => Some(self.floors_in_play(&scopes)?),
+            None => None,
+        };
+        let cursor = (floors.clone()).and_then(|floors| answer.pull(floors, frames));
         let (mut response, held) = answer.respond(applied.halts, marks);
-        if asked_floors.is_some() {
-            response.ext.floors = self.floors_in_play(&scopes)?;
-        }
+        response.ext.floors = floors.unwrap_or_default();
         response.ext.refused = applied.refused;
         // The initiator records these marks of ours as its knowledge of us, so a round we
         // initiate next may send their digest alone (if the initiator does not record them,
         // that round costs one resend).
         lock(&self.inner.peers).answered.insert(from, held);
-        Ok(response)
+        Ok((response, cursor))
     }
 
     /// When each peer last completed a round with this node, in either role, since this

@@ -203,6 +203,14 @@ impl Body for ChannelBody {
     }
 }
 
+/// A body of unknown length fed through `rx` (sent chunked); an error ends it broken off.
+pub fn channel_body(rx: mpsc::Receiver<io::Result<Bytes>>) -> HttpBody {
+    BoxBody::new(ChannelBody {
+        rx,
+        remaining: None,
+    })
+}
+
 /// Streams `reader` as a body of exactly `len` bytes (or unknown length), reading it on a
 /// blocking thread in chunks of `chunk` bytes. A read failure, or a reader that ends early
 /// or runs long, ends the body with an error so the peer sees a broken transfer.

@@ -28,8 +28,10 @@ use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::poison::lock;
 use crate::record::BlobRef;
-use crate::transport::{RefusalCode, Transport, WatchReply};
-use crate::wire::{self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, Message};
+use crate::transport::{frames_from, Pull, RefusalCode, Transport, WatchReply, PULL_WINDOW};
+use crate::wire::{
+    self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, Message, PageFrame,
+};
 
 /// Blob presence questions (HEAD requests) in flight at once.
 const PRESENCE_CONCURRENCY: usize = 8;
@@ -406,6 +408,59 @@ impl HttpTransport {
     }
 }
 
+/// The next whole message of a streamed body, or `None` if the body ended between messages.
+async fn next_message(
+    body: &mut Incoming,
+    unframer: &mut wire::Unframer,
+) -> Result<Option<Bytes>, TransportError> {
+    loop {
+        if let Some(message) = unframer
+            .next_message()
+            .map_err(TransportError::BadResponse)?
+        {
+            return Ok(Some(message));
+        }
+        match body.frame().await {
+            None if unframer.is_empty() => return Ok(None),
+            None => return Err(unreachable("the pull's body broke off inside a message")),
+            Some(Err(e)) => return Err(unreachable(format!("the pull's body broke off: {e}"))),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    unframer.push(&data);
+                }
+            }
+        }
+    }
+}
+
+/// Reads a streamed pull's frames into `tx` until the last; a body that ends before it, breaks
+/// off, stalls for `idle`, or carries what does not decode, ends with the error. A receiver
+/// that goes away (the round failed) ends the reading, which drops the connection.
+async fn read_frames(
+    mut body: Incoming,
+    mut unframer: wire::Unframer,
+    tx: tokio::sync::mpsc::Sender<Result<PageFrame, TransportError>>,
+    idle: Duration,
+) {
+    loop {
+        let next = tokio::time::timeout(idle, next_message(&mut body, &mut unframer))
+            .await
+            .unwrap_or_else(|_| Err(unreachable("the streamed pull stalled")));
+        let item = match next {
+            Ok(Some(bytes)) => {
+                wire::decode::<PageFrame>(&bytes).map_err(TransportError::BadResponse)
+            }
+            // The engine sees the channel close: without a last frame, a cut.
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        let last = item.as_ref().map_or(true, |f| f.end);
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
 /// A request body that counts the bytes taken from it, so an upload's progress can be
 /// watched.
 struct Counted {
@@ -460,6 +515,45 @@ impl Transport for HttpTransport {
         let response: ExchangeResponse = self.post_message("/v1/sync/exchange", &request).await?;
         self.learn_peer(response.from);
         Ok(response)
+    }
+
+    /// `POST /v1/sync/pull`: the response is read at once (within the timeout), the frames
+    /// after it by a task that feeds the engine through a channel of [`PULL_WINDOW`] frames,
+    /// each within the timeout of the one before. A server without the endpoint (404) is
+    /// one that cannot stream: [`TransportError::Unsupported`], and the engine pulls in
+    /// rounds.
+    async fn pull(&self, request: ExchangeRequest) -> Result<Pull, TransportError> {
+        const PATH: &str = "/v1/sync/pull";
+        let body = wire::encode(&request);
+        let len = body.len() as u64;
+        let idle = self.config.timeout;
+        let first = async {
+            let resp = self.call(Method::POST, PATH, full(body), Some(len)).await?;
+            match resp.status() {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND => return Err(TransportError::Unsupported { what: "pull" }),
+                _ => return Err(HttpTransport::error_for(resp).await),
+            }
+            let mut body = resp.into_body();
+            let mut unframer = wire::Unframer::new(wire::MAX_MESSAGE_LEN);
+            let first = next_message(&mut body, &mut unframer)
+                .await?
+                .ok_or_else(|| unreachable("the pull's body ended before its response"))?;
+            let response =
+                wire::decode::<ExchangeResponse>(&first).map_err(TransportError::BadResponse)?;
+            Ok((response, body, unframer))
+        };
+        let (response, body, unframer) = tokio::time::timeout(idle, first)
+            .await
+            .map_err(|_| unreachable(format!("{PATH} on {} timed out", self.base)))??;
+        self.learn_peer(response.from);
+        // Frames follow a cut page, the last with `end` (docs/protocol.md).
+        let frames = response.page.more.then(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(PULL_WINDOW);
+            tokio::spawn(read_frames(body, unframer, tx, idle));
+            frames_from(rx)
+        });
+        Ok(Pull { response, frames })
     }
 
     async fn audit(&self, request: AuditRequest) -> Result<AuditResponse, TransportError> {

@@ -4,13 +4,16 @@
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
 
 use crate::error::TransportError;
 use crate::hash::Hash;
 use crate::poison::lock;
 use crate::record::BlobRef;
-use crate::transport::{Call, Layer, Layered};
+use crate::transport::{Call, Frames, Layer, Layered};
+use crate::wire::PageFrame;
 
 /// Something to run at a chosen point of a round (e.g. a garbage collection).
 pub type Hook = Box<dyn Fn() + Send + Sync>;
@@ -31,6 +34,20 @@ pub struct Faults {
     injected: AtomicUsize,
     before_transfer: Mutex<Option<Hook>>,
     before_exchange: Mutex<Option<Hook>>,
+    pulls: Mutex<Option<PullFault>>,
+    pull_faults: Arc<AtomicUsize>,
+}
+
+/// What happens to the frames of the streamed pulls through a [`FaultyTransport`] (see
+/// [`FaultyTransport::fault_pulls`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullFault {
+    /// The transfer breaks off after this many frames: an error instead of the next one.
+    CutAfter(usize),
+    /// Frame number `n` (1-based) arrives twice.
+    Repeat(u32),
+    /// Frames `n` and `n + 1` arrive swapped.
+    Swap(u32),
 }
 
 impl<T> FaultyTransport<T> {
@@ -60,6 +77,18 @@ impl<T> FaultyTransport<T> {
         *lock(&self.layer().before_transfer) = Some(Box::new(hook));
     }
 
+    /// The frames of every streamed pull from now on meet `fault` (`None`: they travel
+    /// unchanged).
+    pub fn fault_pulls(&self, fault: Option<PullFault>) {
+        *lock(&self.layer().pulls) = fault;
+    }
+
+    /// How many streamed pulls met their fault (a transfer too short to meet it does not
+    /// count).
+    pub fn pull_faults(&self) -> usize {
+        self.layer().pull_faults.load(Ordering::Relaxed)
+    }
+
     /// Runs `hook` before every exchange request.
     pub fn before_exchange(&self, hook: impl Fn() + Send + Sync + 'static) {
         *lock(&self.layer().before_exchange) = Some(Box::new(hook));
@@ -71,7 +100,7 @@ impl<T> FaultyTransport<T> {
 impl Layer for Faults {
     fn before(&self, call: Call<'_>) -> Result<(), TransportError> {
         match call {
-            Call::Exchange(_) => run(&self.before_exchange),
+            Call::Exchange(_) | Call::Pull(_) => run(&self.before_exchange),
             Call::FetchBlob(blob) | Call::PushBlob(blob) => {
                 run(&self.before_transfer);
                 if self.hit(&self.fail, &blob.hash) {
@@ -93,6 +122,44 @@ impl Layer for Faults {
         } else {
             Box::new(into)
         }
+    }
+
+    fn frames(&self, frames: Frames) -> Frames {
+        let Some(fault) = *lock(&self.pulls) else {
+            return frames;
+        };
+        let met = self.pull_faults.clone();
+        let mut held: Option<PageFrame> = None;
+        let mut seen = 0usize;
+        let altered = frames.flat_map(move |item| {
+            let mut out: Vec<Result<PageFrame, TransportError>> = Vec::new();
+            seen += 1;
+            match (fault, item) {
+                (PullFault::CutAfter(n), _) if seen == n + 1 => {
+                    met.fetch_add(1, Ordering::Relaxed);
+                    out.push(Err(TransportError::Unreachable {
+                        reason: format!("injected cut after {n} frames"),
+                    }));
+                }
+                (PullFault::CutAfter(n), _) if seen > n + 1 => {}
+                (PullFault::Repeat(n), Ok(frame)) if frame.seq == n => {
+                    met.fetch_add(1, Ordering::Relaxed);
+                    out.push(Ok(frame.clone()));
+                    out.push(Ok(frame));
+                }
+                (PullFault::Swap(n), Ok(frame)) if frame.seq == n && !frame.end => {
+                    held = Some(frame);
+                }
+                (PullFault::Swap(n), Ok(frame)) if frame.seq == n + 1 => {
+                    met.fetch_add(1, Ordering::Relaxed);
+                    out.push(Ok(frame));
+                    out.extend(held.take().map(Ok));
+                }
+                (_, item) => out.push(item),
+            }
+            futures_util::stream::iter(out)
+        });
+        Box::pin(altered)
     }
 
     fn push_from(&self, blob: &BlobRef, content: Box<dyn Read + Send>) -> Box<dyn Read + Send> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{
     block_on, file_content, scope, Action, Backend, FaultyTransport, MemBackend, PowerLossBackend,
-    RedbBackend,
+    PullFault, RedbBackend,
 };
 use crate::engine::{AuditOutcome, EngineConfig, ExchangeOptions, SyncEngine};
 use crate::exchange::HaltReason;
@@ -171,6 +171,7 @@ impl Simulation {
                 to,
                 limit,
                 only_scope,
+                cut,
             } => {
                 let options = ExchangeOptions {
                     scopes: match only_scope {
@@ -179,7 +180,7 @@ impl Simulation {
                     },
                     page_limit: Some(limit),
                 };
-                self.round(from % n, to % n, &options)?;
+                self.round_cut(from % n, to % n, &options, cut)?;
             }
             Action::Audit { from, to } => {
                 self.audit(from % n, to % n)?;
@@ -333,12 +334,34 @@ impl Simulation {
         to: usize,
         options: &ExchangeOptions,
     ) -> Result<bool, String> {
+        self.round_cut(from, to, options, None)
+    }
+
+    /// One round as [`Simulation::round`], whose streamed pull (if it streams one) breaks
+    /// off after `cut` frames: the round fails, keeping the pages before the cut, and says
+    /// there is more.
+    ///
+    /// # Errors
+    /// As for [`Simulation::round`]; the injected cut is not one.
+    pub fn round_cut(
+        &mut self,
+        from: usize,
+        to: usize,
+        options: &ExchangeOptions,
+        cut: Option<u8>,
+    ) -> Result<bool, String> {
         if from == to {
             return Ok(false);
         }
         let transport = self.faulty(to);
-        let out = block_on(self.node(from).exchange_with(&transport, options))
-            .map_err(|e| format!("exchange {from}->{to}: {e:?}"))?;
+        transport.fault_pulls(cut.map(|n| PullFault::CutAfter(usize::from(n))));
+        let out = match block_on(self.node(from).exchange_with(&transport, options)) {
+            Err(_) if transport.pull_faults() > 0 => {
+                self.rounds += 1;
+                return Ok(true);
+            }
+            out => out.map_err(|e| format!("exchange {from}->{to}: {e:?}"))?,
+        };
         self.rounds += 1;
         let faulty = |h: &crate::Halt| match h.reason {
             HaltReason::BlobUnavailable { hash } => self.faults.contains_key(&hash),

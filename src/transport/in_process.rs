@@ -5,15 +5,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::time::Duration;
 
-use super::{Refusal, RefusalCode, Responder, Transport, WatchReply};
+use std::sync::Arc;
+
+use super::PULL_WINDOW;
+use super::{frames_from, Pull, Refusal, RefusalCode, Responder, Transport, WatchReply};
 use crate::blob::{copy_chunks, CopyError};
 use crate::blocking::{run_blocking, Interrupted};
 use crate::error::TransportError;
+use crate::exchange::PullCursor;
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::notify::WatchToken;
 use crate::record::BlobRef;
-use crate::wire::{self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, Message};
+use crate::wire::{
+    self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, Message, PageFrame,
+    PROTOCOL_VERSION,
+};
 
 /// Bytes and requests that went over a transport.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +49,12 @@ pub struct WireStats {
 /// exactly as over HTTP, so the codec is exercised and byte counts are real.
 pub struct InProcess<R> {
     peer: R,
+    counts: Arc<Counts>,
+}
+
+/// The counters of [`WireStats`], shared with the producer of a streamed pull's frames.
+#[derive(Default)]
+struct Counts {
     requests: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
@@ -53,20 +66,20 @@ pub struct InProcess<R> {
     blob_bytes: AtomicU64,
 }
 
+impl Counts {
+    fn count(total: &AtomicU64, last: &AtomicU64, n: usize) {
+        let n = n as u64;
+        total.fetch_add(n, Ordering::Relaxed);
+        last.store(n, Ordering::Relaxed);
+    }
+}
+
 impl<R: Responder> InProcess<R> {
     /// A transport to `peer`.
     pub fn new(peer: R) -> Self {
         InProcess {
             peer,
-            requests: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-            last_request: AtomicU64::new(0),
-            last_response: AtomicU64::new(0),
-            blob_queries: AtomicU64::new(0),
-            blob_fetches: AtomicU64::new(0),
-            blob_pushes: AtomicU64::new(0),
-            blob_bytes: AtomicU64::new(0),
+            counts: Arc::default(),
         }
     }
 
@@ -77,16 +90,17 @@ impl<R: Responder> InProcess<R> {
 
     /// What went over this transport so far.
     pub fn stats(&self) -> WireStats {
+        let c = &*self.counts;
         WireStats {
-            requests: self.requests.load(Ordering::Relaxed),
-            bytes_sent: self.sent.load(Ordering::Relaxed),
-            bytes_received: self.received.load(Ordering::Relaxed),
-            last_request: self.last_request.load(Ordering::Relaxed),
-            last_response: self.last_response.load(Ordering::Relaxed),
-            blob_queries: self.blob_queries.load(Ordering::Relaxed),
-            blob_fetches: self.blob_fetches.load(Ordering::Relaxed),
-            blob_pushes: self.blob_pushes.load(Ordering::Relaxed),
-            blob_bytes: self.blob_bytes.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            bytes_sent: c.sent.load(Ordering::Relaxed),
+            bytes_received: c.received.load(Ordering::Relaxed),
+            last_request: c.last_request.load(Ordering::Relaxed),
+            last_response: c.last_response.load(Ordering::Relaxed),
+            blob_queries: c.blob_queries.load(Ordering::Relaxed),
+            blob_fetches: c.blob_fetches.load(Ordering::Relaxed),
+            blob_pushes: c.blob_pushes.load(Ordering::Relaxed),
+            blob_bytes: c.blob_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -96,18 +110,13 @@ impl<R: Responder> InProcess<R> {
         answer: impl FnOnce() -> (usize, usize, Result<A, TransportError>) + Send + 'static,
     ) -> Result<A, TransportError> {
         let (sent, received, response) = run_blocking(answer).await.map_err(interrupted)?;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.count(&self.sent, &self.last_request, sent);
+        let c = &*self.counts;
+        c.requests.fetch_add(1, Ordering::Relaxed);
+        Counts::count(&c.sent, &c.last_request, sent);
         if received > 0 {
-            self.count(&self.received, &self.last_response, received);
+            Counts::count(&c.received, &c.last_response, received);
         }
         response
-    }
-
-    fn count(&self, total: &AtomicU64, last: &AtomicU64, n: usize) {
-        let n = n as u64;
-        total.fetch_add(n, Ordering::Relaxed);
-        last.store(n, Ordering::Relaxed);
     }
 }
 
@@ -139,6 +148,31 @@ fn answer<Q: Message, A: Message>(
     (sent, bytes.len(), decoded)
 }
 
+/// Plans and sends a streamed pull's frames until the last, through the codec as a server
+/// does: `tx` holds at most [`PULL_WINDOW`] of them, so a receiver that stops reading stops
+/// the planning, and one that goes away ends it.
+fn produce_frames<R: Responder>(
+    peer: &R,
+    mut cursor: PullCursor,
+    tx: &tokio::sync::mpsc::Sender<Result<PageFrame, TransportError>>,
+    counts: &Counts,
+) {
+    loop {
+        let item = match peer.next_frame(&mut cursor) {
+            Ok(frame) => {
+                let bytes = wire::encode_as(&frame, PROTOCOL_VERSION);
+                Counts::count(&counts.received, &counts.last_response, bytes.len());
+                wire::decode::<PageFrame>(&bytes).map_err(TransportError::BadResponse)
+            }
+            Err(refusal) => Err(refusal.into()),
+        };
+        let last = item.as_ref().map_or(true, |f| f.end);
+        if tx.blocking_send(item).is_err() || last {
+            return;
+        }
+    }
+}
+
 fn interrupted(e: Interrupted) -> TransportError {
     TransportError::Unreachable {
         reason: e.to_string(),
@@ -158,6 +192,35 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
             .await
     }
 
+    async fn pull(&self, request: ExchangeRequest) -> Result<Pull, TransportError> {
+        let peer = self.peer.clone();
+        let (response, cursor) = self
+            .round_trip(move || {
+                let mut cursor = None;
+                let answered = answer(&request, |r| {
+                    let (response, c) = peer.respond_pull(r)?;
+                    cursor = c;
+                    Ok(response)
+                });
+                let (sent, received, response) = answered;
+                (sent, received, response.map(|r| (r, cursor)))
+            })
+            .await?;
+        let frames = cursor.map(|cursor| {
+            let (tx, rx) = tokio::sync::mpsc::channel(PULL_WINDOW);
+            let (peer, counts) = (self.peer.clone(), self.counts.clone());
+            let produce = move || produce_frames(&peer, cursor, &tx, &counts);
+            // On a blocking thread of the runtime if there is one (a paused test clock
+            // then waits for it), else on a thread of its own.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(produce)),
+                Err(_) => drop(std::thread::spawn(produce)),
+            }
+            frames_from(rx)
+        });
+        Ok(Pull { response, frames })
+    }
+
     async fn audit(&self, request: AuditRequest) -> Result<AuditResponse, TransportError> {
         let peer = self.peer.clone();
         self.round_trip(move || answer(&request, |r| peer.audit(r)))
@@ -169,7 +232,7 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
     }
 
     async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
-        self.blob_queries.fetch_add(1, Ordering::Relaxed);
+        self.counts.blob_queries.fetch_add(1, Ordering::Relaxed);
         let peer = self.peer.clone();
         let present = run_blocking(move || peer.blobs_present(&hashes))
             .await
@@ -182,7 +245,7 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
         blob: BlobRef,
         into: &mut (dyn Write + Send),
     ) -> Result<(), TransportError> {
-        self.blob_fetches.fetch_add(1, Ordering::Relaxed);
+        self.counts.blob_fetches.fetch_add(1, Ordering::Relaxed);
         let (_, mut reader) = self
             .peer
             .open_blob(&blob.hash)?
@@ -194,7 +257,7 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
                 CopyError::Write(e) => format!("writing locally: {e}"),
             },
         })?;
-        self.blob_bytes.fetch_add(n, Ordering::Relaxed);
+        self.counts.blob_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 
@@ -203,7 +266,7 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
         blob: BlobRef,
         content: Box<dyn Read + Send>,
     ) -> Result<(), TransportError> {
-        self.blob_pushes.fetch_add(1, Ordering::Relaxed);
+        self.counts.blob_pushes.fetch_add(1, Ordering::Relaxed);
         let peer = self.peer.clone();
         let (n, result) = run_blocking(move || {
             let mut counted = Counted {
@@ -215,7 +278,7 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
         })
         .await
         .map_err(interrupted)?;
-        self.blob_bytes.fetch_add(n, Ordering::Relaxed);
+        self.counts.blob_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(result?)
     }
 

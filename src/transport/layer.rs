@@ -11,13 +11,13 @@
 //! use highwater::transport::{Call, InProcess, Layer, Layered};
 //! use highwater::SyncEngine;
 //!
-//! /// Counts the exchange requests that go through.
+//! /// Counts the exchange requests that go through (streamed pulls too).
 //! #[derive(Default)]
 //! struct CountExchanges(AtomicUsize);
 //!
 //! impl Layer for CountExchanges {
 //!     fn before(&self, call: Call<'_>) -> Result<(), TransportError> {
-//!         if let Call::Exchange(_) = call {
+//!         if let Call::Exchange(_) | Call::Pull(_) = call {
 //!             self.0.fetch_add(1, Ordering::Relaxed);
 //!         }
 //!         Ok(())
@@ -39,7 +39,7 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use super::{Transport, WatchReply};
+use super::{Frames, Pull, Transport, WatchReply};
 use crate::error::TransportError;
 use crate::hash::Hash;
 use crate::hlc::NodeId;
@@ -62,6 +62,8 @@ pub enum Call<'a> {
     Watch,
     /// [`Transport::audit`].
     Audit(&'a AuditRequest),
+    /// [`Transport::pull`].
+    Pull(&'a ExchangeRequest),
 }
 
 /// What a [`Layered`] transport does around its inner transport's calls. Every method has
@@ -94,6 +96,12 @@ pub trait Layer: Send + Sync {
     fn push_from(&self, blob: &BlobRef, content: Box<dyn Read + Send>) -> Box<dyn Read + Send> {
         let _ = blob;
         content
+    }
+
+    /// The frames of a streamed pull, once [`Layer::before`] let it through: `frames`
+    /// itself, or a stream over it that sees or alters them (cuts, repeats, reorders).
+    fn frames(&self, frames: Frames) -> Frames {
+        frames
     }
 
     /// Runs when a push of `blob` that reached the inner transport has ended. A push is the
@@ -146,6 +154,13 @@ impl<T: Transport, L: Layer> Transport for Layered<T, L> {
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
         self.layer.before(Call::Exchange(&request))?;
         self.inner.exchange(request).await
+    }
+
+    async fn pull(&self, request: ExchangeRequest) -> Result<Pull, TransportError> {
+        self.layer.before(Call::Pull(&request))?;
+        let mut pulled = self.inner.pull(request).await?;
+        pulled.frames = pulled.frames.map(|f| self.layer.frames(f));
+        Ok(pulled)
     }
 
     async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
@@ -212,6 +227,13 @@ impl<T: Transport + ?Sized> Transport for &T {
         request: ExchangeRequest,
     ) -> impl Future<Output = Result<ExchangeResponse, TransportError>> + Send {
         (**self).exchange(request)
+    }
+
+    fn pull(
+        &self,
+        request: ExchangeRequest,
+    ) -> impl Future<Output = Result<Pull, TransportError>> + Send {
+        (**self).pull(request)
     }
 
     fn blobs_present(

@@ -21,10 +21,11 @@ use std::sync::Arc;
 
 use crate::api::NodeApi;
 use crate::error::{Error, TransportError};
+use crate::exchange::PullCursor;
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::record::{BlobRef, Scope};
-use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
+use crate::wire::{AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, PageFrame};
 
 /// The initiator's side of a round. Implementations retry nothing: the scheduler owns
 /// retries. All blob traffic is started by the initiator, so a node behind NAT can sync.
@@ -42,6 +43,19 @@ pub trait Transport: Send + Sync {
         &self,
         request: ExchangeRequest,
     ) -> impl Future<Output = Result<ExchangeResponse, TransportError>> + Send;
+
+    /// Sends a request that opens a streamed pull: the response, and the frames that follow
+    /// it when its page was cut (docs/protocol.md, "Streamed pulls"). The frames arrive
+    /// through a bounded channel while the engine applies the ones before, so a slow
+    /// receiver slows the sender. Transports and peers that cannot stream answer
+    /// [`TransportError::Unsupported`] and the engine pulls in rounds.
+    fn pull(
+        &self,
+        request: ExchangeRequest,
+    ) -> impl Future<Output = Result<Pull, TransportError>> + Send {
+        let _ = request;
+        async { Err(TransportError::Unsupported { what: "pull" }) }
+    }
 
     /// Which of `hashes` the responder holds, in order.
     fn blobs_present(
@@ -98,6 +112,39 @@ pub trait Transport: Send + Sync {
     }
 }
 
+/// The answer to [`Transport::pull`].
+pub struct Pull {
+    /// The response, as [`Transport::exchange`] returns it.
+    pub response: ExchangeResponse,
+    /// The frames after it, in the order sent (`None`: none follow). The last one has
+    /// `end`; an error, or the channel closing before `end`, means the transfer was cut.
+    pub frames: Option<Frames>,
+}
+
+impl std::fmt::Debug for Pull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pull")
+            .field("response", &self.response)
+            .field("frames", &self.frames.as_ref().map(|_| "..."))
+            .finish()
+    }
+}
+
+/// The frames of a streamed pull, as they arrive (a [`Layer`] may watch or alter them).
+pub type Frames = futures_util::stream::BoxStream<'static, Result<PageFrame, TransportError>>;
+
+/// The frames that arrive through `rx` (bounded: the sender waits while it is full).
+pub fn frames_from(rx: tokio::sync::mpsc::Receiver<Result<PageFrame, TransportError>>) -> Frames {
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+/// How many frames of a streamed pull a transport holds in flight between the responder
+/// and the engine (beyond the one each is working on): the window that bounds the
+/// receiver's memory.
+pub const PULL_WINDOW: usize = 4;
+
 /// The answer to [`Transport::watch`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchReply {
@@ -117,6 +164,32 @@ pub trait Responder: Send + Sync {
     /// # Errors
     /// A [`Refusal`] to send back instead of a response.
     fn respond(&self, request: ExchangeRequest) -> Result<ExchangeResponse, Refusal>;
+
+    /// Answers a request that opens a streamed pull: the response, and the cursor of the
+    /// frames to send after it (`None`: nothing follows). The default, for responders that
+    /// do not stream, answers as [`Responder::respond`].
+    ///
+    /// # Errors
+    /// As for [`Responder::respond`].
+    fn respond_pull(
+        &self,
+        request: ExchangeRequest,
+    ) -> Result<(ExchangeResponse, Option<PullCursor>), Refusal> {
+        Ok((self.respond(request)?, None))
+    }
+
+    /// Plans the next frame of a streamed pull from a fresh snapshot, moving `cursor` past
+    /// it; the transport sends frames until one has `end`.
+    ///
+    /// # Errors
+    /// A [`Refusal`]: the transfer stops there (the initiator keeps what it applied).
+    fn next_frame(&self, cursor: &mut PullCursor) -> Result<PageFrame, Refusal> {
+        let _ = cursor;
+        Err(Refusal {
+            code: RefusalCode::Internal,
+            reason: "this node does not stream pulls".to_owned(),
+        })
+    }
 
     /// Which of `hashes` are stored here, in order.
     ///
@@ -185,6 +258,17 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
 
     fn respond(&self, request: ExchangeRequest) -> Result<ExchangeResponse, Refusal> {
         (**self).respond(request)
+    }
+
+    fn respond_pull(
+        &self,
+        request: ExchangeRequest,
+    ) -> Result<(ExchangeResponse, Option<PullCursor>), Refusal> {
+        (**self).respond_pull(request)
+    }
+
+    fn next_frame(&self, cursor: &mut PullCursor) -> Result<PageFrame, Refusal> {
+        (**self).next_frame(cursor)
     }
 
     fn blobs_present(&self, hashes: &[Hash]) -> Result<Vec<bool>, Refusal> {

@@ -237,6 +237,8 @@ impl HighwaterService {
         match (route, method) {
             (Route::Exchange, Method::POST) => self.exchange(&grant, req).await,
             (Route::Exchange, _) => allow("POST"),
+            (Route::Pull, Method::POST) => self.pull(&grant, req).await,
+            (Route::Pull, _) => allow("POST"),
             (Route::Audit, Method::POST) => self.audit(&grant, req).await,
             (Route::Audit, _) => allow("POST"),
             (Route::Watch, Method::GET) => self.watch(&grant, query(&req)).await,

@@ -70,6 +70,8 @@ pub(super) fn query<B>(req: &Request<B>) -> String {
 /// What a request asks for, parsed from its path alone.
 pub(super) enum Route {
     Exchange,
+    /// `POST /v1/sync/pull`: an exchange whose answer streams its pages.
+    Pull,
     Audit,
     Watch,
     Blob(Hash),
@@ -89,6 +91,7 @@ pub(super) fn endpoint_kind(path: &str) -> &'static str {
     let mut segments = path.strip_prefix("/v1/").unwrap_or("").split('/');
     match (segments.next(), segments.next(), segments.next()) {
         (Some("sync"), Some("exchange"), None) => "exchange",
+        (Some("sync"), Some("pull"), None) => "pull",
         (Some("sync"), Some("audit"), None) => "audit",
         (Some("sync"), Some("watch"), None) => "watch",
         (Some("blobs"), ..) => "blob",
@@ -109,6 +112,7 @@ pub(super) fn route(path: &str) -> Result<Route, Failure> {
     let segments: Vec<&str> = rest.split('/').collect();
     match segments.as_slice() {
         ["sync", "exchange"] => Ok(Route::Exchange),
+        ["sync", "pull"] => Ok(Route::Pull),
         ["sync", "audit"] => Ok(Route::Audit),
         ["sync", "watch"] => Ok(Route::Watch),
         ["status"] => Ok(Route::Status),

@@ -16,16 +16,22 @@ use super::routes::check_declared;
 use super::{blocking, Failure, HighwaterService, Inner, Reply};
 use crate::blob::CHUNK;
 use crate::exchange::audit::shipped;
+use crate::exchange::{Page, PullCursor};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::http::access::Grant;
-use crate::http::body::{collect_limited, empty, full, pump_body, stream_reader, ChannelReader};
+use crate::http::body::{
+    channel_body, collect_limited, empty, full, pump_body, stream_reader, ChannelReader,
+};
 use crate::http::{decode_query, MAX_WATCH_TIMEOUT};
 use crate::notify::WatchToken;
 use crate::poison::lock;
 use crate::record::{BlobRef, Scope};
-use crate::transport::Responder;
-use crate::wire::{self, AuditRequest, ExchangeRequest, RequestMarks, ScopeFilter};
+use crate::transport::{Responder, PULL_WINDOW};
+use crate::wire::{
+    self, AuditRequest, ExchangeRequest, ExchangeResponse, Message, PageFrame, RequestMarks,
+    ScopeFilter,
+};
 
 impl HighwaterService {
     pub(super) async fn exchange<B>(&self, grant: &Grant, req: Request<B>) -> Reply
@@ -33,46 +39,96 @@ impl HighwaterService {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
     {
-        let max_versions = self.inner.config.max_page_versions;
-        let metrics = self.inner.config.metrics.clone();
         let inner = self.inner.clone();
         self.sync_message(
             "exchange",
             grant,
             req,
             move |responder, grant, request: ExchangeRequest| {
+                let request = admit_exchange(&inner, responder, grant, request)?;
                 let count = request.page.version_count();
-                if count > max_versions {
-                    return Err(Failure {
-                        status: StatusCode::PAYLOAD_TOO_LARGE,
-                        message: format!(
-                            "page of {count} versions over the limit of {max_versions}"
-                        ),
-                        close: false,
-                    });
-                }
-                if request.page.runs.len() > max_versions.max(1) {
-                    return Err(Failure {
-                        status: StatusCode::PAYLOAD_TOO_LARGE,
-                        message: format!(
-                            "page of {} runs over the limit of {max_versions}",
-                            request.page.runs.len()
-                        ),
-                        close: false,
-                    });
-                }
-                let local = responder.scopes()?;
-                let request = authorize_exchange(grant, request, &local)?;
-                let pushed = request.page.versions().map(|(s, _, v)| (s, v));
-                inner.uploads.check_pushed(responder, grant, pushed)?;
                 let response = responder.respond(request)?;
-                metrics.count_versions("responder", "received", count);
-                metrics.count_versions("responder", "shipped", response.page.version_count());
-                metrics.count_halts("responder", "us", &response.halts);
+                count_exchange(&inner, count, &response);
                 Ok(response)
             },
         )
         .await
+    }
+
+    /// A streamed pull: the request is an exchange's, admitted as one; the body is the
+    /// response and then the frames, each length-prefixed (`wire::encode_framed`), planned
+    /// one at a time on a blocking thread while the ones before travel. The channel to the
+    /// body holds at most [`PULL_WINDOW`] of them, so a client that reads slowly slows the
+    /// planning, and one that goes away ends it. The token's exchange slot is held until
+    /// the last frame is sent.
+    pub(super) async fn pull<B>(&self, grant: &Grant, req: Request<B>) -> Reply
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        Self::require_sync(grant)?;
+        let config = &self.inner.config;
+        check_declared(&req, config.max_exchange_body)?;
+        let slot = self.exchange_slot(grant)?;
+        let body = collect_limited(
+            req.into_body(),
+            config.max_exchange_body,
+            config.body_read_timeout,
+        )
+        .await
+        .map_err(|e| Failure::body(e, config.max_exchange_body))?;
+        let (inner, grant) = (self.inner.clone(), grant.clone());
+        let received = body.len();
+        let (first, cursor) = blocking(move || {
+            let (request, version) = wire::decode_versioned::<ExchangeRequest>(&body)
+                .map_err(|e| Failure::bad(e.to_string()))?;
+            let responder = &*inner.responder;
+            let request = admit_exchange(&inner, responder, &grant, request)?;
+            let count = request.page.version_count();
+            let (response, cursor) = responder.respond_pull(request)?;
+            count_exchange(&inner, count, &response);
+            // Frames follow a cut page; a responder that will not stream it ends the
+            // transfer at once, so the client can tell the end from a cut.
+            let cursor = match (cursor, response.page.more) {
+                (Some(cursor), _) => Ok(Some(cursor)),
+                (None, true) => Err(PageFrame {
+                    seq: 1,
+                    page: Page {
+                        runs: Vec::new(),
+                        more: true,
+                    },
+                    remaining: response.ext.remaining,
+                    end: true,
+                }),
+                (None, false) => Ok(None),
+            };
+            let version = version.min(response.version());
+            Ok((wire::encode_framed(&response, version), cursor))
+        })
+        .await?;
+        self.inner
+            .config
+            .metrics
+            .message("pull", received, first.len());
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(PULL_WINDOW);
+        // The channel is empty: the first message always fits.
+        let _ = tx.try_send(Ok(Bytes::from(first)));
+        match cursor {
+            Err(end) => {
+                let _ = tx.try_send(Ok(Bytes::from(wire::encode_framed(&end, 2))));
+            }
+            Ok(None) => {}
+            Ok(Some(cursor)) => {
+                let inner = self.inner.clone();
+                tokio::spawn(send_frames(inner, cursor, tx, slot));
+            }
+        }
+        let mut resp = Response::new(channel_body(rx));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        Ok(resp)
     }
 
     pub(super) async fn audit<B>(&self, grant: &Grant, req: Request<B>) -> Reply
@@ -298,6 +354,88 @@ impl HighwaterService {
             StatusCode::OK,
             json!({ "hash": hash.to_string(), "size": size }),
         ))
+    }
+}
+
+/// Checks an exchange request against the limits and `grant` (its page's size, the scopes
+/// it may read and write, the files it names), narrowing its scopes to what the token may
+/// read.
+fn admit_exchange(
+    inner: &Inner,
+    responder: &dyn Responder,
+    grant: &Grant,
+    request: ExchangeRequest,
+) -> Result<ExchangeRequest, Failure> {
+    let max_versions = inner.config.max_page_versions;
+    let count = request.page.version_count();
+    if count > max_versions {
+        return Err(Failure {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("page of {count} versions over the limit of {max_versions}"),
+            close: false,
+        });
+    }
+    if request.page.runs.len() > max_versions.max(1) {
+        return Err(Failure {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "page of {} runs over the limit of {max_versions}",
+                request.page.runs.len()
+            ),
+            close: false,
+        });
+    }
+    let local = responder.scopes()?;
+    let request = authorize_exchange(grant, request, &local)?;
+    let pushed = request.page.versions().map(|(s, _, v)| (s, v));
+    inner.uploads.check_pushed(responder, grant, pushed)?;
+    Ok(request)
+}
+
+/// The responder's metrics for one answered exchange that brought `received` versions.
+fn count_exchange(inner: &Inner, received: usize, response: &ExchangeResponse) {
+    let metrics = &inner.config.metrics;
+    metrics.count_versions("responder", "received", received);
+    metrics.count_versions("responder", "shipped", response.page.version_count());
+    metrics.count_halts("responder", "us", &response.halts);
+}
+
+/// Plans and sends a streamed pull's frames into `tx` until the last; a refusal or a storage
+/// failure breaks the body off (the client sees a cut transfer and keeps what it applied).
+async fn send_frames(
+    inner: Arc<Inner>,
+    mut cursor: PullCursor,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    _slot: SlotGuard,
+) {
+    loop {
+        let responder = inner.responder.clone();
+        let planned = crate::blocking::run_blocking(move || {
+            let frame = responder.next_frame(&mut cursor);
+            (cursor, frame)
+        })
+        .await;
+        let Ok((moved, frame)) = planned else { return };
+        cursor = moved;
+        let (bytes, end) = match frame {
+            Ok(frame) => {
+                inner.config.metrics.count_versions(
+                    "responder",
+                    "shipped",
+                    frame.page.version_count(),
+                );
+                let bytes = wire::encode_framed(&frame, 2);
+                inner.config.metrics.message("pull", 0, bytes.len());
+                (Ok(Bytes::from(bytes)), frame.end)
+            }
+            Err(refusal) => {
+                tracing::warn!(reason = %refusal.reason, "a streamed pull stopped");
+                (Err(std::io::Error::other(refusal.reason)), true)
+            }
+        };
+        if tx.send(bytes).await.is_err() || end {
+            return;
+        }
     }
 }
 
