@@ -260,7 +260,8 @@ fn one_shot_sync_pages_through_everything_and_reports_it() -> TestResult {
         .and_then(|s| s.split(' ').next())
         .and_then(|n| n.parse().ok())
         .ok_or("no round count")?;
-    assert!(rounds >= 30, "pages of 100 for 3001 versions: {summary}");
+    // Streamed back to back (docs/protocol.md, "Streamed pulls"): fewer rounds than pages.
+    assert!(rounds < 30, "pages of 100 for 3001 versions: {summary}");
 
     // The same state on both sides, and C sees no gap with A.
     let on_a = status_json(&["--node", &a.url])?;

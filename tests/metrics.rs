@@ -103,9 +103,12 @@ async fn the_server_counts_exchanges_by_outcome_and_token_and_guards_its_metrics
     }
     assert_eq!(device.digest()?, hub.engine.digest()?);
     let (_, after) = scrape(&url, Some(SCRAPER)).await?;
+    // The device's first round is a streamed pull (a session's first): it counts as one.
+    let ok_pulls = r#"highwater_sync_requests_total{kind="pull",status="2xx",token="hub"}"#;
+    assert_eq!(value(&after, ok_pulls), Some(1.0), "{after}");
     assert_eq!(
         value(&after, ok_exchanges),
-        Some(f64::from(rounds)),
+        Some(f64::from(rounds - 1)),
         "{after}"
     );
     let responder = |direction: &str| {
@@ -117,13 +120,18 @@ async fn the_server_counts_exchanges_by_outcome_and_token_and_guards_its_metrics
     assert_eq!(responder("received"), Some(1.0));
     assert_eq!(responder("shipped"), Some(3.0));
     let bytes = |direction: &str| {
-        value(
-            &after,
-            &format!(
-                r#"highwater_sync_message_bytes_total{{kind="exchange",direction="{direction}"}}"#
-            ),
-        )
-        .unwrap_or(0.0)
+        ["exchange", "pull"]
+            .iter()
+            .map(|kind| {
+                value(
+                    &after,
+                    &format!(
+                        r#"highwater_sync_message_bytes_total{{kind="{kind}",direction="{direction}"}}"#
+                    ),
+                )
+                .unwrap_or(0.0)
+            })
+            .sum::<f64>()
     };
     assert!(
         bytes("received") > 0.0 && bytes("sent") > bytes("received"),
@@ -134,7 +142,7 @@ async fn the_server_counts_exchanges_by_outcome_and_token_and_guards_its_metrics
             &after,
             r#"highwater_http_request_duration_seconds_count{endpoint="exchange"}"#
         ),
-        Some(f64::from(rounds))
+        Some(f64::from(rounds - 1))
     );
     // The store's size is the database file's length.
     let store = value(&after, "highwater_store_bytes").ok_or("no store size")?;
@@ -142,21 +150,22 @@ async fn the_server_counts_exchanges_by_outcome_and_token_and_guards_its_metrics
     assert_eq!(store, len);
     assert!(value(&after, "highwater_http_connections_open").is_some_and(|n| n >= 1.0));
 
-    // One more round adds exactly one; refusals are counted by class and token.
+    // One more round adds exactly one; refusals are counted by class and token (the new
+    // clients' rounds are their sessions' first: streamed pulls).
     device.exchange(&to_hub).await?;
     let _ = device.exchange(&client(&url, Some(READER))?).await;
     let _ = device.exchange(&client(&url, None)?).await;
     let (_, later) = scrape(&url, Some(SCRAPER)).await?;
     assert_eq!(
         value(&later, ok_exchanges),
-        Some(f64::from(rounds + 1)),
+        Some(f64::from(rounds)),
         "{later}"
     );
     let refused = |token: &str| {
         value(
             &later,
             &format!(
-                r#"highwater_sync_requests_total{{kind="exchange",status="4xx",token="{token}"}}"#
+                r#"highwater_sync_requests_total{{kind="pull",status="4xx",token="{token}"}}"#
             ),
         )
     };

@@ -69,6 +69,16 @@ fn scopes() -> (Scope, Scope) {
     )
 }
 
+/// A device that pulls in rounds, a page each (`pull_frames` 0): the counts here are per
+/// round. A streamed pull's frames carry the same count, page by page
+/// (tests/streamed_pull.rs sees it reach 0).
+fn rounds_device() -> highwater::Result<SyncEngine> {
+    SyncEngine::in_memory_with(EngineConfig {
+        pull_frames: 0,
+        ..EngineConfig::default()
+    })
+}
+
 fn pages() -> ExchangeOptions {
     ExchangeOptions {
         page_limit: Some(PAGE),
@@ -109,7 +119,7 @@ fn assert_exact(seen: &[(u64, Option<u64>)]) {
 async fn in_process_remaining_decreases_exactly_to_zero() -> TestResult {
     let hub = Arc::new(SyncEngine::in_memory()?);
     fill_hub(&hub).await?;
-    let device = SyncEngine::in_memory()?;
+    let device = rounds_device()?;
     let seen = pull(&device, &InProcess::new(hub.clone())).await?;
     assert_exact(&seen);
     assert_eq!(device.digest()?, hub.digest()?);
@@ -120,7 +130,7 @@ async fn in_process_remaining_decreases_exactly_to_zero() -> TestResult {
 async fn over_http_a_redb_hub_counts_exactly_from_its_audit_chunks() -> TestResult {
     let server = Server::start(ServerConfig::default()).await?;
     fill_hub(&server.engine).await?;
-    let device = SyncEngine::in_memory()?;
+    let device = rounds_device()?;
     let seen = pull(&device, &server.client(None)?).await?;
     assert_exact(&seen);
     assert_eq!(device.digest()?, server.engine.digest()?);
@@ -137,7 +147,7 @@ async fn a_count_at_the_cap_reports_the_cap() -> TestResult {
         },
     )?);
     fill_hub(&hub).await?;
-    let device = SyncEngine::in_memory()?;
+    let device = rounds_device()?;
     let seen = pull(&device, &InProcess::new(hub.clone())).await?;
     let remaining: Vec<Option<u64>> = seen.iter().map(|(_, r)| *r).collect();
     let capped = [250, 250, 250, 250, 250, 250, 250, 200, 100, 0];
@@ -182,7 +192,7 @@ impl Responder for V1Peer {
 async fn a_version_1_peer_counts_nothing_and_the_bar_stays_a_spinner() -> TestResult {
     let hub = Arc::new(SyncEngine::in_memory()?);
     fill_hub(&hub).await?;
-    let device = SyncEngine::in_memory()?;
+    let device = rounds_device()?;
     let transport = InProcess::new(Arc::new(V1Peer(hub.clone())));
     let mut totals: Vec<Option<u64>> = Vec::new();
     let done = sync_until_done(&device, &transport, &pages(), |t: &SyncTotals| {
@@ -194,7 +204,7 @@ async fn a_version_1_peer_counts_nothing_and_the_bar_stays_a_spinner() -> TestRe
     assert_eq!(totals, vec![None; 10], "no total: a spinner, never a bar");
 
     // The same pull from a version 2 peer: a bar of 1000 from the first round on.
-    let device = SyncEngine::in_memory()?;
+    let device = rounds_device()?;
     let mut totals: Vec<Option<u64>> = Vec::new();
     sync_until_done(&device, &InProcess::new(hub.clone()), &pages(), |t| {
         totals.push(t.total())
@@ -208,7 +218,7 @@ async fn a_version_1_peer_counts_nothing_and_the_bar_stays_a_spinner() -> TestRe
 async fn the_scheduler_shows_the_pull_and_publishes_remaining() -> TestResult {
     let hub = Arc::new(SyncEngine::in_memory()?);
     fill_hub(&hub).await?;
-    let device = Arc::new(SyncEngine::in_memory()?);
+    let device = Arc::new(rounds_device()?);
     let mut events = SyncEngine::notifier(&device).subscribe();
     let scheduler = Scheduler::start(
         device.clone(),

@@ -205,12 +205,9 @@ fn relay_with_pages_of_three_converges_and_stays_exact() -> TestResult {
         page_limit: Some(3),
         ..ExchangeOptions::default()
     })?;
-    // B pulls from A three versions a round and pushes to C three a round.
-    assert!(
-        a_b.rounds >= 50 / 3,
-        "B <- A took only {} rounds",
-        a_b.rounds
-    );
+    // B pulls from A in pages of three streamed back to back (one round), and pushes to C
+    // three a round (pushes do not stream).
+    assert!(a_b.rounds < 50 / 3, "B <- A took {} rounds", a_b.rounds);
     assert!(
         b_c.rounds >= 50 / 3,
         "B -> C took only {} rounds",

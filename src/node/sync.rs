@@ -254,7 +254,8 @@ mod tests {
         assert_eq!(totals.shipped, 2);
         assert_eq!((totals.blobs_pushed, totals.bytes_pushed), (1, 100_000));
         assert_eq!(totals.rounds, calls);
-        assert!(totals.rounds >= 250 / 40, "pages of 40: {totals:?}");
+        // The pages of 40 stream back to back: fewer rounds than pages.
+        assert!(totals.rounds < 250 / 40, "pages of 40: {totals:?}");
         assert_eq!(totals.peer, Some(b.node_id()));
     }
 }
