@@ -39,6 +39,8 @@ pub struct Simulation {
     lossy_restores: bool,
     /// Rounds run so far.
     pub rounds: usize,
+    /// Rounds whose streamed pull was cut (by [`Action::Exchange`]'s `cut`) so far.
+    pub cuts: usize,
 }
 
 /// The configuration simulations give their engines: a shared manual clock.
@@ -107,6 +109,7 @@ impl Simulation {
             time,
             lossy_restores: false,
             rounds: 0,
+            cuts: 0,
         })
     }
 
@@ -358,6 +361,7 @@ impl Simulation {
         let out = match block_on(self.node(from).exchange_with(&transport, options)) {
             Err(_) if transport.pull_faults() > 0 => {
                 self.rounds += 1;
+                self.cuts += 1;
                 return Ok(true);
             }
             out => out.map_err(|e| format!("exchange {from}->{to}: {e:?}"))?,
