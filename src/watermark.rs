@@ -394,6 +394,43 @@ mod tests {
         }
     }
 
+    /// The digest goes over the wire (a quiet round names marks by it), so its bytes are
+    /// pinned: the documented encoding, hashed in one piece, and its value.
+    #[test]
+    fn digest_is_the_documented_encoding() {
+        let (notes, shared) = (Scope::app("notes", "items").unwrap(), Scope::shared());
+        // In scope order ("app/..." before "shared"), each scope's marks in origin order.
+        let listed = [
+            (&notes, vec![(3u8, 5u64)]),
+            (
+                &shared,
+                (1..=40).map(|o| (o, u64::from(o) << 33 | 7)).collect(),
+            ),
+        ];
+        let mut marks = ScopedWatermarks::new();
+        let mut encoding = Vec::new();
+        for (scope, of) in &listed {
+            let name = scope.as_str().as_bytes();
+            encoding.extend((name.len() as u64).to_le_bytes());
+            encoding.extend(name);
+            encoding.extend((of.len() as u64).to_le_bytes());
+            for &(o, time) in of {
+                marks.observe(scope, Hlc::new(time, id(o)));
+                encoding.extend(id(o).to_bytes());
+                encoding.extend(time.to_le_bytes());
+            }
+        }
+        // A scope without marks is left out.
+        marks.scope_mut(&Scope::app("empty", "scope").unwrap());
+        let hash = blake3::Hasher::new_derive_key(MARKS_DIGEST_CONTEXT)
+            .update(&encoding)
+            .finalize();
+        let digest = marks.digest().to_bytes();
+        assert_eq!(digest, hash.as_bytes()[..16]);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "d020c2ab7b6a43966b5e5d72254b35cf");
+    }
+
     #[test]
     fn watermarks_refuse_duplicate_origins_on_decode() {
         let bytes = postcard::to_allocvec(&vec![(id(1), 3u64), (id(1), 4u64)]).unwrap();
