@@ -256,15 +256,21 @@ impl ScopedWatermarks {
     /// is self-delimiting, so distinct marks never share an encoding.
     pub fn digest(&self) -> MarksDigest {
         let mut h = blake3::Hasher::new_derive_key(MARKS_DIGEST_CONTEXT);
+        // Each scope's encoding is hashed in one piece: an `update` costs more than a mark's
+        // 24 bytes take to hash, and a round takes several digests of every mark.
+        let mut encoding = Vec::new();
         for (scope, marks) in self.0.iter().filter(|(_, w)| !w.is_empty()) {
             let name = scope.as_str().as_bytes();
-            h.update(&(name.len() as u64).to_le_bytes());
-            h.update(name);
-            h.update(&(marks.len() as u64).to_le_bytes());
+            encoding.clear();
+            encoding.reserve(16 + name.len() + 24 * marks.len());
+            encoding.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            encoding.extend_from_slice(name);
+            encoding.extend_from_slice(&(marks.len() as u64).to_le_bytes());
             for mark in marks.iter() {
-                h.update(&mark.origin().to_bytes());
-                h.update(&mark.time().to_le_bytes());
+                encoding.extend_from_slice(&mark.origin().to_bytes());
+                encoding.extend_from_slice(&mark.time().to_le_bytes());
             }
+            h.update(&encoding);
         }
         let mut out = [0; 16];
         out.copy_from_slice(&h.finalize().as_bytes()[..16]);
