@@ -8,8 +8,9 @@ use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, WriteTransaction};
 use super::audit;
 use super::blob_refs;
 use super::tables::{
-    decode_position, decode_row, decode_scope_origin, decode_version, live_key, record_key,
-    scope_prefix, split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
+    decode_origin, decode_position, decode_row, decode_scope, decode_version, live_key, record_key,
+    scope_prefix, split_row, split_scope_origin, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS,
+    VERSIONS,
 };
 use super::{RedbStore, Writes};
 use crate::error::StoreError;
@@ -86,10 +87,22 @@ fn read_marks<'a>(
     skip: usize,
 ) -> Result<ScopedWatermarks, StoreError> {
     let mut out = ScopedWatermarks::new();
+    // Rows come in key order and a key starts with its scope, so the marks of a scope come
+    // together: each scope is decoded once, and its marks join `out` in one build.
+    let mut scope: Option<Scope> = None;
+    let mut marks = Vec::new();
     for row in rows {
         let (k, t) = row?;
-        let (scope, origin) = decode_scope_origin(&k.value()[skip..])?;
-        out.observe(&scope, Hlc::new(t.value(), origin));
+        let (name, id) = split_scope_origin(&k.value()[skip..])?;
+        if scope.as_ref().is_none_or(|s| s.as_str().as_bytes() != name) {
+            if let Some(done) = scope.replace(decode_scope(name)?) {
+                out.scope_mut(&done).extend(marks.drain(..));
+            }
+        }
+        marks.push(Hlc::new(t.value(), decode_origin(id)?));
+    }
+    if let Some(done) = scope {
+        out.scope_mut(&done).extend(marks);
     }
     Ok(out)
 }
