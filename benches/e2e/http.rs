@@ -85,7 +85,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     }
 }
 
-/// What the counting server saw: body bytes of exchanges (requests and responses) and of
+/// What the counting server saw: body bytes of exchanges and streamed pulls (requests and
+/// responses) and of
 /// blob downloads, and how many of each.
 #[derive(Default)]
 struct Wire {
@@ -130,9 +131,10 @@ impl Wire {
         }
     }
 
-    /// The counter of a request's bodies (both ways), counting the request.
+    /// The counter of a request's bodies (both ways), counting the request. A streamed pull
+    /// (its frames in the response's body) is one round's request, as an exchange is.
     fn counter(&self, method: &Method, path: &str) -> Arc<AtomicU64> {
-        if path == "/v1/sync/exchange" {
+        if path == "/v1/sync/exchange" || path == "/v1/sync/pull" {
             self.exchanges.fetch_add(1, Ordering::Relaxed);
             self.exchange_bytes.clone()
         } else if *method == Method::GET && path.starts_with("/v1/blobs/") {
