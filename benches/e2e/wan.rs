@@ -13,9 +13,11 @@
 //! server's address) and through the relay, alternately; the ratio of each run's pair is a
 //! row of its own. Then the delta: the server writes 100 updates (`update` on its stdin) and
 //! a puller brings a replica synced through the relay up to date, directly and through the
-//! relay alternately. Checks: after every pull the receiver's digest and watermarks equal
-//! the sender's, the server answered one exchange per round the puller counted, and each
-//! delta received and applied 100 versions and an updated value arrived.
+//! relay alternately; then as many no-op rounds each way (the round trip a round sees, and
+//! so what the relay adds to it). Checks: after every pull the receiver's digest and
+//! watermarks equal the sender's, the server answered one exchange per round the puller
+//! counted, each delta received and applied 100 versions and an updated value arrived, and
+//! each no-op round received nothing.
 
 use std::path::Path;
 
@@ -35,7 +37,8 @@ use crate::Result;
 const TARGET_RECORDS_PER_SEC: f64 = 100_000.0;
 const TARGET_SHARE_OF_DIRECT: f64 = 0.8;
 /// A delta is one round trip plus the apply: at most one round, and at most one round trip
-/// more than the same delta without the delay (with a tenth for the relay's 1 ms timer).
+/// (as the no-op rounds measure it through the relay) more than the same delta without the
+/// delay, with a tenth for noise.
 const TARGET_DELTA_ROUNDS: f64 = 1.0;
 const TARGET_DELTA_EXTRA_ROUND_TRIPS: f64 = 1.1;
 
@@ -201,12 +204,23 @@ pub fn run(fx: &mut Fixture) -> Result {
     eprintln!("e2e: wan topology: {}", net.topology.describe());
     let (direct, wan, replica) = initial(fx, &mut net, &expected, n)?;
     let (delta_direct, delta_wan) = delta(fx, &mut net, &replica, n)?;
+    let (noop_direct, noop_wan) = noop(fx, &mut net, &replica)?;
     let topology = net.topology.describe();
     net.stop()?;
     Expected::of(&from)?.check(&replica, "wan delta")?;
     std::fs::remove_dir_all(&replica)?;
     let mut rows = initial_rows(&direct, &wan, n, link, &topology);
-    rows.extend(delta_rows(&delta_direct, &delta_wan, n, link, &topology));
+    // The round trip as a round sees it through the relay: the no-op rounds' difference.
+    let round_trip = noop_wan.of(|r| r.secs).median - noop_direct.of(|r| r.secs).median;
+    rows.extend(delta_rows(
+        &delta_direct,
+        &delta_wan,
+        n,
+        round_trip,
+        &topology,
+        link,
+    ));
+    rows.extend(noop_rows(&noop_direct, &noop_wan, n, link, &topology));
     Ok(rows)
 }
 
@@ -272,6 +286,29 @@ fn delta(fx: &mut Fixture, net: &mut Testbed, replica: &Path, n: u64) -> Result<
             let got = SyncEngine::open(replica)?.get(&scope(), &probe_key)?;
             if got.map(|r| r.value) != Some(records::value(probe, fx.generation).to_vec()) {
                 return Err(format!("{what}: an updated record did not arrive").into());
+            }
+            if delayed { &mut wan } else { &mut direct }
+                .reports
+                .push(report);
+        }
+    }
+    Ok((direct, wan))
+}
+
+/// `delta_reps` rounds that move nothing each way, alternately, from `replica` (up to
+/// date): the round trip as a round sees it, with the relay and without.
+fn noop(fx: &mut Fixture, net: &mut Testbed, replica: &Path) -> Result<(Pulls, Pulls)> {
+    let (mut direct, mut wan) = (Pulls::default(), Pulls::default());
+    for _ in 0..fx.sizes.delta_reps {
+        for delayed in [false, true] {
+            let what = if delayed { "wan no-op" } else { "direct no-op" };
+            let report = net.pull(replica, delayed, what)?;
+            if report.rounds != 1 || report.received != 0 {
+                return Err(format!(
+                    "{what}: {} rounds received {} versions, expected one round and none",
+                    report.rounds, report.received
+                )
+                .into());
             }
             if delayed { &mut wan } else { &mut direct }
                 .reports
@@ -357,7 +394,15 @@ fn initial_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str)
     ]
 }
 
-fn delta_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str) -> Vec<Row> {
+/// The delta's rows; `round_trip` is the one the no-op rounds measured through the relay.
+fn delta_rows(
+    direct: &Pulls,
+    wan: &Pulls,
+    n: u64,
+    round_trip: f64,
+    topology: &str,
+    link: Link,
+) -> Vec<Row> {
     let wan_case = format!(
         "delta, 100 updates, WAN ({}, {topology}), store of {} records",
         link_name(link),
@@ -367,7 +412,7 @@ fn delta_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str) -
         "delta, 100 updates, WAN case without the relay ({topology}), store of {} records",
         count(n)
     );
-    let rtt = link.round_trip().as_secs_f64();
+    let nominal = link.round_trip().as_secs_f64();
     let direct_time = direct.of(|r| r.secs).median;
     let mut rows = vec![
         Row::new(&wan_case, "time", Unit::Millis, wan.of(|r| r.secs)),
@@ -380,19 +425,21 @@ fn delta_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str) -
         .target(Bound::AtMost(TARGET_DELTA_ROUNDS)),
         Row::new(&wan_case, "time per round", Unit::Millis, wan.of(per_round)),
     ];
-    if rtt > 0.0 {
+    if nominal > 0.0 {
         rows.push(Row::new(
             &wan_case,
-            "time per round / the relay's round trip",
+            "time per round / the relay's nominal round trip",
             Unit::Ratio,
-            wan.of(|r| per_round(r) / rtt),
+            wan.of(|r| per_round(r) / nominal),
         ));
+    }
+    if round_trip > 0.0 {
         rows.push(
             Row::new(
                 &wan_case,
-                "time over the direct delta's median, in round trips",
+                "time over the direct delta's median, in measured round trips (no-op rows)",
                 Unit::Ratio,
-                wan.of(|r| (r.secs - direct_time) / rtt),
+                wan.of(|r| (r.secs - direct_time) / round_trip),
             )
             .target(Bound::AtMost(TARGET_DELTA_EXTRA_ROUND_TRIPS)),
         );
@@ -410,4 +457,33 @@ fn delta_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str) -
         direct.of(|r| r.rounds as f64),
     ));
     rows
+}
+
+fn noop_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str) -> Vec<Row> {
+    let wan_case = format!(
+        "no-op round, WAN ({}, {topology}), store of {} records",
+        link_name(link),
+        count(n)
+    );
+    let direct_case = format!(
+        "no-op round, WAN case without the relay ({topology}), store of {} records",
+        count(n)
+    );
+    let direct_time = direct.of(|r| r.secs).median;
+    vec![
+        Row::new(&wan_case, "time", Unit::Millis, wan.of(|r| r.secs)),
+        Row::new(
+            &wan_case,
+            "time over the direct no-op's median (the round trip the relay adds)",
+            Unit::Millis,
+            wan.of(|r| r.secs - direct_time),
+        ),
+        Row::new(
+            &wan_case,
+            "bytes on the wire (HTTP bodies, both ways)",
+            Unit::Bytes,
+            wan.of(|r| r.bytes_received as f64),
+        ),
+        Row::new(&direct_case, "time", Unit::Millis, direct.of(|r| r.secs)),
+    ]
 }
