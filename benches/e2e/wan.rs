@@ -191,6 +191,10 @@ fn per_round(r: &PullReport) -> f64 {
     r.secs / r.rounds as f64
 }
 
+fn written_per_record(r: &PullReport) -> f64 {
+    r.written as f64 / r.received as f64
+}
+
 /// The case: the initial syncs, then the deltas.
 pub fn run(fx: &mut Fixture) -> Result {
     let n = fx.sizes.wan_records;
@@ -373,6 +377,18 @@ fn initial_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str)
             wan.of(|r| r.peak_rss as f64),
         ),
         Row::new(
+            &wan_case,
+            "CPU time of the receiving process",
+            Unit::Secs,
+            wan.of(|r| r.cpu_secs),
+        ),
+        Row::new(
+            &wan_case,
+            "bytes written by the receiving process, per record",
+            Unit::Count,
+            wan.of(written_per_record),
+        ),
+        Row::new(
             &direct_case,
             "records/s",
             Unit::RecordsPerSec,
@@ -390,6 +406,18 @@ fn initial_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str)
             "time per round",
             Unit::Millis,
             direct.of(per_round),
+        ),
+        Row::new(
+            &direct_case,
+            "CPU time of the receiving process",
+            Unit::Secs,
+            direct.of(|r| r.cpu_secs),
+        ),
+        Row::new(
+            &direct_case,
+            "bytes written by the receiving process, per record",
+            Unit::Count,
+            direct.of(written_per_record),
         ),
     ]
 }
