@@ -4,7 +4,6 @@
 //! throughput (a delay line, not a delay per chunk), and a rate cap holds.
 
 #[path = "../benches/e2e/relay.rs"]
-#[allow(dead_code)]
 mod relay;
 
 use std::error::Error;

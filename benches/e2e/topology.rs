@@ -65,6 +65,9 @@ impl Namespaces {
             ])?;
             ip(&["-n", name, "link", "set", dev, "up"])?;
             ip(&["-n", name, "link", "set", "lo", "up"])?;
+            // `exec` needs more than `add` (a mount namespace of its own): probe it here, so
+            // a container that allows the one and not the other falls back to loopback.
+            ip(&["netns", "exec", name, "true"])?;
         }
         Ok(ns)
     }
