@@ -8,6 +8,9 @@
 //! and pulls from the node served at `URL` (by the parent, which checks the states and counts
 //! the bytes on the wire: the child's report leaves those at zero).
 //!
+//! The `wan` case runs this role in a network namespace (`wan.rs`), and two long-running
+//! roles of its own (`served.rs`: `serve-http`, `relay`).
+//!
 //! For tuning, the child reads four variables (unset: the engine's defaults):
 //! `HIGHWATER_BENCH_PAGE_LIMIT` (versions per page the receiver asks for),
 //! `HIGHWATER_BENCH_CHECKPOINT_VERSIONS` and `HIGHWATER_BENCH_CHECKPOINT_SECS` (when deferred
@@ -39,6 +42,9 @@ pub struct PullReport {
     pub rounds: usize,
     /// Versions received.
     pub received: usize,
+    /// Received versions that changed the receiver.
+    #[serde(default)]
+    pub applied: usize,
     /// Encoded request bytes (receiver to sender).
     pub bytes_sent: u64,
     /// Encoded response bytes (sender to receiver).
@@ -59,6 +65,20 @@ pub struct PullReport {
 
 /// The child's entry point (arguments after `--role`).
 pub fn main(args: &[String]) -> ExitCode {
+    let long_running = match args.first().map(String::as_str) {
+        Some("serve-http") => Some(crate::served::serve_http(&args[1..])),
+        Some("relay") => Some(crate::served::relay(&args[1..])),
+        _ => None,
+    };
+    if let Some(ended) = long_running {
+        return match ended {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("e2e child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match role(args) {
         Ok(report) => match serde_json::to_string(&report) {
             Ok(json) => {
@@ -157,6 +177,7 @@ fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
         secs,
         rounds: pulled.rounds,
         received: pulled.received,
+        applied: pulled.applied,
         bytes_sent: stats.bytes_sent,
         bytes_received: stats.bytes_received,
         blob_bytes: stats.blob_bytes,
@@ -195,6 +216,7 @@ fn pull_http(url: &str, into: &Path) -> Result<PullReport> {
         secs,
         rounds: pulled.rounds,
         received: pulled.received,
+        applied: pulled.applied,
         bytes_sent: 0,
         bytes_received: 0,
         blob_bytes: 0,
@@ -228,22 +250,32 @@ pub fn spawn_pull(from: &Path, into: &Path) -> Result<PullReport> {
 /// # Errors
 /// As for [`spawn_pull`].
 pub fn spawn_pull_http(url: &str, into: &Path) -> Result<PullReport> {
-    spawn(&[
+    spawn(&pull_http_args(url, into))
+}
+
+fn spawn(args: &[&std::ffi::OsStr]) -> Result<PullReport> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg(ROLE_FLAG).args(args);
+    run(cmd)
+}
+
+/// The arguments of a child that pulls everything from `url` into `into` over HTTP.
+pub fn pull_http_args<'a>(url: &'a str, into: &'a Path) -> [&'a std::ffi::OsStr; 5] {
+    [
         "pull-http".as_ref(),
         "--url".as_ref(),
         url.as_ref(),
         "--into".as_ref(),
         into.as_os_str(),
-    ])
+    ]
 }
 
-fn spawn(args: &[&std::ffi::OsStr]) -> Result<PullReport> {
-    let out = Command::new(std::env::current_exe()?)
-        .arg(ROLE_FLAG)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()?;
+/// Runs `cmd`, a sync child, and returns its report.
+///
+/// # Errors
+/// As for [`spawn_pull`].
+pub fn run(mut cmd: Command) -> Result<PullReport> {
+    let out = cmd.stdin(Stdio::null()).stderr(Stdio::inherit()).output()?;
     if !out.status.success() {
         return Err(format!("the sync child failed ({})", out.status).into());
     }

@@ -146,20 +146,28 @@ impl Wire {
     }
 }
 
-/// A node served on 127.0.0.1 with counted bodies, on its own thread and runtime.
-struct CountingServer {
-    url: String,
+/// A node served with counted bodies, on its own thread and runtime.
+pub struct CountingServer {
+    /// `http://` and the address it listens on.
+    pub url: String,
     wire: Arc<Wire>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CountingServer {
+    /// Serves `engine` on 127.0.0.1.
     fn start(engine: Arc<SyncEngine>) -> Result<CountingServer> {
+        CountingServer::start_on(engine, "127.0.0.1:0")
+    }
+
+    /// Serves `engine` on `addr` (any address: the server is open, and [`serve`] would
+    /// refuse that on an address other than loopback).
+    pub fn start_on(engine: Arc<SyncEngine>, addr: &str) -> Result<CountingServer> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
         let addr = listener.local_addr()?;
         let wire = Arc::new(Wire::default());
         let config = ServerConfig::default();
@@ -207,6 +215,14 @@ impl CountingServer {
             stop: Some(stop),
             thread: Some(thread),
         })
+    }
+}
+
+impl CountingServer {
+    /// The exchanges answered so far, and the bytes of their bodies (both ways).
+    pub fn exchanges(&self) -> (u64, u64) {
+        let counts = self.wire.counts();
+        (counts.exchanges, counts.exchange_bytes)
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench --bench e2e -- [--quick] [--case NAME]... [--records N] [--runs N]
-//!     [--automerge BIN]
+//!     [--automerge BIN] [--wan-delay-ms MS] [--wan-rate BYTES_PER_SEC]
 //! ```
 //!
 //! `--quick` uses small sizes (CI runs it so the harness keeps working); without it the
@@ -33,9 +33,13 @@ mod peer;
 mod purge;
 mod rawhttp;
 mod records;
+mod relay;
 mod report;
+mod served;
 mod sync;
+mod topology;
 mod visible;
+mod wan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +59,10 @@ pub enum Case {
     Initial,
     /// The same over loopback HTTP (receiver in a child).
     InitialHttp,
+    /// The initial sync and a 100-update delta across a delaying relay (50 ms round trip),
+    /// against the same without the relay: between two network namespaces as root, on
+    /// loopback otherwise.
+    Wan,
     /// 100 updated records into stores of two sizes; a no-op round at each size.
     Delta,
     /// A no-op round with 2, 10 and 100 origins.
@@ -79,10 +87,11 @@ pub enum Case {
 
 /// Latency cases run before the blob cases: deleting a few GiB of blob directories slowed
 /// the fsyncs that follow for a while (write-to-visible p99 went from 2 ms to 33 ms).
-const ALL: [Case; 12] = [
+const ALL: [Case; 13] = [
     Case::Limits,
     Case::Initial,
     Case::InitialHttp,
+    Case::Wan,
     Case::Delta,
     Case::Noop,
     Case::Audit,
@@ -100,6 +109,7 @@ impl Case {
             Case::Limits => "limits",
             Case::Initial => "initial",
             Case::InitialHttp => "initial-http",
+            Case::Wan => "wan",
             Case::Delta => "delta",
             Case::Noop => "noop",
             Case::Audit => "audit",
@@ -117,6 +127,7 @@ impl Case {
             Case::Limits => limits::run(fx),
             Case::Initial => sync::initial(fx),
             Case::InitialHttp => http::initial(fx),
+            Case::Wan => wan::run(fx),
             Case::Delta => sync::delta(fx),
             Case::Noop => sync::noop(fx),
             Case::Audit => audit::run(fx),
@@ -129,6 +140,10 @@ impl Case {
         }
     }
 }
+
+/// The `wan` relay's delay each way unless `--wan-delay-ms` says otherwise: a 50 ms round
+/// trip.
+const WAN_DELAY: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The sizes of one run.
 #[derive(Clone, Debug)]
@@ -161,6 +176,12 @@ pub struct Sizes {
     pub http_requests: usize,
     /// Runs of the automerge peer.
     pub peer_runs: usize,
+    /// Records of the `wan` case's initial sync (and of its delta's store).
+    pub wan_records: u64,
+    /// The `wan` relay's delay, each way.
+    pub wan_delay: std::time::Duration,
+    /// The `wan` relay's rate cap, each way, in bytes per second (`None`: no cap).
+    pub wan_rate: Option<u64>,
 }
 
 impl Sizes {
@@ -182,6 +203,10 @@ impl Sizes {
                 http_stream: 64 * MIB,
                 http_requests: 200,
                 peer_runs: 1,
+                // Through the relay today's sync is round-trip bound (~16 500 records/s).
+                wan_records: 5_000,
+                wan_delay: WAN_DELAY,
+                wan_rate: None,
             }
         } else {
             Sizes {
@@ -199,10 +224,14 @@ impl Sizes {
                 http_stream: 1024 * MIB,
                 http_requests: 1000,
                 peer_runs: 3,
+                wan_records: 1_000_000,
+                wan_delay: WAN_DELAY,
+                wan_rate: None,
             }
         };
         if let Some(n) = records {
             s.records = n;
+            s.wan_records = n;
             if let Some(last) = s.delta_stores.last_mut() {
                 *last = n;
             }
@@ -220,17 +249,21 @@ struct Args {
     records: Option<u64>,
     runs: Option<usize>,
     automerge: Option<PathBuf>,
+    wan_delay_ms: Option<u64>,
+    wan_rate: Option<u64>,
 }
 
 const USAGE: &str = "usage: cargo bench --bench e2e -- [--quick] [--case NAME]... [--records N] \
-[--runs N] [--automerge BIN]
+[--runs N] [--automerge BIN] [--wan-delay-ms MS] [--wan-rate BYTES_PER_SEC]
   --quick          small sizes (CI); targets are not judged
-  --case NAME      run only these cases (repeatable): limits initial initial-http delta noop
-                   audit purge visible visible-http blob blob-http automerge
+  --case NAME      run only these cases (repeatable): limits initial initial-http wan delta
+                   noop audit purge visible visible-http blob blob-http automerge
   --records N      records of the initial sync and of the largest delta store
   --runs N         runs of each multi-second figure (default 3; quick peer 1)
   --automerge BIN  the automerge peer (default: target/release/highwater-bench-automerge,
-                   built with `cargo build --release -p highwater-bench-automerge`)";
+                   built with `cargo build --release -p highwater-bench-automerge`)
+  --wan-delay-ms MS            the wan relay's delay each way (default 25: 50 ms round trip)
+  --wan-rate BYTES_PER_SEC     a cap on the wan relay's rate each way (default: none)";
 
 fn parse_args(raw: &[String]) -> Result<Args> {
     let mut args = Args {
@@ -239,6 +272,8 @@ fn parse_args(raw: &[String]) -> Result<Args> {
         records: None,
         runs: None,
         automerge: None,
+        wan_delay_ms: None,
+        wan_rate: None,
     };
     let mut it = raw.iter();
     while let Some(arg) = it.next() {
@@ -258,6 +293,8 @@ fn parse_args(raw: &[String]) -> Result<Args> {
             "--records" => args.records = Some(value()?.parse()?),
             "--runs" => args.runs = Some(value()?.parse::<usize>()?.max(1)),
             "--automerge" => args.automerge = Some(PathBuf::from(value()?)),
+            "--wan-delay-ms" => args.wan_delay_ms = Some(value()?.parse()?),
+            "--wan-rate" => args.wan_rate = Some(value()?.parse()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -291,6 +328,10 @@ fn run(raw: &[String]) -> Result<bool> {
         sizes.runs = runs;
         sizes.peer_runs = runs;
     }
+    if let Some(ms) = args.wan_delay_ms {
+        sizes.wan_delay = std::time::Duration::from_millis(ms);
+    }
+    sizes.wan_rate = args.wan_rate.or(sizes.wan_rate);
     let selected: Vec<Case> = if args.cases.is_empty() {
         ALL.to_vec()
     } else {
