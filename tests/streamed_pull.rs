@@ -208,14 +208,24 @@ fn frames_out_of_order_are_refused_and_nothing_after_them_applies() -> TestResul
     Ok(())
 }
 
-/// A responder that counts the frames it plans, and wakes whoever waits for a count.
+/// A responder that keeps the first pull request it answers and counts the frames it
+/// plans, waking whoever waits for a count.
 #[derive(Clone)]
-struct Counting {
+struct Watched {
     inner: Arc<SyncEngine>,
+    seen: Arc<Mutex<Option<ExchangeRequest>>>,
     planned: Arc<(Mutex<u32>, Condvar)>,
 }
 
-impl Counting {
+impl Watched {
+    fn new(inner: &Arc<SyncEngine>) -> Watched {
+        Watched {
+            inner: inner.clone(),
+            seen: Arc::default(),
+            planned: Arc::default(),
+        }
+    }
+
     /// Waits until at least `n` frames were planned, or `within` passed; the count.
     fn wait_for(&self, n: u32, within: Duration) -> u32 {
         let (count, changed) = &*self.planned;
@@ -227,7 +237,7 @@ impl Counting {
     }
 }
 
-impl Responder for Counting {
+impl Responder for Watched {
     fn node_id(&self) -> highwater::NodeId {
         self.inner.node_id()
     }
@@ -238,6 +248,10 @@ impl Responder for Counting {
         &self,
         request: ExchangeRequest,
     ) -> Result<(ExchangeResponse, Option<PullCursor>), Refusal> {
+        self.seen
+            .lock()
+            .expect("not poisoned")
+            .get_or_insert_with(|| request.clone());
         self.inner.respond_pull(request)
     }
     fn next_frame(&self, cursor: &mut PullCursor) -> Result<PageFrame, Refusal> {
@@ -273,10 +287,7 @@ fn a_receiver_that_stops_reading_holds_the_sender_to_the_window() -> TestResult 
     let time = Arc::new(ManualTime::new(1_000_000));
     let hub = hub(&time)?;
     let device = device(&time, 256)?;
-    let counting = Counting {
-        inner: hub.clone(),
-        planned: Arc::default(),
-    };
+    let counting = Watched::new(&hub);
     let transport = InProcess::new(counting.clone());
     // A first request as the engine sends it on a session's first round (a pull with its
     // floors), taken from a round that records it.
@@ -310,67 +321,14 @@ fn a_receiver_that_stops_reading_holds_the_sender_to_the_window() -> TestResult 
     Ok(())
 }
 
-/// The request a device sends first to `hub`: recorded by a transport that answers it and
-/// keeps a copy.
+/// The request a device sends first to `hub` (a pull, with the device's floors), taken from
+/// a round that records it. It carries the device's marks in full (none), so sent again it
+/// opens a pull from nothing, whatever the hub recorded meanwhile.
 fn first_request(device: &SyncEngine, hub: &Arc<SyncEngine>) -> TestResult<ExchangeRequest> {
-    let seen = Arc::new(Mutex::new(None));
-    let recorder = Recorder {
-        inner: hub.clone(),
-        seen: seen.clone(),
-    };
-    let to_hub = InProcess::new(recorder);
-    // Only the first request is wanted. It carries the device's marks in full (none), so
-    // sent again it opens a pull from nothing, whatever the hub recorded meanwhile.
-    let _ = block_on(device.exchange_with(&to_hub, &options()));
-    let request = seen.lock().expect("not poisoned").take();
+    let recorder = Watched::new(hub);
+    let _ = block_on(device.exchange_with(&InProcess::new(recorder.clone()), &options()));
+    let request = recorder.seen.lock().expect("not poisoned").take();
     Ok(request.ok_or("no request was sent")?)
-}
-
-#[derive(Clone)]
-struct Recorder {
-    inner: Arc<SyncEngine>,
-    seen: Arc<Mutex<Option<ExchangeRequest>>>,
-}
-
-impl Responder for Recorder {
-    fn node_id(&self) -> highwater::NodeId {
-        self.inner.node_id()
-    }
-    fn respond(&self, request: ExchangeRequest) -> Result<ExchangeResponse, Refusal> {
-        self.inner.respond(request)
-    }
-    fn respond_pull(
-        &self,
-        request: ExchangeRequest,
-    ) -> Result<(ExchangeResponse, Option<PullCursor>), Refusal> {
-        self.seen
-            .lock()
-            .expect("not poisoned")
-            .get_or_insert_with(|| request.clone());
-        self.inner.respond_pull(request)
-    }
-    fn next_frame(&self, cursor: &mut PullCursor) -> Result<PageFrame, Refusal> {
-        self.inner.next_frame(cursor)
-    }
-    fn blobs_present(&self, hashes: &[highwater::Hash]) -> Result<Vec<bool>, Refusal> {
-        self.inner.blobs_present(hashes)
-    }
-    fn open_blob(
-        &self,
-        hash: &highwater::Hash,
-    ) -> Result<Option<highwater::blob::BlobReader>, Refusal> {
-        self.inner.open_blob(hash)
-    }
-    fn accept_blob(
-        &self,
-        blob: &highwater::BlobRef,
-        content: &mut dyn std::io::Read,
-    ) -> Result<(), Refusal> {
-        self.inner.accept_blob(blob, content)
-    }
-    fn scopes(&self) -> Result<Vec<Scope>, Refusal> {
-        Responder::scopes(&*self.inner)
-    }
 }
 
 /// A transport that cannot stream (the trait's default `pull`): the engine pulls in

@@ -66,17 +66,7 @@ impl HighwaterService {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
     {
-        Self::require_sync(grant)?;
-        let config = &self.inner.config;
-        check_declared(&req, config.max_exchange_body)?;
-        let slot = self.exchange_slot(grant)?;
-        let body = collect_limited(
-            req.into_body(),
-            config.max_exchange_body,
-            config.body_read_timeout,
-        )
-        .await
-        .map_err(|e| Failure::body(e, config.max_exchange_body))?;
+        let (slot, body) = self.sync_body(grant, req).await?;
         let (inner, grant) = (self.inner.clone(), grant.clone());
         let received = body.len();
         let (first, cursor) = blocking(move || {
@@ -182,17 +172,7 @@ impl HighwaterService {
         Q: wire::Message + Send + 'static,
         A: wire::Message + Send + 'static,
     {
-        Self::require_sync(grant)?;
-        let config = &self.inner.config;
-        check_declared(&req, config.max_exchange_body)?;
-        let _slot = self.exchange_slot(grant)?;
-        let body = collect_limited(
-            req.into_body(),
-            config.max_exchange_body,
-            config.body_read_timeout,
-        )
-        .await
-        .map_err(|e| Failure::body(e, config.max_exchange_body))?;
+        let (_slot, body) = self.sync_body(grant, req).await?;
         let responder = self.inner.responder.clone();
         let grant = grant.clone();
         let received = body.len();
@@ -214,6 +194,31 @@ impl HighwaterService {
             HeaderValue::from_static("application/octet-stream"),
         );
         Ok(resp)
+    }
+
+    /// A sync message's body, read once the token may sync, within the body limit and the
+    /// token's exchange slots: the slot (held while it lives) and the bytes.
+    async fn sync_body<B>(
+        &self,
+        grant: &Grant,
+        req: Request<B>,
+    ) -> Result<(SlotGuard, Bytes), Failure>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        Self::require_sync(grant)?;
+        let config = &self.inner.config;
+        check_declared(&req, config.max_exchange_body)?;
+        let slot = self.exchange_slot(grant)?;
+        let body = collect_limited(
+            req.into_body(),
+            config.max_exchange_body,
+            config.body_read_timeout,
+        )
+        .await
+        .map_err(|e| Failure::body(e, config.max_exchange_body))?;
+        Ok((slot, body))
     }
 
     fn exchange_slot(&self, grant: &Grant) -> Result<SlotGuard, Failure> {
