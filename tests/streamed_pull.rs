@@ -407,12 +407,20 @@ async fn serve_hub(
     hub: Arc<SyncEngine>,
     old: bool,
 ) -> TestResult<(String, Arc<std::sync::atomic::AtomicUsize>)> {
+    let sync =
+        highwater::http::HighwaterService::new(hub, highwater::http::ServerConfig::default());
+    serve(sync, old).await
+}
+
+/// Serves `sync` as [`serve_hub`] does.
+async fn serve(
+    sync: highwater::http::HighwaterService,
+    old: bool,
+) -> TestResult<(String, Arc<std::sync::atomic::AtomicUsize>)> {
     use http_body_util::BodyExt;
     use hyper_util::rt::TokioIo;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let sync =
-        highwater::http::HighwaterService::new(hub, highwater::http::ServerConfig::default());
     let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = requests.clone();
     tokio::spawn(async move {
@@ -478,5 +486,89 @@ async fn a_server_without_streamed_pulls_is_pulled_in_rounds() -> TestResult {
         1 + VERSIONS / PAGE
     );
     assert_eq!(device.digest()?, hub.digest()?);
+    Ok(())
+}
+
+/// Over HTTP the window is the server's channel plus what the sockets buffer: a client that
+/// reads nothing of a 200-frame transfer (about 30 MB) stops the server's planning long before
+/// its end, and reading on lets the transfer finish, every frame in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_client_that_stops_reading_stops_the_planning() -> TestResult {
+    use http_body_util::BodyExt;
+    const BIG: usize = 200_000;
+    let hub = Arc::new(SyncEngine::in_memory()?);
+    let scope = Scope::shared();
+    for chunk in (0..BIG).collect::<Vec<_>>().chunks(10_000) {
+        hub.write_batch(chunk.iter().map(|i| {
+            let key = Key::try_from(format!("k{i:07}").as_str()).expect("a valid key");
+            let value = vec![b'v'; 120];
+            (scope.clone(), key, highwater::Op::Put { value, blob: None })
+        }))?;
+    }
+    let watched = Watched::new(&hub);
+    let sync = highwater::http::HighwaterService::from_parts(
+        Arc::new(watched.clone()),
+        hub.clone(),
+        highwater::http::ServerConfig::default(),
+    );
+    let (url, _) = serve(sync, false).await?;
+    // A session's first request, as the engine sends it: no marks, floors asked.
+    let request = ExchangeRequest {
+        from: highwater::NodeId::random(),
+        scopes: highwater::ScopeFilter::All,
+        marks: highwater::wire::RequestMarks::Full(Default::default()),
+        known: None,
+        page: Default::default(),
+        limit: 1000,
+        deferred: Vec::new(),
+        ext: highwater::wire::RequestExt {
+            floors: Some(Vec::new()),
+            ..Default::default()
+        },
+    };
+    let body = highwater::wire::encode(&request);
+    let len = body.len() as u64;
+    let client = highwater::http::HttpTransport::new(&url, None)?;
+    let resp = client
+        .call(
+            hyper::Method::POST,
+            "/v1/sync/pull",
+            http_body_util::Full::new(bytes::Bytes::from(body))
+                .map_err(|e| match e {})
+                .boxed(),
+            Some(len),
+        )
+        .await?;
+    assert_eq!(resp.status(), hyper::StatusCode::OK);
+    // Nothing read: the planning stops where the channel and the sockets are full.
+    let frames = (BIG / 1000 - 1) as u32;
+    let stalled = watched.wait_for(frames, Duration::from_secs(3));
+    assert!(
+        stalled < frames / 2,
+        "the server planned {stalled} of {frames} frames for a client that read nothing"
+    );
+    // Read on: every frame arrives, in order, the last with `end`.
+    let mut body = resp.into_body();
+    let mut unframer = highwater::wire::Unframer::new(highwater::wire::MAX_MESSAGE_LEN);
+    let mut messages = Vec::new();
+    while let Some(piece) = body.frame().await {
+        if let Ok(data) = piece?.into_data() {
+            unframer.push(&data);
+        }
+        while let Some(message) = unframer.next_message()? {
+            messages.push(message);
+        }
+    }
+    assert!(unframer.is_empty());
+    let response: ExchangeResponse = highwater::wire::decode(&messages[0])?;
+    assert!(response.page.more);
+    let seqs: Vec<u32> = messages[1..]
+        .iter()
+        .map(|m| highwater::wire::decode::<PageFrame>(m).map(|f| f.seq))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(seqs, (1..=frames).collect::<Vec<_>>());
+    let last: PageFrame = highwater::wire::decode(&messages[messages.len() - 1])?;
+    assert!(last.end && !last.page.more);
+    assert_eq!(watched.wait_for(frames, Duration::from_secs(10)), frames);
     Ok(())
 }
