@@ -16,7 +16,7 @@ use crate::transport::Transport;
 use crate::wire::ExchangeRequest;
 use futures_util::StreamExt;
 
-use super::blobs::blobs_of;
+use super::blobs::{blobs_of, Pin};
 use super::purge::{crosses, floor_in, floors_in, FLOORS_FRESH};
 use super::receive::{Applied, Sender};
 use super::{lock, SyncEngine};
@@ -139,11 +139,14 @@ impl SyncEngine {
             .unwrap_or_else(|| received.peer.to_string());
         let scopes = round.scopes().clone();
         let mut audit_wanted = self.heard_floors(received.peer, &received.ext.floors);
-        let (received, mut taken) = self.take_page(transport, &label, &scopes, received).await?;
+        let fetched = self.fetch_for(transport, received).await?;
+        let (received, mut taken) = self.apply_fetched(&label, &scopes, fetched).await?;
         // The frames of a streamed pull, each applied as the first page was, in its own
-        // transaction, while the responder plans the next ones.
+        // transaction, while the responder plans the next ones; the files of the next page
+        // are fetched while the page before it is applied.
         let mut cut = None;
         if let Some(mut frames) = frames {
+            let (mut pending, mut refused): (Option<Fetched<'_>>, _) = (None, None);
             while !round.stream_ended() {
                 let frame = match frames.next().await {
                     Some(Ok(frame)) => frame,
@@ -158,9 +161,32 @@ impl SyncEngine {
                         break;
                     }
                 };
-                let next = round.frame(&received, frame)?;
-                let (_, more) = self.take_page(transport, &label, &scopes, next).await?;
-                taken.absorb(more);
+                let next = match round.frame(&received, frame) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                };
+                let fetching = self.fetch_for(transport, next);
+                let fetched = match pending.take() {
+                    None => fetching.await?,
+                    Some(before) => {
+                        let applying = self.apply_fetched(&label, &scopes, before);
+                        let (applied, fetched) =
+                            futures_util::future::join(applying, fetching).await;
+                        taken.absorb(applied?.1);
+                        fetched?
+                    }
+                };
+                pending = Some(fetched);
+            }
+            // A page received in full before a cut or a refused frame is applied too.
+            if let Some(last) = pending {
+                taken.absorb(self.apply_fetched(&label, &scopes, last).await?.1);
+            }
+            if let Some(e) = refused {
+                return Err(e);
             }
         }
         audit_wanted |= taken.crossed;
@@ -224,17 +250,14 @@ impl SyncEngine {
         })
     }
 
-    /// Takes one received page (a response's, or a streamed pull's frame's): fetches the
-    /// files it needs, applies it with its knowledge of the peer in one transaction, drops
-    /// the versions the peer refused, and adopts the peer's floors if the page crossed one.
-    /// Returns the page and what taking it did.
-    async fn take_page<T: Transport + ?Sized>(
-        &self,
+    /// The first half of taking a received page (a response's, or a streamed pull's
+    /// frame's): fetches the files it needs that this node lacks, pinned until the page is
+    /// applied ([`SyncEngine::apply_fetched`]).
+    async fn fetch_for<'a, T: Transport + ?Sized>(
+        &'a self,
         transport: &T,
-        label: &str,
-        scopes: &ScopeFilter,
         received: Received,
-    ) -> Result<(Received, Taken)> {
+    ) -> Result<Fetched<'a>> {
         // A page that references no file needs no trip to the storage lane to ask.
         let files = received.page.versions().any(|(_, _, v)| v.blob().is_some());
         let (received, needed) = match files {
@@ -251,8 +274,21 @@ impl SyncEngine {
             }
         };
         // Pins keep fetched blobs alive until the page that references them is committed.
-        let fetched = self.fetch_blobs(transport, needed).await;
-        let fetched_count = fetched.len();
+        let pins = self.fetch_blobs(transport, needed).await;
+        Ok(Fetched { received, pins })
+    }
+
+    /// The second half of taking a received page: applies it with its knowledge of the peer
+    /// in one transaction, drops the versions the peer refused, and adopts the peer's floors
+    /// if the page crossed one. Returns the page and what taking it did.
+    async fn apply_fetched(
+        &self,
+        label: &str,
+        scopes: &ScopeFilter,
+        fetched: Fetched<'_>,
+    ) -> Result<(Received, Taken)> {
+        let Fetched { received, pins } = fetched;
+        let fetched_count = pins.len();
         let engine = self.handle();
         let (peer, in_play) = (label.to_owned(), scopes.clone());
         let (received, applied) = self
@@ -276,7 +312,7 @@ impl SyncEngine {
             })
             .await?;
         let (applied, dropped, mine) = applied?;
-        drop(fetched);
+        drop(pins);
         // A run whose base lies below its sender's floor may have skipped tombstones the
         // sender purged, which supersede versions the receiver still holds: the two compare
         // contents (the re-clone), whichever side received it.
@@ -329,8 +365,15 @@ impl SyncEngine {
     }
 }
 
-/// What taking one received page did (see `SyncEngine::take_page`), summed over the pages
-/// of a round.
+/// A received page whose files were fetched, with the pins that keep them until it is
+/// applied.
+struct Fetched<'a> {
+    received: Received,
+    pins: Vec<Pin<'a>>,
+}
+
+/// What taking one received page did (see `SyncEngine::apply_fetched`), summed over the
+/// pages of a round.
 struct Taken {
     applied: Applied,
     /// Versions of ours the peer refused below its floor, which we dropped.
