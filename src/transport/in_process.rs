@@ -3,12 +3,12 @@
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::Arc;
-
-use super::PULL_WINDOW;
-use super::{frames_from, Pull, Refusal, RefusalCode, Responder, Transport, WatchReply};
+use super::{
+    frames_from, Pull, Refusal, RefusalCode, Responder, Transport, WatchReply, PULL_WINDOW,
+};
 use crate::blob::{copy_chunks, CopyError};
 use crate::blocking::{run_blocking, Interrupted};
 use crate::error::TransportError;
@@ -29,11 +29,11 @@ pub struct WireStats {
     pub requests: u64,
     /// Encoded request bytes.
     pub bytes_sent: u64,
-    /// Encoded response bytes.
+    /// Encoded response bytes, a streamed pull's frames included.
     pub bytes_received: u64,
     /// Encoded size of the last request.
     pub last_request: u64,
-    /// Encoded size of the last response.
+    /// Encoded size of the last response (or of a streamed pull's last frame).
     pub last_response: u64,
     /// `blobs_present` questions asked.
     pub blob_queries: u64,
