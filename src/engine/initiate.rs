@@ -114,9 +114,9 @@ impl SyncEngine {
             round.set_floors(floors, refused);
         }
         // A streamed pull is asked for while we pull and on a session's first round (both
-        // carry our floors, against which the responder plans its frames).
+        // carry our floors, against which the responder plans its frames), unless the
+        // session found the peer cannot stream (`send`).
         let stream = self.inner.config.pull_frames > 0
-            && !session.no_stream
             && round.request().ext.floors.is_some()
             && (session.pulling || session.floors_heard.is_none());
         let blobs_pushed = self

@@ -43,16 +43,6 @@ impl PullCursor {
         self.from
     }
 
-    /// The scopes in play.
-    pub fn scopes(&self) -> &ScopeFilter {
-        &self.scopes
-    }
-
-    /// The number of the last frame planned (0 before the first).
-    pub fn seq(&self) -> u32 {
-        self.seq
-    }
-
     /// Plans the next frame from `read`, a snapshot of our store, and moves the cursor past
     /// it. The frame ends the transfer (`end`) when its page is the last one (not cut), when
     /// the transfer's frame budget is spent, when planning moved nothing (every stream left
@@ -110,10 +100,5 @@ impl PullCursor {
             page,
             remaining,
         })
-    }
-
-    /// Whether the transfer is over (the last frame planned had `end`).
-    pub fn ended(&self) -> bool {
-        self.left == 0
     }
 }

@@ -77,11 +77,12 @@ impl HighwaterService {
             let count = request.page.version_count();
             let (response, cursor) = responder.respond_pull(request)?;
             count_exchange(&inner, count, &response);
+            let version = version.min(response.version());
+            let mut first = wire::encode_framed(&response, version);
             // Frames follow a cut page; a responder that will not stream it ends the
             // transfer at once, so the client can tell the end from a cut.
-            let cursor = match (cursor, response.page.more) {
-                (Some(cursor), _) => Ok(Some(cursor)),
-                (None, true) => Err(PageFrame {
+            if cursor.is_none() && response.page.more {
+                let end = PageFrame {
                     seq: 1,
                     page: Page {
                         runs: Vec::new(),
@@ -89,11 +90,10 @@ impl HighwaterService {
                     },
                     remaining: response.ext.remaining,
                     end: true,
-                }),
-                (None, false) => Ok(None),
-            };
-            let version = version.min(response.version());
-            Ok((wire::encode_framed(&response, version), cursor))
+                };
+                first.extend(wire::encode_framed(&end, 2));
+            }
+            Ok((first, cursor))
         })
         .await?;
         self.inner
@@ -103,15 +103,8 @@ impl HighwaterService {
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(PULL_WINDOW);
         // The channel is empty: the first message always fits.
         let _ = tx.try_send(Ok(Bytes::from(first)));
-        match cursor {
-            Err(end) => {
-                let _ = tx.try_send(Ok(Bytes::from(wire::encode_framed(&end, 2))));
-            }
-            Ok(None) => {}
-            Ok(Some(cursor)) => {
-                let inner = self.inner.clone();
-                tokio::spawn(send_frames(inner, cursor, tx, slot));
-            }
+        if let Some(cursor) = cursor {
+            tokio::spawn(send_frames(self.inner.clone(), cursor, tx, slot));
         }
         let mut resp = Response::new(channel_body(rx));
         resp.headers_mut().insert(
@@ -434,7 +427,10 @@ async fn send_frames(
                 (Ok(Bytes::from(bytes)), frame.end)
             }
             Err(refusal) => {
-                tracing::warn!(reason = %refusal.reason, "a streamed pull stopped");
+                tracing::warn!(
+                    peer = %cursor.from(), reason = %refusal.reason,
+                    "a streamed pull stopped"
+                );
                 (Err(std::io::Error::other(refusal.reason)), true)
             }
         };
