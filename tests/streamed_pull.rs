@@ -35,7 +35,10 @@ fn options() -> ExchangeOptions {
 }
 
 /// A hub with [`VERSIONS`] versions of two origins (its own and a writer's) in two scopes.
-fn hub(time: &Arc<ManualTime>) -> TestResult<Arc<SyncEngine>> {
+/// Async, so a tokio test awaits it: a `block_on` nested in a tokio task never hands the
+/// task's cooperative budget back, and after some rounds every tokio resource it polls says
+/// "not yet" forever.
+async fn hub(time: &Arc<ManualTime>) -> TestResult<Arc<SyncEngine>> {
     let hub = Arc::new(SyncEngine::in_memory_with(config(time))?);
     let writer = Arc::new(SyncEngine::in_memory_with(config(time))?);
     let (a, b) = (Scope::shared(), Scope::app("notes", "items")?);
@@ -46,7 +49,7 @@ fn hub(time: &Arc<ManualTime>) -> TestResult<Arc<SyncEngine>> {
     }
     // The writer's versions reach the hub in rounds of their own.
     let to_hub = link(&hub);
-    while block_on(writer.exchange_with(&to_hub, &options()))?.has_more {}
+    while writer.exchange_with(&to_hub, &options()).await?.has_more {}
     Ok(hub)
 }
 
@@ -80,7 +83,7 @@ fn check_marks(device: &SyncEngine, hub: &SyncEngine) -> TestResult {
 #[test]
 fn one_request_brings_every_page() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let hub = hub(&time)?;
+    let hub = block_on(hub(&time))?;
     let streamed = device(&time, 256)?;
     let to_hub = link(&hub);
     let out = block_on(streamed.exchange_with(&to_hub, &options()))?;
@@ -121,7 +124,7 @@ fn a_transfer_ends_at_its_frame_budget_and_the_next_goes_on() -> TestResult {
         pull_frames: 4,
         ..config(&time)
     })?);
-    let source = self::hub(&time)?;
+    let source = block_on(self::hub(&time))?;
     while block_on(hub.exchange_with(&link(&source), &options()))?.has_more {}
     let device = device(&time, 256)?;
     let to_hub = link(&hub);
@@ -147,7 +150,7 @@ fn a_transfer_ends_at_its_frame_budget_and_the_next_goes_on() -> TestResult {
 fn a_cut_transfer_keeps_its_pages_and_the_next_round_resumes() -> TestResult {
     for cut in [0, 1, 7, 28] {
         let time = Arc::new(ManualTime::new(1_000_000));
-        let hub = hub(&time)?;
+        let hub = block_on(hub(&time))?;
         let device = device(&time, 256)?;
         let to_hub = FaultyTransport::new(InProcess::new(hub.clone()));
         to_hub.fault_pulls(Some(PullFault::CutAfter(cut)));
@@ -176,7 +179,7 @@ fn a_cut_transfer_keeps_its_pages_and_the_next_round_resumes() -> TestResult {
 fn frames_out_of_order_are_refused_and_nothing_after_them_applies() -> TestResult {
     for fault in [PullFault::Repeat(2), PullFault::Swap(3)] {
         let time = Arc::new(ManualTime::new(1_000_000));
-        let hub = hub(&time)?;
+        let hub = block_on(hub(&time))?;
         let device = device(&time, 256)?;
         let to_hub = FaultyTransport::new(InProcess::new(hub.clone()));
         to_hub.fault_pulls(Some(fault));
@@ -285,7 +288,7 @@ impl Responder for Watched {
 #[test]
 fn a_receiver_that_stops_reading_holds_the_sender_to_the_window() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let hub = hub(&time)?;
+    let hub = block_on(hub(&time))?;
     let device = device(&time, 256)?;
     let counting = Watched::new(&hub);
     let transport = InProcess::new(counting.clone());
@@ -370,7 +373,7 @@ impl Transport for Plain {
 #[test]
 fn a_transport_that_cannot_stream_pulls_in_rounds() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let hub = hub(&time)?;
+    let hub = block_on(hub(&time))?;
     let device = device(&time, 256)?;
     let plain = Plain(InProcess::new(hub.clone()));
     let mut rounds = 1;
@@ -388,7 +391,7 @@ fn a_transport_that_cannot_stream_pulls_in_rounds() -> TestResult {
 #[test]
 fn a_responder_that_will_not_stream_answers_one_page() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let source = hub(&time)?;
+    let source = block_on(hub(&time))?;
     let hub = device(&time, 0)?;
     while block_on(hub.exchange_with(&link(&source), &options()))?.has_more {}
     let device = device(&time, 256)?;
@@ -456,7 +459,7 @@ async fn serve(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http_one_request_brings_every_page() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let hub = hub(&time)?;
+    let hub = hub(&time).await?;
     let (url, requests) = serve_hub(hub.clone(), false).await?;
     let device = device(&time, 256)?;
     let client = highwater::http::HttpTransport::new(&url, None)?;
@@ -471,7 +474,7 @@ async fn over_http_one_request_brings_every_page() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_streamed_pulls_is_pulled_in_rounds() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let hub = hub(&time)?;
+    let hub = hub(&time).await?;
     let (url, requests) = serve_hub(hub.clone(), true).await?;
     let device = device(&time, 256)?;
     let client = highwater::http::HttpTransport::new(&url, None)?;
@@ -570,5 +573,35 @@ async fn over_http_a_client_that_stops_reading_stops_the_planning() -> TestResul
     let last: PageFrame = highwater::wire::decode(&messages[messages.len() - 1])?;
     assert!(last.end && !last.page.more);
     assert_eq!(watched.wait_for(frames, Duration::from_secs(10)), frames);
+    Ok(())
+}
+
+/// Over HTTP a responder that will not stream ends the transfer with one empty frame: the
+/// client takes the first page and pulls the rest in rounds, never seeing a cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_responder_that_will_not_stream_ends_the_transfer_at_once() -> TestResult {
+    let time = Arc::new(ManualTime::new(1_000_000));
+    let source = hub(&time).await?;
+    let hub = device(&time, 0)?;
+    while hub
+        .exchange_with(&link(&source), &options())
+        .await?
+        .has_more
+    {}
+    let (url, requests) = serve_hub(hub.clone(), false).await?;
+    let device = device(&time, 256)?;
+    let client = highwater::http::HttpTransport::new(&url, None)?;
+    let out = device.exchange_with(&client, &options()).await?;
+    assert_eq!((out.received, out.has_more), (PAGE, true), "{out:?}");
+    let mut rounds = 1;
+    while device.exchange_with(&client, &options()).await?.has_more {
+        rounds += 1;
+    }
+    assert_eq!(rounds + 1, VERSIONS / PAGE);
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::Relaxed),
+        VERSIONS / PAGE
+    );
+    assert_eq!(device.digest()?, hub.digest()?);
     Ok(())
 }
