@@ -17,7 +17,7 @@ use std::thread::{self, ThreadId};
 use futures_executor::block_on;
 use highwater::blob::BlobReader;
 use highwater::engine::AuditOutcome;
-use highwater::exchange::audit::{Claim, Items, Segment};
+use highwater::exchange::audit::{Claim, Items, Segment, Shipment};
 use highwater::notify::Notifier;
 use highwater::wire::{self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse};
 use highwater::{BlobRef, Hash, InProcess, Key, NodeId, Refusal, Responder, Scope, SyncEngine};
@@ -131,9 +131,9 @@ impl Responder for Timed {
         self.cpu_nanos
             .fetch_add((took * 1e9).round() as u64, Ordering::Relaxed);
         let started = measure::thread_cpu_secs();
-        let mut traffic = vec![Traffic::of_request(&asked)];
+        let mut traffic = vec![Traffic::of(&asked)];
         if let Ok(answer) = &answer {
-            traffic.push(Traffic::of_response(answer));
+            traffic.push(Traffic::of(answer));
         }
         self.traffic.lock().expect("not poisoned").extend(traffic);
         let took = measure::thread_cpu_secs() - started + cloned;
@@ -185,47 +185,60 @@ fn claims(segments: &[Segment]) -> (usize, usize) {
     })
 }
 
-impl Traffic {
-    fn of_request(m: &AuditRequest) -> Traffic {
-        let total = wire::encode(m).len();
-        let less = |f: &dyn Fn(&mut AuditRequest)| {
-            let mut m = m.clone();
-            f(&mut m);
-            total - wire::encode(&m).len()
-        };
-        let (fingerprints, listed) = claims(&m.segments);
-        Traffic {
-            total,
-            ranges: less(&|m| m.segments.clear()),
-            items: less(&|m| m.segments = without_items(&m.segments)),
-            fingerprints,
-            listed,
-            versions: less(&|m| m.versions.clear()),
-            shipped: m.versions.iter().map(|(_, v)| v.len()).sum(),
-            asks: less(&|m| m.wanted.clear()),
-        }
-    }
+/// An audit message as [`Traffic::of`] takes it apart: its ranges, its versions, and what it
+/// asks for (a request's wanted items; a response's wanted and offered ones).
+trait Audited: wire::Message + Clone {
+    fn segments(&mut self) -> &mut Vec<Segment>;
+    fn versions(&mut self) -> &mut Shipment;
+    fn clear_asks(&mut self);
+}
 
-    fn of_response(m: &AuditResponse) -> Traffic {
+impl Audited for AuditRequest {
+    fn segments(&mut self) -> &mut Vec<Segment> {
+        &mut self.segments
+    }
+    fn versions(&mut self) -> &mut Shipment {
+        &mut self.versions
+    }
+    fn clear_asks(&mut self) {
+        self.wanted.clear();
+    }
+}
+
+impl Audited for AuditResponse {
+    fn segments(&mut self) -> &mut Vec<Segment> {
+        &mut self.segments
+    }
+    fn versions(&mut self) -> &mut Shipment {
+        &mut self.versions
+    }
+    fn clear_asks(&mut self) {
+        self.wanted.clear();
+        self.offered.clear();
+    }
+}
+
+impl Traffic {
+    /// The tally of one audit message: each part's bytes are what the encoding shrinks by
+    /// without it.
+    fn of<M: Audited>(m: &M) -> Traffic {
         let total = wire::encode(m).len();
-        let less = |f: &dyn Fn(&mut AuditResponse)| {
+        let less = |f: &dyn Fn(&mut M)| {
             let mut m = m.clone();
             f(&mut m);
             total - wire::encode(&m).len()
         };
-        let (fingerprints, listed) = claims(&m.segments);
+        let mut whole = m.clone();
+        let (fingerprints, listed) = claims(whole.segments());
         Traffic {
             total,
-            ranges: less(&|m| m.segments.clear()),
-            items: less(&|m| m.segments = without_items(&m.segments)),
+            ranges: less(&|m| m.segments().clear()),
+            items: less(&|m| *m.segments() = without_items(m.segments())),
             fingerprints,
             listed,
-            versions: less(&|m| m.versions.clear()),
-            shipped: m.versions.iter().map(|(_, v)| v.len()).sum(),
-            asks: less(&|m| {
-                m.wanted.clear();
-                m.offered.clear();
-            }),
+            versions: less(&|m| m.versions().clear()),
+            shipped: whole.versions().iter().map(|(_, v)| v.len()).sum(),
+            asks: less(&M::clear_asks),
         }
     }
 
