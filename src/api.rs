@@ -28,6 +28,9 @@
 //! # Ok::<(), highwater::Error>(())
 //! # }).unwrap();
 //! ```
+//!
+//! Over 600 lines with its tests: the trait and the types its operations take and return are one
+//! API, read together by both of its implementations.
 
 use std::collections::BTreeMap;
 use std::io::Read;

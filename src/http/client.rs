@@ -1,4 +1,7 @@
 //! The HTTP client transport.
+//!
+//! Over 600 lines with its tests: one transport, `HttpTransport`, and the private helpers of its
+//! requests (round trips, streamed pulls, blob streams, watches).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

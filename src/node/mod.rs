@@ -22,6 +22,9 @@
 //! node.run(highwater::node::termination()).await
 //! # }
 //! ```
+//!
+//! Over 600 lines with its tests: a node's lifecycle (open, bind, serve, schedule, stop) is one
+//! sequence; record commands, one-shot sync and terminal output are modules of their own.
 
 pub mod records;
 mod status;

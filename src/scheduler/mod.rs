@@ -66,6 +66,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
+//!
+//! One file over 600 lines because the configuration, the per-peer status and the scheduler's
+//! control (add, pause, resume, shut down) are one public type's surface; the round loop is
+//! in `rounds.rs`.
 
 mod backoff;
 mod rounds;

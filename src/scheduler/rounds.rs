@@ -1,4 +1,7 @@
 //! One peer's task: the round loop, one round with its hooks and events, a failure.
+//!
+//! One file over 600 lines because the round loop, its hooks, its events and its failure handling
+//! are one peer task's life: each step reads and updates the same per-peer state.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -1,5 +1,8 @@
 //! The [`Simulation`]: several engines driven by actions, the oracle of every version
 //! written, and the watermark and convergence checks.
+//!
+//! One file over 600 lines because the simulation's steps, its oracle and its checks share one
+//! state (the nodes, the history, the faults): split, each part would reach into the others.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

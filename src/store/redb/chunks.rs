@@ -15,6 +15,10 @@
 //! `B` and the new items in runs of `B`; otherwise its versions are read back and cut into
 //! pieces of `B/2` to `B`. A chunk that falls below `B/2` is merged into a neighbour when the
 //! two fit in `B`, so removals do not leave a trail of tiny chunks.
+//!
+//! One file over 600 lines because the upkeep is one algorithm (gather a commit's changes per
+//! chunk, then split, refill or merge chunks in the same transaction) whose halves share the
+//! chunk row format.
 
 use std::ops::{Bound, Range};
 

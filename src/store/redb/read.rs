@@ -1,5 +1,8 @@
 //! Reads: the snapshot [`Reader`], the [`GroupReader`] through an open group, and the
 //! read functions both share.
+//!
+//! One file over 600 lines because the snapshot reader and the group reader are two faces of the
+//! same read functions, written once here for both.
 
 use std::sync::MutexGuard;
 
