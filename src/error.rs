@@ -200,6 +200,23 @@ pub enum StoreError {
     #[cfg(feature = "postgres")]
     #[error("no PostgreSQL connection became available")]
     Pool(#[source] r2d2::Error),
+    /// A batch's issued timestamp ([`crate::store::Batch::issued`]) is not above the time
+    /// the store's issuing commits reached, or not under the store's identity: another
+    /// writer sharing the store issued a later time, or took a fresh identity, since this
+    /// writer read them. Nothing was written; the writer raises its clock to `before`, takes
+    /// `identity`, and issues again.
+    #[error(
+        "another writer sharing the store issued up to {before} or changed its identity: \
+         the timestamp {issued} cannot be committed"
+    )]
+    IssuedBehind {
+        /// The batch's least issued timestamp.
+        issued: crate::hlc::Hlc,
+        /// The time issued timestamps must exceed.
+        before: u64,
+        /// The stored identity.
+        identity: Option<crate::hlc::NodeId>,
+    },
     /// The store is in another on-disk format than the one this build reads and writes.
     #[error("store format {found} is not supported (this build reads {supported})")]
     UnsupportedFormat {

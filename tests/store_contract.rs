@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use highwater::error::StoreError;
 use highwater::store::{
     item_hash, Advance, AuditPoint, AuditRange, Batch, BatchReport, Durability, Fingerprint,
     KeyRange, MemStore, PeerKnowledge, RedbStore, Store, StoreRead,
@@ -107,6 +108,7 @@ contract!(
     advance_moves_the_mark_only_without_a_gap_and_never_lowers_it,
     peer_knowledge_is_replaced_per_scope_filter,
     clock_only_rises,
+    issued_batches_commit_only_above_the_stored_clock_under_its_identity,
     scan_honours_prefix_after_limit_and_key_order,
     scopes_list_records_and_own_marks_only,
     snapshot_ignores_later_commits,
@@ -609,6 +611,76 @@ fn clock_only_rises(store: &dyn Store) -> TestResult {
         store.commit(&Batch::new(time, Durability::Immediate))?;
         assert_eq!(store.read()?.clock()?, expected, "after raising to {time}");
     }
+    Ok(())
+}
+
+/// Two writers sharing a store (hub processes over one database) must never both commit a
+/// timestamp, nor one below the other's: a batch that issued timestamps commits only above
+/// the stored clock and under the store's identity, and otherwise changes nothing.
+fn issued_batches_commit_only_above_the_stored_clock_under_its_identity(
+    store: &dyn Store,
+) -> TestResult {
+    let me = store.identity(id(1))?;
+    let s = scope("app/issued/items");
+    let local = |time: u64, origin: NodeId, value: &str| {
+        let hlc = Hlc::new(time, origin);
+        let mut b = upserts(&s, &[(value, put(time, 1, value))]);
+        b.upserts[0].2.hlc = hlc;
+        b.advances.push(Advance {
+            scope: s.clone(),
+            base: None,
+            top: hlc,
+        });
+        b.issued = Some(hlc);
+        b.clock = time;
+        // As the engine commits local writes (a failed commit takes back the redb store's
+        // open group of deferred ones, as a crash would).
+        b.durability = Durability::Immediate;
+        b
+    };
+    store.commit(&local(100, me, "a"))?;
+    assert_eq!(store.read()?.clock()?, 100);
+    // Another writer's batch issued at or below the time issuing commits reached: refused,
+    // nothing written.
+    for time in [100, 99] {
+        match store.commit(&local(time, me, "b")) {
+            Err(StoreError::IssuedBehind {
+                before, identity, ..
+            }) => {
+                assert_eq!(before, 100);
+                assert_eq!(identity, Some(me));
+            }
+            other => panic!("a batch issued at {time} after one at 100: {other:?}"),
+        }
+    }
+    // A batch that only observes (issues nothing) raises the clock, not the issued time: a
+    // writer alone on its store is never refused because a round committed a later clock
+    // between its issuing and its commit.
+    store.commit(&Batch::new(150, Durability::Immediate))?;
+    store.commit(&local(120, me, "c"))?;
+    // Under another identity than the store's: refused though its time is later.
+    assert!(matches!(
+        store.commit(&local(200, id(9), "d")),
+        Err(StoreError::IssuedBehind { identity: Some(i), .. }) if i == me
+    ));
+    let read = store.read()?;
+    assert_eq!(
+        read.get(&s, &key("a"))?.map(|v| v.hlc),
+        Some(Hlc::new(100, me))
+    );
+    for refused in ["b", "d"] {
+        assert_eq!(read.get(&s, &key(refused))?, None, "{refused} was written");
+    }
+    assert_eq!(
+        read.get(&s, &key("c"))?.map(|v| v.hlc),
+        Some(Hlc::new(120, me))
+    );
+    assert_eq!(read.watermarks()?.get(&s, me), Some(Hlc::new(120, me)));
+    drop(read);
+    assert!(matches!(
+        store.commit(&local(120, me, "e")),
+        Err(StoreError::IssuedBehind { before: 120, .. })
+    ));
     Ok(())
 }
 

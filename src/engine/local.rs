@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::blob::{write_blob, BlobStore};
-use crate::error::{InputError, Result};
+use crate::error::{InputError, Result, StoreError};
 use crate::hash::Hash;
 use crate::hlc::{Hlc, NodeId};
 use crate::notify::ChangeKind;
@@ -14,6 +14,13 @@ use crate::store::{Advance, Batch, Durability, KeyRange};
 use crate::watermark::ScopedWatermarks;
 
 use super::{lock, SyncEngine};
+
+/// How many times a local write issues its timestamps again when another writer sharing the
+/// store moved its clock first ([`StoreError::IssuedBehind`]).
+const ISSUE_ATTEMPTS: u32 = 64;
+
+/// How much further ahead of the other writer each retry issues: a millisecond (NTP64).
+const RETRY_LEAD: u64 = (1 << 32) / 1000;
 
 /// Records of a scope by residency.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -270,20 +277,33 @@ impl SyncEngine {
         }
         let _guard = lock(&self.inner.local_writes);
         let mut batch = Batch::new(0, Durability::Immediate);
-        let mut hlcs = Vec::with_capacity(ops.len());
+        let unstamped = Hlc::new(0, self.node_id());
         for (scope, key, op) in ops {
-            let hlc = self.inner.clock.issue()?;
-            batch.advances.push(Advance {
-                scope: scope.clone(),
-                base: None,
-                top: hlc,
-            });
-            batch.upserts.push((scope, key, Version { hlc, op }));
-            hlcs.push(hlc);
+            batch
+                .upserts
+                .push((scope, key, Version { hlc: unstamped, op }));
         }
-        batch.clock = self.inner.clock.last();
-        let report = self.inner.store.commit(&batch)?;
+        let mut attempts = 0;
+        let report = loop {
+            self.stamp(&mut batch)?;
+            match self.inner.store.commit(&batch) {
+                Ok(report) => break report,
+                // Another process writing through the same store (a hub over PostgreSQL)
+                // issued a later time, or took a fresh id: follow it and issue again. A
+                // writer that keeps committing first would win every race by one tick, so
+                // each retry issues a millisecond more ahead of it than the last.
+                Err(StoreError::IssuedBehind {
+                    before, identity, ..
+                }) if attempts < ISSUE_ATTEMPTS => {
+                    attempts += 1;
+                    let lead = RETRY_LEAD.saturating_mul(u64::from(attempts));
+                    self.follow_store_clock(before.saturating_add(lead), identity);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         drop(_guard);
+        let hlcs: Vec<Hlc> = batch.upserts.iter().map(|(_, _, v)| v.hlc).collect();
         let removable = self
             .inner
             .note_commit(Durability::Immediate, 0, report.unreferenced);
@@ -297,6 +317,41 @@ impl SyncEngine {
             .notifier
             .scopes_changed(batch.advances.iter().map(|a| &a.scope), None);
         Ok(hlcs)
+    }
+
+    /// Gives each of `batch`'s versions a fresh timestamp, with the advances of our marks
+    /// that cover them.
+    fn stamp(&self, batch: &mut Batch) -> Result<()> {
+        batch.issued = None;
+        batch.advances.clear();
+        for (scope, _, version) in &mut batch.upserts {
+            let hlc = self.inner.clock.issue()?;
+            batch.issued.get_or_insert(hlc);
+            batch.advances.push(Advance {
+                scope: scope.clone(),
+                base: None,
+                top: hlc,
+            });
+            version.hlc = hlc;
+        }
+        batch.clock = self.inner.clock.last();
+        Ok(())
+    }
+
+    /// Takes the stored clock and identity another writer of the store left (see
+    /// [`StoreError::IssuedBehind`]).
+    fn follow_store_clock(&self, clock: u64, identity: Option<NodeId>) {
+        let clock_of = &self.inner.clock;
+        match identity {
+            Some(id) if id != clock_of.id() => {
+                tracing::warn!(
+                    old = %clock_of.id(), new = %id,
+                    "another process sharing this store took a fresh node id; following it"
+                );
+                clock_of.rotate(id, clock);
+            }
+            _ => clock_of.restore(clock),
+        }
     }
 
     /// The live record under `key` (`None` if absent or deleted).

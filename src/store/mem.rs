@@ -19,6 +19,8 @@ use crate::watermark::ScopedWatermarks;
 struct State {
     identity: Option<NodeId>,
     clock: u64,
+    /// The time issued timestamps must exceed (see `Batch::issued`).
+    issued: u64,
     records: BTreeMap<(Scope, Key), Version>,
     /// (scope, origin, time) -> key: the live-version index.
     live: BTreeMap<(Scope, NodeId, u64), Key>,
@@ -440,6 +442,15 @@ impl TxnOps for State {
 
     fn raise_clock(&mut self, time: u64) -> Result<(), StoreError> {
         self.clock = self.clock.max(time);
+        Ok(())
+    }
+
+    fn issued(&mut self) -> Result<(u64, Option<NodeId>), StoreError> {
+        Ok((self.issued, self.identity))
+    }
+
+    fn raise_issued(&mut self, time: u64) -> Result<(), StoreError> {
+        self.issued = self.issued.max(time);
         Ok(())
     }
 

@@ -118,6 +118,15 @@ pub struct Batch {
     pub seen: Vec<(NodeId, u64)>,
     /// The clock's last time; the stored clock is raised to it, never lowered.
     pub clock: u64,
+    /// The least timestamp this batch's writer issued for it (local writes): the commit fails
+    /// with [`StoreError::IssuedBehind`], changing nothing, unless the store's identity is this
+    /// timestamp's origin and every timestamp committed by an issuing batch before is below
+    /// its time; it then records [`Batch::clock`] as the time the next must exceed. Several
+    /// processes may write through one store (PostgreSQL, see docs/scale.md); this keeps them
+    /// from committing a timestamp one of them committed before, or one below the store's
+    /// mark of its own origin. Batches that issue nothing (received versions, purges) leave
+    /// that time alone, so a writer alone on its store never sees the error.
+    pub issued: Option<Hlc>,
     /// How durable the commit must be.
     pub durability: Durability,
 }
@@ -135,6 +144,7 @@ impl Batch {
             forget: Vec::new(),
             seen: Vec::new(),
             clock,
+            issued: None,
             durability,
         }
     }
@@ -479,6 +489,11 @@ trait TxnOps {
     fn set_mark(&mut self, scope: &Scope, mark: Hlc) -> Result<(), StoreError>;
     fn replace_peer_marks(&mut self, knowledge: &PeerKnowledge) -> Result<(), StoreError>;
     fn raise_clock(&mut self, time: u64) -> Result<(), StoreError>;
+    /// The time every issued timestamp must exceed, and the store's identity, as this
+    /// transaction sees them (see [`Batch::issued`]).
+    fn issued(&mut self) -> Result<(u64, Option<NodeId>), StoreError>;
+    /// Raises the time issued timestamps must exceed to `time`.
+    fn raise_issued(&mut self, time: u64) -> Result<(), StoreError>;
     /// Adds `delta` to the number of `scope`'s stored versions that reference `blob` (see
     /// [`ScopeRefs::adjusted`]) and returns the blob's total count over all scopes after the
     /// change: 0 means no stored version references it any more.
@@ -496,6 +511,20 @@ trait TxnOps {
 /// IMPORTANT: callers run this inside one transaction; upserts and the watermark advances
 /// that cover them commit together or not at all.
 fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, StoreError> {
+    if let Some(issued) = batch.issued {
+        // IMPORTANT: checked under the commit's lock, before anything is written: another
+        // writer sharing the store (a hub process) may have committed this time, or a later
+        // one of this origin, since this writer read its clock.
+        let (before, identity) = ops.issued()?;
+        if identity != Some(issued.origin()) || before >= issued.time() {
+            return Err(StoreError::IssuedBehind {
+                issued,
+                before,
+                identity,
+            });
+        }
+        ops.raise_issued(batch.clock.max(issued.time()))?;
+    }
     let mut report = BatchReport::default();
     let mut floors: BTreeMap<&Scope, u64> = BTreeMap::new();
     for (scope, time) in &batch.floors {

@@ -321,6 +321,35 @@ impl TxnOps for Writer<'_, '_> {
         Ok(())
     }
 
+    fn issued(&mut self) -> Result<(u64, Option<NodeId>), StoreError> {
+        let issued = self
+            .query_opt("SELECT num FROM highwater_meta WHERE name = 'issued'", &[])?
+            .map(|row| row.try_get::<_, i64>(0).map(from_sql))
+            .transpose()
+            .map_err(pg)?
+            .unwrap_or(0);
+        let identity = self
+            .query_opt(
+                "SELECT bytes FROM highwater_meta WHERE name = 'node_id'",
+                &[],
+            )?
+            .map(|row| {
+                let bytes: &[u8] = row.try_get(0).map_err(pg)?;
+                super::node_id(bytes, "node id")
+            })
+            .transpose()?;
+        Ok((issued, identity))
+    }
+
+    fn raise_issued(&mut self, time: u64) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO highwater_meta (name, num) VALUES ('issued', $1)
+             ON CONFLICT (name) DO UPDATE SET num = GREATEST(highwater_meta.num, EXCLUDED.num)",
+            &[&to_sql(time)],
+        )?;
+        Ok(())
+    }
+
     fn adjust_blob_refs(
         &mut self,
         scope: &Scope,

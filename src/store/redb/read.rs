@@ -617,7 +617,7 @@ impl StoreRead for GroupReader<'_> {
     }
 }
 
-fn read_clock(bytes: Option<Vec<u8>>) -> Result<u64, StoreError> {
+pub(super) fn read_clock(bytes: Option<Vec<u8>>) -> Result<u64, StoreError> {
     match bytes {
         None => Ok(0),
         Some(b) => Ok(u64::from_be_bytes(

@@ -7,7 +7,9 @@ use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
 use super::blob_refs;
 use super::chunks::Changes;
-use super::read::{floor_key, stored_clock, stored_floor, version_at, GroupReader, Reader, HELD};
+use super::read::{
+    floor_key, read_clock, stored_clock, stored_floor, version_at, GroupReader, Reader, HELD,
+};
 use super::tables::{
     decode_row_key, decode_scope_origin, encode_row, live_key, origin_key, position, record_key,
     split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
@@ -307,6 +309,28 @@ impl TxnOps for Writer<'_> {
         let cur = stored_clock(&self.meta)?;
         if time > cur {
             self.meta.insert("clock", time.to_be_bytes().as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn issued(&mut self) -> Result<(u64, Option<NodeId>), StoreError> {
+        let issued = read_clock(self.meta.get("issued")?.map(|g| g.value().to_vec()))?;
+        let identity = match self.meta.get("node_id")? {
+            Some(g) => Some(
+                <[u8; 16]>::try_from(g.value())
+                    .ok()
+                    .and_then(NodeId::from_bytes)
+                    .ok_or(StoreError::Corrupt { what: "node id" })?,
+            ),
+            None => None,
+        };
+        Ok((issued, identity))
+    }
+
+    fn raise_issued(&mut self, time: u64) -> Result<(), StoreError> {
+        let cur = read_clock(self.meta.get("issued")?.map(|g| g.value().to_vec()))?;
+        if time > cur {
+            self.meta.insert("issued", time.to_be_bytes().as_slice())?;
         }
         Ok(())
     }
