@@ -43,7 +43,9 @@ mod redb;
 pub use self::audit::{item_hash, AuditPoint, AuditRange, Fingerprint};
 pub use self::mem::MemStore;
 #[cfg(feature = "postgres")]
-pub use self::pg::{PgOptions, PgStore, SCHEMA_VERSION as PG_SCHEMA_VERSION};
+pub use self::pg::{
+    Change, ChangeFeed, FeedOptions, PgOptions, PgStore, SCHEMA_VERSION as PG_SCHEMA_VERSION,
+};
 pub use self::redb::RedbStore;
 
 use std::collections::BTreeMap;

@@ -16,10 +16,10 @@ use super::{pg, to_sql};
 use crate::error::StoreError;
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The migrations, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Version 1. Each table: key columns -> value columns.
 const V1: &str = r#"
@@ -88,6 +88,26 @@ CREATE TABLE highwater_floors (
     scope text COLLATE "C" PRIMARY KEY,
     time bigint NOT NULL
 );
+"#;
+
+/// Version 2: the change feed, by which processes sharing the store hear of each other's
+/// commits (`PgStore::watch_changes`, docs/scale.md).
+const V2: &str = r#"
+-- scope | writer | cause -> seq, at: the last commit by `writer` (a store handle, one per
+-- process) of a page from peer `cause` (16 bytes; empty: a local write) that changed the
+-- scope's versions or marks, as the 'changes' counter of highwater_meta numbered it
+-- (commits take it under the commit lock, so seq order is commit order), and when. Rows not
+-- renewed for a while are pruned by the feeds.
+CREATE TABLE highwater_changes (
+    scope text COLLATE "C" NOT NULL,
+    writer bigint NOT NULL,
+    cause bytea NOT NULL,
+    seq bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (scope, writer, cause)
+);
+CREATE INDEX highwater_changes_by_seq ON highwater_changes (seq);
+INSERT INTO highwater_meta (name, num) VALUES ('changes', 0) ON CONFLICT (name) DO NOTHING;
 "#;
 
 /// Creates `highwater_meta` if missing and runs the migrations the stored schema needs, in

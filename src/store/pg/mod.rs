@@ -29,7 +29,10 @@ use crate::error::StoreError;
 use crate::hlc::NodeId;
 use crate::record::{Key, Scope, Version};
 
+mod feed;
 mod migrations;
+
+pub use self::feed::{Change, ChangeFeed, FeedOptions};
 
 pub use self::migrations::SCHEMA_VERSION;
 mod read;
@@ -97,6 +100,11 @@ pub struct PgStore {
     pool: Pool<Manager>,
     /// Whether a deferred commit of this handle may not be durable yet.
     deferred: AtomicBool,
+    /// This handle's name in the change feed (random): its own commits are not news to it.
+    writer: i64,
+    /// How the change feed connects (outside the pool: it holds its connection).
+    config: postgres::Config,
+    schema: Option<String>,
 }
 
 /// How [`PgStore::open_with`] connects.
@@ -177,11 +185,17 @@ impl PgStore {
             builder = builder.connection_customizer(Box::new(SearchPath(schema.clone())));
         }
         let pool = builder
-            .build(Manager(PostgresConnectionManager::new(config, NoTls)))
+            .build(Manager(PostgresConnectionManager::new(
+                config.clone(),
+                NoTls,
+            )))
             .map_err(StoreError::Pool)?;
         let store = PgStore {
             pool,
             deferred: AtomicBool::new(false),
+            writer: rand::random(),
+            config,
+            schema: options.schema.clone(),
         };
         migrations::migrate(&mut store.conn()?.client)?;
         Ok(store)

@@ -89,6 +89,67 @@ impl Writer<'_, '_> {
     }
 }
 
+/// The scopes whose stored versions or marks `batch` changed, as `report` says.
+fn changed_scopes<'b>(batch: &'b Batch, report: &BatchReport) -> Vec<&'b Scope> {
+    let mut scopes: Vec<&Scope> = report
+        .applied
+        .iter()
+        .map(|&i| &batch.upserts[i].0)
+        .chain(
+            batch
+                .advances
+                .iter()
+                .zip(&report.advanced)
+                .filter(|(_, moved)| **moved)
+                .map(|(a, _)| &a.scope),
+        )
+        .collect();
+    if report.removed > 0 {
+        scopes.extend(batch.removals.iter().map(|(s, _, _)| s));
+    }
+    scopes.sort_unstable();
+    scopes.dedup();
+    scopes
+}
+
+impl Writer<'_, '_> {
+    /// Numbers this commit in the change feed and notes the scopes it changed, under
+    /// `writer`, then wakes the listeners (PostgreSQL delivers the notification at commit,
+    /// and not at all on a rollback).
+    fn record_changes(
+        &mut self,
+        writer: i64,
+        cause: Option<NodeId>,
+        scopes: &[&Scope],
+    ) -> Result<(), StoreError> {
+        let seq: i64 = self
+            .query_opt(
+                "UPDATE highwater_meta SET num = num + 1 WHERE name = 'changes' RETURNING num",
+                &[],
+            )?
+            .ok_or(StoreError::Corrupt {
+                what: "change counter",
+            })?
+            .try_get(0)
+            .map_err(pg)?;
+        let names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+        let cause = cause.map(NodeId::to_bytes);
+        let cause: &[u8] = cause.as_ref().map_or(&[], |c| c.as_slice());
+        self.execute(
+            "INSERT INTO highwater_changes (scope, writer, cause, seq, at)
+             SELECT s, $2, $3, $4, now() FROM unnest($1::text[]) AS s
+             ON CONFLICT (scope, writer, cause)
+             DO UPDATE SET seq = EXCLUDED.seq, at = EXCLUDED.at",
+            &[&names, &writer, &cause, &seq],
+        )?;
+        self.execute(
+            "SELECT pg_notify('highwater_changes', current_schema())",
+            &[],
+        )?;
+        Ok(())
+    }
+}
+
 impl TxnOps for Writer<'_, '_> {
     fn swap_record(
         &mut self,
@@ -480,13 +541,16 @@ impl Store for PgStore {
         let mut txn = begin(client)?;
         // IMPORTANT: the data and the watermark advances that cover it share this
         // transaction; an error drops `txn`, which rolls all of it back.
-        let report = apply_batch(
-            &mut Writer {
-                txn: &mut txn,
-                statements,
-            },
-            batch,
-        )?;
+        let mut writer = Writer {
+            txn: &mut txn,
+            statements,
+        };
+        let report = apply_batch(&mut writer, batch)?;
+        let changed = changed_scopes(batch, &report);
+        if !changed.is_empty() {
+            let cause = batch.peer.as_ref().map(|k| k.peer);
+            writer.record_changes(self.writer, cause, &changed)?;
+        }
         let deferred = batch.durability == Durability::Deferred;
         if deferred {
             // Atomic and visible at commit, on disk within a moment: WAL is written in
