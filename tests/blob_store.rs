@@ -11,6 +11,7 @@ use std::error::Error;
 use std::fs;
 use std::io::{self, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use highwater::blob::{write_blob, BlobError, BlobStore, FsBlobStore, MemBlobStore, CHUNK};
 use highwater::{BlobRef, Hash};
@@ -66,6 +67,17 @@ fn fs_store() -> Result<Fixture, Box<dyn Error>> {
     })
 }
 
+/// A store in a directory shared with other processes, sparing nothing (grace 0), so that
+/// the contract's removals hold.
+fn shared_fs_store() -> Result<Fixture, Box<dyn Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = FsBlobStore::open_shared(dir.path().join("blobs"), Duration::ZERO)?;
+    Ok(Fixture {
+        store: Box::new(store),
+        dir: Some(dir),
+    })
+}
+
 /// Instantiates every contract case once per store.
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
@@ -82,6 +94,14 @@ macro_rules! contract {
                 #[test]
                 fn $case() -> super::TestResult {
                     super::$case(&super::fs_store()?)
+                }
+            )*
+        }
+        mod shared_fs_store {
+            $(
+                #[test]
+                fn $case() -> super::TestResult {
+                    super::$case(&super::shared_fs_store()?)
                 }
             )*
         }
@@ -360,6 +380,57 @@ fn fs_open_removes_leftover_temporary_files() -> TestResult {
     let s = FsBlobStore::open(&store_dir)?;
     assert_eq!(fs::read_dir(&tmp)?.count(), 0);
     assert_eq!(s.list()?, vec![]);
+    Ok(())
+}
+
+/// Hub processes sharing one blob directory: one starting does not delete another's write
+/// in progress (only temporary files a day old), both see each other's blobs, and a
+/// removal spares a blob younger than the grace (another process may be about to reference
+/// it) until it is older.
+#[test]
+fn shared_stores_keep_each_others_writes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store_dir = dir.path().join("blobs");
+    let grace = Duration::from_secs(3600);
+    let one = FsBlobStore::open_shared(&store_dir, grace)?;
+    let bytes = content(MULTI, 31);
+    let mut writing = one.writer()?;
+    writing.write_all(&bytes[..CHUNK])?;
+    writing.flush()?;
+    // A crashed process's temporary file, two days old, and a fresh one of a live process.
+    let crashed = store_dir.join("tmp").join("crashed");
+    fs::create_dir_all(&crashed)?;
+    let old = crashed.join("half-written");
+    fs::write(&old, b"junk")?;
+    let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+    fs::File::options()
+        .write(true)
+        .open(&old)?
+        .set_modified(two_days)?;
+
+    let two = FsBlobStore::open_shared(&store_dir, grace)?;
+    assert!(!old.exists(), "a day-old temporary file was kept");
+    writing.write_all(&bytes[CHUNK..])?;
+    let r = writing.finish(Some(&blob_ref(&bytes)))?;
+    assert_eq!(
+        read_back(&two, &r.hash)?,
+        Some(bytes.clone()),
+        "the other process's write"
+    );
+
+    // Young: spared by both. Old: removed.
+    assert!(!two.remove(&r.hash)?);
+    assert!(one.contains(&r.hash)?);
+    let path = store_dir
+        .join(&r.hash.to_string()[..2])
+        .join(&r.hash.to_string()[2..4])
+        .join(r.hash.to_string());
+    fs::File::options()
+        .write(true)
+        .open(&path)?
+        .set_modified(std::time::SystemTime::now() - 2 * grace)?;
+    assert!(two.remove(&r.hash)?);
+    assert!(!one.contains(&r.hash)?);
     Ok(())
 }
 

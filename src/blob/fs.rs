@@ -12,6 +12,11 @@
 //! blob is visible only complete and verified, and stays so after a crash. A crash mid-write
 //! leaves a file under `tmp/`, which [`FsBlobStore::open`] deletes: one store per directory
 //! at a time.
+//!
+//! Several processes may share one directory (hub processes over one database, see
+//! docs/scale.md) with [`FsBlobStore::open_shared`]: each writes under a `tmp/<random>/` of
+//! its own, a start deletes only temporary files a day old, and a removal spares blobs
+//! written within a grace period, which another process may be about to reference.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Write};
@@ -28,7 +33,15 @@ const TMP_DIR: &str = "tmp";
 #[derive(Debug)]
 pub struct FsBlobStore {
     root: PathBuf,
+    /// Where this store's writers put their temporary files.
+    tmp: PathBuf,
+    /// Shared: blobs younger than this are not removed.
+    spare_younger: Option<std::time::Duration>,
 }
+
+/// How old a temporary file of a shared directory must be before a start deletes it: no
+/// write takes a day.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl FsBlobStore {
     /// Opens the store in `dir`, creating the directory if needed, and deletes the
@@ -44,7 +57,36 @@ impl FsBlobStore {
         let tmp = root.join(TMP_DIR);
         fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
         remove_leftovers(&tmp)?;
-        Ok(FsBlobStore { root })
+        Ok(FsBlobStore {
+            root,
+            tmp,
+            spare_younger: None,
+        })
+    }
+
+    /// Opens the store in `dir` for one of several processes sharing it: temporary files
+    /// go to a directory of this store's own under `tmp/`, only those a day old are deleted
+    /// (a crashed process's), and [`BlobStore::remove`] spares blobs whose file is younger
+    /// than `grace` (another process may have just received one for a page it is about to
+    /// commit; a later garbage collection removes it if nothing came to reference it).
+    ///
+    /// # Errors
+    /// The directories cannot be created or listed.
+    pub fn open_shared(
+        dir: impl AsRef<Path>,
+        grace: std::time::Duration,
+    ) -> Result<Self, BlobError> {
+        let root = dir.as_ref().to_path_buf();
+        let shared_tmp = root.join(TMP_DIR);
+        fs::create_dir_all(&shared_tmp).map_err(io_at(&shared_tmp))?;
+        remove_stale(&shared_tmp)?;
+        let tmp = shared_tmp.join(temp_name());
+        fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+        Ok(FsBlobStore {
+            root,
+            tmp,
+            spare_younger: Some(grace),
+        })
     }
 
     fn path_of(&self, hash: &Hash) -> PathBuf {
@@ -74,13 +116,19 @@ impl BlobStore for FsBlobStore {
     }
 
     fn writer(&self) -> Result<Box<dyn BlobWriter>, BlobError> {
-        let tmp = self.root.join(TMP_DIR).join(temp_name());
+        let tmp = self.tmp.join(temp_name());
         // `create_new`: a name collision fails instead of sharing another writer's file.
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_at(&tmp))?;
+        let create = || OpenOptions::new().write(true).create_new(true).open(&tmp);
+        let file = match create() {
+            // A shared directory's idle temporary directory may have been taken for a
+            // crashed process's by another one starting: make it again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.spare_younger.is_some() => {
+                fs::create_dir_all(&self.tmp).map_err(io_at(&self.tmp))?;
+                create()
+            }
+            opened => opened,
+        }
+        .map_err(io_at(&tmp))?;
         Ok(Box::new(FsBlobWriter {
             file: Some(BufWriter::with_capacity(CHUNK, file)),
             hasher: blake3::Hasher::new(),
@@ -93,6 +141,20 @@ impl BlobStore for FsBlobStore {
 
     fn remove(&self, hash: &Hash) -> Result<bool, BlobError> {
         let path = self.path_of(hash);
+        if let Some(grace) = self.spare_younger {
+            let young = match fs::metadata(&path) {
+                Ok(meta) => meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_none_or(|age| age < grace),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(BlobError::Io { path, source: e }),
+            };
+            if young {
+                return Ok(false);
+            }
+        }
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -231,6 +293,36 @@ fn remove_leftovers(tmp: &Path) -> Result<(), BlobError> {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(BlobError::Io { path, source: e }),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the files under `tmp` (directly or one directory down) a day old, and the
+/// directories they leave empty: a crashed process's writes in a shared directory.
+fn remove_stale(tmp: &Path) -> Result<(), BlobError> {
+    let stale = |path: &Path| {
+        fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= STALE_TEMP)
+    };
+    for entry in fs::read_dir(tmp).map_err(io_at(tmp))? {
+        let path = entry.map_err(io_at(tmp))?.path();
+        if path.is_dir() {
+            for inner in fs::read_dir(&path).map_err(io_at(&path))? {
+                let file = inner.map_err(io_at(&path))?.path();
+                if stale(&file) {
+                    let _ = fs::remove_file(&file);
+                }
+            }
+            // Fails while it holds files (or another process's fresh directory): kept.
+            if stale(&path) {
+                let _ = fs::remove_dir(&path);
+            }
+        } else if stale(&path) {
+            let _ = fs::remove_file(&path);
         }
     }
     Ok(())
