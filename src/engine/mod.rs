@@ -384,6 +384,20 @@ impl SyncEngine {
         Self::with_store(store, config)
     }
 
+    /// [`SyncEngine::with_stores`] under a fresh node id, taken before any timestamp is
+    /// issued (see [`SyncEngine::open_restored`]).
+    ///
+    /// # Errors
+    /// A store failure, or `config.max_drift` out of range.
+    pub fn with_stores_restored(
+        store: Box<dyn Store>,
+        blobs: Arc<dyn BlobStore>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        take_fresh_id(&*store)?;
+        Self::with_stores(store, blobs, config)
+    }
+
     /// A node held in memory, with default settings.
     ///
     /// # Errors

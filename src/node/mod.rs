@@ -28,6 +28,7 @@
 
 pub mod records;
 mod status;
+mod store;
 mod sync;
 pub mod terminal;
 
@@ -47,7 +48,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::engine::{EngineConfig, ExchangeOptions, PurgeReport, SyncEngine, DB_FILE};
+use crate::engine::{EngineConfig, ExchangeOptions, PurgeReport, SyncEngine};
 use crate::error::{Error, StoreError, TransportError};
 use crate::http::server::check_exposure;
 use crate::http::{
@@ -127,6 +128,20 @@ pub struct NodeOptions {
     /// and takes writes, and starts no round until resumed. On Unix, SIGUSR1 pauses a
     /// running node and SIGUSR2 resumes it.
     pub paused: bool,
+    /// Where the node keeps its records: `None` (default), the redb file in
+    /// [`NodeOptions::data`]; a `postgres://` URL, a PostgreSQL database that any number of
+    /// node processes share as one hub (see docs/scale.md). The data directory then holds
+    /// the process's URL file and, unless [`NodeOptions::blobs`] names another, the blobs.
+    pub store: Option<String>,
+    /// The PostgreSQL schema of [`NodeOptions::store`] (created if missing; default: the
+    /// connection's search path).
+    pub store_schema: Option<String>,
+    /// Connections to the database at most (default `PgStore::POOL_SIZE`, 16); a request
+    /// that finds none free within 10 s is answered 503.
+    pub store_pool: Option<u32>,
+    /// With [`NodeOptions::store`]: the blob directory (default `<data>/blobs`), which every
+    /// process of the hub must share.
+    pub blobs: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -153,6 +168,10 @@ impl std::fmt::Debug for NodeOptions {
             .field("accept_new_peer_ids", &self.accept_new_peer_ids)
             .field("peer_options", &self.peer_options)
             .field("paused", &self.paused)
+            .field("store", &self.store.as_deref().map(store::redacted))
+            .field("store_schema", &self.store_schema)
+            .field("store_pool", &self.store_pool)
+            .field("blobs", &self.blobs)
             .finish()
     }
 }
@@ -182,6 +201,10 @@ impl NodeOptions {
             accept_new_peer_ids: Vec::new(),
             peer_options: BTreeMap::new(),
             paused: false,
+            store: None,
+            store_schema: None,
+            store_pool: None,
+            blobs: None,
         }
     }
 
@@ -284,6 +307,21 @@ pub enum NodeError {
         /// The peer's URL.
         url: String,
     },
+    /// The database named by [`NodeOptions::store`] could not be opened.
+    #[error("cannot open the store at {url}")]
+    Store {
+        /// The store's URL, without its password.
+        url: String,
+        /// Why.
+        #[source]
+        source: Error,
+    },
+    /// [`NodeOptions::store`] names a store this build cannot use.
+    #[error("{reason}")]
+    StoreUnsupported {
+        /// What is wrong.
+        reason: String,
+    },
     /// A file of the node (its URL file, or an output of the CLI) could not be written.
     #[error("i/o error on {}", path.display())]
     Io {
@@ -380,6 +418,9 @@ pub struct Node {
     purge_interval: Option<Duration>,
     /// Start with syncing paused.
     paused: bool,
+    /// What tells this process of other processes' commits to a shared store (a hub over
+    /// PostgreSQL); stops when the node does.
+    _feed: Option<store::Feed>,
 }
 
 impl std::fmt::Debug for Node {
@@ -452,16 +493,23 @@ impl Node {
         for (url, o) in &options.peer_options {
             peer_options.insert(base_of("--peer-scopes/--peer-interval", url)?, o.clone());
         }
-        let engine = Arc::new(open_data_dir_as(
-            &options.data,
-            options.engine_config(),
-            options.restored,
-        )?);
+        // Off the runtime's threads: opening a database blocks (and its client runs a
+        // runtime of its own, which cannot start inside this one).
+        let opening = options.clone();
+        let opened = tokio::task::spawn_blocking(move || store::open(&opening))
+            .await
+            .map_err(|e| NodeError::Io {
+                path: options.data.clone(),
+                source: std::io::Error::other(format!("opening the store failed: {e}")),
+            })??;
+        let engine = opened.engine;
         let addr = listener.local_addr().map_err(|source| NodeError::Bind {
             addr: options.listen,
             source,
         })?;
-        server.metrics.watch_store_file(options.data.join(DB_FILE));
+        if let Some(file) = opened.store_file {
+            server.metrics.watch_store_file(file);
+        }
         // Weak: the metrics must not keep a stopped node's store open.
         let counted = Arc::downgrade(&engine);
         server
@@ -492,6 +540,7 @@ impl Node {
             data: options.data,
             purge_interval,
             paused: options.paused,
+            _feed: opened.feed,
         };
         let url_file = node.data.join(URL_FILE);
         std::fs::write(&url_file, format!("{}\n", node.url())).map_err(|source| NodeError::Io {
@@ -553,6 +602,7 @@ impl Node {
             data,
             purge_interval,
             paused,
+            _feed,
         } = self;
         tracing::info!(node = %engine.node_id(), %addr, data = %data.display(),
             peers = peers.len(), "node running");

@@ -167,7 +167,8 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// The data directory (created if missing).
+    /// The data directory (created if missing). With --store it holds only this process's
+    /// URL file, and the blobs unless --blobs names another directory.
     #[arg(long)]
     data: PathBuf,
     /// Where to listen; port 0 lets the OS pick one.
@@ -251,6 +252,29 @@ struct ServeArgs {
     /// SIGUSR1 pauses a running node, SIGUSR2 resumes it.
     #[arg(long)]
     paused: bool,
+    /// Keep the records in a PostgreSQL database (`postgres://user@host:port/db`) instead of
+    /// the data directory: any number of `serve` processes on one database (and one --blobs
+    /// directory) act as one hub behind a load balancer (docs/scale.md). Prefer the
+    /// environment variable when the URL holds a password.
+    #[arg(
+        long,
+        env = "HIGHWATER_STORE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    store: Option<String>,
+    /// The PostgreSQL schema holding the hub's tables (created if missing; default: the
+    /// connection's search path, usually `public`).
+    #[arg(long, requires = "store", value_name = "SCHEMA")]
+    store_schema: Option<String>,
+    /// Database connections this process opens at most (default 16); a request that finds
+    /// none free within 10 s is answered 503.
+    #[arg(long, requires = "store", value_name = "N")]
+    store_pool: Option<u32>,
+    /// With --store: the blob directory, which every process of the hub must share (a
+    /// network filesystem across machines). Default: DATA/blobs.
+    #[arg(long, requires = "store", value_name = "DIR")]
+    blobs: Option<PathBuf>,
 }
 
 /// `URL=SCOPE[,SCOPE...]`.
@@ -605,6 +629,10 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         accept_new_peer_ids: args.accept_new_peer_ids,
         paused: args.paused,
         peer_options,
+        store: args.store,
+        store_schema: args.store_schema,
+        store_pool: args.store_pool,
+        blobs: args.blobs,
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;
