@@ -114,9 +114,35 @@ where
                 return fail(&tx, BodyError::TooLarge);
             }
             if tx.send(Ok(Some(data))).await.is_err() {
-                // The reader stopped (it failed or has all it wanted).
+                // The reader stopped (it failed, a full disk say, or has all it wanted).
+                drain(body, DRAIN_LIMIT, idle).await;
                 return Ok(());
             }
+        }
+    }
+}
+
+/// How much of a request body the server reads and discards after its handler stopped
+/// wanting it, before answering.
+pub const DRAIN_LIMIT: u64 = 16 << 20;
+
+/// Reads and discards up to `limit` more bytes of `body` (each frame within `idle`): a
+/// server that answers while the client is still sending, and closes, leaves the client
+/// with a broken pipe instead of the answer (a 507 for a full disk, say). A client with
+/// more than `limit` left still sees the connection close.
+async fn drain<B>(mut body: B, limit: u64, idle: Duration)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut drained = 0u64;
+    while drained <= limit {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    drained += data.len() as u64;
+                }
+            }
+            _ => return,
         }
     }
 }
