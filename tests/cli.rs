@@ -509,3 +509,33 @@ fn serve_starts_paused_and_signals_pause_and_resume_it() -> TestResult {
     })?;
     Ok(())
 }
+
+/// `--cache-mib` sizes the store's page cache: a node starts with a small one and serves,
+/// and 0 is refused before anything is opened.
+#[test]
+fn serve_takes_a_cache_size_and_refuses_zero() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("node");
+    let out = run(&["serve", "--data", arg(&data), "--cache-mib", "0"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a zero cache was taken");
+    assert!(stderr.contains("--cache-mib"), "{stderr}");
+    assert!(
+        !data.exists(),
+        "the data directory was created for a refused command"
+    );
+    let node = ServeProcess::start(&data, &["--cache-mib", "16"])?;
+    ok(&[
+        "put",
+        "--node",
+        &node.url,
+        "shared",
+        "k",
+        "with a small cache",
+    ])?;
+    assert_eq!(
+        ok(&["get", "--node", &node.url, "shared", "k"])?,
+        b"with a small cache"
+    );
+    Ok(())
+}

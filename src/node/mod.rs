@@ -142,6 +142,11 @@ pub struct NodeOptions {
     /// With [`NodeOptions::store`]: the blob directory (default `<data>/blobs`), which every
     /// process of the hub must share.
     pub blobs: Option<PathBuf>,
+    /// The redb page cache (default [`EngineConfig::cache_bytes`], 64 MiB). A bulk sync into
+    /// a store larger than the cache rewrites index pages the cache could not hold: 192 MiB
+    /// writes less than half the bytes per record of 64 MiB on a 1M-record pull, for about
+    /// 140 MiB more memory (docs/performance.md).
+    pub cache_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -172,6 +177,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("store_schema", &self.store_schema)
             .field("store_pool", &self.store_pool)
             .field("blobs", &self.blobs)
+            .field("cache_bytes", &self.cache_bytes)
             .finish()
     }
 }
@@ -205,6 +211,7 @@ impl NodeOptions {
             store_schema: None,
             store_pool: None,
             blobs: None,
+            cache_bytes: None,
         }
     }
 
@@ -226,6 +233,9 @@ impl NodeOptions {
         };
         if let Some(n) = self.page_limit {
             config.page_limit = n.max(1);
+        }
+        if let Some(bytes) = self.cache_bytes {
+            config.cache_bytes = bytes;
         }
         config
     }

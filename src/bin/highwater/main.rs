@@ -271,6 +271,11 @@ struct ServeArgs {
     /// none free within 10 s is answered 503.
     #[arg(long, requires = "store", value_name = "N")]
     store_pool: Option<u32>,
+    /// The store's page cache in MiB (default 64). A node that takes bulk syncs into a large
+    /// store writes less with more: 192 writes under half the bytes per record of 64 on a
+    /// 1M-record pull, for about 140 MiB more memory.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    cache_mib: Option<u32>,
     /// With --store: the blob directory, which every process of the hub must share (a
     /// network filesystem across machines). Default: DATA/blobs.
     #[arg(long, requires = "store", value_name = "DIR")]
@@ -633,6 +638,7 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         store_schema: args.store_schema,
         store_pool: args.store_pool,
         blobs: args.blobs,
+        cache_bytes: args.cache_mib.map(|mib| (mib as usize) << 20),
         ..NodeOptions::new(args.data, args.listen)
     };
     let node = Node::start(options).await?;
