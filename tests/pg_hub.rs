@@ -19,9 +19,12 @@ use highwater::http::HttpTransport;
 use highwater::{ExchangeOptions, Hlc, Key, Op, Scope, SyncEngine, Transport};
 use process::{ServeProcess, TestResult};
 
+/// A write: its version, and its value (`None`: a delete).
+type Write = (Hlc, Option<Vec<u8>>);
+
 /// What was written, per record: the winning write so far (the last-write-wins oracle).
 #[derive(Default)]
-struct Oracle(BTreeMap<(Scope, Key), (Hlc, Option<Vec<u8>>)>);
+struct Oracle(BTreeMap<(Scope, Key), Write>);
 
 impl Oracle {
     fn saw(&mut self, scope: &Scope, key: &Key, hlc: Hlc, value: Option<&[u8]>) {
