@@ -30,7 +30,7 @@ pub fn run(fx: &mut Fixture) -> Result {
     let runs = fx.sizes.runs;
     let mut rows = vec![
         redb_bulk(fx, n, runs, None)?,
-        redb_bulk(fx, n, runs, Some(highwater::store::RedbStore::CACHE_BYTES))?,
+        redb_bulk(fx, n, runs, Some(engine_cache()?))?,
         redb_paged(fx, n, runs)?,
     ];
     rows.extend(postcard(fx.records(n), runs)?);
@@ -48,7 +48,7 @@ pub fn run(fx: &mut Fixture) -> Result {
 
 /// Inserts the records into a plain key -> value table in one durable transaction, with
 /// redb's default page cache (1 GiB: the whole tree stays in memory) or with `cache` bytes
-/// (`RedbStore::CACHE_BYTES`, the cache a highwater node runs with).
+/// (the cache the measured engines run with: [`engine_cache`]).
 fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize, cache: Option<usize>) -> Result<Row> {
     let per_txn = usize::try_from(n)?.max(1);
     let rates = redb_insert_rates(fx, n, runs, cache, per_txn)?;
@@ -71,11 +71,21 @@ fn redb_bulk(fx: &mut Fixture, n: u64, runs: usize, cache: Option<usize>) -> Res
     .key(key))
 }
 
+/// The page cache the syncing engines run with: the library's default
+/// (`RedbStore::CACHE_BYTES`), or `HIGHWATER_BENCH_CACHE_MIB` as the child reads it, so the
+/// limits compare at the cache the engines were given.
+fn engine_cache() -> Result<usize> {
+    match std::env::var("HIGHWATER_BENCH_CACHE_MIB") {
+        Ok(mib) => Ok(mib.parse::<usize>()? << 20),
+        Err(_) => Ok(highwater::store::RedbStore::CACHE_BYTES),
+    }
+}
+
 /// Inserts the records in transactions of one page ([`PAGE`] records) each, non-durable
 /// but the last, as the engine commits a bulk transfer (without its index, merge and
 /// checkpoints): the cost of small commits alone.
 fn redb_paged(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
-    let cache = highwater::store::RedbStore::CACHE_BYTES;
+    let cache = engine_cache()?;
     let rates = redb_insert_rates(fx, n, runs, Some(cache), PAGE)?;
     Ok(Row::new(
         format!(

@@ -61,6 +61,10 @@ use crate::scheduler::{PeerOptions, Scheduler, SchedulerConfig};
 /// The address a node listens on, and client commands reach, by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
 
+/// A node's store page cache by default (see [`NodeOptions::cache_bytes`]): a node is a
+/// server or a desktop daemon, where the library's default (64 MiB) suits devices.
+pub const NODE_CACHE_BYTES: usize = 192 << 20;
+
 /// The node URL client commands use by default.
 pub const DEFAULT_NODE_URL: &str = "http://127.0.0.1:7447";
 
@@ -142,10 +146,11 @@ pub struct NodeOptions {
     /// With [`NodeOptions::store`]: the blob directory (default `<data>/blobs`), which every
     /// process of the hub must share.
     pub blobs: Option<PathBuf>,
-    /// The redb page cache (default [`EngineConfig::cache_bytes`], 64 MiB). A bulk sync into
-    /// a store larger than the cache rewrites index pages the cache could not hold: 192 MiB
-    /// writes less than half the bytes per record of 64 MiB on a 1M-record pull, for about
-    /// 140 MiB more memory (docs/performance.md).
+    /// The redb page cache (default [`NODE_CACHE_BYTES`], 192 MiB, where the library's
+    /// default is 64 MiB). A bulk sync into a store larger than the cache rewrites the index
+    /// pages the cache could not hold: on a 1M-record pull, 192 MiB writes 0.41 of the bytes
+    /// per record of 64 MiB, for about 140 MiB more memory once the store is that large
+    /// (the cache fills only as the store is read and written; docs/performance.md).
     pub cache_bytes: Option<usize>,
 }
 
@@ -234,9 +239,7 @@ impl NodeOptions {
         if let Some(n) = self.page_limit {
             config.page_limit = n.max(1);
         }
-        if let Some(bytes) = self.cache_bytes {
-            config.cache_bytes = bytes;
-        }
+        config.cache_bytes = self.cache_bytes.unwrap_or(NODE_CACHE_BYTES);
         config
     }
 }
