@@ -195,6 +195,10 @@ pub enum StoreError {
     #[cfg(feature = "postgres")]
     #[error("the PostgreSQL database failed")]
     Postgres(#[source] Box<postgres::Error>),
+    /// TLS to the PostgreSQL database cannot be set up (its CA file cannot be used).
+    #[cfg(feature = "postgres")]
+    #[error("TLS to the PostgreSQL database cannot be set up")]
+    Tls(#[source] Box<crate::http::TlsError>),
     /// No PostgreSQL connection became free (or could be opened) in time: the pool is
     /// exhausted or the database is unreachable.
     #[cfg(feature = "postgres")]

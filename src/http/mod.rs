@@ -19,7 +19,7 @@ mod client;
 mod metrics;
 mod node_client;
 pub(crate) mod server;
-mod tls;
+pub(crate) mod tls;
 
 use std::time::Duration;
 

@@ -143,6 +143,11 @@ pub struct NodeOptions {
     /// Connections to the database at most (default `PgStore::POOL_SIZE`, 16); a request
     /// that finds none free within 10 s is answered 503.
     pub store_pool: Option<u32>,
+    /// A PEM file of CA certificates to trust, besides the system's, for a
+    /// [`NodeOptions::store`] URL with `sslmode=require` (TLS to the database, its
+    /// certificate and name verified). Without `sslmode=require` the database connection is
+    /// in clear text.
+    pub store_ca_file: Option<PathBuf>,
     /// With [`NodeOptions::store`]: the blob directory (default `<data>/blobs`), which every
     /// process of the hub must share.
     pub blobs: Option<PathBuf>,
@@ -181,6 +186,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("store", &self.store.as_deref().map(store::redacted))
             .field("store_schema", &self.store_schema)
             .field("store_pool", &self.store_pool)
+            .field("store_ca_file", &self.store_ca_file)
             .field("blobs", &self.blobs)
             .field("cache_bytes", &self.cache_bytes)
             .finish()
@@ -215,6 +221,7 @@ impl NodeOptions {
             store: None,
             store_schema: None,
             store_pool: None,
+            store_ca_file: None,
             blobs: None,
             cache_bytes: None,
         }

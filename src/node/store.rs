@@ -77,6 +77,7 @@ fn open_postgres(options: &NodeOptions, url: &str) -> Result<Opened, NodeError> 
         &PgOptions {
             schema: options.store_schema.clone(),
             pool_size: options.store_pool.unwrap_or(PgStore::POOL_SIZE),
+            ca_file: options.store_ca_file.clone(),
             ..PgOptions::default()
         },
     )

@@ -276,6 +276,11 @@ struct ServeArgs {
     /// hold (64 writes 2.4 times the bytes per record of 192 on a 1M-record pull).
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=65536))]
     cache_mib: Option<u32>,
+    /// A PEM file of CA certificates to trust for the database, besides the system's: with
+    /// `sslmode=require` in the --store URL the connection is TLS, the server's certificate
+    /// and name verified (without it, clear text).
+    #[arg(long, requires = "store", value_name = "FILE")]
+    store_ca_file: Option<PathBuf>,
     /// With --store: the blob directory, which every process of the hub must share (a
     /// network filesystem across machines). Default: DATA/blobs.
     #[arg(long, requires = "store", value_name = "DIR")]
@@ -637,6 +642,7 @@ async fn serve(args: ServeArgs) -> Result<(), NodeError> {
         store: args.store,
         store_schema: args.store_schema,
         store_pool: args.store_pool,
+        store_ca_file: args.store_ca_file,
         blobs: args.blobs,
         cache_bytes: args.cache_mib.map(|mib| (mib as usize) << 20),
         ..NodeOptions::new(args.data, args.listen)

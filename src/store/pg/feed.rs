@@ -20,9 +20,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
-use super::{quote_ident, PgStore};
+use super::{quote_ident, PgStore, PgTls};
 use crate::error::StoreError;
 use crate::hlc::NodeId;
 use crate::record::Scope;
@@ -105,6 +105,7 @@ impl PgStore {
         let listening = Arc::new(AtomicBool::new(false));
         let feed = Feed {
             config: self.config.clone(),
+            tls: self.tls.clone(),
             schema: self.schema.clone(),
             writer: self.writer,
             options,
@@ -132,6 +133,7 @@ impl PgStore {
 /// The feed thread's state.
 struct Feed {
     config: postgres::Config,
+    tls: PgTls,
     schema: Option<String>,
     writer: i64,
     options: FeedOptions,
@@ -172,7 +174,7 @@ impl Feed {
 
     /// One connection's life: until stopped (`Ok`) or a database failure (`Err`).
     fn session(&mut self, news: &dyn Fn(Vec<Change>)) -> Result<(), postgres::Error> {
-        let mut client = self.config.connect(NoTls)?;
+        let mut client = self.config.connect(self.tls.clone())?;
         if let Some(schema) = &self.schema {
             client.batch_execute(&format!("SET search_path TO {}", quote_ident(schema)))?;
         }

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -31,6 +31,9 @@ use crate::record::{Key, Scope, Version};
 
 mod feed;
 mod migrations;
+mod tls;
+
+use self::tls::PgTls;
 
 pub use self::feed::{Change, ChangeFeed, FeedOptions};
 
@@ -64,7 +67,7 @@ fn prepared(
 
 /// r2d2_postgres's manager, with a statement cache per connection.
 #[derive(Debug)]
-struct Manager(PostgresConnectionManager<NoTls>);
+struct Manager(PostgresConnectionManager<PgTls>);
 
 impl r2d2::ManageConnection for Manager {
     type Connection = PgConn;
@@ -104,6 +107,7 @@ pub struct PgStore {
     writer: i64,
     /// How the change feed connects (outside the pool: it holds its connection).
     config: postgres::Config,
+    tls: PgTls,
     schema: Option<String>,
 }
 
@@ -118,6 +122,10 @@ pub struct PgOptions {
     /// How long a call waits for a free connection (or a new one) before it fails with
     /// [`StoreError::Pool`].
     pub connect_timeout: Duration,
+    /// A PEM file of CA certificates to trust, besides the system's, for a URL with
+    /// `sslmode=require` (TLS, the server's certificate verified against them and its name
+    /// against the URL's host). Without `sslmode=require` the connection is in clear text.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for PgOptions {
@@ -126,6 +134,7 @@ impl Default for PgOptions {
             schema: None,
             pool_size: PgStore::POOL_SIZE,
             connect_timeout: Duration::from_secs(10),
+            ca_file: None,
         }
     }
 }
@@ -166,10 +175,16 @@ impl PgStore {
     /// # Errors
     /// As [`PgStore::open`].
     pub fn open_with(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
-        let config: postgres::Config = url.parse().map_err(pg)?;
+        let mut config: postgres::Config = url.parse().map_err(pg)?;
+        // libpq's default, `prefer`, tries TLS and falls back to clear text without checking
+        // a certificate: it protects from nothing. Clear text unless TLS is required.
+        if config.get_ssl_mode() == postgres::config::SslMode::Prefer {
+            config.ssl_mode(postgres::config::SslMode::Disable);
+        }
+        let tls = PgTls::new(options.ca_file.as_deref())?;
         if let Some(schema) = &options.schema {
             // Before the pool, whose connections set the schema as their search path.
-            let mut client = config.connect(NoTls).map_err(pg)?;
+            let mut client = config.connect(tls.clone()).map_err(pg)?;
             client
                 .batch_execute(&format!(
                     "CREATE SCHEMA IF NOT EXISTS {}",
@@ -187,7 +202,7 @@ impl PgStore {
         let pool = builder
             .build(Manager(PostgresConnectionManager::new(
                 config.clone(),
-                NoTls,
+                tls.clone(),
             )))
             .map_err(StoreError::Pool)?;
         let store = PgStore {
@@ -195,6 +210,7 @@ impl PgStore {
             deferred: AtomicBool::new(false),
             writer: rand::random(),
             config,
+            tls,
             schema: options.schema.clone(),
         };
         migrations::migrate(&mut store.conn()?.client)?;
