@@ -14,9 +14,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pg::{Schema, URL_VAR};
+use common::pg::{bulk_key, write_bulk, Schema, URL_VAR};
 use highwater::http::HttpTransport;
-use highwater::{ExchangeOptions, Hlc, Key, Op, Scope, SyncEngine, Transport};
+use highwater::{ExchangeOptions, Hlc, Key, Scope, SyncEngine, Transport};
 use process::{ServeProcess, TestResult};
 
 /// A write: its version, and its value (`None`: a delete).
@@ -184,26 +184,14 @@ fn three_hub_processes_on_one_database_act_as_one_hub() -> TestResult {
     let bulk = scope("bulk");
     let d = Arc::new(SyncEngine::in_memory()?);
     const BULK: usize = 20_000;
-    for chunk in (0..BULK).collect::<Vec<_>>().chunks(5_000) {
-        let hlcs = d.write_batch(chunk.iter().map(|i| {
-            let op = Op::Put {
-                value: format!("bulk {i}").into_bytes(),
-                blob: None,
-            };
-            (
-                bulk.clone(),
-                Key::try_from(format!("k{i:05}").as_str()).expect("key"),
-                op,
-            )
-        }))?;
-        for (i, hlc) in chunk.iter().zip(hlcs) {
-            oracle.saw(
-                &bulk,
-                &Key::try_from(format!("k{i:05}").as_str())?,
-                hlc,
-                Some(format!("bulk {i}").as_bytes()),
-            );
-        }
+    let hlcs = write_bulk(&d, &bulk, BULK, |i| format!("bulk {i}"))?;
+    for (i, hlc) in hlcs.into_iter().enumerate() {
+        oracle.saw(
+            &bulk,
+            &bulk_key(i),
+            hlc,
+            Some(format!("bulk {i}").as_bytes()),
+        );
     }
     let small = ExchangeOptions {
         page_limit: Some(200),
@@ -228,12 +216,7 @@ fn three_hub_processes_on_one_database_act_as_one_hub() -> TestResult {
     let mut db = schema.client()?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let held: i64 = db
-            .query_one(
-                "SELECT count(*) FROM highwater_keys WHERE scope = $1",
-                &[&bulk.as_str()],
-            )?
-            .get(0);
+        let held = schema.keys_held(&mut db, &bulk)?;
         if held >= (BULK / 5) as i64 {
             break;
         }

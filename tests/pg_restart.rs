@@ -20,9 +20,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pg::{Schema, URL_VAR};
+use common::pg::{write_bulk, Schema, URL_VAR};
 use highwater::http::HttpTransport;
-use highwater::{ExchangeOptions, Key, Op, Scope, SyncEngine};
+use highwater::{ExchangeOptions, Scope, SyncEngine};
 use process::{ServeProcess, TestResult};
 
 const RECORDS: usize = 20_000;
@@ -76,19 +76,7 @@ fn a_database_restart_under_load_fails_rounds_and_corrupts_nothing() -> TestResu
         .build()?;
     let bulk = Scope::app("restart", "bulk")?;
     let device = Arc::new(SyncEngine::in_memory()?);
-    for chunk in (0..RECORDS).collect::<Vec<_>>().chunks(5_000) {
-        device.write_batch(chunk.iter().map(|i| {
-            let op = Op::Put {
-                value: format!("value {i}").into_bytes(),
-                blob: None,
-            };
-            (
-                bulk.clone(),
-                Key::try_from(format!("k{i:05}").as_str()).expect("key"),
-                op,
-            )
-        }))?;
-    }
+    write_bulk(&device, &bulk, RECORDS, |i| format!("value {i}"))?;
     let hubs = [
         HttpTransport::new(&p1.url, None)?,
         HttpTransport::new(&p2.url, None)?,
@@ -126,12 +114,7 @@ fn a_database_restart_under_load_fails_rounds_and_corrupts_nothing() -> TestResu
     // Restart once a fifth of the records are in.
     let mut db = schema.client()?;
     loop {
-        let held: i64 = db
-            .query_one(
-                "SELECT count(*) FROM highwater_keys WHERE scope = $1",
-                &[&bulk.as_str()],
-            )?
-            .get(0);
+        let held = schema.keys_held(&mut db, &bulk)?;
         if held >= (RECORDS / 5) as i64 {
             eprintln!("restarting the database with {held} records in");
             break;

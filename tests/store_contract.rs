@@ -1668,6 +1668,7 @@ fn pg_exhausted_pool_fails_the_call() -> TestResult {
             schema: Some(schema.name().to_owned()),
             pool_size: 1,
             connect_timeout: Duration::from_millis(300),
+            ..highwater::store::PgOptions::default()
         },
     )?;
     let s = Scope::shared();

@@ -102,3 +102,53 @@ impl Drop for Schema {
         }
     }
 }
+
+impl Schema {
+    /// How many keys of `scope` the store in this schema holds (for a test watching another
+    /// process's progress).
+    ///
+    /// # Errors
+    /// The database cannot be reached.
+    pub fn keys_held(
+        &self,
+        client: &mut Client,
+        scope: &highwater::Scope,
+    ) -> Result<i64, Box<dyn Error>> {
+        let _ = self;
+        Ok(client
+            .query_one(
+                "SELECT count(*) FROM highwater_keys WHERE scope = $1",
+                &[&scope.as_str()],
+            )?
+            .get(0))
+    }
+}
+
+/// The key of bulk record `i`.
+pub fn bulk_key(i: usize) -> highwater::Key {
+    highwater::Key::try_from(format!("k{i:05}").as_str()).expect("a short key")
+}
+
+/// Writes `n` records `bulk_key(i) -> value(i)` on `node` in batches of 5 000; returns each
+/// record's version, in order.
+///
+/// # Errors
+/// A write failed.
+pub fn write_bulk(
+    node: &highwater::SyncEngine,
+    scope: &highwater::Scope,
+    n: usize,
+    value: impl Fn(usize) -> String,
+) -> Result<Vec<highwater::Hlc>, Box<dyn Error>> {
+    let mut hlcs = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
+        hlcs.extend(node.write_batch(chunk.iter().map(|&i| {
+            let op = highwater::Op::Put {
+                value: value(i).into_bytes(),
+                blob: None,
+            };
+            (scope.clone(), bulk_key(i), op)
+        }))?);
+    }
+    Ok(hlcs)
+}
