@@ -259,7 +259,20 @@ fn three_hub_processes_on_one_database_act_as_one_hub() -> TestResult {
     let mut got = Vec::new();
     std::io::Read::read_to_end(&mut reader, &mut got)?;
     assert_eq!(got, content);
-    drop((p1, p3));
+
+    // The status and the metrics of a process read the shared store; SIGTERM stops each
+    // cleanly (its final flush runs off the runtime's threads).
+    let status: serde_json::Value =
+        serde_json::from_slice(&process::ok(&["status", "--json", "--node", &p3.url])?)?;
+    assert_eq!(
+        status["scopes"][bulk.as_str()]["residency"]["resident"].as_u64(),
+        Some(BULK as u64),
+        "{status:#}"
+    );
+    for mut p in [p1, p3] {
+        let exit = p.terminate(Duration::from_secs(30))?;
+        assert!(exit.success(), "exit {exit}; log:\n{}", p.log_text());
+    }
     Ok(())
 }
 

@@ -683,7 +683,15 @@ impl Node {
             }
         };
         let _ = std::fs::remove_file(data.join(URL_FILE));
-        engine.flush()?;
+        // Off the runtime's threads, as all store work: a flush waits for the disk, and a
+        // PostgreSQL store's client cannot run on a runtime thread at all.
+        let handle = engine.handle();
+        crate::blocking::run_blocking(move || handle.flush())
+            .await
+            .map_err(|e| NodeError::Io {
+                path: data.clone(),
+                source: std::io::Error::other(format!("the final flush did not run: {e}")),
+            })??;
         flushed?;
         match served {
             Ok(result) => result.map_err(NodeError::from),

@@ -678,7 +678,15 @@ impl Scheduler {
                 tracing::error!(error = %e, "a scheduler task ended abnormally");
             }
         }
-        self.shared.engine.flush()
+        // Off the runtime's threads (a PostgreSQL store's client cannot run on one).
+        let engine = self.shared.engine.handle();
+        match crate::blocking::run_blocking(move || engine.flush()).await {
+            Ok(flushed) => flushed,
+            Err(e) => {
+                tracing::warn!(error = %e, "the final flush did not run");
+                Ok(())
+            }
+        }
     }
 }
 

@@ -618,9 +618,17 @@ pub(super) fn failed(shared: &Shared, peer: &Peer, failure: Failure, rng: &mut S
         delay,
     }));
     // Pages applied before the failure may be deferred (not yet durable); make them durable
-    // now rather than leave them to the next round (docs/protocol.md, durability).
-    if let Err(e) = shared.engine.flush() {
-        tracing::warn!(error = %error_chain(&e), "flush after a failed round failed");
+    // now rather than leave them to the next round (docs/protocol.md, durability). On a
+    // multi-threaded runtime the worker steps out of it first (a PostgreSQL store's client
+    // cannot run on a runtime thread; the node's runtime is multi-threaded).
+    let flush = || {
+        if let Err(e) = shared.engine.flush() {
+            tracing::warn!(error = %error_chain(&e), "flush after a failed round failed");
+        }
+    };
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(flush),
+        _ => flush(),
     }
     delay
 }

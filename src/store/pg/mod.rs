@@ -100,7 +100,8 @@ impl r2d2::ManageConnection for Manager {
 /// the newest of them, never one without the later ones); a durable commit or
 /// [`Store::flush`](super::Store::flush) makes them durable.
 pub struct PgStore {
-    pool: Pool<Manager>,
+    /// Always `Some` but in `drop`, which closes it off the async runtime.
+    pool: Option<Pool<Manager>>,
     /// Whether a deferred commit of this handle may not be durable yet.
     deferred: AtomicBool,
     /// This handle's name in the change feed (random): its own commits are not news to it.
@@ -206,7 +207,7 @@ impl PgStore {
             )))
             .map_err(StoreError::Pool)?;
         let store = PgStore {
-            pool,
+            pool: Some(pool),
             deferred: AtomicBool::new(false),
             writer: rand::random(),
             config,
@@ -219,7 +220,11 @@ impl PgStore {
 
     /// A pooled connection.
     fn conn(&self) -> Result<Conn, StoreError> {
-        self.pool.get().map_err(StoreError::Pool)
+        self.pool
+            .as_ref()
+            .expect("the pool lives until drop")
+            .get()
+            .map_err(StoreError::Pool)
     }
 
     fn note_deferred(&self, deferred: bool) {
@@ -230,6 +235,26 @@ impl PgStore {
 
     fn take_deferred(&self) -> bool {
         self.deferred.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Closing a connection runs the client's own runtime, which cannot start on a thread
+        // that drives tokio tasks (an engine dropped by an async task, say): close the pool on
+        // a thread of its own there.
+        let pool = self.pool.take();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let closed = std::thread::Builder::new()
+                .name("highwater-pg-close".into())
+                .spawn(move || drop(pool))
+                .map(|t| t.join());
+            if !matches!(closed, Ok(Ok(()))) {
+                tracing::warn!("could not close the PostgreSQL pool on a thread of its own");
+            }
+        } else {
+            drop(pool);
+        }
     }
 }
 
