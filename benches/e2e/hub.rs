@@ -29,6 +29,10 @@
 //! Everything shares the machine's cores: the devices, the hub processes, PostgreSQL and
 //! the pulling child. The case reports the load average before and after. Without
 //! `HIGHWATER_PG_URL` it skips with a note and no rows.
+//!
+//! One file of some 640 lines: its three parts share the set-ups ([`Hub`]), the CPU windows
+//! and the rows' naming, and read best together; what is not the case itself (processes,
+//! schemas, `/proc`) is in `hubproc.rs`.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
