@@ -27,6 +27,10 @@ mod blobs;
 mod child;
 mod fixture;
 mod http;
+#[cfg(feature = "postgres")]
+mod hub;
+#[cfg(feature = "postgres")]
+mod hubproc;
 mod limits;
 mod measure;
 mod peer;
@@ -83,11 +87,16 @@ pub enum Case {
     VisibleHttp,
     /// The automerge peer on the same records.
     Automerge,
+    /// Hub processes over PostgreSQL against a redb hub (issue 17): rounds per second served
+    /// to many devices and CPU per round, one and two processes; the initial sync from each.
+    /// Skips without `HIGHWATER_PG_URL`.
+    Hub,
 }
 
 /// Latency cases run before the blob cases: deleting a few GiB of blob directories slowed
-/// the fsyncs that follow for a while (write-to-visible p99 went from 2 ms to 33 ms).
-const ALL: [Case; 13] = [
+/// the fsyncs that follow for a while (write-to-visible p99 went from 2 ms to 33 ms). The
+/// hub case runs last: it loads both cores with hub processes and PostgreSQL.
+const ALL: [Case; 14] = [
     Case::Limits,
     Case::Initial,
     Case::InitialHttp,
@@ -101,6 +110,7 @@ const ALL: [Case; 13] = [
     Case::Blob,
     Case::BlobHttp,
     Case::Automerge,
+    Case::Hub,
 ];
 
 impl Case {
@@ -119,6 +129,7 @@ impl Case {
             Case::Visible => "visible",
             Case::VisibleHttp => "visible-http",
             Case::Automerge => "automerge",
+            Case::Hub => "hub",
         }
     }
 
@@ -137,6 +148,13 @@ impl Case {
             Case::Visible => visible::run(fx),
             Case::VisibleHttp => http::visible(fx),
             Case::Automerge => peer::run(fx),
+            #[cfg(feature = "postgres")]
+            Case::Hub => hub::run(fx),
+            #[cfg(not(feature = "postgres"))]
+            Case::Hub => {
+                eprintln!("e2e: note: built without the `postgres` feature: the hub case skips");
+                Ok(Vec::new())
+            }
         }
     }
 }
@@ -182,6 +200,12 @@ pub struct Sizes {
     pub wan_delay: std::time::Duration,
     /// The `wan` relay's rate cap, each way, in bytes per second (`None`: no cap).
     pub wan_rate: Option<u64>,
+    /// Simulated devices of the `hub` case.
+    pub hub_devices: usize,
+    /// Runs of each kind of round in the `hub` case.
+    pub hub_runs: usize,
+    /// Records of the `hub` case's initial sync.
+    pub hub_records: u64,
 }
 
 impl Sizes {
@@ -207,6 +231,11 @@ impl Sizes {
                 wan_records: 5_000,
                 wan_delay: WAN_DELAY,
                 wan_rate: None,
+                hub_devices: 100,
+                hub_runs: 3,
+                // Seeding PostgreSQL through write_batch runs at ~3 000 records/s here: 20 000
+                // would add 7 s to CI's quick run.
+                hub_records: 5_000,
             }
         } else {
             Sizes {
@@ -227,11 +256,15 @@ impl Sizes {
                 wan_records: 1_000_000,
                 wan_delay: WAN_DELAY,
                 wan_rate: None,
+                hub_devices: 1000,
+                hub_runs: 5,
+                hub_records: 1_000_000,
             }
         };
         if let Some(n) = records {
             s.records = n;
             s.wan_records = n;
+            s.hub_records = n;
             if let Some(last) = s.delta_stores.last_mut() {
                 *last = n;
             }
@@ -257,8 +290,9 @@ const USAGE: &str = "usage: cargo bench --bench e2e -- [--quick] [--case NAME]..
 [--runs N] [--automerge BIN] [--wan-delay-ms MS] [--wan-rate BYTES_PER_SEC]
   --quick          small sizes (CI); targets are not judged
   --case NAME      run only these cases (repeatable): limits initial initial-http wan delta
-                   noop audit purge visible visible-http blob blob-http automerge
-  --records N      records of the initial sync and of the largest delta store
+                   noop audit purge visible visible-http blob blob-http automerge hub
+  --records N      records of the initial syncs (also wan's and hub's) and of the largest
+                   delta store
   --runs N         runs of each multi-second figure (default 3; quick peer 1)
   --automerge BIN  the automerge peer (default: target/release/highwater-bench-automerge,
                    built with `cargo build --release -p highwater-bench-automerge`)

@@ -17,6 +17,8 @@ pub enum Unit {
     Bytes,
     /// Bytes, shown in MiB.
     MiB,
+    /// Events per second (rounds, requests).
+    PerSec,
     /// A plain count.
     Count,
     /// A dimensionless ratio.
@@ -34,6 +36,7 @@ impl Unit {
             Unit::Secs => (format!("{v:.2}"), "s"),
             Unit::Bytes => (group(v), "B"),
             Unit::MiB => (format!("{:.1}", v / f64::from(1u32 << 20)), "MiB"),
+            Unit::PerSec => (group(v), "/s"),
             Unit::Count => (group(v), ""),
             Unit::Ratio => (format!("{v:.2}"), ""),
         }
