@@ -397,6 +397,7 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
 
 /// How the responder took a streamed push's request: answered at once, or a transfer that
 /// waits for its frames (with the request's version, which the response keeps to).
+#[allow(clippy::large_enum_variant)] // one per transfer, moved once
 enum Opened {
     Answered(ExchangeResponse),
     Receiving(PushTransfer, u16),
