@@ -289,13 +289,13 @@ impl SyncEngine {
         let sending = transport.push(request, frames_from(rx));
         let planning = self.plan_frames(transport, cursor, tx, &mut frames);
         let (sent, planned) = futures_util::future::join(sending, planning).await;
+        // Not taken: the round goes as a plain one, whatever the planning met meanwhile.
+        if let Err(TransportError::Unsupported { .. }) = sent {
+            return Ok((None, frames));
+        }
         // A frame that could not be planned cut the transfer: that is the round's error.
         planned?;
-        match sent {
-            Ok(response) => Ok((Some(response), frames)),
-            Err(TransportError::Unsupported { .. }) => Ok((None, frames)),
-            Err(e) => Err(e.into()),
-        }
+        Ok((Some(sent?), frames))
     }
 
     /// Plans a streamed push's frames with `cursor` and sends them into `tx` until the one
@@ -333,11 +333,22 @@ impl SyncEngine {
                     return Err(e);
                 }
             };
-            // The files go before the page that references them, as a request's do.
-            frames.blobs += self
+            // The files go before the page that references them, as a request's do; a
+            // transport that cannot tell which the peer lacks fails the round, as it does
+            // before a request.
+            match self
                 .push_blobs(transport, blobs_of(frame.page.versions()))
                 .await
-                .unwrap_or(0);
+            {
+                Ok(n) => frames.blobs += n,
+                Err(e) => {
+                    let cut = TransportError::Unreachable {
+                        reason: format!("the streamed push stopped: {e}"),
+                    };
+                    let _ = tx.send(Err(cut)).await;
+                    return Err(e.into());
+                }
+            }
             frames.pushed.note(&frame.page);
             if keep {
                 let versions = frame.page.versions();

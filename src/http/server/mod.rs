@@ -25,6 +25,7 @@ use crate::wire::MAX_MESSAGE_LEN;
 mod connections;
 mod failure;
 mod listen;
+mod push;
 mod records;
 mod routes;
 mod sync;

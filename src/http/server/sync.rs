@@ -1,5 +1,6 @@
-//! The sync endpoints: exchange and audit (with their per-token slots and scope
-//! authorization), watch, and blob download and upload.
+//! The sync endpoints: exchange, streamed pull and audit (with their per-token slots and
+//! scope authorization), watch, and blob download and upload. The streamed push is in
+//! `push.rs`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -16,13 +17,12 @@ use super::routes::check_declared;
 use super::{blocking, Failure, HighwaterService, Inner, Reply};
 use crate::blob::CHUNK;
 use crate::exchange::audit::shipped;
-use crate::exchange::{Page, PullCursor, PushStart};
+use crate::exchange::{Page, PullCursor};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::http::access::Grant;
 use crate::http::body::{
-    channel_body, collect_limited, empty, full, pump_body, stream_reader, BodyError, ChannelReader,
-    HttpBody,
+    channel_body, collect_limited, empty, full, pump_body, stream_reader, ChannelReader, HttpBody,
 };
 use crate::http::{decode_query, MAX_WATCH_TIMEOUT};
 use crate::notify::WatchToken;
@@ -115,92 +115,13 @@ impl HighwaterService {
         Ok(resp)
     }
 
-    /// A streamed push: the body is the request and then the initiator's frames, each
-    /// length-prefixed (`wire::encode_framed`) and each within the exchange body limit. The
-    /// request is admitted as an exchange's and each frame's page as a request's page is
-    /// (the page limits, write grants on its scopes, its files uploaded or held here), then
-    /// applied on a blocking thread before the next is read, so a server that applies slowly
-    /// slows the sender through TCP. The answer, sent after the last frame, is the round's
-    /// response. A frame refused, or a body that ends before the last, ends the transfer with
-    /// an error; the pages applied before stay. The token's exchange slot is held
-    /// throughout.
-    pub(super) async fn push<B>(&self, grant: &Grant, req: Request<B>) -> Reply
-    where
-        B: Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: std::fmt::Display,
-    {
-        Self::require_sync(grant)?;
-        if !self.inner.responder.takes_pushes() {
-            return Err(Failure::new(
-                StatusCode::NOT_FOUND,
-                "this node does not take streamed pushes",
-            ));
-        }
-        let _slot = self.exchange_slot(grant)?;
-        let config = &self.inner.config;
-        let (limit, idle) = (config.max_exchange_body, config.body_read_timeout);
-        let mut body = req.into_body();
-        let max = usize::try_from(limit).unwrap_or(usize::MAX);
-        let mut unframer = wire::Unframer::new(max);
-        let first = next_envelope(&mut body, &mut unframer, limit, idle)
-            .await?
-            .ok_or_else(|| Failure::bad("a streamed push without its request"))?;
-        let mut received = first.len();
-        let (inner, owned) = (self.inner.clone(), grant.clone());
-        let (opened, version) = blocking(move || {
-            let (request, version) = wire::decode_versioned::<ExchangeRequest>(&first)
-                .map_err(|e| Failure::bad(e.to_string()))?;
-            let responder = &*inner.responder;
-            let request = admit_exchange(&inner, responder, &owned, request)?;
-            let count = request.page.version_count();
-            inner
-                .config
-                .metrics
-                .count_versions("responder", "received", count);
-            Ok((responder.open_push(request)?, version))
-        })
-        .await?;
-        let mut transfer = match opened {
-            PushStart::Answered(response) => {
-                // Nothing of the frames is taken: the answer goes at once.
-                let encoded = wire::encode_as(&response, version.min(response.version()));
-                return Ok(self.sent("push", received, encoded));
-            }
-            PushStart::Receiving(transfer) => transfer,
-        };
-        while !transfer.ended() {
-            let message = next_envelope(&mut body, &mut unframer, limit, idle)
-                .await?
-                .ok_or_else(|| Failure::bad("the streamed push ended before its last frame"))?;
-            received += message.len();
-            let (inner, owned) = (self.inner.clone(), grant.clone());
-            transfer = blocking(move || {
-                let frame =
-                    wire::decode::<PageFrame>(&message).map_err(|e| Failure::bad(e.to_string()))?;
-                let responder = &*inner.responder;
-                admit_page(&inner, responder, &owned, transfer.scopes(), &frame.page)?;
-                let count = frame.page.version_count();
-                responder.push_frame(&mut transfer, frame)?;
-                inner
-                    .config
-                    .metrics
-                    .count_versions("responder", "received", count);
-                Ok(transfer)
-            })
-            .await?;
-        }
-        let (inner, responder) = (self.inner.clone(), self.inner.responder.clone());
-        let encoded = blocking(move || {
-            let response = responder.close_push(transfer)?;
-            count_exchange(&inner, 0, &response);
-            Ok(wire::encode_as(&response, version.min(response.version())))
-        })
-        .await?;
-        Ok(self.sent("push", received, encoded))
-    }
-
     /// The response that carries `encoded`, a sync message answering `received` bytes.
-    fn sent(&self, kind: &'static str, received: usize, encoded: Vec<u8>) -> Response<HttpBody> {
+    pub(super) fn sent(
+        &self,
+        kind: &'static str,
+        received: usize,
+        encoded: Vec<u8>,
+    ) -> Response<HttpBody> {
         self.inner
             .config
             .metrics
@@ -304,7 +225,7 @@ impl HighwaterService {
         Ok((slot, body))
     }
 
-    fn exchange_slot(&self, grant: &Grant) -> Result<SlotGuard, Failure> {
+    pub(super) fn exchange_slot(&self, grant: &Grant) -> Result<SlotGuard, Failure> {
         let mut all = lock(&self.inner.exchanges);
         let n = all.entry(grant.name.clone()).or_insert(0);
         // An open node has one grant for every caller: capping it would let one local
@@ -448,7 +369,7 @@ impl HighwaterService {
 /// Checks an exchange request against the limits and `grant` (its page's size, the scopes
 /// it may read and write, the files it names), narrowing its scopes to what the token may
 /// read.
-fn admit_exchange(
+pub(super) fn admit_exchange(
     inner: &Inner,
     responder: &dyn Responder,
     grant: &Grant,
@@ -471,34 +392,9 @@ fn admit_exchange(
     Ok(request)
 }
 
-/// Checks a streamed push's frame's page as [`admit_exchange`] checks a request's: its size,
-/// write grants on its scopes (which must be in play, `scopes`), the files it names.
-fn admit_page(
-    inner: &Inner,
-    responder: &dyn Responder,
-    grant: &Grant,
-    scopes: &ScopeFilter,
-    page: &Page,
-) -> Result<(), Failure> {
-    let max_versions = inner.config.max_page_versions;
-    let count = page.version_count();
-    if count > max_versions {
-        return Err(Failure {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!("page of {count} versions over the limit of {max_versions}"),
-            close: true,
-        });
-    }
-    check_runs(page, max_versions)?;
-    check_writes(grant, scopes, page.runs.iter().map(|r| &r.scope))?;
-    let pushed = page.versions().map(|(s, _, v)| (s, v));
-    inner.uploads.check_pushed(responder, grant, pushed)?;
-    Ok(())
-}
-
 /// A page has at most as many runs as a page may have versions (a run without versions
 /// still costs the receiver a mark).
-fn check_runs(page: &Page, max_versions: usize) -> Result<(), Failure> {
+pub(super) fn check_runs(page: &Page, max_versions: usize) -> Result<(), Failure> {
     if page.runs.len() > max_versions.max(1) {
         return Err(Failure {
             status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -512,43 +408,8 @@ fn check_runs(page: &Page, max_versions: usize) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The next whole message of a streamed request body, each at most `limit` bytes, none
-/// waiting more than `idle` for its next bytes (`None`: the body ended between messages).
-async fn next_envelope<B>(
-    body: &mut B,
-    unframer: &mut wire::Unframer,
-    limit: u64,
-    idle: Duration,
-) -> Result<Option<Bytes>, Failure>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    use http_body_util::BodyExt;
-    loop {
-        match unframer.next_message() {
-            Ok(Some(message)) => return Ok(Some(message)),
-            Ok(None) => {}
-            Err(crate::error::WireError::TooLarge { .. }) => {
-                return Err(Failure::body(BodyError::TooLarge, limit))
-            }
-            Err(e) => return Err(Failure::bad(e.to_string())),
-        }
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Err(Failure::body(BodyError::Timeout, limit)),
-            Ok(None) if unframer.is_empty() => return Ok(None),
-            Ok(None) => return Err(Failure::bad("the body broke off inside a message")),
-            Ok(Some(Err(e))) => return Err(Failure::body(BodyError::Broken(e.to_string()), limit)),
-            Ok(Some(Ok(frame))) => frame,
-        };
-        if let Ok(data) = frame.into_data() {
-            unframer.push(&data);
-        }
-    }
-}
-
 /// The responder's metrics for one answered exchange that brought `received` versions.
-fn count_exchange(inner: &Inner, received: usize, response: &ExchangeResponse) {
+pub(super) fn count_exchange(inner: &Inner, received: usize, response: &ExchangeResponse) {
     let metrics = &inner.config.metrics;
     metrics.count_versions("responder", "received", received);
     metrics.count_versions("responder", "shipped", response.page.version_count());
@@ -597,7 +458,7 @@ async fn send_frames(
     }
 }
 
-struct SlotGuard {
+pub(super) struct SlotGuard {
     inner: Arc<Inner>,
     name: String,
 }
@@ -694,7 +555,7 @@ fn readable_scopes<'a>(
 }
 
 /// Every scope written to is in play and writable by `grant`.
-fn check_writes<'a>(
+pub(super) fn check_writes<'a>(
     grant: &Grant,
     in_play: &ScopeFilter,
     written: impl Iterator<Item = &'a Scope>,
