@@ -265,17 +265,24 @@ pub enum ProtocolError {
         /// The node that answered.
         new: NodeId,
     },
-    /// A streamed pull's frame out of order: a frame repeated, skipped or reordered, or one
-    /// after the transfer's last. The pages applied before it stay applied; nothing of it
-    /// or after it is.
-    #[error("streamed pull from {peer}: frame {found} where frame {expected} was due")]
+    /// A streamed transfer's frame (a pull's or a push's) out of order: a frame repeated,
+    /// skipped or reordered, or one after the transfer's last. The pages applied before it
+    /// stay applied; nothing of it or after it is.
+    #[error("streamed transfer from {peer}: frame {found} where frame {expected} was due")]
     FrameOutOfOrder {
-        /// The responder.
+        /// The sender of the frames (the responder of a pull, the initiator of a push).
         peer: NodeId,
         /// The frame number that was due (0: none, the transfer had ended).
         expected: u32,
         /// The frame number received.
         found: u32,
+    },
+    /// A streamed push was to be answered before its last frame was taken (the pages taken
+    /// stay applied).
+    #[error("streamed push from {peer} ended before its last frame")]
+    PushUnfinished {
+        /// The initiator.
+        peer: NodeId,
     },
     /// A run whose versions are not strictly ascending, or lie outside `(base, top]`.
     #[error("malformed run for scope {scope}, origin {origin}: {reason}")]

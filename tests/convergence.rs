@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use highwater::testing::{Action, Simulation};
 use proptest::prelude::*;
 
-/// Streamed pulls cut so far, over every case of this file's tests.
+/// Streamed pulls and pushes cut so far, over every case of this file's tests.
 static CUTS: AtomicUsize = AtomicUsize::new(0);
+/// Of [`CUTS`], the pushes.
+static PUSH_CUTS: AtomicUsize = AtomicUsize::new(0);
 
 fn run(mut sim: Simulation, actions: &[Action]) -> Result<(), TestCaseError> {
     for a in actions {
@@ -19,23 +21,25 @@ fn run(mut sim: Simulation, actions: &[Action]) -> Result<(), TestCaseError> {
             .map_err(|e| TestCaseError::fail(format!("step {a:?}: {e}")))?;
     }
     CUTS.fetch_add(sim.cuts, Ordering::Relaxed);
+    PUSH_CUTS.fetch_add(sim.push_cuts, Ordering::Relaxed);
     sim.converge().map_err(TestCaseError::fail)?;
     sim.check_quiet().map_err(TestCaseError::fail)?;
     Ok(())
 }
 
-/// Convergence with streamed pulls cut at random page boundaries (one exchange action in four
-/// cuts its transfer after 0 to 3 frames): the pages before a cut stay applied, the
-/// watermark invariant holds after the cut, and the next rounds resume from the marks. The
-/// pages are small (1 to 6 versions), so most pulls stream several frames; the test also
-/// checks that cuts did happen.
+/// Convergence with streamed pulls and pushes cut at random page boundaries (one exchange
+/// action in four cuts its transfer after 0 to 3 frames): the pages before a cut stay
+/// applied (on whichever side received them), the watermark invariant holds after the cut,
+/// and the next rounds resume from the marks. The pages are small (1 to 6 versions), so most
+/// transfers stream several frames; the test also checks that cuts of both kinds did happen.
 #[test]
-fn streamed_pulls_cut_at_random_frames_converge() {
+fn streamed_pulls_and_pushes_cut_at_random_frames_converge() {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: common::cases(256),
         ..ProptestConfig::default()
     });
     let before = CUTS.load(Ordering::Relaxed);
+    let pushes_before = PUSH_CUTS.load(Ordering::Relaxed);
     runner
         .run(
             &(2usize..=4, prop::collection::vec(any::<u8>(), 0..400)),
@@ -51,6 +55,10 @@ fn streamed_pulls_cut_at_random_frames_converge() {
     assert!(
         CUTS.load(Ordering::Relaxed) > before,
         "no streamed pull was cut: the test exercised nothing"
+    );
+    assert!(
+        PUSH_CUTS.load(Ordering::Relaxed) > pushes_before,
+        "no streamed push was cut: the test exercised no push"
     );
 }
 

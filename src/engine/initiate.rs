@@ -4,16 +4,15 @@
 use crate::error::{Result, TransportError};
 use crate::exchange::plan::PageLimits;
 use crate::exchange::{
-    marks_in_play, AppliedPage, ExchangeOptions, ExchangeOutcome, Halt, Initiation, Received,
-    Reply, Session,
+    marks_in_play, AppliedPage, ExchangeOptions, ExchangeOutcome, Halt, Initiation, PullCursor,
+    Pushed, Received, Reply, Session,
 };
 use crate::hlc::{duration_to_ntp64, NodeId};
 use crate::notify::ChangeKind;
 use crate::record::BlobRef;
 use crate::record::ScopeFilter;
-use crate::transport::Pull;
-use crate::transport::Transport;
-use crate::wire::ExchangeRequest;
+use crate::transport::{frames_from, Pull, Transport, PULL_WINDOW};
+use crate::wire::{ExchangeRequest, ExchangeResponse, PageFrame};
 use futures_util::StreamExt;
 
 use super::blobs::{blobs_of, Pin};
@@ -113,18 +112,51 @@ impl SyncEngine {
         if let Some(floors) = floors {
             round.set_floors(floors, refused);
         }
+        // A streamed push is opened when our page was cut (more to send), unless the session
+        // found the peer cannot take one, or one of its pushes was cut and no round since
+        // learnt the peer's marks; it asks for no pull: the next round does.
+        let push = match session.no_push || session.push_unsure {
+            true => None,
+            false => round.push(self.inner.config.push_frames),
+        };
+        session.push_unsure |= push.is_some();
         // A streamed pull is asked for while we pull and on a session's first round (both
         // carry our floors, against which the responder plans its frames), unless the
         // session found the peer cannot stream (`send`).
         let stream = self.inner.config.pull_frames > 0
+            && push.is_none()
             && round.request().ext.floors.is_some()
             && (session.pulling || session.floors_heard.is_none());
-        let blobs_pushed = self
+        let mut blobs_pushed = self
             .push_blobs(transport, blobs_of(round.request().page.versions()))
             .await?;
-        let mut sent = self
-            .send(transport, round.request().clone(), stream, session)
-            .await?;
+        let mut delivered = Vec::new();
+        let pushed = match push {
+            None => None,
+            Some(cursor) => {
+                let request = round.request().clone();
+                let (pushed, frames) = self.push(transport, request, cursor).await?;
+                if pushed.is_none() {
+                    session.no_push = true;
+                }
+                pushed.map(|response| (response, frames))
+            }
+        };
+        let mut sent = match pushed {
+            Some((response, frames)) => {
+                blobs_pushed += frames.blobs;
+                delivered = frames.delivered;
+                round.pushed(frames.pushed);
+                Pull {
+                    response,
+                    frames: None,
+                }
+            }
+            None => {
+                self.send(transport, round.request().clone(), stream, session)
+                    .await?
+            }
+        };
         let (received, frames) = loop {
             match round.receive(sent.response)? {
                 Reply::Resend(request) => {
@@ -198,7 +230,14 @@ impl SyncEngine {
         self.announce(
             ChangeKind::LocalDataSynced,
             Some(received.peer),
-            round.delivered(&received),
+            round.delivered(&received).chain(
+                (delivered.iter())
+                    .filter(|(s, _, h)| {
+                        !(received.peer_halts.iter())
+                            .any(|p| p.scope == *s && p.origin == h.origin())
+                    })
+                    .map(|(s, k, h)| (s, k, *h)),
+            ),
         );
         let applied = AppliedPage {
             received: taken.applied.received,
@@ -206,6 +245,8 @@ impl SyncEngine {
             halts: taken.applied.halts,
         };
         let mut outcome = round.finish(session, &received, applied, &taken.mine);
+        // The peer's marks of the response are recorded: a push may open again.
+        session.push_unsure = false;
         outcome.blobs_pushed = blobs_pushed;
         outcome.blobs_fetched = taken.fetched;
         outcome.refused = refused.len();
@@ -225,6 +266,100 @@ impl SyncEngine {
             // them; the round reports the cut, and the next one resumes from the marks.
             Some(e) => Err(e.into()),
             None => Ok(outcome),
+        }
+    }
+
+    /// Sends `request` as a streamed push, with the frames `cursor` plans after it: each
+    /// planned from a fresh snapshot on the storage lane, its files uploaded, then handed to
+    /// the transport through a channel of [`PULL_WINDOW`] frames, so a responder that takes
+    /// them slowly holds the planning back. Returns the response (`None`: the transport or
+    /// the peer takes no streamed push, and nothing was sent) and what the frames carried.
+    ///
+    /// # Errors
+    /// The transport's, if the transfer was cut or refused (the responder keeps the pages it
+    /// applied); planning a frame failed (the transfer is cut there).
+    async fn push<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        request: ExchangeRequest,
+        cursor: PullCursor,
+    ) -> Result<(Option<ExchangeResponse>, PushedFrames)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(PULL_WINDOW);
+        let mut frames = PushedFrames::default();
+        let sending = transport.push(request, frames_from(rx));
+        let planning = self.plan_frames(transport, cursor, tx, &mut frames);
+        let (sent, planned) = futures_util::future::join(sending, planning).await;
+        // Not taken: the round goes as a plain one, whatever the planning met meanwhile.
+        if let Err(TransportError::Unsupported { .. }) = sent {
+            return Ok((None, frames));
+        }
+        // A frame that could not be planned cut the transfer: that is the round's error.
+        planned?;
+        Ok((Some(sent?), frames))
+    }
+
+    /// Plans a streamed push's frames with `cursor` and sends them into `tx` until the one
+    /// with `end`, uploading each page's files before it goes (as a request's are); notes in
+    /// `frames` what they carried. A receiver that goes away (the transfer failed) ends the
+    /// planning; a frame that cannot be planned cuts the transfer.
+    async fn plan_frames<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        mut cursor: PullCursor,
+        tx: tokio::sync::mpsc::Sender<std::result::Result<PageFrame, TransportError>>,
+        frames: &mut PushedFrames,
+    ) -> Result<()> {
+        let keep = self.inner.notifier.has_subscribers();
+        loop {
+            let engine = self.handle();
+            let (moved, frame) = self
+                .on_storage(move || {
+                    let frame = (engine.inner.store.read())
+                        .map_err(crate::Error::from)
+                        .and_then(|read| {
+                            cursor.next_frame(&*read, &|b: &BlobRef| engine.has_blob(b))
+                        });
+                    (cursor, frame)
+                })
+                .await?;
+            cursor = moved;
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) => {
+                    let cut = TransportError::Unreachable {
+                        reason: "the streamed push stopped: a page could not be planned".to_owned(),
+                    };
+                    let _ = tx.send(Err(cut)).await;
+                    return Err(e);
+                }
+            };
+            // The files go before the page that references them, as a request's do; a
+            // transport that cannot tell which the peer lacks fails the round, as it does
+            // before a request.
+            match self
+                .push_blobs(transport, blobs_of(frame.page.versions()))
+                .await
+            {
+                Ok(n) => frames.blobs += n,
+                Err(e) => {
+                    let cut = TransportError::Unreachable {
+                        reason: format!("the streamed push stopped: {e}"),
+                    };
+                    let _ = tx.send(Err(cut)).await;
+                    return Err(e.into());
+                }
+            }
+            frames.pushed.note(&frame.page);
+            if keep {
+                let versions = frame.page.versions();
+                frames
+                    .delivered
+                    .extend(versions.map(|(s, k, v)| (s.clone(), k.clone(), v.hlc)));
+            }
+            let end = frame.end;
+            if tx.send(Ok(frame)).await.is_err() || end {
+                return Ok(());
+            }
         }
     }
 
@@ -363,6 +498,16 @@ impl SyncEngine {
             session.held = Some(held);
         }
     }
+}
+
+/// What the frames of a streamed push carried.
+#[derive(Default)]
+struct PushedFrames {
+    pushed: Pushed,
+    /// Files uploaded for them.
+    blobs: usize,
+    /// Their versions, kept only for the change events of a node with subscribers.
+    delivered: Vec<(crate::record::Scope, crate::record::Key, crate::hlc::Hlc)>,
 }
 
 /// A received page whose files were fetched, with the pins that keep them until it is

@@ -130,6 +130,12 @@ pub struct EngineConfig {
     /// pages and the initiator's next round opens another (docs/protocol.md, "Streamed
     /// pulls").
     pub pull_frames: u32,
+    /// The most pages a streamed push sends after its request, in either role (default 256;
+    /// 0: this node neither opens nor takes streamed pushes, and pushes in rounds). As
+    /// initiator, a round whose own page was cut (more to send) opens one when the
+    /// transport and the peer can carry it; the peer answers after the last page, and the
+    /// next round opens another if more is left (docs/protocol.md, "Streamed pushes").
+    pub push_frames: u32,
     /// Versions further ahead of the local clock are refused (default 5 s).
     pub max_drift: Duration,
     /// The physical time source (default: the system clock).
@@ -188,6 +194,7 @@ impl Default for EngineConfig {
             max_page_limit: 10_000,
             remaining_cap: 100_000,
             pull_frames: 256,
+            push_frames: 256,
             max_drift: Duration::from_secs(5),
             time: Arc::new(WallClock),
             checkpoint: Checkpoint::default(),
@@ -209,6 +216,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("max_page_limit", &self.max_page_limit)
             .field("remaining_cap", &self.remaining_cap)
             .field("pull_frames", &self.pull_frames)
+            .field("push_frames", &self.push_frames)
             .field("max_drift", &self.max_drift)
             .field("checkpoint", &self.checkpoint)
             .field("cache_bytes", &self.cache_bytes)

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use crate::blob::write_blob;
 use crate::error::{Error, Result};
-use crate::exchange::{marks_in_play, Answer, Answering, PullCursor};
+use crate::exchange::{marks_in_play, Answer, Answering, PullCursor, PushStart, PushTransfer};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::notify::Notifier;
@@ -43,6 +43,29 @@ impl Responder for SyncEngine {
             cursor.next_frame(&*read, &|b: &BlobRef| self.has_blob(b))
         };
         frame().map_err(|e| Refusal::from(&e))
+    }
+
+    fn takes_pushes(&self) -> bool {
+        self.inner.config.push_frames > 0
+    }
+
+    fn open_push(&self, request: ExchangeRequest) -> std::result::Result<PushStart, Refusal> {
+        self.open_push(request)
+            .map_err(|e: Error| Refusal::from(&e))
+    }
+
+    fn push_frame(
+        &self,
+        transfer: &mut PushTransfer,
+        frame: PageFrame,
+    ) -> std::result::Result<(), Refusal> {
+        self.take_frame(transfer, frame)
+            .map_err(|e: Error| Refusal::from(&e))
+    }
+
+    fn close_push(&self, transfer: PushTransfer) -> std::result::Result<ExchangeResponse, Refusal> {
+        self.answer_push(transfer)
+            .map_err(|e: Error| Refusal::from(&e))
     }
 
     fn blobs_present(&self, hashes: &[Hash]) -> std::result::Result<Vec<bool>, Refusal> {
@@ -131,9 +154,77 @@ impl SyncEngine {
     /// As for [`SyncEngine::answer`].
     pub fn answer_pull(
         &self,
-        mut request: ExchangeRequest,
+        request: ExchangeRequest,
         frames: u32,
     ) -> Result<(ExchangeResponse, Option<PullCursor>)> {
+        match self.open_answer(request)? {
+            PushStart::Answered(response) => Ok((response, None)),
+            PushStart::Receiving(transfer) => self.close_answer(transfer, frames),
+        }
+    }
+
+    /// Takes the request that opens a streamed push (docs/protocol.md, "Streamed pushes"):
+    /// as [`SyncEngine::answer`] takes a request, its page applied with what we record of
+    /// the initiator; the answer waits for the frames ([`SyncEngine::take_frame`]) and is
+    /// sent after the last ([`SyncEngine::answer_push`]). A request meant for another node,
+    /// or whose marks must be resent, is answered at once ([`PushStart::Answered`]).
+    ///
+    /// # Errors
+    /// As for [`SyncEngine::answer`].
+    pub fn open_push(&self, request: ExchangeRequest) -> Result<PushStart> {
+        self.open_answer(request)
+    }
+
+    /// Applies the next frame of a streamed push in its own transaction, as the request's
+    /// page was applied (the watermark rule, halts, refusals below our floor, the initiator's
+    /// floor crossed), with the same knowledge of the initiator.
+    ///
+    /// # Errors
+    /// The frame is out of order ([`crate::error::ProtocolError::FrameOutOfOrder`]: nothing
+    /// of it is applied, nor of any frame after it), its page breaks the protocol, or the
+    /// store failed. The pages applied before stay.
+    pub fn take_frame(&self, transfer: &mut PushTransfer, frame: PageFrame) -> Result<()> {
+        let page = transfer.frame(frame)?;
+        let from = transfer.from();
+        let crossing = (transfer.floors.as_ref())
+            .is_some_and(|floors| crosses(&page, |s| floor_in(floors, s)));
+        let applied = self.apply_page(
+            &from.to_string(),
+            Sender::Initiator,
+            &page,
+            transfer.answer.scopes(),
+            transfer.answer.knowledge(),
+            transfer.seen.as_ref(),
+        )?;
+        self.announce_halts(&from.to_string(), &applied.halts);
+        if crossing {
+            self.adopt_floors(from, transfer.answer.scopes())?;
+        }
+        transfer.halted(applied.halts);
+        transfer.refused.extend(applied.refused);
+        transfer.changed_marks |= applied.changed_marks;
+        Ok(())
+    }
+
+    /// The answer to a streamed push once its last frame was applied: the response planned
+    /// when it opened, with our marks as they stand now (the pushed pages included), the
+    /// halts and refusals of every page.
+    ///
+    /// # Errors
+    /// The transfer did not end (its last frame was not taken), or the store failed.
+    pub fn answer_push(&self, transfer: PushTransfer) -> Result<ExchangeResponse> {
+        if !transfer.ended() {
+            return Err(crate::error::ProtocolError::PushUnfinished {
+                peer: transfer.from(),
+            }
+            .into());
+        }
+        Ok(self.close_answer(transfer, 0)?.0)
+    }
+
+    /// The first half of answering a request: everything up to the response, its page
+    /// applied and its knowledge recorded in one transaction.
+    fn open_answer(&self, mut request: ExchangeRequest) -> Result<PushStart> {
         // Only a version 2 request can hear how many versions remain, and only then do we
         // pay for counting them.
         let remaining_cap = match request.ext.is_empty() {
@@ -185,7 +276,7 @@ impl SyncEngine {
                 if to.is_some() && to != Some(response.from) && to == self.previous_id() {
                     response.ext.previous = to;
                 }
-                return Ok((response, None));
+                return Ok(PushStart::Answered(response));
             }
             Answering::Apply(answer) => answer,
         };
@@ -202,24 +293,39 @@ impl SyncEngine {
             answer.knowledge(),
             seen.as_ref(),
         )?;
-        let marks = match applied.changed_marks {
-            true => Some(marks_in_play(&*self.inner.store.read()?, answer.scopes())?),
-            false => None,
-        };
         self.announce_halts(&from.to_string(), &applied.halts);
         self.note_exchange(from);
         if crossing {
             self.adopt_floors(from, answer.scopes())?;
         }
-        let scopes = answer.scopes().clone();
-        let floors = match asked_floors {
+        let mut transfer = PushTransfer::new(answer, asked_floors, seen);
+        transfer.halted(applied.halts);
+        transfer.refused = applied.refused;
+        transfer.changed_marks = applied.changed_marks;
+        Ok(PushStart::Receiving(transfer))
+    }
+
+    /// The second half of answering a request (or a streamed push, once its frames are
+    /// applied): the response, and the cursor of at most `frames` pages to stream after it.
+    fn close_answer(
+        &self,
+        transfer: PushTransfer,
+        frames: u32,
+    ) -> Result<(ExchangeResponse, Option<PullCursor>)> {
+        let scopes = transfer.answer.scopes().clone();
+        let marks = match transfer.changed_marks {
+            true => Some(marks_in_play(&*self.inner.store.read()?, &scopes)?),
+            false => None,
+        };
+        let floors = match transfer.floors {
             Some(_) => Some(self.floors_in_play(&scopes)?),
             None => None,
         };
-        let cursor = (floors.clone()).and_then(|floors| answer.pull(floors, frames));
-        let (mut response, held) = answer.respond(applied.halts, marks);
+        let from = transfer.answer.from();
+        let cursor = (floors.clone()).and_then(|floors| transfer.answer.pull(floors, frames));
+        let (mut response, held) = transfer.answer.respond(transfer.halts, marks);
         response.ext.floors = floors.unwrap_or_default();
-        response.ext.refused = applied.refused;
+        response.ext.refused = transfer.refused;
         // The initiator records these marks of ours as its knowledge of us, so a round we
         // initiate next may send their digest alone (if the initiator does not record them,
         // that round costs one resend).

@@ -10,6 +10,7 @@ use crate::store::{PeerKnowledge, StoreRead};
 use crate::watermark::ScopedWatermarks;
 
 use super::plan::{plan_page, PageLimits};
+use super::pull::PullCursor;
 use super::{
     held_after, marks_in_play, Halt, HeldMarks, Page, PageFrame, RequestExt, ResponseExt, Run,
     Session, Streams,
@@ -92,6 +93,52 @@ pub struct Initiation {
     ended: bool,
     streamed: Streams,
     last: Option<(Page, Option<u64>)>,
+    /// The page limits our pages are planned with (a streamed push plans its frames with
+    /// them too).
+    limits: PageLimits,
+    /// What a streamed push sent after the request, once the responder answered it.
+    pushed: Option<Pushed>,
+}
+
+/// What the frames of a streamed push carried, which the responder took in full (it answered
+/// after the last): how many versions, the streams, and the last page without its
+/// versions.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    versions: usize,
+    streams: Streams,
+    last: Option<Page>,
+}
+
+impl Pushed {
+    /// Notes a frame sent.
+    pub fn note(&mut self, page: &Page) {
+        self.versions += page.version_count();
+        for (scope, origin) in page.streams() {
+            self.streams.insert((scope.clone(), origin));
+        }
+        self.last = Some(without_versions(page));
+    }
+
+    /// Versions sent in the frames.
+    pub fn versions(&self) -> usize {
+        self.versions
+    }
+}
+
+/// `page`'s last run without its versions, and whether it was cut: what tells whether more
+/// follows it.
+fn without_versions(page: &Page) -> Page {
+    Page {
+        runs: (page.runs.last())
+            .map(|r| Run {
+                versions: Vec::new(),
+                ..r.clone()
+            })
+            .into_iter()
+            .collect(),
+        more: page.more,
+    }
 }
 
 /// What to do with a response.
@@ -224,7 +271,43 @@ impl Initiation {
             ended: false,
             streamed: Streams::new(),
             last: None,
+            limits,
+            pushed: None,
         })
+    }
+
+    /// Turns the request into one that opens a streamed push, if our page was cut (we have
+    /// more to send) and `frames` > 0, and the request tells our floors (against which the
+    /// frames are planned, as a pull's are against the responder's): returns the cursor of
+    /// at most `frames` pages to send after the request, planned from the peer's marks as we
+    /// know them raised to the request page's tops (docs/protocol.md, "Streamed pushes").
+    /// The request then carries our marks in full and names the peer: the responder never
+    /// asks for them again, so the frames are never sent for nothing.
+    pub fn push(&mut self, frames: u32) -> Option<PullCursor> {
+        let peer = self.expected?;
+        let floors = self.request.ext.floors.clone()?;
+        let known = self.known.clone()?;
+        if !self.request.page.more || frames == 0 {
+            return None;
+        }
+        self.request.marks = RequestMarks::Full(self.mine.clone());
+        self.request.ext.to = Some(peer);
+        Some(PullCursor {
+            from: peer,
+            scopes: self.scopes.clone(),
+            held: held_after(known, &self.request.page),
+            deferred: self.theirs.clone(),
+            limits: self.limits,
+            floors,
+            seq: 0,
+            left: frames,
+            remaining_cap: 0,
+        })
+    }
+
+    /// Records what the frames of a streamed push carried, once the responder answered it.
+    pub fn pushed(&mut self, pushed: Pushed) {
+        self.pushed = Some(pushed);
     }
 
     /// The request to send.
@@ -332,17 +415,7 @@ impl Initiation {
         for (scope, origin) in frame.page.streams() {
             self.streamed.insert((scope.clone(), origin));
         }
-        let last = Page {
-            runs: (frame.page.runs.last())
-                .map(|r| Run {
-                    versions: Vec::new(),
-                    ..r.clone()
-                })
-                .into_iter()
-                .collect(),
-            more: frame.page.more,
-        };
-        self.last = Some((last, frame.remaining));
+        self.last = Some((without_versions(&frame.page), frame.remaining));
         Ok(Received {
             peer: received.peer,
             page: frame.page,
@@ -385,6 +458,17 @@ impl Initiation {
             &received.peer_halts,
             &applied.halts,
         );
+        // A stream pushed in a frame and not halted by the peer applied there.
+        let pushed = self.pushed.as_ref();
+        for stream in pushed.iter().flat_map(|p| p.streams.iter()) {
+            let halted =
+                (received.peer_halts.iter()).any(|h| h.scope == stream.0 && h.origin == stream.1);
+            if !halted {
+                session.theirs.remove(stream);
+            }
+        }
+        // After a streamed push, what is left to send is what its last page left.
+        let shipped_last = pushed.and_then(|p| p.last.as_ref()).unwrap_or(shipped);
         // A stream sent again in a frame and not halted this time applied: it is no longer
         // halted here (`applied.halts` holds the halts of every page of the round).
         for stream in &self.streamed {
@@ -418,11 +502,11 @@ impl Initiation {
         });
         ExchangeOutcome {
             peer,
-            shipped: shipped.version_count(),
+            shipped: shipped.version_count() + pushed.map_or(0, Pushed::versions),
             received: applied.received,
             applied: applied.applied,
             has_more: last.more_beyond(&applied.halts, &self.ours)
-                || shipped.more_beyond(&received.peer_halts, &self.theirs)
+                || shipped_last.more_beyond(&received.peer_halts, &self.theirs)
                 || peer_lacks,
             halts: applied.halts,
             peer_halts: received.peer_halts.clone(),

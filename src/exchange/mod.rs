@@ -129,13 +129,14 @@ mod messages;
 mod page;
 pub mod plan;
 mod pull;
+mod push;
 pub mod ranges;
 mod responder;
 mod restore;
 mod session;
 
 pub use self::initiator::{
-    AppliedPage, ExchangeOptions, ExchangeOutcome, Initiation, Received, Reply,
+    AppliedPage, ExchangeOptions, ExchangeOutcome, Initiation, Pushed, Received, Reply,
 };
 pub use self::messages::{
     ExchangeRequest, ExchangeResponse, PageFrame, RequestExt, RequestMarks, ResponseExt,
@@ -143,6 +144,7 @@ pub use self::messages::{
 };
 pub use self::page::{Halt, HaltReason, Page, Run, Streams};
 pub use self::pull::PullCursor;
+pub use self::push::{PushStart, PushTransfer};
 pub use self::responder::{Answer, Answering};
 pub use self::restore::{evidence_in_marks, evidence_in_page, RestoreEvidence};
 pub use self::session::{HeldMarks, Session};

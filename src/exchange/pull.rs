@@ -1,5 +1,6 @@
 //! A streamed pull: the pages a responder sends after its response, back to back, in one
-//! transfer (docs/protocol.md, "Streamed pulls").
+//! transfer (docs/protocol.md, "Streamed pulls"). An initiator plans the frames of a streamed
+//! push with the same cursor ([`super::Initiation::push`]).
 //!
 //! The responder's side is a [`PullCursor`]: what it needs to plan the next page without the
 //! request (the initiator's marks raised to the tops of every page sent so far, the scopes,
@@ -19,16 +20,19 @@ use crate::watermark::ScopedWatermarks;
 use super::plan::{plan_page, PageLimits};
 use super::{held_after, marks_in_play, Page, PageFrame, Streams};
 
-/// Where a responder is in a streamed pull: enough to plan the next page.
+/// Where the sender of a streamed transfer is (a responder in a pull, an initiator in a
+/// push): enough to plan the next page.
 #[derive(Clone, Debug)]
 pub struct PullCursor {
+    /// The node the pages go to.
     pub(super) from: NodeId,
     pub(super) scopes: ScopeFilter,
-    /// The initiator's marks once it applies every page sent so far.
+    /// The receiver's marks once it applies every page sent so far.
     pub(super) held: ScopedWatermarks,
     pub(super) deferred: Streams,
     pub(super) limits: PageLimits,
-    /// Our purge floors in play when the transfer opened (the response carried them).
+    /// Our purge floors in play when the transfer opened (the response, or the push's
+    /// request, carried them).
     pub(super) floors: Vec<(Scope, u64)>,
     /// The last frame's number (0 before the first).
     pub(super) seq: u32,
@@ -38,7 +42,7 @@ pub struct PullCursor {
 }
 
 impl PullCursor {
-    /// The initiator.
+    /// The node the pages go to (the initiator of a pull, the responder of a push).
     pub fn from(&self) -> NodeId {
         self.from
     }

@@ -42,6 +42,15 @@ pub struct Session {
     /// The peer (or the transport to it) cannot stream a pull: this session pulls in
     /// rounds.
     pub(crate) no_stream: bool,
+    /// The peer (or the transport to it) cannot take a streamed push: this session pushes
+    /// in rounds.
+    pub(crate) no_push: bool,
+    /// A streamed push of this session was opened and its round did not complete: what we
+    /// know of the peer's marks may be stale-low (it may hold pages it applied before a cut),
+    /// so the next round goes plain, and learns them, before another push opens. Without
+    /// it, a link that always breaks would have every push resend what the one before got
+    /// through.
+    pub(crate) push_unsure: bool,
 }
 
 /// Our marks in play as a peer recorded them at the end of the last round between us, as a

@@ -1,7 +1,7 @@
 //! The HTTP client transport.
 //!
 //! Over 600 lines with its tests: one transport, `HttpTransport`, and the private helpers of its
-//! requests (round trips, streamed pulls, blob streams, watches).
+//! requests (round trips, streamed pulls and pushes, blob streams, watches).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -22,7 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::body::{empty, full, stream_reader, HttpBody};
+use super::body::{channel_body, empty, full, stream_reader, HttpBody};
 use super::encode_query_value;
 use super::tls::{certificate_problem, client_config};
 use crate::blob::CHUNK;
@@ -31,7 +31,9 @@ use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::poison::lock;
 use crate::record::BlobRef;
-use crate::transport::{frames_from, Pull, RefusalCode, Transport, WatchReply, PULL_WINDOW};
+use crate::transport::{
+    frames_from, Frames, Pull, RefusalCode, Transport, WatchReply, PULL_WINDOW,
+};
 use crate::wire::{
     self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, Message, PageFrame,
 };
@@ -296,19 +298,20 @@ impl HttpTransport {
         }
     }
 
-    /// Sends an upload of `size` bytes whose body counts what it sent in `sent`. An upload
-    /// may take as long as it keeps moving: it fails when no byte moves for `idle_timeout`,
-    /// or, once all are sent, when no response comes within `timeout`.
+    /// Sends an upload whose body counts what it sent in `sent`, all of it once `done` says
+    /// so of the count (or of nothing else it knows). An upload may take as long as it keeps
+    /// moving: it fails when no byte moves for `idle_timeout`, or, once all are sent, when
+    /// no response comes within `timeout`.
     async fn upload(
         &self,
         req: Request<HttpBody>,
         sent: &AtomicU64,
-        size: u64,
+        done: impl Fn(u64) -> bool,
     ) -> Result<Response<Incoming>, TransportError> {
         let mut response = std::pin::pin!(self.client.request(req));
         let mut seen = 0;
         loop {
-            let done = seen >= size;
+            let done = done(seen);
             let wait = if done {
                 self.config.timeout
             } else {
@@ -464,6 +467,50 @@ async fn read_frames(
     }
 }
 
+/// Feeds a streamed push's body: `first` (the request), then each frame length-prefixed,
+/// until the one with `end` (then `ended` is set). An error among the frames, or their end
+/// before the last, breaks the body off with an error, so the server sees a cut, never a
+/// clean end.
+async fn feed_frames(
+    first: Vec<u8>,
+    mut frames: Frames,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+) {
+    if tx.send(Ok(Bytes::from(first))).await.is_err() {
+        return;
+    }
+    loop {
+        let piece = match frames.next().await {
+            Some(Ok(frame)) => {
+                let end = frame.end;
+                let bytes = Bytes::from(wire::encode_framed(&frame, frame.version()));
+                if tx.send(Ok(bytes)).await.is_err() {
+                    return;
+                }
+                if end {
+                    ended.store(true, Ordering::Relaxed);
+                    return;
+                }
+                continue;
+            }
+            Some(Err(e)) => std::io::Error::other(e.to_string()),
+            None => std::io::Error::other("the streamed push ended before its last frame"),
+        };
+        let _ = tx.send(Err(piece)).await;
+        return;
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A request body that counts the bytes taken from it, so an upload's progress can be
 /// watched.
 struct Counted {
@@ -559,6 +606,52 @@ impl Transport for HttpTransport {
         Ok(Pull { response, frames })
     }
 
+    /// `POST /v1/sync/push`: one request whose body is the request and then the frames,
+    /// each length-prefixed, fed from `frames` by a task through a channel of
+    /// [`PULL_WINDOW`] pieces (a server that reads slowly slows the planning through TCP).
+    /// It may take as long as it keeps moving, as an upload does; once the last frame went,
+    /// the response must come within the timeout. A server without the endpoint (404) is
+    /// one that cannot take a streamed push: [`TransportError::Unsupported`], and the engine
+    /// pushes in rounds. An error among `frames`, or their end before the last, breaks the
+    /// body off: the server sees a cut.
+    async fn push(
+        &self,
+        request: ExchangeRequest,
+        frames: Frames,
+    ) -> Result<ExchangeResponse, TransportError> {
+        const PATH: &str = "/v1/sync/push";
+        let (tx, rx) = tokio::sync::mpsc::channel(PULL_WINDOW);
+        let first = wire::encode_framed(&request, request.version());
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let feeding = tokio::spawn(feed_frames(first, frames, tx, ended.clone()));
+        // Whatever the outcome, the frames stop being read (the engine's planning stops).
+        let _stop = AbortOnDrop(feeding);
+        let sent = Arc::new(AtomicU64::new(0));
+        let body = Counted {
+            inner: channel_body(rx),
+            sent: sent.clone(),
+        }
+        .boxed();
+        let req = self.request(Method::POST, PATH, body, None)?;
+        let done = |_: u64| ended.load(Ordering::Relaxed);
+        let resp = self.upload(req, &sent, done).await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Err(TransportError::Unsupported { what: "push" }),
+            _ => return Err(HttpTransport::error_for(resp).await),
+        }
+        let read = http_body_util::Limited::new(resp.into_body(), wire::MAX_MESSAGE_LEN + 16);
+        let bytes = tokio::time::timeout(self.config.timeout, read.collect())
+            .await
+            .map_err(|_| unreachable(format!("{PATH} on {} timed out", self.base)))?
+            .map_err(|e| unreachable(format!("response body broke off: {e}")))?
+            .to_bytes();
+        let response =
+            wire::decode::<ExchangeResponse>(&bytes).map_err(TransportError::BadResponse)?;
+        self.learn_peer(response.from);
+        Ok(response)
+    }
+
     async fn audit(&self, request: AuditRequest) -> Result<AuditResponse, TransportError> {
         let response: AuditResponse = self.post_message("/v1/sync/audit", &request).await?;
         self.learn_peer(response.from);
@@ -618,7 +711,8 @@ impl Transport for HttpTransport {
         .boxed();
         let path = format!("/v1/blobs/{}", blob.hash);
         let req = self.request(Method::PUT, &path, body, Some(blob.size))?;
-        let resp = self.upload(req, &sent, blob.size).await?;
+        let size = blob.size;
+        let resp = self.upload(req, &sent, |n| n >= size).await?;
         if resp.status().is_success() {
             // Drain the small JSON acknowledgement so the connection can be reused.
             let _ = resp.into_body().collect().await;

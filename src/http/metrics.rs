@@ -306,7 +306,7 @@ impl Metrics {
         self.request_seconds
             .get_or_create(&EndpointLabels { endpoint })
             .observe(took.as_secs_f64());
-        if matches!(endpoint, "exchange" | "pull" | "audit") {
+        if matches!(endpoint, "exchange" | "pull" | "push" | "audit") {
             self.sync_requests
                 .get_or_create(&SyncLabels {
                     kind: endpoint,

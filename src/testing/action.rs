@@ -42,8 +42,8 @@ pub enum Action {
         limit: usize,
         /// Limit the round to one scope (index) instead of all.
         only_scope: Option<u8>,
-        /// If the round streams its pull, the transfer breaks off after this many frames
-        /// (the pages before stay applied; the next round resumes from the marks).
+        /// If the round streams its pull or its push, the transfer breaks off after this many
+        /// frames (the pages before stay applied; the next round resumes from the marks).
         cut: Option<u8>,
     },
     /// An audit round, `from` initiating to `to` (see [`crate::exchange::audit`]): their live
@@ -157,7 +157,7 @@ impl Action {
                         let to = (node + 1 + usize::from(c[2]) % (nodes - 1)) % nodes;
                         let only_scope = (c[3] & 0x80 != 0).then_some(c[3] % 3);
                         // One round in four (by the high bits of the byte that picks the
-                        // responder) has its streamed pull cut after 0 to 3 frames.
+                        // responder) has its streamed pull or push cut after 0 to 3 frames.
                         let cut = (c[2] & 0xc0 == 0xc0).then_some(c[2] >> 4 & 3);
                         Action::Exchange {
                             from: node,

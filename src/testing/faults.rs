@@ -36,10 +36,13 @@ pub struct Faults {
     before_exchange: Mutex<Option<Hook>>,
     pulls: Mutex<Option<PullFault>>,
     pull_faults: Arc<AtomicUsize>,
+    pushes: Mutex<Option<PullFault>>,
+    push_faults: Arc<AtomicUsize>,
 }
 
-/// What happens to the frames of the streamed pulls through a [`FaultyTransport`] (see
-/// [`FaultyTransport::fault_pulls`]).
+/// What happens to the frames of the streamed pulls (or pushes) through a
+/// [`FaultyTransport`] (see [`FaultyTransport::fault_pulls`] and
+/// [`FaultyTransport::fault_pushes`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PullFault {
     /// The transfer breaks off after this many frames: an error instead of the next one.
@@ -89,6 +92,18 @@ impl<T> FaultyTransport<T> {
         self.layer().pull_faults.load(Ordering::Relaxed)
     }
 
+    /// The frames of every streamed push from now on meet `fault` on their way to the
+    /// responder (`None`: they travel unchanged).
+    pub fn fault_pushes(&self, fault: Option<PullFault>) {
+        *lock(&self.layer().pushes) = fault;
+    }
+
+    /// How many streamed pushes met their fault (a transfer too short to meet it does not
+    /// count).
+    pub fn push_faults(&self) -> usize {
+        self.layer().push_faults.load(Ordering::Relaxed)
+    }
+
     /// Runs `hook` before every exchange request.
     pub fn before_exchange(&self, hook: impl Fn() + Send + Sync + 'static) {
         *lock(&self.layer().before_exchange) = Some(Box::new(hook));
@@ -100,7 +115,7 @@ impl<T> FaultyTransport<T> {
 impl Layer for Faults {
     fn before(&self, call: Call<'_>) -> Result<(), TransportError> {
         match call {
-            Call::Exchange(_) | Call::Pull(_) => run(&self.before_exchange),
+            Call::Exchange(_) | Call::Pull(_) | Call::Push(_) => run(&self.before_exchange),
             Call::FetchBlob(blob) | Call::PushBlob(blob) => {
                 run(&self.before_transfer);
                 if self.hit(&self.fail, &blob.hash) {
@@ -125,41 +140,17 @@ impl Layer for Faults {
     }
 
     fn frames(&self, frames: Frames) -> Frames {
-        let Some(fault) = *lock(&self.pulls) else {
-            return frames;
-        };
-        let met = self.pull_faults.clone();
-        let mut held: Option<PageFrame> = None;
-        let mut seen = 0usize;
-        let altered = frames.flat_map(move |item| {
-            let mut out: Vec<Result<PageFrame, TransportError>> = Vec::new();
-            seen += 1;
-            match (fault, item) {
-                (PullFault::CutAfter(n), _) if seen == n + 1 => {
-                    met.fetch_add(1, Ordering::Relaxed);
-                    out.push(Err(TransportError::Unreachable {
-                        reason: format!("injected cut after {n} frames"),
-                    }));
-                }
-                (PullFault::CutAfter(n), _) if seen > n + 1 => {}
-                (PullFault::Repeat(n), Ok(frame)) if frame.seq == n => {
-                    met.fetch_add(1, Ordering::Relaxed);
-                    out.push(Ok(frame.clone()));
-                    out.push(Ok(frame));
-                }
-                (PullFault::Swap(n), Ok(frame)) if frame.seq == n && !frame.end => {
-                    held = Some(frame);
-                }
-                (PullFault::Swap(n), Ok(frame)) if frame.seq == n + 1 => {
-                    met.fetch_add(1, Ordering::Relaxed);
-                    out.push(Ok(frame));
-                    out.extend(held.take().map(Ok));
-                }
-                (_, item) => out.push(item),
-            }
-            futures_util::stream::iter(out)
-        });
-        Box::pin(altered)
+        match *lock(&self.pulls) {
+            Some(fault) => alter(frames, fault, self.pull_faults.clone()),
+            None => frames,
+        }
+    }
+
+    fn push_frames(&self, frames: Frames) -> Frames {
+        match *lock(&self.pushes) {
+            Some(fault) => alter(frames, fault, self.push_faults.clone()),
+            None => frames,
+        }
     }
 
     fn push_from(&self, blob: &BlobRef, content: Box<dyn Read + Send>) -> Box<dyn Read + Send> {
@@ -180,6 +171,41 @@ impl Faults {
         }
         hit
     }
+}
+
+/// `frames` as they meet `fault`, counting in `met` the transfer that meets it.
+fn alter(frames: Frames, fault: PullFault, met: Arc<AtomicUsize>) -> Frames {
+    let mut held: Option<PageFrame> = None;
+    let mut seen = 0usize;
+    let altered = frames.flat_map(move |item| {
+        let mut out: Vec<Result<PageFrame, TransportError>> = Vec::new();
+        seen += 1;
+        match (fault, item) {
+            (PullFault::CutAfter(n), _) if seen == n + 1 => {
+                met.fetch_add(1, Ordering::Relaxed);
+                out.push(Err(TransportError::Unreachable {
+                    reason: format!("injected cut after {n} frames"),
+                }));
+            }
+            (PullFault::CutAfter(n), _) if seen > n + 1 => {}
+            (PullFault::Repeat(n), Ok(frame)) if frame.seq == n => {
+                met.fetch_add(1, Ordering::Relaxed);
+                out.push(Ok(frame.clone()));
+                out.push(Ok(frame));
+            }
+            (PullFault::Swap(n), Ok(frame)) if frame.seq == n && !frame.end => {
+                held = Some(frame);
+            }
+            (PullFault::Swap(n), Ok(frame)) if frame.seq == n + 1 => {
+                met.fetch_add(1, Ordering::Relaxed);
+                out.push(Ok(frame));
+                out.extend(held.take().map(Ok));
+            }
+            (_, item) => out.push(item),
+        }
+        futures_util::stream::iter(out)
+    });
+    Box::pin(altered)
 }
 
 fn run(hook: &Mutex<Option<Hook>>) {

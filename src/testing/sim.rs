@@ -42,8 +42,10 @@ pub struct Simulation {
     lossy_restores: bool,
     /// Rounds run so far.
     pub rounds: usize,
-    /// Rounds whose streamed pull was cut (by [`Action::Exchange`]'s `cut`) so far.
+    /// Rounds whose streamed pull or push was cut (by [`Action::Exchange`]'s `cut`) so far.
     pub cuts: usize,
+    /// Of [`Simulation::cuts`], those of a streamed push.
+    pub push_cuts: usize,
 }
 
 /// The configuration simulations give their engines: a shared manual clock.
@@ -113,6 +115,7 @@ impl Simulation {
             lossy_restores: false,
             rounds: 0,
             cuts: 0,
+            push_cuts: 0,
         })
     }
 
@@ -343,9 +346,9 @@ impl Simulation {
         self.round_cut(from, to, options, None)
     }
 
-    /// One round as [`Simulation::round`], whose streamed pull (if it streams one) breaks
-    /// off after `cut` frames: the round fails, keeping the pages before the cut, and says
-    /// there is more.
+    /// One round as [`Simulation::round`], whose streamed pull or push (if it streams one)
+    /// breaks off after `cut` frames: the round fails, keeping the pages before the cut (on
+    /// whichever side received them), and says there is more.
     ///
     /// # Errors
     /// As for [`Simulation::round`]; the injected cut is not one.
@@ -360,11 +363,14 @@ impl Simulation {
             return Ok(false);
         }
         let transport = self.faulty(to);
-        transport.fault_pulls(cut.map(|n| PullFault::CutAfter(usize::from(n))));
+        let cut = cut.map(|n| PullFault::CutAfter(usize::from(n)));
+        transport.fault_pulls(cut);
+        transport.fault_pushes(cut);
         let out = match block_on(self.node(from).exchange_with(&transport, options)) {
-            Err(_) if transport.pull_faults() > 0 => {
+            Err(_) if transport.pull_faults() + transport.push_faults() > 0 => {
                 self.rounds += 1;
                 self.cuts += 1;
+                self.push_cuts += transport.push_faults();
                 return Ok(true);
             }
             out => out.map_err(|e| format!("exchange {from}->{to}: {e:?}"))?,

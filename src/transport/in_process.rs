@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    frames_from, Pull, Refusal, RefusalCode, Responder, Transport, WatchReply, PULL_WINDOW,
+    frames_from, Frames, Pull, Refusal, RefusalCode, Responder, Transport, WatchReply, PULL_WINDOW,
 };
 use crate::blob::{copy_chunks, CopyError};
 use crate::blocking::{run_blocking, Interrupted};
 use crate::error::TransportError;
-use crate::exchange::PullCursor;
+use crate::exchange::{PullCursor, PushStart, PushTransfer};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::notify::WatchToken;
@@ -21,6 +21,7 @@ use crate::wire::{
     self, AuditRequest, AuditResponse, ExchangeRequest, ExchangeResponse, Message, PageFrame,
     PROTOCOL_VERSION,
 };
+use futures_util::StreamExt;
 
 /// Bytes and requests that went over a transport.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +222,88 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
         Ok(Pull { response, frames })
     }
 
+    /// One request for the whole transfer: the request, then each frame through the codec
+    /// as a server reads them, each applied on a blocking thread before the next is read
+    /// from `frames` (a bounded channel: the planning waits on the applying), then the
+    /// response.
+    async fn push(
+        &self,
+        request: ExchangeRequest,
+        mut frames: Frames,
+    ) -> Result<ExchangeResponse, TransportError> {
+        if !self.peer.takes_pushes() {
+            return Err(TransportError::Unsupported { what: "push" });
+        }
+        let peer = self.peer.clone();
+        let opened = self
+            .round_trip(move || {
+                let bytes = wire::encode(&request);
+                let sent = bytes.len();
+                let (decoded, version) = match wire::decode_versioned::<ExchangeRequest>(&bytes) {
+                    Ok(decoded) => decoded,
+                    Err(e) => {
+                        let refused = TransportError::Refused {
+                            code: RefusalCode::BadRequest,
+                            reason: e.to_string(),
+                        };
+                        return (sent, 0, Err(refused));
+                    }
+                };
+                match peer.open_push(decoded) {
+                    Err(refusal) => (sent, 0, Err(refusal.into())),
+                    Ok(PushStart::Answered(response)) => {
+                        let bytes = wire::encode_as(&response, version.min(response.version()));
+                        let decoded = wire::decode::<ExchangeResponse>(&bytes)
+                            .map_err(TransportError::BadResponse);
+                        (sent, bytes.len(), decoded.map(Opened::Answered))
+                    }
+                    Ok(PushStart::Receiving(transfer)) => {
+                        (sent, 0, Ok(Opened::Receiving(transfer, version)))
+                    }
+                }
+            })
+            .await?;
+        let (mut transfer, version) = match opened {
+            Opened::Answered(response) => return Ok(response),
+            Opened::Receiving(transfer, version) => (transfer, version),
+        };
+        while !transfer.ended() {
+            let frame = match frames.next().await {
+                Some(frame) => frame?,
+                None => {
+                    return Err(TransportError::Unreachable {
+                        reason: "the streamed push ended before its last frame".to_owned(),
+                    })
+                }
+            };
+            let bytes = wire::encode_as(&frame, PROTOCOL_VERSION);
+            let c = &*self.counts;
+            Counts::count(&c.sent, &c.last_request, bytes.len());
+            let frame = wire::decode::<PageFrame>(&bytes).map_err(|e| TransportError::Refused {
+                code: RefusalCode::BadRequest,
+                reason: e.to_string(),
+            })?;
+            let peer = self.peer.clone();
+            let (moved, taken) = run_blocking(move || {
+                let taken = peer.push_frame(&mut transfer, frame);
+                (transfer, taken)
+            })
+            .await
+            .map_err(interrupted)?;
+            transfer = moved;
+            taken?;
+        }
+        let peer = self.peer.clone();
+        let response = run_blocking(move || peer.close_push(transfer))
+            .await
+            .map_err(interrupted)??;
+        // Answered in the request's version at most, as a server does.
+        let bytes = wire::encode_as(&response, version.min(response.version()));
+        let c = &*self.counts;
+        Counts::count(&c.received, &c.last_response, bytes.len());
+        wire::decode::<ExchangeResponse>(&bytes).map_err(TransportError::BadResponse)
+    }
+
     async fn audit(&self, request: AuditRequest) -> Result<AuditResponse, TransportError> {
         let peer = self.peer.clone();
         self.round_trip(move || answer(&request, |r| peer.audit(r)))
@@ -310,6 +393,14 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
             token: token.to_string(),
         })
     }
+}
+
+/// How the responder took a streamed push's request: answered at once, or a transfer that
+/// waits for its frames (with the request's version, which the response keeps to).
+#[allow(clippy::large_enum_variant)] // one per transfer, moved once
+enum Opened {
+    Answered(ExchangeResponse),
+    Receiving(PushTransfer, u16),
 }
 
 /// Counts the bytes read through it.

@@ -11,13 +11,13 @@
 //! use highwater::transport::{Call, InProcess, Layer, Layered};
 //! use highwater::SyncEngine;
 //!
-//! /// Counts the exchange requests that go through (streamed pulls too).
+//! /// Counts the exchange requests that go through (streamed pulls and pushes too).
 //! #[derive(Default)]
 //! struct CountExchanges(AtomicUsize);
 //!
 //! impl Layer for CountExchanges {
 //!     fn before(&self, call: Call<'_>) -> Result<(), TransportError> {
-//!         if let Call::Exchange(_) | Call::Pull(_) = call {
+//!         if let Call::Exchange(_) | Call::Pull(_) | Call::Push(_) = call {
 //!             self.0.fetch_add(1, Ordering::Relaxed);
 //!         }
 //!         Ok(())
@@ -64,6 +64,8 @@ pub enum Call<'a> {
     Audit(&'a AuditRequest),
     /// [`Transport::pull`].
     Pull(&'a ExchangeRequest),
+    /// [`Transport::push`].
+    Push(&'a ExchangeRequest),
 }
 
 /// What a [`Layered`] transport does around its inner transport's calls. Every method has
@@ -101,6 +103,13 @@ pub trait Layer: Send + Sync {
     /// The frames of a streamed pull, once [`Layer::before`] let it through: `frames`
     /// itself, or a stream over it that sees or alters them (cuts, repeats, reorders).
     fn frames(&self, frames: Frames) -> Frames {
+        frames
+    }
+
+    /// The frames of a streamed push, once [`Layer::before`] let it through: `frames`
+    /// itself, or a stream over it that sees or alters them on their way to the inner
+    /// transport.
+    fn push_frames(&self, frames: Frames) -> Frames {
         frames
     }
 
@@ -161,6 +170,16 @@ impl<T: Transport, L: Layer> Transport for Layered<T, L> {
         let mut pulled = self.inner.pull(request).await?;
         pulled.frames = pulled.frames.map(|f| self.layer.frames(f));
         Ok(pulled)
+    }
+
+    async fn push(
+        &self,
+        request: ExchangeRequest,
+        frames: Frames,
+    ) -> Result<ExchangeResponse, TransportError> {
+        self.layer.before(Call::Push(&request))?;
+        let frames = self.layer.push_frames(frames);
+        self.inner.push(request, frames).await
     }
 
     async fn blobs_present(&self, hashes: Vec<Hash>) -> Result<Vec<bool>, TransportError> {
@@ -234,6 +253,14 @@ impl<T: Transport + ?Sized> Transport for &T {
         request: ExchangeRequest,
     ) -> impl Future<Output = Result<Pull, TransportError>> + Send {
         (**self).pull(request)
+    }
+
+    fn push(
+        &self,
+        request: ExchangeRequest,
+        frames: Frames,
+    ) -> impl Future<Output = Result<ExchangeResponse, TransportError>> + Send {
+        (**self).push(request, frames)
     }
 
     fn blobs_present(

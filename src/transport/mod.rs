@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::api::NodeApi;
 use crate::error::{Error, TransportError};
-use crate::exchange::PullCursor;
+use crate::exchange::{PullCursor, PushStart, PushTransfer};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::record::{BlobRef, Scope};
@@ -55,6 +55,24 @@ pub trait Transport: Send + Sync {
     ) -> impl Future<Output = Result<Pull, TransportError>> + Send {
         let _ = request;
         async { Err(TransportError::Unsupported { what: "pull" }) }
+    }
+
+    /// Sends a request that opens a streamed push, then `frames`, the initiator's pages
+    /// after it, as they come (docs/protocol.md, "Streamed pushes"), and returns the
+    /// response the responder sends after the last frame (the one with `end`). The
+    /// transport reads `frames` only as fast as it can send them, so the initiator's planning
+    /// waits on a slow responder. An error among `frames`, or their end before the last,
+    /// cuts the transfer: the responder keeps the pages it applied and answers nothing.
+    /// Transports and peers that cannot take a streamed push answer
+    /// [`TransportError::Unsupported`] (before reading any frame) and the engine pushes in
+    /// rounds.
+    fn push(
+        &self,
+        request: ExchangeRequest,
+        frames: Frames,
+    ) -> impl Future<Output = Result<ExchangeResponse, TransportError>> + Send {
+        let _ = (request, frames);
+        async { Err(TransportError::Unsupported { what: "push" }) }
     }
 
     /// Which of `hashes` the responder holds, in order.
@@ -130,7 +148,8 @@ impl std::fmt::Debug for Pull {
     }
 }
 
-/// The frames of a streamed pull, as they arrive (a [`Layer`] may watch or alter them).
+/// The frames of a streamed transfer, as they arrive (a [`Layer`] may watch or alter them):
+/// a pull's from the responder, a push's from the initiator's engine.
 pub type Frames = futures_util::stream::BoxStream<'static, Result<PageFrame, TransportError>>;
 
 /// The frames that arrive through `rx` (bounded: the sender waits while it is full).
@@ -140,9 +159,9 @@ pub fn frames_from(rx: tokio::sync::mpsc::Receiver<Result<PageFrame, TransportEr
     }))
 }
 
-/// How many frames of a streamed pull a transport holds in flight between the responder
-/// and the engine (beyond the one each is working on): the window that bounds the
-/// receiver's memory.
+/// How many frames of a streamed transfer a transport holds in flight between the sender
+/// and the receiver (beyond the one each is working on): the window that bounds their
+/// memory.
 pub const PULL_WINDOW: usize = 4;
 
 /// The answer to [`Transport::watch`].
@@ -189,6 +208,44 @@ pub trait Responder: Send + Sync {
             code: RefusalCode::Internal,
             reason: "this node does not stream pulls".to_owned(),
         })
+    }
+
+    /// Whether this responder takes streamed pushes ([`Responder::open_push`] and the calls
+    /// after it). The default is no: transports answer [`TransportError::Unsupported`],
+    /// servers 404, and initiators push in rounds.
+    fn takes_pushes(&self) -> bool {
+        false
+    }
+
+    /// Takes the request that opens a streamed push: its page applied as a round's, and the
+    /// transfer that takes the frames after it, or the response to send at once (nothing
+    /// of the frames is then taken).
+    ///
+    /// # Errors
+    /// As for [`Responder::respond`]; the default refuses.
+    fn open_push(&self, request: ExchangeRequest) -> Result<PushStart, Refusal> {
+        let _ = request;
+        Err(no_pushes())
+    }
+
+    /// Applies the next frame of a streamed push, in its own transaction.
+    ///
+    /// # Errors
+    /// A [`Refusal`]: the frame is out of order or its page is refused; nothing of it is
+    /// applied and the transfer stops (the pages applied before stay). The default refuses.
+    fn push_frame(&self, transfer: &mut PushTransfer, frame: PageFrame) -> Result<(), Refusal> {
+        let _ = (transfer, frame);
+        Err(no_pushes())
+    }
+
+    /// The response to a streamed push, once its last frame was applied.
+    ///
+    /// # Errors
+    /// A [`Refusal`]: the last frame was not taken, or the store failed. The default
+    /// refuses.
+    fn close_push(&self, transfer: PushTransfer) -> Result<ExchangeResponse, Refusal> {
+        let _ = transfer;
+        Err(no_pushes())
     }
 
     /// Which of `hashes` are stored here, in order.
@@ -271,6 +328,22 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
         (**self).next_frame(cursor)
     }
 
+    fn takes_pushes(&self) -> bool {
+        (**self).takes_pushes()
+    }
+
+    fn open_push(&self, request: ExchangeRequest) -> Result<PushStart, Refusal> {
+        (**self).open_push(request)
+    }
+
+    fn push_frame(&self, transfer: &mut PushTransfer, frame: PageFrame) -> Result<(), Refusal> {
+        (**self).push_frame(transfer, frame)
+    }
+
+    fn close_push(&self, transfer: PushTransfer) -> Result<ExchangeResponse, Refusal> {
+        (**self).close_push(transfer)
+    }
+
     fn blobs_present(&self, hashes: &[Hash]) -> Result<Vec<bool>, Refusal> {
         (**self).blobs_present(hashes)
     }
@@ -301,6 +374,14 @@ impl<R: Responder + ?Sized> Responder for std::sync::Arc<R> {
 
     fn records(&self) -> Option<Arc<dyn NodeApi>> {
         (**self).records()
+    }
+}
+
+/// The refusal of a responder that takes no streamed pushes.
+fn no_pushes() -> Refusal {
+    Refusal {
+        code: RefusalCode::Internal,
+        reason: "this node does not take streamed pushes".to_owned(),
     }
 }
 

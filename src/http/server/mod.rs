@@ -25,6 +25,7 @@ use crate::wire::MAX_MESSAGE_LEN;
 mod connections;
 mod failure;
 mod listen;
+mod push;
 mod records;
 mod routes;
 mod sync;
@@ -239,6 +240,8 @@ impl HighwaterService {
             (Route::Exchange, _) => allow("POST"),
             (Route::Pull, Method::POST) => self.pull(&grant, req).await,
             (Route::Pull, _) => allow("POST"),
+            (Route::Push, Method::POST) => self.push(&grant, req).await,
+            (Route::Push, _) => allow("POST"),
             (Route::Audit, Method::POST) => self.audit(&grant, req).await,
             (Route::Audit, _) => allow("POST"),
             (Route::Watch, Method::GET) => self.watch(&grant, query(&req)).await,

@@ -72,6 +72,8 @@ pub(super) enum Route {
     Exchange,
     /// `POST /v1/sync/pull`: an exchange whose answer streams its pages.
     Pull,
+    /// `POST /v1/sync/push`: an exchange whose request streams its pages.
+    Push,
     Audit,
     Watch,
     Blob(Hash),
@@ -92,6 +94,7 @@ pub(super) fn endpoint_kind(path: &str) -> &'static str {
     match (segments.next(), segments.next(), segments.next()) {
         (Some("sync"), Some("exchange"), None) => "exchange",
         (Some("sync"), Some("pull"), None) => "pull",
+        (Some("sync"), Some("push"), None) => "push",
         (Some("sync"), Some("audit"), None) => "audit",
         (Some("sync"), Some("watch"), None) => "watch",
         (Some("blobs"), ..) => "blob",
@@ -113,6 +116,7 @@ pub(super) fn route(path: &str) -> Result<Route, Failure> {
     match segments.as_slice() {
         ["sync", "exchange"] => Ok(Route::Exchange),
         ["sync", "pull"] => Ok(Route::Pull),
+        ["sync", "push"] => Ok(Route::Push),
         ["sync", "audit"] => Ok(Route::Audit),
         ["sync", "watch"] => Ok(Route::Watch),
         ["status"] => Ok(Route::Status),

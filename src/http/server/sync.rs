@@ -1,5 +1,6 @@
-//! The sync endpoints: exchange and audit (with their per-token slots and scope
-//! authorization), watch, and blob download and upload.
+//! The sync endpoints: exchange, streamed pull and audit (with their per-token slots and
+//! scope authorization), watch, and blob download and upload. The streamed push is in
+//! `push.rs`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use crate::hash::Hash;
 use crate::hlc::NodeId;
 use crate::http::access::Grant;
 use crate::http::body::{
-    channel_body, collect_limited, empty, full, pump_body, stream_reader, ChannelReader,
+    channel_body, collect_limited, empty, full, pump_body, stream_reader, ChannelReader, HttpBody,
 };
 use crate::http::{decode_query, MAX_WATCH_TIMEOUT};
 use crate::notify::WatchToken;
@@ -114,6 +115,25 @@ impl HighwaterService {
         Ok(resp)
     }
 
+    /// The response that carries `encoded`, a sync message answering `received` bytes.
+    pub(super) fn sent(
+        &self,
+        kind: &'static str,
+        received: usize,
+        encoded: Vec<u8>,
+    ) -> Response<HttpBody> {
+        self.inner
+            .config
+            .metrics
+            .message(kind, received, encoded.len());
+        let mut resp = Response::new(full(encoded));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        resp
+    }
+
     pub(super) async fn audit<B>(&self, grant: &Grant, req: Request<B>) -> Reply
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -177,16 +197,7 @@ impl HighwaterService {
             Ok(wire::encode_as(&response, version.min(response.version())))
         })
         .await?;
-        self.inner
-            .config
-            .metrics
-            .message(kind, received, encoded.len());
-        let mut resp = Response::new(full(encoded));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        Ok(resp)
+        Ok(self.sent(kind, received, encoded))
     }
 
     /// A sync message's body, read once the token may sync, within the body limit and the
@@ -214,7 +225,7 @@ impl HighwaterService {
         Ok((slot, body))
     }
 
-    fn exchange_slot(&self, grant: &Grant) -> Result<SlotGuard, Failure> {
+    pub(super) fn exchange_slot(&self, grant: &Grant) -> Result<SlotGuard, Failure> {
         let mut all = lock(&self.inner.exchanges);
         let n = all.entry(grant.name.clone()).or_insert(0);
         // An open node has one grant for every caller: capping it would let one local
@@ -358,7 +369,7 @@ impl HighwaterService {
 /// Checks an exchange request against the limits and `grant` (its page's size, the scopes
 /// it may read and write, the files it names), narrowing its scopes to what the token may
 /// read.
-fn admit_exchange(
+pub(super) fn admit_exchange(
     inner: &Inner,
     responder: &dyn Responder,
     grant: &Grant,
@@ -373,16 +384,7 @@ fn admit_exchange(
             close: false,
         });
     }
-    if request.page.runs.len() > max_versions.max(1) {
-        return Err(Failure {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!(
-                "page of {} runs over the limit of {max_versions}",
-                request.page.runs.len()
-            ),
-            close: false,
-        });
-    }
+    check_runs(&request.page, max_versions)?;
     let local = responder.scopes()?;
     let request = authorize_exchange(grant, request, &local)?;
     let pushed = request.page.versions().map(|(s, _, v)| (s, v));
@@ -390,8 +392,24 @@ fn admit_exchange(
     Ok(request)
 }
 
+/// A page has at most as many runs as a page may have versions (a run without versions
+/// still costs the receiver a mark).
+pub(super) fn check_runs(page: &Page, max_versions: usize) -> Result<(), Failure> {
+    if page.runs.len() > max_versions.max(1) {
+        return Err(Failure {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "page of {} runs over the limit of {max_versions}",
+                page.runs.len()
+            ),
+            close: false,
+        });
+    }
+    Ok(())
+}
+
 /// The responder's metrics for one answered exchange that brought `received` versions.
-fn count_exchange(inner: &Inner, received: usize, response: &ExchangeResponse) {
+pub(super) fn count_exchange(inner: &Inner, received: usize, response: &ExchangeResponse) {
     let metrics = &inner.config.metrics;
     metrics.count_versions("responder", "received", received);
     metrics.count_versions("responder", "shipped", response.page.version_count());
@@ -440,7 +458,7 @@ async fn send_frames(
     }
 }
 
-struct SlotGuard {
+pub(super) struct SlotGuard {
     inner: Arc<Inner>,
     name: String,
 }
@@ -537,7 +555,7 @@ fn readable_scopes<'a>(
 }
 
 /// Every scope written to is in play and writable by `grant`.
-fn check_writes<'a>(
+pub(super) fn check_writes<'a>(
     grant: &Grant,
     in_play: &ScopeFilter,
     written: impl Iterator<Item = &'a Scope>,
