@@ -29,7 +29,7 @@ use self::server_failure::Failure;
 
 pub use self::access::{Access, AccessError, Grant, ScopePattern};
 pub use self::body::HttpBody;
-pub use self::client::{ClientConfig, HttpTransport};
+pub use self::client::{ClientConfig, HttpTransport, POOL_IDLE};
 pub use self::metrics::{Metrics, STAGED_EVERY};
 pub use self::node_client::NodeClient;
 pub use self::server::{
