@@ -18,6 +18,10 @@
 //! for the marks in full ([`crate::wire::ResponseMarks::Resend`]); `exchange` then sends the
 //! request again in the same call. A miss costs a round trip, never a skipped version.
 //!
+//! A little over 600 lines: the engine's configuration (each field documented), its
+//! constructors and the state they share belong together; the work of rounds, audits,
+//! purges, files and local writes lives in the submodules.
+//!
 //! ```
 //! use highwater::{InProcess, Key, Scope, SyncEngine};
 //!
