@@ -127,17 +127,10 @@ fn answer<Q: Message, A: Message>(
     request: &Q,
     respond: impl FnOnce(Q) -> Result<A, Refusal>,
 ) -> (usize, usize, Result<A, TransportError>) {
-    let bytes = wire::encode(request);
-    let sent = bytes.len();
-    let (decoded, version) = match wire::decode_versioned::<Q>(&bytes) {
+    let (sent, decoded) = through_codec(request);
+    let (decoded, version) = match decoded {
         Ok(decoded) => decoded,
-        Err(e) => {
-            let refused = TransportError::Refused {
-                code: RefusalCode::BadRequest,
-                reason: e.to_string(),
-            };
-            return (sent, 0, Err(refused));
-        }
+        Err(refused) => return (sent, 0, Err(refused)),
     };
     let response = match respond(decoded) {
         Ok(response) => response,
@@ -147,6 +140,17 @@ fn answer<Q: Message, A: Message>(
     let bytes = wire::encode_as(&response, version.min(response.version()));
     let decoded = wire::decode::<A>(&bytes).map_err(TransportError::BadResponse);
     (sent, bytes.len(), decoded)
+}
+
+/// `request` as a server receives it: encoded (its size returned), then decoded with the
+/// version it came in; a request that does not decode is refused as a bad request.
+fn through_codec<Q: Message>(request: &Q) -> (usize, Result<(Q, u16), TransportError>) {
+    let bytes = wire::encode(request);
+    let decoded = wire::decode_versioned::<Q>(&bytes).map_err(|e| TransportError::Refused {
+        code: RefusalCode::BadRequest,
+        reason: e.to_string(),
+    });
+    (bytes.len(), decoded)
 }
 
 /// Plans and sends a streamed pull's frames until the last, through the codec as a server
@@ -237,17 +241,10 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
         let peer = self.peer.clone();
         let opened = self
             .round_trip(move || {
-                let bytes = wire::encode(&request);
-                let sent = bytes.len();
-                let (decoded, version) = match wire::decode_versioned::<ExchangeRequest>(&bytes) {
+                let (sent, decoded) = through_codec(&request);
+                let (decoded, version) = match decoded {
                     Ok(decoded) => decoded,
-                    Err(e) => {
-                        let refused = TransportError::Refused {
-                            code: RefusalCode::BadRequest,
-                            reason: e.to_string(),
-                        };
-                        return (sent, 0, Err(refused));
-                    }
+                    Err(refused) => return (sent, 0, Err(refused)),
                 };
                 match peer.open_push(decoded) {
                     Err(refusal) => (sent, 0, Err(refusal.into())),
