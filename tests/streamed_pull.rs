@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::rounds::{config, link, TestResult};
+use common::streams::{serve_counted, Plain};
 use futures_executor::block_on;
 use futures_util::StreamExt;
 use highwater::error::{Error, ProtocolError};
@@ -336,40 +337,6 @@ fn first_request(device: &SyncEngine, hub: &Arc<SyncEngine>) -> TestResult<Excha
 
 /// A transport that cannot stream (the trait's default `pull`): the engine pulls in
 /// rounds, and remembers not to ask again.
-struct Plain(InProcess<Arc<SyncEngine>>);
-
-impl Transport for Plain {
-    fn peer_id(&self) -> Option<highwater::NodeId> {
-        self.0.peer_id()
-    }
-    async fn exchange(
-        &self,
-        request: ExchangeRequest,
-    ) -> Result<ExchangeResponse, highwater::error::TransportError> {
-        self.0.exchange(request).await
-    }
-    async fn blobs_present(
-        &self,
-        hashes: Vec<highwater::Hash>,
-    ) -> Result<Vec<bool>, highwater::error::TransportError> {
-        self.0.blobs_present(hashes).await
-    }
-    async fn fetch_blob(
-        &self,
-        blob: highwater::BlobRef,
-        into: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), highwater::error::TransportError> {
-        self.0.fetch_blob(blob, into).await
-    }
-    async fn push_blob(
-        &self,
-        blob: highwater::BlobRef,
-        content: Box<dyn std::io::Read + Send>,
-    ) -> Result<(), highwater::error::TransportError> {
-        self.0.push_blob(blob, content).await
-    }
-}
-
 #[test]
 fn a_transport_that_cannot_stream_pulls_in_rounds() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
@@ -412,48 +379,7 @@ async fn serve_hub(
 ) -> TestResult<(String, Arc<std::sync::atomic::AtomicUsize>)> {
     let sync =
         highwater::http::HighwaterService::new(hub, highwater::http::ServerConfig::default());
-    serve(sync, old).await
-}
-
-/// Serves `sync` as [`serve_hub`] does.
-async fn serve(
-    sync: highwater::http::HighwaterService,
-    old: bool,
-) -> TestResult<(String, Arc<std::sync::atomic::AtomicUsize>)> {
-    use http_body_util::BodyExt;
-    use hyper_util::rt::TokioIo;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (sync, counted) = (sync.clone(), counted.clone());
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (sync, counted) = (sync.clone(), counted.clone());
-                    async move {
-                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if old && req.uri().path() == "/v1/sync/pull" {
-                            let body =
-                                http_body_util::Full::new(bytes::Bytes::from("no such endpoint"))
-                                    .map_err(|e| match e {})
-                                    .boxed();
-                            let mut resp = hyper::Response::new(body);
-                            *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
-                            return Ok::<_, std::convert::Infallible>(resp);
-                        }
-                        Ok(sync.handle(req).await)
-                    }
-                });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok((url, requests))
+    serve_counted(sync, old.then_some("/v1/sync/pull")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,7 +440,7 @@ async fn over_http_a_client_that_stops_reading_stops_the_planning() -> TestResul
         hub.clone(),
         highwater::http::ServerConfig::default(),
     );
-    let (url, _) = serve(sync, false).await?;
+    let (url, _) = serve_counted(sync, None).await?;
     // A session's first request, as the engine sends it: no marks, floors asked.
     let request = ExchangeRequest {
         from: highwater::NodeId::random(),

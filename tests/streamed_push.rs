@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::rounds::{config, link, TestResult};
+use common::streams::{serve_counted, Plain};
 use futures_executor::block_on;
 use highwater::error::{Error, TransportError};
 use highwater::exchange::{PushStart, PushTransfer};
@@ -366,39 +367,6 @@ async fn a_responder_that_stops_taking_frames_holds_the_sender_to_the_window() -
     Ok(())
 }
 
-/// A transport that cannot take a push (the trait's default `push`): the engine pushes in
-/// rounds, and remembers not to ask again.
-struct Plain(InProcess<Arc<SyncEngine>>);
-
-impl Transport for Plain {
-    fn peer_id(&self) -> Option<highwater::NodeId> {
-        self.0.peer_id()
-    }
-    async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
-        self.0.exchange(request).await
-    }
-    async fn blobs_present(
-        &self,
-        hashes: Vec<highwater::Hash>,
-    ) -> Result<Vec<bool>, TransportError> {
-        self.0.blobs_present(hashes).await
-    }
-    async fn fetch_blob(
-        &self,
-        blob: highwater::BlobRef,
-        into: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), TransportError> {
-        self.0.fetch_blob(blob, into).await
-    }
-    async fn push_blob(
-        &self,
-        blob: highwater::BlobRef,
-        content: Box<dyn std::io::Read + Send>,
-    ) -> Result<(), TransportError> {
-        self.0.push_blob(blob, content).await
-    }
-}
-
 #[test]
 fn a_transport_or_a_responder_that_cannot_take_a_push_gets_the_pages_in_rounds() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
@@ -439,41 +407,8 @@ async fn serve(
     server: highwater::http::ServerConfig,
     old: bool,
 ) -> TestResult<(String, Arc<std::sync::atomic::AtomicUsize>)> {
-    use http_body_util::BodyExt;
-    use hyper_util::rt::TokioIo;
     let sync = highwater::http::HighwaterService::new(hub, server);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (sync, counted) = (sync.clone(), counted.clone());
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (sync, counted) = (sync.clone(), counted.clone());
-                    async move {
-                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if old && req.uri().path() == "/v1/sync/push" {
-                            let body =
-                                http_body_util::Full::new(bytes::Bytes::from("no such endpoint"))
-                                    .map_err(|e| match e {})
-                                    .boxed();
-                            let mut resp = hyper::Response::new(body);
-                            *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
-                            return Ok::<_, std::convert::Infallible>(resp);
-                        }
-                        Ok(sync.handle(req).await)
-                    }
-                });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok((url, requests))
+    serve_counted(sync, old.then_some("/v1/sync/push")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod rounds;
+pub mod streams;
 
 /// Proptest case count: `default`, or `HIGHWATER_PROPTEST_CASES` when set (soak runs).
 pub fn cases(default: u32) -> u32 {
