@@ -53,8 +53,6 @@ pub enum Store {
 /// it (after a failure).
 pub struct HubProcess {
     child: Option<Child>,
-    /// Whether [`HubProcess::stop`] asks it to exit (SIGTERM) rather than kills it.
-    graceful: bool,
     /// Its root URL, as it printed it.
     pub url: String,
     log: PathBuf,
@@ -120,11 +118,6 @@ impl HubProcess {
         // Constructed first, so that a bad line kills the process (drop).
         let mut hub = HubProcess {
             child: Some(child),
-            // A redb hub's directory may be served again (the fixture's sender node): it
-            // exits cleanly. A PostgreSQL hub process holds nothing the database does not
-            // and is killed: on SIGTERM today it aborts (its shutdown flushes the store on a
-            // runtime thread, where the synchronous PostgreSQL client panics).
-            graceful: matches!(store, Store::Redb),
             url: String::new(),
             log,
             _stdout: stdout,
@@ -156,18 +149,12 @@ impl HubProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends SIGTERM and waits for the process to exit (killing it after 30 s); kills a
-    /// PostgreSQL hub process (see [`HubProcess::start`]).
+    /// Sends SIGTERM and waits for the process to exit (killing it after 30 s).
     ///
     /// # Errors
     /// It did not exit in time, or exited with a failure.
     pub fn stop(mut self) -> Result<()> {
         let mut child = self.child.take().ok_or("already stopped")?;
-        if !self.graceful {
-            child.kill()?;
-            child.wait()?;
-            return Ok(());
-        }
         let pid = libc::pid_t::try_from(child.id())?;
         // SAFETY: kill has no memory preconditions; `pid` is our own child, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGTERM) };
