@@ -449,8 +449,8 @@ impl TxnOps for State {
         Ok((self.issued, self.identity))
     }
 
-    fn raise_issued(&mut self, time: u64) -> Result<(), StoreError> {
-        self.issued = self.issued.max(time);
+    fn set_issued(&mut self, time: u64) -> Result<(), StoreError> {
+        self.issued = time;
         Ok(())
     }
 

@@ -494,8 +494,9 @@ trait TxnOps {
     /// The time every issued timestamp must exceed, and the store's identity, as this
     /// transaction sees them (see [`Batch::issued`]).
     fn issued(&mut self) -> Result<(u64, Option<NodeId>), StoreError>;
-    /// Raises the time issued timestamps must exceed to `time`.
-    fn raise_issued(&mut self, time: u64) -> Result<(), StoreError>;
+    /// Sets the time issued timestamps must exceed (the caller passes one above the stored
+    /// time, which it read with [`TxnOps::issued`] in this transaction).
+    fn set_issued(&mut self, time: u64) -> Result<(), StoreError>;
     /// Adds `delta` to the number of `scope`'s stored versions that reference `blob` (see
     /// [`ScopeRefs::adjusted`]) and returns the blob's total count over all scopes after the
     /// change: 0 means no stored version references it any more.
@@ -525,7 +526,8 @@ fn apply_batch(ops: &mut impl TxnOps, batch: &Batch) -> Result<BatchReport, Stor
                 identity,
             });
         }
-        ops.raise_issued(batch.clock.max(issued.time()))?;
+        // Above `before`, which is below `issued`.
+        ops.set_issued(batch.clock.max(issued.time()))?;
     }
     let mut report = BatchReport::default();
     let mut floors: BTreeMap<&Scope, u64> = BTreeMap::new();

@@ -402,10 +402,10 @@ impl TxnOps for Writer<'_, '_> {
         Ok((issued, identity))
     }
 
-    fn raise_issued(&mut self, time: u64) -> Result<(), StoreError> {
+    fn set_issued(&mut self, time: u64) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO highwater_meta (name, num) VALUES ('issued', $1)
-             ON CONFLICT (name) DO UPDATE SET num = GREATEST(highwater_meta.num, EXCLUDED.num)",
+             ON CONFLICT (name) DO UPDATE SET num = EXCLUDED.num",
             &[&to_sql(time)],
         )?;
         Ok(())

@@ -327,11 +327,8 @@ impl TxnOps for Writer<'_> {
         Ok((issued, identity))
     }
 
-    fn raise_issued(&mut self, time: u64) -> Result<(), StoreError> {
-        let cur = read_clock(self.meta.get("issued")?.map(|g| g.value().to_vec()))?;
-        if time > cur {
-            self.meta.insert("issued", time.to_be_bytes().as_slice())?;
-        }
+    fn set_issued(&mut self, time: u64) -> Result<(), StoreError> {
+        self.meta.insert("issued", time.to_be_bytes().as_slice())?;
         Ok(())
     }
 
