@@ -483,6 +483,65 @@ fn fs_blob_survives_reopening_the_store() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn fs_unsynced_finish_is_visible_at_once_and_its_names_sync_later() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = FsBlobStore::open(dir.path().join("blobs"))?;
+    let mut blobs = Vec::new();
+    for seed in 0..40 {
+        let bytes = content(1000, 100 + seed);
+        let mut w = s.writer()?;
+        w.write_all(&bytes)?;
+        let blob = w.finish_unsynced(Some(&blob_ref(&bytes)))?;
+        // Visible and whole before any name is synced.
+        assert_eq!(read_back(&s, &blob.hash)?, Some(bytes));
+        blobs.push(blob);
+    }
+    s.sync_names()?;
+    // Nothing left pending: a second call has nothing to do and succeeds.
+    s.sync_names()?;
+    let mut listed: Vec<_> = blobs.iter().map(|b| (b.hash, b.size)).collect();
+    listed.sort_unstable();
+    assert_eq!(s.list()?, listed);
+    Ok(())
+}
+
+#[test]
+fn fs_unsynced_finish_still_verifies_and_leaves_nothing_on_a_mismatch() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let fx = Fixture {
+        store: Box::new(FsBlobStore::open(dir.path().join("blobs"))?),
+        dir: Some(dir),
+    };
+    let bytes = content(1000, 7);
+    let mut wrong = blob_ref(&bytes);
+    wrong.hash = blob_ref(b"other").hash;
+    let mut w = fx.store.writer()?;
+    w.write_all(&bytes)?;
+    assert!(matches!(
+        w.finish_unsynced(Some(&wrong)),
+        Err(BlobError::HashMismatch { .. })
+    ));
+    fx.store.sync_names()?;
+    assert_nothing_stored(&fx)
+}
+
+#[test]
+fn fs_a_pending_directory_removed_by_hand_does_not_fail_every_later_sync() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("blobs");
+    let s = FsBlobStore::open(&root)?;
+    let bytes = content(1000, 9);
+    let mut w = s.writer()?;
+    w.write_all(&bytes)?;
+    let blob = w.finish_unsynced(None)?;
+    let hex = blob.hash.to_string();
+    fs::remove_dir_all(root.join(&hex[..2]))?;
+    s.sync_names()?;
+    assert!(!s.contains(&blob.hash)?);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Any content, any write pattern
 

@@ -13,17 +13,26 @@
 //! leaves a file under `tmp/`, which [`FsBlobStore::open`] deletes: one store per directory
 //! at a time.
 //!
+//! `finish_unsynced` leaves the directories that received blobs to
+//! [`BlobStore::sync_names`], which syncs each of them once however many blobs went in: a
+//! page that fetched a thousand small files pays one round of directory syncs before its
+//! commit, not one per file (the file's own content is synced before its rename either
+//! way, so a name never survives a crash without its bytes).
+//!
 //! Several processes may share one directory (hub processes over one database, see
 //! docs/scale.md) with [`FsBlobStore::open_shared`]: each writes under a `tmp/<random>/` of
 //! its own, a start deletes only temporary files a day old, and a removal spares blobs
 //! written within a grace period, which another process may be about to reference.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::{verify, BlobError, BlobStore, BlobWriter, CHUNK};
 use crate::hash::Hash;
+use crate::poison::lock;
 use crate::record::BlobRef;
 
 /// The directory of blobs being written.
@@ -37,6 +46,18 @@ pub struct FsBlobStore {
     tmp: PathBuf,
     /// Shared: blobs younger than this are not removed.
     spare_younger: Option<std::time::Duration>,
+    /// Directories holding names not yet durable, shared with the writers.
+    unsynced: Arc<UnsyncedNames>,
+}
+
+/// The directories whose new entries (blobs renamed into them by `finish_unsynced`, fan-out
+/// directories created for them) are not yet durable.
+#[derive(Debug, Default)]
+struct UnsyncedNames {
+    dirs: Mutex<BTreeSet<PathBuf>>,
+    /// Held by a `sync_names` from taking the directories to their last sync, so a second
+    /// call that finds none left waits for the first's syncs instead of returning early.
+    syncing: Mutex<()>,
 }
 
 /// How old a temporary file of a shared directory must be before a start deletes it: no
@@ -61,6 +82,7 @@ impl FsBlobStore {
             root,
             tmp,
             spare_younger: None,
+            unsynced: Arc::default(),
         })
     }
 
@@ -86,6 +108,7 @@ impl FsBlobStore {
             root,
             tmp,
             spare_younger: Some(grace),
+            unsynced: Arc::default(),
         })
     }
 
@@ -135,6 +158,7 @@ impl BlobStore for FsBlobStore {
             size: 0,
             tmp,
             root: self.root.clone(),
+            unsynced: self.unsynced.clone(),
             published: false,
         }))
     }
@@ -172,6 +196,25 @@ impl BlobStore for FsBlobStore {
         blobs.sort_unstable();
         Ok(blobs)
     }
+
+    fn sync_names(&self) -> Result<(), BlobError> {
+        let _syncing = lock(&self.unsynced.syncing);
+        let dirs = std::mem::take(&mut *lock(&self.unsynced.dirs));
+        let mut left = dirs.iter();
+        while let Some(dir) = left.next() {
+            match sync_dir(dir) {
+                Ok(()) => {}
+                // Gone (emptied and removed by hand): it holds no name to make durable.
+                Err(BlobError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // Pending again, with the ones not reached, for the next call.
+                    lock(&self.unsynced.dirs).extend(std::iter::once(dir).chain(left).cloned());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A blob being written to a temporary file; see [`BlobWriter`].
@@ -183,6 +226,7 @@ struct FsBlobWriter {
     size: u64,
     tmp: PathBuf,
     root: PathBuf,
+    unsynced: Arc<UnsyncedNames>,
     /// The temporary file was renamed into place (or deleted): nothing to clean up.
     published: bool,
 }
@@ -212,9 +256,12 @@ impl FsBlobWriter {
     }
 
     /// Moves the sealed temporary file to `final_path`, or drops it if the blob is there.
-    fn publish(&mut self, final_path: &Path) -> Result<(), BlobError> {
+    /// The directories that gain an entry are synced now, or with `defer` left to
+    /// [`BlobStore::sync_names`].
+    fn publish(&mut self, final_path: &Path, defer: bool) -> Result<(), BlobError> {
         if final_path.is_file() {
-            // Content-addressed: the stored file holds these very bytes.
+            // Content-addressed: the stored file holds these very bytes. (If its name is
+            // not durable yet, the call that made it so is pending in `unsynced`.)
             fs::remove_file(&self.tmp).map_err(io_at(&self.tmp))?;
             self.published = true;
             return Ok(());
@@ -222,11 +269,30 @@ impl FsBlobWriter {
         let parent = final_path
             .parent()
             .expect("a blob path has fan-out parents");
-        create_fanout(&self.root, parent)?;
+        let unsynced = &self.unsynced;
+        let mut changed = |dir: &Path| match defer {
+            true => {
+                lock(&unsynced.dirs).insert(dir.to_path_buf());
+                Ok(())
+            }
+            false => sync_dir(dir),
+        };
+        create_fanout(&self.root, parent, &mut changed)?;
         fs::rename(&self.tmp, final_path).map_err(io_at(final_path))?;
         self.published = true;
         // IMPORTANT: the rename is durable only once the directory holding it is synced.
-        sync_dir(parent)
+        changed(parent)?;
+        if !defer {
+            // The fan-out directories may have been made by an unsynced finish whose
+            // entries are still pending: a durable finish cannot wait for `sync_names`.
+            let first = parent.parent().unwrap_or(&self.root);
+            for dir in [first, &self.root] {
+                if lock(&self.unsynced.dirs).contains(dir) {
+                    sync_dir(dir)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -243,14 +309,27 @@ impl Write for FsBlobWriter {
     }
 }
 
-impl BlobWriter for FsBlobWriter {
-    fn finish(mut self: Box<Self>, expected: Option<&BlobRef>) -> Result<BlobRef, BlobError> {
+impl FsBlobWriter {
+    fn finish_as(&mut self, expected: Option<&BlobRef>, defer: bool) -> Result<BlobRef, BlobError> {
         // On any error below, `Drop` deletes the temporary file.
         let blob = self.seal()?;
         verify(&blob, expected)?;
         let final_path = blob_path(&self.root, &blob.hash);
-        self.publish(&final_path)?;
+        self.publish(&final_path, defer)?;
         Ok(blob)
+    }
+}
+
+impl BlobWriter for FsBlobWriter {
+    fn finish(mut self: Box<Self>, expected: Option<&BlobRef>) -> Result<BlobRef, BlobError> {
+        self.finish_as(expected, false)
+    }
+
+    fn finish_unsynced(
+        mut self: Box<Self>,
+        expected: Option<&BlobRef>,
+    ) -> Result<BlobRef, BlobError> {
+        self.finish_as(expected, true)
     }
 }
 
@@ -381,15 +460,20 @@ fn list_leaf(dir: &Path, prefix: &str, out: &mut Vec<(Hash, u64)>) -> Result<(),
     Ok(())
 }
 
-/// Creates the fan-out directories from `root` down to `leaf`, syncing the parent of each
-/// directory this call creates so the new entries survive a crash.
-fn create_fanout(root: &Path, leaf: &Path) -> Result<(), BlobError> {
+/// Creates the fan-out directories from `root` down to `leaf`, handing the parent of each
+/// directory this call creates to `changed` (which syncs it, or notes it for later) so the
+/// new entries survive a crash.
+fn create_fanout(
+    root: &Path,
+    leaf: &Path,
+    changed: &mut dyn FnMut(&Path) -> Result<(), BlobError>,
+) -> Result<(), BlobError> {
     let first = leaf
         .parent()
         .expect("a leaf fan-out directory has a parent");
     for (dir, parent) in [(first, root), (leaf, first)] {
         match fs::create_dir(dir) {
-            Ok(()) => sync_dir(parent)?,
+            Ok(()) => changed(parent)?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => {
                 return Err(BlobError::Io {

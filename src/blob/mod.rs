@@ -10,6 +10,7 @@
 
 mod fs;
 mod mem;
+pub(crate) mod pipe;
 
 pub use self::fs::FsBlobStore;
 pub use self::mem::MemBlobStore;
@@ -69,6 +70,19 @@ pub trait BlobWriter: Write + Send {
     /// [`BlobError::HashMismatch`] / [`BlobError::SizeMismatch`] (nothing is stored), or an
     /// I/O failure.
     fn finish(self: Box<Self>, expected: Option<&BlobRef>) -> Result<BlobRef, BlobError>;
+
+    /// [`BlobWriter::finish`], except that the blob's name (the directory entry that makes
+    /// it visible) may become durable only at the store's next [`BlobStore::sync_names`]:
+    /// the content itself is durable when this returns, and the blob is visible at once.
+    /// Many blobs finished this way cost one synchronisation of each directory they went
+    /// into, instead of one each. A caller must call `sync_names` before it commits
+    /// anything that relies on the blob surviving a crash. The default finishes durably.
+    ///
+    /// # Errors
+    /// As [`BlobWriter::finish`].
+    fn finish_unsynced(self: Box<Self>, expected: Option<&BlobRef>) -> Result<BlobRef, BlobError> {
+        self.finish(expected)
+    }
 }
 
 /// A store of immutable blobs named by their blake3 hash.
@@ -107,6 +121,17 @@ pub trait BlobStore: Send + Sync {
     /// # Errors
     /// An I/O failure.
     fn list(&self) -> Result<Vec<(Hash, u64)>, BlobError>;
+
+    /// Makes durable the names of every blob finished with
+    /// [`BlobWriter::finish_unsynced`] before this call: when it returns `Ok`, they survive
+    /// a crash. Calls may come from several threads; none returns before the names that
+    /// were pending when it began are durable. The default has nothing to do.
+    ///
+    /// # Errors
+    /// An I/O failure; the names not made durable stay pending for the next call.
+    fn sync_names(&self) -> Result<(), BlobError> {
+        Ok(())
+    }
 }
 
 /// Copies `source` into a new blob of `store` in chunks and verifies it against `expected`.
