@@ -19,7 +19,8 @@ use std::time::Instant;
 use futures_util::stream::{self, StreamExt};
 
 use super::{lock, Inner, SyncEngine, UPLOAD_GRACE};
-use crate::blob::{BlobError, BlobWriter};
+use crate::blob::pipe::PipedWriter;
+use crate::blob::BlobError;
 use crate::blocking::run_blocking;
 use crate::error::TransportError;
 use crate::hash::Hash;
@@ -245,37 +246,74 @@ impl SyncEngine {
     }
 
     /// Fetches `blobs` from the responder, verifying each; returns pins on the blobs that
-    /// arrived (hold them until the page that references them is committed).
+    /// arrived (hold them until the page that references them is committed). The names
+    /// of the blobs that arrived are made durable together, once all are in: a page of
+    /// many small files costs one sync of each directory they went into. If that fails,
+    /// no pin is returned (as if none had arrived), and the names stay pending:
+    /// [`SyncEngine::sync_blob_names`] before a commit that references them tries again.
     pub(crate) async fn fetch_blobs<'a, T: Transport + ?Sized>(
         &'a self,
         transport: &T,
         blobs: Vec<BlobRef>,
     ) -> Vec<Pin<'a>> {
-        stream::iter(blobs)
+        let fetched: Vec<(Hash, Pin<'a>)> = stream::iter(blobs)
             .map(|blob| async move {
                 let _claim = self.claim_fetch(blob.hash)?;
                 let pin = self.pin(blob.hash);
-                self.fetch_one(transport, blob).await.ok().map(|()| pin)
+                self.fetch_one(transport, blob)
+                    .await
+                    .ok()
+                    .map(|()| (blob.hash, pin))
             })
             .buffer_unordered(TRANSFER_CONCURRENCY)
             .filter_map(std::future::ready)
             .collect()
-            .await
+            .await;
+        if fetched.is_empty() {
+            return Vec::new();
+        }
+        let engine = self.handle();
+        match run_blocking(move || engine.sync_blob_names()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot make fetched files durable; they are fetched again");
+                return Vec::new();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make fetched files durable; they are fetched again");
+                return Vec::new();
+            }
+        }
+        let mut pins = Vec::with_capacity(fetched.len());
+        for (hash, pin) in fetched {
+            self.announce_content(hash).await;
+            pins.push(pin);
+        }
+        pins
     }
 
+    /// Makes the names of fetched blobs durable (see [`SyncEngine::fetch_blobs`]): called
+    /// before a commit may reference a blob whose fetch ended without it.
+    pub(crate) fn sync_blob_names(&self) -> crate::Result<()> {
+        Ok(self.inner.blobs.sync_names()?)
+    }
+
+    /// Fetches one blob: the chunks are hashed and written on a blocking thread as they
+    /// arrive ([`PipedWriter`]), and the blob is published with its name left to
+    /// [`BlobStore::sync_names`](crate::blob::BlobStore::sync_names), which
+    /// [`SyncEngine::fetch_blobs`] calls once for all of them.
     async fn fetch_one<T: Transport + ?Sized>(
         &self,
         transport: &T,
         blob: BlobRef,
     ) -> crate::Result<()> {
         let mut writer = Bounded {
-            inner: self.inner.blobs.writer()?,
+            inner: PipedWriter::start(self.inner.blobs.writer()?),
             room: blob.size,
         };
         transport.fetch_blob(blob, &mut writer).await?;
         // IMPORTANT: verified before it becomes visible; a mismatch stores nothing.
-        finish_blob(writer.inner, blob).await?;
-        self.announce_content(blob.hash).await;
+        writer.inner.finish(blob).await?;
         Ok(())
     }
 
@@ -321,18 +359,6 @@ impl From<BlobError> for crate::transport::Refusal {
     fn from(e: BlobError) -> Self {
         crate::transport::Refusal::from(&crate::Error::Blob(e))
     }
-}
-
-/// Finishes a fetched blob (hash check, fsync of the file, rename, fsync of its directory).
-/// Under a tokio runtime this runs on a blocking thread, so the round's other transfers keep
-/// streaming while one waits on the disk (the round is one task, and a blocking call in it
-/// would stop them all); under any other executor it runs inline. If the round is dropped
-/// meanwhile, the finish still completes: the blob is then stored unreferenced, for
-/// `collect_garbage`.
-async fn finish_blob(writer: Box<dyn BlobWriter>, blob: BlobRef) -> Result<BlobRef, BlobError> {
-    run_blocking(move || writer.finish(Some(&blob)))
-        .await
-        .map_err(|e| BlobError::Source(std::io::Error::other(e)))?
 }
 
 /// Refuses bytes beyond the expected size, so a peer cannot make us write more than the

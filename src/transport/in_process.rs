@@ -330,7 +330,11 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
             .peer
             .open_blob(&blob.hash)?
             .ok_or(TransportError::BlobNotFound { hash: blob.hash })?;
-        let n = copy_chunks(&mut reader, into).map_err(|e| TransportError::BlobTransfer {
+        let copied = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => copy_read_aside(&runtime, reader, into).await,
+            Err(_) => copy_chunks(&mut reader, into),
+        };
+        let n = copied.map_err(|e| TransportError::BlobTransfer {
             hash: blob.hash,
             reason: match e {
                 CopyError::Read(e) => format!("reading at the peer: {e}"),
@@ -412,4 +416,39 @@ impl<R: Read> Read for Counted<R> {
         self.n += n as u64;
         Ok(n)
     }
+}
+
+/// Copies `reader` into `into` with the reads on a blocking thread, a chunk or two ahead of
+/// the writes, as a network transfer's bytes arrive while the last ones are written: the
+/// peer's disk and ours work at the same time, and neither holds a runtime thread.
+async fn copy_read_aside(
+    runtime: &tokio::runtime::Handle,
+    mut reader: Box<dyn Read + Send>,
+    into: &mut (dyn Write + Send),
+) -> Result<u64, CopyError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
+    runtime.spawn_blocking(move || loop {
+        let mut chunk = vec![0u8; crate::blob::CHUNK];
+        let read = match reader.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => {
+                chunk.truncate(n);
+                Ok(chunk)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+        let failed = read.is_err();
+        // The copy stopped (a local write failed): stop reading.
+        if tx.blocking_send(read).is_err() || failed {
+            return;
+        }
+    });
+    let mut total = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        let chunk = chunk.map_err(CopyError::Read)?;
+        into.write_all(&chunk).map_err(CopyError::Write)?;
+        total += chunk.len() as u64;
+    }
+    Ok(total)
 }
