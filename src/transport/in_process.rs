@@ -420,15 +420,18 @@ impl<R: Read> Read for Counted<R> {
 
 /// Copies `reader` into `into` with the reads on a blocking thread, a chunk or two ahead of
 /// the writes, as a network transfer's bytes arrive while the last ones are written: the
-/// peer's disk and ours work at the same time, and neither holds a runtime thread.
+/// peer's disk and ours work at the same time, and neither holds a runtime thread. The
+/// buffers go back to the reading thread once written, so the copy reuses a few.
 async fn copy_read_aside(
     runtime: &tokio::runtime::Handle,
     mut reader: Box<dyn Read + Send>,
     into: &mut (dyn Write + Send),
 ) -> Result<u64, CopyError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
+    let (spare_tx, spare) = std::sync::mpsc::channel::<Vec<u8>>();
     runtime.spawn_blocking(move || loop {
-        let mut chunk = vec![0u8; crate::blob::CHUNK];
+        let mut chunk = spare.try_recv().unwrap_or_default();
+        chunk.resize(crate::blob::CHUNK, 0);
         let read = match reader.read(&mut chunk) {
             Ok(0) => return,
             Ok(n) => {
@@ -449,6 +452,8 @@ async fn copy_read_aside(
         let chunk = chunk.map_err(CopyError::Read)?;
         into.write_all(&chunk).map_err(CopyError::Write)?;
         total += chunk.len() as u64;
+        // The reader may have ended: the buffer is then freed here.
+        let _ = spare_tx.send(chunk);
     }
     Ok(total)
 }
