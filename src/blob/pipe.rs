@@ -24,7 +24,7 @@ use crate::record::BlobRef;
 
 /// Chunks that may wait for the writing thread (a chunk is what the transport hands over
 /// in one write: at most a read buffer, 256 KiB from a blob store).
-pub const QUEUE_CHUNKS: usize = 8;
+pub const QUEUE_CHUNKS: usize = 4;
 
 /// What the receiving side sends the writing thread.
 enum Piece {
