@@ -9,8 +9,10 @@
 //! memory stays bounded), on a multi-threaded runtime through `block_in_place` so the
 //! runtime's other tasks move to another thread meanwhile. The writing thread sends each
 //! buffer back once written, so a transfer reuses the same few instead of allocating on
-//! one thread and freeing on another. Outside a tokio runtime the bytes are written
-//! inline, as before.
+//! one thread and freeing on another. Outside a tokio runtime, and for blobs under
+//! [`PIPE_FROM`] bytes, the bytes are written inline: a small file is written in a few
+//! calls, and handing it to a thread of its own cost more than it saved (the 1 MiB files
+//! of the benchmark's blob case synced at 0.82 times the rate piped; docs/performance.md).
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +27,9 @@ use crate::record::BlobRef;
 /// Chunks that may wait for the writing thread (a chunk is what the transport hands over
 /// in one write: at most a read buffer, 256 KiB from a blob store).
 pub const QUEUE_CHUNKS: usize = 4;
+
+/// The least blob size written on a thread of its own.
+pub const PIPE_FROM: u64 = 4 << 20;
 
 /// What the receiving side sends the writing thread.
 enum Piece {
@@ -80,10 +85,12 @@ enum Mode {
 }
 
 impl PipedWriter {
-    /// Starts writing into `writer`: on a blocking thread under a tokio runtime, inline
-    /// otherwise. Dropped unfinished, the blob is discarded (the writer is dropped).
-    pub fn start(writer: Box<dyn BlobWriter>) -> Self {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+    /// Starts writing a blob of `size` bytes into `writer`: on a blocking thread under a
+    /// tokio runtime if it is at least [`PIPE_FROM`] bytes, inline otherwise. Dropped
+    /// unfinished, the blob is discarded (the writer is dropped).
+    pub fn start(writer: Box<dyn BlobWriter>, size: u64) -> Self {
+        let runtime = tokio::runtime::Handle::try_current();
+        let Some(runtime) = runtime.ok().filter(|_| size >= PIPE_FROM) else {
             return PipedWriter {
                 mode: Mode::Inline(writer),
             };
@@ -279,7 +286,7 @@ mod tests {
             hash: blake3::hash(&data).into(),
             size: data.len() as u64,
         };
-        let mut w = PipedWriter::start(store.writer().unwrap());
+        let mut w = PipedWriter::start(store.writer().unwrap(), PIPE_FROM);
         assert!(matches!(w.mode, Mode::Piped { .. }));
         for piece in data.chunks(7_919) {
             w.write_all(piece).unwrap();
@@ -299,7 +306,7 @@ mod tests {
             hash: blake3::hash(b"other").into(),
             size: data.len() as u64,
         };
-        let mut w = PipedWriter::start(store.writer().unwrap());
+        let mut w = PipedWriter::start(store.writer().unwrap(), PIPE_FROM);
         w.write_all(&data).unwrap();
         assert!(matches!(
             w.finish(wrong).await,
@@ -315,7 +322,7 @@ mod tests {
             room: 3 * CHUNK,
             dropped: dropped.clone(),
         };
-        let mut w = PipedWriter::start(Box::new(failing));
+        let mut w = PipedWriter::start(Box::new(failing), PIPE_FROM);
         let chunk = bytes(CHUNK);
         // The thread writes behind: the failure of the fourth chunk reaches a later write
         // or the finish, whichever comes first.
@@ -348,7 +355,7 @@ mod tests {
             room: usize::MAX,
             dropped: dropped.clone(),
         };
-        let mut piped = PipedWriter::start(Box::new(w));
+        let mut piped = PipedWriter::start(Box::new(w), PIPE_FROM);
         piped.write_all(&bytes(2 * CHUNK)).unwrap();
         let Mode::Piped { done, tx, .. } = piped.mode else {
             panic!("not piped under a runtime");
@@ -359,6 +366,13 @@ mod tests {
         assert_eq!(dropped.load(Ordering::Relaxed), 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_blob_is_written_inline_even_under_a_runtime() {
+        let store = MemBlobStore::new();
+        let w = PipedWriter::start(store.writer().unwrap(), PIPE_FROM - 1);
+        assert!(matches!(w.mode, Mode::Inline(_)));
+    }
+
     #[test]
     fn outside_a_runtime_the_bytes_are_written_inline() {
         let store = MemBlobStore::new();
@@ -367,7 +381,7 @@ mod tests {
             hash: blake3::hash(&data).into(),
             size: data.len() as u64,
         };
-        let mut w = PipedWriter::start(store.writer().unwrap());
+        let mut w = PipedWriter::start(store.writer().unwrap(), PIPE_FROM);
         assert!(matches!(w.mode, Mode::Inline(_)));
         w.write_all(&data).unwrap();
         let got = futures_executor::block_on(w.finish(expected)).unwrap();

@@ -298,8 +298,8 @@ impl SyncEngine {
         Ok(self.inner.blobs.sync_names()?)
     }
 
-    /// Fetches one blob: the chunks are hashed and written on a blocking thread as they
-    /// arrive ([`PipedWriter`]), and the blob is published with its name left to
+    /// Fetches one blob: a large one's chunks are hashed and written on a blocking thread
+    /// as they arrive ([`PipedWriter`]), and the blob is published with its name left to
     /// [`BlobStore::sync_names`](crate::blob::BlobStore::sync_names), which
     /// [`SyncEngine::fetch_blobs`] calls once for all of them.
     async fn fetch_one<T: Transport + ?Sized>(
@@ -308,7 +308,7 @@ impl SyncEngine {
         blob: BlobRef,
     ) -> crate::Result<()> {
         let mut writer = Bounded {
-            inner: PipedWriter::start(self.inner.blobs.writer()?),
+            inner: PipedWriter::start(self.inner.blobs.writer()?, blob.size),
             room: blob.size,
         };
         transport.fetch_blob(blob, &mut writer).await?;

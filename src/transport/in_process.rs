@@ -330,9 +330,11 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
             .peer
             .open_blob(&blob.hash)?
             .ok_or(TransportError::BlobNotFound { hash: blob.hash })?;
-        let copied = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => copy_read_aside(&runtime, reader, into).await,
-            Err(_) => copy_chunks(&mut reader, into),
+        // A small file is read in a few calls: a thread of its own would cost more.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let copied = match runtime.filter(|_| blob.size >= crate::blob::pipe::PIPE_FROM) {
+            Some(runtime) => copy_read_aside(&runtime, reader, into).await,
+            None => copy_chunks(&mut reader, into),
         };
         let n = copied.map_err(|e| TransportError::BlobTransfer {
             hash: blob.hash,
