@@ -96,6 +96,9 @@ pub struct HttpTransport {
     auth: Option<HeaderValue>,
     config: ClientConfig,
     peer: Mutex<Option<NodeId>>,
+    /// Whether the node's last sync answer offered streamed pushes ([`super::HEADER_PUSH`]);
+    /// `None` until one came (or since the peer was forgotten).
+    offers_pushes: Mutex<Option<bool>>,
     /// Every request asks the node not to route reads ([`super::HEADER_ROUTE`]): this
     /// transport carries reads a node routes to its peer.
     route_local: bool,
@@ -208,6 +211,7 @@ impl HttpTransport {
             auth,
             config,
             peer: Mutex::new(None),
+            offers_pushes: Mutex::new(None),
             route_local: false,
         })
     }
@@ -391,6 +395,7 @@ impl HttpTransport {
             if resp.status() != StatusCode::OK {
                 return Err(HttpTransport::error_for(resp).await);
             }
+            self.learn_offer(&resp);
             let bytes = http_body_util::Limited::new(resp.into_body(), wire::MAX_MESSAGE_LEN + 16)
                 .collect()
                 .await
@@ -412,6 +417,13 @@ impl HttpTransport {
             StatusCode::NOT_FOUND => Ok(false),
             _ => Err(HttpTransport::error_for(resp).await),
         }
+    }
+
+    /// Notes whether a sync answer (200) offered streamed pushes: the latest answer counts,
+    /// so a node restarted with pushes turned on or off is believed from its next answer.
+    fn learn_offer(&self, resp: &Response<Incoming>) {
+        let offered = resp.headers().contains_key(super::HEADER_PUSH);
+        *lock(&self.offers_pushes) = Some(offered);
     }
 
     fn learn_peer(&self, from: NodeId) {
@@ -566,6 +578,7 @@ impl Transport for HttpTransport {
 
     fn forget_peer(&self) {
         *lock(&self.peer) = None;
+        *lock(&self.offers_pushes) = None;
     }
 
     async fn exchange(&self, request: ExchangeRequest) -> Result<ExchangeResponse, TransportError> {
@@ -591,6 +604,7 @@ impl Transport for HttpTransport {
                 StatusCode::NOT_FOUND => return Err(TransportError::Unsupported { what: "pull" }),
                 _ => return Err(HttpTransport::error_for(resp).await),
             }
+            self.learn_offer(&resp);
             let mut body = resp.into_body();
             let mut unframer = wire::Unframer::new(wire::MAX_MESSAGE_LEN);
             let first = next_message(&mut body, &mut unframer)
@@ -621,18 +635,30 @@ impl Transport for HttpTransport {
     /// one that cannot take a streamed push: [`TransportError::Unsupported`], and the engine
     /// pushes in rounds. An error among `frames`, or their end before the last, breaks the
     /// body off: the server sees a cut.
+    ///
+    /// A node whose last sync answer did not offer pushes ([`super::HEADER_PUSH`]) gets no
+    /// request: `Unsupported` at once. A build without the endpoint answers 404 without
+    /// reading the body and closes, and a client still sending may then see a broken pipe
+    /// instead of the 404 (the write failing before the read), which would fail the round
+    /// rather than fall back to rounds. Before any answer was heard, the push is tried.
+    ///
+    /// Once an answer arrives, the frames stop: a server that answers before the last frame
+    /// (a refusal, or an answer that takes none) reads the rest only to discard it.
     async fn push(
         &self,
         request: ExchangeRequest,
         frames: Frames,
     ) -> Result<ExchangeResponse, TransportError> {
         const PATH: &str = "/v1/sync/push";
+        if *lock(&self.offers_pushes) == Some(false) {
+            return Err(TransportError::Unsupported { what: "push" });
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(PULL_WINDOW);
         let first = wire::encode_framed(&request, request.version());
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let feeding = tokio::spawn(feed_frames(first, frames, tx, ended.clone()));
         // Whatever the outcome, the frames stop being read (the engine's planning stops).
-        let _stop = AbortOnDrop(feeding);
+        let stop = AbortOnDrop(feeding);
         let sent = Arc::new(AtomicU64::new(0));
         let body = Counted {
             inner: channel_body(rx),
@@ -642,11 +668,15 @@ impl Transport for HttpTransport {
         let req = self.request(Method::POST, PATH, body, None)?;
         let done = |_: u64| ended.load(Ordering::Relaxed);
         let resp = self.upload(req, &sent, done).await?;
+        // The server answered: whatever it did not read it discards. The frames queued end
+        // the body (cleanly: the server reads it to its end), and the planning stops.
+        drop(stop);
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Err(TransportError::Unsupported { what: "push" }),
             _ => return Err(HttpTransport::error_for(resp).await),
         }
+        self.learn_offer(&resp);
         let read = http_body_util::Limited::new(resp.into_body(), wire::MAX_MESSAGE_LEN + 16);
         let bytes = tokio::time::timeout(self.config.timeout, read.collect())
             .await

@@ -57,6 +57,12 @@ pub const HEADER_HYDRATION: &str = "x-highwater-hydration";
 /// Request header of a record read or listing: `local` asks the node to answer from its own
 /// store and route nothing (a node routing a read to its peer sends it).
 pub const HEADER_ROUTE: &str = "x-highwater-route";
+/// Response header of a sync message's answer (`exchange`, `pull`, `push`, `audit`): present,
+/// with the value `1`, when the node takes streamed pushes (`POST /v1/sync/push`). A client
+/// opens a push only to a node whose answers carry it, or before it heard any answer (see
+/// docs/http.md): a build without the endpoint answers 404 without reading the body, and a
+/// client still sending then may see a broken pipe instead of that 404.
+pub const HEADER_PUSH: &str = "x-highwater-push";
 /// The message of a 404 for a key without any version.
 const NO_SUCH_RECORD: &str = "no such record";
 /// The message of a 404 for a key whose latest version is a delete.

@@ -212,7 +212,8 @@ pub trait Responder: Send + Sync {
 
     /// Whether this responder takes streamed pushes ([`Responder::open_push`] and the calls
     /// after it). The default is no: transports answer [`TransportError::Unsupported`],
-    /// servers 404, and initiators push in rounds.
+    /// servers 404 (and say so on every sync answer, [`crate::http::HEADER_PUSH`]), and
+    /// initiators push in rounds. Asked on a runtime thread: it must answer without blocking.
     fn takes_pushes(&self) -> bool {
         false
     }

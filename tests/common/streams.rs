@@ -46,8 +46,9 @@ impl Transport for Plain {
 }
 
 /// Serves `sync` over HTTP on loopback with every request counted; a request for `missing`
-/// (say `/v1/sync/pull`) is answered 404, as a build without that endpoint does. Returns the
-/// URL and the count.
+/// (say `/v1/sync/pull`) is answered 404, as a build without that endpoint does; such a
+/// build without `/v1/sync/push` does not offer pushes either (no
+/// [`highwater::http::HEADER_PUSH`] on its answers). Returns the URL and the count.
 pub async fn serve_counted(
     sync: HighwaterService,
     missing: Option<&'static str>,
@@ -75,7 +76,11 @@ pub async fn serve_counted(
                             *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
                             return Ok::<_, std::convert::Infallible>(resp);
                         }
-                        Ok(sync.handle(req).await)
+                        let mut resp = sync.handle(req).await;
+                        if missing == Some("/v1/sync/push") {
+                            resp.headers_mut().remove(highwater::http::HEADER_PUSH);
+                        }
+                        Ok(resp)
                     }
                 });
             tokio::spawn(async move {

@@ -24,7 +24,7 @@ use crate::http::access::Grant;
 use crate::http::body::{
     channel_body, collect_limited, empty, full, pump_body, stream_reader, ChannelReader, HttpBody,
 };
-use crate::http::{decode_query, MAX_WATCH_TIMEOUT};
+use crate::http::{decode_query, HEADER_PUSH, MAX_WATCH_TIMEOUT};
 use crate::notify::WatchToken;
 use crate::poison::lock;
 use crate::record::{BlobRef, Scope};
@@ -112,7 +112,18 @@ impl HighwaterService {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
+        self.offer_pushes(&mut resp);
         Ok(resp)
+    }
+
+    /// Says on a sync message's answer that this node takes streamed pushes, if it does: a
+    /// client opens a push only to a node that said so ([`HEADER_PUSH`]), as a build without
+    /// the endpoint would answer it 404 while the client still sends.
+    fn offer_pushes(&self, resp: &mut Response<HttpBody>) {
+        if self.inner.responder.takes_pushes() {
+            resp.headers_mut()
+                .insert(HEADER_PUSH, HeaderValue::from_static("1"));
+        }
     }
 
     /// The response that carries `encoded`, a sync message answering `received` bytes.
@@ -131,6 +142,7 @@ impl HighwaterService {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
+        self.offer_pushes(&mut resp);
         resp
     }
 
