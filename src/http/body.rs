@@ -123,7 +123,8 @@ where
 }
 
 /// How much of a request body the server reads and discards after its handler stopped
-/// wanting it, before answering.
+/// wanting it: before answering (a blob upload), or while the answer goes out (a streamed
+/// push, [`Lingering`]).
 pub const DRAIN_LIMIT: u64 = 16 << 20;
 
 /// Reads and discards up to `limit` more bytes of `body` (each frame within `idle`): a
@@ -143,6 +144,91 @@ where
                 }
             }
             _ => return,
+        }
+    }
+}
+
+/// A request body that, dropped before its end, reads and discards the rest in a task of its
+/// own ([`drain`], up to [`DRAIN_LIMIT`] bytes, each frame within `idle`), so a handler can
+/// answer early (a refusal, an answer that takes nothing of the rest) and the client, still
+/// sending, reads that answer instead of a broken pipe.
+///
+/// This works because hyper's HTTP/1 server keeps reading a request's body for as long as
+/// the body is alive and polled, even once the response went out: the connection closes (or
+/// is kept alive) only when the draining task has read the body's end or dropped it. Without
+/// a runtime, or set not to `linger`, the rest is dropped as before.
+pub struct Lingering<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    /// `None` once dropped into a draining task.
+    inner: Option<B>,
+    /// Set when the body ended (or broke): nothing is left to drain.
+    ended: bool,
+    /// The idle time allowed per frame while draining; `None`: do not linger.
+    linger: Option<Duration>,
+}
+
+impl<B> Lingering<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    /// Wraps `inner`; dropped before its end, it is drained if `linger` gives the idle time
+    /// allowed for each frame.
+    pub fn new(inner: B, linger: Option<Duration>) -> Lingering<B> {
+        Lingering {
+            inner: Some(inner),
+            ended: false,
+            linger,
+        }
+    }
+}
+
+impl<B> Body for Lingering<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl<B> Drop for Lingering<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    fn drop(&mut self) {
+        let (Some(inner), Some(idle)) = (self.inner.take(), self.linger) else {
+            return;
+        };
+        if self.ended || inner.is_end_stream() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(inner, DRAIN_LIMIT, idle));
         }
     }
 }

@@ -14,7 +14,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use self::routes::{bearer, endpoint_kind, query, route, Route};
 use super::access::{Access, Grant};
-use super::body::{full, HttpBody};
+use super::body::{full, HttpBody, Lingering};
 use super::metrics::{Metrics, CONTENT_TYPE as METRICS_TYPE};
 use super::tls::ServerTls;
 use crate::api::NodeApi;
@@ -195,6 +195,14 @@ impl HighwaterService {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        let endpoint = endpoint_kind(&path);
+        // A streamed push's client sends frames until it reads the answer: whenever that
+        // answer comes before the body's end (a refusal, a frame refused, an answer that takes
+        // no frame), the rest is drained while it goes out, so the client reads it rather
+        // than a reset connection. Other bodies are read whole before any answer that needs
+        // them, or are small.
+        let linger = (endpoint == "push").then_some(self.inner.config.body_read_timeout);
+        let req = req.map(|body| Lingering::new(body, linger));
         // IMPORTANT: authentication comes before anything reads the body.
         let (token, reply) = match self.authenticate(&req) {
             Ok(grant) => (Some(grant.name.clone()), self.dispatch(grant, req).await),
@@ -202,7 +210,6 @@ impl HighwaterService {
         };
         let resp = reply.unwrap_or_else(Failure::into_response);
         let status = resp.status();
-        let endpoint = endpoint_kind(&path);
         let metrics = &self.inner.config.metrics;
         metrics.request(endpoint, token.as_deref(), status, started.elapsed());
         tracing::debug!(%method, %path, status = status.as_u16(), "request");
