@@ -414,6 +414,42 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
+    /// A body fed through a channel of one chunk: its sender gets further only while
+    /// something reads the body.
+    fn fed() -> (
+        mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+        impl Body<Data = Bytes, Error = io::Error> + Send + Unpin + 'static,
+    ) {
+        let (tx, rx) = mpsc::channel(1);
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        (tx, http_body_util::StreamBody::new(Box::pin(chunks)))
+    }
+
+    #[tokio::test]
+    async fn a_lingering_body_dropped_before_its_end_is_read_on_behind() {
+        let chunk = || Ok(Frame::data(Bytes::from_static(b"chunk")));
+        for linger in [true, false] {
+            let (tx, body) = fed();
+            let mut body = Lingering::new(body, linger.then_some(Duration::from_secs(5)));
+            tx.send(chunk()).await.unwrap();
+            assert!(body.frame().await.is_some_and(|f| f.is_ok()));
+            drop(body);
+            // Ten more chunks through a channel of one: only if the rest is read.
+            let rest = async {
+                for _ in 0..10 {
+                    if tx.send(chunk()).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            let read = tokio::time::timeout(Duration::from_secs(5), rest).await;
+            assert_eq!(read.unwrap_or(false), linger, "linger: {linger}");
+        }
+    }
+
     #[tokio::test]
     async fn a_body_over_the_limit_is_an_error_even_with_the_channel_full() {
         // Nobody reads while the pump runs, so the channel is full when the limit is
