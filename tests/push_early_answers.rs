@@ -261,3 +261,41 @@ async fn an_early_answer_is_read_and_the_body_drained_behind_it() -> TestResult 
     answered_early_then_drained(&addr, None, "404").await?;
     Ok(())
 }
+
+/// A push addressed to another node is answered at once (`elsewhere`, a 200 that takes none
+/// of the frames) while the client is still sending them: the client must read that answer
+/// every time (and refuse the node that gave it), never a broken pipe; the node that
+/// answered applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_answered_at_once_is_read_every_time() -> TestResult {
+    let time = Arc::new(ManualTime::new(1_000_000));
+    let (hub, other) = (node(&time, 256)?, node(&time, 256)?);
+    let (to_hub, _) =
+        serve_counted(HighwaterService::new(hub.clone(), Default::default()), None).await?;
+    let (to_other, requests) = serve_counted(
+        HighwaterService::new(other.clone(), Default::default()),
+        None,
+    )
+    .await?;
+    for attempt in 0..ATTEMPTS {
+        // A device that knows the hub's marks (a round that failed after a push goes plain:
+        // each try needs a device of its own), and a fresh transport, which has heard no
+        // answer yet: it tries a push, addressed to the hub, at the other node's address.
+        let device = device(&time)?;
+        let first = device
+            .exchange_with(&HttpTransport::new(&to_hub, None)?, &options())
+            .await?;
+        assert_eq!((first.shipped, first.has_more), (0, true), "{first:?}");
+        let client = HttpTransport::new(&to_other, None)?.expecting(hub.node_id());
+        let Err(e) = device.exchange_with(&client, &options()).await else {
+            panic!("attempt {attempt}: a push to the wrong node went through");
+        };
+        assert!(matches!(e, Error::Protocol(_)), "attempt {attempt}: {e:?}");
+    }
+    // One push a try, each answered at once.
+    assert_eq!(requests.load(Ordering::Relaxed), ATTEMPTS);
+    for scope in scopes()? {
+        assert!(other.versions(&scope)?.is_empty());
+    }
+    Ok(())
+}

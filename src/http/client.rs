@@ -668,8 +668,10 @@ impl Transport for HttpTransport {
         let req = self.request(Method::POST, PATH, body, None)?;
         let done = |_: u64| ended.load(Ordering::Relaxed);
         let resp = self.upload(req, &sent, done).await?;
-        // The server answered: whatever it did not read it discards. The frames queued end
-        // the body (cleanly: the server reads it to its end), and the planning stops.
+        // The server answered, so it takes no more frames (what it did not read, it reads
+        // only to discard). Stopping the feeder closes the body's channel: the frames queued
+        // go, then the body ends cleanly, so the server can keep the connection; the
+        // planning stops.
         drop(stop);
         match resp.status() {
             StatusCode::OK => {}
