@@ -12,12 +12,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::rounds::{config, TestResult};
-use common::streams::serve_counted;
+use common::rounds::TestResult;
+use common::streams::{push_node as node, push_scopes as scopes, serve_counted};
 use highwater::error::{Error, TransportError};
 use highwater::http::{Access, HighwaterService, HttpTransport, ServerConfig};
 use highwater::transport::RefusalCode;
-use highwater::{EngineConfig, ExchangeOptions, Key, ManualTime, Scope, SyncEngine};
+use highwater::{ExchangeOptions, Key, ManualTime, SyncEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -40,17 +40,6 @@ fn options() -> ExchangeOptions {
         page_limit: Some(PAGE),
         ..ExchangeOptions::default()
     }
-}
-
-fn scopes() -> TestResult<[Scope; 2]> {
-    Ok([Scope::app("notes", "items")?, Scope::shared()])
-}
-
-fn node(time: &Arc<ManualTime>, push_frames: u32) -> TestResult<Arc<SyncEngine>> {
-    Ok(Arc::new(SyncEngine::in_memory_with(EngineConfig {
-        push_frames,
-        ..config(time)
-    })?))
 }
 
 /// A device with [`VERSIONS`] local writes of [`VALUE`] bytes, half in each scope.
@@ -81,28 +70,23 @@ async fn rounds(device: &SyncEngine, client: &HttpTransport) -> TestResult<usize
 /// round can fail on a broken pipe where the 404 was due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_offered_pushes_is_sent_none() -> TestResult {
-    let time = Arc::new(ManualTime::new(1_000_000));
-    let hub = node(&time, 256)?;
-    let sync = HighwaterService::new(hub.clone(), ServerConfig::default());
-    let (url, requests) = serve_counted(sync, Some("/v1/sync/push")).await?;
-    let device = device(&time)?;
-    let client = HttpTransport::new(&url, None)?;
-    let n = rounds(&device, &client).await?;
-    // First contact, then a round a page: not one request more.
-    assert_eq!(n, 1 + VERSIONS / PAGE);
-    assert_eq!(requests.load(Ordering::Relaxed), n);
-    assert_eq!(hub.digest()?, device.digest()?);
-    Ok(())
+    sent_no_push(256, Some("/v1/sync/push")).await
 }
 
 /// A build that has the endpoint but whose engine takes no pushes does not offer them: the
 /// client opens none (it would be answered 404 and go on in rounds, one request more).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_takes_no_pushes_is_sent_none() -> TestResult {
+    sent_no_push(0, None).await
+}
+
+/// A device syncs everything to a hub taking `push_frames` (whose server answers 404 on
+/// `missing`) in one request a round: first contact, then a round a page.
+async fn sent_no_push(push_frames: u32, missing: Option<&'static str>) -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let hub = node(&time, 0)?;
+    let hub = node(&time, push_frames)?;
     let sync = HighwaterService::new(hub.clone(), ServerConfig::default());
-    let (url, requests) = serve_counted(sync, None).await?;
+    let (url, requests) = serve_counted(sync, missing).await?;
     let device = device(&time)?;
     let client = HttpTransport::new(&url, None)?;
     let n = rounds(&device, &client).await?;

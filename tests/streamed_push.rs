@@ -11,8 +11,8 @@ mod common;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use common::rounds::{config, link, TestResult};
-use common::streams::{serve_counted, Plain};
+use common::rounds::{link, TestResult};
+use common::streams::{push_node as node, push_scopes as scopes, serve_counted, Plain};
 use futures_executor::block_on;
 use highwater::error::{Error, TransportError};
 use highwater::exchange::{PushStart, PushTransfer};
@@ -20,8 +20,7 @@ use highwater::testing::{FaultyTransport, PullFault};
 use highwater::transport::{Refusal, RefusalCode, PULL_WINDOW};
 use highwater::wire::{ExchangeRequest, ExchangeResponse, PageFrame};
 use highwater::{
-    EngineConfig, ExchangeOptions, InProcess, Key, ManualTime, Responder, Scope, SyncEngine,
-    Transport,
+    ExchangeOptions, InProcess, Key, ManualTime, Responder, Scope, SyncEngine, Transport,
 };
 
 /// Versions the device writes: half in each of two scopes.
@@ -34,17 +33,6 @@ fn options() -> ExchangeOptions {
         page_limit: Some(PAGE),
         ..ExchangeOptions::default()
     }
-}
-
-fn scopes() -> TestResult<[Scope; 2]> {
-    Ok([Scope::app("notes", "items")?, Scope::shared()])
-}
-
-fn node(time: &Arc<ManualTime>, push_frames: u32) -> TestResult<Arc<SyncEngine>> {
-    Ok(Arc::new(SyncEngine::in_memory_with(EngineConfig {
-        push_frames,
-        ..config(time)
-    })?))
 }
 
 /// A device back from a long offline stretch: [`VERSIONS`] local writes, half in each scope

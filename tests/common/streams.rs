@@ -8,9 +8,9 @@ use std::sync::Arc;
 use highwater::error::TransportError;
 use highwater::http::HighwaterService;
 use highwater::wire::{ExchangeRequest, ExchangeResponse};
-use highwater::{InProcess, SyncEngine, Transport};
+use highwater::{EngineConfig, InProcess, ManualTime, Scope, SyncEngine, Transport};
 
-use super::rounds::TestResult;
+use super::rounds::{config, TestResult};
 
 /// A transport with the trait's defaults for `pull` and `push` (Unsupported): the engine
 /// syncs in rounds over it.
@@ -91,4 +91,18 @@ pub async fn serve_counted(
         }
     });
     Ok((url, requests))
+}
+
+/// The two scopes the streamed push tests write into.
+pub fn push_scopes() -> TestResult<[Scope; 2]> {
+    Ok([Scope::app("notes", "items")?, Scope::shared()])
+}
+
+/// An in-memory node on the manual clock `time` that opens (and takes) streamed pushes of
+/// up to `push_frames` frames (0: none).
+pub fn push_node(time: &Arc<ManualTime>, push_frames: u32) -> TestResult<Arc<SyncEngine>> {
+    Ok(Arc::new(SyncEngine::in_memory_with(EngineConfig {
+        push_frames,
+        ..config(time)
+    })?))
 }
