@@ -273,16 +273,16 @@ impl SyncEngine {
             return Vec::new();
         }
         let engine = self.handle();
-        match run_blocking(move || engine.sync_blob_names()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot make fetched files durable; they are fetched again");
-                return Vec::new();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot make fetched files durable; they are fetched again");
-                return Vec::new();
-            }
+        let error = match run_blocking(move || engine.sync_blob_names()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = error {
+            // The files stay, visible: the commit of a page that needs them syncs their
+            // names first, or fails.
+            tracing::warn!(%error, "cannot make the names of fetched files durable");
+            return Vec::new();
         }
         let mut pins = Vec::with_capacity(fetched.len());
         for (hash, pin) in fetched {
