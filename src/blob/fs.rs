@@ -259,16 +259,19 @@ impl FsBlobWriter {
     /// The directories that gain an entry are synced now, or with `defer` left to
     /// [`BlobStore::sync_names`].
     fn publish(&mut self, final_path: &Path, defer: bool) -> Result<(), BlobError> {
-        if final_path.is_file() {
-            // Content-addressed: the stored file holds these very bytes. (If its name is
-            // not durable yet, the call that made it so is pending in `unsynced`.)
-            fs::remove_file(&self.tmp).map_err(io_at(&self.tmp))?;
-            self.published = true;
-            return Ok(());
-        }
         let parent = final_path
             .parent()
             .expect("a blob path has fan-out parents");
+        if final_path.is_file() {
+            // Content-addressed: the stored file holds these very bytes. Its name may be
+            // pending from an unsynced finish: a durable finish makes it durable now.
+            fs::remove_file(&self.tmp).map_err(io_at(&self.tmp))?;
+            self.published = true;
+            return match defer {
+                true => Ok(()),
+                false => self.sync_pending_above(parent, true),
+            };
+        }
         let unsynced = &self.unsynced;
         let mut changed = |dir: &Path| match defer {
             true => {
@@ -282,14 +285,24 @@ impl FsBlobWriter {
         self.published = true;
         // IMPORTANT: the rename is durable only once the directory holding it is synced.
         changed(parent)?;
-        if !defer {
-            // The fan-out directories may have been made by an unsynced finish whose
-            // entries are still pending: a durable finish cannot wait for `sync_names`.
-            let first = parent.parent().unwrap_or(&self.root);
-            for dir in [first, &self.root] {
-                if lock(&self.unsynced.dirs).contains(dir) {
-                    sync_dir(dir)?;
-                }
+        match defer {
+            true => Ok(()),
+            false => self.sync_pending_above(parent, false),
+        }
+    }
+
+    /// For a durable finish into `leaf`: syncs the directories on its path that an unsynced
+    /// finish left pending (the fan-out directories it made; with `with_leaf`, the leaf
+    /// too, when the blob itself came from such a finish), since a durable finish cannot
+    /// wait for `sync_names`. They stay pending as well, which costs a second sync at most.
+    fn sync_pending_above(&self, leaf: &Path, with_leaf: bool) -> Result<(), BlobError> {
+        // A `sync_names` under way has taken its directories out of the set: wait for it.
+        let _syncing = lock(&self.unsynced.syncing);
+        let first = leaf.parent().unwrap_or(&self.root);
+        let leaf = with_leaf.then_some(leaf);
+        for dir in leaf.into_iter().chain([first, self.root.as_path()]) {
+            if lock(&self.unsynced.dirs).contains(dir) {
+                sync_dir(dir)?;
             }
         }
         Ok(())

@@ -64,7 +64,7 @@ impl Failed {
     }
 }
 
-/// A blob being written on a thread of its own (or inline outside a runtime).
+/// A blob being written on a thread of its own, or inline (a small blob, or no runtime).
 pub struct PipedWriter {
     mode: Mode,
 }
