@@ -380,14 +380,7 @@ impl SyncEngine {
             None => {}
         }
         // IMPORTANT: pinned from the presence check to the commit (as for a page).
-        let pins: Vec<_> = blobs_of(shipped(shipment))
-            .into_iter()
-            .map(|b| self.pin(b.hash))
-            .collect();
-        if !pins.is_empty() {
-            // A file found present must survive a crash with the version that counts on it.
-            self.sync_blob_names()?;
-        }
+        let _pins = self.pin_for_commit(blobs_of(shipped(shipment)).into_iter().map(|b| b.hash))?;
         let mut refused: BTreeMap<(Scope, NodeId), HaltReason> = BTreeMap::new();
         let mut batch = Batch::new(0, Durability::Immediate);
         for (scope, key, v) in shipped(shipment) {

@@ -292,10 +292,27 @@ impl SyncEngine {
         pins
     }
 
-    /// Makes the names of fetched blobs durable (see [`SyncEngine::fetch_blobs`]): called
-    /// before a commit may reference a blob whose fetch ended without it.
+    /// Makes the names of fetched blobs durable (see [`SyncEngine::fetch_blobs`]).
     pub(crate) fn sync_blob_names(&self) -> crate::Result<()> {
         Ok(self.inner.blobs.sync_names()?)
+    }
+
+    /// What a commit of versions that reference the blobs `hashes` holds from its presence
+    /// check to the commit: a pin on each, and, if there are any, every pending blob name
+    /// made durable (a file found present must survive a crash with the version that counts
+    /// on it, and a fetch whose name sync failed left its names pending).
+    ///
+    /// # Errors
+    /// The names cannot be synced: the commit must not happen.
+    pub(crate) fn pin_for_commit(
+        &self,
+        hashes: impl IntoIterator<Item = Hash>,
+    ) -> crate::Result<Vec<Pin<'_>>> {
+        let pins: Vec<_> = hashes.into_iter().map(|h| self.pin(h)).collect();
+        if !pins.is_empty() {
+            self.sync_blob_names()?;
+        }
+        Ok(pins)
     }
 
     /// Fetches one blob: a large one's chunks are hashed and written on a blocking thread

@@ -146,17 +146,11 @@ impl SyncEngine {
         let seen_due = seen_at.is_none_or(|t| now.saturating_sub(t) > SEEN_RESOLUTION);
         // IMPORTANT: pinned from the presence check to the commit, so a blob found present
         // here cannot be removed before the version that references it is stored.
-        let pins: Vec<_> = page
-            .runs
-            .iter()
-            .flat_map(|r| r.versions.iter().filter_map(|(_, v)| v.blob()))
-            .map(|b| self.pin(b.hash))
-            .collect();
-        if !pins.is_empty() {
-            // A file found present must survive a crash with the version that counts on it:
-            // a fetch whose names could not be synced left them pending (fetch_blobs).
-            self.sync_blob_names()?;
-        }
+        let _pins = self.pin_for_commit(
+            (page.runs.iter())
+                .flat_map(|r| r.versions.iter().filter_map(|(_, v)| v.blob()))
+                .map(|b| b.hash),
+        )?;
         let staged = self.staged_keys(page.versions())?;
         let mut plan = apply::plan_page_apply(
             page,
