@@ -2,21 +2,21 @@
 //! release binary cargo built beside the bench), fresh PostgreSQL schemas, and the CPU time
 //! of processes from `/proc`.
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
 use crate::Result;
 
+#[path = "../../tests/common/listening.rs"]
+mod listening;
+use listening::await_listening;
+
 /// The variable naming the database of the PostgreSQL set-ups (as the tests read it).
 pub const URL_VAR: &str = "HIGHWATER_PG_URL";
-
-/// How long a hub process may take to start listening.
-const START_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long a hub process may take to exit after SIGTERM before it is killed.
 const STOP_DEADLINE: Duration = Duration::from_secs(30);
@@ -91,43 +91,14 @@ impl HubProcess {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-        // Read the first line on a thread, so a process that never prints cannot hang the
-        // bench.
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut line = String::new();
-            let read = stdout.read_line(&mut line);
-            let _ = tx.send(read.map(|_| line));
-            stdout
-        });
-        let line = match rx.recv_timeout(START_DEADLINE) {
-            Ok(Ok(line)) => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "hub process on {} did not start ({other:?}); log:\n{}",
-                    data.display(),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-                .into());
-            }
-        };
-        let stdout = reader.join().map_err(|_| "stdout reader panicked")?;
-        // Constructed first, so that a bad line kills the process (drop).
-        let mut hub = HubProcess {
+        let what = format!("hub process on {}", data.display());
+        let (url, stdout) = await_listening(&mut child, &what, &log)?;
+        Ok(HubProcess {
             child: Some(child),
-            url: String::new(),
+            url,
             log,
             _stdout: stdout,
-        };
-        hub.url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .ok_or_else(|| format!("hub process said {line:?}, not `listening on URL`"))?
-            .to_owned();
-        Ok(hub)
+        })
     }
 
     /// The process id.

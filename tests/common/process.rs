@@ -3,17 +3,17 @@
 //! binary exists only with the `cli` feature).
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// What a test returns.
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-/// How long a node may take to start listening.
-pub const START_DEADLINE: Duration = Duration::from_secs(30);
+#[path = "listening.rs"]
+mod listening;
+pub use listening::await_listening;
 
 /// The binary cargo built for this test.
 pub fn bin() -> &'static str {
@@ -94,34 +94,8 @@ impl ServeProcess {
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()?;
-        let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-        // Read the first line on a thread, so a node that never prints cannot hang the test.
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut line = String::new();
-            let read = stdout.read_line(&mut line);
-            let _ = tx.send(read.map(|_| line));
-            stdout
-        });
-        let line = match rx.recv_timeout(START_DEADLINE) {
-            Ok(Ok(line)) => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "node on {} did not start ({other:?}); log:\n{}",
-                    data.display(),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-                .into());
-            }
-        };
-        let stdout = reader.join().map_err(|_| "stdout reader panicked")?;
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .ok_or_else(|| format!("unexpected first line {line:?}"))?
-            .to_owned();
+        let what = format!("node on {}", data.display());
+        let (url, stdout) = await_listening(&mut child, &what, &log)?;
         Ok(ServeProcess {
             child,
             url,
