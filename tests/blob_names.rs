@@ -240,3 +240,25 @@ fn without_a_runtime_the_files_arrive_the_same() -> TestResult {
     );
     no_record_counts_on_a_pending_name(&device, &seen)
 }
+
+/// A file large enough to be read aside and written through the pipe (over 4 MiB) arrives
+/// whole on a multi-threaded runtime, its name synced like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_arrives_whole_through_the_pipe() -> TestResult {
+    let (hub, device, seen) = nodes()?;
+    let big = Key::new("big")?;
+    let mut bytes = vec![0u8; (6 << 20) + 12_345];
+    blake3::Hasher::new()
+        .update(b"big")
+        .finalize_xof()
+        .fill(&mut bytes);
+    hub.put_file_bytes(&scope(), &big, b"a big file".to_vec(), &bytes)?;
+    sync(&device, &InProcess::new(hub)).await?;
+    assert_eq!(device.residency(&scope(), &big)?, Residency::Resident);
+    let (_, mut reader) = device.open_file(&scope(), &big)?.ok_or("no file")?;
+    let mut got = Vec::new();
+    reader.read_to_end(&mut got)?;
+    assert!(got == bytes, "the big file differs");
+    assert!(seen.pending.lock().expect("not poisoned").is_empty());
+    Ok(())
+}

@@ -15,6 +15,7 @@ use crate::error::TransportError;
 use crate::exchange::{PullCursor, PushStart, PushTransfer};
 use crate::hash::Hash;
 use crate::hlc::NodeId;
+use crate::http::body::stream_reader;
 use crate::notify::WatchToken;
 use crate::record::BlobRef;
 use crate::wire::{
@@ -331,10 +332,10 @@ impl<R: Responder + Clone + 'static> Transport for InProcess<R> {
             .open_blob(&blob.hash)?
             .ok_or(TransportError::BlobNotFound { hash: blob.hash })?;
         // A small file is read in a few calls: a thread of its own would cost more.
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        let copied = match runtime.filter(|_| blob.size >= crate::blob::pipe::PIPE_FROM) {
-            Some(runtime) => copy_read_aside(&runtime, reader, into).await,
-            None => copy_chunks(&mut reader, into),
+        let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+        let copied = match in_runtime && blob.size >= crate::blob::pipe::PIPE_FROM {
+            true => copy_read_aside(reader, blob.size, into).await,
+            false => copy_chunks(&mut reader, into),
         };
         let n = copied.map_err(|e| TransportError::BlobTransfer {
             hash: blob.hash,
@@ -420,42 +421,24 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// Copies `reader` into `into` with the reads on a blocking thread, a chunk or two ahead of
-/// the writes, as a network transfer's bytes arrive while the last ones are written: the
-/// peer's disk and ours work at the same time, and neither holds a runtime thread. The
-/// buffers go back to the reading thread once written, so the copy reuses a few.
+/// Copies `reader` (`len` bytes) into `into` with the reads on a blocking thread, a chunk
+/// or two ahead of the writes ([`stream_reader`], as the HTTP server serves a blob), as a
+/// network transfer's bytes arrive while the last ones are written: the peer's disk and
+/// ours work at the same time, and neither holds a runtime thread. Must run in a tokio
+/// runtime.
 async fn copy_read_aside(
-    runtime: &tokio::runtime::Handle,
-    mut reader: Box<dyn Read + Send>,
+    reader: Box<dyn Read + Send>,
+    len: u64,
     into: &mut (dyn Write + Send),
 ) -> Result<u64, CopyError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
-    let (spare_tx, spare) = std::sync::mpsc::channel::<Vec<u8>>();
-    runtime.spawn_blocking(move || loop {
-        let mut chunk = spare.try_recv().unwrap_or_default();
-        chunk.resize(crate::blob::CHUNK, 0);
-        let read = match reader.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => {
-                chunk.truncate(n);
-                Ok(chunk)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => Err(e),
-        };
-        let failed = read.is_err();
-        // The copy stopped (a local write failed): stop reading.
-        if tx.blocking_send(read).is_err() || failed {
-            return;
-        }
-    });
+    use http_body_util::BodyExt;
+    let mut chunks = stream_reader(reader, Some(len), crate::blob::CHUNK);
     let mut total = 0u64;
-    while let Some(chunk) = rx.recv().await {
-        let chunk = chunk.map_err(CopyError::Read)?;
-        into.write_all(&chunk).map_err(CopyError::Write)?;
-        total += chunk.len() as u64;
-        // The reader may have ended: the buffer is then freed here.
-        let _ = spare_tx.send(chunk);
+    while let Some(frame) = chunks.frame().await {
+        if let Ok(data) = frame.map_err(CopyError::Read)?.into_data() {
+            into.write_all(&data).map_err(CopyError::Write)?;
+            total += data.len() as u64;
+        }
     }
     Ok(total)
 }
