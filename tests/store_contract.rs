@@ -953,10 +953,27 @@ fn a_version_at_another_keys_hlc_is_refused(store: &dyn Store) -> TestResult {
         store.commit(&upserts(&s, &[("b", put(5, 1, "b"))]))?,
         report(&[0], &[])
     );
-    let read = store.read()?;
-    assert_eq!(read.get(&other, &key("b"))?, Some(put(5, 1, "b")));
-    assert_eq!(read.get(&s, &key("b"))?, Some(put(5, 1, "b")));
-    assert_eq!(read.get(&s, &key("a"))?, Some(put(7, 1, "a2")));
+    {
+        let read = store.read()?;
+        assert_eq!(read.get(&other, &key("b"))?, Some(put(5, 1, "b")));
+        assert_eq!(read.get(&s, &key("b"))?, Some(put(5, 1, "b")));
+        assert_eq!(read.get(&s, &key("a"))?, Some(put(7, 1, "a2")));
+    }
+    // Within one batch, above everything stored of the origin, in a fresh scope too: the
+    // first of two versions with one Hlc is taken, the second refused.
+    let fresh = scope("app/x/z");
+    for scope in [&s, &fresh] {
+        assert_eq!(
+            store.commit(&upserts(
+                scope,
+                &[("x", put(9, 1, "x")), ("y", put(9, 1, "forged"))]
+            ))?,
+            report(&[0], &[])
+        );
+        let read = store.read()?;
+        assert_eq!(read.get(scope, &key("x"))?, Some(put(9, 1, "x")));
+        assert_eq!(read.get(scope, &key("y"))?, None);
+    }
     Ok(())
 }
 

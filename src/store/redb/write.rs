@@ -11,8 +11,8 @@ use super::read::{
     floor_key, read_clock, stored_clock, stored_floor, version_at, GroupReader, Reader, HELD,
 };
 use super::tables::{
-    decode_row_key, decode_scope_origin, encode_row, live_key, origin_key, position, record_key,
-    split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
+    decode_point, decode_row_key, decode_scope_origin, encode_row, live_key, origin_key, position,
+    record_key, split_row, BLOB_REFS, CHUNKS, KEYS, MARKS, META, PEER_MARKS, VERSIONS,
 };
 use super::{needs_reopen, RedbStore, Writes};
 use crate::error::StoreError;
@@ -111,6 +111,17 @@ struct Writer<'t> {
     /// The batch's changes to the live set, settled into `chunks` by `finish_upserts`.
     changes: Changes,
     chunk_items: u64,
+    /// The tops of the `(scope, origin)`s this batch looked up, read once per batch.
+    tops: Vec<Top>,
+}
+
+/// A time at or above the time of every version of `origin` stored in `scope` (`None`: none
+/// is stored), as the transaction stands: a version above it holds no stored version's Hlc,
+/// which a sync's versions mostly are, so `live_key_at` answers without a lookup.
+struct Top {
+    scope: Scope,
+    origin: NodeId,
+    time: Option<u64>,
 }
 
 impl<'t> Writer<'t> {
@@ -125,7 +136,43 @@ impl<'t> Writer<'t> {
             chunks: txn.open_table(CHUNKS)?,
             changes: Changes::default(),
             chunk_items,
+            tops: Vec::new(),
         })
+    }
+
+    /// Whether `hlc` is above every version of its origin stored in `scope`: one range read
+    /// per `(scope, origin)` per batch, then none.
+    fn above_stored(&mut self, scope: &Scope, hlc: Hlc) -> Result<bool, StoreError> {
+        let origin = hlc.origin();
+        let found = self
+            .tops
+            .iter()
+            .rposition(|t| t.origin == origin && t.scope == *scope);
+        let at = match found {
+            Some(at) => at,
+            None => {
+                let lo = live_key(scope, origin, 0);
+                let hi = live_key(scope, origin, u64::MAX);
+                let time = match self
+                    .versions
+                    .range(lo.as_slice()..=hi.as_slice())?
+                    .next_back()
+                {
+                    Some(row) => {
+                        let prefix = lo.len().saturating_sub(24);
+                        Some(decode_point(row?.0.value(), prefix, "version index")?.time)
+                    }
+                    None => None,
+                };
+                self.tops.push(Top {
+                    scope: scope.clone(),
+                    origin,
+                    time,
+                });
+                self.tops.len() - 1
+            }
+        };
+        Ok(self.tops[at].time.is_none_or(|top| hlc.time() > top))
     }
 }
 
@@ -217,6 +264,9 @@ impl TxnOps for Writer<'_> {
     }
 
     fn live_key_at(&mut self, scope: &Scope, hlc: Hlc) -> Result<Option<Key>, StoreError> {
+        if self.above_stored(scope, hlc)? {
+            return Ok(None);
+        }
         match self
             .versions
             .get(live_key(scope, hlc.origin(), hlc.time()).as_slice())?
@@ -245,6 +295,15 @@ impl TxnOps for Writer<'_> {
             live_key(scope, hlc.origin(), hlc.time()).as_slice(),
             encode_row(key, version).as_slice(),
         )?;
+        // IMPORTANT: a top read before this insert must cover it (a top read after does).
+        if let Some(top) = self
+            .tops
+            .iter_mut()
+            .rev()
+            .find(|t| t.origin == hlc.origin() && t.scope == *scope)
+        {
+            top.time = Some(top.time.map_or(hlc.time(), |t| t.max(hlc.time())));
+        }
         self.changes
             .insert(scope, hlc.origin(), hlc.time(), item_hash(key, hlc));
         Ok(())
