@@ -17,6 +17,12 @@ use crate::Result;
 
 /// key -> value: the plain table of the redb limit.
 const PLAIN: TableDefinition<&[u8], &[u8]> = TableDefinition::new("plain");
+/// The two-index limit's key index, shaped as the store's `keys-v2`: scope | key -> origin |
+/// time.
+const BY_KEY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("by-key");
+/// The two-index limit's version index, shaped as the store's `versions-v2`: scope | origin
+/// | time -> key length | key | version.
+const BY_TIME: TableDefinition<&[u8], &[u8]> = TableDefinition::new("by-time");
 
 /// Versions per page, as the engine's default `page_limit`.
 const PAGE: usize = 1000;
@@ -32,6 +38,7 @@ pub fn run(fx: &mut Fixture) -> Result {
         redb_bulk(fx, n, runs, None)?,
         redb_bulk(fx, n, runs, Some(engine_cache()?))?,
         redb_paged(fx, n, runs)?,
+        redb_two_indexes(fx, n, runs)?,
     ];
     rows.extend(postcard(fx.records(n), runs)?);
     rows.push(blake3(fx.records(n), runs));
@@ -98,6 +105,75 @@ fn redb_paged(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
         Summary::of(&rates),
     )
     .key("redb paged insert"))
+}
+
+/// Inserts the records into two tables shaped as the store format's two indexes, in one
+/// transaction at the node's cache: each record once under its key (at a random place, as
+/// `keys-v2`) and once under its origin and time (in order, as `versions-v2`). The floor of
+/// any store that keeps both orders, which a sync needs (the merge looks records up by key,
+/// a pull reads them by origin and time), on this format; the store adds the merge, the
+/// audit chunks and the marks on top.
+fn redb_two_indexes(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
+    let cache = engine_cache()?;
+    let origin = [7u8; 16];
+    // The store's scope prefix: the scope text's length, then the text.
+    let text = scope().to_string();
+    let mut prefix = vec![u8::try_from(text.len())?];
+    prefix.extend_from_slice(text.as_bytes());
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let dir = fx.fresh_dir("redb-two-limit");
+        std::fs::create_dir_all(&dir)?;
+        let data = fx.records(n);
+        let (done, secs) = measure::timed(|| -> Result<()> {
+            let mut builder = Database::builder();
+            builder.set_cache_size(cache);
+            let db = builder.create(dir.join("limit.redb"))?;
+            let txn = db.begin_write()?;
+            {
+                let mut by_key = txn.open_table(BY_KEY)?;
+                let mut by_time = txn.open_table(BY_TIME)?;
+                let (mut key_row, mut time_row, mut value_row) =
+                    (Vec::new(), Vec::new(), Vec::new());
+                for (i, (k, v)) in data.iter().enumerate() {
+                    let time = (1u64 << 62) + i as u64;
+                    time_row.clear();
+                    time_row.extend_from_slice(&prefix);
+                    time_row.extend_from_slice(&origin);
+                    time_row.extend_from_slice(&time.to_be_bytes());
+                    key_row.clear();
+                    key_row.extend_from_slice(&prefix);
+                    key_row.extend_from_slice(k);
+                    by_key.insert(key_row.as_slice(), &time_row[prefix.len()..])?;
+                    // The row of `versions-v2`: key length, key, and the version (its Hlc,
+                    // the op tag and the value's length before the value).
+                    value_row.clear();
+                    value_row.extend_from_slice(&(k.len() as u16).to_be_bytes());
+                    value_row.extend_from_slice(k);
+                    value_row.extend_from_slice(&time_row[prefix.len()..]);
+                    value_row.extend_from_slice(&[0, v.len() as u8, 0]);
+                    value_row.extend_from_slice(v);
+                    by_time.insert(time_row.as_slice(), value_row.as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        });
+        done?;
+        rates.push(n as f64 / secs);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(Row::new(
+        format!(
+            "limit: redb insert into the format's two indexes (by key, at random; by origin and time, in order), {} records, one transaction, {} MiB cache",
+            count(n),
+            cache >> 20
+        ),
+        "records/s",
+        Unit::RecordsPerSec,
+        Summary::of(&rates),
+    )
+    .key("redb two-index insert"))
 }
 
 /// Records per second inserting the records into a plain table of a fresh database (with
