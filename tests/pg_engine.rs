@@ -267,3 +267,44 @@ fn two_writers_on_one_schema_never_commit_a_timestamp_twice() -> TestResult {
     );
     Ok(())
 }
+
+/// A scheduler with boot scopes starts on a PostgreSQL node from inside a runtime (the
+/// blocking client cannot run on a runtime's thread, so the start reads the scopes'
+/// hydration off it), and finds a scope made ready before it ready at once.
+#[test]
+fn a_scheduler_with_boot_scopes_starts_on_a_postgres_node_in_a_runtime() -> TestResult {
+    let Some(schema) = Schema::fresh("a_scheduler_with_boot_scopes_starts_on_a_postgres_node")?
+    else {
+        return Ok(());
+    };
+    let time = ManualTime::at_secs(T0);
+    let p = Arc::new(SyncEngine::with_store(
+        Box::new(schema.open()?),
+        config(&time),
+    )?);
+    let (ready, waiting) = (notes(), Scope::app("notes", "drafts")?);
+    p.set_hydration(&ready, highwater::Hydration::Ready)?;
+    for flavor in ["current-thread", "multi-thread"] {
+        let rt = match flavor {
+            "current-thread" => tokio::runtime::Builder::new_current_thread(),
+            _ => tokio::runtime::Builder::new_multi_thread(),
+        }
+        .enable_all()
+        .build()?;
+        let boot = |scopes: &[&Scope]| highwater::SchedulerConfig {
+            boot_scopes: scopes.iter().map(|s| (*s).clone()).collect(),
+            ..highwater::SchedulerConfig::default()
+        };
+        let (all_ready, one_waiting) = rt.block_on(async {
+            let all = highwater::Scheduler::start(p.clone(), boot(&[&ready]));
+            let one = highwater::Scheduler::start(p.clone(), boot(&[&ready, &waiting]));
+            (all.is_ready(), one.is_ready())
+        });
+        assert!(all_ready, "{flavor}: the ready boot scope counts as ready");
+        assert!(
+            !one_waiting,
+            "{flavor}: a boot scope never pulled is not ready"
+        );
+    }
+    Ok(())
+}

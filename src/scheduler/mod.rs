@@ -430,6 +430,25 @@ impl fmt::Debug for Scheduler {
     }
 }
 
+/// Whether every one of `boot` is ready in `engine`'s store. A failed read counts as not
+/// ready: the first round finds out.
+///
+/// IMPORTANT: read on a thread of its own. The caller is often a runtime's thread, where a
+/// store with a blocking client that runs its own runtime (PostgreSQL's) cannot be called.
+fn boot_ready(engine: &SyncEngine, boot: &BTreeSet<Scope>) -> bool {
+    if boot.is_empty() {
+        return true;
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            boot.iter()
+                .all(|scope| matches!(engine.hydration(scope), Ok(Hydration::Ready)))
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 impl Scheduler {
     /// Starts a scheduler for `engine`, with no peers yet.
     ///
@@ -438,10 +457,7 @@ impl Scheduler {
     pub fn start(engine: Arc<SyncEngine>, config: SchedulerConfig) -> Scheduler {
         let runtime = tokio::runtime::Handle::current();
         let changes = engine.notifier().subscribe();
-        let boot_ready = config.boot_scopes.iter().all(|scope| {
-            // A failed read counts as not ready: the first round finds out.
-            matches!(engine.hydration(scope), Ok(Hydration::Ready))
-        });
+        let boot_ready = boot_ready(&engine, &config.boot_scopes);
         let shared = Arc::new(Shared {
             engine,
             config,
