@@ -106,14 +106,10 @@ async fn a_frame_refused_mid_stream_is_seen_every_time() -> TestResult {
     for attempt in 0..ATTEMPTS {
         let time = Arc::new(ManualTime::new(1_000_000));
         let hub = node(&time, 256)?;
-        let access = Access::from_json(
-            r#"{"tokens":[{"name":"notes","token":"nnnnnnnnnnnnnnnn","read":["*"],
-                "write":["app/notes/*"],"sync":true}]}"#,
+        let server = tokens(
+            r#"{"name":"notes","token":"nnnnnnnnnnnnnnnn","read":["*"],
+                "write":["app/notes/*"],"sync":true}"#,
         )?;
-        let server = ServerConfig {
-            access: Arc::new(access),
-            ..Default::default()
-        };
         let (url, requests) =
             serve_counted(HighwaterService::new(hub.clone(), server), None).await?;
         let device = device(&time)?;
@@ -151,6 +147,15 @@ async fn serve_real(hub: Arc<SyncEngine>, server: ServerConfig) -> TestResult<St
         std::future::pending(),
     ));
     Ok(addr)
+}
+
+/// A server configuration whose access file holds the one token `token` (its JSON).
+fn tokens(token: &str) -> TestResult<ServerConfig> {
+    let access = Access::from_json(&format!(r#"{{"tokens":[{token}]}}"#))?;
+    Ok(ServerConfig {
+        access: Arc::new(access),
+        ..Default::default()
+    })
 }
 
 /// Reads one response (headers and a `Content-Length` body) from `stream`, `buffered`
@@ -256,14 +261,9 @@ async fn answered_early_then_drained(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_answer_is_read_and_the_body_drained_behind_it() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let access = Access::from_json(
-        r#"{"tokens":[{"name":"all","token":"aaaaaaaaaaaaaaaa","read":["*"],
-            "write":["*"],"sync":true}]}"#,
+    let with_tokens = tokens(
+        r#"{"name":"all","token":"aaaaaaaaaaaaaaaa","read":["*"],"write":["*"],"sync":true}"#,
     )?;
-    let with_tokens = ServerConfig {
-        access: Arc::new(access),
-        ..Default::default()
-    };
     let addr = serve_real(node(&time, 256)?, with_tokens).await?;
     answered_early_then_drained(&addr, None, "401", Early::Push).await?;
     let addr = serve_real(node(&time, 0)?, ServerConfig::default()).await?;
@@ -277,14 +277,9 @@ async fn an_early_answer_is_read_and_the_body_drained_behind_it() -> TestResult 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upload_is_read_and_its_body_drained_behind_it() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
-    let access = Access::from_json(
-        r#"{"tokens":[{"name":"reader","token":"rrrrrrrrrrrrrrrr","read":["*"],
-            "write":[],"sync":true}]}"#,
+    let with_tokens = tokens(
+        r#"{"name":"reader","token":"rrrrrrrrrrrrrrrr","read":["*"],"write":[],"sync":true}"#,
     )?;
-    let with_tokens = ServerConfig {
-        access: Arc::new(access),
-        ..Default::default()
-    };
     let addr = serve_real(node(&time, 256)?, with_tokens).await?;
     answered_early_then_drained(&addr, None, "401", Early::Blob).await?;
     answered_early_then_drained(&addr, Some("rrrrrrrrrrrrrrrr"), "403", Early::Blob).await?;

@@ -120,49 +120,39 @@ fn redb_two_indexes(fx: &mut Fixture, n: u64, runs: usize) -> Result<Row> {
     let text = scope().to_string();
     let mut prefix = vec![u8::try_from(text.len())?];
     prefix.extend_from_slice(text.as_bytes());
-    let mut rates = Vec::new();
-    for _ in 0..runs {
-        let dir = fx.fresh_dir("redb-two-limit");
-        std::fs::create_dir_all(&dir)?;
-        let data = fx.records(n);
-        let (done, secs) = measure::timed(|| -> Result<()> {
-            let mut builder = Database::builder();
-            builder.set_cache_size(cache);
-            let db = builder.create(dir.join("limit.redb"))?;
-            let txn = db.begin_write()?;
-            {
-                let mut by_key = txn.open_table(BY_KEY)?;
-                let mut by_time = txn.open_table(BY_TIME)?;
-                let (mut key_row, mut time_row, mut value_row) =
-                    (Vec::new(), Vec::new(), Vec::new());
-                for (i, (k, v)) in data.iter().enumerate() {
-                    let time = (1u64 << 62) + i as u64;
-                    time_row.clear();
-                    time_row.extend_from_slice(&prefix);
-                    time_row.extend_from_slice(&origin);
-                    time_row.extend_from_slice(&time.to_be_bytes());
-                    key_row.clear();
-                    key_row.extend_from_slice(&prefix);
-                    key_row.extend_from_slice(k);
-                    by_key.insert(key_row.as_slice(), &time_row[prefix.len()..])?;
-                    // The row of `versions-v2`: key length, key, and the version (its Hlc,
-                    // the op tag and the value's length before the value).
-                    value_row.clear();
-                    value_row.extend_from_slice(&(k.len() as u16).to_be_bytes());
-                    value_row.extend_from_slice(k);
-                    value_row.extend_from_slice(&time_row[prefix.len()..]);
-                    value_row.extend_from_slice(&[0, v.len() as u8, 0]);
-                    value_row.extend_from_slice(v);
-                    by_time.insert(time_row.as_slice(), value_row.as_slice())?;
-                }
+    let rates = insert_runs(fx, n, runs, "redb-two-limit", |dir, data| {
+        let mut builder = Database::builder();
+        builder.set_cache_size(cache);
+        let db = builder.create(dir.join("limit.redb"))?;
+        let txn = db.begin_write()?;
+        {
+            let mut by_key = txn.open_table(BY_KEY)?;
+            let mut by_time = txn.open_table(BY_TIME)?;
+            let (mut key_row, mut time_row, mut value_row) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, (k, v)) in data.iter().enumerate() {
+                let time = (1u64 << 62) + i as u64;
+                time_row.clear();
+                time_row.extend_from_slice(&prefix);
+                time_row.extend_from_slice(&origin);
+                time_row.extend_from_slice(&time.to_be_bytes());
+                key_row.clear();
+                key_row.extend_from_slice(&prefix);
+                key_row.extend_from_slice(k);
+                by_key.insert(key_row.as_slice(), &time_row[prefix.len()..])?;
+                // The row of `versions-v2`: key length, key, and the version (its Hlc,
+                // the op tag and the value's length before the value).
+                value_row.clear();
+                value_row.extend_from_slice(&(k.len() as u16).to_be_bytes());
+                value_row.extend_from_slice(k);
+                value_row.extend_from_slice(&time_row[prefix.len()..]);
+                value_row.extend_from_slice(&[0, v.len() as u8, 0]);
+                value_row.extend_from_slice(v);
+                by_time.insert(time_row.as_slice(), value_row.as_slice())?;
             }
-            txn.commit()?;
-            Ok(())
-        });
-        done?;
-        rates.push(n as f64 / secs);
-        std::fs::remove_dir_all(&dir)?;
-    }
+        }
+        txn.commit()?;
+        Ok(())
+    })?;
     Ok(Row::new(
         format!(
             "limit: redb insert into the format's two indexes (by key, at random; by origin and time, in order), {} records, one transaction, {} MiB cache",
@@ -186,33 +176,45 @@ fn redb_insert_rates(
     cache: Option<usize>,
     per_txn: usize,
 ) -> Result<Vec<f64>> {
+    insert_runs(fx, n, runs, "redb-limit", |dir, data| {
+        let mut builder = Database::builder();
+        if let Some(bytes) = cache {
+            builder.set_cache_size(bytes);
+        }
+        let db = builder.create(dir.join("limit.redb"))?;
+        let txns = data.chunks(per_txn).count();
+        for (i, chunk) in data.chunks(per_txn).enumerate() {
+            let mut txn = db.begin_write()?;
+            if i + 1 < txns {
+                txn.set_durability(redb::Durability::None)?;
+            }
+            {
+                let mut table = txn.open_table(PLAIN)?;
+                for (k, v) in chunk {
+                    table.insert(k.as_slice(), v.as_slice())?;
+                }
+            }
+            txn.commit()?;
+        }
+        Ok(())
+    })
+}
+
+/// Records per second of `runs` runs of `insert`, each given a fresh directory (removed
+/// after it) and the first `n` records.
+fn insert_runs(
+    fx: &mut Fixture,
+    n: u64,
+    runs: usize,
+    what: &str,
+    mut insert: impl FnMut(&std::path::Path, &[Rec]) -> Result<()>,
+) -> Result<Vec<f64>> {
     let mut rates = Vec::new();
     for _ in 0..runs {
-        let dir = fx.fresh_dir("redb-limit");
+        let dir = fx.fresh_dir(what);
         std::fs::create_dir_all(&dir)?;
         let data = fx.records(n);
-        let (done, secs) = measure::timed(|| -> Result<()> {
-            let mut builder = Database::builder();
-            if let Some(bytes) = cache {
-                builder.set_cache_size(bytes);
-            }
-            let db = builder.create(dir.join("limit.redb"))?;
-            let txns = data.chunks(per_txn).count();
-            for (i, chunk) in data.chunks(per_txn).enumerate() {
-                let mut txn = db.begin_write()?;
-                if i + 1 < txns {
-                    txn.set_durability(redb::Durability::None)?;
-                }
-                {
-                    let mut table = txn.open_table(PLAIN)?;
-                    for (k, v) in chunk {
-                        table.insert(k.as_slice(), v.as_slice())?;
-                    }
-                }
-                txn.commit()?;
-            }
-            Ok(())
-        });
+        let (done, secs) = measure::timed(|| insert(&dir, data));
         done?;
         rates.push(n as f64 / secs);
         std::fs::remove_dir_all(&dir)?;

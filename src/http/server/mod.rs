@@ -203,8 +203,7 @@ impl HighwaterService {
         // connection. Other bodies are read whole before any answer that needs them, or are
         // small.
         let uploads = method == Method::PUT && matches!(endpoint, "blob" | "files");
-        let linger =
-            (endpoint == "push" || uploads).then_some(self.inner.config.body_read_timeout);
+        let linger = (endpoint == "push" || uploads).then_some(self.inner.config.body_read_timeout);
         let req = req.map(|body| Lingering::new(body, linger));
         // IMPORTANT: authentication comes before anything reads the body.
         let (token, reply) = match self.authenticate(&req) {
