@@ -196,14 +196,12 @@ impl HighwaterService {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let endpoint = endpoint_kind(&path);
-        // A streamed push's client sends frames until it reads the answer, and an upload's
-        // (a blob, a file) sends its bytes: whenever that answer comes before the body's end
-        // (a refusal, a frame refused, an answer that takes no frame), the rest is drained
-        // while it goes out, up to `DRAIN_LIMIT`, so the client reads it rather than a reset
-        // connection. Other bodies are read whole before any answer that needs them, or are
-        // small.
-        let uploads = method == Method::PUT && matches!(endpoint, "blob" | "files");
-        let linger = (endpoint == "push" || uploads).then_some(self.inner.config.body_read_timeout);
+        // A streamed push's client sends frames until it reads the answer: whenever that
+        // answer comes before the body's end (a refusal, a frame refused, an answer that takes
+        // no frame), the rest is drained while it goes out, so the client reads it rather
+        // than a reset connection. Other bodies are read whole before any answer that needs
+        // them, or are small.
+        let linger = (endpoint == "push").then_some(self.inner.config.body_read_timeout);
         let req = req.map(|body| Lingering::new(body, linger));
         // IMPORTANT: authentication comes before anything reads the body.
         let (token, reply) = match self.authenticate(&req) {
