@@ -146,6 +146,7 @@ async fn missing_or_unknown_tokens_get_401_before_the_body_is_read() -> TestResu
     let blob = format!("/v1/blobs/{}", Hash::of(b"x"));
     let endpoints = [
         ("POST", "/v1/sync/exchange"),
+        ("POST", "/v1/sync/push"),
         ("PUT", blob.as_str()),
         ("PUT", "/v1/records/shared/k"),
         ("PUT", "/v1/files/shared/f"),

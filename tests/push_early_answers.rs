@@ -230,17 +230,18 @@ async fn answered_early_then_drained(
     Ok(())
 }
 
-/// The server's early answers to a push (no token: 401; a node that takes no pushes: 404)
-/// go out at once, and the body is read to its end behind them, so the client sees the
-/// answer and the connection stays usable.
+/// The server's early answers to an authenticated push (a token that may not sync: 403; a
+/// node that takes no pushes: 404) go out at once, and the body is read to its end behind
+/// them, so the client sees the answer and the connection stays usable. (A push without a
+/// valid token gets its 401 and the connection ends, as any request's: tests/http_inputs.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_answer_is_read_and_the_body_drained_behind_it() -> TestResult {
     let time = Arc::new(ManualTime::new(1_000_000));
     let with_tokens = tokens(
-        r#"{"name":"all","token":"aaaaaaaaaaaaaaaa","read":["*"],"write":["*"],"sync":true}"#,
+        r#"{"name":"app","token":"aaaaaaaaaaaaaaaa","read":["*"],"write":["*"],"sync":false}"#,
     )?;
     let addr = serve_real(node(&time, 256)?, with_tokens).await?;
-    answered_early_then_drained(&addr, None, "401").await?;
+    answered_early_then_drained(&addr, Some("aaaaaaaaaaaaaaaa"), "403").await?;
     let addr = serve_real(node(&time, 0)?, ServerConfig::default()).await?;
     answered_early_then_drained(&addr, None, "404").await?;
     Ok(())

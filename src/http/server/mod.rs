@@ -196,16 +196,21 @@ impl HighwaterService {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let endpoint = endpoint_kind(&path);
-        // A streamed push's client sends frames until it reads the answer: whenever that
-        // answer comes before the body's end (a refusal, a frame refused, an answer that takes
-        // no frame), the rest is drained while it goes out, so the client reads it rather
-        // than a reset connection. Other bodies are read whole before any answer that needs
-        // them, or are small.
-        let linger = (endpoint == "push").then_some(self.inner.config.body_read_timeout);
-        let req = req.map(|body| Lingering::new(body, linger));
-        // IMPORTANT: authentication comes before anything reads the body.
+        // IMPORTANT: authentication comes before anything reads the body. A request it
+        // refuses is answered and its connection ends, its body unread (as any request's
+        // refused before its body): no client without a token holds a connection open or
+        // makes this server read.
         let (token, reply) = match self.authenticate(&req) {
-            Ok(grant) => (Some(grant.name.clone()), self.dispatch(grant, req).await),
+            Ok(grant) => {
+                // A streamed push's client sends frames until it reads the answer: whenever
+                // that answer comes before the body's end (a refusal, a frame refused, an
+                // answer that takes no frame), the rest is drained while it goes out, so the
+                // client reads it rather than a reset connection. Other bodies are read
+                // whole before any answer that needs them, or are small.
+                let linger = (endpoint == "push").then_some(self.inner.config.body_read_timeout);
+                let req = req.map(|body| Lingering::new(body, linger));
+                (Some(grant.name.clone()), self.dispatch(grant, req).await)
+            }
             Err(refused) => (None, Err(refused)),
         };
         let resp = reply.unwrap_or_else(Failure::into_response);
