@@ -140,15 +140,18 @@ impl<'t> Writer<'t> {
         })
     }
 
+    /// Where `(scope, origin)`'s top is in `tops`, if this batch read it.
+    fn top_at(&self, scope: &Scope, origin: NodeId) -> Option<usize> {
+        self.tops
+            .iter()
+            .rposition(|t| t.origin == origin && t.scope == *scope)
+    }
+
     /// Whether `hlc` is above every version of its origin stored in `scope`: one range read
     /// per `(scope, origin)` per batch, then none.
     fn above_stored(&mut self, scope: &Scope, hlc: Hlc) -> Result<bool, StoreError> {
         let origin = hlc.origin();
-        let found = self
-            .tops
-            .iter()
-            .rposition(|t| t.origin == origin && t.scope == *scope);
-        let at = match found {
+        let at = match self.top_at(scope, origin) {
             Some(at) => at,
             None => {
                 let lo = live_key(scope, origin, 0);
@@ -296,13 +299,9 @@ impl TxnOps for Writer<'_> {
             encode_row(key, version).as_slice(),
         )?;
         // IMPORTANT: a top read before this insert must cover it (a top read after does).
-        if let Some(top) = self
-            .tops
-            .iter_mut()
-            .rev()
-            .find(|t| t.origin == hlc.origin() && t.scope == *scope)
-        {
-            top.time = Some(top.time.map_or(hlc.time(), |t| t.max(hlc.time())));
+        if let Some(at) = self.top_at(scope, hlc.origin()) {
+            let top = &mut self.tops[at].time;
+            *top = Some(top.map_or(hlc.time(), |t| t.max(hlc.time())));
         }
         self.changes
             .insert(scope, hlc.origin(), hlc.time(), item_hash(key, hlc));
