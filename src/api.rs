@@ -442,7 +442,8 @@ pub struct PeerLink {
 }
 
 /// How far a pull from a peer has come: the rounds in a row that found more to pull, up to
-/// and including the one that found nothing more.
+/// and including the one that found nothing more (and, within a streamed round, its pages
+/// applied so far).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullProgress {
     /// Versions received in this pull so far.

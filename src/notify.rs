@@ -2,8 +2,9 @@
 //!
 //! Every engine owns a [`Notifier`]. The engine publishes the three change events
 //! (`local-change-recorded`, `remote-update-available`, `local-data-synced`) and the halts
-//! it decides (`clock_skew`, `blob_staged`); the scheduler publishes `sync_applied`,
-//! `sync_failed` and `sync_retry`.
+//! it decides (`clock_skew`, `blob_staged`), and each page of a streamed transfer as it is
+//! applied (`sync_page_applied`); the scheduler publishes `sync_applied`, `sync_failed` and
+//! `sync_retry`.
 //!
 //! Subscribers read from a bounded buffer ([`EVENT_BUFFER`] events). A subscriber that falls
 //! further behind is never waited for: it is told how many events it missed
@@ -92,6 +93,27 @@ pub enum SyncEvent {
         has_more: bool,
         /// How many versions the peer still holds for this node beyond the round's page,
         /// as it counted them ([`crate::ExchangeOutcome::remaining`]); `None` if it did not.
+        remaining: Option<u64>,
+    },
+    /// A page of a streamed transfer with `peer` was applied (`sync_page_applied`): each
+    /// frame of a streamed pull this node initiated, and each frame of a streamed push this
+    /// node answers. Published by the engine as the page commits, so a progress bar moves
+    /// within a round of hundreds of pages; the round's `sync_applied` still follows, with
+    /// the round's totals (the response's page and every frame's).
+    PageApplied {
+        /// The peer that sent the page (see [`SyncEvent::Applied::peer`]; a responder names
+        /// its initiators by id).
+        peer: String,
+        /// The page's number in its transfer: 1 for the first frame after the answer, 0
+        /// for the response's own page when it opens a streamed pull (an initiator tells
+        /// it; the request's page of a streamed push is not told).
+        seq: u32,
+        /// Versions the page carried.
+        received: usize,
+        /// Of those, versions that changed this node's state.
+        applied: usize,
+        /// How many versions the sender still held for this node after the page, as it
+        /// counted them ([`crate::ExchangeOutcome::remaining`]); `None` if it did not.
         remaining: Option<u64>,
     },
     /// A round with `peer` failed (`sync_failed`).
@@ -287,6 +309,7 @@ impl SyncEvent {
             SyncEvent::AuditCompleted { .. } => "audit_completed",
             SyncEvent::AuditFailed { .. } => "audit_failed",
             SyncEvent::Applied { .. } => "sync_applied",
+            SyncEvent::PageApplied { .. } => "sync_page_applied",
             SyncEvent::Failed { .. } => "sync_failed",
             SyncEvent::Retry { .. } => "sync_retry",
             SyncEvent::BlobStaged { .. } => "blob_staged",
@@ -348,6 +371,67 @@ impl Subscription {
             Err(_) => None,
         }
     }
+}
+
+/// What one `sync_page_applied` told: the page's versions, those that changed this node's
+/// state, and what the sender still held after it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PageNews {
+    pub(crate) received: usize,
+    pub(crate) applied: usize,
+    pub(crate) remaining: Option<u64>,
+}
+
+/// Runs `round` to its end, calling `on_page` for each `sync_page_applied` read from
+/// `events` (subscribed before the round started) whose peer name `ours` accepts. Events
+/// still unread when the round ends were published during it: they are read then, so each
+/// page is told once and the next round counts none of them.
+pub(crate) async fn follow_pages<F: std::future::Future>(
+    events: &mut Subscription,
+    round: F,
+    ours: impl Fn(&str) -> bool,
+    mut on_page: impl FnMut(PageNews),
+) -> F::Output {
+    let mut told = |notice: Notice| {
+        if let Notice::Event(Event::Sync(SyncEvent::PageApplied {
+            peer,
+            received,
+            applied,
+            remaining,
+            ..
+        })) = notice
+        {
+            if ours(&peer) {
+                on_page(PageNews {
+                    received,
+                    applied,
+                    remaining,
+                });
+            }
+        }
+    };
+    tokio::pin!(round);
+    let mut open = true;
+    let output = loop {
+        let next = async {
+            match open {
+                true => events.recv().await,
+                false => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            output = &mut round => break output,
+            notice = next => match notice {
+                Some(notice) => told(notice),
+                None => open = false,
+            },
+        }
+    };
+    while let Some(notice) = events.try_recv() {
+        told(notice);
+    }
+    output
 }
 
 /// Where a watcher stands: the notifier's incarnation and change count it last saw.

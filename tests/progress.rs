@@ -256,3 +256,157 @@ async fn the_scheduler_shows_the_pull_and_publishes_remaining() -> TestResult {
     scheduler.shutdown().await?;
     Ok(())
 }
+
+/// The `sync_page_applied` events a subscription holds: (seq, received, applied, remaining),
+/// each checked to name `peer`.
+fn page_events(
+    events: &mut highwater::notify::Subscription,
+    peer: &str,
+) -> Vec<(u32, usize, usize, Option<u64>)> {
+    let mut pages = Vec::new();
+    while let Some(notice) = events.try_recv() {
+        if let Notice::Event(Event::Sync(SyncEvent::PageApplied {
+            peer: from,
+            seq,
+            received,
+            applied,
+            remaining,
+        })) = notice
+        {
+            assert_eq!(from, peer);
+            pages.push((seq, received, applied, remaining));
+        }
+    }
+    pages
+}
+
+#[tokio::test]
+async fn a_streamed_pull_tells_each_page_as_it_is_applied() -> TestResult {
+    let hub = Arc::new(SyncEngine::in_memory()?);
+    fill_hub(&hub).await?;
+    // A device that streams (the default): its first round brings every page.
+    let device = SyncEngine::in_memory()?;
+    let mut events = SyncEngine::notifier(&device).subscribe();
+    let outcome = device
+        .exchange_with(&InProcess::new(hub.clone()), &pages())
+        .await?;
+    assert!(!outcome.has_more);
+    assert_eq!(outcome.received as u64, LIVE);
+    let pages = page_events(&mut events, &hub.node_id().to_string());
+    // The response's page (0), then nine frames, each told with what the hub still held.
+    let told: Vec<(u32, usize, Option<u64>)> = pages.iter().map(|p| (p.0, p.1, p.3)).collect();
+    let expected: Vec<(u32, usize, Option<u64>)> = (0..10u32)
+        .map(|seq| (seq, PAGE, Some(LIVE - (u64::from(seq) + 1) * PAGE as u64)))
+        .collect();
+    assert_eq!(told, expected);
+    assert_eq!(pages.iter().map(|p| p.2).sum::<usize>(), outcome.applied);
+
+    // A round in pages, without a stream, tells no page: its `sync_applied` is its progress.
+    let device = rounds_device()?;
+    let mut events = SyncEngine::notifier(&device).subscribe();
+    pull(&device, &InProcess::new(hub.clone())).await?;
+    assert_eq!(page_events(&mut events, "any"), Vec::new());
+    Ok(())
+}
+
+#[tokio::test]
+async fn highwater_sync_moves_its_bar_with_each_page_of_a_round() -> TestResult {
+    let hub = Arc::new(SyncEngine::in_memory()?);
+    fill_hub(&hub).await?;
+    let device = SyncEngine::in_memory()?;
+    let mut bars: Vec<(u64, Option<u64>)> = Vec::new();
+    let done = sync_until_done(&device, &InProcess::new(hub.clone()), &pages(), |t| {
+        bars.push((t.received as u64, t.total()))
+    })
+    .await?;
+    assert_eq!((done.rounds, done.received as u64), (1, LIVE));
+    // One round, ten pages: the bar moves page by page, then the round's end.
+    let mut expected: Vec<(u64, Option<u64>)> = (1..=10u64)
+        .map(|page| (page * PAGE as u64, Some(LIVE)))
+        .collect();
+    expected.push((LIVE, Some(LIVE)));
+    assert_eq!(bars, expected);
+    Ok(())
+}
+
+/// Lets the frames of a streamed pull through one permit at a time.
+struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl highwater::transport::Layer for Gate {
+    fn frames(&self, frames: highwater::transport::Frames) -> highwater::transport::Frames {
+        use futures_util::StreamExt;
+        let gate = self.0.clone();
+        Box::pin(frames.then(move |frame| {
+            let gate = gate.clone();
+            async move {
+                if let Ok(permit) = gate.acquire().await {
+                    permit.forget();
+                }
+                frame
+            }
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_shows_a_pull_move_within_a_round() -> TestResult {
+    let hub = Arc::new(SyncEngine::in_memory()?);
+    fill_hub(&hub).await?;
+    let device = Arc::new(SyncEngine::in_memory()?);
+    let mut events = SyncEngine::notifier(&device).subscribe();
+    let gate = Arc::new(tokio::sync::Semaphore::new(3));
+    let transport =
+        highwater::transport::Layered::with_layer(InProcess::new(hub.clone()), Gate(gate.clone()));
+    let scheduler = Scheduler::start(
+        device.clone(),
+        SchedulerConfig {
+            watch: false,
+            audit_interval: None,
+            options: pages(),
+            ..SchedulerConfig::default()
+        },
+    );
+    scheduler.add_peer("hub", Arc::new(transport))?;
+    // Three frames are let through; the third waits to be applied until the fourth comes
+    // (each page is applied while the next one's files are fetched), so the round holds
+    // with pages 0 to 2 applied: 300 versions, 700 left.
+    loop {
+        match events.recv().await.ok_or("the notifier closed")? {
+            Notice::Event(Event::Sync(SyncEvent::PageApplied { seq: 2, .. })) => break,
+            Notice::Event(Event::Sync(SyncEvent::Applied { .. })) => {
+                return Err("the round ended with its frames held back".into())
+            }
+            _ => {}
+        }
+    }
+    // The round's task reads the same event on its own subscription: wait for it to show,
+    // with a deadline (the round itself is held, so nothing else can move the status).
+    let held = (300, Some(700));
+    let mut shown = None;
+    for _ in 0..2000 {
+        shown = scheduler.peers()[0].pull.map(|p| (p.received, p.remaining));
+        if shown == Some(held) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        shown,
+        Some(held),
+        "the status did not move within the round"
+    );
+    // Let the rest through: the round ends with every version.
+    gate.add_permits(1000);
+    loop {
+        if let Notice::Event(Event::Sync(SyncEvent::Applied { received, .. })) =
+            events.recv().await.ok_or("the notifier closed")?
+        {
+            assert_eq!(received as u64, LIVE);
+            break;
+        }
+    }
+    let pull = scheduler.peers()[0].pull.ok_or("no pull shown")?;
+    assert_eq!((pull.received, pull.remaining), (LIVE, Some(0)));
+    scheduler.shutdown().await?;
+    Ok(())
+}

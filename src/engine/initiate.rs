@@ -178,7 +178,10 @@ impl SyncEngine {
         // are fetched while the page before it is applied.
         let mut cut = None;
         if let Some(mut frames) = frames {
-            let (mut pending, mut refused): (Option<Fetched<'_>>, _) = (None, None);
+            // The response's page opens the transfer: its progress is told as page 0.
+            let (count, changed) = (taken.applied.received, taken.applied.applied);
+            self.announce_page(&label, 0, count, changed, received.ext.remaining);
+            let (mut pending, mut refused): (Option<(u32, Fetched<'_>)>, _) = (None, None);
             while !round.stream_ended() {
                 let frame = match frames.next().await {
                     Some(Ok(frame)) => frame,
@@ -193,6 +196,7 @@ impl SyncEngine {
                         break;
                     }
                 };
+                let seq = frame.seq;
                 let next = match round.frame(&received, frame) {
                     Ok(next) => next,
                     Err(e) => {
@@ -203,19 +207,19 @@ impl SyncEngine {
                 let fetching = self.fetch_for(transport, next);
                 let fetched = match pending.take() {
                     None => fetching.await?,
-                    Some(before) => {
-                        let applying = self.apply_fetched(&label, &scopes, before);
+                    Some((before_seq, before)) => {
+                        let applying = self.apply_frame(&label, &scopes, before_seq, before);
                         let (applied, fetched) =
                             futures_util::future::join(applying, fetching).await;
-                        taken.absorb(applied?.1);
+                        taken.absorb(applied?);
                         fetched?
                     }
                 };
-                pending = Some(fetched);
+                pending = Some((seq, fetched));
             }
             // A page received in full before a cut or a refused frame is applied too.
-            if let Some(last) = pending {
-                taken.absorb(self.apply_fetched(&label, &scopes, last).await?.1);
+            if let Some((seq, last)) = pending {
+                taken.absorb(self.apply_frame(&label, &scopes, seq, last).await?);
             }
             if let Some(e) = refused {
                 return Err(e);
@@ -468,6 +472,21 @@ impl SyncEngine {
             crossed,
         };
         Ok((received, taken))
+    }
+
+    /// Takes frame `seq` of a streamed pull as [`SyncEngine::apply_fetched`] takes a page,
+    /// then publishes `sync_page_applied` for it.
+    async fn apply_frame(
+        &self,
+        label: &str,
+        scopes: &ScopeFilter,
+        seq: u32,
+        fetched: Fetched<'_>,
+    ) -> Result<Taken> {
+        let (received, taken) = self.apply_fetched(label, scopes, fetched).await?;
+        let (count, applied) = (taken.applied.received, taken.applied.applied);
+        self.announce_page(label, seq, count, applied, received.ext.remaining);
+        Ok(taken)
     }
 
     pub(super) fn page_limits(&self, versions: usize) -> PageLimits {

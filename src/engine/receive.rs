@@ -344,6 +344,28 @@ impl SyncEngine {
         }
     }
 
+    /// Publishes `sync_page_applied` for frame `seq` of a streamed transfer from `peer`
+    /// (the name its events carry), which carried `received` versions, `applied` of which
+    /// changed this node's state, and left `remaining` at the sender.
+    pub(super) fn announce_page(
+        &self,
+        peer: &str,
+        seq: u32,
+        received: usize,
+        applied: usize,
+        remaining: Option<u64>,
+    ) {
+        self.inner
+            .notifier
+            .publish(Event::Sync(SyncEvent::PageApplied {
+                peer: peer.to_owned(),
+                seq,
+                received,
+                applied,
+                remaining,
+            }));
+    }
+
     /// Publishes `clock_skew` and `blob_staged` for the streams this node halted when
     /// `peer` (the name its events carry) sent them.
     pub(super) fn announce_halts(&self, peer: &str, halts: &[Halt]) {

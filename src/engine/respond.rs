@@ -184,6 +184,7 @@ impl SyncEngine {
     /// of it is applied, nor of any frame after it), its page breaks the protocol, or the
     /// store failed. The pages applied before stay.
     pub fn take_frame(&self, transfer: &mut PushTransfer, frame: PageFrame) -> Result<()> {
+        let (seq, remaining) = (frame.seq, frame.remaining);
         let page = transfer.frame(frame)?;
         let from = transfer.from();
         let crossing = (transfer.floors.as_ref())
@@ -200,6 +201,8 @@ impl SyncEngine {
         if crossing {
             self.adopt_floors(from, transfer.answer.scopes())?;
         }
+        let (received, changed) = (applied.received, applied.applied);
+        self.announce_page(&from.to_string(), seq, received, changed, remaining);
         transfer.halted(applied.halts);
         transfer.refused.extend(applied.refused);
         transfer.changed_marks |= applied.changed_marks;

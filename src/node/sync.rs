@@ -8,6 +8,7 @@ use crate::engine::{AuditOutcome, ExchangeOptions, SyncEngine};
 use crate::error::{Result, TransportError};
 use crate::exchange::{Halt, HaltReason};
 use crate::hlc::NodeId;
+use crate::notify::follow_pages;
 use crate::record::BlobRef;
 use crate::transport::{Layer, Layered, Transport};
 
@@ -55,7 +56,8 @@ impl SyncTotals {
 }
 
 /// Runs rounds with the peer behind `transport` while either side has more to send, calling
-/// `progress` after each round; returns the totals.
+/// `progress` after each round and after each page of a streamed pull within one (its
+/// `sync_page_applied`: a round may bring hundreds of pages); returns the totals.
 ///
 /// # Errors
 /// A round failed (the transport, the peer's answer, or the store). Every round completed
@@ -68,8 +70,21 @@ pub async fn sync_until_done<T: Transport>(
 ) -> Result<SyncTotals> {
     let metered: Layered<&T, Metered> = Layered::new(transport);
     let mut totals = SyncTotals::default();
+    let mut events = engine.notifier().subscribe();
     loop {
-        let outcome = engine.exchange_with(&metered, options).await?;
+        // Progress within the round, from its pages' events: named by the peer's id (the
+        // session `exchange_with` keeps has no name), which is unknown until it answers.
+        let known = totals.peer.or(transport.peer_id());
+        let mut now = totals.clone();
+        let round = engine.exchange_with(&metered, options);
+        let ours = |peer: &str| known.is_none_or(|p| p.to_string() == peer);
+        let outcome = follow_pages(&mut events, round, ours, |page| {
+            now.received += page.received;
+            now.applied += page.applied;
+            now.remaining = page.remaining;
+            progress(&now);
+        })
+        .await?;
         totals.peer = Some(outcome.peer);
         totals.rounds += 1;
         totals.received += outcome.received;
@@ -242,20 +257,28 @@ mod tests {
         })
         .await
         .unwrap();
-        // Every round knows the total: 251 versions to receive (the file's record too).
+        // Every round and every page of one knows the total: 251 versions to receive (the
+        // file's record too), and the bar only moves forward.
         assert!(
             bars.iter().all(|(_, total)| *total == Some(251)),
             "{bars:?}"
         );
+        assert!(bars.windows(2).all(|w| w[0].0 <= w[1].0), "{bars:?}");
         assert_eq!(bars.last(), Some(&(251, Some(251))));
         assert_eq!(a.digest().unwrap(), b.digest().unwrap());
         assert_eq!(totals.received, 251);
         assert_eq!((totals.blobs_fetched, totals.bytes_fetched), (1, 30_000));
         assert_eq!(totals.shipped, 2);
         assert_eq!((totals.blobs_pushed, totals.bytes_pushed), (1, 100_000));
-        assert_eq!(totals.rounds, calls);
-        // The pages of 40 stream back to back: fewer rounds than pages.
+        // The pages of 40 stream back to back: fewer rounds than pages, and the progress is
+        // told page by page, not only per round.
         assert!(totals.rounds < 250 / 40, "pages of 40: {totals:?}");
+        assert!(calls > totals.rounds, "{calls} calls: {bars:?}");
+        let told: Vec<u64> = (1..=6).map(|page| page * 40).chain([251]).collect();
+        assert!(
+            told.iter().all(|at| bars.iter().any(|(pos, _)| pos == at)),
+            "not every page was told: {bars:?}"
+        );
         assert_eq!(totals.peer, Some(b.node_id()));
     }
 }

@@ -18,7 +18,7 @@ use crate::engine::{ExchangeOptions, ExchangeOutcome};
 use crate::error::{error_chain, Error, ProtocolError, TransportError};
 use crate::exchange::{Halt, HaltReason, Session};
 use crate::hlc::NodeId;
-use crate::notify::{Event, SyncEvent};
+use crate::notify::{follow_pages, Event, SyncEvent};
 use crate::poison::lock;
 use crate::record::{Hydration, Scope, ScopeFilter};
 use crate::transport::Transport;
@@ -338,12 +338,25 @@ pub(super) async fn run_round<T: Transport>(
     }
     // The round works on a copy of the session, written back whether it succeeds or not
     // (a failed round leaves the session without held marks: its next request is in full).
-    let mut session = peer.status().session.clone();
+    let (mut session, pull) = {
+        let status = peer.status();
+        (status.session.clone(), status.pull.unwrap_or_default())
+    };
     let options = shared.round_options(peer);
-    let result = shared
-        .engine
-        .exchange_in(&mut session, transport, &options)
-        .await;
+    // The pull's progress moves with each page of a streamed transfer, not only per round.
+    let mut events = shared.engine.notifier().subscribe();
+    let round = shared.engine.exchange_in(&mut session, transport, &options);
+    let mut in_round = 0u64;
+    let result = follow_pages(
+        &mut events,
+        round,
+        |p| p == peer.name,
+        |page| {
+            in_round += page.received as u64;
+            peer.status().pull = Some(pull.after_round(first, in_round, page.remaining));
+        },
+    )
+    .await;
     match &result {
         Err(Error::Protocol(ProtocolError::PeerRestored { old, new })) => {
             session = changed_peer(
@@ -392,7 +405,6 @@ pub(super) async fn run_round<T: Transport>(
         status.last_success = Some(SystemTime::now());
         status.consecutive_failures = 0;
         status.rounds += 1;
-        let pull = status.pull.unwrap_or_default();
         status.pull = Some(pull.after_round(first, outcome.received as u64, outcome.remaining));
         !std::mem::replace(&mut status.connected, true)
     };
