@@ -6,7 +6,9 @@
 //!
 //! Over HTTP (`e2e --role pull-http --url URL --into DIR`) the child holds only the receiver
 //! and pulls from the node served at `URL` (by the parent, which checks the states and counts
-//! the bytes on the wire: the child's report leaves those at zero).
+//! the bytes on the wire: the child's report leaves those at zero). `e2e --role push-http
+//! --url URL --from DIR` is the other direction: the child holds the sender and pushes
+//! everything to the node served at `URL` (the `wan` case's push).
 //!
 //! The `wan` case runs this role in a network namespace (`wan.rs`), and two long-running
 //! roles of its own (`served.rs`: `serve-http`, `relay`).
@@ -45,6 +47,9 @@ pub struct PullReport {
     /// Received versions that changed the receiver.
     #[serde(default)]
     pub applied: usize,
+    /// Versions sent (by a pushing child).
+    #[serde(default)]
+    pub shipped: usize,
     /// Encoded request bytes (receiver to sender).
     pub bytes_sent: u64,
     /// Encoded response bytes (sender to receiver).
@@ -103,7 +108,10 @@ fn role(args: &[String]) -> Result<PullReport> {
             pull_into(Path::new(from), Path::new(into))
         }
         [role, u, url, i, into] if role == "pull-http" && u == "--url" && i == "--into" => {
-            pull_http(url, Path::new(into))
+            sync_http(url, Path::new(into))
+        }
+        [role, u, url, f, from] if role == "push-http" && u == "--url" && f == "--from" => {
+            sync_http(url, Path::new(from))
         }
         _ => Err(format!("bad child arguments {args:?}").into()),
     }
@@ -178,6 +186,7 @@ fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
         rounds: pulled.rounds,
         received: pulled.received,
         applied: pulled.applied,
+        shipped: pulled.shipped,
         bytes_sent: stats.bytes_sent,
         bytes_received: stats.bytes_received,
         blob_bytes: stats.blob_bytes,
@@ -189,22 +198,25 @@ fn pull_into(from: &Path, into: &Path) -> Result<PullReport> {
     })
 }
 
-/// Pulls everything from the node served at `url` into a new node in `into`, over HTTP on
-/// a current-thread runtime. The parent checks the states (it holds the sender).
-fn pull_http(url: &str, into: &Path) -> Result<PullReport> {
+/// Runs rounds from the node in `dir` with the node served at `url` until neither side
+/// has more, over HTTP on a current-thread runtime: a pull into a new node (`pull-http`),
+/// or a push from a full one (`push-http`, streamed pushes). Reports this side's usage; the
+/// parent checks the states (it holds the sender of a pull, the receiver's directory of a
+/// push).
+fn sync_http(url: &str, dir: &Path) -> Result<PullReport> {
     let (config, options) = tuned()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let b = SyncEngine::open_with(into, config)?;
+    let b = SyncEngine::open_with(dir, config)?;
     let before = (measure::cpu_secs(), measure::bytes_written());
-    let (pulled, secs) = measure::timed(|| {
+    let (synced, secs) = measure::timed(|| {
         rt.block_on(async {
             let link = HttpTransport::new(url, None)?;
             pull_async(&b, &link, &options).await
         })
     });
-    let pulled = pulled?;
+    let synced = synced?;
     let (cpu_secs, written) = usage_since(before);
     let peak_rss = measure::peak_rss().ok_or("no VmHWM in /proc/self/status")?;
     let counts = b.residency_counts(&scope())?;
@@ -214,9 +226,10 @@ fn pull_http(url: &str, into: &Path) -> Result<PullReport> {
     b.flush()?;
     Ok(PullReport {
         secs,
-        rounds: pulled.rounds,
-        received: pulled.received,
-        applied: pulled.applied,
+        rounds: synced.rounds,
+        received: synced.received,
+        applied: synced.applied,
+        shipped: synced.shipped,
         bytes_sent: 0,
         bytes_received: 0,
         blob_bytes: 0,
@@ -267,6 +280,18 @@ pub fn pull_http_args<'a>(url: &'a str, into: &'a Path) -> [&'a std::ffi::OsStr;
         url.as_ref(),
         "--into".as_ref(),
         into.as_os_str(),
+    ]
+}
+
+/// The arguments of a child that pushes everything the node in `from` holds to `url` over
+/// HTTP.
+pub fn push_http_args<'a>(url: &'a str, from: &'a Path) -> [&'a std::ffi::OsStr; 5] {
+    [
+        "push-http".as_ref(),
+        "--url".as_ref(),
+        url.as_ref(),
+        "--from".as_ref(),
+        from.as_os_str(),
     ]
 }
 

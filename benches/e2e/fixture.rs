@@ -150,6 +150,8 @@ pub struct Pulled {
     pub received: usize,
     /// Received versions that changed the receiver.
     pub applied: usize,
+    /// Versions sent.
+    pub shipped: usize,
 }
 
 /// Runs rounds from `node` over `link` while `has_more`.
@@ -187,6 +189,7 @@ pub async fn pull_async<T: Transport>(
         p.rounds += 1;
         p.received += out.received;
         p.applied += out.applied;
+        p.shipped += out.shipped;
         if !out.halts.is_empty() || !out.peer_halts.is_empty() {
             return Err(format!("a round halted streams: {:?}", out.halts).into());
         }

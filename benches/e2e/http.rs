@@ -134,9 +134,13 @@ impl Wire {
     }
 
     /// The counter of a request's bodies (both ways), counting the request. A streamed pull
-    /// (its frames in the response's body) is one round's request, as an exchange is.
+    /// (its frames in the response's body) or push (its frames in the request's) is one
+    /// round's request, as an exchange is.
     fn counter(&self, method: &Method, path: &str) -> Arc<AtomicU64> {
-        if path == "/v1/sync/exchange" || path == "/v1/sync/pull" {
+        if matches!(
+            path,
+            "/v1/sync/exchange" | "/v1/sync/pull" | "/v1/sync/push"
+        ) {
             self.exchanges.fetch_add(1, Ordering::Relaxed);
             self.exchange_bytes.clone()
         } else if *method == Method::GET && path.starts_with("/v1/blobs/") {

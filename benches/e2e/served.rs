@@ -5,7 +5,9 @@
 //!   with the connection settings of `serve`) and then reads commands on stdin, one a line:
 //!   `update G` writes the delta's updates of generation `G` into the node (a store of `N`
 //!   records) and answers `UPDATED`; `counts` answers `COUNTS EXCHANGES BYTES`, the
-//!   exchanges answered so far and their body bytes. The end of stdin stops it.
+//!   exchanges answered so far and their body bytes; `usage` answers `USAGE CPU WRITTEN
+//!   RSS`, the CPU seconds, bytes written and peak RSS of the process so far (the receiver's
+//!   figures of a push into a new server). The end of stdin stops it.
 //! - `e2e --role relay --listen ADDR --upstream ADDR --delay-us US --rate BYTES_PER_SEC`
 //!   runs the delaying relay (`relay.rs`; rate 0: no cap) until the end of stdin.
 //!
@@ -72,6 +74,12 @@ pub fn serve_http(args: &[String]) -> Result<()> {
             ["counts"] => {
                 let (exchanges, bytes) = server.exchanges();
                 println!("COUNTS {exchanges} {bytes}");
+            }
+            ["usage"] => {
+                let cpu = crate::measure::cpu_secs().unwrap_or(0.0);
+                let written = crate::measure::bytes_written().unwrap_or(0);
+                let rss = crate::measure::peak_rss().unwrap_or(0);
+                println!("USAGE {cpu} {written} {rss}");
             }
             _ => return Err(format!("unknown command {line:?}").into()),
         }

@@ -14,10 +14,14 @@
 //! row of its own. Then the delta: the server writes 100 updates (`update` on its stdin) and
 //! a puller brings a replica synced through the relay up to date, directly and through the
 //! relay alternately; then as many no-op rounds each way (the round trip a round sees, and
-//! so what the relay adds to it). Checks: after every pull the receiver's digest and
+//! so what the relay adds to it). Last, the initial push: a copy of the sender's node pushes
+//! everything to a new empty node served on the same side as before, directly and through
+//! the relay alternately, in streamed pushes (a new server and relay for each push, in the
+//! same namespaces). Checks: after every pull the receiver's digest and
 //! watermarks equal the sender's, the server answered one exchange per round the puller
-//! counted, each delta received and applied 100 versions and an updated value arrived, and
-//! each no-op round received nothing.
+//! counted, each delta received and applied 100 versions and an updated value arrived,
+//! each no-op round received nothing, and after every push the receiving node's digest and
+//! watermarks equal the sender's and the pusher shipped every record.
 
 use std::path::Path;
 
@@ -78,9 +82,9 @@ struct Testbed {
 }
 
 impl Testbed {
-    /// Serves the node in `from` (of `records` records) and starts the relay in front of it.
-    fn start(from: &Path, records: u64, link: Link) -> Result<Testbed> {
-        let topology = Topology::set_up();
+    /// Serves the node in `from` (of `records` records) and starts the relay in front of it,
+    /// in `topology`.
+    fn start(topology: Topology, from: &Path, records: u64, link: Link) -> Result<Testbed> {
         let listen = format!("{}:0", topology.server_ip());
         let records = records.to_string();
         let server = Served::start(
@@ -165,9 +169,43 @@ impl Testbed {
         Ok(report)
     }
 
-    fn stop(self) -> Result<()> {
+    /// Pushes everything the node in `from` holds to the server from the client's side,
+    /// through the relay if `delayed`. Returns the pusher's report with the bytes on the
+    /// wire (both ways), and the receiving server's CPU time, bytes written and peak RSS in
+    /// place of the pusher's (the server was started empty for this push).
+    fn push(&mut self, from: &Path, delayed: bool, what: &str) -> Result<PullReport> {
+        let url = self.url(delayed);
+        let before = self.exchanges()?;
+        let cmd = (self.topology).bench(Side::Client, &child::push_http_args(&url, from))?;
+        let mut report = child::run(cmd)?;
+        let after = self.exchanges()?;
+        if after.0 - before.0 != report.rounds as u64 {
+            return Err(format!(
+                "{what}: the server answered {} requests for the pusher's {} rounds",
+                after.0 - before.0,
+                report.rounds
+            )
+            .into());
+        }
+        report.bytes_received = after.1 - before.1;
+        // A push's figures are the receiver's: the server, started empty for it.
+        let usage = self.server.ask("usage", "USAGE")?;
+        match usage.split_whitespace().collect::<Vec<_>>()[..] {
+            [cpu, written, rss] => {
+                report.cpu_secs = cpu.parse()?;
+                report.written = written.parse()?;
+                report.peak_rss = rss.parse()?;
+            }
+            _ => return Err(format!("bad usage {usage:?}").into()),
+        }
+        Ok(report)
+    }
+
+    /// Stops the children; the topology is handed back for the next testbed.
+    fn stop(self) -> Result<Topology> {
         self.relay.stop()?;
-        self.server.stop()
+        self.server.stop()?;
+        Ok(self.topology)
     }
 }
 
@@ -204,16 +242,22 @@ pub fn run(fx: &mut Fixture) -> Result {
     };
     let (from, _) = fx.sender(n)?;
     let expected = Expected::of(&from)?;
-    let mut net = Testbed::start(&from, n, link)?;
+    // The pusher's node: a copy of the sender's, taken before it is served and updated.
+    let pusher = fx.fresh_dir("wan-pusher");
+    copy_dir(&from, &pusher)?;
+    let mut net = Testbed::start(Topology::set_up(), &from, n, link)?;
     eprintln!("e2e: wan topology: {}", net.topology.describe());
     let (direct, wan, replica) = initial(fx, &mut net, &expected, n)?;
     let (delta_direct, delta_wan) = delta(fx, &mut net, &replica, n)?;
     let (noop_direct, noop_wan) = noop(fx, &mut net, &replica)?;
     let topology = net.topology.describe();
-    net.stop()?;
+    let net = net.stop()?;
     Expected::of(&from)?.check(&replica, "wan delta")?;
     std::fs::remove_dir_all(&replica)?;
+    let (push_direct, push_wan) = push(fx, net, &pusher, &expected, n, link)?;
+    std::fs::remove_dir_all(&pusher)?;
     let mut rows = initial_rows(&direct, &wan, n, link, &topology);
+    rows.extend(push_rows(&push_direct, &push_wan, n, link, &topology));
     // The round trip as a round sees it through the relay: the no-op rounds' difference.
     let round_trip = noop_wan.of(|r| r.secs).median - noop_direct.of(|r| r.secs).median;
     rows.extend(delta_rows(
@@ -266,6 +310,58 @@ fn initial(
     }
     let replica = replica.ok_or("no initial sync ran")?;
     Ok((direct, wan, replica))
+}
+
+/// `runs` initial pushes of the `n` records in `pusher` each way, alternately, each to a
+/// new empty node served in `topology`, which must then hold the sender's state.
+fn push(
+    fx: &mut Fixture,
+    mut topology: Topology,
+    pusher: &Path,
+    expected: &Expected,
+    n: u64,
+    link: Link,
+) -> Result<(Pulls, Pulls)> {
+    let (mut direct, mut wan) = (Pulls::default(), Pulls::default());
+    for _ in 0..fx.sizes.runs {
+        for delayed in [false, true] {
+            let what = if delayed { "wan push" } else { "direct push" };
+            let into = fx.fresh_dir("wan-pushed");
+            let mut net = Testbed::start(topology, &into, 0, link)?;
+            let report = net.push(pusher, delayed, what)?;
+            topology = net.stop()?;
+            if report.shipped as u64 != n || report.received != 0 {
+                return Err(format!(
+                    "{what}: shipped {} versions and received {}, expected {n} and none",
+                    report.shipped, report.received
+                )
+                .into());
+            }
+            expected.check(&into, what)?;
+            std::fs::remove_dir_all(&into)?;
+            if delayed { &mut wan } else { &mut direct }
+                .reports
+                .push(report);
+        }
+    }
+    Ok((direct, wan))
+}
+
+/// Copies the files of the node in `from` (a flat directory) into a new directory `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            return Err(format!(
+                "{}: a node directory to copy holds a directory",
+                from.display()
+            )
+            .into());
+        }
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
 }
 
 /// `delta_reps` deltas of 100 updates each way, alternately, into `replica`.
@@ -418,6 +514,79 @@ fn initial_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str)
             "bytes written by the receiving process, per record",
             Unit::Count,
             direct.of(written_per_record),
+        ),
+    ]
+}
+
+/// The push's rows: the same targets as the pull's (the are for "the initial sync"),
+/// measured from the pushing side.
+fn push_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str) -> Vec<Row> {
+    let wan_case = format!(
+        "initial push, WAN ({}, {topology}), {} records",
+        link_name(link),
+        count(n)
+    );
+    let direct_case = format!(
+        "initial push, WAN case without the relay ({topology}), {} records",
+        count(n)
+    );
+    let pushed = |r: &PullReport| r.shipped as f64 / r.secs;
+    let ratios: Vec<f64> = (wan.reports.iter())
+        .zip(&direct.reports)
+        .map(|(w, d)| pushed(w) / pushed(d))
+        .collect();
+    vec![
+        Row::new(&wan_case, "records/s", Unit::RecordsPerSec, wan.of(pushed))
+            .target(Bound::AtLeast(TARGET_RECORDS_PER_SEC)),
+        Row::new(
+            &wan_case,
+            "records/s, over the same run's direct push",
+            Unit::Ratio,
+            Summary::of(&ratios),
+        )
+        .target(Bound::AtLeast(TARGET_SHARE_OF_DIRECT)),
+        Row::new(&wan_case, "time", Unit::Secs, wan.of(|r| r.secs)),
+        Row::new(
+            &wan_case,
+            "rounds",
+            Unit::Count,
+            wan.of(|r| r.rounds as f64),
+        ),
+        Row::new(
+            &wan_case,
+            "bytes on the wire (HTTP bodies, both ways)",
+            Unit::Bytes,
+            wan.of(|r| r.bytes_received as f64),
+        ),
+        Row::new(
+            &wan_case,
+            "peak RSS of the receiving process",
+            Unit::MiB,
+            wan.of(|r| r.peak_rss as f64),
+        ),
+        Row::new(
+            &wan_case,
+            "CPU time of the receiving process",
+            Unit::Secs,
+            wan.of(|r| r.cpu_secs),
+        ),
+        Row::new(
+            &wan_case,
+            "bytes written by the receiving process, per record",
+            Unit::Count,
+            wan.of(|r| r.written as f64 / r.shipped as f64),
+        ),
+        Row::new(
+            &direct_case,
+            "records/s",
+            Unit::RecordsPerSec,
+            direct.of(pushed),
+        ),
+        Row::new(
+            &direct_case,
+            "rounds",
+            Unit::Count,
+            direct.of(|r| r.rounds as f64),
         ),
     ]
 }
