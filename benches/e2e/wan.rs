@@ -347,19 +347,18 @@ fn push(
     Ok((direct, wan))
 }
 
-/// Copies the files of the node in `from` (a flat directory) into a new directory `to`.
+/// Copies the node in `from` (its store file and its blob directory) into a new directory
+/// `to`.
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
+        let target = to.join(entry.file_name());
         if entry.file_type()?.is_dir() {
-            return Err(format!(
-                "{}: a node directory to copy holds a directory",
-                from.display()
-            )
-            .into());
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
         }
-        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
     }
     Ok(())
 }
