@@ -113,7 +113,8 @@ pub enum SyncEvent {
         /// Of those, versions that changed this node's state.
         applied: usize,
         /// How many versions the sender still held for this node after the page, as it
-        /// counted them ([`crate::ExchangeOutcome::remaining`]); `None` if it did not.
+        /// counted them ([`crate::ExchangeOutcome::remaining`]); `None` if it did not (a
+        /// version 1 peer, or the initiator of a push, which does not count).
         remaining: Option<u64>,
     },
     /// A round with `peer` failed (`sync_failed`).

@@ -124,6 +124,39 @@ fn one_request_moves_every_page() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn the_responder_tells_each_pushed_page_as_it_is_applied() -> TestResult {
+    use highwater::notify::{Event, Notice, SyncEvent};
+    let time = Arc::new(ManualTime::new(1_000_000));
+    let hub = node(&time, 256)?;
+    let streamed = device(&time, 256, false)?;
+    let to_hub = link(&hub);
+    block_on(first_contact(&streamed, &to_hub))?;
+    let mut events = SyncEngine::notifier(&hub).subscribe();
+    let out = block_on(streamed.exchange_with(&to_hub, &options()))?;
+    assert_eq!((out.shipped, out.has_more), (VERSIONS, false), "{out:?}");
+    let mut told = Vec::new();
+    while let Some(notice) = events.try_recv() {
+        if let Notice::Event(Event::Sync(SyncEvent::PageApplied {
+            peer,
+            seq,
+            received,
+            applied,
+            remaining,
+        })) = notice
+        {
+            assert_eq!(peer, streamed.node_id().to_string());
+            told.push((seq, received, applied, remaining));
+        }
+    }
+    // The request's page is not told; each of the 29 frames after it is. A pushing device
+    // does not count what it has left (a responder's count is for its initiator's bar).
+    let frames = (VERSIONS / PAGE - 1) as u32;
+    let expected: Vec<_> = (1..=frames).map(|seq| (seq, PAGE, PAGE, None)).collect();
+    assert_eq!(told, expected);
+    Ok(())
+}
+
 /// A transfer limited to a few frames ends with `has_more`, and the next round pushes on
 /// from the marks the response told.
 #[test]
