@@ -214,13 +214,9 @@ async fn a_version_1_peer_counts_nothing_and_the_bar_stays_a_spinner() -> TestRe
     Ok(())
 }
 
-#[tokio::test]
-async fn the_scheduler_shows_the_pull_and_publishes_remaining() -> TestResult {
-    let hub = Arc::new(SyncEngine::in_memory()?);
-    fill_hub(&hub).await?;
-    let device = Arc::new(rounds_device()?);
-    let mut events = SyncEngine::notifier(&device).subscribe();
-    let scheduler = Scheduler::start(
+/// A scheduler on `device` that pulls in pages of [`PAGE`], without watching or auditing.
+fn pulling_scheduler(device: &Arc<SyncEngine>) -> Scheduler {
+    Scheduler::start(
         device.clone(),
         SchedulerConfig {
             watch: false,
@@ -228,7 +224,16 @@ async fn the_scheduler_shows_the_pull_and_publishes_remaining() -> TestResult {
             options: pages(),
             ..SchedulerConfig::default()
         },
-    );
+    )
+}
+
+#[tokio::test]
+async fn the_scheduler_shows_the_pull_and_publishes_remaining() -> TestResult {
+    let hub = Arc::new(SyncEngine::in_memory()?);
+    fill_hub(&hub).await?;
+    let device = Arc::new(rounds_device()?);
+    let mut events = SyncEngine::notifier(&device).subscribe();
+    let scheduler = pulling_scheduler(&device);
     scheduler.add_peer("hub", Arc::new(InProcess::new(hub.clone())))?;
     let mut remaining = Vec::new();
     while let Some(notice) = events.recv().await {
@@ -357,15 +362,7 @@ async fn the_scheduler_shows_a_pull_move_within_a_round() -> TestResult {
     let gate = Arc::new(tokio::sync::Semaphore::new(3));
     let transport =
         highwater::transport::Layered::with_layer(InProcess::new(hub.clone()), Gate(gate.clone()));
-    let scheduler = Scheduler::start(
-        device.clone(),
-        SchedulerConfig {
-            watch: false,
-            audit_interval: None,
-            options: pages(),
-            ..SchedulerConfig::default()
-        },
-    );
+    let scheduler = pulling_scheduler(&device);
     scheduler.add_peer("hub", Arc::new(transport))?;
     // Three frames are let through; the third waits to be applied until the fourth comes
     // (each page is applied while the next one's files are fetched), so the round holds

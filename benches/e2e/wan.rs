@@ -151,22 +151,7 @@ impl Testbed {
     /// `delayed`. Returns the puller's report with the bytes on the wire (both ways).
     fn pull(&mut self, into: &Path, delayed: bool, what: &str) -> Result<PullReport> {
         let url = self.url(delayed);
-        let before = self.exchanges()?;
-        let cmd = self
-            .topology
-            .bench(Side::Client, &child::pull_http_args(&url, into))?;
-        let mut report = child::run(cmd)?;
-        let after = self.exchanges()?;
-        if after.0 - before.0 != report.rounds as u64 {
-            return Err(format!(
-                "{what}: the server answered {} exchanges for the puller's {} rounds",
-                after.0 - before.0,
-                report.rounds
-            )
-            .into());
-        }
-        report.bytes_received = after.1 - before.1;
-        Ok(report)
+        self.client(&child::pull_http_args(&url, into), what)
     }
 
     /// Pushes everything the node in `from` holds to the server from the client's side,
@@ -175,19 +160,7 @@ impl Testbed {
     /// place of the pusher's (the server was started empty for this push).
     fn push(&mut self, from: &Path, delayed: bool, what: &str) -> Result<PullReport> {
         let url = self.url(delayed);
-        let before = self.exchanges()?;
-        let cmd = (self.topology).bench(Side::Client, &child::push_http_args(&url, from))?;
-        let mut report = child::run(cmd)?;
-        let after = self.exchanges()?;
-        if after.0 - before.0 != report.rounds as u64 {
-            return Err(format!(
-                "{what}: the server answered {} requests for the pusher's {} rounds",
-                after.0 - before.0,
-                report.rounds
-            )
-            .into());
-        }
-        report.bytes_received = after.1 - before.1;
+        let mut report = self.client(&child::push_http_args(&url, from), what)?;
         // A push's figures are the receiver's: the server, started empty for it.
         let usage = self.server.ask("usage", "USAGE")?;
         match usage.split_whitespace().collect::<Vec<_>>()[..] {
@@ -198,6 +171,24 @@ impl Testbed {
             }
             _ => return Err(format!("bad usage {usage:?}").into()),
         }
+        Ok(report)
+    }
+
+    /// Runs a sync child with `args` on the client's side; checks that the server answered
+    /// one request per round it counted, and gives its report the bytes on the wire.
+    fn client(&mut self, args: &[&std::ffi::OsStr], what: &str) -> Result<PullReport> {
+        let before = self.exchanges()?;
+        let mut report = child::run(self.topology.bench(Side::Client, args)?)?;
+        let after = self.exchanges()?;
+        if after.0 - before.0 != report.rounds as u64 {
+            return Err(format!(
+                "{what}: the server answered {} requests for the child's {} rounds",
+                after.0 - before.0,
+                report.rounds
+            )
+            .into());
+        }
+        report.bytes_received = after.1 - before.1;
         Ok(report)
     }
 
@@ -221,16 +212,36 @@ impl Pulls {
     }
 }
 
-fn rate(r: &PullReport) -> f64 {
-    r.received as f64 / r.secs
+/// Which way an initial transfer went: the rows name it and count its versions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// The client pulled (it received the records).
+    Pull,
+    /// The client pushed (it shipped them; the figures of the receiving process are the
+    /// server's).
+    Push,
+}
+
+impl Way {
+    /// The case's name.
+    fn name(self) -> &'static str {
+        match self {
+            Way::Pull => "initial sync",
+            Way::Push => "initial push",
+        }
+    }
+
+    /// The versions a report moved.
+    fn moved(self, r: &PullReport) -> f64 {
+        match self {
+            Way::Pull => r.received as f64,
+            Way::Push => r.shipped as f64,
+        }
+    }
 }
 
 fn per_round(r: &PullReport) -> f64 {
     r.secs / r.rounds as f64
-}
-
-fn written_per_record(r: &PullReport) -> f64 {
-    r.written as f64 / r.received as f64
 }
 
 /// The case: the initial syncs, then the deltas.
@@ -256,8 +267,9 @@ pub fn run(fx: &mut Fixture) -> Result {
     std::fs::remove_dir_all(&replica)?;
     let (push_direct, push_wan) = push(fx, net, &pusher, &expected, n, link)?;
     std::fs::remove_dir_all(&pusher)?;
-    let mut rows = initial_rows(&direct, &wan, n, link, &topology);
-    rows.extend(push_rows(&push_direct, &push_wan, n, link, &topology));
+    let mut rows = initial_rows(&direct, &wan, n, link, &topology, Way::Pull);
+    let pushes = initial_rows(&push_direct, &push_wan, n, link, &topology, Way::Push);
+    rows.extend(pushes);
     // The round trip as a round sees it through the relay: the no-op rounds' difference.
     let round_trip = noop_wan.of(|r| r.secs).median - noop_direct.of(|r| r.secs).median;
     rows.extend(delta_rows(
@@ -425,16 +437,33 @@ fn link_name(link: Link) -> String {
     }
 }
 
-fn initial_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str) -> Vec<Row> {
+/// The rows of the initial transfers `way` (the pulls, or the pushes): through the relay,
+/// against the same run's direct ones, and direct.
+fn initial_rows(
+    direct: &Pulls,
+    wan: &Pulls,
+    n: u64,
+    link: Link,
+    topology: &str,
+    way: Way,
+) -> Vec<Row> {
     let wan_case = format!(
-        "initial sync, WAN ({}, {topology}), {} records",
+        "{}, WAN ({}, {topology}), {} records",
+        way.name(),
         link_name(link),
         count(n)
     );
     let direct_case = format!(
-        "initial sync, WAN case without the relay ({topology}), {} records",
+        "{}, WAN case without the relay ({topology}), {} records",
+        way.name(),
         count(n)
     );
+    let rate = |r: &PullReport| way.moved(r) / r.secs;
+    let written_per_record = |r: &PullReport| r.written as f64 / way.moved(r);
+    let over_direct = match way {
+        Way::Pull => "records/s, over the same run's direct sync",
+        Way::Push => "records/s, over the same run's direct push",
+    };
     let ratios: Vec<f64> = wan
         .reports
         .iter()
@@ -444,13 +473,8 @@ fn initial_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str)
     vec![
         Row::new(&wan_case, "records/s", Unit::RecordsPerSec, wan.of(rate))
             .target(Bound::AtLeast(TARGET_RECORDS_PER_SEC)),
-        Row::new(
-            &wan_case,
-            "records/s, over the same run's direct sync",
-            Unit::Ratio,
-            Summary::of(&ratios),
-        )
-        .target(Bound::AtLeast(TARGET_SHARE_OF_DIRECT)),
+        Row::new(&wan_case, over_direct, Unit::Ratio, Summary::of(&ratios))
+            .target(Bound::AtLeast(TARGET_SHARE_OF_DIRECT)),
         Row::new(&wan_case, "time", Unit::Secs, wan.of(|r| r.secs)),
         Row::new(
             &wan_case,
@@ -513,79 +537,6 @@ fn initial_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str)
             "bytes written by the receiving process, per record",
             Unit::Count,
             direct.of(written_per_record),
-        ),
-    ]
-}
-
-/// The push's rows: the same targets as the pull's (the are for "the initial sync"),
-/// measured from the pushing side.
-fn push_rows(direct: &Pulls, wan: &Pulls, n: u64, link: Link, topology: &str) -> Vec<Row> {
-    let wan_case = format!(
-        "initial push, WAN ({}, {topology}), {} records",
-        link_name(link),
-        count(n)
-    );
-    let direct_case = format!(
-        "initial push, WAN case without the relay ({topology}), {} records",
-        count(n)
-    );
-    let pushed = |r: &PullReport| r.shipped as f64 / r.secs;
-    let ratios: Vec<f64> = (wan.reports.iter())
-        .zip(&direct.reports)
-        .map(|(w, d)| pushed(w) / pushed(d))
-        .collect();
-    vec![
-        Row::new(&wan_case, "records/s", Unit::RecordsPerSec, wan.of(pushed))
-            .target(Bound::AtLeast(TARGET_RECORDS_PER_SEC)),
-        Row::new(
-            &wan_case,
-            "records/s, over the same run's direct push",
-            Unit::Ratio,
-            Summary::of(&ratios),
-        )
-        .target(Bound::AtLeast(TARGET_SHARE_OF_DIRECT)),
-        Row::new(&wan_case, "time", Unit::Secs, wan.of(|r| r.secs)),
-        Row::new(
-            &wan_case,
-            "rounds",
-            Unit::Count,
-            wan.of(|r| r.rounds as f64),
-        ),
-        Row::new(
-            &wan_case,
-            "bytes on the wire (HTTP bodies, both ways)",
-            Unit::Bytes,
-            wan.of(|r| r.bytes_received as f64),
-        ),
-        Row::new(
-            &wan_case,
-            "peak RSS of the receiving process",
-            Unit::MiB,
-            wan.of(|r| r.peak_rss as f64),
-        ),
-        Row::new(
-            &wan_case,
-            "CPU time of the receiving process",
-            Unit::Secs,
-            wan.of(|r| r.cpu_secs),
-        ),
-        Row::new(
-            &wan_case,
-            "bytes written by the receiving process, per record",
-            Unit::Count,
-            wan.of(|r| r.written as f64 / r.shipped as f64),
-        ),
-        Row::new(
-            &direct_case,
-            "records/s",
-            Unit::RecordsPerSec,
-            direct.of(pushed),
-        ),
-        Row::new(
-            &direct_case,
-            "rounds",
-            Unit::Count,
-            direct.of(|r| r.rounds as f64),
         ),
     ]
 }
