@@ -374,8 +374,9 @@ impl Subscription {
     }
 }
 
-/// What one `sync_page_applied` told: the page's versions, those that changed this node's
-/// state, and what the sender still held after it.
+/// What applying one page of a streamed transfer did (as `sync_page_applied` tells it):
+/// the page's versions, those that changed this node's state, and what the sender still
+/// held after it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct PageNews {
     pub(crate) received: usize,
@@ -383,32 +384,26 @@ pub(crate) struct PageNews {
     pub(crate) remaining: Option<u64>,
 }
 
-/// Runs `round` to its end, calling `on_page` for each `sync_page_applied` read from
-/// `events` (subscribed before the round started) whose peer name `ours` accepts. Events
-/// still unread when the round ends were published during it: they are read then, so each
-/// page is told once and the next round counts none of them.
+/// The pages of streamed transfers as applied ([`Notifier::follow`]).
+#[derive(Debug)]
+pub(crate) struct PageFollower {
+    rx: broadcast::Receiver<(String, PageNews)>,
+}
+
+/// Runs `round` to its end, calling `on_page` for each page of a streamed transfer that
+/// `pages` (followed before the round started) tells and whose peer name `ours` accepts.
+/// Pages still untold when the round ends were applied during it: they are told then, so
+/// each is told once and the next round counts none of them. A follower that fell behind
+/// misses pages (the round's outcome still counts them).
 pub(crate) async fn follow_pages<F: std::future::Future>(
-    events: &mut Subscription,
+    pages: &mut PageFollower,
     round: F,
     ours: impl Fn(&str) -> bool,
     mut on_page: impl FnMut(PageNews),
 ) -> F::Output {
-    let mut told = |notice: Notice| {
-        if let Notice::Event(Event::Sync(SyncEvent::PageApplied {
-            peer,
-            received,
-            applied,
-            remaining,
-            ..
-        })) = notice
-        {
-            if ours(&peer) {
-                on_page(PageNews {
-                    received,
-                    applied,
-                    remaining,
-                });
-            }
+    let mut told = |(peer, news): (String, PageNews)| {
+        if ours(&peer) {
+            on_page(news);
         }
     };
     tokio::pin!(round);
@@ -416,21 +411,26 @@ pub(crate) async fn follow_pages<F: std::future::Future>(
     let output = loop {
         let next = async {
             match open {
-                true => events.recv().await,
+                true => pages.rx.recv().await,
                 false => std::future::pending().await,
             }
         };
         tokio::select! {
             biased;
             output = &mut round => break output,
-            notice = next => match notice {
-                Some(notice) => told(notice),
-                None => open = false,
+            page = next => match page {
+                Ok(page) => told(page),
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => open = false,
             },
         }
     };
-    while let Some(notice) = events.try_recv() {
-        told(notice);
+    loop {
+        match pages.rx.try_recv() {
+            Ok(page) => told(page),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => break,
+        }
     }
     output
 }
@@ -513,6 +513,10 @@ impl ScopeChanges {
 /// Publishes a node's events and change counts.
 pub struct Notifier {
     events: broadcast::Sender<Event>,
+    /// The pages of streamed transfers, for the engine's own followers ([`follow_pages`]):
+    /// apart from `events`, so that following them does not make the engine build the
+    /// change events only subscribers want.
+    pages: broadcast::Sender<(String, PageNews)>,
     counts: watch::Sender<Counts>,
     incarnation: u64,
 }
@@ -537,6 +541,7 @@ impl Notifier {
     pub fn new() -> Self {
         Notifier {
             events: broadcast::channel(EVENT_BUFFER).0,
+            pages: broadcast::channel(EVENT_BUFFER).0,
             counts: watch::channel(Counts::default()).0,
             incarnation: rand::random(),
         }
@@ -552,6 +557,32 @@ impl Notifier {
     /// Whether anyone is subscribed (publishers skip building events otherwise).
     pub fn has_subscribers(&self) -> bool {
         self.events.receiver_count() > 0
+    }
+
+    /// Follows the pages of streamed transfers from now on ([`follow_pages`]), without
+    /// counting as a subscriber.
+    pub(crate) fn follow(&self) -> PageFollower {
+        PageFollower {
+            rx: self.pages.subscribe(),
+        }
+    }
+
+    /// Tells that page `seq` of a streamed transfer from `peer` was applied:
+    /// `sync_page_applied` to subscribers, and the page's news to followers.
+    pub(crate) fn publish_page(&self, peer: &str, seq: u32, news: PageNews) {
+        if self.has_subscribers() {
+            self.publish(Event::Sync(SyncEvent::PageApplied {
+                peer: peer.to_owned(),
+                seq,
+                received: news.received,
+                applied: news.applied,
+                remaining: news.remaining,
+            }));
+        }
+        if self.pages.receiver_count() > 0 {
+            // An error only means the last follower just left.
+            let _ = self.pages.send((peer.to_owned(), news));
+        }
     }
 
     /// Publishes `event` to every subscriber; never waits.
@@ -640,6 +671,29 @@ impl Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn following_pages_is_not_subscribing() {
+        let notifier = Notifier::new();
+        let mut pages = notifier.follow();
+        // A follower does not make publishers build the events only subscribers want.
+        assert!(!notifier.has_subscribers());
+        let news = PageNews {
+            received: 3,
+            applied: 2,
+            remaining: Some(7),
+        };
+        notifier.publish_page("hub", 4, news);
+        assert_eq!(pages.rx.try_recv().ok(), Some(("hub".to_owned(), news)));
+        // A subscriber hears the page as `sync_page_applied`.
+        let mut events = notifier.subscribe();
+        notifier.publish_page("hub", 5, news);
+        let Some(Notice::Event(event)) = events.try_recv() else {
+            panic!("no event")
+        };
+        assert_eq!(event.name(), "sync_page_applied");
+        assert_eq!(pages.rx.try_recv().ok(), Some(("hub".to_owned(), news)));
+    }
 
     #[test]
     fn tokens_round_trip_and_refuse_junk() {

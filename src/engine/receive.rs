@@ -6,7 +6,7 @@ use crate::exchange::{Halt, HaltReason, Page};
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::hlc::{Hlc, NodeId};
-use crate::notify::{Change, ChangeKind, Event, SyncEvent};
+use crate::notify::{Change, ChangeKind, Event, PageNews, SyncEvent};
 use crate::record::ScopeFilter;
 use crate::record::{Key, Scope, Version};
 use crate::store::{Batch, Durability, PeerKnowledge};
@@ -344,9 +344,9 @@ impl SyncEngine {
         }
     }
 
-    /// Publishes `sync_page_applied` for frame `seq` of a streamed transfer from `peer`
-    /// (the name its events carry), which carried `received` versions, `applied` of which
-    /// changed this node's state, and left `remaining` at the sender.
+    /// Tells that page `seq` of a streamed transfer from `peer` (the name its events
+    /// carry) was applied: it carried `received` versions, `applied` of which changed this
+    /// node's state, and left `remaining` at the sender (`sync_page_applied`).
     pub(super) fn announce_page(
         &self,
         peer: &str,
@@ -355,15 +355,12 @@ impl SyncEngine {
         applied: usize,
         remaining: Option<u64>,
     ) {
-        self.inner
-            .notifier
-            .publish(Event::Sync(SyncEvent::PageApplied {
-                peer: peer.to_owned(),
-                seq,
-                received,
-                applied,
-                remaining,
-            }));
+        let news = PageNews {
+            received,
+            applied,
+            remaining,
+        };
+        self.inner.notifier.publish_page(peer, seq, news);
     }
 
     /// Publishes `clock_skew` and `blob_staged` for the streams this node halted when

@@ -70,7 +70,7 @@ pub async fn sync_until_done<T: Transport>(
 ) -> Result<SyncTotals> {
     let metered: Layered<&T, Metered> = Layered::new(transport);
     let mut totals = SyncTotals::default();
-    let mut events = engine.notifier().subscribe();
+    let mut pages = engine.notifier().follow();
     loop {
         // Progress within the round, from its pages' events: named by the peer's id (the
         // session `exchange_with` keeps has no name), which is unknown until it answers.
@@ -78,7 +78,7 @@ pub async fn sync_until_done<T: Transport>(
         let mut now = totals.clone();
         let round = engine.exchange_with(&metered, options);
         let ours = |peer: &str| known.is_none_or(|p| p.to_string() == peer);
-        let outcome = follow_pages(&mut events, round, ours, |page| {
+        let outcome = follow_pages(&mut pages, round, ours, |page| {
             now.received += page.received;
             now.applied += page.applied;
             now.remaining = page.remaining;

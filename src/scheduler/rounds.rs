@@ -344,11 +344,11 @@ pub(super) async fn run_round<T: Transport>(
     };
     let options = shared.round_options(peer);
     // The pull's progress moves with each page of a streamed transfer, not only per round.
-    let mut events = shared.engine.notifier().subscribe();
+    let mut pages = shared.engine.notifier().follow();
     let round = shared.engine.exchange_in(&mut session, transport, &options);
     let mut in_round = 0u64;
     let result = follow_pages(
-        &mut events,
+        &mut pages,
         round,
         |p| p == peer.name,
         |page| {
