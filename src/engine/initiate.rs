@@ -179,8 +179,7 @@ impl SyncEngine {
         let mut cut = None;
         if let Some(mut frames) = frames {
             // The response's page opens the transfer: its progress is told as page 0.
-            let (count, changed) = (taken.applied.received, taken.applied.applied);
-            self.announce_page(&label, 0, count, changed, received.ext.remaining);
+            self.announce_page(&label, 0, &taken.applied, received.ext.remaining);
             let (mut pending, mut refused): (Option<(u32, Fetched<'_>)>, _) = (None, None);
             while !round.stream_ended() {
                 let frame = match frames.next().await {
@@ -484,8 +483,7 @@ impl SyncEngine {
         fetched: Fetched<'_>,
     ) -> Result<Taken> {
         let (received, taken) = self.apply_fetched(label, scopes, fetched).await?;
-        let (count, applied) = (taken.applied.received, taken.applied.applied);
-        self.announce_page(label, seq, count, applied, received.ext.remaining);
+        self.announce_page(label, seq, &taken.applied, received.ext.remaining);
         Ok(taken)
     }
 

@@ -345,19 +345,18 @@ impl SyncEngine {
     }
 
     /// Tells that page `seq` of a streamed transfer from `peer` (the name its events
-    /// carry) was applied: it carried `received` versions, `applied` of which changed this
-    /// node's state, and left `remaining` at the sender (`sync_page_applied`).
+    /// carry) was applied, as `applied` says, and left `remaining` at the sender
+    /// (`sync_page_applied`).
     pub(super) fn announce_page(
         &self,
         peer: &str,
         seq: u32,
-        received: usize,
-        applied: usize,
+        applied: &Applied,
         remaining: Option<u64>,
     ) {
         let news = PageNews {
-            received,
-            applied,
+            received: applied.received,
+            applied: applied.applied,
             remaining,
         };
         self.inner.notifier.publish_page(peer, seq, news);

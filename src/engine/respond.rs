@@ -201,8 +201,7 @@ impl SyncEngine {
         if crossing {
             self.adopt_floors(from, transfer.answer.scopes())?;
         }
-        let (received, changed) = (applied.received, applied.applied);
-        self.announce_page(&from.to_string(), seq, received, changed, remaining);
+        self.announce_page(&from.to_string(), seq, &applied, remaining);
         transfer.halted(applied.halts);
         transfer.refused.extend(applied.refused);
         transfer.changed_marks |= applied.changed_marks;
