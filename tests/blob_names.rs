@@ -1,9 +1,10 @@
-//! Fetched files' names are made durable together, before anything relies on them.
+//! Fetched and uploaded files' names are made durable together, before anything relies on
+//! them.
 //!
 //! A round that fetches files publishes each one with `finish_unsynced` (its bytes are
 //! synced, the directory entry that names it not yet) and makes all their names durable
-//! with one `sync_names` once they are in; a page that references a file syncs any name
-//! still pending before it commits. The blob store here counts those calls and can refuse
+//! with one `sync_names` once they are in; a responder stores each uploaded file the same
+//! way, and a page that references a file syncs any name still pending before it commits. The blob store here counts those calls and can refuse
 //! `sync_names`, standing for a disk that fails to sync a directory: then no record that
 //! counts on an unsynced name may be committed.
 
@@ -142,6 +143,22 @@ fn nodes() -> TestResult<(Arc<SyncEngine>, SyncEngine, Arc<Seen>)> {
     Ok((hub, device, seen))
 }
 
+/// A device holding [`FILES`] files, and a hub on a [`Names`] blob store it uploads them to.
+fn uploading_nodes() -> TestResult<(SyncEngine, Arc<SyncEngine>, Arc<Seen>)> {
+    let time = ManualTime::at_secs(1_700_000_000);
+    let device = SyncEngine::in_memory_with(config(&time))?;
+    for i in 0..FILES {
+        device.put_file_bytes(&scope(), &key(i), b"a file".to_vec(), &content(i))?;
+    }
+    let seen = Arc::new(Seen::default());
+    let blobs = Arc::new(Names {
+        inner: MemBlobStore::new(),
+        seen: seen.clone(),
+    });
+    let hub = SyncEngine::with_stores(Box::new(MemStore::new()), blobs, config(&time))?;
+    Ok((device, Arc::new(hub), seen))
+}
+
 /// Every record of the device that is Resident has a durable name.
 fn no_record_counts_on_a_pending_name(device: &SyncEngine, seen: &Seen) -> TestResult {
     let pending = seen.pending.lock().expect("not poisoned").clone();
@@ -261,4 +278,49 @@ async fn a_large_file_arrives_whole_through_the_pipe() -> TestResult {
     assert!(got == bytes, "the big file differs");
     assert!(seen.pending.lock().expect("not poisoned").is_empty());
     Ok(())
+}
+
+/// A responder stores each uploaded file unsynced, and the commit of the page that
+/// references them makes their names durable together: not one directory sync per file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_names_are_synced_together_before_the_commit() -> TestResult {
+    let (device, hub, seen) = uploading_nodes()?;
+    let rounds = sync(&device, &InProcess::new(hub.clone())).await?;
+    assert_every_file_arrived(&hub)?;
+    assert_eq!(
+        seen.unsynced_finishes.load(Ordering::Relaxed),
+        FILES as usize
+    );
+    assert_eq!(seen.durable_finishes.load(Ordering::Relaxed), 0);
+    let syncs = seen.syncs.load(Ordering::Relaxed);
+    assert!(
+        (1..=rounds).contains(&syncs),
+        "{syncs} name syncs in {rounds} rounds for {FILES} uploaded files"
+    );
+    assert!(seen.pending.lock().expect("not poisoned").is_empty());
+    no_record_counts_on_a_pending_name(&hub, &seen)
+}
+
+/// A responder whose disk cannot sync the uploaded files' names refuses the page that
+/// needs them: the round fails and no record counting on them is stored; once it can, the
+/// next rounds bring everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_names_that_cannot_be_synced_hold_back_the_records_that_need_them() -> TestResult {
+    let (device, hub, seen) = uploading_nodes()?;
+    let link = InProcess::new(hub.clone());
+    seen.refuse_sync.store(true, Ordering::Relaxed);
+    let failed = sync(&device, &link).await;
+    assert!(failed.is_err(), "the hub committed without durable names");
+    assert!(
+        !seen.pending.lock().expect("not poisoned").is_empty(),
+        "the files were uploaded"
+    );
+    no_record_counts_on_a_pending_name(&hub, &seen)?;
+    for i in 0..FILES {
+        assert_ne!(hub.residency(&scope(), &key(i))?, Residency::Resident);
+    }
+    seen.refuse_sync.store(false, Ordering::Relaxed);
+    sync(&device, &link).await?;
+    assert_every_file_arrived(&hub)?;
+    no_record_counts_on_a_pending_name(&hub, &seen)
 }

@@ -255,6 +255,40 @@ fn a_file_that_could_not_be_fetched_is_announced_as_staged() -> TestResult {
     Ok(())
 }
 
+/// The upload side: a file whose upload failed leaves the responder's record Staged; the
+/// responder announces it readable when a later round uploads it.
+#[test]
+fn a_file_that_could_not_be_uploaded_is_announced_ready_when_it_arrives() -> TestResult {
+    let (a, b) = (at(T0)?, at(T0)?);
+    let bytes = b"the uploaded file's content".to_vec();
+    a.put_file_bytes(&notes(), &key("f"), b"meta".to_vec(), &bytes)?;
+    let to_b = FaultyTransport::new(link(&b));
+    to_b.fail(Hash::of(&bytes));
+    let mut on_b = b.notifier().subscribe();
+    for _ in 0..3 {
+        if !block_on(a.exchange(&to_b))?.has_more {
+            break;
+        }
+    }
+    assert!(to_b.injected() > 0, "the upload was tried and failed");
+    assert_eq!(b.residency(&notes(), &key("f"))?, Residency::Staged);
+    drain(&mut on_b);
+
+    to_b.heal();
+    let out = block_on(a.exchange(&to_b))?;
+    assert_eq!(out.blobs_pushed, 1, "{out:?}");
+    let ready = sync_events(&drain(&mut on_b));
+    assert!(
+        ready.contains(&SyncEvent::ContentReady {
+            hash: Hash::of(&bytes),
+            scopes: vec![notes()],
+        }),
+        "{ready:?}"
+    );
+    assert_eq!(b.residency(&notes(), &key("f"))?, Residency::Resident);
+    Ok(())
+}
+
 #[test]
 fn a_change_carries_the_origin_of_each_version_not_only_the_relay() -> TestResult {
     let (a, b, c) = (at(T0)?, at(T0)?, at(T0)?);

@@ -144,6 +144,25 @@ pub fn write_blob(
     source: &mut dyn Read,
     expected: Option<&BlobRef>,
 ) -> Result<BlobRef, BlobError> {
+    copied(store, source)?.finish(expected)
+}
+
+/// [`write_blob`], finished with [`BlobWriter::finish_unsynced`]: the blob's name becomes
+/// durable at the store's next [`BlobStore::sync_names`], which the caller must call before
+/// it commits anything that relies on the blob surviving a crash.
+///
+/// # Errors
+/// As [`write_blob`].
+pub fn write_blob_unsynced(
+    store: &dyn BlobStore,
+    source: &mut dyn Read,
+    expected: Option<&BlobRef>,
+) -> Result<BlobRef, BlobError> {
+    copied(store, source)?.finish_unsynced(expected)
+}
+
+/// A writer of `store` that `source` was copied into, not yet finished.
+fn copied(store: &dyn BlobStore, source: &mut dyn Read) -> Result<Box<dyn BlobWriter>, BlobError> {
     let mut writer = store.writer()?;
     copy_chunks(source, &mut writer).map_err(|e| match e {
         CopyError::Read(e) => BlobError::Source(e),
@@ -152,7 +171,7 @@ pub fn write_blob(
             source: e,
         },
     })?;
-    writer.finish(expected)
+    Ok(writer)
 }
 
 /// Which side of a copy failed.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::time::SystemTime;
 
-use crate::blob::write_blob;
+use crate::blob::write_blob_unsynced;
 use crate::error::{Error, Result};
 use crate::exchange::{marks_in_play, Answer, Answering, PullCursor, PushStart, PushTransfer};
 use crate::hash::Hash;
@@ -88,25 +88,13 @@ impl Responder for SyncEngine {
         content: &mut dyn Read,
     ) -> std::result::Result<(), Refusal> {
         let had = self.inner.blobs.contains(&blob.hash).unwrap_or(true);
-        write_blob(&*self.inner.blobs, content, Some(blob)).map_err(Refusal::from)?;
+        // IMPORTANT: the name is left for the next `sync_names`, which the commit of any page
+        // that references the blob makes first (the uploader's request or frame that
+        // follows): many uploads share one sync of each directory instead of one each.
+        write_blob_unsynced(&*self.inner.blobs, content, Some(blob)).map_err(Refusal::from)?;
         lock(&self.inner.guards).uploaded(blob.hash);
         if !had && self.inner.notifier.has_subscribers() {
-            // Records here that pointed at it were Staged; they are Resident now.
-            if let Ok(scopes) = self
-                .inner
-                .store
-                .read()
-                .and_then(|r| r.blob_scopes(&blob.hash))
-            {
-                if !scopes.is_empty() {
-                    self.inner.notifier.publish(crate::notify::Event::Sync(
-                        crate::notify::SyncEvent::ContentReady {
-                            hash: blob.hash,
-                            scopes,
-                        },
-                    ));
-                }
-            }
+            self.announce_upload(blob.hash);
         }
         Ok(())
     }
@@ -135,6 +123,30 @@ impl Responder for SyncEngine {
 }
 
 impl SyncEngine {
+    /// Publishes `content_ready` for a blob a peer uploaded if records stored here pointed
+    /// at it (they were Staged, and are Resident now), once its name is durable: an
+    /// application told so may rely on the file surviving a crash.
+    fn announce_upload(&self, hash: Hash) {
+        let scopes = match self.inner.store.read().and_then(|r| r.blob_scopes(&hash)) {
+            Ok(scopes) if scopes.is_empty() => return,
+            Ok(scopes) => scopes,
+            Err(e) => {
+                tracing::debug!(%hash, error = %e, "cannot tell which records an uploaded file serves");
+                return;
+            }
+        };
+        if let Err(e) = self.sync_blob_names() {
+            // Not told: the commit of the page that references the blob syncs its name
+            // first, or fails.
+            tracing::warn!(%hash, error = %e, "cannot make the name of an uploaded file durable");
+            return;
+        }
+        let ready = crate::notify::SyncEvent::ContentReady { hash, scopes };
+        self.inner
+            .notifier
+            .publish(crate::notify::Event::Sync(ready));
+    }
+
     /// Answers one exchange request (the responder's half of a round). A request whose marks
     /// digest does not match what this node recorded of the initiator is answered with
     /// [`ExchangeResponse::resend`] and changes nothing.
