@@ -93,6 +93,24 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// What the uploads of one round or one streamed push share: the hashes claimed for
+/// upload, and the turns of at most [`TRANSFER_CONCURRENCY`] uploads at once. Turns are
+/// given in the order asked (the semaphore is fair), so an earlier page's uploads are not
+/// overtaken by a later one's.
+pub(crate) struct Uploads {
+    claimed: Mutex<HashSet<Hash>>,
+    budget: tokio::sync::Semaphore,
+}
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Uploads {
+            claimed: Mutex::default(),
+            budget: tokio::sync::Semaphore::new(TRANSFER_CONCURRENCY),
+        }
+    }
+}
+
 /// A version received or sent, with its scope and key.
 pub(crate) type Item<'a> = (&'a Scope, &'a Key, &'a Version);
 
@@ -181,6 +199,25 @@ impl SyncEngine {
         transport: &T,
         blobs: Vec<BlobRef>,
     ) -> Result<usize, TransportError> {
+        self.push_blobs_in(transport, blobs, &Uploads::default())
+            .await
+    }
+
+    /// [`SyncEngine::push_blobs`] within `uploads`, which several pages' uploads share (a
+    /// streamed push's frames, whose uploads overlap): a hash one of them claimed is not
+    /// uploaded again, and at most [`TRANSFER_CONCURRENCY`] uploads run at once in all.
+    ///
+    /// # Errors
+    /// The transport cannot tell which blobs the responder holds.
+    pub(crate) async fn push_blobs_in<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        mut blobs: Vec<BlobRef>,
+        uploads: &Uploads,
+    ) -> Result<usize, TransportError> {
+        // A hash another page of this transfer uploads is not asked about: that page goes
+        // first, once its uploads have ended.
+        blobs.retain(|b| !lock(&uploads.claimed).contains(&b.hash));
         if blobs.is_empty() {
             return Ok(0);
         }
@@ -192,9 +229,14 @@ impl SyncEngine {
             .zip(present)
             .filter(|(_, p)| !p)
             .map(|(b, _)| b)
+            .filter(|b| lock(&uploads.claimed).insert(b.hash))
             .collect();
         let pushed = stream::iter(missing)
             .map(|blob| async move {
+                // Closed never: the budget lives as long as the uploads that share it.
+                let Ok(_turn) = uploads.budget.acquire().await else {
+                    return false;
+                };
                 let Ok(Some((_, reader))) = self.inner.blobs.open(&blob.hash) else {
                     return false;
                 };

@@ -15,7 +15,7 @@ use crate::transport::{frames_from, Pull, Transport, PULL_WINDOW};
 use crate::wire::{ExchangeRequest, ExchangeResponse, PageFrame};
 use futures_util::StreamExt;
 
-use super::blobs::{blobs_of, Pin};
+use super::blobs::{blobs_of, Pin, Uploads};
 use super::purge::{crosses, floor_in, floors_in, FLOORS_FRESH};
 use super::receive::{Applied, Sender};
 use super::{lock, SyncEngine};
@@ -303,19 +303,25 @@ impl SyncEngine {
 
     /// Plans a streamed push's frames with `cursor` and sends them into `tx` until the one
     /// with `end`, uploading each page's files before it goes (as a request's are); notes in
-    /// `frames` what they carried. A receiver that goes away (the transfer failed) ends the
-    /// planning; a frame that cannot be planned cuts the transfer.
+    /// `frames` what they carried. The planning of the next frame and the uploads of up to
+    /// [`UPLOADING_FRAMES`] frames overlap (sharing one [`Uploads`]: a file goes once, at
+    /// most [`TRANSFER_CONCURRENCY`](super::TRANSFER_CONCURRENCY) at once), and the frames
+    /// go in order, each once its own uploads have ended. A receiver that goes away (the
+    /// transfer failed) ends the planning; a frame that cannot be planned, or whose files
+    /// cannot be offered, cuts the transfer.
     async fn plan_frames<T: Transport + ?Sized>(
         &self,
         transport: &T,
-        mut cursor: PullCursor,
+        cursor: PullCursor,
         tx: tokio::sync::mpsc::Sender<std::result::Result<PageFrame, TransportError>>,
         frames: &mut PushedFrames,
     ) -> Result<()> {
         let keep = self.inner.notifier.has_subscribers();
-        loop {
+        let uploads = Uploads::default();
+        let planned = futures_util::stream::unfold(Some(cursor), |cursor| async move {
+            let mut cursor = cursor?;
             let engine = self.handle();
-            let (moved, frame) = self
+            let planned = self
                 .on_storage(move || {
                     let frame = (engine.inner.store.read())
                         .map_err(crate::Error::from)
@@ -324,34 +330,43 @@ impl SyncEngine {
                         });
                     (cursor, frame)
                 })
-                .await?;
-            cursor = moved;
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(e) => {
-                    let cut = TransportError::Unreachable {
-                        reason: "the streamed push stopped: a page could not be planned".to_owned(),
-                    };
+                .await;
+            let (cursor, frame) = match planned {
+                Ok((cursor, Ok(frame))) => (cursor, frame),
+                Ok((_, Err(e))) => return Some((Err(Cut::planning(e)), None)),
+                Err(e) => return Some((Err(Cut::planning(e.into())), None)),
+            };
+            // The last frame ends the planning.
+            let next = (!frame.end).then_some(cursor);
+            Some((Ok(frame), next))
+        });
+        let uploads = &uploads;
+        // Boxed as a `Send` stream: the closures' own types would leave the compiler unable
+        // to prove a scheduler's round `Send` for every lifetime.
+        let mut ready = planned
+            .map(|planned| async move {
+                let frame = planned?;
+                // The files go before the page that references them, as a request's do; a
+                // transport that cannot tell which the peer lacks fails the round, as it
+                // does before a request.
+                let blobs = blobs_of(frame.page.versions());
+                match self.push_blobs_in(transport, blobs, uploads).await {
+                    Ok(n) => Ok((frame, n)),
+                    Err(e) => Err(Cut::uploads(e)),
+                }
+            })
+            .buffered(UPLOADING_FRAMES)
+            .boxed();
+        while let Some(ready) = ready.next().await {
+            let (frame, blobs) = match ready {
+                Ok(ready) => ready,
+                Err(Cut { reason, error }) => {
+                    let cut = TransportError::Unreachable { reason };
                     let _ = tx.send(Err(cut)).await;
-                    return Err(e);
+                    return Err(error);
                 }
             };
-            // The files go before the page that references them, as a request's do; a
-            // transport that cannot tell which the peer lacks fails the round, as it does
-            // before a request.
-            match self
-                .push_blobs(transport, blobs_of(frame.page.versions()))
-                .await
-            {
-                Ok(n) => frames.blobs += n,
-                Err(e) => {
-                    let cut = TransportError::Unreachable {
-                        reason: format!("the streamed push stopped: {e}"),
-                    };
-                    let _ = tx.send(Err(cut)).await;
-                    return Err(e.into());
-                }
-            }
+            frames.blobs += blobs;
             frames.pushed.note(&frame.page);
             if keep {
                 let versions = frame.page.versions();
@@ -364,6 +379,7 @@ impl SyncEngine {
                 return Ok(());
             }
         }
+        Ok(())
     }
 
     /// Sends `request`: as a streamed pull if `stream` and the transport can carry one
@@ -518,6 +534,33 @@ impl SyncEngine {
 }
 
 /// What the frames of a streamed push carried.
+/// Frames of a streamed push whose files upload at once: the next frame's start while
+/// the last files of the one before it are still going.
+const UPLOADING_FRAMES: usize = 2;
+
+/// Why a streamed push stopped on the sender's side: what the responder is told, and the
+/// round's error.
+struct Cut {
+    reason: String,
+    error: crate::Error,
+}
+
+impl Cut {
+    fn planning(error: crate::Error) -> Cut {
+        Cut {
+            reason: "the streamed push stopped: a page could not be planned".to_owned(),
+            error,
+        }
+    }
+
+    fn uploads(error: TransportError) -> Cut {
+        Cut {
+            reason: format!("the streamed push stopped: {error}"),
+            error: error.into(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct PushedFrames {
     pushed: Pushed,
