@@ -533,7 +533,6 @@ impl SyncEngine {
     }
 }
 
-/// What the frames of a streamed push carried.
 /// Frames of a streamed push whose files upload at once: the next frame's start while
 /// the last files of the one before it are still going.
 const UPLOADING_FRAMES: usize = 2;
@@ -561,6 +560,7 @@ impl Cut {
     }
 }
 
+/// What the frames of a streamed push carried.
 #[derive(Default)]
 struct PushedFrames {
     pushed: Pushed,
