@@ -6,7 +6,9 @@
 //!   the bytes of every request and response body; once the child is done, this process
 //!   opens the receiver and checks digests, watermarks and counts against the sender.
 //! - `blob-http`: the same with the blob cases' files; MB/s against "raw HTTP stream" (the
-//!   target) and against the disk limit (the bound on this machine).
+//!   target) and against the disk limit (the bound on this machine). Then the other way: a
+//!   child (`--role push-http --url URL --from DIR`) pushes the same files to an empty
+//!   node this process serves, and this process checks the receiver.
 //! - `visible-http`: a hub served with [`serve`]; devices A and C run a [`Scheduler`] each
 //!   with the hub as their one peer over [`HttpTransport`], watch on, a short debounce, each
 //!   node on a current-thread runtime of its own. A's write starts A's round (a local
@@ -87,15 +89,16 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     }
 }
 
-/// What the counting server saw: body bytes of exchanges and streamed pulls (requests and
-/// responses) and of
-/// blob downloads, and how many of each.
+/// What the counting server saw: body bytes of exchanges and streamed pulls and pushes
+/// (requests and responses), of blob downloads and of blob uploads, and how many of each.
 #[derive(Default)]
 struct Wire {
     exchange_bytes: Arc<AtomicU64>,
     exchanges: AtomicU64,
     blob_bytes: Arc<AtomicU64>,
     blob_gets: AtomicU64,
+    upload_bytes: Arc<AtomicU64>,
+    blob_puts: AtomicU64,
     other_bytes: Arc<AtomicU64>,
 }
 
@@ -106,6 +109,8 @@ struct WireCounts {
     exchanges: u64,
     blob_bytes: u64,
     blob_gets: u64,
+    upload_bytes: u64,
+    blob_puts: u64,
     other_bytes: u64,
 }
 
@@ -116,6 +121,8 @@ impl WireCounts {
             exchanges: self.exchanges - before.exchanges,
             blob_bytes: self.blob_bytes - before.blob_bytes,
             blob_gets: self.blob_gets - before.blob_gets,
+            upload_bytes: self.upload_bytes - before.upload_bytes,
+            blob_puts: self.blob_puts - before.blob_puts,
             other_bytes: self.other_bytes - before.other_bytes,
         }
     }
@@ -129,6 +136,8 @@ impl Wire {
             exchanges: get(&self.exchanges),
             blob_bytes: get(&self.blob_bytes),
             blob_gets: get(&self.blob_gets),
+            upload_bytes: get(&self.upload_bytes),
+            blob_puts: get(&self.blob_puts),
             other_bytes: get(&self.other_bytes),
         }
     }
@@ -146,6 +155,9 @@ impl Wire {
         } else if *method == Method::GET && path.starts_with("/v1/blobs/") {
             self.blob_gets.fetch_add(1, Ordering::Relaxed);
             self.blob_bytes.clone()
+        } else if *method == Method::PUT && path.starts_with("/v1/blobs/") {
+            self.blob_puts.fetch_add(1, Ordering::Relaxed);
+            self.upload_bytes.clone()
         } else {
             self.other_bytes.clone()
         }
@@ -386,7 +398,9 @@ pub fn blobs(fx: &mut Fixture) -> Result {
             reports.push(r);
         }
         drop(server);
+        let digest = sender.digest()?;
         drop(sender);
+        let pushes = push_blobs(fx, &from, &digest, files, file)?;
         std::fs::remove_dir_all(&from)?;
         let name = crate::blobs::size_name(file);
         let case = format!(
@@ -398,28 +412,91 @@ pub fn blobs(fx: &mut Fixture) -> Result {
             .map(|r| r.blob_bytes as f64 / r.secs / 1e6)
             .collect();
         let rss: Vec<f64> = reports.iter().map(|r| r.peak_rss as f64).collect();
-        rows.push(
-            Row::new(&case, "MB/s", Unit::MbPerSec, Summary::of(&rates))
-                .versus("raw HTTP stream")
-                .target(Bound::RatioAtLeast(TARGET_SHARE_OF_RAW_HTTP)),
-        );
-        rows.push(
-            Row::new(
-                &case,
-                "MB/s (against the disk)",
-                Unit::MbPerSec,
-                Summary::of(&rates),
-            )
-            .versus(format!("disk write {name}")),
-        );
+        let [http, disk] = rate_rows(&case, &rates, &name);
+        rows.push(http.target(Bound::RatioAtLeast(TARGET_SHARE_OF_RAW_HTTP)));
+        rows.push(disk);
         rows.push(Row::new(
             &case,
             "peak RSS of the receiving process",
             Unit::MiB,
             Summary::of(&rss),
         ));
+        // The other way: the files uploaded by a pushing child to a served empty node.
+        let case = format!(
+            "blob push, HTTP loopback, {} in {files} files of {name}",
+            crate::blobs::size_name(total)
+        );
+        let rates: Vec<f64> = pushes.iter().map(|(mbs, _)| *mbs).collect();
+        rows.extend(rate_rows(&case, &rates, &name));
+        rows.push(Row::new(
+            &case,
+            "CPU time of the receiving (serving) process",
+            Unit::Secs,
+            Summary::of(&pushes.iter().map(|(_, cpu)| *cpu).collect::<Vec<_>>()),
+        ));
     }
     Ok(rows)
+}
+
+/// A blob case's MB/s, against the raw HTTP stream and against the disk's write of files of
+/// `name`'s size.
+fn rate_rows(case: &str, rates: &[f64], name: &str) -> [Row; 2] {
+    let rate = |figure: &str| Row::new(case, figure, Unit::MbPerSec, Summary::of(rates));
+    [
+        rate("MB/s").versus("raw HTTP stream"),
+        rate("MB/s (against the disk)").versus(format!("disk write {name}")),
+    ]
+}
+
+/// Pushes the `files` files of `file` bytes the (closed) node in `from` holds, `runs` times,
+/// each time from a child to a fresh empty node served by this process; checks that every
+/// file went up once and that the receiver holds what the sender does (`digest`). Returns
+/// the MB/s of each push and the CPU seconds this process (the receiver) spent on it.
+fn push_blobs(
+    fx: &mut Fixture,
+    from: &std::path::Path,
+    digest: &highwater::Hash,
+    files: u64,
+    file: u64,
+) -> Result<Vec<(f64, f64)>> {
+    let mut out = Vec::new();
+    for _ in 0..fx.sizes.runs {
+        let into = fx.fresh_dir("blob-push-receiver");
+        let receiver = Arc::new(SyncEngine::open(&into)?);
+        let server = CountingServer::start(receiver.clone())?;
+        let cpu_before = measure::cpu_secs();
+        let report = crate::child::run({
+            let mut cmd = std::process::Command::new(std::env::current_exe()?);
+            cmd.arg(crate::child::ROLE_FLAG)
+                .args(crate::child::push_http_args(&server.url, from));
+            cmd
+        })?;
+        let cpu = match (cpu_before, measure::cpu_secs()) {
+            (Some(b), Some(a)) => a - b,
+            _ => 0.0,
+        };
+        let wire = server.wire.counts();
+        drop(server);
+        let resident = receiver.residency_counts(&scope())?.resident as u64;
+        // The uploads' bodies both ways: the files, and a short answer to each.
+        if wire.blob_puts != files || wire.upload_bytes < files * file || resident != files {
+            return Err(format!(
+                "blob push over HTTP moved {} bytes in {} uploads and the receiver holds {resident} \
+                 files, expected {} in {files}",
+                wire.upload_bytes,
+                wire.blob_puts,
+                files * file
+            )
+            .into());
+        }
+        if receiver.digest()? != *digest {
+            return Err("blob push: receiver digest differs from sender digest".into());
+        }
+        drop(receiver);
+        std::fs::remove_dir_all(&into)?;
+        out.push(((files * file) as f64 / report.secs / 1e6, cpu));
+    }
+    Ok(out)
 }
 
 /// A current-thread runtime on a thread of its own, until `stop` is used or dropped.
