@@ -204,21 +204,27 @@ fn assert_every_file_arrived(device: &SyncEngine) -> TestResult {
 async fn fetched_names_are_synced_together_before_the_commit() -> TestResult {
     let (hub, device, seen) = nodes()?;
     let rounds = sync(&device, &InProcess::new(hub)).await?;
-    assert_every_file_arrived(&device)?;
+    // One after the fetches and one before the commit of the page that needed them, at
+    // most, per round: not one per file.
+    synced_together(&device, &seen, 2 * rounds)
+}
+
+/// Every file arrived at `receiver`, each finished unsynced, and between 1 and `most` name
+/// syncs made them all durable.
+fn synced_together(receiver: &SyncEngine, seen: &Seen, most: usize) -> TestResult {
+    assert_every_file_arrived(receiver)?;
     assert_eq!(
         seen.unsynced_finishes.load(Ordering::Relaxed),
         FILES as usize
     );
     assert_eq!(seen.durable_finishes.load(Ordering::Relaxed), 0);
     let syncs = seen.syncs.load(Ordering::Relaxed);
-    // One after the fetches and one before the commit of the page that needed them, at
-    // most, per round: not one per file.
     assert!(
-        (1..=2 * rounds).contains(&syncs),
-        "{syncs} name syncs in {rounds} rounds for {FILES} files"
+        (1..=most).contains(&syncs),
+        "{syncs} name syncs for {FILES} files, at most {most} expected"
     );
     assert!(seen.pending.lock().expect("not poisoned").is_empty());
-    no_record_counts_on_a_pending_name(&device, &seen)
+    no_record_counts_on_a_pending_name(receiver, seen)
 }
 
 /// A disk that cannot sync the names: the round fails, and no record counting on them is
@@ -300,19 +306,8 @@ async fn a_large_file_arrives_whole_through_the_pipe() -> TestResult {
 async fn uploaded_names_are_synced_together_before_the_commit() -> TestResult {
     let (device, hub, seen) = uploading_nodes()?;
     let rounds = sync(&device, &InProcess::new(hub.clone())).await?;
-    assert_every_file_arrived(&hub)?;
-    assert_eq!(
-        seen.unsynced_finishes.load(Ordering::Relaxed),
-        FILES as usize
-    );
-    assert_eq!(seen.durable_finishes.load(Ordering::Relaxed), 0);
-    let syncs = seen.syncs.load(Ordering::Relaxed);
-    assert!(
-        (1..=rounds).contains(&syncs),
-        "{syncs} name syncs in {rounds} rounds for {FILES} uploaded files"
-    );
-    assert!(seen.pending.lock().expect("not poisoned").is_empty());
-    no_record_counts_on_a_pending_name(&hub, &seen)
+    // One before the commit of the page that references them, at most, per round.
+    synced_together(&hub, &seen, rounds)
 }
 
 /// A responder whose disk cannot sync the uploaded files' names refuses the page that
