@@ -93,10 +93,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// What the uploads of one round or one streamed push share: the hashes claimed for
-/// upload, and the turns of at most [`TRANSFER_CONCURRENCY`] uploads at once. Turns are
-/// given in the order asked (the semaphore is fair), so an earlier page's uploads are not
-/// overtaken by a later one's.
+/// What the uploads of one round or one streamed push share: the hashes claimed (asked
+/// about and uploaded by one page only), and the turns of at most [`TRANSFER_CONCURRENCY`]
+/// uploads at once, given in the order asked (the semaphore is fair).
 pub(crate) struct Uploads {
     claimed: Mutex<HashSet<Hash>>,
     budget: tokio::sync::Semaphore,
@@ -215,9 +214,10 @@ impl SyncEngine {
         mut blobs: Vec<BlobRef>,
         uploads: &Uploads,
     ) -> Result<usize, TransportError> {
-        // A hash another page of this transfer uploads is not asked about: that page goes
-        // first, once its uploads have ended.
-        blobs.retain(|b| !lock(&uploads.claimed).contains(&b.hash));
+        // IMPORTANT: claimed before asking, on the first poll: pages are polled in order,
+        // so of two that share a hash the earlier one claims it, and the later one (sent
+        // after it, once its uploads have ended) neither asks about it nor uploads it.
+        blobs.retain(|b| lock(&uploads.claimed).insert(b.hash));
         if blobs.is_empty() {
             return Ok(0);
         }
@@ -229,7 +229,6 @@ impl SyncEngine {
             .zip(present)
             .filter(|(_, p)| !p)
             .map(|(b, _)| b)
-            .filter(|b| lock(&uploads.claimed).insert(b.hash))
             .collect();
         let pushed = stream::iter(missing)
             .map(|blob| async move {
