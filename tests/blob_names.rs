@@ -318,3 +318,42 @@ async fn uploaded_names_that_cannot_be_synced_hold_back_the_records_that_need_th
     let (device, hub, seen) = uploading_nodes()?;
     held_back_until_the_names_sync(&device, &hub, &InProcess::new(hub.clone()), &seen).await
 }
+
+/// A local write that points at a file a peer uploaded (its page not committed: here, the
+/// hub could not sync names) syncs the name first, or writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_write_pointing_at_an_uploaded_file_syncs_its_name_first() -> TestResult {
+    let (device, hub, seen) = uploading_nodes()?;
+    seen.refuse_sync.store(true, Ordering::Relaxed);
+    assert!(sync(&device, &InProcess::new(hub.clone())).await.is_err());
+    let blob = BlobRef {
+        hash: Hash::of(&content(0)),
+        size: FILE_BYTES as u64,
+    };
+    assert!(
+        seen.pending
+            .lock()
+            .expect("not poisoned")
+            .contains(&blob.hash),
+        "the file was uploaded, its name pending"
+    );
+    let op = || highwater::Op::Put {
+        value: b"the hub's own record".to_vec(),
+        blob: Some(blob),
+    };
+    let own = Key::new("hub-own")?;
+    assert!(
+        hub.write(&scope(), &own, op()).is_err(),
+        "a record was written counting on a name that is not durable"
+    );
+    assert!(hub.get(&scope(), &own)?.is_none());
+    seen.refuse_sync.store(false, Ordering::Relaxed);
+    hub.write(&scope(), &own, op())?;
+    assert!(!seen
+        .pending
+        .lock()
+        .expect("not poisoned")
+        .contains(&blob.hash));
+    assert_eq!(hub.residency(&scope(), &own)?, Residency::Resident);
+    Ok(())
+}

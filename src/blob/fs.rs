@@ -91,6 +91,9 @@ impl FsBlobStore {
     /// (a crashed process's), and [`BlobStore::remove`] spares blobs whose file is younger
     /// than `grace` (another process may have just received one for a page it is about to
     /// commit; a later garbage collection removes it if nothing came to reference it).
+    /// Every finish here is durable, [`BlobWriter::finish_unsynced`] too: another process
+    /// may commit a record that counts on a blob this one wrote, and its
+    /// [`BlobStore::sync_names`] would know nothing of this one's pending names.
     ///
     /// # Errors
     /// The directories cannot be created or listed.
@@ -159,6 +162,7 @@ impl BlobStore for FsBlobStore {
             tmp,
             root: self.root.clone(),
             unsynced: self.unsynced.clone(),
+            shared: self.spare_younger.is_some(),
             published: false,
         }))
     }
@@ -227,6 +231,8 @@ struct FsBlobWriter {
     tmp: PathBuf,
     root: PathBuf,
     unsynced: Arc<UnsyncedNames>,
+    /// The directory is shared by processes: an unsynced finish is durable too.
+    shared: bool,
     /// The temporary file was renamed into place (or deleted): nothing to clean up.
     published: bool,
 }
@@ -281,10 +287,17 @@ impl FsBlobWriter {
             false => sync_dir(dir),
         };
         create_fanout(&self.root, parent, &mut changed)?;
+        // IMPORTANT: the rename is durable only once the directory holding it is synced.
+        // Deferred, the directory is pending before the blob becomes visible: a
+        // `sync_names` that runs after a caller found the blob present covers it.
+        if defer {
+            changed(parent)?;
+        }
         fs::rename(&self.tmp, final_path).map_err(io_at(final_path))?;
         self.published = true;
-        // IMPORTANT: the rename is durable only once the directory holding it is synced.
-        changed(parent)?;
+        if !defer {
+            changed(parent)?;
+        }
         match defer {
             true => Ok(()),
             false => self.sync_pending_above(parent, false),
@@ -338,11 +351,16 @@ impl BlobWriter for FsBlobWriter {
         self.finish_as(expected, false)
     }
 
+    /// Deferred only in a directory of this process alone: in a shared one, another
+    /// process may commit a record that counts on the blob (it finds it present) and its
+    /// `sync_names` knows nothing of this process's pending names, so the finish is
+    /// durable.
     fn finish_unsynced(
         mut self: Box<Self>,
         expected: Option<&BlobRef>,
     ) -> Result<BlobRef, BlobError> {
-        self.finish_as(expected, true)
+        let defer = !self.shared;
+        self.finish_as(expected, defer)
     }
 }
 
@@ -537,5 +555,38 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
     move |source| BlobError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    /// The directories left pending after one blob of `content` is finished unsynced.
+    fn pending_after_an_unsynced_finish(store: &FsBlobStore, content: &[u8]) -> usize {
+        let mut writer = store.writer().expect("a writer");
+        writer.write_all(content).expect("written");
+        writer.finish_unsynced(None).expect("finished");
+        lock(&store.unsynced.dirs).len()
+    }
+
+    /// A directory of one process defers the new names to `sync_names`; one shared by
+    /// processes syncs them at once (another process's commit could count on the blob).
+    #[test]
+    fn only_a_directory_of_one_process_leaves_names_pending() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let own = FsBlobStore::open(dir.path().join("own")).expect("opened");
+        assert!(pending_after_an_unsynced_finish(&own, b"one") > 0);
+        own.sync_names().expect("synced");
+        assert_eq!(lock(&own.unsynced.dirs).len(), 0);
+        let shared = FsBlobStore::open_shared(
+            dir.path().join("shared"),
+            std::time::Duration::from_secs(60),
+        )
+        .expect("opened");
+        assert_eq!(pending_after_an_unsynced_finish(&shared, b"two"), 0);
+        assert!(shared.contains(&Hash::of(b"two")).expect("listed"));
     }
 }

@@ -380,7 +380,10 @@ impl SyncEngine {
             None => {}
         }
         // IMPORTANT: pinned from the presence check to the commit (as for a page).
-        let _pins = self.pin_for_commit(blobs_of(shipped(shipment)).into_iter().map(|b| b.hash))?;
+        let (_pins, ()) = self.pin_for_commit(
+            blobs_of(shipped(shipment)).into_iter().map(|b| b.hash),
+            || Ok(()),
+        )?;
         let mut refused: BTreeMap<(Scope, NodeId), HaltReason> = BTreeMap::new();
         let mut batch = Batch::new(0, Durability::Immediate);
         for (scope, key, v) in shipped(shipment) {

@@ -339,21 +339,26 @@ impl SyncEngine {
     }
 
     /// What a commit of versions that reference the blobs `hashes` holds from its presence
-    /// check to the commit: a pin on each, and, if there are any, every pending blob name
-    /// made durable (a file found present must survive a crash with the version that counts
-    /// on it, and a fetch whose name sync failed left its names pending).
+    /// check to the commit: a pin on each, then `check` (the presence check, whose answer
+    /// is returned with the pins), then, if there are any pins, every pending blob name
+    /// made durable (a file found present must survive a crash with the version that
+    /// counts on it, and an upload or a fetch whose name sync failed left its name
+    /// pending). The sync comes after the check, so a blob that arrived just before it is
+    /// covered too.
     ///
     /// # Errors
-    /// The names cannot be synced: the commit must not happen.
-    pub(crate) fn pin_for_commit(
+    /// `check`'s; the names cannot be synced: the commit must not happen.
+    pub(crate) fn pin_for_commit<T>(
         &self,
         hashes: impl IntoIterator<Item = Hash>,
-    ) -> crate::Result<Vec<Pin<'_>>> {
+        check: impl FnOnce() -> crate::Result<T>,
+    ) -> crate::Result<(Vec<Pin<'_>>, T)> {
         let pins: Vec<_> = hashes.into_iter().map(|h| self.pin(h)).collect();
+        let checked = check()?;
         if !pins.is_empty() {
             self.sync_blob_names()?;
         }
-        Ok(pins)
+        Ok((pins, checked))
     }
 
     /// Fetches one blob: a large one's chunks are hashed and written on a blocking thread

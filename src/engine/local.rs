@@ -264,17 +264,25 @@ impl SyncEngine {
     /// failure, or an exhausted clock.
     pub fn write_batch(&self, ops: impl IntoIterator<Item = (Scope, Key, Op)>) -> Result<Vec<Hlc>> {
         let ops: Vec<_> = ops.into_iter().collect();
-        let mut pins = Vec::new();
         for (_, _, op) in &ops {
             op.validate()?;
-            if let Op::Put { blob: Some(b), .. } = op {
-                // Pinned until the commit, so it cannot be removed in between.
-                pins.push(self.pin(b.hash));
-                if !self.inner.blobs.contains(&b.hash)? {
-                    return Err(InputError::BlobNotLocal { hash: b.hash }.into());
+        }
+        let blobs = ops.iter().filter_map(|(_, _, op)| match op {
+            Op::Put { blob: Some(b), .. } => Some(b.hash),
+            _ => None,
+        });
+        // IMPORTANT: pinned until the commit, so a blob cannot be removed in between; and
+        // one found here may have a name not yet durable (a peer's upload whose page has
+        // not committed, a fetch whose sync failed): synced before a record counts on it,
+        // or nothing is written.
+        let (_pins, ()) = self.pin_for_commit(blobs.clone(), || {
+            for hash in blobs {
+                if !self.inner.blobs.contains(&hash)? {
+                    return Err(InputError::BlobNotLocal { hash }.into());
                 }
             }
-        }
+            Ok(())
+        })?;
         let _guard = lock(&self.inner.local_writes);
         let mut batch = Batch::new(0, Durability::Immediate);
         let unstamped = Hlc::new(0, self.node_id());

@@ -145,13 +145,15 @@ impl SyncEngine {
         // day: a quiet round commits nothing unless the stored time is a day old.
         let seen_due = seen_at.is_none_or(|t| now.saturating_sub(t) > SEEN_RESOLUTION);
         // IMPORTANT: pinned from the presence check to the commit, so a blob found present
-        // here cannot be removed before the version that references it is stored.
-        let _pins = self.pin_for_commit(
+        // here cannot be removed before the version that references it is stored; and the
+        // pending names synced after that check, so a blob that arrived just before it
+        // (found present) has its name durable before the commit counts on it.
+        let (_pins, staged) = self.pin_for_commit(
             (page.runs.iter())
                 .flat_map(|r| r.versions.iter().filter_map(|(_, v)| v.blob()))
                 .map(|b| b.hash),
+            || self.staged_keys(page.versions()),
         )?;
-        let staged = self.staged_keys(page.versions())?;
         let mut plan = apply::plan_page_apply(
             page,
             me,
