@@ -36,7 +36,7 @@ fn options() -> ExchangeOptions {
 }
 
 /// A device back from a long offline stretch: [`VERSIONS`] local writes, half in each scope
-/// (each with a file when `files`, all the same small one).
+/// (each with a small file of its own when `files`).
 fn device(time: &Arc<ManualTime>, push_frames: u32, files: bool) -> TestResult<Arc<SyncEngine>> {
     let device = node(time, push_frames)?;
     for scope in scopes()? {
@@ -44,7 +44,10 @@ fn device(time: &Arc<ManualTime>, push_frames: u32, files: bool) -> TestResult<A
             let key = Key::try_from(format!("k{i:05}").as_str())?;
             let value = format!("v{i}").into_bytes();
             match files {
-                true => drop(device.put_file_bytes(&scope, &key, value, b"file")?),
+                true => {
+                    let file = format!("file {i} of {scope}").into_bytes();
+                    device.put_file_bytes(&scope, &key, value, &file)?;
+                }
                 false => drop(device.put(&scope, &key, value)?),
             }
         }
