@@ -149,10 +149,7 @@ fn tuned() -> Result<(EngineConfig, ExchangeOptions)> {
 
 /// CPU seconds and bytes written since `before` (zero where /proc does not say).
 fn usage_since(before: (Option<f64>, Option<u64>)) -> (f64, u64) {
-    let cpu = match (before.0, measure::cpu_secs()) {
-        (Some(b), Some(a)) => a - b,
-        _ => 0.0,
-    };
+    let cpu = measure::cpu_secs_since(before.0);
     let written = match (before.1, measure::bytes_written()) {
         (Some(b), Some(a)) => a - b,
         _ => 0,
@@ -266,7 +263,11 @@ pub fn spawn_pull_http(url: &str, into: &Path) -> Result<PullReport> {
     spawn(&pull_http_args(url, into))
 }
 
-fn spawn(args: &[&std::ffi::OsStr]) -> Result<PullReport> {
+/// Runs a child of this binary with `args` after `--role`, and returns its report.
+///
+/// # Errors
+/// As for [`spawn_pull`].
+pub fn spawn(args: &[&std::ffi::OsStr]) -> Result<PullReport> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg(ROLE_FLAG).args(args);
     run(cmd)

@@ -269,10 +269,7 @@ fn pull_checked(
     let before = server.wire.counts();
     let cpu_before = measure::cpu_secs();
     let mut report = spawn_pull_http(&server.url, &into)?;
-    let server_cpu = match (cpu_before, measure::cpu_secs()) {
-        (Some(b), Some(a)) => a - b,
-        _ => 0.0,
-    };
+    let server_cpu = measure::cpu_secs_since(cpu_before);
     let wire = server.wire.counts().since(before);
     let receiver = SyncEngine::open(&into)?;
     if receiver.digest()? != sender.digest()? {
@@ -465,16 +462,8 @@ fn push_blobs(
         let receiver = Arc::new(SyncEngine::open(&into)?);
         let server = CountingServer::start(receiver.clone())?;
         let cpu_before = measure::cpu_secs();
-        let report = crate::child::run({
-            let mut cmd = std::process::Command::new(std::env::current_exe()?);
-            cmd.arg(crate::child::ROLE_FLAG)
-                .args(crate::child::push_http_args(&server.url, from));
-            cmd
-        })?;
-        let cpu = match (cpu_before, measure::cpu_secs()) {
-            (Some(b), Some(a)) => a - b,
-            _ => 0.0,
-        };
+        let report = crate::child::spawn(&crate::child::push_http_args(&server.url, from))?;
+        let cpu = measure::cpu_secs_since(cpu_before);
         let wire = server.wire.counts();
         drop(server);
         let resident = receiver.residency_counts(&scope())?.resident as u64;

@@ -96,6 +96,15 @@ pub fn cpu_secs() -> Option<f64> {
     Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
+/// CPU seconds this process has used since `before` (a [`cpu_secs`] reading); zero where
+/// /proc does not say.
+pub fn cpu_secs_since(before: Option<f64>) -> f64 {
+    match (before, cpu_secs()) {
+        (Some(b), Some(a)) => a - b,
+        _ => 0.0,
+    }
+}
+
 /// CPU seconds (user + system) the calling thread has used so far
 /// (`CLOCK_THREAD_CPUTIME_ID`: nanosecond resolution, unlike the 10 ms ticks of
 /// `/proc/thread-self/stat`). Zero if the clock cannot be read.
